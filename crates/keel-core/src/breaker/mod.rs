@@ -1,0 +1,122 @@
+//! The circuit breaker: stop calling a target that is failing, and find out when it
+//! has recovered.
+//!
+//! Retrying a target that is down multiplies its load and everyone's wait. The breaker
+//! counts outcomes over a sliding time window; when the failure ratio reaches the
+//! threshold with at least `min_calls` calls, it opens and calls fail fast with
+//! `circuit_open` (a fallback can take over). After `open_for` it lets
+//! `half_open_probes` calls through: if all succeed it closes, if one fails it opens
+//! again. Every transition is an event.
+//!
+//! ```
+//! # use keel_core::{Breaker, BreakerConfig, NullSink, TokioClock};
+//! # use std::sync::Arc;
+//! let breaker = Breaker::new("payments", BreakerConfig::default(), Arc::new(TokioClock::new()), Arc::new(NullSink));
+//! ```
+
+mod config;
+mod state;
+#[cfg(test)]
+mod tests;
+
+pub use config::BreakerConfig;
+pub use state::{BreakerState, CallOutcome, Machine, Ticket, Transition};
+
+use std::sync::{Arc, Mutex};
+
+use crate::class::ErrorClass;
+use crate::clock::Clock;
+use crate::event::{Event, EventSink, emit};
+
+/// A circuit breaker for one target, shared by every call to it.
+#[derive(Debug)]
+pub struct Breaker {
+    target: Arc<str>,
+    count: Vec<ErrorClass>,
+    machine: Mutex<Machine>,
+    clock: Arc<dyn Clock>,
+    sink: Arc<dyn EventSink>,
+}
+
+/// Permission for one call. Dropping it without [`Permit::record`] (the call was
+/// cancelled) counts as [`CallOutcome::Ignored`], so a probe slot is never lost.
+#[derive(Debug)]
+pub struct Permit<'a> {
+    breaker: &'a Breaker,
+    ticket: Option<Ticket>,
+}
+
+impl Breaker {
+    /// A closed breaker for `target`.
+    pub fn new(
+        target: impl Into<Arc<str>>,
+        config: BreakerConfig,
+        clock: Arc<dyn Clock>,
+        sink: Arc<dyn EventSink>,
+    ) -> Self {
+        let count = config.count.clone();
+        let machine = Machine::new(config, clock.now());
+        Self { target: target.into(), count, machine: Mutex::new(machine), clock, sink }
+    }
+
+    /// The target's name.
+    pub fn target(&self) -> &Arc<str> {
+        &self.target
+    }
+
+    /// The current state.
+    pub fn state(&self) -> BreakerState {
+        let (state, t) = self.lock().state(self.clock.now());
+        self.announce(t);
+        state
+    }
+
+    /// Asks to make a call; `None` means fail fast with `circuit_open`.
+    pub fn acquire(&self) -> Option<Permit<'_>> {
+        let (ticket, t) = self.lock().acquire(self.clock.now());
+        self.announce(t);
+        ticket.ok().map(|ticket| Permit { breaker: self, ticket: Some(ticket) })
+    }
+
+    /// Whether failures of `class` count against the target.
+    pub fn counts(&self, class: ErrorClass) -> bool {
+        self.count.contains(&class)
+    }
+
+    fn finish(&self, ticket: Ticket, outcome: CallOutcome) {
+        let t = self.lock().record(self.clock.now(), ticket, outcome);
+        self.announce(t);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Machine> {
+        self.machine.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn announce(&self, transition: Option<Transition>) {
+        if let Some(Transition { from, to }) = transition {
+            emit(&*self.sink, Event::BreakerTransition { target: self.target.clone(), from, to });
+        }
+    }
+}
+
+impl Permit<'_> {
+    /// Records the call's result: `None` for success, or the failure's class.
+    pub fn record(mut self, failure: Option<ErrorClass>) {
+        let outcome = match failure {
+            None => CallOutcome::Success,
+            Some(class) if self.breaker.counts(class) => CallOutcome::Failure,
+            Some(_) => CallOutcome::Ignored,
+        };
+        if let Some(ticket) = self.ticket.take() {
+            self.breaker.finish(ticket, outcome);
+        }
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        if let Some(ticket) = self.ticket.take() {
+            self.breaker.finish(ticket, CallOutcome::Ignored);
+        }
+    }
+}

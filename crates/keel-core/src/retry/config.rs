@@ -1,0 +1,69 @@
+//! [`RetryConfig`]: the retry policy's values.
+
+use std::time::Duration;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::class::{Disposition, ErrorClass};
+
+/// How backoff delays are randomised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Jitter {
+    /// Uniform in `[0, backoff]` ("full jitter"): spreads a crowd of retries best.
+    Full,
+    /// The backoff itself, no randomness.
+    None,
+}
+
+/// The retry policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Attempts in total, the first one included: 1 means no retry.
+    pub max_attempts: u32,
+    /// The backoff before the first retry, e.g. "200ms".
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub base_delay: Duration,
+    /// The growth of the backoff per attempt.
+    pub multiplier: f64,
+    /// The cap on any backoff delay, e.g. "10s".
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub max_delay: Duration,
+    /// How delays are randomised.
+    pub jitter: Jitter,
+    /// The longest `Retry-After` that is honoured; a target asking for more is not
+    /// retried (waiting less than it asked would only fail again), e.g. "60s".
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub max_retry_after: Duration,
+    /// The classes that are retried.
+    pub retry_on: Vec<ErrorClass>,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            base_delay: Duration::from_millis(200),
+            multiplier: 2.0,
+            max_delay: Duration::from_secs(10),
+            jitter: Jitter::Full,
+            max_retry_after: Duration::from_secs(60),
+            retry_on: ErrorClass::ALL
+                .into_iter()
+                .filter(|c| c.default_disposition() == Disposition::Retry)
+                .collect(),
+        }
+    }
+}
+
+impl RetryConfig {
+    /// A policy that makes exactly one attempt.
+    pub fn none() -> Self {
+        Self { max_attempts: 1, ..Self::default() }
+    }
+}
