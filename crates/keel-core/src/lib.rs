@@ -42,6 +42,8 @@ pub mod retry;
 pub mod rng;
 pub mod scope;
 pub mod signature;
+#[cfg(test)]
+mod test_support;
 
 pub use breaker::{Breaker, BreakerConfig, BreakerState};
 pub use budget::{Budget, BudgetConfig, BudgetExceeded, BudgetKind, Reservation};

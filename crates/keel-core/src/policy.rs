@@ -88,3 +88,57 @@ pub struct PolicyConfig {
     /// A seed for backoff jitter, to replay decisions exactly.
     pub seed: Option<u64>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_from_toml_with_human_durations_and_defaults() {
+        let text = r#"
+            timeout = { attempt = "2s", step = "1m 30s" }
+            seed = 9
+            [retry]
+            max_attempts = 5
+            base_delay = "250ms"
+            retry_on = ["rate_limited", "server_error"]
+            [breaker]
+            min_calls = 20
+            count = ["server_error", "timeout"]
+            [budget]
+            cost_usd = 2.5
+        "#;
+        let c: PolicyConfig = toml::from_str(text).unwrap();
+        assert_eq!(c.timeout.attempt, Some(Duration::from_secs(2)));
+        assert_eq!(c.timeout.step, Some(Duration::from_secs(90)));
+        assert_eq!(c.retry.max_attempts, 5);
+        assert_eq!(c.retry.base_delay, Duration::from_millis(250));
+        assert_eq!(c.retry.max_delay, RetryConfig::default().max_delay, "unset keys keep defaults");
+        assert_eq!(c.retry.retry_on, [ErrorClass::RateLimited, ErrorClass::ServerError]);
+        assert_eq!(c.breaker.min_calls, 20);
+        assert_eq!(c.budget.cost_usd, Some(2.5));
+        assert_eq!(c.seed, Some(9));
+        let back: PolicyConfig = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back, c, "round trip");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors_that_name_them() {
+        let e = toml::from_str::<PolicyConfig>("[retry]\nmax_attempt = 3\n").unwrap_err().to_string();
+        assert!(e.contains("max_attempt") && e.contains("line 2"), "{e}");
+        let e = toml::from_str::<PolicyConfig>("[retry]\nbase_delay = \"soon\"\n").unwrap_err().to_string();
+        assert!(e.contains("base_delay") || e.contains("line 2"), "{e}");
+        let e = toml::from_str::<PolicyConfig>("[retry]\nretry_on = [\"flaky\"]\n").unwrap_err().to_string();
+        assert!(e.contains("flaky"), "{e}");
+    }
+
+    #[test]
+    fn has_a_json_schema_with_docs() {
+        let schema = serde_json::to_string(&schemars::schema_for!(PolicyConfig)).unwrap();
+        assert!(
+            schema.contains("Attempts in total, the first one included"),
+            "doc comments become descriptions"
+        );
+        assert!(schema.contains("rate_limited"));
+    }
+}
