@@ -59,6 +59,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::breaker::{Breaker, BreakerState};
 use crate::budget::{Budget, BudgetKind};
@@ -366,7 +367,8 @@ impl Pipeline {
             let attempt_deadline = earliest(deadline, i.timeout.attempt.map(|t| now + t));
             let info = Attempt { number: attempt, deadline: attempt_deadline };
             let fault = i.fault.as_ref().and_then(FaultInjector::draw);
-            let fut = self.attempt_once(&mut op, info, fault);
+            let span = tracing::debug_span!("keel.attempt", keel.target = %i.target, keel.attempt = attempt);
+            let fut = self.attempt_once(&mut op, info, fault).instrument(span);
             let result = match (narrows_scope, deadline) {
                 (true, Some(d)) => RunScope::new().with_deadline(d).run(fut).await,
                 _ => fut.await,
