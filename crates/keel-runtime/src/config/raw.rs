@@ -1,0 +1,226 @@
+//! The first stage of `keel.toml`: plain serde values, exactly as written.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use keel_core::budget::BudgetConfig;
+use keel_core::classify::CommandConfig;
+use keel_core::{LoopGuardConfig, PolicyConfig};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+/// `keel.toml`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Where the journal lives.
+    #[serde(default)]
+    pub storage: StorageConfig,
+    /// The policy every tool starts from; each tool's `policy` overrides keys of it.
+    #[serde(default)]
+    #[schemars(with = "PolicyConfig")]
+    pub defaults: Option<Spanned<toml::Table>>,
+    /// Limits of each run.
+    #[serde(default)]
+    pub run: RunConfig,
+    /// How approvals behave.
+    #[serde(default)]
+    pub approvals: ApprovalsConfig,
+    /// The tools, by name.
+    #[serde(default)]
+    #[schemars(with = "BTreeMap<String, ToolConfig>")]
+    pub tools: BTreeMap<String, Spanned<ToolConfig>>,
+}
+
+/// Where the journal lives.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// A database URL: `sqlite://path/keel.db` (the default, next to keel.toml) or
+    /// `postgres://...`. Never put a password here: use `url_env`.
+    pub url: Option<String>,
+    /// The name of an environment variable holding the database URL.
+    pub url_env: Option<String>,
+}
+
+/// How much autonomy Keel has.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Act, asking only where a tool's approval rule says so.
+    #[default]
+    Autonomous,
+    /// Act only with approval: every write-like step asks first.
+    Advisory,
+    /// Do nothing.
+    Stopped,
+}
+
+/// Limits of each run.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// The run's wall-time deadline, e.g. "30m".
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub deadline: Duration,
+    /// The run's budget.
+    pub budget: BudgetConfig,
+    /// Open a ticket after this many failures of the same class in a run.
+    pub escalate_after: u32,
+    /// The mode runs start in.
+    pub mode: Mode,
+    /// The loop guard of each run.
+    pub loop_guard: LoopGuardConfig,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            deadline: Duration::from_secs(30 * 60),
+            budget: BudgetConfig::default(),
+            escalate_after: 3,
+            mode: Mode::Autonomous,
+            loop_guard: LoopGuardConfig::default(),
+        }
+    }
+}
+
+/// What an expired approval becomes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ExpiryOutcome {
+    /// The action is denied (`approval_denied`).
+    #[default]
+    Deny,
+    /// A ticket is opened for a person to decide.
+    Escalate,
+}
+
+/// How approvals behave.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApprovalsConfig {
+    /// How long a request for approval stays valid, e.g. "24h".
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub expires_after: Duration,
+    /// What an expired request becomes.
+    pub on_expiry: ExpiryOutcome,
+}
+
+impl Default for ApprovalsConfig {
+    fn default() -> Self {
+        Self { expires_after: Duration::from_secs(24 * 3600), on_expiry: ExpiryOutcome::Deny }
+    }
+}
+
+/// The kind of a tool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ToolKindName {
+    /// A local program, run without a shell.
+    Command,
+    /// An HTTP endpoint.
+    Http,
+}
+
+/// When a tool's call needs a person's approval.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(untagged)]
+pub enum ApprovalRule {
+    /// `"never"` or `"always"`.
+    Fixed(FixedApproval),
+    /// Ask when a numeric parameter is above a threshold: `{ param = "amount", above = 100 }`.
+    Above {
+        /// The parameter compared.
+        param: String,
+        /// The threshold.
+        above: f64,
+    },
+}
+
+/// A fixed approval rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FixedApproval {
+    /// Never ask (advisory mode still asks for write-like tools).
+    Never,
+    /// Always ask.
+    Always,
+}
+
+/// One tool, as written. Which keys apply depends on `kind`; the second stage checks.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ToolConfig {
+    /// `command` or `http`.
+    pub kind: ToolKindName,
+    /// What the tool does, for people and models.
+    #[serde(default)]
+    pub description: String,
+    /// A JSON Schema of the parameters; calls are checked against it before running.
+    #[serde(default)]
+    pub params: Option<serde_json::Value>,
+    /// Whether the tool changes the world (charges, writes, sends). Write-like calls
+    /// carry an idempotency key and ask for approval in advisory mode.
+    #[serde(default)]
+    pub write: bool,
+    /// When a call needs approval.
+    #[serde(default)]
+    pub approval: Option<ApprovalRule>,
+    /// A tool that undoes this one (review-after-act), called with the same parameters
+    /// plus `result`.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub undo: Option<Spanned<String>>,
+    /// The array parameter holding a batch, for the canary rule.
+    #[serde(default)]
+    pub batch_param: Option<String>,
+    /// A batch larger than this runs a canary of one item first and waits for a
+    /// person's confirmation before the rest.
+    #[serde(default)]
+    pub canary_above: Option<usize>,
+    /// Overrides of `[defaults]` for this tool.
+    #[serde(default)]
+    #[schemars(with = "Option<PolicyConfig>")]
+    pub policy: Option<Spanned<toml::Table>>,
+
+    /// command: the program and its arguments, with `{{param}}` placeholders. No shell.
+    #[serde(default)]
+    pub argv: Option<Vec<String>>,
+    /// command: the working directory.
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// command: environment variables set for the program (not secrets).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// command: environment variables copied from Keel's own environment by name
+    /// (`{ API_TOKEN = "PAYMENTS_TOKEN" }`): how secrets reach a program.
+    #[serde(default)]
+    pub env_from: BTreeMap<String, String>,
+    /// command: the most bytes kept of stdout and of stderr each.
+    #[serde(default)]
+    pub max_output: Option<usize>,
+    /// command: how exits and stderr map to error classes.
+    #[serde(default)]
+    pub classify: Option<CommandConfig>,
+
+    /// http: the method (default POST).
+    #[serde(default)]
+    pub method: Option<String>,
+    /// http: the URL, with `{{param}}` placeholders (values are percent-encoded).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// http: headers with literal values (not secrets).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// http: headers whose values come from environment variables, by name
+    /// (`{ Authorization = "PAYMENTS_AUTH" }`).
+    #[serde(default)]
+    pub headers_env: BTreeMap<String, String>,
+    /// http: the JSON body template (default: the parameters themselves).
+    #[serde(default)]
+    pub body: Option<serde_json::Value>,
+}

@@ -1,0 +1,18 @@
+//! keel-runtime: the targets Keel calls on a user's behalf — command and HTTP tools —
+//! the plans that sequence them, and `keel.toml`, which declares both with their
+//! policies.
+//!
+//! A [`Config`] is loaded in two stages: raw serde values (unknown keys are errors,
+//! every error names the key and line), then validated (references resolved, secrets
+//! read from the environment, parameter schemas compiled). A [`Tool`] is called with
+//! JSON parameters that are checked against its schema before anything runs, and
+//! answers with JSON or a classified [`keel_core::Failure`].
+
+pub mod config;
+pub mod plan;
+pub mod template;
+pub mod tool;
+
+pub use config::{Config, ConfigError, ConfigErrors, Mode};
+pub use plan::{Plan, PlanError, PlanStep};
+pub use tool::{Tool, ToolKind};

@@ -1,0 +1,141 @@
+//! Tools: the targets Keel calls for an agent or a plan — a local command or an HTTP
+//! endpoint — with parameters checked against the tool's JSON Schema before any call.
+
+mod command;
+mod http;
+#[cfg(test)]
+mod tests;
+
+pub use command::CommandTool;
+pub use http::HttpTool;
+
+use std::fmt;
+use std::sync::Arc;
+
+use keel_core::{Clock, ErrorClass, Failure, PolicyConfig};
+use serde_json::Value;
+
+use crate::config::{ApprovalRule, FixedApproval, Mode};
+
+/// What a tool is.
+#[derive(Debug, Clone)]
+pub enum ToolKind {
+    /// A local program.
+    Command(CommandTool),
+    /// An HTTP endpoint.
+    Http(HttpTool),
+}
+
+/// A validated tool from `keel.toml`.
+#[derive(Clone)]
+pub struct Tool {
+    /// Its name.
+    pub name: Arc<str>,
+    /// What it does.
+    pub description: String,
+    /// Whether it changes the world.
+    pub write: bool,
+    /// When a call needs approval.
+    pub approval: ApprovalRule,
+    /// The tool that undoes it, if any.
+    pub undo: Option<String>,
+    /// The array parameter holding a batch.
+    pub batch_param: Option<String>,
+    /// Batches larger than this run a canary first.
+    pub canary_above: Option<usize>,
+    /// Its policy: `[defaults]` with its overrides.
+    pub policy: PolicyConfig,
+    /// The JSON Schema of its parameters.
+    pub params_schema: Option<Value>,
+    pub(crate) validator: Option<Arc<jsonschema::Validator>>,
+    /// How it is called.
+    pub kind: ToolKind,
+}
+
+impl fmt::Debug for Tool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tool")
+            .field("name", &self.name)
+            .field("write", &self.write)
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Tool {
+    /// Checks `params` against the tool's schema.
+    ///
+    /// # Errors
+    /// `invalid_request`, listing every violation with its JSON path.
+    pub fn check_params(&self, params: &Value) -> Result<(), Failure> {
+        let Some(v) = &self.validator else { return Ok(()) };
+        let problems: Vec<String> = v
+            .iter_errors(params)
+            .map(|e| {
+                let path = e.instance_path().to_string();
+                if path.is_empty() { e.to_string() } else { format!("{path}: {e}") }
+            })
+            .collect();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Failure::new(
+                ErrorClass::InvalidRequest,
+                format!("parameters of `{}` do not match its schema: {}", self.name, problems.join("; ")),
+            ))
+        }
+    }
+
+    /// Whether a call with `params` needs a person's approval in `mode`.
+    pub fn needs_approval(&self, params: &Value, mode: Mode) -> bool {
+        if mode == Mode::Advisory && self.write {
+            return true;
+        }
+        match &self.approval {
+            ApprovalRule::Fixed(FixedApproval::Never) => false,
+            ApprovalRule::Fixed(FixedApproval::Always) => true,
+            ApprovalRule::Above { param, above } => {
+                crate::template::lookup(params, param).and_then(Value::as_f64).is_some_and(|v| v > *above)
+            }
+        }
+    }
+
+    /// The size of the call's batch, when the tool has a batch parameter.
+    pub fn batch_len(&self, params: &Value) -> Option<usize> {
+        let p = self.batch_param.as_deref()?;
+        crate::template::lookup(params, p).and_then(Value::as_array).map(Vec::len)
+    }
+
+    /// Calls the tool once (one attempt) with checked `params`.
+    ///
+    /// # Errors
+    /// A classified [`Failure`].
+    ///
+    /// # Cancel safety
+    /// Dropping the future kills a command's whole process group; an HTTP request
+    /// already sent may still take effect (which is why write-like calls carry an
+    /// idempotency key).
+    pub async fn invoke(&self, params: &Value, clock: &dyn Clock) -> Result<Value, Failure> {
+        match &self.kind {
+            ToolKind::Command(c) => c.run(params).await,
+            ToolKind::Http(h) => h.send(params, clock, None).await,
+        }
+    }
+
+    /// Like [`invoke`](Self::invoke), passing an idempotency key to an HTTP tool as the
+    /// `Idempotency-Key` header (commands get it as `KEEL_IDEMPOTENCY_KEY`).
+    ///
+    /// # Errors
+    /// A classified [`Failure`].
+    pub async fn invoke_with_key(
+        &self,
+        params: &Value,
+        clock: &dyn Clock,
+        key: &str,
+    ) -> Result<Value, Failure> {
+        match &self.kind {
+            ToolKind::Command(c) => c.run_with_env(params, &[("KEEL_IDEMPOTENCY_KEY", key)]).await,
+            ToolKind::Http(h) => h.send(params, clock, Some(key)).await,
+        }
+    }
+}
