@@ -1,0 +1,301 @@
+//! What the journal records: [`JournalEvent`], keel-core's policy events plus the
+//! run, step, approval, ticket and program events around them.
+//!
+//! The journal is the source of truth; every table of current state is derived from
+//! these events. Events are stored as JSON with a schema version, so a newer Keel can
+//! read what an older one wrote, and an older one refuses (rather than misreads) what
+//! a newer one wrote.
+
+use keel_core::{ErrorClass, Event};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The schema version written with every event. Bump it when an event's meaning or
+/// shape changes incompatibly, and teach the decoder the old shape.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// The lifecycle state of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    /// Created, no step started yet.
+    Created,
+    /// Being worked on.
+    Running,
+    /// Waiting for a person (an approval or a ticket).
+    Waiting,
+    /// Finished successfully.
+    Succeeded,
+    /// Finished with a failure.
+    Failed,
+    /// Stopped by a person or a policy.
+    Cancelled,
+}
+
+impl RunState {
+    /// Every state.
+    pub const ALL: [RunState; 6] = [
+        RunState::Created,
+        RunState::Running,
+        RunState::Waiting,
+        RunState::Succeeded,
+        RunState::Failed,
+        RunState::Cancelled,
+    ];
+
+    /// The state's name as stored (`succeeded`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RunState::Created => "created",
+            RunState::Running => "running",
+            RunState::Waiting => "waiting",
+            RunState::Succeeded => "succeeded",
+            RunState::Failed => "failed",
+            RunState::Cancelled => "cancelled",
+        }
+    }
+
+    /// Whether the run is over: nobody needs to hold a lease on it.
+    pub const fn is_terminal(self) -> bool {
+        match self {
+            RunState::Succeeded | RunState::Failed | RunState::Cancelled => true,
+            RunState::Created | RunState::Running | RunState::Waiting => false,
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+/// How a step ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum StepOutcome {
+    /// The step produced `output`.
+    Succeeded {
+        /// The step's result.
+        output: Value,
+    },
+    /// The step failed.
+    Failed {
+        /// What went wrong.
+        class: ErrorClass,
+        /// In words.
+        message: String,
+    },
+    /// A person or a policy skipped the step.
+    Skipped {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A person's (or an expiry's) answer to an approval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApprovalDecision {
+    /// The action may go ahead.
+    Approved,
+    /// The action must not happen.
+    Denied,
+    /// Nobody answered in time.
+    Expired,
+}
+
+impl ApprovalDecision {
+    /// The decision's name as stored.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ApprovalDecision::Approved => "approved",
+            ApprovalDecision::Denied => "denied",
+            ApprovalDecision::Expired => "expired",
+        }
+    }
+}
+
+/// How a generated program ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum ProgramOutcome {
+    /// It ran and set `result`.
+    Succeeded {
+        /// The program's `result`.
+        result: Value,
+    },
+    /// It failed.
+    Failed {
+        /// The failure's class (usually `code_error`).
+        class: ErrorClass,
+        /// The error message and traceback.
+        message: String,
+    },
+}
+
+/// One event of a run, as journaled.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum JournalEvent {
+    /// A run was created.
+    RunCreated {
+        /// What the run is (a plan's name, an agent task).
+        name: String,
+        /// The run's input.
+        #[serde(default)]
+        input: Value,
+    },
+    /// A run moved to another state.
+    RunStateChanged {
+        /// The new state.
+        state: RunState,
+        /// Why, when there is more to say.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// A step started.
+    StepStarted {
+        /// The step's number within the run.
+        step: u32,
+        /// The step's name.
+        name: String,
+        /// The target it calls.
+        target: String,
+        /// The call's input.
+        #[serde(default)]
+        input: Value,
+    },
+    /// A step ended.
+    StepFinished {
+        /// The step's number within the run.
+        step: u32,
+        /// How it ended.
+        outcome: StepOutcome,
+    },
+    /// An action is held until a person approves it.
+    ApprovalRequested {
+        /// The approval's id.
+        approval_id: String,
+        /// The step it holds.
+        step: u32,
+        /// The tool that would be called.
+        tool: String,
+        /// The digest of the arguments the person is shown.
+        args_digest: String,
+        /// When it expires, in milliseconds since the Unix epoch.
+        expires_at_ms: i64,
+    },
+    /// An approval was decided.
+    ApprovalDecided {
+        /// The approval's id.
+        approval_id: String,
+        /// The answer.
+        decision: ApprovalDecision,
+        /// Who decided (a person, or `expiry`).
+        by: String,
+    },
+    /// A ticket (an escalation with its context package) was opened.
+    TicketOpened {
+        /// The ticket's id.
+        ticket_id: String,
+        /// The failing step, if any.
+        step: Option<u32>,
+        /// The class of the failure escalated.
+        class: ErrorClass,
+        /// One line for the inbox.
+        summary: String,
+        /// The context package.
+        context: Value,
+    },
+    /// A ticket was answered.
+    TicketResolved {
+        /// The ticket's id.
+        ticket_id: String,
+        /// The guidance: retry, retry with new params, skip or abort, with details.
+        resolution: Value,
+        /// Who answered.
+        by: String,
+    },
+    /// A generated program was run.
+    ProgramRecorded {
+        /// The step it belongs to.
+        step: u32,
+        /// Which program of the step's correction chain (1 for the first).
+        attempt: u32,
+        /// The program's source.
+        program: String,
+        /// How it ended.
+        outcome: ProgramOutcome,
+    },
+    /// A keel-core policy event within the run.
+    Policy {
+        /// The step it belongs to, if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        step: Option<u32>,
+        /// The event.
+        event: Event,
+    },
+}
+
+impl JournalEvent {
+    /// The event's type name as stored (`step_started`, or `policy.retry_scheduled`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            JournalEvent::RunCreated { .. } => "run_created",
+            JournalEvent::RunStateChanged { .. } => "run_state_changed",
+            JournalEvent::StepStarted { .. } => "step_started",
+            JournalEvent::StepFinished { .. } => "step_finished",
+            JournalEvent::ApprovalRequested { .. } => "approval_requested",
+            JournalEvent::ApprovalDecided { .. } => "approval_decided",
+            JournalEvent::TicketOpened { .. } => "ticket_opened",
+            JournalEvent::TicketResolved { .. } => "ticket_resolved",
+            JournalEvent::ProgramRecorded { .. } => "program_recorded",
+            JournalEvent::Policy { event, .. } => policy_kind(event),
+        }
+    }
+}
+
+fn policy_kind(event: &Event) -> &'static str {
+    match event {
+        Event::AttemptStarted { .. } => "policy.attempt_started",
+        Event::AttemptEnded { .. } => "policy.attempt_ended",
+        Event::RetryScheduled { .. } => "policy.retry_scheduled",
+        Event::RetryRefused { .. } => "policy.retry_refused",
+        Event::BreakerTransition { .. } => "policy.breaker_transition",
+        Event::FallbackTaken { .. } => "policy.fallback_taken",
+        Event::BudgetCharged { .. } => "policy.budget_charged",
+        Event::BudgetExceeded { .. } => "policy.budget_exceeded",
+        Event::LoopDetected { .. } => "policy.loop_detected",
+    }
+}
+
+/// An event to append: which run it belongs to, and what happened.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    /// The run.
+    pub run_id: String,
+    /// The event.
+    pub event: JournalEvent,
+}
+
+impl NewEvent {
+    /// An event of `run_id`.
+    pub fn new(run_id: impl Into<String>, event: JournalEvent) -> Self {
+        Self { run_id: run_id.into(), event }
+    }
+}
+
+/// An event as stored, with its place in the run's order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordedEvent {
+    /// The run.
+    pub run_id: String,
+    /// 1 for the run's first event, then consecutive.
+    pub seq: u64,
+    /// The schema version it was written with.
+    pub schema_version: u32,
+    /// When it was appended, in milliseconds since the Unix epoch.
+    pub recorded_at_ms: i64,
+    /// The event.
+    pub event: JournalEvent,
+}

@@ -1,0 +1,430 @@
+//! The SQL both backends run, written once.
+//!
+//! SQLite and PostgreSQL accept the same statements here (`$N` parameters, `ON
+//! CONFLICT ... DO UPDATE`, `RETURNING`; integers, text and JSON as text), so the
+//! journal is one body of code expanded for each driver by [`sql_journal!`]. What
+//! differs (how a write transaction begins, row locks, `SKIP LOCKED`) is passed in.
+//! Projections live in [`project`](self::project) and run inside the append's
+//! transaction, which is what makes a crash leave events and state in agreement.
+
+pub(crate) mod project;
+pub(crate) mod sql;
+
+/// Expands the [`Journal`](crate::Journal) implementation for one sqlx driver.
+///
+/// `$journal` must have fields `write: Pool<$db>` (for write transactions), `read:
+/// Pool<$db>` and `options: JournalOptions`.
+macro_rules! sql_journal {
+    (
+        $journal:ident, $db:ty, $conn:ty,
+        backend = $backend:expr,
+        begin = $begin:expr,
+        lock_lease = $lock_lease:literal,
+        claim_candidates = $candidates:expr $(,)?
+    ) => {
+        mod ops {
+            use super::*;
+            crate::store::project::projection_ops!($db, $conn);
+        }
+
+        #[allow(unused_imports)]
+        use sqlx::Row as _;
+
+        impl $journal {
+            fn now(&self) -> i64 {
+                crate::journal::now_ms(&*self.options.clock)
+            }
+
+            async fn append_once(&self, events: &[crate::NewEvent]) -> crate::Result<Vec<u64>> {
+                let mut tx = self.write.begin_with($begin).await?;
+                let seqs = ops::append_tx(&mut *tx, self.now(), events).await?;
+                tx.commit().await?;
+                Ok(seqs)
+            }
+
+            async fn append_fenced_once(
+                &self,
+                lease: &crate::Lease,
+                events: &[crate::NewEvent],
+            ) -> crate::Result<Vec<u64>> {
+                let mut tx = self.write.begin_with($begin).await?;
+                let held: Option<i64> = sqlx::query_scalar(concat!(
+                    "SELECT epoch FROM leases WHERE run_id = $1 AND owner = $2 AND epoch = $3",
+                    $lock_lease
+                ))
+                .bind(&lease.run_id)
+                .bind(&lease.owner)
+                .bind(lease.epoch as i64)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if held.is_none() {
+                    return Err(crate::Error::LeaseLost { run_id: lease.run_id.clone(), owner: lease.owner.clone() });
+                }
+                let seqs = ops::append_tx(&mut *tx, self.now(), events).await?;
+                tx.commit().await?;
+                Ok(seqs)
+            }
+
+            async fn claim_once(&self, key: &str, token: &str) -> crate::Result<crate::Claim> {
+                let now = self.now();
+                let expires = now + crate::journal::ms(self.options.claim_ttl);
+                let mut conn = self.write.acquire().await?;
+                let won: Option<String> = sqlx::query_scalar(crate::store::sql::CLAIM)
+                    .bind(key)
+                    .bind(token)
+                    .bind(now)
+                    .bind(expires)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                if won.is_some() {
+                    return Ok(crate::Claim::Won(crate::ClaimToken { key: key.to_owned(), token: token.to_owned() }));
+                }
+                let row = sqlx::query(crate::store::sql::CLAIM_LOOKUP).bind(key).fetch_optional(&mut *conn).await?;
+                let Some(row) = row else {
+                    // Deleted between the two statements (released): claim again.
+                    return Ok(crate::Claim::InProgress { expires_at_ms: now });
+                };
+                let state: String = row.try_get("state")?;
+                let result: Option<String> = row.try_get("result")?;
+                let expires_at_ms: i64 = row.try_get("expires_at")?;
+                match (state.as_str(), result) {
+                    ("done", Some(result)) => Ok(crate::Claim::Done(serde_json::from_str::<serde_json::Value>(&result)?)),
+                    _ => Ok(crate::Claim::InProgress { expires_at_ms }),
+                }
+            }
+
+            async fn acquire_in(
+                conn: &mut $conn,
+                run_id: &str,
+                owner: &str,
+                now: i64,
+                ttl: std::time::Duration,
+            ) -> crate::Result<Option<crate::Lease>> {
+                let expires = now + crate::journal::ms(ttl);
+                let epoch: Option<i64> = sqlx::query_scalar(crate::store::sql::ACQUIRE_LEASE)
+                    .bind(run_id)
+                    .bind(owner)
+                    .bind(expires)
+                    .bind(now)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                Ok(epoch.map(|epoch| crate::Lease {
+                    run_id: run_id.to_owned(),
+                    owner: owner.to_owned(),
+                    epoch: epoch as u64,
+                    expires_at_ms: expires,
+                }))
+            }
+
+            async fn claim_runs_once(
+                &self,
+                owner: &str,
+                ttl: std::time::Duration,
+                limit: u32,
+            ) -> crate::Result<Vec<crate::Lease>> {
+                let now = self.now();
+                let mut tx = self.write.begin_with($begin).await?;
+                let candidates: Vec<String> =
+                    sqlx::query_scalar($candidates).bind(now).bind(limit as i64).fetch_all(&mut *tx).await?;
+                let mut leases = Vec::new();
+                for run_id in candidates {
+                    if let Some(lease) = Self::acquire_in(&mut *tx, &run_id, owner, now, ttl).await? {
+                        leases.push(lease);
+                    }
+                }
+                tx.commit().await?;
+                Ok(leases)
+            }
+
+            async fn rebuild_once(&self) -> crate::Result<()> {
+                let mut tx = self.write.begin_with($begin).await?;
+                for table in ["runs", "steps", "attempts", "approvals", "tickets"] {
+                    sqlx::query(&format!("DELETE FROM {table}")).execute(&mut *tx).await?;
+                }
+                let (mut run, mut seq) = (String::new(), 0i64);
+                loop {
+                    let rows = sqlx::query(crate::store::sql::EVENTS_PAGE)
+                        .bind(&run)
+                        .bind(seq)
+                        .fetch_all(&mut *tx)
+                        .await?;
+                    if rows.is_empty() {
+                        break;
+                    }
+                    for row in rows {
+                        let event = ops::decode_event(&row)?;
+                        ops::touch_absolute(&mut *tx, &event.run_id, event.seq, event.recorded_at_ms).await?;
+                        ops::project(&mut *tx, &event.run_id, event.seq, event.recorded_at_ms, &event.event).await?;
+                        run = event.run_id;
+                        seq = event.seq as i64;
+                    }
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn save_gate_once(
+                &self,
+                records: &[keel_core::gate::GateRecord],
+                replace: bool,
+            ) -> crate::Result<()> {
+                let mut tx = self.write.begin_with($begin).await?;
+                if replace {
+                    sqlx::query("DELETE FROM gate_history").execute(&mut *tx).await?;
+                }
+                for r in records {
+                    sqlx::query(crate::store::sql::ADD_GATE)
+                        .bind(&r.target)
+                        .bind(r.class.as_str())
+                        .bind(r.attempt as i64)
+                        .bind(r.outcomes.successes as i64)
+                        .bind(r.outcomes.failures as i64)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn prune_once(&self, age: std::time::Duration) -> crate::Result<crate::PruneReport> {
+                let now = self.now();
+                let cutoff = now - crate::journal::ms(age);
+                let mut tx = self.write.begin_with($begin).await?;
+                let runs: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM runs WHERE updated_at < $1")
+                    .bind(cutoff)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                let mut events = 0;
+                for table in ["journal_events", "steps", "attempts", "approvals", "tickets", "leases"] {
+                    let done = sqlx::query(&format!(
+                        "DELETE FROM {table} WHERE run_id IN (SELECT run_id FROM runs WHERE updated_at < $1)"
+                    ))
+                    .bind(cutoff)
+                    .execute(&mut *tx)
+                    .await?;
+                    if table == "journal_events" {
+                        events = done.rows_affected();
+                    }
+                }
+                sqlx::query("DELETE FROM runs WHERE updated_at < $1").bind(cutoff).execute(&mut *tx).await?;
+                let keys = sqlx::query("DELETE FROM idempotency_keys WHERE expires_at <= $1")
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                tx.commit().await?;
+                Ok(crate::PruneReport { runs: runs as u64, events, idempotency_keys: keys })
+            }
+        }
+
+        #[async_trait::async_trait]
+        impl crate::Journal for $journal {
+            fn backend(&self) -> crate::Backend {
+                $backend
+            }
+
+            async fn append(&self, events: &[crate::NewEvent]) -> crate::Result<Vec<u64>> {
+                if events.is_empty() {
+                    return Ok(Vec::new());
+                }
+                crate::error::with_retry("append", crate::error::Repeat::OnlyIfNotApplied, || async move {
+                    self.append_once(events).await
+                })
+                .await
+            }
+
+            async fn append_fenced(
+                &self,
+                lease: &crate::Lease,
+                events: &[crate::JournalEvent],
+            ) -> crate::Result<Vec<u64>> {
+                let events: Vec<crate::NewEvent> =
+                    events.iter().map(|e| crate::NewEvent::new(lease.run_id.clone(), e.clone())).collect();
+                let events = &events;
+                crate::error::with_retry("append", crate::error::Repeat::OnlyIfNotApplied, || async move {
+                    self.append_fenced_once(lease, events).await
+                })
+                .await
+            }
+
+            async fn events(
+                &self,
+                run_id: &str,
+                after: u64,
+                limit: u32,
+            ) -> crate::Result<Vec<crate::RecordedEvent>> {
+                crate::error::with_retry("events", crate::error::Repeat::Safe, || async move {
+                    let rows = sqlx::query(crate::store::sql::EVENTS_OF_RUN)
+                        .bind(run_id)
+                        .bind(after as i64)
+                        .bind(limit as i64)
+                        .fetch_all(&self.read)
+                        .await?;
+                    rows.iter().map(ops::decode_event).collect()
+                })
+                .await
+            }
+
+            async fn snapshot(&self, run_id: &str) -> crate::Result<Option<crate::RunSnapshot>> {
+                crate::error::with_retry("snapshot", crate::error::Repeat::Safe, || async move {
+                    let mut conn = self.read.acquire().await?;
+                    ops::snapshot(&mut *conn, run_id).await
+                })
+                .await
+            }
+
+            async fn run_ids(&self) -> crate::Result<Vec<String>> {
+                crate::error::with_retry("run_ids", crate::error::Repeat::Safe, || async move {
+                    Ok(sqlx::query_scalar("SELECT run_id FROM runs ORDER BY created_at, run_id")
+                        .fetch_all(&self.read)
+                        .await?)
+                })
+                .await
+            }
+
+            async fn rebuild_projections(&self) -> crate::Result<()> {
+                crate::error::with_retry("rebuild", crate::error::Repeat::Safe, || self.rebuild_once()).await
+            }
+
+            async fn claim(&self, key: &str) -> crate::Result<crate::Claim> {
+                let token = format!("{:032x}", fastrand::u128(..));
+                let token = token.as_str();
+                crate::error::with_retry("claim", crate::error::Repeat::Safe, || async move {
+                    self.claim_once(key, token).await
+                })
+                .await
+            }
+
+            async fn complete(&self, token: &crate::ClaimToken, result: &serde_json::Value) -> crate::Result<()> {
+                let result = serde_json::to_string(result)?;
+                let result = result.as_str();
+                crate::error::with_retry("complete", crate::error::Repeat::Safe, || async move {
+                    let expires = self.now() + crate::journal::ms(self.options.idempotency_ttl);
+                    let done = sqlx::query(crate::store::sql::COMPLETE_CLAIM)
+                        .bind(&token.key)
+                        .bind(&token.token)
+                        .bind(result)
+                        .bind(expires)
+                        .execute(&self.write)
+                        .await?;
+                    if done.rows_affected() == 0 {
+                        return Err(crate::Error::ClaimLost(token.key.clone()));
+                    }
+                    Ok(())
+                })
+                .await
+            }
+
+            async fn release_claim(&self, token: &crate::ClaimToken) -> crate::Result<()> {
+                crate::error::with_retry("release_claim", crate::error::Repeat::Safe, || async move {
+                    sqlx::query("DELETE FROM idempotency_keys WHERE key = $1 AND token = $2 AND state = 'in_progress'")
+                        .bind(&token.key)
+                        .bind(&token.token)
+                        .execute(&self.write)
+                        .await?;
+                    Ok(())
+                })
+                .await
+            }
+
+            async fn acquire_lease(
+                &self,
+                run_id: &str,
+                owner: &str,
+                ttl: std::time::Duration,
+            ) -> crate::Result<Option<crate::Lease>> {
+                crate::error::with_retry("acquire_lease", crate::error::Repeat::Safe, || async move {
+                    let mut conn = self.write.acquire().await?;
+                    Self::acquire_in(&mut *conn, run_id, owner, self.now(), ttl).await
+                })
+                .await
+            }
+
+            async fn renew_lease(&self, lease: &crate::Lease, ttl: std::time::Duration) -> crate::Result<crate::Lease> {
+                crate::error::with_retry("renew_lease", crate::error::Repeat::Safe, || async move {
+                    let expires = self.now() + crate::journal::ms(ttl);
+                    let done = sqlx::query(
+                        "UPDATE leases SET expires_at = $4 WHERE run_id = $1 AND owner = $2 AND epoch = $3",
+                    )
+                    .bind(&lease.run_id)
+                    .bind(&lease.owner)
+                    .bind(lease.epoch as i64)
+                    .bind(expires)
+                    .execute(&self.write)
+                    .await?;
+                    if done.rows_affected() == 0 {
+                        return Err(crate::Error::LeaseLost { run_id: lease.run_id.clone(), owner: lease.owner.clone() });
+                    }
+                    Ok(crate::Lease { expires_at_ms: expires, ..lease.clone() })
+                })
+                .await
+            }
+
+            async fn release_lease(&self, lease: &crate::Lease) -> crate::Result<()> {
+                crate::error::with_retry("release_lease", crate::error::Repeat::Safe, || async move {
+                    sqlx::query("DELETE FROM leases WHERE run_id = $1 AND owner = $2 AND epoch = $3")
+                        .bind(&lease.run_id)
+                        .bind(&lease.owner)
+                        .bind(lease.epoch as i64)
+                        .execute(&self.write)
+                        .await?;
+                    Ok(())
+                })
+                .await
+            }
+
+            async fn claim_runs(
+                &self,
+                owner: &str,
+                ttl: std::time::Duration,
+                limit: u32,
+            ) -> crate::Result<Vec<crate::Lease>> {
+                crate::error::with_retry("claim_runs", crate::error::Repeat::Safe, || async move {
+                    self.claim_runs_once(owner, ttl, limit).await
+                })
+                .await
+            }
+
+            async fn save_gate_history(&self, records: &[keel_core::gate::GateRecord]) -> crate::Result<()> {
+                crate::error::with_retry("save_gate_history", crate::error::Repeat::Safe, || async move {
+                    self.save_gate_once(records, true).await
+                })
+                .await
+            }
+
+            async fn add_gate_outcomes(&self, records: &[keel_core::gate::GateRecord]) -> crate::Result<()> {
+                // Not `Safe`: a lost commit repeated would count the outcomes twice.
+                crate::error::with_retry("add_gate_outcomes", crate::error::Repeat::OnlyIfNotApplied, || async move {
+                    self.save_gate_once(records, false).await
+                })
+                .await
+            }
+
+            async fn load_gate_history(&self) -> crate::Result<Vec<keel_core::gate::GateRecord>> {
+                crate::error::with_retry("load_gate_history", crate::error::Repeat::Safe, || async move {
+                    let rows = sqlx::query(
+                        "SELECT target, class, attempt, successes, failures FROM gate_history ORDER BY target, class, attempt",
+                    )
+                    .fetch_all(&self.read)
+                    .await?;
+                    let mut records = rows.iter().map(ops::decode_gate).collect::<crate::Result<Vec<_>>>()?;
+                    // The order of ConfidenceGate::snapshot (classes in taxonomy order).
+                    records.sort_by(|a, b| (&a.target, a.class, a.attempt).cmp(&(&b.target, b.class, b.attempt)));
+                    Ok(records)
+                })
+                .await
+            }
+
+            async fn prune(&self, age: std::time::Duration) -> crate::Result<crate::PruneReport> {
+                crate::error::with_retry("prune", crate::error::Repeat::Safe, || self.prune_once(age)).await
+            }
+
+            async fn close(&self) {
+                self.write.close().await;
+                self.read.close().await;
+            }
+        }
+    };
+}
+
+pub(crate) use sql_journal;

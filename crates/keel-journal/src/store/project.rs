@@ -1,0 +1,391 @@
+//! Appending events and keeping the projections, inside one transaction.
+//!
+//! [`projection_ops!`] expands, for one driver, the functions that run on a
+//! connection already in a transaction: `append_tx` numbers a batch of events per run,
+//! inserts them (multi-row inserts: this is where group commit pays off) and applies
+//! each to the projections with `project`; replay calls the same `project`, so live
+//! and rebuilt state cannot drift apart.
+
+/// Rows per multi-row `INSERT` of events: few distinct statements to prepare, and far
+/// below both databases' parameter limits.
+pub(crate) const INSERT_CHUNK: usize = 128;
+
+/// Expands the transaction-level operations for one driver (see the module docs).
+macro_rules! projection_ops {
+    ($db:ty, $conn:ty) => {
+        use crate::event::{JournalEvent, NewEvent, RecordedEvent, SCHEMA_VERSION, StepOutcome};
+        use crate::state::{ApprovalView, AttemptView, RunSnapshot, RunView, StepView, TicketView};
+        use crate::store::sql;
+        use crate::{Error, Result};
+        use keel_core::{AttemptOutcome, Event};
+
+        pub(super) async fn append_tx(conn: &mut $conn, now: i64, events: &[NewEvent]) -> Result<Vec<u64>> {
+            // Number the events per run: one counter bump per run per batch.
+            let mut runs: Vec<(&str, u64)> = Vec::new();
+            let mut slot = Vec::with_capacity(events.len());
+            for e in events {
+                let i = match runs.iter().position(|(r, _)| *r == e.run_id) {
+                    Some(i) => i,
+                    None => {
+                        runs.push((&e.run_id, 0));
+                        runs.len() - 1
+                    }
+                };
+                runs[i].1 += 1;
+                slot.push(i);
+            }
+            let mut next = Vec::with_capacity(runs.len());
+            for (run_id, count) in &runs {
+                let last: i64 = sqlx::query_scalar(sql::TOUCH_RUN)
+                    .bind(*run_id)
+                    .bind(now)
+                    .bind(*count as i64)
+                    .fetch_one(&mut *conn)
+                    .await?;
+                next.push(last as u64 + 1 - count);
+            }
+            let mut seqs = Vec::with_capacity(events.len());
+            for &i in &slot {
+                seqs.push(next[i]);
+                next[i] += 1;
+            }
+            let payloads =
+                events.iter().map(|e| serde_json::to_string(&e.event)).collect::<Result<Vec<_>, _>>()?;
+            let rows: Vec<(&NewEvent, u64, &String)> = events
+                .iter()
+                .zip(seqs.iter().copied())
+                .zip(payloads.iter())
+                .map(|((e, s), p)| (e, s, p))
+                .collect();
+            for chunk in rows.chunks(crate::store::project::INSERT_CHUNK) {
+                let mut qb = sqlx::QueryBuilder::<$db>::new(
+                    "INSERT INTO journal_events (run_id, seq, schema_version, kind, payload, recorded_at) ",
+                );
+                qb.push_values(chunk, |mut b, (e, seq, payload)| {
+                    b.push_bind(e.run_id.as_str())
+                        .push_bind(*seq as i64)
+                        .push_bind(i64::from(SCHEMA_VERSION))
+                        .push_bind(e.event.kind())
+                        .push_bind(payload.as_str())
+                        .push_bind(now);
+                });
+                qb.build().execute(&mut *conn).await?;
+            }
+            for (e, seq, _) in &rows {
+                project(&mut *conn, &e.run_id, *seq, now, &e.event).await?;
+            }
+            Ok(seqs)
+        }
+
+        pub(super) async fn touch_absolute(conn: &mut $conn, run_id: &str, seq: u64, at: i64) -> Result<()> {
+            sqlx::query(sql::TOUCH_RUN_ABSOLUTE)
+                .bind(run_id)
+                .bind(at)
+                .bind(seq as i64)
+                .execute(&mut *conn)
+                .await?;
+            Ok(())
+        }
+
+        fn json(v: &serde_json::Value) -> Result<String> {
+            Ok(serde_json::to_string(v)?)
+        }
+
+        /// Applies one event to the projections (the run's counter and times aside).
+        pub(super) async fn project(
+            conn: &mut $conn,
+            run_id: &str,
+            seq: u64,
+            at: i64,
+            event: &JournalEvent,
+        ) -> Result<()> {
+            match event {
+                JournalEvent::RunCreated { name, input } => {
+                    sqlx::query("UPDATE runs SET name = $2, input = $3 WHERE run_id = $1")
+                        .bind(run_id)
+                        .bind(name)
+                        .bind(json(input)?)
+                        .execute(&mut *conn)
+                        .await?;
+                }
+                JournalEvent::RunStateChanged { state, reason } => {
+                    sqlx::query("UPDATE runs SET state = $2, reason = $3 WHERE run_id = $1")
+                        .bind(run_id)
+                        .bind(state.as_str())
+                        .bind(reason.as_deref())
+                        .execute(&mut *conn)
+                        .await?;
+                }
+                JournalEvent::StepStarted { step, name, target, input } => {
+                    sqlx::query(sql::STEP_STARTED)
+                        .bind(run_id)
+                        .bind(i64::from(*step))
+                        .bind(name)
+                        .bind(target)
+                        .bind(json(input)?)
+                        .bind(at)
+                        .execute(&mut *conn)
+                        .await?;
+                }
+                JournalEvent::StepFinished { step, outcome } => {
+                    let (status, output, class, message) = match outcome {
+                        StepOutcome::Succeeded { output } => ("succeeded", Some(json(output)?), None, None),
+                        StepOutcome::Failed { class, message } => {
+                            ("failed", None, Some(class.as_str()), Some(message.as_str()))
+                        }
+                        StepOutcome::Skipped { reason } => ("skipped", None, None, Some(reason.as_str())),
+                    };
+                    sqlx::query(sql::STEP_FINISHED)
+                        .bind(run_id)
+                        .bind(i64::from(*step))
+                        .bind(status)
+                        .bind(output)
+                        .bind(class)
+                        .bind(message)
+                        .bind(at)
+                        .execute(&mut *conn)
+                        .await?;
+                }
+                JournalEvent::ApprovalRequested { approval_id, step, tool, args_digest, expires_at_ms } => {
+                    sqlx::query(sql::APPROVAL_REQUESTED)
+                        .bind(approval_id)
+                        .bind(run_id)
+                        .bind(i64::from(*step))
+                        .bind(tool)
+                        .bind(args_digest)
+                        .bind(at)
+                        .bind(*expires_at_ms)
+                        .execute(&mut *conn)
+                        .await?;
+                }
+                JournalEvent::ApprovalDecided { approval_id, decision, by } => {
+                    sqlx::query(sql::APPROVAL_DECIDED)
+                        .bind(approval_id)
+                        .bind(decision.as_str())
+                        .bind(by)
+                        .bind(at)
+                        .execute(&mut *conn)
+                        .await?;
+                }
+                JournalEvent::TicketOpened { ticket_id, step, class, summary, context } => {
+                    sqlx::query(sql::TICKET_OPENED)
+                        .bind(ticket_id)
+                        .bind(run_id)
+                        .bind(step.map(i64::from))
+                        .bind(class.as_str())
+                        .bind(summary)
+                        .bind(json(context)?)
+                        .bind(at)
+                        .execute(&mut *conn)
+                        .await?;
+                }
+                JournalEvent::TicketResolved { ticket_id, resolution, by } => {
+                    sqlx::query(sql::TICKET_RESOLVED)
+                        .bind(ticket_id)
+                        .bind(json(resolution)?)
+                        .bind(by)
+                        .bind(at)
+                        .execute(&mut *conn)
+                        .await?;
+                }
+                JournalEvent::ProgramRecorded { .. } => {}
+                JournalEvent::Policy { step, event } => {
+                    let step = step.map_or(-1, i64::from);
+                    match event {
+                        Event::AttemptStarted { target, attempt } => {
+                            sqlx::query(sql::ATTEMPT_STARTED)
+                                .bind(run_id)
+                                .bind(seq as i64)
+                                .bind(step)
+                                .bind(&**target)
+                                .bind(i64::from(*attempt))
+                                .bind(at)
+                                .execute(&mut *conn)
+                                .await?;
+                        }
+                        Event::AttemptEnded { target, attempt, outcome, latency } => {
+                            let outcome = match outcome {
+                                AttemptOutcome::Ok => "ok",
+                                AttemptOutcome::Failed(class) => class.as_str(),
+                            };
+                            let latency = crate::journal::ms(*latency);
+                            let done = sqlx::query(sql::ATTEMPT_ENDED)
+                                .bind(run_id)
+                                .bind(step)
+                                .bind(&**target)
+                                .bind(i64::from(*attempt))
+                                .bind(outcome)
+                                .bind(latency)
+                                .bind(at)
+                                .execute(&mut *conn)
+                                .await?;
+                            if done.rows_affected() == 0 {
+                                sqlx::query(sql::ATTEMPT_ENDED_ALONE)
+                                    .bind(run_id)
+                                    .bind(step)
+                                    .bind(&**target)
+                                    .bind(i64::from(*attempt))
+                                    .bind(outcome)
+                                    .bind(latency)
+                                    .bind(at)
+                                    .bind(seq as i64)
+                                    .execute(&mut *conn)
+                                    .await?;
+                            }
+                        }
+                        Event::RetryScheduled { .. }
+                        | Event::RetryRefused { .. }
+                        | Event::BreakerTransition { .. }
+                        | Event::FallbackTaken { .. }
+                        | Event::BudgetCharged { .. }
+                        | Event::BudgetExceeded { .. }
+                        | Event::LoopDetected { .. } => {}
+                    }
+                }
+            }
+            Ok(())
+        }
+
+        pub(super) fn decode_event(row: &<$db as sqlx::Database>::Row) -> Result<RecordedEvent> {
+            let run_id: String = row.try_get("run_id")?;
+            let seq = row.try_get::<i64, _>("seq")? as u64;
+            let version = row.try_get::<i64, _>("schema_version")? as u32;
+            if version > SCHEMA_VERSION {
+                return Err(Error::UnsupportedSchema { run_id, seq, version, supported: SCHEMA_VERSION });
+            }
+            let payload: String = row.try_get("payload")?;
+            Ok(RecordedEvent {
+                run_id,
+                seq,
+                schema_version: version,
+                recorded_at_ms: row.try_get("recorded_at")?,
+                event: serde_json::from_str(&payload)?,
+            })
+        }
+
+        pub(super) fn decode_gate(row: &<$db as sqlx::Database>::Row) -> Result<keel_core::gate::GateRecord> {
+            let class: String = row.try_get("class")?;
+            Ok(keel_core::gate::GateRecord {
+                target: row.try_get("target")?,
+                class: serde_json::from_value(serde_json::Value::String(class))?,
+                attempt: row.try_get::<i64, _>("attempt")? as u32,
+                outcomes: keel_core::gate::Outcomes {
+                    successes: row.try_get::<i64, _>("successes")? as u64,
+                    failures: row.try_get::<i64, _>("failures")? as u64,
+                },
+            })
+        }
+
+        fn parse_json(s: Option<String>) -> Result<Option<serde_json::Value>> {
+            Ok(match s {
+                Some(s) => Some(serde_json::from_str(&s)?),
+                None => None,
+            })
+        }
+
+        pub(super) async fn snapshot(conn: &mut $conn, run_id: &str) -> Result<Option<RunSnapshot>> {
+            let Some(r) = sqlx::query("SELECT * FROM runs WHERE run_id = $1")
+                .bind(run_id)
+                .fetch_optional(&mut *conn)
+                .await?
+            else {
+                return Ok(None);
+            };
+            let state: String = r.try_get("state")?;
+            let run = RunView {
+                run_id: r.try_get("run_id")?,
+                name: r.try_get("name")?,
+                state: crate::RunState::parse(&state).ok_or_else(|| {
+                    Error::Codec(<serde_json::Error as serde::de::Error>::custom(format!(
+                        "unknown run state `{state}`"
+                    )))
+                })?,
+                input: serde_json::from_str(&r.try_get::<String, _>("input")?)?,
+                reason: r.try_get("reason")?,
+                created_at_ms: r.try_get("created_at")?,
+                updated_at_ms: r.try_get("updated_at")?,
+                last_seq: r.try_get::<i64, _>("last_seq")? as u64,
+            };
+            let mut steps = Vec::new();
+            for s in sqlx::query("SELECT * FROM steps WHERE run_id = $1 ORDER BY step")
+                .bind(run_id)
+                .fetch_all(&mut *conn)
+                .await?
+            {
+                steps.push(StepView {
+                    step: s.try_get::<i64, _>("step")? as u32,
+                    name: s.try_get("name")?,
+                    target: s.try_get("target")?,
+                    status: s.try_get("status")?,
+                    input: serde_json::from_str(&s.try_get::<String, _>("input")?)?,
+                    output: parse_json(s.try_get("output")?)?,
+                    error_class: s.try_get("error_class")?,
+                    message: s.try_get("message")?,
+                    started_at_ms: s.try_get("started_at")?,
+                    finished_at_ms: s.try_get("finished_at")?,
+                });
+            }
+            let mut attempts = Vec::new();
+            for a in sqlx::query("SELECT * FROM attempts WHERE run_id = $1 ORDER BY started_seq")
+                .bind(run_id)
+                .fetch_all(&mut *conn)
+                .await?
+            {
+                let step: i64 = a.try_get("step")?;
+                attempts.push(AttemptView {
+                    started_seq: a.try_get::<i64, _>("started_seq")? as u64,
+                    step: (step >= 0).then_some(step as u32),
+                    target: a.try_get("target")?,
+                    attempt: a.try_get::<i64, _>("attempt")? as u32,
+                    outcome: a.try_get("outcome")?,
+                    latency_ms: a.try_get("latency_ms")?,
+                    started_at_ms: a.try_get("started_at")?,
+                    ended_at_ms: a.try_get("ended_at")?,
+                });
+            }
+            let mut approvals = Vec::new();
+            for a in
+                sqlx::query("SELECT * FROM approvals WHERE run_id = $1 ORDER BY requested_at, approval_id")
+                    .bind(run_id)
+                    .fetch_all(&mut *conn)
+                    .await?
+            {
+                approvals.push(ApprovalView {
+                    approval_id: a.try_get("approval_id")?,
+                    run_id: a.try_get("run_id")?,
+                    step: a.try_get::<i64, _>("step")? as u32,
+                    tool: a.try_get("tool")?,
+                    args_digest: a.try_get("args_digest")?,
+                    status: a.try_get("status")?,
+                    requested_at_ms: a.try_get("requested_at")?,
+                    expires_at_ms: a.try_get("expires_at")?,
+                    decided_by: a.try_get("decided_by")?,
+                    decided_at_ms: a.try_get("decided_at")?,
+                });
+            }
+            let mut tickets = Vec::new();
+            for t in sqlx::query("SELECT * FROM tickets WHERE run_id = $1 ORDER BY opened_at, ticket_id")
+                .bind(run_id)
+                .fetch_all(&mut *conn)
+                .await?
+            {
+                tickets.push(TicketView {
+                    ticket_id: t.try_get("ticket_id")?,
+                    run_id: t.try_get("run_id")?,
+                    step: t.try_get::<Option<i64>, _>("step")?.map(|s| s as u32),
+                    class: t.try_get("class")?,
+                    summary: t.try_get("summary")?,
+                    context: serde_json::from_str(&t.try_get::<String, _>("context")?)?,
+                    status: t.try_get("status")?,
+                    resolution: parse_json(t.try_get("resolution")?)?,
+                    resolved_by: t.try_get("resolved_by")?,
+                    opened_at_ms: t.try_get("opened_at")?,
+                    resolved_at_ms: t.try_get("resolved_at")?,
+                });
+            }
+            Ok(Some(RunSnapshot { run, steps, attempts, approvals, tickets }))
+        }
+    };
+}
+
+pub(crate) use projection_ops;

@@ -1,0 +1,108 @@
+//! The statements both dialects share, in one place to read them side by side.
+//!
+//! Times are milliseconds since the Unix epoch; JSON is stored as text.
+
+/// Counts `$3` more events of run `$1` at time `$2` (creating its row on its first
+/// event) and returns the run's last sequence number.
+pub(crate) const TOUCH_RUN: &str = "\
+INSERT INTO runs (run_id, name, state, input, reason, created_at, updated_at, last_seq) \
+VALUES ($1, '', 'created', 'null', NULL, $2, $2, $3) \
+ON CONFLICT (run_id) DO UPDATE SET updated_at = excluded.updated_at, last_seq = runs.last_seq + excluded.last_seq \
+RETURNING last_seq";
+
+/// As [`TOUCH_RUN`], for replay: sets the last sequence number to `$3`.
+pub(crate) const TOUCH_RUN_ABSOLUTE: &str = "\
+INSERT INTO runs (run_id, name, state, input, reason, created_at, updated_at, last_seq) \
+VALUES ($1, '', 'created', 'null', NULL, $2, $2, $3) \
+ON CONFLICT (run_id) DO UPDATE SET updated_at = excluded.updated_at, last_seq = excluded.last_seq";
+
+/// The events of run `$1` after sequence `$2`, at most `$3`.
+pub(crate) const EVENTS_OF_RUN: &str = "\
+SELECT run_id, seq, schema_version, payload, recorded_at FROM journal_events \
+WHERE run_id = $1 AND seq > $2 ORDER BY seq LIMIT $3";
+
+/// A page of all events after (`$1`, `$2`), for replay.
+pub(crate) const EVENTS_PAGE: &str = "\
+SELECT run_id, seq, schema_version, payload, recorded_at FROM journal_events \
+WHERE run_id > $1 OR (run_id = $1 AND seq > $2) ORDER BY run_id, seq LIMIT 1000";
+
+pub(crate) const STEP_STARTED: &str = "\
+INSERT INTO steps (run_id, step, name, target, status, input, output, error_class, message, started_at, finished_at) \
+VALUES ($1, $2, $3, $4, 'running', $5, NULL, NULL, NULL, $6, NULL) \
+ON CONFLICT (run_id, step) DO UPDATE SET name = excluded.name, target = excluded.target, status = 'running', \
+input = excluded.input, output = NULL, error_class = NULL, message = NULL, started_at = excluded.started_at, \
+finished_at = NULL";
+
+pub(crate) const STEP_FINISHED: &str = "\
+INSERT INTO steps (run_id, step, name, target, status, input, output, error_class, message, started_at, finished_at) \
+VALUES ($1, $2, '', '', $3, 'null', $4, $5, $6, $7, $7) \
+ON CONFLICT (run_id, step) DO UPDATE SET status = excluded.status, output = excluded.output, \
+error_class = excluded.error_class, message = excluded.message, finished_at = excluded.finished_at";
+
+pub(crate) const ATTEMPT_STARTED: &str = "\
+INSERT INTO attempts (run_id, started_seq, step, target, attempt, outcome, latency_ms, started_at, ended_at) \
+VALUES ($1, $2, $3, $4, $5, NULL, NULL, $6, NULL)";
+
+/// Ends the latest open attempt matching (run, step, target, attempt).
+pub(crate) const ATTEMPT_ENDED: &str = "\
+UPDATE attempts SET outcome = $5, latency_ms = $6, ended_at = $7 \
+WHERE run_id = $1 AND started_seq = (SELECT MAX(started_seq) FROM attempts \
+WHERE run_id = $1 AND step = $2 AND target = $3 AND attempt = $4 AND outcome IS NULL)";
+
+/// An `attempt_ended` whose start was never seen.
+pub(crate) const ATTEMPT_ENDED_ALONE: &str = "\
+INSERT INTO attempts (run_id, started_seq, step, target, attempt, outcome, latency_ms, started_at, ended_at) \
+VALUES ($1, $8, $2, $3, $4, $5, $6, $7, $7)";
+
+pub(crate) const APPROVAL_REQUESTED: &str = "\
+INSERT INTO approvals (approval_id, run_id, step, tool, args_digest, status, requested_at, expires_at, decided_by, decided_at) \
+VALUES ($1, $2, $3, $4, $5, 'pending', $6, $7, NULL, NULL) \
+ON CONFLICT (approval_id) DO UPDATE SET run_id = excluded.run_id, step = excluded.step, tool = excluded.tool, \
+args_digest = excluded.args_digest, status = 'pending', requested_at = excluded.requested_at, \
+expires_at = excluded.expires_at, decided_by = NULL, decided_at = NULL";
+
+pub(crate) const APPROVAL_DECIDED: &str =
+    "UPDATE approvals SET status = $2, decided_by = $3, decided_at = $4 WHERE approval_id = $1";
+
+pub(crate) const TICKET_OPENED: &str = "\
+INSERT INTO tickets (ticket_id, run_id, step, class, summary, context, status, resolution, resolved_by, opened_at, resolved_at) \
+VALUES ($1, $2, $3, $4, $5, $6, 'open', NULL, NULL, $7, NULL) \
+ON CONFLICT (ticket_id) DO UPDATE SET run_id = excluded.run_id, step = excluded.step, class = excluded.class, \
+summary = excluded.summary, context = excluded.context, status = 'open', resolution = NULL, resolved_by = NULL, \
+opened_at = excluded.opened_at, resolved_at = NULL";
+
+pub(crate) const TICKET_RESOLVED: &str = "UPDATE tickets SET status = 'resolved', resolution = $2, resolved_by = $3, resolved_at = $4 WHERE ticket_id = $1";
+
+/// Claims key `$1` with token `$2` at `$3` until `$4`: wins if the key is new, expired,
+/// or already ours (a retried claim whose first try committed).
+pub(crate) const CLAIM: &str = "\
+INSERT INTO idempotency_keys (key, token, state, result, claimed_at, expires_at) \
+VALUES ($1, $2, 'in_progress', NULL, $3, $4) \
+ON CONFLICT (key) DO UPDATE SET token = excluded.token, state = 'in_progress', result = NULL, \
+claimed_at = excluded.claimed_at, expires_at = excluded.expires_at \
+WHERE idempotency_keys.expires_at <= $3 OR idempotency_keys.token = $2 \
+RETURNING token";
+
+pub(crate) const CLAIM_LOOKUP: &str = "SELECT state, result, expires_at FROM idempotency_keys WHERE key = $1";
+
+pub(crate) const COMPLETE_CLAIM: &str = "\
+UPDATE idempotency_keys SET state = 'done', result = $3, expires_at = $4 WHERE key = $1 AND token = $2";
+
+/// Takes run `$1`'s lease for `$2` until `$3` if it is free, expired at `$4`, or `$2`'s.
+pub(crate) const ACQUIRE_LEASE: &str = "\
+INSERT INTO leases (run_id, owner, epoch, expires_at, acquired_at) VALUES ($1, $2, 1, $3, $4) \
+ON CONFLICT (run_id) DO UPDATE SET owner = excluded.owner, epoch = leases.epoch + 1, \
+expires_at = excluded.expires_at, acquired_at = excluded.acquired_at \
+WHERE leases.expires_at <= $4 OR leases.owner = $2 \
+RETURNING epoch";
+
+/// Unfinished runs with no live lease at `$1`, at most `$2`, oldest activity first.
+pub(crate) const CLAIM_CANDIDATES: &str = "\
+SELECT r.run_id FROM runs r LEFT JOIN leases l ON l.run_id = r.run_id \
+WHERE r.state IN ('created', 'running', 'waiting') AND (l.run_id IS NULL OR l.expires_at <= $1) \
+ORDER BY r.updated_at, r.run_id LIMIT $2";
+
+pub(crate) const ADD_GATE: &str = "\
+INSERT INTO gate_history (target, class, attempt, successes, failures) VALUES ($1, $2, $3, $4, $5) \
+ON CONFLICT (target, class, attempt) DO UPDATE SET successes = gate_history.successes + excluded.successes, \
+failures = gate_history.failures + excluded.failures";

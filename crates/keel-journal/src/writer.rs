@@ -1,0 +1,222 @@
+//! The background writer: a non-blocking [`EventSink`] with group commit.
+//!
+//! Policy code records events on its hot path and must not wait for a disk. The
+//! [`JournalWriter`] hands each event to one writer task through a channel and
+//! returns at once; the task takes everything queued since its last commit and
+//! appends it in one transaction (group commit), so a burst of events costs one commit
+//! instead of one each. Whoever needs to know that an event is durable waits on its
+//! [`Ack`] or on [`JournalWriter::flush`]: both resolve only after the transaction
+//! holding the event committed. A batch that fails (after the journal's own retries of
+//! busy errors) is never dropped silently: its acks and every later flush report it.
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use keel_core::{Event, EventSink};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::{Error, Result};
+use crate::event::{JournalEvent, NewEvent};
+use crate::journal::Journal;
+
+/// The most events committed in one transaction.
+pub const DEFAULT_MAX_BATCH: usize = 2048;
+
+enum Item {
+    Event(NewEvent, Option<oneshot::Sender<Result<u64>>>),
+    Flush(oneshot::Sender<Result<()>>),
+    Close(oneshot::Sender<Result<()>>),
+}
+
+/// Appends events in the background, in batches. Cheap to clone.
+#[derive(Clone)]
+pub struct JournalWriter {
+    tx: mpsc::UnboundedSender<Item>,
+    failed: Arc<Mutex<Option<Arc<Error>>>>,
+}
+
+impl fmt::Debug for JournalWriter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JournalWriter").field("closed", &self.tx.is_closed()).finish_non_exhaustive()
+    }
+}
+
+/// The promise that one submitted event will be durable.
+#[derive(Debug)]
+pub struct Ack(oneshot::Receiver<Result<u64>>);
+
+impl Ack {
+    /// Waits until the event is committed and returns its sequence number in its run.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping this future does not withdraw the event; it is still written.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Batch`] with the cause when its batch could not be written;
+    /// [`Error::WriterClosed`] when the writer stopped first.
+    pub async fn durable(self) -> Result<u64> {
+        self.0.await.unwrap_or(Err(Error::WriterClosed))
+    }
+}
+
+impl JournalWriter {
+    /// Starts the writer task on the current tokio runtime, appending to `journal`
+    /// at most `max_batch` events per transaction.
+    pub fn spawn(journal: Arc<dyn Journal>, max_batch: usize) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let failed = Arc::new(Mutex::new(None));
+        tokio::spawn(run(journal, rx, max_batch.max(1), failed.clone()));
+        Self { tx, failed }
+    }
+
+    /// Queues `event` of `run_id` and returns at once (never blocks).
+    pub fn submit(&self, run_id: impl Into<String>, event: JournalEvent) -> Ack {
+        let (ack, rx) = oneshot::channel();
+        // A closed writer drops `ack`, which resolves the Ack with WriterClosed.
+        let _ = self.tx.send(Item::Event(NewEvent::new(run_id, event), Some(ack)));
+        Ack(rx)
+    }
+
+    /// Queues `event` without a way to wait for it (the [`EventSink`] path). A failure
+    /// to write it is reported by the next [`flush`](Self::flush).
+    pub fn record(&self, event: NewEvent) {
+        if self.tx.send(Item::Event(event, None)).is_err() {
+            tracing::error!("journal writer closed: event dropped");
+            self.poison(Error::WriterClosed);
+        }
+    }
+
+    /// Queues `event` and waits until it is committed.
+    ///
+    /// # Errors
+    ///
+    /// As [`Ack::durable`].
+    pub async fn append(&self, run_id: impl Into<String>, event: JournalEvent) -> Result<u64> {
+        self.submit(run_id, event).durable().await
+    }
+
+    /// Waits until every event queued before this call is committed.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Batch`] if any batch failed since the writer started (those events
+    /// are lost and the caller must know); [`Error::WriterClosed`] after `close`.
+    pub async fn flush(&self) -> Result<()> {
+        let (done, rx) = oneshot::channel();
+        self.tx.send(Item::Flush(done)).map_err(|_| Error::WriterClosed)?;
+        rx.await.unwrap_or(Err(Error::WriterClosed))
+    }
+
+    /// Commits what is queued and stops the writer task; later submissions fail.
+    ///
+    /// # Errors
+    ///
+    /// As [`flush`](Self::flush).
+    pub async fn close(&self) -> Result<()> {
+        let (done, rx) = oneshot::channel();
+        self.tx.send(Item::Close(done)).map_err(|_| Error::WriterClosed)?;
+        rx.await.unwrap_or(Err(Error::WriterClosed))
+    }
+
+    /// An [`EventSink`] that journals keel-core events as events of `run_id`.
+    pub fn sink(&self, run_id: impl Into<String>) -> RunSink {
+        RunSink { writer: self.clone(), run_id: run_id.into(), step: None }
+    }
+
+    fn poison(&self, e: Error) {
+        let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        failed.get_or_insert_with(|| Arc::new(e));
+    }
+}
+
+async fn run(
+    journal: Arc<dyn Journal>,
+    mut rx: mpsc::UnboundedReceiver<Item>,
+    max_batch: usize,
+    failed: Arc<Mutex<Option<Arc<Error>>>>,
+) {
+    let mut items = Vec::with_capacity(max_batch);
+    let mut events = Vec::with_capacity(max_batch);
+    let mut acks = Vec::with_capacity(max_batch);
+    let mut waiters = Vec::new();
+    loop {
+        if rx.recv_many(&mut items, max_batch).await == 0 {
+            return;
+        }
+        let mut closing = false;
+        for item in items.drain(..) {
+            match item {
+                Item::Event(e, ack) => {
+                    events.push(e);
+                    acks.push(ack);
+                }
+                Item::Flush(done) => waiters.push(done),
+                Item::Close(done) => {
+                    waiters.push(done);
+                    closing = true;
+                }
+            }
+        }
+        if !events.is_empty() {
+            match journal.append(&events).await {
+                Ok(seqs) => {
+                    for (ack, seq) in acks.drain(..).zip(seqs) {
+                        if let Some(ack) = ack {
+                            let _ = ack.send(Ok(seq));
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, events = events.len(), "journal batch failed");
+                    let e = Arc::new(e);
+                    for ack in acks.drain(..).flatten() {
+                        let _ = ack.send(Err(Error::Batch(e.clone())));
+                    }
+                    failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                }
+            }
+            events.clear();
+        }
+        let status = failed.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for done in waiters.drain(..) {
+            let _ = done.send(match &status {
+                None => Ok(()),
+                Some(e) => Err(Error::Batch(e.clone())),
+            });
+        }
+        if closing {
+            rx.close();
+        }
+    }
+}
+
+/// Journals keel-core events as events of one run (and optionally one step).
+#[derive(Debug, Clone)]
+pub struct RunSink {
+    writer: JournalWriter,
+    run_id: String,
+    step: Option<u32>,
+}
+
+impl RunSink {
+    /// The same sink, attributing events to step `step`.
+    pub fn step(&self, step: u32) -> RunSink {
+        RunSink { step: Some(step), ..self.clone() }
+    }
+
+    /// The writer behind this sink, to flush it.
+    pub fn writer(&self) -> &JournalWriter {
+        &self.writer
+    }
+}
+
+impl EventSink for RunSink {
+    fn record(&self, event: &Event) {
+        self.writer.record(NewEvent::new(
+            self.run_id.clone(),
+            JournalEvent::Policy { step: self.step, event: event.clone() },
+        ));
+    }
+}

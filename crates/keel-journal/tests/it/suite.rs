@@ -1,0 +1,455 @@
+//! The shared suite: every case runs against SQLite and against PostgreSQL.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use keel_core::gate::{GateRecord, Outcomes};
+use keel_core::{AttemptOutcome, Classified, ConfidenceGate, ErrorClass, Event, EventSink as _};
+use keel_journal::{
+    ApprovalDecision, Claim, Error, JournalEvent, JournalWriter, NewEvent, ProgramOutcome, RunState,
+    SCHEMA_VERSION, StepOutcome,
+};
+use serde_json::json;
+
+use crate::support::{Store, all_snapshots};
+
+macro_rules! both_backends {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(crate::support::store(keel_journal::Backend::Sqlite).await).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(crate::support::store(keel_journal::Backend::Postgres).await).await;
+                }
+            )*
+        }
+    };
+}
+
+both_backends!(
+    appends_are_numbered_per_run,
+    projections_follow_events_and_rebuild_to_the_same_state,
+    sixty_four_claimers_one_winner,
+    idempotency_keys_expire_and_release,
+    leases_exclude_expire_and_fence,
+    claim_runs_takes_only_free_unfinished_runs,
+    gate_history_round_trips,
+    prune_removes_old_runs_and_export_has_events_and_state,
+    writer_acks_only_committed_events,
+);
+
+fn ev(run: &str, event: JournalEvent) -> NewEvent {
+    NewEvent::new(run, event)
+}
+
+fn created(name: &str) -> JournalEvent {
+    JournalEvent::RunCreated { name: name.into(), input: json!({"task": name}) }
+}
+
+fn state(state: RunState) -> JournalEvent {
+    JournalEvent::RunStateChanged { state, reason: None }
+}
+
+async fn appends_are_numbered_per_run(s: Store) {
+    let j = &s.journal;
+    let seqs = j
+        .append(&[ev("a", created("a")), ev("b", created("b")), ev("a", state(RunState::Running))])
+        .await
+        .unwrap();
+    assert_eq!(seqs, [1, 1, 2]);
+    let seqs =
+        j.append(&[ev("b", state(RunState::Running)), ev("a", state(RunState::Succeeded))]).await.unwrap();
+    assert_eq!(seqs, [2, 3]);
+    assert_eq!(j.append(&[]).await.unwrap(), Vec::<u64>::new());
+
+    let events = j.events("a", 0, 100).await.unwrap();
+    assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3]);
+    assert!(events.iter().all(|e| e.schema_version == SCHEMA_VERSION && e.run_id == "a"));
+    assert_eq!(events[0].event, created("a"));
+    assert_eq!(events[2].event, state(RunState::Succeeded));
+    assert_eq!(j.events("a", 1, 1).await.unwrap()[0].seq, 2);
+    assert_eq!(j.run_ids().await.unwrap().len(), 2);
+    let run = j.snapshot("a").await.unwrap().unwrap().run;
+    assert_eq!((run.state, run.last_seq, run.name.as_str()), (RunState::Succeeded, 3, "a"));
+    assert!(j.snapshot("nope").await.unwrap().is_none());
+}
+
+fn policy(step: u32, event: Event) -> JournalEvent {
+    JournalEvent::Policy { step: Some(step), event }
+}
+
+async fn projections_follow_events_and_rebuild_to_the_same_state(s: Store) {
+    let j = &s.journal;
+    let t: Arc<str> = Arc::from("search");
+    let run = "r1";
+    let lat = Duration::from_millis(40);
+    j.append(&[ev(run, created("plan")), ev(run, state(RunState::Running))]).await.unwrap();
+    s.clock.advance(Duration::from_millis(5));
+    j.append(&[
+        ev(
+            run,
+            JournalEvent::StepStarted {
+                step: 1,
+                name: "find".into(),
+                target: "search".into(),
+                input: json!({"q": 1}),
+            },
+        ),
+        ev(run, policy(1, Event::AttemptStarted { target: t.clone(), attempt: 1 })),
+        ev(
+            run,
+            policy(
+                1,
+                Event::AttemptEnded {
+                    target: t.clone(),
+                    attempt: 1,
+                    outcome: AttemptOutcome::Failed(ErrorClass::Timeout),
+                    latency: lat,
+                },
+            ),
+        ),
+        ev(
+            run,
+            policy(
+                1,
+                Event::RetryScheduled {
+                    target: t.clone(),
+                    attempt: 1,
+                    class: ErrorClass::Timeout,
+                    delay: lat,
+                    reason: keel_core::DelayReason::Backoff,
+                },
+            ),
+        ),
+        ev(run, policy(1, Event::AttemptStarted { target: t.clone(), attempt: 2 })),
+    ])
+    .await
+    .unwrap();
+    s.clock.advance(Duration::from_millis(5));
+    j.append(&[
+        ev(
+            run,
+            policy(
+                1,
+                Event::AttemptEnded {
+                    target: t.clone(),
+                    attempt: 2,
+                    outcome: AttemptOutcome::Ok,
+                    latency: lat,
+                },
+            ),
+        ),
+        ev(
+            run,
+            JournalEvent::StepFinished {
+                step: 1,
+                outcome: StepOutcome::Succeeded { output: json!(["hit"]) },
+            },
+        ),
+        ev(
+            run,
+            JournalEvent::ApprovalRequested {
+                approval_id: "ap1".into(),
+                step: 2,
+                tool: "pay".into(),
+                args_digest: "d1".into(),
+                expires_at_ms: 99,
+            },
+        ),
+        ev(run, state(RunState::Waiting)),
+    ])
+    .await
+    .unwrap();
+    s.clock.advance(Duration::from_millis(5));
+    j.append(&[
+        ev(
+            run,
+            JournalEvent::ApprovalDecided {
+                approval_id: "ap1".into(),
+                decision: ApprovalDecision::Approved,
+                by: "ann".into(),
+            },
+        ),
+        ev(run, state(RunState::Running)),
+        ev(
+            run,
+            JournalEvent::StepStarted { step: 2, name: "pay".into(), target: "pay".into(), input: json!({}) },
+        ),
+        ev(
+            run,
+            JournalEvent::ProgramRecorded {
+                step: 2,
+                attempt: 1,
+                program: "result = 1/0".into(),
+                outcome: ProgramOutcome::Failed {
+                    class: ErrorClass::CodeError,
+                    message: "ZeroDivisionError".into(),
+                },
+            },
+        ),
+        ev(
+            run,
+            JournalEvent::StepFinished {
+                step: 2,
+                outcome: StepOutcome::Failed { class: ErrorClass::CodeError, message: "boom".into() },
+            },
+        ),
+        ev(
+            run,
+            JournalEvent::TicketOpened {
+                ticket_id: "t1".into(),
+                step: Some(2),
+                class: ErrorClass::CodeError,
+                summary: "pay failed".into(),
+                context: json!({"trace": "..."}),
+            },
+        ),
+        ev(
+            run,
+            JournalEvent::TicketResolved {
+                ticket_id: "t1".into(),
+                resolution: json!({"action": "abort"}),
+                by: "bob".into(),
+            },
+        ),
+        ev(
+            run,
+            JournalEvent::RunStateChanged { state: RunState::Failed, reason: Some("aborted by bob".into()) },
+        ),
+        // An attempt outside any step, ended without a start: still projected.
+        ev(
+            run,
+            JournalEvent::Policy {
+                step: None,
+                event: Event::AttemptEnded {
+                    target: t.clone(),
+                    attempt: 1,
+                    outcome: AttemptOutcome::Ok,
+                    latency: lat,
+                },
+            },
+        ),
+    ])
+    .await
+    .unwrap();
+    j.append(&[ev("other", created("other"))]).await.unwrap();
+
+    let snap = j.snapshot(run).await.unwrap().unwrap();
+    assert_eq!(snap.run.state, RunState::Failed);
+    assert_eq!(snap.run.reason.as_deref(), Some("aborted by bob"));
+    assert_eq!(snap.run.last_seq, 20);
+    assert_eq!(snap.run.updated_at_ms - snap.run.created_at_ms, 15);
+    assert_eq!(snap.steps.len(), 2);
+    assert_eq!(
+        (snap.steps[0].status.as_str(), snap.steps[0].output.clone()),
+        ("succeeded", Some(json!(["hit"])))
+    );
+    assert_eq!(snap.steps[1].status, "failed");
+    assert_eq!(snap.steps[1].error_class.as_deref(), Some("code_error"));
+    let outcomes: Vec<_> = snap.attempts.iter().map(|a| (a.step, a.attempt, a.outcome.clone())).collect();
+    assert_eq!(
+        outcomes,
+        [(Some(1), 1, Some("timeout".into())), (Some(1), 2, Some("ok".into())), (None, 1, Some("ok".into()))]
+    );
+    assert_eq!(snap.attempts[0].latency_ms, Some(40));
+    assert_eq!(snap.approvals[0].status, "approved");
+    assert_eq!(snap.approvals[0].decided_by.as_deref(), Some("ann"));
+    assert_eq!(snap.tickets[0].status, "resolved");
+    assert_eq!(snap.tickets[0].resolution, Some(json!({"action": "abort"})));
+
+    let live = all_snapshots(&**j).await;
+    j.rebuild_projections().await.unwrap();
+    assert_eq!(all_snapshots(&**j).await, live);
+    // And appends carry on from the rebuilt counters.
+    assert_eq!(j.append(&[ev(run, state(RunState::Cancelled))]).await.unwrap(), [21]);
+}
+
+async fn sixty_four_claimers_one_winner(s: Store) {
+    let executed = Arc::new(AtomicU32::new(0));
+    let barrier = Arc::new(tokio::sync::Barrier::new(64));
+    let mut tasks = Vec::new();
+    for i in 0..64u32 {
+        let (j, executed, barrier) = (s.journal.clone(), executed.clone(), barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            match j.claim_or_wait("charge-42", Duration::from_secs(60)).await.unwrap() {
+                Claim::Won(token) => {
+                    executed.fetch_add(1, Ordering::SeqCst);
+                    let result = json!({"charged_by": i});
+                    j.complete(&token, &result).await.unwrap();
+                    result
+                }
+                Claim::Done(result) => result,
+                Claim::InProgress { .. } => panic!("claim_or_wait returned in progress"),
+            }
+        }));
+    }
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap());
+    }
+    assert_eq!(executed.load(Ordering::SeqCst), 1, "exactly one claimer executes");
+    assert!(results.iter().all(|r| *r == results[0]), "all receive the winner's result: {results:?}");
+}
+
+async fn idempotency_keys_expire_and_release(s: Store) {
+    let j = &s.journal;
+    let Claim::Won(first) = j.claim("k").await.unwrap() else { panic!("first claim wins") };
+    assert!(matches!(j.claim("k").await.unwrap(), Claim::InProgress { .. }));
+    // The holder died: after claim_ttl (60 s) the key can be won again.
+    s.clock.advance(Duration::from_secs(61));
+    let Claim::Won(second) = j.claim("k").await.unwrap() else { panic!("expired claim is won again") };
+    let err = j.complete(&first, &json!(1)).await.unwrap_err();
+    assert!(matches!(err, Error::ClaimLost(_)));
+    assert_eq!(err.class(), ErrorClass::Conflict);
+    j.complete(&second, &json!({"ok": 2})).await.unwrap();
+    assert_eq!(j.claim("k").await.unwrap(), Claim::Done(json!({"ok": 2})));
+    // Results are kept for idempotency_ttl (1 h), then the key is free.
+    s.clock.advance(Duration::from_secs(3601));
+    assert!(matches!(j.claim("k").await.unwrap(), Claim::Won(_)));
+    // A released claim (the action failed) lets the next claimer act.
+    let Claim::Won(third) = j.claim("r").await.unwrap() else { panic!() };
+    j.release_claim(&third).await.unwrap();
+    assert!(matches!(j.claim("r").await.unwrap(), Claim::Won(_)));
+}
+
+async fn leases_exclude_expire_and_fence(s: Store) {
+    let j = &s.journal;
+    let ttl = Duration::from_secs(10);
+    j.append(&[ev("run", created("run"))]).await.unwrap();
+    let a = j.acquire_lease("run", "a", ttl).await.unwrap().unwrap();
+    assert_eq!(a.epoch, 1);
+    assert!(j.acquire_lease("run", "b", ttl).await.unwrap().is_none());
+    s.clock.advance(Duration::from_secs(6));
+    let a = j.renew_lease(&a, ttl).await.unwrap();
+    s.clock.advance(Duration::from_secs(6));
+    assert!(j.acquire_lease("run", "b", ttl).await.unwrap().is_none(), "renewed lease still held");
+    j.append_fenced(&a, &[state(RunState::Running)]).await.unwrap();
+    // a dies; its lease expires; b takes over.
+    s.clock.advance(Duration::from_secs(11));
+    let b = j.acquire_lease("run", "b", ttl).await.unwrap().unwrap();
+    assert_eq!(b.epoch, 2);
+    assert!(matches!(j.renew_lease(&a, ttl).await.unwrap_err(), Error::LeaseLost { .. }));
+    let err = j.append_fenced(&a, &[state(RunState::Failed)]).await.unwrap_err();
+    assert!(matches!(err, Error::LeaseLost { .. }), "a zombie cannot write: {err}");
+    assert_eq!(j.append_fenced(&b, &[state(RunState::Succeeded)]).await.unwrap(), [3]);
+    // b restarts with the same owner id: it gets its run back at once, fencing its old self.
+    let b2 = j.acquire_lease("run", "b", ttl).await.unwrap().unwrap();
+    assert_eq!(b2.epoch, 3);
+    assert!(j.append_fenced(&b, &[state(RunState::Running)]).await.is_err());
+    j.release_lease(&b2).await.unwrap();
+    assert!(j.acquire_lease("run", "a", ttl).await.unwrap().is_some());
+}
+
+async fn claim_runs_takes_only_free_unfinished_runs(s: Store) {
+    let j = &s.journal;
+    let ttl = Duration::from_secs(10);
+    j.append(&[
+        ev("free", created("free")),
+        ev("done", created("done")),
+        ev("done", state(RunState::Succeeded)),
+        ev("held", created("held")),
+    ])
+    .await
+    .unwrap();
+    j.acquire_lease("held", "other", ttl).await.unwrap().unwrap();
+    let got = j.claim_runs("me", ttl, 10).await.unwrap();
+    assert_eq!(got.iter().map(|l| l.run_id.as_str()).collect::<Vec<_>>(), ["free"]);
+    assert!(j.claim_runs("you", ttl, 10).await.unwrap().is_empty(), "nothing left to take");
+    s.clock.advance(Duration::from_secs(11));
+    let mut got: Vec<String> =
+        j.claim_runs("you", ttl, 10).await.unwrap().into_iter().map(|l| l.run_id).collect();
+    got.sort();
+    assert_eq!(got, ["free", "held"]);
+}
+
+async fn gate_history_round_trips(s: Store) {
+    let j = &s.journal;
+    let gate = ConfidenceGate::default();
+    let target: Arc<str> = Arc::from("llm");
+    gate.record(&target, ErrorClass::Timeout, 2, true);
+    gate.record(&target, ErrorClass::Timeout, 2, false);
+    gate.record(&target, ErrorClass::ServerError, 3, false);
+    j.save_gate_history(&gate.snapshot()).await.unwrap();
+    assert_eq!(j.load_gate_history().await.unwrap(), gate.snapshot());
+    let restored = ConfidenceGate::default();
+    restored.load(j.load_gate_history().await.unwrap());
+    assert_eq!(restored.snapshot(), gate.snapshot());
+
+    let delta = GateRecord {
+        target: "llm".into(),
+        class: ErrorClass::Timeout,
+        attempt: 2,
+        outcomes: Outcomes { successes: 3, failures: 1 },
+    };
+    j.add_gate_outcomes(std::slice::from_ref(&delta)).await.unwrap();
+    let loaded = j.load_gate_history().await.unwrap();
+    let timeout = loaded.iter().find(|r| r.class == ErrorClass::Timeout).unwrap();
+    assert_eq!(timeout.outcomes, Outcomes { successes: 4, failures: 2 });
+    j.save_gate_history(&[]).await.unwrap();
+    assert!(j.load_gate_history().await.unwrap().is_empty());
+}
+
+async fn prune_removes_old_runs_and_export_has_events_and_state(s: Store) {
+    let j = &s.journal;
+    j.append(&[ev("old", created("old")), ev("old", state(RunState::Succeeded))]).await.unwrap();
+    let Claim::Won(token) = j.claim("old-key").await.unwrap() else { panic!() };
+    j.complete(&token, &json!(1)).await.unwrap();
+    s.clock.advance(Duration::from_secs(2 * 3600));
+    j.append(&[ev("new", created("new"))]).await.unwrap();
+    let report = j.prune(Duration::from_secs(3600)).await.unwrap();
+    assert_eq!((report.runs, report.events, report.idempotency_keys), (1, 2, 1));
+    assert!(j.snapshot("old").await.unwrap().is_none());
+    assert!(j.events("old", 0, 10).await.unwrap().is_empty());
+    assert!(j.export_run("old").await.unwrap().is_none());
+
+    let export = j.export_run("new").await.unwrap().unwrap();
+    assert_eq!(export.events.len(), 1);
+    assert_eq!(export.state.run.name, "new");
+    let value = serde_json::to_value(&export).unwrap();
+    assert_eq!(value["events"][0]["event"]["type"], "run_created");
+    assert_eq!(value["state"]["run"]["state"], "created");
+    let back: keel_journal::RunExport = serde_json::from_value(value).unwrap();
+    assert_eq!(back, export);
+}
+
+async fn writer_acks_only_committed_events(s: Store) {
+    let writer = JournalWriter::spawn(s.journal.clone(), 64);
+    let sink = writer.sink("w").step(1);
+    let ack = writer.submit("w", created("w"));
+    for attempt in 1..=500 {
+        sink.record(&Event::AttemptStarted { target: Arc::from("t"), attempt });
+    }
+    let last = writer.submit("w", state(RunState::Running));
+    assert_eq!(ack.durable().await.unwrap(), 1);
+    // Acknowledged means committed: a second connection sees it.
+    assert_eq!(last.durable().await.unwrap(), 502);
+    writer.flush().await.unwrap();
+    let other = keel_journal::open(&s.url, keel_journal::JournalOptions::default()).await.unwrap();
+    let events = other.events("w", 0, 1000).await.unwrap();
+    assert_eq!(events.len(), 502);
+    assert_eq!(other.snapshot("w").await.unwrap().unwrap().attempts.len(), 500);
+    writer.close().await.unwrap();
+    assert!(matches!(writer.append("w", state(RunState::Failed)).await, Err(Error::WriterClosed)));
+    assert!(matches!(writer.flush().await, Err(Error::WriterClosed)));
+}
+
+#[tokio::test]
+async fn storage_errors_are_classified() {
+    let err = keel_journal::open("sqlite:/proc/keel-no-such-dir/j.db", Default::default()).await.unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Network, "{err:?}");
+    let err = keel_journal::open("postgres://keel@127.0.0.1:1/none", Default::default()).await.unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Network, "{err:?}");
+    assert!(err.is_transient());
+    let err = keel_journal::open("mysql://x/y", Default::default()).await.unwrap_err();
+    assert_eq!(err.class(), ErrorClass::InvalidRequest);
+}
