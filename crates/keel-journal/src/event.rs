@@ -14,7 +14,7 @@ use serde_json::Value;
 /// shape changes incompatibly, and teach the decoder the old shape.
 pub const SCHEMA_VERSION: u32 = 1;
 
-/// The lifecycle state of a run.
+/// The lifecycle state of a run (the states `keel run` reports; see its exit codes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunState {
@@ -22,35 +22,43 @@ pub enum RunState {
     Created,
     /// Being worked on.
     Running,
-    /// Waiting for a person (an approval or a ticket).
-    Waiting,
+    /// Waiting for a person's approval; no process waits with it.
+    WaitingApproval,
+    /// A ticket is open: a person must say how to go on.
+    Escalated,
     /// Finished successfully.
-    Succeeded,
+    Completed,
     /// Finished with a failure.
     Failed,
-    /// Stopped by a person or a policy.
+    /// Its deadline passed.
+    TimedOut,
+    /// Stopped by a person.
     Cancelled,
 }
 
 impl RunState {
     /// Every state.
-    pub const ALL: [RunState; 6] = [
+    pub const ALL: [RunState; 8] = [
         RunState::Created,
         RunState::Running,
-        RunState::Waiting,
-        RunState::Succeeded,
+        RunState::WaitingApproval,
+        RunState::Escalated,
+        RunState::Completed,
         RunState::Failed,
+        RunState::TimedOut,
         RunState::Cancelled,
     ];
 
-    /// The state's name as stored (`succeeded`).
+    /// The state's name as stored (`waiting_approval`).
     pub const fn as_str(self) -> &'static str {
         match self {
             RunState::Created => "created",
             RunState::Running => "running",
-            RunState::Waiting => "waiting",
-            RunState::Succeeded => "succeeded",
+            RunState::WaitingApproval => "waiting_approval",
+            RunState::Escalated => "escalated",
+            RunState::Completed => "completed",
             RunState::Failed => "failed",
+            RunState::TimedOut => "timed_out",
             RunState::Cancelled => "cancelled",
         }
     }
@@ -58,8 +66,8 @@ impl RunState {
     /// Whether the run is over: nobody needs to hold a lease on it.
     pub const fn is_terminal(self) -> bool {
         match self {
-            RunState::Succeeded | RunState::Failed | RunState::Cancelled => true,
-            RunState::Created | RunState::Running | RunState::Waiting => false,
+            RunState::Completed | RunState::Failed | RunState::TimedOut | RunState::Cancelled => true,
+            RunState::Created | RunState::Running | RunState::WaitingApproval | RunState::Escalated => false,
         }
     }
 

@@ -121,6 +121,11 @@ pub trait Journal: Send + Sync + fmt::Debug {
     /// Stores the result of a won claim; from now on claims of the key return it.
     async fn complete(&self, token: &crate::ClaimToken, result: &serde_json::Value) -> Result<()>;
 
+    /// Takes over `key`'s in-progress claim, whoever holds it: for a caller that knows
+    /// the holder is dead (it holds the lease of the run the key belongs to). Returns
+    /// the stored result if the key was completed.
+    async fn take_over_claim(&self, key: &str) -> Result<Claim>;
+
     /// Gives a won claim up without a result (the action failed): the next claim wins.
     async fn release_claim(&self, token: &crate::ClaimToken) -> Result<()>;
 

@@ -179,15 +179,16 @@ async fn run(
             }
             events.clear();
         }
+        if closing {
+            // Before answering: once `close` returns, submissions must fail.
+            rx.close();
+        }
         let status = failed.lock().unwrap_or_else(|p| p.into_inner()).clone();
         for done in waiters.drain(..) {
             let _ = done.send(match &status {
                 None => Ok(()),
                 Some(e) => Err(Error::Batch(e.clone())),
             });
-        }
-        if closing {
-            rx.close();
         }
     }
 }

@@ -182,7 +182,7 @@ async fn work(args: &[String]) -> Res<ExitCode> {
         println!("finished {step}");
     }
     journal
-        .append_fenced(&lease, &[JournalEvent::RunStateChanged { state: RunState::Succeeded, reason: None }])
+        .append_fenced(&lease, &[JournalEvent::RunStateChanged { state: RunState::Completed, reason: None }])
         .await?;
     renewer.abort();
     journal.release_lease(&lease).await?;

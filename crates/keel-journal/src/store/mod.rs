@@ -295,6 +295,28 @@ macro_rules! sql_journal {
                 .await
             }
 
+            async fn take_over_claim(&self, key: &str) -> crate::Result<crate::Claim> {
+                let token = format!("{:032x}", fastrand::u128(..));
+                let token = token.as_str();
+                crate::error::with_retry("take_over_claim", crate::error::Repeat::Safe, || async move {
+                    let now = self.now();
+                    let expires = now + crate::journal::ms(self.options.claim_ttl);
+                    let won: Option<String> = sqlx::query_scalar(crate::store::sql::TAKE_OVER_CLAIM)
+                        .bind(key)
+                        .bind(token)
+                        .bind(now)
+                        .bind(expires)
+                        .fetch_optional(&self.write)
+                        .await?;
+                    if won.is_some() {
+                        return Ok(crate::Claim::Won(crate::ClaimToken { key: key.to_owned(), token: token.to_owned() }));
+                    }
+                    // Completed (answer with its result) or absent (claim it afresh).
+                    self.claim_once(key, token).await
+                })
+                .await
+            }
+
             async fn complete(&self, token: &crate::ClaimToken, result: &serde_json::Value) -> crate::Result<()> {
                 let result = serde_json::to_string(result)?;
                 let result = result.as_str();

@@ -39,6 +39,14 @@ VALUES ($1, $2, '', '', $3, 'null', $4, $5, $6, $7, $7) \
 ON CONFLICT (run_id, step) DO UPDATE SET status = excluded.status, output = excluded.output, \
 error_class = excluded.error_class, message = excluded.message, finished_at = excluded.finished_at";
 
+/// A step that started and finished within one batch, written once.
+pub(crate) const STEP_ROW: &str = "\
+INSERT INTO steps (run_id, step, name, target, status, input, output, error_class, message, started_at, finished_at) \
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10) \
+ON CONFLICT (run_id, step) DO UPDATE SET name = excluded.name, target = excluded.target, status = excluded.status, \
+input = excluded.input, output = excluded.output, error_class = excluded.error_class, message = excluded.message, \
+started_at = excluded.started_at, finished_at = excluded.finished_at";
+
 pub(crate) const ATTEMPT_STARTED: &str = "\
 INSERT INTO attempts (run_id, started_seq, step, target, attempt, outcome, latency_ms, started_at, ended_at) \
 VALUES ($1, $2, $3, $4, $5, NULL, NULL, $6, NULL)";
@@ -83,6 +91,12 @@ claimed_at = excluded.claimed_at, expires_at = excluded.expires_at \
 WHERE idempotency_keys.expires_at <= $3 OR idempotency_keys.token = $2 \
 RETURNING token";
 
+/// Takes over key `$1`'s in-progress claim with token `$2` at `$3` until `$4`,
+/// whoever held it (the caller knows the holder is dead: it holds the run's lease).
+pub(crate) const TAKE_OVER_CLAIM: &str = "\
+UPDATE idempotency_keys SET token = $2, claimed_at = $3, expires_at = $4 \
+WHERE key = $1 AND (state = 'in_progress' OR token = $2) RETURNING token";
+
 pub(crate) const CLAIM_LOOKUP: &str = "SELECT state, result, expires_at FROM idempotency_keys WHERE key = $1";
 
 pub(crate) const COMPLETE_CLAIM: &str = "\
@@ -99,7 +113,7 @@ RETURNING epoch";
 /// Unfinished runs with no live lease at `$1`, at most `$2`, oldest activity first.
 pub(crate) const CLAIM_CANDIDATES: &str = "\
 SELECT r.run_id FROM runs r LEFT JOIN leases l ON l.run_id = r.run_id \
-WHERE r.state IN ('created', 'running', 'waiting') AND (l.run_id IS NULL OR l.expires_at <= $1) \
+WHERE r.state IN ('created', 'running') AND (l.run_id IS NULL OR l.expires_at <= $1) \
 ORDER BY r.updated_at, r.run_id LIMIT $2";
 
 pub(crate) const ADD_GATE: &str = "\

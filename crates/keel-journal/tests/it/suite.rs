@@ -67,7 +67,7 @@ async fn appends_are_numbered_per_run(s: Store) {
         .unwrap();
     assert_eq!(seqs, [1, 1, 2]);
     let seqs =
-        j.append(&[ev("b", state(RunState::Running)), ev("a", state(RunState::Succeeded))]).await.unwrap();
+        j.append(&[ev("b", state(RunState::Running)), ev("a", state(RunState::Completed))]).await.unwrap();
     assert_eq!(seqs, [2, 3]);
     assert_eq!(j.append(&[]).await.unwrap(), Vec::<u64>::new());
 
@@ -75,11 +75,11 @@ async fn appends_are_numbered_per_run(s: Store) {
     assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3]);
     assert!(events.iter().all(|e| e.schema_version == SCHEMA_VERSION && e.run_id == "a"));
     assert_eq!(events[0].event, created("a"));
-    assert_eq!(events[2].event, state(RunState::Succeeded));
+    assert_eq!(events[2].event, state(RunState::Completed));
     assert_eq!(j.events("a", 1, 1).await.unwrap()[0].seq, 2);
     assert_eq!(j.run_ids().await.unwrap().len(), 2);
     let run = j.snapshot("a").await.unwrap().unwrap().run;
-    assert_eq!((run.state, run.last_seq, run.name.as_str()), (RunState::Succeeded, 3, "a"));
+    assert_eq!((run.state, run.last_seq, run.name.as_str()), (RunState::Completed, 3, "a"));
     assert!(j.snapshot("nope").await.unwrap().is_none());
 }
 
@@ -165,7 +165,7 @@ async fn projections_follow_events_and_rebuild_to_the_same_state(s: Store) {
                 expires_at_ms: 99,
             },
         ),
-        ev(run, state(RunState::Waiting)),
+        ev(run, state(RunState::WaitingApproval)),
     ])
     .await
     .unwrap();
@@ -341,7 +341,7 @@ async fn leases_exclude_expire_and_fence(s: Store) {
     assert!(matches!(j.renew_lease(&a, ttl).await.unwrap_err(), Error::LeaseLost { .. }));
     let err = j.append_fenced(&a, &[state(RunState::Failed)]).await.unwrap_err();
     assert!(matches!(err, Error::LeaseLost { .. }), "a zombie cannot write: {err}");
-    assert_eq!(j.append_fenced(&b, &[state(RunState::Succeeded)]).await.unwrap(), [3]);
+    assert_eq!(j.append_fenced(&b, &[state(RunState::Completed)]).await.unwrap(), [3]);
     // b restarts with the same owner id: it gets its run back at once, fencing its old self.
     let b2 = j.acquire_lease("run", "b", ttl).await.unwrap().unwrap();
     assert_eq!(b2.epoch, 3);
@@ -356,7 +356,7 @@ async fn claim_runs_takes_only_free_unfinished_runs(s: Store) {
     j.append(&[
         ev("free", created("free")),
         ev("done", created("done")),
-        ev("done", state(RunState::Succeeded)),
+        ev("done", state(RunState::Completed)),
         ev("held", created("held")),
     ])
     .await
@@ -401,7 +401,7 @@ async fn gate_history_round_trips(s: Store) {
 
 async fn prune_removes_old_runs_and_export_has_events_and_state(s: Store) {
     let j = &s.journal;
-    j.append(&[ev("old", created("old")), ev("old", state(RunState::Succeeded))]).await.unwrap();
+    j.append(&[ev("old", created("old")), ev("old", state(RunState::Completed))]).await.unwrap();
     let Claim::Won(token) = j.claim("old-key").await.unwrap() else { panic!() };
     j.complete(&token, &json!(1)).await.unwrap();
     s.clock.advance(Duration::from_secs(2 * 3600));

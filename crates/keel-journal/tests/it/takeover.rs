@@ -66,7 +66,7 @@ async fn postgres_lease_takeover_after_owner_is_killed() {
     let events = journal.events("shared-run", 0, u32::MAX).await.unwrap();
     let succeeded = events
         .iter()
-        .filter(|e| matches!(e.event, JournalEvent::RunStateChanged { state: RunState::Succeeded, .. }))
+        .filter(|e| matches!(e.event, JournalEvent::RunStateChanged { state: RunState::Completed, .. }))
         .count();
     assert_eq!(succeeded, 1, "the run finishes exactly once");
     for step in 1..=STEPS {
@@ -87,7 +87,7 @@ async fn postgres_lease_takeover_after_owner_is_killed() {
         }
     }
     let snapshot = journal.snapshot("shared-run").await.unwrap().unwrap();
-    assert_eq!(snapshot.run.state, RunState::Succeeded);
+    assert_eq!(snapshot.run.state, RunState::Completed);
     assert!(snapshot.steps.iter().all(|s| s.status == "succeeded"));
     assert_eq!(snapshot.steps.len(), STEPS as usize);
 }
