@@ -1,2 +1,4 @@
 //! Offline examples of Keel. Each binary under `src/bin/` opens with how to run it; the
 //! tests under `tests/` run every one.
+
+pub mod payments;

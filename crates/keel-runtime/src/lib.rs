@@ -9,10 +9,13 @@
 //! answers with JSON or a classified [`keel_core::Failure`].
 
 pub mod config;
+pub mod inbox;
 pub mod plan;
+pub mod runner;
 pub mod template;
 pub mod tool;
 
 pub use config::{Config, ConfigError, ConfigErrors, Mode};
 pub use plan::{Plan, PlanError, PlanStep};
+pub use runner::{RunStatus, Runner};
 pub use tool::{Tool, ToolKind};

@@ -73,6 +73,11 @@ pub struct RunConfig {
     pub mode: Mode,
     /// The loop guard of each run.
     pub loop_guard: LoopGuardConfig,
+    /// How long the process working a run holds it without renewing: after a crash,
+    /// another process can take the run over this long after the last renewal.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub lease: Duration,
 }
 
 impl Default for RunConfig {
@@ -83,6 +88,7 @@ impl Default for RunConfig {
             escalate_after: 3,
             mode: Mode::Autonomous,
             loop_guard: LoopGuardConfig::default(),
+            lease: Duration::from_secs(15),
         }
     }
 }

@@ -1,0 +1,164 @@
+//! The command line, as clap types.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Keel: a failure-first runtime for AI agents.
+#[derive(Debug, Parser)]
+#[command(name = "keel", version, about)]
+pub struct Cli {
+    /// The configuration file.
+    #[arg(long, short = 'c', global = true, env = "KEEL_CONFIG", default_value = "keel.toml")]
+    pub config: PathBuf,
+    /// Print JSON for scripts instead of the human view.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// A command.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a plan (TOML, YAML or JSON).
+    Run {
+        /// The plan's file.
+        plan: PathBuf,
+        /// Block while a step waits for an approval decided elsewhere.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Runs: list, show, resume, cancel.
+    Runs {
+        /// What to do.
+        #[command(subcommand)]
+        action: RunsAction,
+    },
+    /// Approvals: list, show, approve, reject.
+    Approvals {
+        /// What to do.
+        #[command(subcommand)]
+        action: ApprovalsAction,
+    },
+    /// Tickets (escalations): list, show, resolve.
+    Tickets {
+        /// What to do.
+        #[command(subcommand)]
+        action: TicketsAction,
+    },
+    /// The configuration: check it, or print its JSON Schema.
+    Config {
+        /// What to do.
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+}
+
+/// `keel runs ...`.
+#[derive(Debug, Subcommand)]
+pub enum RunsAction {
+    /// List runs, newest first.
+    List,
+    /// Show a run's steps and the timeline of its attempts.
+    Show {
+        /// The run.
+        id: String,
+    },
+    /// Carry a run on (after a crash, an approval or a ticket).
+    Resume {
+        /// The run.
+        id: String,
+        /// Block while a step waits for an approval decided elsewhere.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Cancel a run.
+    Cancel {
+        /// The run.
+        id: String,
+    },
+}
+
+/// Who decides: a name for the journal.
+#[derive(Debug, Args)]
+pub struct By {
+    /// Your name, recorded with the decision.
+    #[arg(long, env = "USER", default_value = "cli")]
+    pub by: String,
+}
+
+/// `keel approvals ...`.
+#[derive(Debug, Subcommand)]
+pub enum ApprovalsAction {
+    /// List approvals, pending first.
+    List,
+    /// Show an approval with its context.
+    Show {
+        /// The approval.
+        id: String,
+    },
+    /// Approve.
+    Approve {
+        /// The approval.
+        id: String,
+        /// Who decides.
+        #[command(flatten)]
+        by: By,
+    },
+    /// Reject.
+    Reject {
+        /// The approval.
+        id: String,
+        /// Who decides.
+        #[command(flatten)]
+        by: By,
+    },
+}
+
+/// A person's answer to a ticket.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum TicketAction {
+    /// Run the failing step again (with `--params` to change its parameters).
+    Retry,
+    /// Skip the failing step and go on.
+    Skip,
+    /// Stop the run.
+    Abort,
+}
+
+/// `keel tickets ...`.
+#[derive(Debug, Subcommand)]
+pub enum TicketsAction {
+    /// List tickets, open first.
+    List,
+    /// Show a ticket with its context package.
+    Show {
+        /// The ticket.
+        id: String,
+    },
+    /// Answer a ticket.
+    Resolve {
+        /// The ticket.
+        id: String,
+        /// What to do.
+        #[arg(long, value_enum)]
+        action: TicketAction,
+        /// New parameters for `retry`, as JSON.
+        #[arg(long)]
+        params: Option<String>,
+        /// Who decides.
+        #[command(flatten)]
+        by: By,
+    },
+}
+
+/// `keel config ...`.
+#[derive(Debug, Subcommand)]
+pub enum ConfigAction {
+    /// Validate the configuration; every problem is reported with its line.
+    Check,
+    /// Print the JSON Schema of keel.toml.
+    Schema,
+}

@@ -1,0 +1,391 @@
+//! What each command does. Every command returns its exit code or an error for the
+//! single report path in `lib.rs`.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use keel_core::{Classified, Clock, ErrorClass, TokioClock};
+use keel_journal::{Journal, JournalOptions};
+use keel_runtime::inbox::{self, Guidance};
+use keel_runtime::runner::{NullObserver, Observer};
+use keel_runtime::{Config, Plan, RunStatus, Runner};
+use serde_json::{Value, json};
+
+use crate::cli::{ApprovalsAction, Cli, Command, ConfigAction, RunsAction, TicketAction, TicketsAction};
+use crate::render::{Live, print};
+
+/// A command line that makes no sense (bad JSON in `--params`...).
+#[derive(Debug)]
+pub(crate) struct UsageError(pub(crate) String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+impl Classified for UsageError {
+    fn class(&self) -> ErrorClass {
+        ErrorClass::InvalidRequest
+    }
+}
+
+fn emit_json(value: &Value) {
+    print(&serde_json::to_string_pretty(value).unwrap_or_default());
+}
+
+struct Ctx {
+    config: Arc<Config>,
+    journal: Arc<dyn Journal>,
+    clock: Arc<dyn Clock>,
+    json: bool,
+}
+
+async fn open(cli: &Cli) -> Result<Ctx> {
+    let config = Config::load(&cli.config)?;
+    let clock: Arc<dyn Clock> = Arc::new(TokioClock::new());
+    let journal = keel_journal::open(
+        &config.storage_url,
+        JournalOptions { clock: clock.clone(), ..JournalOptions::default() },
+    )
+    .await
+    .context("cannot open the journal")?;
+    Ok(Ctx { config: Arc::new(config), journal, clock, json: cli.json })
+}
+
+impl Ctx {
+    async fn runner(&self) -> Result<Runner> {
+        let observer: Arc<dyn Observer> =
+            if self.json { Arc::new(NullObserver) } else { Arc::new(Live::new(false)) };
+        Ok(Runner::new(self.config.clone(), self.journal.clone(), self.clock.clone(), observer).await?)
+    }
+}
+
+/// Runs one command.
+pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
+    match &cli.command {
+        Command::Config { action: ConfigAction::Schema } => {
+            emit_json(&Config::schema());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Config { action: ConfigAction::Check } => {
+            let config = Config::load(&cli.config)?;
+            if cli.json {
+                emit_json(&json!({"ok": true, "tools": config.tools.keys().collect::<Vec<_>>()}));
+            } else {
+                print(&format!("{}: ok ({} tools)", cli.config.display(), config.tools.len()));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run { plan, wait } => {
+            // Check the config and the plan before touching anything.
+            let config = Config::load(&cli.config)?;
+            let p = Plan::load(plan)?;
+            p.check(&config, plan)?;
+            let ctx = open(&cli).await?;
+            let runner = ctx.runner().await?;
+            let run_id = runner.create(&p).await?;
+            if !ctx.json {
+                print(&format!(
+                    "run {run_id}: {} ({} steps)",
+                    p.name.as_deref().unwrap_or("plan"),
+                    p.steps.len()
+                ));
+            }
+            drive(&ctx, &runner, &run_id, *wait, Duration::ZERO).await
+        }
+        Command::Runs { action } => runs(&cli, action).await,
+        Command::Approvals { action } => approvals(&cli, action).await,
+        Command::Tickets { action } => tickets(&cli, action).await,
+    }
+}
+
+/// Drives a run, waiting for people where asked, and reports where it stands.
+async fn drive(ctx: &Ctx, runner: &Runner, run_id: &str, wait: bool, patience: Duration) -> Result<ExitCode> {
+    let interactive = !ctx.json && !wait && std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
+    loop {
+        let status = runner.drive_when_free(run_id, patience).await?;
+        match &status {
+            RunStatus::WaitingApproval { approval_id } if wait => {
+                wait_for_decision(ctx, approval_id).await?;
+            }
+            RunStatus::WaitingApproval { approval_id } if interactive => {
+                if !prompt_decision(ctx, approval_id).await? {
+                    return Ok(finish(ctx, run_id, &status));
+                }
+            }
+            _ => return Ok(finish(ctx, run_id, &status)),
+        }
+    }
+}
+
+fn finish(ctx: &Ctx, run_id: &str, status: &RunStatus) -> ExitCode {
+    if ctx.json {
+        let mut v = serde_json::to_value(status).unwrap_or_default();
+        v["run_id"] = json!(run_id);
+        v["exit_code"] = json!(status.exit_code());
+        emit_json(&v);
+    } else {
+        let text = match status {
+            RunStatus::Completed => "completed".to_owned(),
+            RunStatus::Failed { class, message } => format!("failed: {class}: {message}"),
+            RunStatus::WaitingApproval { approval_id } => format!("waiting for approval {approval_id}"),
+            RunStatus::Escalated { ticket_id } => format!("escalated: ticket {ticket_id}"),
+            RunStatus::TimedOut => "timed out".to_owned(),
+            RunStatus::Cancelled => "cancelled".to_owned(),
+        };
+        print(&format!("run {run_id}: {text}"));
+        if !status.is_final() {
+            print(&format!("  continue with: keel runs resume {run_id}"));
+        }
+    }
+    ExitCode::from(status.exit_code())
+}
+
+/// Polls the journal until the approval is decided or has expired.
+async fn wait_for_decision(ctx: &Ctx, approval_id: &str) -> Result<()> {
+    if !ctx.json {
+        print(&format!("waiting for a decision on {approval_id}…"));
+    }
+    loop {
+        let item = inbox::approval(&*ctx.journal, approval_id).await?;
+        let now_ms =
+            ctx.clock.wall().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        if item.approval.status != "pending" || item.approval.expires_at_ms <= now_ms {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Asks on the terminal; `false` leaves the approval waiting.
+async fn prompt_decision(ctx: &Ctx, approval_id: &str) -> Result<bool> {
+    let item = inbox::approval(&*ctx.journal, approval_id).await?;
+    let params = item.step.as_ref().map(|s| s.input.to_string()).unwrap_or_default();
+    print(&format!(
+        "approve {} with {params}? [y]es / [n]o / [enter] leave it waiting: ",
+        item.approval.tool
+    ));
+    let mut answer = String::new();
+    let stdin = tokio::io::stdin();
+    let mut reader = tokio::io::BufReader::new(stdin);
+    tokio::io::AsyncBufReadExt::read_line(&mut reader, &mut answer).await?;
+    let by = std::env::var("USER").unwrap_or_else(|_| "cli".into());
+    match answer.trim() {
+        "y" | "yes" => {
+            inbox::decide(&*ctx.journal, approval_id, true, &by, ctx.clock.wall()).await.map(|_| true)
+        }
+        "n" | "no" => {
+            inbox::decide(&*ctx.journal, approval_id, false, &by, ctx.clock.wall()).await.map(|_| true)
+        }
+        _ => Ok(false),
+    }
+    .map_err(Into::into)
+}
+
+fn ago(now_ms: i64, at_ms: i64) -> String {
+    let s = (now_ms - at_ms).max(0) / 1000;
+    match s {
+        0..60 => format!("{s}s ago"),
+        60..3600 => format!("{}m ago", s / 60),
+        _ => format!("{}h ago", s / 3600),
+    }
+}
+
+fn now_ms(ctx: &Ctx) -> i64 {
+    ctx.clock.wall().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+async fn runs(cli: &Cli, action: &RunsAction) -> Result<ExitCode> {
+    let ctx = open(cli).await?;
+    match action {
+        RunsAction::List => {
+            let mut rows = Vec::new();
+            for id in ctx.journal.run_ids().await? {
+                if let Some(s) = ctx.journal.snapshot(&id).await? {
+                    rows.push(s.run);
+                }
+            }
+            rows.sort_by_key(|r| std::cmp::Reverse(r.updated_at_ms));
+            if ctx.json {
+                emit_json(&serde_json::to_value(&rows)?);
+            } else {
+                let now = now_ms(&ctx);
+                for r in rows {
+                    print(&format!(
+                        "{}  {:<16} {:<20} {}",
+                        r.run_id,
+                        r.state.as_str(),
+                        r.name,
+                        ago(now, r.updated_at_ms)
+                    ));
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        RunsAction::Show { id } => {
+            let export = ctx
+                .journal
+                .export_run(id)
+                .await?
+                .ok_or_else(|| keel_runtime::runner::Error::UnknownRun(id.clone()))?;
+            if ctx.json {
+                emit_json(&serde_json::to_value(&export)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let run = &export.state.run;
+            print(&format!("run {}  {}  {}", run.run_id, run.name, run.state.as_str()));
+            if let Some(r) = &run.reason {
+                print(&format!("  reason: {r}"));
+            }
+            print("steps:");
+            for s in &export.state.steps {
+                let detail = match (&s.error_class, &s.message) {
+                    (Some(c), Some(m)) => format!("  {c}: {m}"),
+                    _ => String::new(),
+                };
+                print(&format!("  {:>2}. {:<16} {:<12} {}{detail}", s.step, s.name, s.target, s.status));
+            }
+            print("timeline:");
+            let start = export.events.first().map_or(0, |e| e.recorded_at_ms);
+            for e in &export.events {
+                let t = format!("+{:.3}s", (e.recorded_at_ms - start) as f64 / 1000.0);
+                let what = match &e.event {
+                    keel_journal::JournalEvent::Policy { step, event } => {
+                        let step = step.map(|s| format!("step {s} ")).unwrap_or_default();
+                        format!("{step}{}", serde_json::to_string(event).unwrap_or_default())
+                    }
+                    other => serde_json::to_string(other).unwrap_or_default(),
+                };
+                if matches!(
+                    &e.event,
+                    keel_journal::JournalEvent::Policy { event: keel_core::Event::BudgetCharged { .. }, .. }
+                ) {
+                    continue;
+                }
+                print(&format!("  {t:>9}  {what}"));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        RunsAction::Resume { id, wait } => {
+            let runner = ctx.runner().await?;
+            let patience = ctx.config.run.lease + Duration::from_secs(2);
+            drive(&ctx, &runner, id, *wait, patience).await
+        }
+        RunsAction::Cancel { id } => {
+            let runner = ctx.runner().await?;
+            runner.cancel(id, &std::env::var("USER").unwrap_or_else(|_| "cli".into())).await?;
+            if ctx.json {
+                emit_json(&json!({"run_id": id, "status": "cancelled"}));
+            } else {
+                print(&format!("run {id}: cancelled"));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn approvals(cli: &Cli, action: &ApprovalsAction) -> Result<ExitCode> {
+    let ctx = open(cli).await?;
+    let show = |item: &inbox::ApprovalItem| {
+        if ctx.json {
+            emit_json(&serde_json::to_value(item).unwrap_or_default());
+        } else {
+            let a = &item.approval;
+            print(&format!(
+                "approval {}  {}  tool {}  run {} ({})",
+                a.approval_id, a.status, a.tool, a.run_id, item.run.name
+            ));
+            if let Some(s) = &item.step {
+                print(&format!("  step {}: {}", s.name, s.input));
+            }
+            print(&format!(
+                "  digest {}  expires in {}s",
+                a.args_digest,
+                (a.expires_at_ms - now_ms(&ctx)) / 1000
+            ));
+            if let Some(by) = &a.decided_by {
+                print(&format!("  decided by {by}"));
+            }
+        }
+    };
+    match action {
+        ApprovalsAction::List => {
+            let items = inbox::approvals(&*ctx.journal).await?;
+            if ctx.json {
+                emit_json(&serde_json::to_value(&items)?);
+            } else {
+                for i in items {
+                    let a = &i.approval;
+                    let args = i.step.as_ref().map(|s| s.input.to_string()).unwrap_or_default();
+                    print(&format!(
+                        "{}  {:<8} {:<12} {}  run {}",
+                        a.approval_id, a.status, a.tool, args, a.run_id
+                    ));
+                }
+            }
+        }
+        ApprovalsAction::Show { id } => show(&inbox::approval(&*ctx.journal, id).await?),
+        ApprovalsAction::Approve { id, by } => {
+            show(&inbox::decide(&*ctx.journal, id, true, &by.by, ctx.clock.wall()).await?)
+        }
+        ApprovalsAction::Reject { id, by } => {
+            show(&inbox::decide(&*ctx.journal, id, false, &by.by, ctx.clock.wall()).await?)
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn tickets(cli: &Cli, action: &TicketsAction) -> Result<ExitCode> {
+    let ctx = open(cli).await?;
+    let show = |item: &inbox::TicketItem| {
+        if ctx.json {
+            emit_json(&serde_json::to_value(item).unwrap_or_default());
+        } else {
+            let t = &item.ticket;
+            print(&format!(
+                "ticket {}  {}  {}  run {} ({})",
+                t.ticket_id, t.status, t.class, t.run_id, item.run.name
+            ));
+            print(&format!("  {}", t.summary));
+            print(&format!("  context: {}", serde_json::to_string_pretty(&t.context).unwrap_or_default()));
+            if let Some(r) = &t.resolution {
+                print(&format!("  resolution: {r} by {}", t.resolved_by.as_deref().unwrap_or("?")));
+            }
+        }
+    };
+    match action {
+        TicketsAction::List => {
+            let items = inbox::tickets(&*ctx.journal).await?;
+            if ctx.json {
+                emit_json(&serde_json::to_value(&items)?);
+            } else {
+                for i in items {
+                    let t = &i.ticket;
+                    print(&format!("{}  {:<8} {:<16} {}", t.ticket_id, t.status, t.class, t.summary));
+                }
+            }
+        }
+        TicketsAction::Show { id } => show(&inbox::ticket(&*ctx.journal, id).await?),
+        TicketsAction::Resolve { id, action, params, by } => {
+            let guidance = match action {
+                TicketAction::Skip => Guidance::Skip,
+                TicketAction::Abort => Guidance::Abort,
+                TicketAction::Retry => Guidance::Retry {
+                    params: params
+                        .as_deref()
+                        .map(serde_json::from_str::<Value>)
+                        .transpose()
+                        .map_err(|e| UsageError(format!("--params is not JSON: {e}")))?,
+                },
+            };
+            show(&inbox::resolve(&*ctx.journal, id, &guidance, &by.by).await?);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

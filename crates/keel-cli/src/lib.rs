@@ -1,0 +1,76 @@
+//! keel-cli: the `keel` command — run plans failure-first, answer approvals and
+//! tickets, inspect runs. One report path: [`main`] runs a command and turns any error
+//! into `keel: error[class]: message` and an exit code chosen by the class.
+//!
+//! Exit codes: 0 completed, 1 failed, 2 bad input (config, plan, arguments — nothing
+//! was touched), 3 waiting for approval, 4 escalated (a ticket is open), 5 timed out,
+//! 6 cancelled, 7 busy (another process works the run).
+
+mod cli;
+mod commands;
+mod render;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use keel_core::{Classified, ErrorClass};
+
+pub use cli::Cli;
+
+/// Parses the process's arguments, runs the command, reports errors.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    run_cli(cli)
+}
+
+/// Runs a parsed command line to its exit code.
+pub fn run_cli(cli: Cli) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return report(&anyhow::Error::new(e)),
+    };
+    match rt.block_on(commands::run(cli)) {
+        Ok(code) => code,
+        Err(e) => report(&e),
+    }
+}
+
+/// The class of an error from any layer.
+fn class_of(e: &anyhow::Error) -> ErrorClass {
+    if let Some(e) = e.downcast_ref::<keel_runtime::ConfigErrors>() {
+        return e.class();
+    }
+    if let Some(e) = e.downcast_ref::<keel_runtime::PlanError>() {
+        return e.class();
+    }
+    if let Some(e) = e.downcast_ref::<keel_runtime::runner::Error>() {
+        return e.class();
+    }
+    if let Some(e) = e.downcast_ref::<keel_journal::Error>() {
+        return e.class();
+    }
+    if let Some(e) = e.downcast_ref::<commands::UsageError>() {
+        return e.class();
+    }
+    ErrorClass::ServerError
+}
+
+fn report(e: &anyhow::Error) -> ExitCode {
+    // A closed pipe (`keel runs list | head`) is not an error.
+    if e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    }) {
+        return ExitCode::SUCCESS;
+    }
+    let class = class_of(e);
+    let mut text = format!("keel: error[{class}]: {e}");
+    for cause in e.chain().skip(1) {
+        text.push_str(&format!("\n  caused by: {cause}"));
+    }
+    render::eprint(&text);
+    ExitCode::from(match class {
+        ErrorClass::InvalidRequest | ErrorClass::NotFound => 2,
+        ErrorClass::Conflict => 7,
+        _ => 1,
+    })
+}

@@ -1,0 +1,154 @@
+//! The human view: a live step list on a terminal (spinners with attempts, retries
+//! and their delays, fallbacks, breaker changes), plain lines when piped.
+
+use std::collections::HashMap;
+use std::io::{IsTerminal, Write};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use keel_core::{AttemptOutcome, Event};
+use keel_journal::{JournalEvent, StepOutcome};
+use keel_runtime::runner::Observer;
+
+/// Prints a line to stdout; a closed pipe is ignored (the report path handles it).
+pub(crate) fn print(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+}
+
+/// Prints a line to stderr.
+pub(crate) fn eprint(line: &str) {
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "{line}");
+}
+
+fn ms(d: Duration) -> String {
+    if d >= Duration::from_secs(1) {
+        format!("{:.1}s", d.as_secs_f64())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+/// Renders a run's events as they happen.
+pub(crate) struct Live {
+    tty: bool,
+    quiet: bool,
+    state: Mutex<LiveState>,
+}
+
+#[derive(Default)]
+struct LiveState {
+    names: HashMap<u32, String>,
+    bars: HashMap<u32, ProgressBar>,
+}
+
+impl Live {
+    /// A renderer: live on a terminal, plain lines otherwise, silent for `--json`.
+    pub(crate) fn new(json: bool) -> Self {
+        Self { tty: std::io::stdout().is_terminal(), quiet: json, state: Mutex::default() }
+    }
+
+    fn line(&self, state: &LiveState, step: Option<u32>, text: &str) {
+        match step.and_then(|s| state.bars.get(&s)) {
+            Some(bar) if self.tty => bar.println(text),
+            _ => print(text),
+        }
+    }
+}
+
+impl Observer for Live {
+    fn event(&self, _run_id: &str, event: &JournalEvent) {
+        if self.quiet {
+            return;
+        }
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        match event {
+            JournalEvent::StepStarted { step, name, target, .. } => {
+                s.names.insert(*step, name.clone());
+                if self.tty {
+                    let bar = ProgressBar::new_spinner();
+                    bar.set_style(
+                        ProgressStyle::with_template("{spinner} {msg}")
+                            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                    );
+                    bar.enable_steady_tick(Duration::from_millis(100));
+                    bar.set_message(format!("{name} → {target}"));
+                    s.bars.insert(*step, bar);
+                } else {
+                    print(&format!("▸ {name} → {target}"));
+                }
+            }
+            JournalEvent::StepFinished { step, outcome } => {
+                let name = s.names.get(step).cloned().unwrap_or_else(|| format!("step {step}"));
+                let text = match outcome {
+                    StepOutcome::Succeeded { .. } => format!("✓ {name}"),
+                    StepOutcome::Failed { class, message } => format!("✗ {name}: {class}: {message}"),
+                    StepOutcome::Skipped { reason } => format!("↷ {name}: {reason}"),
+                };
+                match s.bars.remove(step) {
+                    Some(bar) => bar.finish_with_message(text.clone()),
+                    None => print(&text),
+                }
+            }
+            JournalEvent::ApprovalRequested { approval_id, step, tool, .. } => {
+                let name = s.names.get(step).cloned().unwrap_or_default();
+                if let Some(bar) = s.bars.remove(step) {
+                    bar.finish_and_clear();
+                }
+                print(&format!("⏸ {name} ({tool}) waits for approval {approval_id}"));
+                print(&format!("  decide with: keel approvals approve {approval_id}  (or reject)"));
+            }
+            JournalEvent::TicketOpened { ticket_id, summary, .. } => {
+                print(&format!("⚑ ticket {ticket_id}: {summary}"));
+                print(&format!("  answer with: keel tickets resolve {ticket_id} --action retry|skip|abort"));
+            }
+            JournalEvent::RunStateChanged { state, reason } => {
+                let reason = reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default();
+                print(&format!("run {}{reason}", state.as_str()));
+            }
+            JournalEvent::Policy { step, event } => {
+                let text = match event {
+                    Event::AttemptEnded {
+                        attempt, outcome: AttemptOutcome::Failed(class), latency, ..
+                    } => Some(format!("  attempt {attempt}: {class} after {}", ms(*latency))),
+                    Event::RetryScheduled { delay, reason, .. } => {
+                        let why = match reason {
+                            keel_core::DelayReason::Backoff => "backoff",
+                            keel_core::DelayReason::RetryAfter => "Retry-After",
+                        };
+                        Some(format!("  retry in {} ({why})", ms(*delay)))
+                    }
+                    Event::RetryRefused { reason, .. } => Some(format!("  no retry: {reason}")),
+                    Event::BreakerTransition { target, from, to } => {
+                        Some(format!("  breaker {target}: {} → {}", from.as_str(), to.as_str()))
+                    }
+                    Event::FallbackTaken { from, to, class } => {
+                        Some(format!("  fallback {from} → {to} ({class})"))
+                    }
+                    Event::LoopDetected { reason, .. } => Some(format!("  loop detected: {reason}")),
+                    Event::BudgetExceeded { budget, kind, .. } => {
+                        Some(format!("  budget {budget} exceeded ({})", kind.as_str()))
+                    }
+                    Event::AttemptStarted { attempt, .. } => {
+                        if let (Some(bar), Some(name)) =
+                            (step.and_then(|st| s.bars.get(&st)), step.and_then(|st| s.names.get(&st)))
+                        {
+                            bar.set_message(format!("{name}: attempt {attempt}"));
+                        }
+                        None
+                    }
+                    Event::AttemptEnded { .. } | Event::BudgetCharged { .. } => None,
+                };
+                if let Some(text) = text {
+                    self.line(&s, *step, &text);
+                }
+            }
+            JournalEvent::RunCreated { .. }
+            | JournalEvent::ApprovalDecided { .. }
+            | JournalEvent::TicketResolved { .. }
+            | JournalEvent::ProgramRecorded { .. } => {}
+        }
+    }
+}

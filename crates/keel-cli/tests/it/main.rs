@@ -1,0 +1,14 @@
+//! End-to-end tests of `keel` with real processes: the real binary, a real SQLite
+//! journal file, and the examples' payments service on loopback.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+// Processes on real time: waits are bounded with the system clock.
+#![allow(clippy::disallowed_methods)]
+
+mod support;
+
+mod approvals;
+mod bad_input;
+mod crash;
+mod tickets;
+mod timeouts;

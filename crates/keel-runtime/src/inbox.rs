@@ -1,0 +1,199 @@
+//! The people's side of a run: listing and deciding approvals, resolving tickets.
+//!
+//! Used by `keel approvals`/`keel tickets` and by the server's API and web inbox alike,
+//! so a decision means the same wherever it is made. A decision is an event in the
+//! journal; it moves the run back to `running` so that whoever works runs (a waiting
+//! `keel run --wait`, `keel runs resume`, the server's workers) carries it on.
+
+use std::time::SystemTime;
+
+use keel_core::ErrorClass;
+use keel_journal::{
+    ApprovalDecision, ApprovalView, Journal, JournalEvent, NewEvent, RunState, RunView, StepView, TicketView,
+};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::runner::{Error, Result};
+
+/// An approval with what the person needs to decide it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ApprovalItem {
+    /// The approval.
+    pub approval: ApprovalView,
+    /// Its run.
+    pub run: RunView,
+    /// The step it holds, with the exact arguments the digest covers.
+    pub step: Option<StepView>,
+}
+
+/// A ticket with its run.
+#[derive(Debug, Clone, Serialize)]
+pub struct TicketItem {
+    /// The ticket (its `context` is the context package).
+    pub ticket: TicketView,
+    /// Its run.
+    pub run: RunView,
+}
+
+/// What a person answers to a ticket.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum Guidance {
+    /// Run the step again, with new parameters if given.
+    Retry {
+        /// Parameters replacing the step's.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        params: Option<Value>,
+    },
+    /// Skip the step and go on.
+    Skip,
+    /// Stop the run.
+    Abort,
+}
+
+fn wall_ms(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Every approval (pending first, newest first), with context.
+///
+/// # Errors
+/// The journal's.
+pub async fn approvals(journal: &dyn Journal) -> Result<Vec<ApprovalItem>> {
+    let mut items = Vec::new();
+    for run_id in journal.run_ids().await? {
+        let Some(snap) = journal.snapshot(&run_id).await? else { continue };
+        for a in &snap.approvals {
+            let step = snap.steps.iter().find(|s| s.step == a.step).cloned();
+            items.push(ApprovalItem { approval: a.clone(), run: snap.run.clone(), step });
+        }
+    }
+    items.sort_by(|a, b| {
+        (a.approval.status != "pending", std::cmp::Reverse(a.approval.requested_at_ms))
+            .cmp(&(b.approval.status != "pending", std::cmp::Reverse(b.approval.requested_at_ms)))
+    });
+    Ok(items)
+}
+
+/// One approval by id.
+///
+/// # Errors
+/// `not_found` for an unknown id; the journal's.
+pub async fn approval(journal: &dyn Journal, id: &str) -> Result<ApprovalItem> {
+    approvals(journal)
+        .await?
+        .into_iter()
+        .find(|a| a.approval.approval_id == id)
+        .ok_or_else(|| Error::NotFound(format!("approval `{id}`")))
+}
+
+/// Decides a pending approval. An expired one cannot be approved: it is marked
+/// expired and the run takes the configured outcome when it resumes.
+///
+/// # Errors
+/// `invalid_request` when the approval is not pending or has expired; the journal's.
+pub async fn decide(
+    journal: &dyn Journal,
+    id: &str,
+    approve: bool,
+    by: &str,
+    now: SystemTime,
+) -> Result<ApprovalItem> {
+    let item = approval(journal, id).await?;
+    let a = &item.approval;
+    if a.status != "pending" {
+        return Err(Error::Refused(format!("approval `{id}` is already {}", a.status)));
+    }
+    let run_id = a.run_id.clone();
+    let mut events = Vec::new();
+    let expired = a.expires_at_ms <= wall_ms(now);
+    let decision = match (expired, approve) {
+        (true, _) => ApprovalDecision::Expired,
+        (false, true) => ApprovalDecision::Approved,
+        (false, false) => ApprovalDecision::Denied,
+    };
+    events.push(NewEvent::new(
+        &run_id,
+        JournalEvent::ApprovalDecided { approval_id: id.to_owned(), decision, by: by.to_owned() },
+    ));
+    if !item.run.state.is_terminal() {
+        events.push(NewEvent::new(
+            &run_id,
+            JournalEvent::RunStateChanged {
+                state: RunState::Running,
+                reason: Some(format!("approval {id} {} by {by}", decision.as_str())),
+            },
+        ));
+    }
+    journal.append(&events).await?;
+    if expired {
+        return Err(Error::Refused(format!("approval `{id}` expired before it was decided")));
+    }
+    approval(journal, id).await
+}
+
+/// Every ticket (open first, newest first).
+///
+/// # Errors
+/// The journal's.
+pub async fn tickets(journal: &dyn Journal) -> Result<Vec<TicketItem>> {
+    let mut items = Vec::new();
+    for run_id in journal.run_ids().await? {
+        let Some(snap) = journal.snapshot(&run_id).await? else { continue };
+        for t in &snap.tickets {
+            items.push(TicketItem { ticket: t.clone(), run: snap.run.clone() });
+        }
+    }
+    items.sort_by(|a, b| {
+        (a.ticket.status != "open", std::cmp::Reverse(a.ticket.opened_at_ms))
+            .cmp(&(b.ticket.status != "open", std::cmp::Reverse(b.ticket.opened_at_ms)))
+    });
+    Ok(items)
+}
+
+/// One ticket by id.
+///
+/// # Errors
+/// `not_found` for an unknown id; the journal's.
+pub async fn ticket(journal: &dyn Journal, id: &str) -> Result<TicketItem> {
+    tickets(journal)
+        .await?
+        .into_iter()
+        .find(|t| t.ticket.ticket_id == id)
+        .ok_or_else(|| Error::NotFound(format!("ticket `{id}`")))
+}
+
+/// Resolves an open ticket with a person's guidance.
+///
+/// # Errors
+/// `invalid_request` when the ticket is not open; the journal's.
+pub async fn resolve(journal: &dyn Journal, id: &str, guidance: &Guidance, by: &str) -> Result<TicketItem> {
+    let item = ticket(journal, id).await?;
+    if item.ticket.status != "open" {
+        return Err(Error::Refused(format!("ticket `{id}` is already {}", item.ticket.status)));
+    }
+    let run_id = item.run.run_id.clone();
+    let resolution = serde_json::to_value(guidance).unwrap_or_else(|_| json!({}));
+    let mut events = vec![NewEvent::new(
+        &run_id,
+        JournalEvent::TicketResolved { ticket_id: id.to_owned(), resolution, by: by.to_owned() },
+    )];
+    if !item.run.state.is_terminal() {
+        let state = match guidance {
+            Guidance::Abort => RunState::Cancelled,
+            Guidance::Retry { .. } | Guidance::Skip => RunState::Running,
+        };
+        events.push(NewEvent::new(
+            &run_id,
+            JournalEvent::RunStateChanged { state, reason: Some(format!("ticket {id} resolved by {by}")) },
+        ));
+    }
+    journal.append(&events).await?;
+    ticket(journal, id).await
+}
+
+/// The class a ticket was opened for, parsed.
+pub fn ticket_class(t: &TicketView) -> Option<ErrorClass> {
+    t.class.parse().ok()
+}

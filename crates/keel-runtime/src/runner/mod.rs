@@ -1,0 +1,382 @@
+//! The runner: carries a plan's run out, failure-first, from the journal alone.
+//!
+//! A run's plan and input are its first event, so any process can pick it up: `keel
+//! run` starts it, `keel runs resume` (after a crash, an approval or a ticket) and the
+//! server's workers continue it. Driving a run takes its lease, reads what the journal
+//! says is done, and goes on from the first unfinished step. Each step goes through:
+//!
+//! 1. its parameters, rendered from the input and earlier outputs, checked against the
+//!    tool's schema (a bad call fails before anything runs);
+//! 2. the approval rule: an approval is bound to the tool and the digest of the
+//!    arguments; a pending one stops the drive (waiting holds no process), an expired
+//!    one takes the configured outcome, a denied one fails the step;
+//! 3. the idempotency store: a key from (run, step, tool, arguments); a completed key
+//!    returns the stored result instead of acting again, which is what makes a crash
+//!    and a resume safe;
+//! 4. the tool's policy pipeline (retries, breaker, timeouts, the run's deadline and
+//!    budget);
+//! 5. escalation: after `escalate_after` failed attempts of one class in the run, or a
+//!    failure a person must look at, a ticket with the context package stops the run
+//!    until a person says retry, skip or abort.
+
+mod keys;
+mod observer;
+mod status;
+mod step;
+#[cfg(test)]
+mod tests;
+
+pub use keys::{args_digest, idempotency_key, new_id};
+pub use observer::{NullObserver, Observer};
+pub use status::RunStatus;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use keel_core::{Breaker, Budget, BudgetKind, Clock, ConfidenceGate, ErrorClass, NullSink};
+use keel_journal::{Journal, JournalEvent, JournalWriter, Lease, RunSnapshot, RunState, StepOutcome};
+use serde_json::{Value, json};
+
+use crate::config::Config;
+use crate::plan::Plan;
+
+/// Why the runner could not do its job (as opposed to a run that failed).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The journal failed.
+    #[error(transparent)]
+    Journal(#[from] keel_journal::Error),
+    /// No such run.
+    #[error("no run `{0}`")]
+    UnknownRun(String),
+    /// No such approval or ticket.
+    #[error("no {0}")]
+    NotFound(String),
+    /// Another process holds the run's lease.
+    #[error("run `{0}` is being worked by another process ({1})")]
+    Busy(String, String),
+    /// The run's first event does not hold a plan this runner can read.
+    #[error("run `{0}` has no readable plan: {1}")]
+    BadRun(String, String),
+    /// Something the caller asked is not possible in the run's state.
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl keel_core::Classified for Error {
+    fn class(&self) -> ErrorClass {
+        match self {
+            Error::Journal(e) => keel_core::Classified::class(e),
+            Error::UnknownRun(_) | Error::NotFound(_) => ErrorClass::NotFound,
+            Error::Busy(..) => ErrorClass::Conflict,
+            Error::BadRun(..) | Error::Refused(_) => ErrorClass::InvalidRequest,
+        }
+    }
+}
+
+/// The runner's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Carries runs out. One per process; cheap to share.
+pub struct Runner {
+    config: Arc<Config>,
+    journal: Arc<dyn Journal>,
+    writer: JournalWriter,
+    clock: Arc<dyn Clock>,
+    owner: String,
+    breakers: Mutex<HashMap<String, Arc<Breaker>>>,
+    gate: Arc<ConfidenceGate>,
+    observer: Arc<dyn Observer>,
+}
+
+impl std::fmt::Debug for Runner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runner").field("owner", &self.owner).finish_non_exhaustive()
+    }
+}
+
+impl Runner {
+    /// A runner for `config` on `journal`, loading the confidence gate's history.
+    ///
+    /// # Errors
+    /// The journal's.
+    pub async fn new(
+        config: Arc<Config>,
+        journal: Arc<dyn Journal>,
+        clock: Arc<dyn Clock>,
+        observer: Arc<dyn Observer>,
+    ) -> Result<Runner> {
+        let gate = Arc::new(ConfidenceGate::new(config.defaults.gate.clone()));
+        gate.load(journal.load_gate_history().await?);
+        let writer = JournalWriter::spawn(journal.clone(), keel_journal::writer::DEFAULT_MAX_BATCH);
+        let owner = format!("{}:{}", std::process::id(), new_id("owner"));
+        Ok(Runner { config, journal, writer, clock, owner, breakers: Mutex::default(), gate, observer })
+    }
+
+    /// The journal.
+    pub fn journal(&self) -> &Arc<dyn Journal> {
+        &self.journal
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Arc<Config> {
+        &self.config
+    }
+
+    /// This runner's lease owner id.
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// Records a new run of `plan` (already checked) and returns its id. Nothing runs yet.
+    ///
+    /// # Errors
+    /// The journal's.
+    pub async fn create(&self, plan: &Plan) -> Result<String> {
+        let run_id = new_id("run");
+        let name = plan.name.clone().unwrap_or_else(|| "plan".to_owned());
+        let deadline = plan.deadline.unwrap_or(self.config.run.deadline);
+        let input = json!({
+            "plan": plan,
+            "input": plan.input,
+            "deadline_ms": u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX),
+            "mode": self.config.run.mode,
+        });
+        self.record(&run_id, JournalEvent::RunCreated { name, input }).await?;
+        self.record(&run_id, JournalEvent::RunStateChanged { state: RunState::Running, reason: None })
+            .await?;
+        Ok(run_id)
+    }
+
+    /// Appends one event durably, then shows it to the observer (what is shown is
+    /// already in the journal).
+    async fn record(&self, run_id: &str, event: JournalEvent) -> Result<u64> {
+        let seq = self.writer.append(run_id, event.clone()).await?;
+        self.observer.event(run_id, &event);
+        Ok(seq)
+    }
+
+    fn breaker(&self, tool: &crate::tool::Tool) -> Arc<Breaker> {
+        let mut breakers = self.breakers.lock().unwrap_or_else(|e| e.into_inner());
+        breakers
+            .entry(tool.name.to_string())
+            .or_insert_with(|| {
+                Arc::new(Breaker::new(
+                    tool.name.clone(),
+                    tool.policy.breaker.clone(),
+                    self.clock.clone(),
+                    Arc::new(keel_core::NullSink),
+                ))
+            })
+            .clone()
+    }
+
+    /// The run's current state from the journal.
+    ///
+    /// # Errors
+    /// [`Error::UnknownRun`], or the journal's.
+    pub async fn snapshot(&self, run_id: &str) -> Result<RunSnapshot> {
+        self.journal.snapshot(run_id).await?.ok_or_else(|| Error::UnknownRun(run_id.to_owned()))
+    }
+
+    /// Drives `run_id` as far as it can go: to its end, or to a person.
+    ///
+    /// # Errors
+    /// [`Error::Busy`] when another live process holds the run; journal errors.
+    ///
+    /// # Cancel safety
+    /// Dropping the future stops at an arbitrary point; everything acknowledged is in
+    /// the journal, and a later drive resumes without repeating a completed side effect.
+    pub async fn drive(&self, run_id: &str) -> Result<RunStatus> {
+        let ttl = self.config.run.lease;
+        let lease = match self.journal.acquire_lease(run_id, &self.owner, ttl).await? {
+            Some(lease) => lease,
+            None => return Err(Error::Busy(run_id.to_owned(), "its lease is held".to_owned())),
+        };
+        let renew = self.spawn_renewal(lease.clone(), ttl);
+        let result = self.drive_leased(run_id).await;
+        renew.abort();
+        self.writer.flush().await?;
+        let _ = self.journal.add_gate_outcomes(&self.gate.snapshot()).await;
+        let _ = self.journal.release_lease(&lease).await;
+        result
+    }
+
+    /// Like [`drive`](Self::drive), first waiting up to `patience` for a lease held by
+    /// a process that died to expire.
+    ///
+    /// # Errors
+    /// As [`drive`](Self::drive).
+    pub async fn drive_when_free(&self, run_id: &str, patience: Duration) -> Result<RunStatus> {
+        let give_up = tokio::time::Instant::now() + patience;
+        loop {
+            match self.drive(run_id).await {
+                Err(Error::Busy(..)) if tokio::time::Instant::now() < give_up => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn spawn_renewal(&self, lease: Lease, ttl: Duration) -> tokio::task::JoinHandle<()> {
+        let journal = self.journal.clone();
+        tokio::spawn(async move {
+            let mut lease = lease;
+            loop {
+                tokio::time::sleep(ttl / 3).await;
+                match journal.renew_lease(&lease, ttl).await {
+                    Ok(l) => lease = l,
+                    Err(e) => {
+                        tracing::warn!(run = %lease.run_id, error = %e, "lease renewal failed");
+                        return;
+                    }
+                }
+            }
+        })
+    }
+
+    async fn drive_leased(&self, run_id: &str) -> Result<RunStatus> {
+        let snap = self.snapshot(run_id).await?;
+        if let Some(done) = final_status(&snap) {
+            return Ok(done);
+        }
+        let plan: Plan = serde_json::from_value(snap.run.input["plan"].clone())
+            .map_err(|e| Error::BadRun(run_id.to_owned(), e.to_string()))?;
+        let deadline_ms = snap.run.input["deadline_ms"].as_u64().unwrap_or(u64::MAX);
+        let deadline_at_ms =
+            snap.run.created_at_ms.saturating_add(i64::try_from(deadline_ms).unwrap_or(i64::MAX));
+        if snap.run.state != RunState::Running {
+            self.record(run_id, JournalEvent::RunStateChanged { state: RunState::Running, reason: None })
+                .await?;
+        }
+        let mut outputs: BTreeMap<String, Value> = BTreeMap::new();
+        let failures = Arc::new(Mutex::new(HashMap::new()));
+        let budget =
+            Arc::new(Budget::new(format!("run:{run_id}"), &self.config.run.budget, Arc::new(NullSink)));
+        // Attempts made before a crash or a pause still count against the run.
+        let _ = budget.charge(BudgetKind::Attempts, snap.attempts.len() as u64);
+        for (index, step) in plan.steps.iter().enumerate() {
+            let id = plan.step_id(index).to_owned();
+            let view = snap.steps.iter().find(|s| s.step as usize == index);
+            if let Some(output) = view.and_then(finished_output) {
+                outputs.insert(id, output);
+                continue;
+            }
+            if view.is_some_and(|v| v.status == "skipped") {
+                outputs.insert(id, Value::Null);
+                continue;
+            }
+            // Someone may have cancelled the run while we worked.
+            let now = self.snapshot(run_id).await?;
+            if now.run.state == RunState::Cancelled {
+                return Ok(RunStatus::Cancelled);
+            }
+            let ctx = step::StepCtx {
+                runner: self,
+                run_id,
+                plan: &plan,
+                index,
+                step,
+                snap: &now,
+                outputs: &outputs,
+                deadline_at_ms,
+                budget: &budget,
+                failures: &failures,
+            };
+            match step::run_step(ctx).await? {
+                step::StepEnd::Done(output) => {
+                    outputs.insert(id, output);
+                }
+                step::StepEnd::Skipped => {
+                    outputs.insert(id, Value::Null);
+                }
+                step::StepEnd::Stop(status) => {
+                    let (state, reason) = match &status {
+                        RunStatus::Failed { class, message } => {
+                            (RunState::Failed, Some(format!("{class}: {message}")))
+                        }
+                        RunStatus::WaitingApproval { approval_id } => {
+                            (RunState::WaitingApproval, Some(approval_id.clone()))
+                        }
+                        RunStatus::Escalated { ticket_id } => (RunState::Escalated, Some(ticket_id.clone())),
+                        RunStatus::TimedOut => (RunState::TimedOut, Some("the run's deadline passed".into())),
+                        RunStatus::Cancelled => (RunState::Cancelled, None),
+                        RunStatus::Completed => (RunState::Completed, None),
+                    };
+                    if now.run.state != state || status.is_final() {
+                        self.record(run_id, JournalEvent::RunStateChanged { state, reason }).await?;
+                    }
+                    return Ok(status);
+                }
+            }
+        }
+        self.record(run_id, JournalEvent::RunStateChanged { state: RunState::Completed, reason: None })
+            .await?;
+        Ok(RunStatus::Completed)
+    }
+
+    /// Cancels a run that has not ended.
+    ///
+    /// # Errors
+    /// [`Error::Refused`] for a run that already ended; journal errors.
+    pub async fn cancel(&self, run_id: &str, by: &str) -> Result<()> {
+        let snap = self.snapshot(run_id).await?;
+        if snap.run.state.is_terminal() {
+            return Err(Error::Refused(format!(
+                "run `{run_id}` already ended ({})",
+                snap.run.state.as_str()
+            )));
+        }
+        self.record(
+            run_id,
+            JournalEvent::RunStateChanged {
+                state: RunState::Cancelled,
+                reason: Some(format!("cancelled by {by}")),
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Flushes buffered events.
+    ///
+    /// # Errors
+    /// The journal's.
+    pub async fn flush(&self) -> Result<()> {
+        Ok(self.writer.flush().await?)
+    }
+}
+
+/// The output of a step the journal says succeeded.
+fn finished_output(view: &keel_journal::StepView) -> Option<Value> {
+    (view.status == "succeeded").then(|| view.output.clone().unwrap_or(Value::Null))
+}
+
+/// The status of a run that has already ended.
+fn final_status(snap: &RunSnapshot) -> Option<RunStatus> {
+    match snap.run.state {
+        RunState::Completed => Some(RunStatus::Completed),
+        RunState::Cancelled => Some(RunStatus::Cancelled),
+        RunState::TimedOut => Some(RunStatus::TimedOut),
+        RunState::Failed => Some(RunStatus::Failed {
+            class: snap
+                .steps
+                .iter()
+                .rev()
+                .find_map(|s| s.error_class.as_deref().and_then(|c| c.parse().ok()))
+                .unwrap_or(ErrorClass::ServerError),
+            message: snap.run.reason.clone().unwrap_or_default(),
+        }),
+        RunState::Created | RunState::Running | RunState::WaitingApproval | RunState::Escalated => None,
+    }
+}
+
+/// Shows a step outcome's class, for callers that print it.
+pub fn outcome_class(outcome: &StepOutcome) -> Option<ErrorClass> {
+    match outcome {
+        StepOutcome::Failed { class, .. } => Some(*class),
+        StepOutcome::Succeeded { .. } | StepOutcome::Skipped { .. } => None,
+    }
+}

@@ -1,0 +1,363 @@
+//! One step of a run: tickets, parameters, approval, idempotency, the pipeline,
+//! escalation (see the module docs of [`super`] for the order and why).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use keel_core::{
+    AttemptOutcome, Budget, CallError, Classified, Disposition, ErrorClass, Event, EventSink, Failure,
+    Pipeline, RunScope,
+};
+use keel_journal::{ApprovalDecision, Claim, JournalEvent, RunSink, RunSnapshot, StepOutcome, TicketView};
+use serde_json::{Value, json};
+
+use super::{Result, RunStatus, Runner, args_digest, idempotency_key, new_id};
+use crate::config::{ExpiryOutcome, Mode};
+use crate::plan::{Plan, PlanStep};
+use crate::template::render_json;
+use crate::tool::Tool;
+
+/// Everything a step needs to know.
+pub(super) struct StepCtx<'a> {
+    pub(super) runner: &'a Runner,
+    pub(super) run_id: &'a str,
+    pub(super) plan: &'a Plan,
+    pub(super) index: usize,
+    pub(super) step: &'a PlanStep,
+    pub(super) snap: &'a RunSnapshot,
+    pub(super) outputs: &'a BTreeMap<String, Value>,
+    pub(super) deadline_at_ms: i64,
+    pub(super) budget: &'a Arc<Budget>,
+    pub(super) failures: &'a Arc<Mutex<HashMap<ErrorClass, u32>>>,
+}
+
+/// How a step ended.
+pub(super) enum StepEnd {
+    /// It succeeded with this output.
+    Done(Value),
+    /// A person said to skip it.
+    Skipped,
+    /// The run stops here (for now or for good).
+    Stop(RunStatus),
+}
+
+/// Sends policy events to the journal and the observer, and counts failed attempts
+/// per class for escalation.
+#[derive(Debug)]
+struct StepSink {
+    journal: RunSink,
+    observer: Arc<dyn super::Observer>,
+    run_id: String,
+    step: u32,
+    failures: Arc<Mutex<HashMap<ErrorClass, u32>>>,
+}
+
+impl std::fmt::Debug for dyn super::Observer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Observer")
+    }
+}
+
+impl EventSink for StepSink {
+    fn record(&self, event: &Event) {
+        if let Event::AttemptEnded { outcome: AttemptOutcome::Failed(class), .. } = event {
+            *self.failures.lock().unwrap_or_else(|e| e.into_inner()).entry(*class).or_default() += 1;
+        }
+        self.journal.record(event);
+        self.observer
+            .event(&self.run_id, &JournalEvent::Policy { step: Some(self.step), event: event.clone() });
+    }
+}
+
+fn wall_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// The latest ticket about step `index`.
+fn latest_ticket(snap: &RunSnapshot, index: u32) -> Option<&TicketView> {
+    snap.tickets.iter().filter(|t| t.step == Some(index)).max_by_key(|t| t.opened_at_ms)
+}
+
+impl StepCtx<'_> {
+    fn id(&self) -> &str {
+        self.plan.step_id(self.index)
+    }
+
+    async fn record(&self, event: JournalEvent) -> Result<u64> {
+        self.runner.record(self.run_id, event).await
+    }
+
+    async fn fail(&self, class: ErrorClass, message: String) -> Result<StepEnd> {
+        self.record(JournalEvent::StepFinished {
+            step: self.index as u32,
+            outcome: StepOutcome::Failed { class, message: message.clone() },
+        })
+        .await?;
+        Ok(StepEnd::Stop(match class {
+            ErrorClass::DeadlineExceeded => RunStatus::TimedOut,
+            _ => RunStatus::Failed { class, message },
+        }))
+    }
+
+    /// Opens a ticket with the context package and stops the run.
+    async fn escalate(
+        &self,
+        tool: &Tool,
+        params: &Value,
+        class: ErrorClass,
+        message: &str,
+        attempts: u32,
+    ) -> Result<StepEnd> {
+        let ticket_id = new_id("tkt");
+        let suggestion = match class.default_disposition() {
+            Disposition::Retry => "the target kept failing: retry once it has recovered, or skip this step",
+            Disposition::Terminal => {
+                "retrying the same call cannot help: retry with new parameters, skip, or abort"
+            }
+            Disposition::Correct => "the call's input was wrong: retry with corrected parameters",
+            Disposition::Fallback => "try another route: retry with new parameters, or skip",
+            Disposition::Escalate => "the run repeats itself: abort, or skip this step",
+        };
+        let context = json!({
+            "input": self.plan.input,
+            "plan": self.plan.steps.iter().map(|s| json!({"id": s.id, "tool": s.tool})).collect::<Vec<_>>(),
+            "steps_done": self.outputs,
+            "failing_step": {"id": self.id(), "tool": tool.name.as_ref(), "params": params},
+            "error": {"class": class, "message": message, "attempts": attempts},
+            "suggestion": suggestion,
+            "actions": ["retry", "retry_with_params", "skip", "abort"],
+        });
+        self.record(JournalEvent::StepFinished {
+            step: self.index as u32,
+            outcome: StepOutcome::Failed { class, message: message.to_owned() },
+        })
+        .await?;
+        self.record(JournalEvent::TicketOpened {
+            ticket_id: ticket_id.clone(),
+            step: Some(self.index as u32),
+            class,
+            summary: format!("step `{}` ({}) failed: {class}: {message}", self.id(), tool.name),
+            context,
+        })
+        .await?;
+        Ok(StepEnd::Stop(RunStatus::Escalated { ticket_id }))
+    }
+}
+
+/// Runs one step (see the module docs).
+pub(super) async fn run_step(ctx: StepCtx<'_>) -> Result<StepEnd> {
+    let r = ctx.runner;
+    let index = ctx.index as u32;
+    let Some(tool) = r.config.tools.get(&ctx.step.tool).cloned() else {
+        return ctx.fail(ErrorClass::InvalidRequest, format!("no tool named `{}`", ctx.step.tool)).await;
+    };
+
+    // A person's answer to this step's last ticket.
+    let mut params_override = None;
+    if let Some(ticket) = latest_ticket(ctx.snap, index) {
+        if ticket.status == "open" {
+            return Ok(StepEnd::Stop(RunStatus::Escalated { ticket_id: ticket.ticket_id.clone() }));
+        }
+        // A resolution stays in force for the step: `retry` with parameters replaces
+        // the plan's for every later drive, so an approval of the old arguments can
+        // never cover the new ones.
+        let resolution = ticket.resolution.clone().unwrap_or(Value::Null);
+        match resolution["action"].as_str().unwrap_or("") {
+            "skip" => {
+                ctx.record(JournalEvent::StepFinished {
+                    step: index,
+                    outcome: StepOutcome::Skipped {
+                        reason: format!("skipped by {}", ticket.resolved_by.as_deref().unwrap_or("a person")),
+                    },
+                })
+                .await?;
+                return Ok(StepEnd::Skipped);
+            }
+            "abort" => return Ok(StepEnd::Stop(RunStatus::Cancelled)),
+            _ => params_override = resolution.get("params").filter(|p| !p.is_null()).cloned(),
+        }
+    }
+
+    // Parameters.
+    let steps_ctx: serde_json::Map<String, Value> =
+        ctx.outputs.iter().map(|(k, v)| (k.clone(), json!({ "output": v }))).collect();
+    let context = json!({ "input": ctx.plan.input, "steps": steps_ctx });
+    let params = match params_override {
+        Some(p) => p,
+        None => match render_json(&ctx.step.params, &context) {
+            Ok(p) => p,
+            Err(e) => return ctx.fail(ErrorClass::InvalidRequest, e.to_string()).await,
+        },
+    };
+    if let Err(f) = tool.check_params(&params) {
+        ctx.record(JournalEvent::StepStarted {
+            step: index,
+            name: ctx.id().to_owned(),
+            target: tool.name.to_string(),
+            input: params.clone(),
+        })
+        .await?;
+        return ctx.fail(f.class, f.message).await;
+    }
+    let now_ms = wall_ms(r.clock.wall());
+    if now_ms >= ctx.deadline_at_ms {
+        return ctx.fail(ErrorClass::DeadlineExceeded, "the run's deadline passed".into()).await;
+    }
+
+    // Approval, bound to the tool and the digest of these arguments.
+    let mode: Mode = serde_json::from_value(ctx.snap.run.input["mode"].clone()).unwrap_or(r.config.run.mode);
+    if tool.needs_approval(&params, mode) {
+        let digest = args_digest(&tool.name, &params);
+        let approval = ctx
+            .snap
+            .approvals
+            .iter()
+            .filter(|a| a.step == index && a.args_digest == digest)
+            .max_by_key(|a| a.requested_at_ms);
+        let expired_outcome = |ctx: &StepCtx<'_>| {
+            let outcome = r.config.approvals.on_expiry;
+            let message = format!("the approval for step `{}` expired", ctx.id());
+            (outcome, message)
+        };
+        match approval.map(|a| (a, a.status.as_str())) {
+            Some((_, "approved")) => {}
+            Some((a, "denied")) => {
+                let by = a.decided_by.clone().unwrap_or_default();
+                return ctx.fail(ErrorClass::ApprovalDenied, format!("{by} denied `{}`", tool.name)).await;
+            }
+            Some((a, status)) if status == "expired" || a.expires_at_ms <= now_ms => {
+                if status != "expired" {
+                    ctx.record(JournalEvent::ApprovalDecided {
+                        approval_id: a.approval_id.clone(),
+                        decision: ApprovalDecision::Expired,
+                        by: "keel".into(),
+                    })
+                    .await?;
+                }
+                let (outcome, message) = expired_outcome(&ctx);
+                return match outcome {
+                    ExpiryOutcome::Deny => ctx.fail(ErrorClass::ApprovalDenied, message).await,
+                    ExpiryOutcome::Escalate => {
+                        ctx.escalate(&tool, &params, ErrorClass::ApprovalDenied, &message, 0).await
+                    }
+                };
+            }
+            Some((a, _pending)) => {
+                return Ok(StepEnd::Stop(RunStatus::WaitingApproval { approval_id: a.approval_id.clone() }));
+            }
+            None => {
+                let approval_id = new_id("apr");
+                ctx.record(JournalEvent::StepStarted {
+                    step: index,
+                    name: ctx.id().to_owned(),
+                    target: tool.name.to_string(),
+                    input: params.clone(),
+                })
+                .await?;
+                let expires = r.config.approvals.expires_after;
+                ctx.record(JournalEvent::ApprovalRequested {
+                    approval_id: approval_id.clone(),
+                    step: index,
+                    tool: tool.name.to_string(),
+                    args_digest: digest,
+                    expires_at_ms: now_ms
+                        .saturating_add(i64::try_from(expires.as_millis()).unwrap_or(i64::MAX)),
+                })
+                .await?;
+                return Ok(StepEnd::Stop(RunStatus::WaitingApproval { approval_id }));
+            }
+        }
+    }
+
+    ctx.record(JournalEvent::StepStarted {
+        step: index,
+        name: ctx.id().to_owned(),
+        target: tool.name.to_string(),
+        input: params.clone(),
+    })
+    .await?;
+
+    // Idempotency: a completed key answers without acting again.
+    let key = idempotency_key(ctx.run_id, ctx.id(), &tool.name, &params);
+    let token = match r.journal.claim(&key).await? {
+        Claim::Done(result) => return finish_ok(&ctx, result).await,
+        Claim::Won(token) => token,
+        // We hold the run's lease, so the claimer was an earlier holder of this run
+        // that died mid-call: take its claim over. The tool sees the same
+        // Idempotency-Key, so a call that did reach it is not repeated there either.
+        Claim::InProgress { .. } => match r.journal.take_over_claim(&key).await? {
+            Claim::Done(result) => return finish_ok(&ctx, result).await,
+            Claim::Won(token) => token,
+            Claim::InProgress { .. } => {
+                return ctx.fail(ErrorClass::Conflict, format!("idempotency key `{key}` is held")).await;
+            }
+        },
+    };
+
+    // The pipeline, under the run's deadline and budget.
+    let sink = Arc::new(StepSink {
+        journal: r.writer.sink(ctx.run_id).step(index),
+        observer: r.observer.clone(),
+        run_id: ctx.run_id.to_owned(),
+        step: index,
+        failures: ctx.failures.clone(),
+    });
+    let pipeline = Pipeline::builder(tool.name.clone(), tool.policy.clone())
+        .clock(r.clock.clone())
+        .sink(sink)
+        .breaker(r.breaker(&tool))
+        .gate(r.gate.clone())
+        .build();
+    let left = Duration::from_millis(u64::try_from(ctx.deadline_at_ms - now_ms).unwrap_or(0));
+    let scope = RunScope::new().with_deadline(r.clock.now() + left).with_budget(ctx.budget.clone());
+    let clock = r.clock.clone();
+    let result = scope.run(pipeline.call(|_| tool.invoke_with_key(&params, &*clock, &key))).await;
+    match result {
+        Ok(output) => {
+            r.journal.complete(&token, &output).await?;
+            finish_ok(&ctx, output).await
+        }
+        Err(e) => {
+            r.journal.release_claim(&token).await?;
+            finish_err(&ctx, &tool, &params, e).await
+        }
+    }
+}
+
+async fn finish_ok(ctx: &StepCtx<'_>, output: Value) -> Result<StepEnd> {
+    ctx.record(JournalEvent::StepFinished {
+        step: ctx.index as u32,
+        outcome: StepOutcome::Succeeded { output: output.clone() },
+    })
+    .await?;
+    Ok(StepEnd::Done(output))
+}
+
+async fn finish_err(
+    ctx: &StepCtx<'_>,
+    tool: &Tool,
+    params: &Value,
+    e: CallError<Failure>,
+) -> Result<StepEnd> {
+    let class = e.class();
+    let message = e.to_string();
+    if class == ErrorClass::DeadlineExceeded {
+        return ctx.fail(class, message).await;
+    }
+    let seen = {
+        let mut failures = ctx.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = failures.entry(class).or_default();
+        if e.attempts == 0 {
+            // Refused before any attempt (breaker, budget, loop guard): one failure.
+            *n += 1;
+        }
+        *n
+    };
+    let needs_person =
+        matches!(class, ErrorClass::Unauthorized | ErrorClass::Forbidden | ErrorClass::LoopDetected);
+    if needs_person || seen >= ctx.runner.config.run.escalate_after.max(1) {
+        return ctx.escalate(tool, params, class, &message, e.attempts).await;
+    }
+    ctx.fail(class, message).await
+}
