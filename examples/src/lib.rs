@@ -1,4 +1,5 @@
 //! Offline examples of Keel. Each binary under `src/bin/` opens with how to run it; the
 //! tests under `tests/` run every one.
 
+pub mod demo;
 pub mod payments;

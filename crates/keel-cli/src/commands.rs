@@ -254,21 +254,10 @@ async fn runs(cli: &Cli, action: &RunsAction) -> Result<ExitCode> {
             print("timeline:");
             let start = export.events.first().map_or(0, |e| e.recorded_at_ms);
             for e in &export.events {
-                let t = format!("+{:.3}s", (e.recorded_at_ms - start) as f64 / 1000.0);
-                let what = match &e.event {
-                    keel_journal::JournalEvent::Policy { step, event } => {
-                        let step = step.map(|s| format!("step {s} ")).unwrap_or_default();
-                        format!("{step}{}", serde_json::to_string(event).unwrap_or_default())
-                    }
-                    other => serde_json::to_string(other).unwrap_or_default(),
-                };
-                if matches!(
-                    &e.event,
-                    keel_journal::JournalEvent::Policy { event: keel_core::Event::BudgetCharged { .. }, .. }
-                ) {
-                    continue;
+                if let Some(what) = crate::render::describe(&e.event) {
+                    let t = format!("+{:.3}s", (e.recorded_at_ms - start) as f64 / 1000.0);
+                    print(&format!("  {t:>9}  {what}"));
                 }
-                print(&format!("  {t:>9}  {what}"));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -384,7 +373,14 @@ async fn tickets(cli: &Cli, action: &TicketsAction) -> Result<ExitCode> {
                         .map_err(|e| UsageError(format!("--params is not JSON: {e}")))?,
                 },
             };
-            show(&inbox::resolve(&*ctx.journal, id, &guidance, &by.by).await?);
+            let item = inbox::resolve(&*ctx.journal, id, &guidance, &by.by).await?;
+            if ctx.json {
+                show(&item);
+            } else {
+                let action = item.ticket.resolution.as_ref().map(ToString::to_string).unwrap_or_default();
+                print(&format!("ticket {id} resolved by {}: {action}", by.by));
+                print(&format!("  continue with: keel runs resume {}", item.run.run_id));
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -104,6 +104,7 @@ impl Observer for Live {
                 print(&format!("⚑ ticket {ticket_id}: {summary}"));
                 print(&format!("  answer with: keel tickets resolve {ticket_id} --action retry|skip|abort"));
             }
+            JournalEvent::RunStateChanged { state: keel_journal::RunState::Running, .. } => {}
             JournalEvent::RunStateChanged { state, reason } => {
                 let reason = reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default();
                 print(&format!("run {}{reason}", state.as_str()));
@@ -151,4 +152,55 @@ impl Observer for Live {
             | JournalEvent::ProgramRecorded { .. } => {}
         }
     }
+}
+
+/// One journal event in words, for `keel runs show`'s timeline.
+pub(crate) fn describe(event: &JournalEvent) -> Option<String> {
+    Some(match event {
+        JournalEvent::RunCreated { name, .. } => format!("run created: {name}"),
+        JournalEvent::RunStateChanged { state, reason } => match reason {
+            Some(r) => format!("run {} ({r})", state.as_str()),
+            None => format!("run {}", state.as_str()),
+        },
+        JournalEvent::StepStarted { step, name, target, input } => {
+            format!("step {step} {name} → {target} {input}")
+        }
+        JournalEvent::StepFinished { step, outcome } => match outcome {
+            StepOutcome::Succeeded { .. } => format!("step {step} succeeded"),
+            StepOutcome::Failed { class, message } => format!("step {step} failed: {class}: {message}"),
+            StepOutcome::Skipped { reason } => format!("step {step} skipped: {reason}"),
+        },
+        JournalEvent::ApprovalRequested { approval_id, tool, .. } => {
+            format!("approval {approval_id} requested for {tool}")
+        }
+        JournalEvent::ApprovalDecided { approval_id, decision, by } => {
+            format!("approval {approval_id} {} by {by}", decision.as_str())
+        }
+        JournalEvent::TicketOpened { ticket_id, class, .. } => format!("ticket {ticket_id} opened ({class})"),
+        JournalEvent::TicketResolved { ticket_id, resolution, by } => {
+            format!("ticket {ticket_id} resolved by {by}: {resolution}")
+        }
+        JournalEvent::ProgramRecorded { step, attempt, .. } => {
+            format!("step {step} program of attempt {attempt} recorded")
+        }
+        JournalEvent::Policy { event, .. } => match event {
+            Event::AttemptStarted { .. } | Event::BudgetCharged { .. } => return None,
+            Event::AttemptEnded { target, attempt, outcome, latency } => match outcome {
+                AttemptOutcome::Ok => format!("  {target} attempt {attempt}: ok in {}", ms(*latency)),
+                AttemptOutcome::Failed(class) => {
+                    format!("  {target} attempt {attempt}: {class} after {}", ms(*latency))
+                }
+            },
+            Event::RetryScheduled { delay, reason, .. } => format!("  retry in {} ({reason:?})", ms(*delay)),
+            Event::RetryRefused { reason, .. } => format!("  no retry: {reason}"),
+            Event::BreakerTransition { target, from, to } => {
+                format!("  breaker {target}: {} → {}", from.as_str(), to.as_str())
+            }
+            Event::FallbackTaken { from, to, class } => format!("  fallback {from} → {to} ({class})"),
+            Event::BudgetExceeded { budget, kind, .. } => {
+                format!("  budget {budget} exceeded ({})", kind.as_str())
+            }
+            Event::LoopDetected { reason, .. } => format!("  loop detected: {reason}"),
+        },
+    })
 }

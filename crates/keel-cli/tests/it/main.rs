@@ -10,5 +10,6 @@ mod support;
 mod approvals;
 mod bad_input;
 mod crash;
+mod demo;
 mod tickets;
 mod timeouts;

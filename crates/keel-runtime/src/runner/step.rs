@@ -341,7 +341,9 @@ async fn finish_err(
     e: CallError<Failure>,
 ) -> Result<StepEnd> {
     let class = e.class();
-    let message = e.to_string();
+    let full = e.to_string();
+    // The class is reported beside the message; do not say it twice.
+    let message = full.strip_prefix(&format!("{class}: ")).unwrap_or(&full).to_owned();
     if class == ErrorClass::DeadlineExceeded {
         return ctx.fail(class, message).await;
     }
