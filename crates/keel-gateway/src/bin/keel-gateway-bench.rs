@@ -1,0 +1,2 @@
+//! The benchmark's server (placeholder until bench/ lands).
+fn main() {}

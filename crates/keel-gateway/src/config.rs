@@ -1,0 +1,248 @@
+//! Model and gateway configuration: the `[models.NAME]` tables of `keel.toml`, as plain
+//! serde values.
+//!
+//! A model is a name agents use, a provider, an upstream and the policy it is called
+//! under. Secrets never appear here: `api_key_env` names the environment variable
+//! that holds the key, read once when the [`Gateway`](crate::Gateway) is built.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use keel_core::{BreakerConfig, BudgetConfig, ErrorClass, FallbackConfig, LoopGuardConfig, RetryConfig};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Which wire protocol an upstream speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Provider {
+    /// Any OpenAI-compatible server: OpenAI, vLLM, llama.cpp's server, Ollama...
+    Openai,
+    /// Anthropic's Messages API, translated both ways.
+    Anthropic,
+}
+
+/// Prices of a model, in US dollars per million tokens.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct Prices {
+    /// Dollars per million prompt (input) tokens.
+    pub input_per_mtok: f64,
+    /// Dollars per million completion (output) tokens.
+    pub output_per_mtok: f64,
+}
+
+impl Prices {
+    /// The cost of `prompt` and `completion` tokens, in micro-dollars, rounded up.
+    pub fn cost_micros(&self, prompt: u64, completion: u64) -> u64 {
+        // USD per million tokens is micro-dollars per token.
+        let micros =
+            prompt as f64 * self.input_per_mtok.max(0.0) + completion as f64 * self.output_per_mtok.max(0.0);
+        micros.ceil() as u64
+    }
+}
+
+/// How one model is called: timeouts, retries, breaker and when to fall back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelPolicy {
+    /// The longest a whole non-streamed attempt may take, e.g. "60s".
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub timeout: Duration,
+    /// For streams: the longest until the first token, e.g. "10s". A stream that
+    /// has not produced a token by then counts as `timeout` and fails over unseen.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub ttft_timeout: Duration,
+    /// For streams: the longest pause between two chunks after the first token,
+    /// e.g. "10s". A stall counts as `timeout`; the stream is rescued.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub stall_timeout: Duration,
+    /// The shortest wait before retrying a `429` that came without `Retry-After`, so
+    /// that a persistent rate limit is never hit more than a few times a second;
+    /// the wait is this plus the backoff, e.g. "250ms".
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub rate_limit_floor: Duration,
+    /// Retries on the same model. A model with fallbacks never retries a `timeout`:
+    /// retrying a silent route only multiplies the wait, the fallback is tried at once.
+    pub retry: RetryConfig,
+    /// The model's circuit breaker.
+    pub breaker: BreakerConfig,
+    /// The classes of a final failure that move to the next model of `fallbacks`.
+    /// `context_overflow` and `refusal` have their own routes (`context_fallback`,
+    /// `content_fallback`) and never take the generic chain.
+    pub fallback: FallbackConfig,
+}
+
+impl Default for ModelPolicy {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(60),
+            ttft_timeout: Duration::from_secs(20),
+            stall_timeout: Duration::from_secs(20),
+            rate_limit_floor: Duration::from_millis(250),
+            retry: RetryConfig::default(),
+            breaker: BreakerConfig::default(),
+            fallback: FallbackConfig::default(),
+        }
+    }
+}
+
+/// One model agents can name in `model`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The wire protocol of the upstream.
+    pub provider: Provider,
+    /// The upstream's base URL, e.g. "https://api.openai.com/v1" or
+    /// "http://127.0.0.1:8080/v1"; `/chat/completions` (or `/messages`) is appended.
+    pub base_url: String,
+    /// The environment variable holding the upstream's API key; none for keyless
+    /// local servers. The key is read once, never logged.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// The model id the upstream knows, e.g. "gpt-4o-mini".
+    pub model: String,
+    /// How the model is called.
+    #[serde(default)]
+    pub policy: ModelPolicy,
+    /// Models to try, in order, when this one fails with a class of
+    /// `policy.fallback.on` (names of other `[models.*]`).
+    #[serde(default)]
+    pub fallbacks: Vec<String>,
+    /// A larger-context model for `context_overflow` (never retried on this model).
+    #[serde(default)]
+    pub context_fallback: Option<String>,
+    /// A model for `refusal` (a content-policy rejection); without it the
+    /// provider's reason is returned to the agent.
+    #[serde(default)]
+    pub content_fallback: Option<String>,
+    /// Whether this model continues a trailing assistant message (prefill), so a
+    /// stream cut on another model can continue here from the partial answer.
+    #[serde(default)]
+    pub accepts_prefill: bool,
+    /// Prices, for cost budgets.
+    #[serde(default)]
+    pub prices: Prices,
+    /// How many correction retries an invalid answer gets (empty, truncated, unknown
+    /// tool, bad tool arguments): the error is sent back to the model before the
+    /// agent sees anything. 0 turns correction off.
+    #[serde(default)]
+    pub correct: u32,
+    /// Whether answers are validated (empty, truncated, tool calls) at all.
+    #[serde(default = "yes")]
+    pub validate: bool,
+    /// Whether a streamed answer is held until complete before it is sent: every
+    /// failure is then invisible to the client, at the cost of streaming.
+    #[serde(default)]
+    pub buffer: bool,
+    /// Whether prompts are journaled as SHA-256 digests (default) rather than whole.
+    #[serde(default = "yes")]
+    pub hash_prompts: bool,
+    /// The completion tokens reserved from budgets when a request sets no
+    /// `max_tokens` (and, for Anthropic, the `max_tokens` sent).
+    #[serde(default = "default_max_tokens")]
+    pub default_max_tokens: u64,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_max_tokens() -> u64 {
+    4096
+}
+
+impl ModelConfig {
+    /// A model with default policy and options.
+    pub fn new(provider: Provider, base_url: impl Into<String>, model: impl Into<String>) -> Self {
+        Self {
+            provider,
+            base_url: base_url.into(),
+            api_key_env: None,
+            model: model.into(),
+            policy: ModelPolicy::default(),
+            fallbacks: Vec::new(),
+            context_fallback: None,
+            content_fallback: None,
+            accepts_prefill: false,
+            prices: Prices::default(),
+            correct: 0,
+            validate: true,
+            buffer: false,
+            hash_prompts: true,
+            default_max_tokens: default_max_tokens(),
+        }
+    }
+}
+
+/// Gateway-wide limits: budgets per API key and per run, the loop guard of runs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// The budget of each API key (the server's `ApiKeyId`), over the process's life.
+    pub key_budget: BudgetConfig,
+    /// The budget of each run (header `X-Keel-Run`).
+    pub run_budget: BudgetConfig,
+    /// The loop guard over a run's tool calls.
+    pub loop_guard: LoopGuardConfig,
+}
+
+/// Every problem of a set of model configs, found at once.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid model configuration:\n  {}", .problems.join("\n  "))]
+pub struct ConfigError {
+    /// One line per problem, `models.NAME.field: what is wrong`.
+    pub problems: Vec<String>,
+}
+
+/// Checks references between models and their URLs; reads nothing.
+pub(crate) fn check(models: &BTreeMap<String, ModelConfig>) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (name, m) in models {
+        if !m.base_url.starts_with("http://") {
+            problems.push(if m.base_url.starts_with("https://") {
+                format!(
+                    "models.{name}.base_url: https upstreams need a TLS-terminating hop in this build \
+                     (e.g. a local proxy); `{}` is not reachable",
+                    m.base_url
+                )
+            } else {
+                format!("models.{name}.base_url: `{}` is not an http:// URL", m.base_url)
+            });
+        } else if m.base_url.parse::<http::Uri>().is_err() {
+            problems.push(format!("models.{name}.base_url: `{}` is not a valid URL", m.base_url));
+        }
+        let refs = m
+            .fallbacks
+            .iter()
+            .map(|f| ("fallbacks", f))
+            .chain(m.context_fallback.iter().map(|f| ("context_fallback", f)))
+            .chain(m.content_fallback.iter().map(|f| ("content_fallback", f)));
+        for (field, target) in refs {
+            if target == name {
+                problems.push(format!("models.{name}.{field}: a model cannot fall back to itself"));
+            } else if !models.contains_key(target) {
+                problems.push(format!("models.{name}.{field}: no model named `{target}`"));
+            }
+        }
+        if m.policy.retry.max_attempts == 0 {
+            problems.push(format!("models.{name}.policy.retry.max_attempts: must be at least 1"));
+        }
+    }
+    problems
+}
+
+/// The classes that send a failure to the next model of the generic chain.
+pub(crate) fn chain_classes(policy: &ModelPolicy) -> Vec<ErrorClass> {
+    policy
+        .fallback
+        .on
+        .iter()
+        .copied()
+        .filter(|c| !matches!(c, ErrorClass::ContextOverflow | ErrorClass::Refusal))
+        .collect()
+}

@@ -1,0 +1,870 @@
+//! [`Gateway`]: the models, their policies and the accounts, and the calls through them.
+//!
+//! A call names a model. Its attempts go through that model's keel-core [`Pipeline`]
+//! (attempt timeout, retries honouring `Retry-After`, the model's breaker). When the
+//! model's final failure allows it, the call moves on, by class:
+//!
+//! - `context_overflow` → the model's `context_fallback`, else it fails cleanly;
+//! - `refusal` → the model's `content_fallback`, else the provider's answer or reason
+//!   is returned as it is;
+//! - a class in `policy.fallback.on` → the next model of the named model's `fallbacks`;
+//! - anything else is final.
+//!
+//! An answer that fails validation gets up to `correct` correction retries (the error
+//! sent back to the model) before that. Budgets (per API key, per run) are reserved
+//! before the call from its token limit at the dearest price of the route and settled
+//! from the real usage. The answer's `model` names the model that answered and its
+//! `usage` is that model's; the error of a call that failed names the original
+//! failure, never a fallback's.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, UNIX_EPOCH};
+
+use bytes::Bytes;
+use keel_core::event::{Event, EventSink, NullSink, emit};
+use keel_core::{
+    Breaker, Budget, BudgetKind, CallError, CallSignature, Classified, Clock, ConfidenceGate, ErrorClass,
+    ErrorKind, Failure, GateConfig, LoopGuard, Pipeline, PolicyConfig, Reservation, RunScope, TimeoutConfig,
+    TokioClock,
+};
+
+use crate::config::{self, ConfigError, GatewayConfig, ModelConfig, Provider};
+use crate::error::GatewayError;
+use crate::journal::{CallJournal, CallRecord, ModelFailure, Prompt};
+use crate::metrics::{CountingSink, MetricsSnapshot, ModelCounters, bump};
+use crate::upstream::{self, Endpoint, HttpClient};
+use crate::validate;
+use crate::wire::{AnswerSummary, ChatRequest, ParsedAnswer, ToolSpec, Usage, anthropic, parse_answer};
+
+/// Who is calling: the API key's id (set by the server's auth) and the run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CallContext {
+    /// The API key's id, whose budget is charged.
+    pub api_key: Option<String>,
+    /// The run (`X-Keel-Run`), whose budget and loop guard apply.
+    pub run: Option<String>,
+}
+
+/// A successful non-streamed call.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    /// The model that answered (a Keel model name).
+    pub model: Arc<str>,
+    /// The answer as OpenAI's JSON, `model` naming the model that answered.
+    pub body: Bytes,
+    /// What Keel read from it.
+    pub answer: AnswerSummary,
+    /// The answering model's usage.
+    pub usage: Usage,
+    /// Attempts made on every model.
+    pub attempts: u32,
+    /// Whether a model other than the one named answered.
+    pub fallback: bool,
+    /// Correction retries made.
+    pub corrections: u32,
+}
+
+impl Completion {
+    /// The answer as a JSON value.
+    ///
+    /// # Errors
+    /// Never for an answer the gateway produced; a parse error otherwise.
+    pub fn json(&self) -> Result<serde_json::Value, serde_json::Error> {
+        serde_json::from_slice(&self.body)
+    }
+}
+
+/// One model, ready to call.
+pub(crate) struct Model {
+    pub(crate) name: Arc<str>,
+    pub(crate) config: ModelConfig,
+    pub(crate) endpoint: Endpoint,
+    /// Whole answers: attempts bounded by `policy.timeout`.
+    pub(crate) pipeline: Pipeline,
+    /// Streams until their first token: attempts bounded by `policy.ttft_timeout`.
+    pub(crate) stream_pipeline: Pipeline,
+    pub(crate) chain_on: Vec<ErrorClass>,
+    pub(crate) counters: Arc<ModelCounters>,
+}
+
+impl fmt::Debug for Model {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Model")
+            .field("name", &self.name)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A run's budget and loop guard.
+#[derive(Debug)]
+pub(crate) struct RunAccount {
+    pub(crate) budget: Arc<Budget>,
+    pub(crate) guard: LoopGuard,
+}
+
+/// The most runs (and keys) whose accounts are kept; beyond it the least recently
+/// created half is dropped, so a long-lived gateway's memory stays bounded.
+const MAX_ACCOUNTS: usize = 50_000;
+
+#[derive(Debug, Default)]
+struct Accounts {
+    keys: Mutex<HashMap<String, Arc<Budget>>>,
+    runs: Mutex<HashMap<String, (u64, Arc<RunAccount>)>>,
+    created: std::sync::atomic::AtomicU64,
+}
+
+/// The model gateway: models, their breakers, budgets, journal and counters.
+pub struct Gateway {
+    pub(crate) models: BTreeMap<Arc<str>, Arc<Model>>,
+    pub(crate) client: HttpClient,
+    pub(crate) config: GatewayConfig,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) sink: Arc<dyn EventSink>,
+    pub(crate) journal: Option<Arc<dyn CallJournal>>,
+    accounts: Accounts,
+}
+
+impl fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Gateway")
+            .field("models", &self.models.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Looks up an environment variable.
+type EnvLookup = Box<dyn Fn(&str) -> Option<String>>;
+
+/// Builds a [`Gateway`].
+pub struct GatewayBuilder {
+    models: BTreeMap<String, ModelConfig>,
+    env: EnvLookup,
+    config: GatewayConfig,
+    clock: Option<Arc<dyn Clock>>,
+    sink: Arc<dyn EventSink>,
+    journal: Option<Arc<dyn CallJournal>>,
+}
+
+impl fmt::Debug for GatewayBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GatewayBuilder")
+            .field("models", &self.models.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl GatewayBuilder {
+    /// Where API keys are looked up (default: the process environment).
+    pub fn env(mut self, env: impl Fn(&str) -> Option<String> + 'static) -> Self {
+        self.env = Box::new(env);
+        self
+    }
+
+    /// Budgets per key and run, and the loop guard.
+    pub fn config(mut self, config: GatewayConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// The clock policies read (default: [`TokioClock`]).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// Where policy events go (retries, breaker transitions, fallbacks, budgets).
+    pub fn sink(mut self, sink: Arc<dyn EventSink>) -> Self {
+        self.sink = sink;
+        self
+    }
+
+    /// Where call records go.
+    pub fn journal(mut self, journal: Arc<dyn CallJournal>) -> Self {
+        self.journal = Some(journal);
+        self
+    }
+
+    /// The gateway, once every model checks out.
+    ///
+    /// # Errors
+    /// [`ConfigError`] listing every problem: unknown fallback names, bad URLs, keys
+    /// missing from the environment.
+    pub fn build(self) -> Result<Gateway, ConfigError> {
+        let mut problems = config::check(&self.models);
+        let clock = self.clock.unwrap_or_else(|| Arc::new(TokioClock::new()));
+        let counters: BTreeMap<Arc<str>, Arc<ModelCounters>> =
+            self.models.keys().map(|name| (Arc::from(name.as_str()), Arc::default())).collect();
+        let sink: Arc<dyn EventSink> =
+            Arc::new(CountingSink { inner: self.sink, counters: counters.clone() });
+        let gate = Arc::new(ConfidenceGate::new(GateConfig::default()));
+        let mut models = BTreeMap::new();
+        for (name, config) in self.models {
+            let key = match &config.api_key_env {
+                None => None,
+                Some(var) => match (self.env)(var) {
+                    Some(key) if !key.is_empty() => Some(key),
+                    _ => {
+                        problems.push(format!(
+                            "models.{name}.api_key_env: the environment variable `{var}` is not set"
+                        ));
+                        None
+                    }
+                },
+            };
+            let endpoint = match Endpoint::new(&name, &config, key) {
+                Ok(e) => e,
+                Err(problem) => {
+                    problems.push(problem);
+                    continue;
+                }
+            };
+            let name: Arc<str> = Arc::from(name.as_str());
+            let mut retry = config.policy.retry.clone();
+            if !config.fallbacks.is_empty() {
+                // A silent route is not retried when another model can answer now.
+                retry.retry_on.retain(|c| *c != ErrorClass::Timeout);
+            }
+            let policy = |attempt: Duration| PolicyConfig {
+                timeout: TimeoutConfig { attempt: Some(attempt), step: None },
+                retry: retry.clone(),
+                breaker: config.policy.breaker.clone(),
+                fallback: config.policy.fallback.clone(),
+                ..PolicyConfig::default()
+            };
+            let breaker = config.policy.breaker.enabled.then(|| {
+                Arc::new(Breaker::new(
+                    name.clone(),
+                    config.policy.breaker.clone(),
+                    clock.clone(),
+                    sink.clone(),
+                ))
+            });
+            let build = |attempt: Duration| {
+                let mut b = Pipeline::builder(name.clone(), policy(attempt))
+                    .clock(clock.clone())
+                    .sink(sink.clone())
+                    .gate(gate.clone());
+                if let Some(breaker) = &breaker {
+                    b = b.breaker(breaker.clone());
+                }
+                b.build()
+            };
+            let model = Model {
+                pipeline: build(config.policy.timeout),
+                stream_pipeline: build(if config.buffer {
+                    config.policy.timeout
+                } else {
+                    config.policy.ttft_timeout
+                }),
+                chain_on: config::chain_classes(&config.policy),
+                counters: counters.get(&name).cloned().unwrap_or_default(),
+                endpoint,
+                name: name.clone(),
+                config,
+            };
+            models.insert(name, Arc::new(model));
+        }
+        if !problems.is_empty() {
+            return Err(ConfigError { problems });
+        }
+        Ok(Gateway {
+            models,
+            client: upstream::client(),
+            config: self.config,
+            clock,
+            sink,
+            journal: self.journal,
+            accounts: Accounts::default(),
+        })
+    }
+}
+
+/// Why one model could not answer: the failure and, for an invalid answer, the answer.
+#[derive(Debug)]
+pub(crate) struct AttemptError {
+    pub(crate) failure: Failure,
+    pub(crate) answer: Option<ParsedAnswer>,
+}
+
+impl From<Failure> for AttemptError {
+    fn from(failure: Failure) -> Self {
+        Self { failure, answer: None }
+    }
+}
+
+impl fmt::Display for AttemptError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.failure.message)
+    }
+}
+
+impl Classified for AttemptError {
+    fn class(&self) -> ErrorClass {
+        self.failure.class
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        self.failure.retry_after
+    }
+}
+
+/// A model's final failure after its pipeline: the failure, the attempts it took and
+/// the rejected answer, if it was one.
+pub(crate) fn final_failure(e: CallError<AttemptError>) -> (Failure, u32, Option<ParsedAnswer>) {
+    let attempts = e.attempts;
+    let mut message = match &e.kind {
+        ErrorKind::Target(a) => a.failure.message.clone(),
+        other => other.to_string(),
+    };
+    if let Some(reason) = &e.refusal {
+        message.push_str(&format!(" (not retried: {reason})"));
+    }
+    match e.kind {
+        ErrorKind::Target(a) => {
+            (Failure { class: e.class, message, retry_after: a.failure.retry_after }, attempts, a.answer)
+        }
+        _ => (Failure::new(e.class, message), attempts, None),
+    }
+}
+
+/// Where a call goes next after a model's final failure.
+pub(crate) struct Route {
+    pub(crate) primary: Arc<Model>,
+    visited: Vec<Arc<str>>,
+    pub(crate) failures: Vec<ModelFailure>,
+    pub(crate) first: Option<Failure>,
+    pub(crate) attempts: u32,
+}
+
+impl Route {
+    pub(crate) fn new(primary: Arc<Model>) -> Self {
+        let visited = vec![primary.name.clone()];
+        Self { primary, visited, failures: Vec::new(), first: None, attempts: 0 }
+    }
+
+    pub(crate) fn failed(&mut self, model: &Model, failure: &Failure, attempts: u32) {
+        self.attempts += attempts;
+        self.failures.push(ModelFailure {
+            model: model.name.to_string(),
+            class: failure.class,
+            message: failure.message.clone(),
+            attempts,
+        });
+        if self.first.is_none() {
+            self.first = Some(failure.clone());
+        }
+    }
+
+    /// The next model after `model` failed with `class`, if the class allows one.
+    pub(crate) fn next(&mut self, gateway: &Gateway, model: &Model, class: ErrorClass) -> Option<Arc<Model>> {
+        let candidate = match class {
+            ErrorClass::ContextOverflow => {
+                model.config.context_fallback.iter().find(|n| self.unvisited(n)).cloned()
+            }
+            ErrorClass::Refusal => model.config.content_fallback.iter().find(|n| self.unvisited(n)).cloned(),
+            c if model.chain_on.contains(&c) => self.next_in_chain(),
+            _ => None,
+        }?;
+        let next = gateway.models.get(candidate.as_str())?.clone();
+        self.visited.push(next.name.clone());
+        bump(&model.counters.fallbacks_from, 1);
+        emit(&*gateway.sink, Event::FallbackTaken { from: model.name.clone(), to: next.name.clone(), class });
+        Some(next)
+    }
+
+    /// The next unvisited model of the primary's chain (stream rescues use only this).
+    pub(crate) fn next_in_chain(&self) -> Option<String> {
+        self.primary.config.fallbacks.iter().find(|n| self.unvisited(n)).cloned()
+    }
+
+    pub(crate) fn take_chain(
+        &mut self,
+        gateway: &Gateway,
+        from: &Model,
+        class: ErrorClass,
+    ) -> Option<Arc<Model>> {
+        let name = self.next_in_chain()?;
+        let next = gateway.models.get(name.as_str())?.clone();
+        self.visited.push(next.name.clone());
+        bump(&from.counters.fallbacks_from, 1);
+        emit(&*gateway.sink, Event::FallbackTaken { from: from.name.clone(), to: next.name.clone(), class });
+        Some(next)
+    }
+
+    fn unvisited(&self, name: &str) -> bool {
+        !self.visited.iter().any(|v| &**v == name)
+    }
+
+    /// The error the agent sees: the original failure's class, every failure told.
+    pub(crate) fn error(&self) -> GatewayError {
+        let first =
+            self.first.clone().unwrap_or_else(|| Failure::new(ErrorClass::CircuitOpen, "no model answered"));
+        let message = if self.failures.len() <= 1 {
+            first.message.clone()
+        } else {
+            self.failures
+                .iter()
+                .map(|f| format!("{}: {}", f.model, f.message))
+                .collect::<Vec<_>>()
+                .join("; then ")
+        };
+        GatewayError {
+            class: first.class,
+            message,
+            attempts: self.attempts,
+            failures: self.failures.clone(),
+            retry_after: first.retry_after,
+        }
+    }
+}
+
+/// The budgets a call charges, with what it reserved.
+#[derive(Debug, Default)]
+pub(crate) struct Charges {
+    budgets: Vec<Arc<Budget>>,
+    reservations: Vec<(BudgetKind, Reservation)>,
+    pub(crate) run: Option<Arc<RunAccount>>,
+    pub(crate) prompt_estimate: u64,
+}
+
+impl Charges {
+    /// Settles every reservation with real usage priced at `model`'s prices.
+    pub(crate) fn settle(&mut self, model: &Model, usage: Usage) {
+        let cost = model.config.prices.cost_micros(usage.prompt_tokens, usage.completion_tokens);
+        for (kind, r) in self.reservations.drain(..) {
+            let actual = match kind {
+                BudgetKind::Tokens => usage.total_tokens.max(usage.prompt_tokens + usage.completion_tokens),
+                BudgetKind::CostMicros => cost,
+                BudgetKind::Attempts => continue,
+            };
+            // Usage beyond the reservation is counted anyway; the next call is refused.
+            let _ = r.settle(actual);
+        }
+    }
+
+    fn scope(&self) -> Option<RunScope> {
+        (!self.budgets.is_empty())
+            .then(|| self.budgets.iter().fold(RunScope::new(), |s, b| s.with_budget(b.clone())))
+    }
+}
+
+impl Gateway {
+    /// Starts building a gateway of `models` (the `[models.*]` tables of `keel.toml`).
+    pub fn builder(models: BTreeMap<String, ModelConfig>) -> GatewayBuilder {
+        GatewayBuilder {
+            models,
+            env: Box::new(|k| std::env::var(k).ok()),
+            config: GatewayConfig::default(),
+            clock: None,
+            sink: Arc::new(NullSink),
+            journal: None,
+        }
+    }
+
+    /// The model names, sorted.
+    pub fn model_names(&self) -> impl Iterator<Item = &str> {
+        self.models.keys().map(|k| &**k)
+    }
+
+    /// The configuration of model `name`.
+    pub fn model_config(&self, name: &str) -> Option<&ModelConfig> {
+        self.models.get(name).map(|m| &m.config)
+    }
+
+    /// The circuit breaker of model `name`.
+    pub fn breaker(&self, name: &str) -> Option<&Arc<Breaker>> {
+        self.models.get(name).and_then(|m| m.pipeline.breaker())
+    }
+
+    /// The budget of API key `key`, if it has been charged.
+    pub fn key_budget(&self, key: &str) -> Option<Arc<Budget>> {
+        self.accounts.keys.lock().unwrap_or_else(|e| e.into_inner()).get(key).cloned()
+    }
+
+    /// The budget of run `run`, if it has been charged.
+    pub fn run_budget(&self, run: &str) -> Option<Arc<Budget>> {
+        self.accounts.runs.lock().unwrap_or_else(|e| e.into_inner()).get(run).map(|(_, a)| a.budget.clone())
+    }
+
+    /// Every model's counters.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        MetricsSnapshot {
+            models: self
+                .models
+                .iter()
+                .map(|(name, m)| {
+                    (name.to_string(), m.counters.snapshot(m.pipeline.breaker().map(|b| b.state())))
+                })
+                .collect(),
+        }
+    }
+
+    pub(crate) fn created(&self) -> u64 {
+        self.clock.wall().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    }
+
+    pub(crate) fn model(&self, name: &str) -> Result<Arc<Model>, GatewayError> {
+        self.models.get(name).cloned().ok_or_else(|| {
+            GatewayError::new(
+                ErrorClass::NotFound,
+                format!(
+                    "The model `{name}` does not exist (known: {})",
+                    self.models.keys().map(|k| &**k).collect::<Vec<_>>().join(", ")
+                ),
+            )
+        })
+    }
+
+    fn run_account(&self, run: &str) -> Arc<RunAccount> {
+        let mut runs = self.accounts.runs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, a)) = runs.get(run) {
+            return a.clone();
+        }
+        if runs.len() >= MAX_ACCOUNTS {
+            let mut ages: Vec<u64> = runs.values().map(|(n, _)| *n).collect();
+            ages.sort_unstable();
+            let cut = ages[ages.len() / 2];
+            runs.retain(|_, (n, _)| *n > cut);
+        }
+        let n = self.accounts.created.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let account = Arc::new(RunAccount {
+            budget: Arc::new(Budget::new(format!("run:{run}"), &self.config.run_budget, self.sink.clone())),
+            guard: LoopGuard::new(self.config.loop_guard.clone(), self.sink.clone()),
+        });
+        runs.insert(run.to_owned(), (n, account.clone()));
+        account
+    }
+
+    fn key_account(&self, key: &str) -> Arc<Budget> {
+        let mut keys = self.accounts.keys.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = keys.get(key) {
+            return b.clone();
+        }
+        if keys.len() >= MAX_ACCOUNTS {
+            keys.clear();
+        }
+        let budget = Arc::new(Budget::new(format!("key:{key}"), &self.config.key_budget, self.sink.clone()));
+        keys.insert(key.to_owned(), budget.clone());
+        budget
+    }
+
+    /// Reserves the call's upper bound on the key's and the run's budgets, at the
+    /// dearest price of every model the call may reach.
+    pub(crate) fn charge(
+        &self,
+        primary: &Model,
+        req: &ChatRequest,
+        ctx: &CallContext,
+    ) -> Result<Charges, GatewayError> {
+        let mut charges =
+            Charges { prompt_estimate: (req.messages_raw().len() as u64).div_ceil(3), ..Charges::default() };
+        if let Some(run) = &ctx.run {
+            let account = self.run_account(run);
+            account
+                .guard
+                .begin_turn()
+                .map_err(|e| GatewayError::new(ErrorClass::LoopDetected, e.to_string()))?;
+            charges.budgets.push(account.budget.clone());
+            charges.run = Some(account);
+        }
+        if let Some(key) = &ctx.api_key {
+            charges.budgets.push(self.key_account(key));
+        }
+        if charges.budgets.is_empty() {
+            return Ok(charges);
+        }
+        let route = std::iter::once(&primary.name.to_string())
+            .chain(&primary.config.fallbacks)
+            .chain(&primary.config.context_fallback)
+            .chain(&primary.config.content_fallback)
+            .filter_map(|n| self.models.get(n.as_str()))
+            .collect::<Vec<_>>();
+        let completion =
+            route.iter().map(|m| req.max_tokens.unwrap_or(m.config.default_max_tokens)).max().unwrap_or(0);
+        let tokens = charges.prompt_estimate + completion;
+        let cost = route
+            .iter()
+            .map(|m| m.config.prices.cost_micros(charges.prompt_estimate, completion))
+            .max()
+            .unwrap_or(0);
+        for budget in charges.budgets.clone() {
+            for (kind, amount) in [(BudgetKind::Tokens, tokens), (BudgetKind::CostMicros, cost)] {
+                if amount == 0 && budget.limit(kind).is_none() {
+                    continue;
+                }
+                let r = budget
+                    .reserve(kind, amount)
+                    .map_err(|e| GatewayError::new(ErrorClass::BudgetExceeded, e.to_string()))?;
+                charges.reservations.push((kind, r));
+            }
+        }
+        Ok(charges)
+    }
+
+    /// Checks the answer's tool calls against the run's loop guard.
+    pub(crate) fn guard_tools(
+        &self,
+        charges: &Charges,
+        calls: &[crate::wire::ToolCall],
+    ) -> Result<(), GatewayError> {
+        let Some(run) = &charges.run else { return Ok(()) };
+        for call in calls {
+            let args: serde_json::Value =
+                serde_json::from_str(&call.function.arguments).unwrap_or(serde_json::Value::Null);
+            let tool: Arc<str> = Arc::from(call.function.name.as_str());
+            run.guard.check_call(&tool, CallSignature::new(&call.function.name, &args)).map_err(|e| {
+                GatewayError::new(ErrorClass::LoopDetected, format!("the run was stopped: {e}"))
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Calls model `req.model` (and its fallbacks) for a whole answer.
+    ///
+    /// # Errors
+    /// [`GatewayError`] with the original failure's class: `not_found` for an unknown
+    /// model, `budget_exceeded`, `loop_detected`, or the class every model failed
+    /// with (`timeout`, `rate_limited`, `server_error`, `context_overflow`,
+    /// `refusal`, `empty_output`, `invalid_tool_call`, ...).
+    ///
+    /// # Cancel safety
+    /// Dropping the future abandons the call; reservations are given back.
+    pub async fn complete(&self, req: &ChatRequest, ctx: &CallContext) -> Result<Completion, GatewayError> {
+        let primary = self.model(&req.model)?;
+        bump(&primary.counters.requests, 1);
+        let mut charges = match self.charge(&primary, req, ctx) {
+            Ok(c) => c,
+            Err(e) => {
+                primary.counters.request_failed(e.class);
+                self.journal_call(ctx, &primary, req, None, &e.failures, 0, None, 0, None, Some(&e));
+                return Err(e);
+            }
+        };
+        let work = self.complete_routed(primary.clone(), req);
+        let routed = match charges.scope() {
+            Some(scope) => scope.run(work).await,
+            None => work.await,
+        };
+        let result = routed.and_then(|(done, route)| {
+            charges.settle(&self.models[&done.model], done.usage);
+            self.guard_tools(&charges, &done.answer.tool_calls).map(|()| (done, route))
+        });
+        match result {
+            Ok((done, route)) => {
+                let m = &self.models[&done.model];
+                let cost =
+                    m.config.prices.cost_micros(done.usage.prompt_tokens, done.usage.completion_tokens);
+                self.count_answer(m, done.usage, cost);
+                self.journal_call(
+                    ctx,
+                    &primary,
+                    req,
+                    Some(&done.model),
+                    &route.failures,
+                    done.attempts,
+                    Some(done.usage),
+                    done.corrections,
+                    None,
+                    None,
+                );
+                Ok(done)
+            }
+            Err(e) => {
+                primary.counters.request_failed(e.class);
+                self.journal_call(ctx, &primary, req, None, &e.failures, e.attempts, None, 0, None, Some(&e));
+                Err(e)
+            }
+        }
+    }
+
+    pub(crate) fn count_answer(&self, m: &Model, usage: Usage, cost: u64) {
+        bump(&m.counters.answered, 1);
+        bump(&m.counters.prompt_tokens, usage.prompt_tokens);
+        bump(&m.counters.completion_tokens, usage.completion_tokens);
+        bump(&m.counters.cost_micros, cost);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn journal_call(
+        &self,
+        ctx: &CallContext,
+        primary: &Model,
+        req: &ChatRequest,
+        answered_by: Option<&str>,
+        failures: &[ModelFailure],
+        attempts: u32,
+        usage: Option<Usage>,
+        corrections: u32,
+        rescue: Option<&str>,
+        error: Option<&GatewayError>,
+    ) {
+        let Some(journal) = &self.journal else { return };
+        let cost = match (answered_by.and_then(|n| self.models.get(n)), usage) {
+            (Some(m), Some(u)) => m.config.prices.cost_micros(u.prompt_tokens, u.completion_tokens),
+            _ => 0,
+        };
+        journal.record(CallRecord {
+            run: ctx.run.clone(),
+            api_key: ctx.api_key.clone(),
+            model: primary.name.to_string(),
+            answered_by: answered_by.map(str::to_owned),
+            stream: req.stream,
+            prompt: Prompt::new(req.messages_raw(), primary.config.hash_prompts),
+            attempts,
+            corrections,
+            failures: failures.to_vec(),
+            usage,
+            cost_micros: cost,
+            rescue: rescue.map(str::to_owned),
+            error: error.map(|e| (e.class, e.message.clone())),
+        });
+    }
+
+    async fn complete_routed(
+        &self,
+        primary: Arc<Model>,
+        req: &ChatRequest,
+    ) -> Result<(Completion, Route), GatewayError> {
+        let tools = req.tools();
+        let mut route = Route::new(primary.clone());
+        let mut model = primary;
+        loop {
+            match self.answer_on(&model, req, &tools).await {
+                Ok((answer, attempts, corrections)) => {
+                    route.attempts += attempts;
+                    let usage = answer.summary.usage.unwrap_or_default();
+                    let fallback = route.primary.name != model.name;
+                    return Ok((
+                        Completion {
+                            model: model.name.clone(),
+                            body: Bytes::from(answer.body),
+                            answer: answer.summary,
+                            usage,
+                            attempts: route.attempts,
+                            fallback,
+                            corrections,
+                        },
+                        route,
+                    ));
+                }
+                Err((failure, attempts, rejected)) => {
+                    route.failed(&model, &failure, attempts);
+                    match route.next(self, &model, failure.class) {
+                        Some(next) => model = next,
+                        None => {
+                            // A refusal with no content fallback: the provider's own
+                            // answer (with its reason) goes to the agent unchanged.
+                            if let (ErrorClass::Refusal, Some(answer)) = (failure.class, rejected) {
+                                let usage = answer.summary.usage.unwrap_or_default();
+                                return Ok((
+                                    Completion {
+                                        fallback: route.primary.name != model.name,
+                                        model: model.name.clone(),
+                                        body: Bytes::from(answer.body),
+                                        answer: answer.summary,
+                                        usage,
+                                        attempts: route.attempts,
+                                        corrections: 0,
+                                    },
+                                    route,
+                                ));
+                            }
+                            return Err(route.error());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// One model's answer, with correction retries.
+    async fn answer_on(
+        &self,
+        model: &Model,
+        req: &ChatRequest,
+        tools: &[ToolSpec],
+    ) -> Result<(ParsedAnswer, u32, u32), (Failure, u32, Option<ParsedAnswer>)> {
+        let mut req = Cow::Borrowed(req);
+        let mut attempts = 0;
+        let mut round = 0;
+        loop {
+            let mut made = 0;
+            let result = model
+                .pipeline
+                .call(|a| {
+                    made = a.number;
+                    self.attempt(model, &req, tools)
+                })
+                .await;
+            match result {
+                Ok(answer) => return Ok((answer, attempts + made, round)),
+                Err(e) => {
+                    let (failure, n, rejected) = final_failure(e);
+                    attempts += n;
+                    match rejected {
+                        Some(answer)
+                            if round < model.config.correct && validate::correctable(failure.class) =>
+                        {
+                            round += 1;
+                            bump(&model.counters.corrections, 1);
+                            let extra = validate::correction(&answer.summary, &failure);
+                            req = Cow::Owned(req.with_appended(&extra).map_err(|f| (f, attempts, None))?);
+                        }
+                        rejected => return Err((failure, attempts, rejected)),
+                    }
+                }
+            }
+        }
+    }
+
+    /// The upstream body for `req` on `model`.
+    pub(crate) fn body_for(&self, model: &Model, req: &ChatRequest) -> Result<Vec<u8>, Failure> {
+        match model.endpoint.provider {
+            Provider::Openai => Ok(req.openai_body(&model.config.model)),
+            Provider::Anthropic => {
+                anthropic::request_body(req, &model.config.model, model.config.default_max_tokens)
+            }
+        }
+    }
+
+    /// One attempt at a whole answer.
+    async fn attempt(
+        &self,
+        model: &Model,
+        req: &ChatRequest,
+        tools: &[ToolSpec],
+    ) -> Result<ParsedAnswer, AttemptError> {
+        let body = self.body_for(model, req)?;
+        let resp = model
+            .endpoint
+            .send(&self.client, body, &*self.clock)
+            .await
+            .map_err(|f| floor_rate_limit(f, model.config.policy.rate_limit_floor))?;
+        let bytes = upstream::read_body(resp.into_body()).await?;
+        let answer = match model.endpoint.provider {
+            Provider::Openai => parse_answer(&bytes, &model.name)?,
+            Provider::Anthropic => {
+                parse_answer(&anthropic::answer_to_openai(&bytes, &model.name, self.created())?, &model.name)?
+            }
+        };
+        if model.config.validate {
+            if let Err(failure) = validate::check(&answer.summary, tools) {
+                return Err(AttemptError { failure, answer: Some(answer) });
+            }
+        }
+        Ok(answer)
+    }
+}
+
+/// Gives a 429 that came without `Retry-After` a floor and jitter, so that a persistent
+/// rate limit is never hit more than a few times a second.
+pub(crate) fn floor_rate_limit(mut failure: Failure, floor: Duration) -> Failure {
+    if failure.class == ErrorClass::RateLimited && failure.retry_after.is_none() && !floor.is_zero() {
+        failure.retry_after = Some(floor + floor.mul_f64(fastrand::f64()));
+    }
+    failure
+}

@@ -1,0 +1,179 @@
+//! Journaling model calls: one [`CallRecord`] per call, failed attempts included.
+//!
+//! Prompts are private: unless a model sets `hash_prompts = false`, a record holds
+//! the SHA-256 of the prompt (the raw `messages` array), never the text. Records go to
+//! a [`CallJournal`]; [`JournalWriter`] is one (batched, non-blocking), writing each
+//! call as a step of its run (header `X-Keel-Run`, else the run `gateway`).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use keel_core::ErrorClass;
+use keel_journal::{JournalEvent, JournalWriter, NewEvent, StepOutcome};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::wire::Usage;
+
+/// The run gateway calls without `X-Keel-Run` are journaled under.
+pub const GATEWAY_RUN: &str = "gateway";
+
+/// The prompt as journaled: a digest, or the text when configured.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Prompt {
+    /// `sha256:` and the hex digest of the raw `messages` array.
+    Hashed(String),
+    /// The raw `messages` array.
+    Plain(String),
+}
+
+impl Prompt {
+    /// The prompt of `messages_raw`, hashed or not.
+    pub fn new(messages_raw: &str, hash: bool) -> Self {
+        if hash {
+            Prompt::Hashed(sha256_hex(messages_raw.as_bytes()))
+        } else {
+            Prompt::Plain(messages_raw.to_owned())
+        }
+    }
+}
+
+/// `sha256:` followed by the lowercase hex digest of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    let mut out = String::with_capacity(7 + 64);
+    out.push_str("sha256:");
+    for b in digest {
+        out.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
+        out.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
+    }
+    out
+}
+
+/// One failed attempt sequence on one model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ModelFailure {
+    /// The model.
+    pub model: String,
+    /// The class of its final failure.
+    pub class: ErrorClass,
+    /// In words.
+    pub message: String,
+    /// Attempts made on it.
+    pub attempts: u32,
+}
+
+/// One model call through the gateway, as journaled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CallRecord {
+    /// The run (`X-Keel-Run`), if any.
+    pub run: Option<String>,
+    /// The API key's id, if the server set one.
+    pub api_key: Option<String>,
+    /// The model the agent named.
+    pub model: String,
+    /// The model that answered, if any did.
+    pub answered_by: Option<String>,
+    /// Whether the answer streamed.
+    pub stream: bool,
+    /// The prompt, hashed unless configured otherwise.
+    pub prompt: Prompt,
+    /// Attempts made on every model.
+    pub attempts: u32,
+    /// Correction retries made.
+    pub corrections: u32,
+    /// Failures before the answer (or before giving up), in order.
+    pub failures: Vec<ModelFailure>,
+    /// The answering model's usage; failed attempts are not billed.
+    pub usage: Option<Usage>,
+    /// The answer's cost, in micro-dollars.
+    pub cost_micros: u64,
+    /// How a stream was rescued (`prefill`, `splice`), if it was.
+    pub rescue: Option<String>,
+    /// `None` on success, else the class and message the agent saw.
+    pub error: Option<(ErrorClass, String)>,
+}
+
+/// Where call records go.
+pub trait CallJournal: Send + Sync + fmt::Debug {
+    /// Records one call; must not block (queue and return).
+    fn record(&self, record: CallRecord);
+}
+
+/// Journals calls as steps of their run through a [`JournalWriter`].
+///
+/// keel-journal has no model-call event yet, so a call is a `step_started` (target
+/// `model:NAME`, input: the prompt digest and options) and a `step_finished` (output:
+/// the record), numbered from a per-run counter the gateway keeps.
+#[derive(Debug)]
+pub struct WriterJournal {
+    writer: JournalWriter,
+    steps: Mutex<HashMap<String, AtomicU32>>,
+}
+
+impl WriterJournal {
+    /// Records go to `writer`.
+    pub fn new(writer: JournalWriter) -> Self {
+        Self { writer, steps: Mutex::new(HashMap::new()) }
+    }
+
+    fn next_step(&self, run: &str) -> u32 {
+        let mut steps = self.steps.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = steps.get(run) {
+            return n.fetch_add(1, Ordering::Relaxed) + 1;
+        }
+        if steps.len() > 100_000 {
+            steps.clear();
+        }
+        steps.insert(run.to_owned(), AtomicU32::new(1));
+        1
+    }
+}
+
+impl CallJournal for WriterJournal {
+    fn record(&self, record: CallRecord) {
+        let run = record.run.clone().unwrap_or_else(|| GATEWAY_RUN.to_owned());
+        let step = self.next_step(&run);
+        let input = serde_json::json!({
+            "prompt": record.prompt,
+            "stream": record.stream,
+            "api_key": record.api_key,
+        });
+        let outcome = match &record.error {
+            None => StepOutcome::Succeeded { output: serde_json::to_value(&record).unwrap_or_default() },
+            Some((class, message)) => StepOutcome::Failed { class: *class, message: message.clone() },
+        };
+        self.writer.record(NewEvent::new(
+            run.clone(),
+            JournalEvent::StepStarted {
+                step,
+                name: "chat.completions".into(),
+                target: format!("model:{}", record.model),
+                input,
+            },
+        ));
+        self.writer.record(NewEvent::new(run, JournalEvent::StepFinished { step, outcome }));
+    }
+}
+
+/// Keeps records in memory (tests, and callers that journal elsewhere).
+#[derive(Debug, Default)]
+pub struct MemoryJournal {
+    records: Mutex<Vec<CallRecord>>,
+}
+
+impl MemoryJournal {
+    /// The records so far.
+    pub fn records(&self) -> Vec<CallRecord> {
+        self.records.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl CallJournal for MemoryJournal {
+    fn record(&self, record: CallRecord) {
+        self.records.lock().unwrap_or_else(|e| e.into_inner()).push(record);
+    }
+}

@@ -1,0 +1,606 @@
+//! Streamed answers, and what happens when an upstream stream fails.
+//!
+//! Streams are where gateways fail their users: a cut connection presented as a
+//! finished answer, a retry that repeats text the user already read. Keel's rules:
+//!
+//! 1. **Before the first token** nothing has reached the client, so a failure is
+//!    retried or falls back exactly like a whole answer, unseen. Reaching the first
+//!    token is bounded by the model's `ttft_timeout`, which counts as `timeout`. An
+//!    answer that ends without any token is `empty_output`. The response's status and
+//!    headers are sent only once a model produced its first token, so they name it.
+//! 2. **After the first token**, a cut connection, a stall longer than
+//!    `stall_timeout` (`timeout`), an end without a finish reason, or an error event
+//!    is rescued on the next model of the chain, in this order:
+//!    - *prefill*: a model with `accepts_prefill = true` gets the request plus the
+//!      partial answer as a trailing assistant message and continues it;
+//!    - *splice*: another model regenerates from the start; its output is held until
+//!      it has reproduced exactly the text the client already has, and only the rest
+//!      is sent. If it diverges, the next model is tried;
+//!    - otherwise the stream ends with a well-formed SSE error event naming the
+//!      *original* failure (`data: {"error": {...}}`), and no `[DONE]`.
+//!
+//!    A stream with tool-call deltas already sent is not rescued (a partial call
+//!    cannot be continued safely); it ends with the error event.
+//! 3. A cut stream never ends with `finish_reason: "stop"`: only an upstream's own
+//!    finish reason is ever forwarded.
+//! 4. A malformed chunk is skipped and counted. A stream that ends without `[DONE]`
+//!    after its finish reason is finalised at once: usage chunk (when asked for),
+//!    then `[DONE]`.
+//! 5. With `buffer = true` the whole answer is read before anything is sent, so every
+//!    failure is handled as in rule 1.
+//!
+//! Chunks keep the first upstream's `id`; each chunk's `model` names the model that
+//! produced it. The final usage (sent only when the agent asked with
+//! `stream_options.include_usage`) is the answering model's.
+
+pub(crate) mod source;
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use keel_core::{ErrorClass, Failure};
+use serde_json::value::RawValue;
+use tokio::sync::mpsc;
+
+use crate::error::GatewayError;
+use crate::gateway::{
+    AttemptError, CallContext, Charges, Gateway, Model, Route, final_failure, floor_rate_limit,
+};
+use crate::metrics::bump;
+use crate::wire::{ChatRequest, Usage, error_body};
+use source::{Item, Piece, Source};
+
+/// A stream that has started: which model produced the first token, and the SSE body.
+#[derive(Debug)]
+pub struct StreamResponse {
+    /// The model that produced the first token.
+    pub model: Arc<str>,
+    /// Attempts made before the first token.
+    pub attempts: u32,
+    /// Whether a model other than the one named produced it.
+    pub fallback: bool,
+    /// The SSE body, frame by frame (`data: ...\n\n`).
+    pub body: mpsc::Receiver<Bytes>,
+}
+
+impl StreamResponse {
+    /// The body as a `Stream` of frames, for an HTTP response.
+    pub fn into_stream(self) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
+        futures_util::stream::unfold(self.body, |mut rx| async move { rx.recv().await.map(|b| (Ok(b), rx)) })
+    }
+}
+
+/// An upstream stream that reached its first token (or, buffered, its end).
+pub(crate) struct Opened {
+    source: Source,
+    pending: Vec<Piece>,
+}
+
+impl Gateway {
+    /// Calls model `req.model` (and its fallbacks) for a streamed answer; returns once
+    /// a model produced its first token (or, with `buffer`, its whole answer).
+    ///
+    /// # Errors
+    /// As [`complete`](Gateway::complete), for failures before the first token.
+    /// Later failures are handled inside the stream (see the module docs).
+    pub async fn stream(
+        self: &Arc<Self>,
+        req: ChatRequest,
+        ctx: CallContext,
+    ) -> Result<StreamResponse, GatewayError> {
+        let primary = self.model(&req.model)?;
+        bump(&primary.counters.requests, 1);
+        let charges = match self.charge(&primary, &req, &ctx) {
+            Ok(c) => c,
+            Err(e) => {
+                primary.counters.request_failed(e.class);
+                self.journal_call(&ctx, &primary, &req, None, &[], 0, None, 0, None, Some(&e));
+                return Err(e);
+            }
+        };
+        let mut route = Route::new(primary.clone());
+        let mut model = primary.clone();
+        let opened = loop {
+            match self.open_on(&model, &req).await {
+                Ok((opened, attempts)) => {
+                    route.attempts += attempts;
+                    break opened;
+                }
+                Err((failure, attempts)) => {
+                    route.failed(&model, &failure, attempts);
+                    if let Some(next) = route.next(self, &model, failure.class) {
+                        model = next;
+                        continue;
+                    }
+                    let e = route.error();
+                    primary.counters.request_failed(e.class);
+                    self.journal_call(
+                        &ctx,
+                        &primary,
+                        &req,
+                        None,
+                        &e.failures,
+                        e.attempts,
+                        None,
+                        0,
+                        None,
+                        Some(&e),
+                    );
+                    return Err(e);
+                }
+            }
+        };
+        let (tx, rx) = mpsc::channel(64);
+        let response = StreamResponse {
+            model: model.name.clone(),
+            attempts: route.attempts,
+            fallback: model.name != primary.name,
+            body: rx,
+        };
+        let pump = Pump {
+            gateway: self.clone(),
+            tx,
+            req,
+            ctx,
+            charges,
+            route,
+            id: None,
+            created: self.created(),
+            sent_text: String::new(),
+            sent_tools: false,
+            role_sent: false,
+            finish: None,
+            usage: None,
+            spent: Usage::default(),
+            rescue: None,
+        };
+        tokio::spawn(pump.run(model, opened));
+        Ok(response)
+    }
+
+    /// One model's stream up to its first token, through its pipeline.
+    async fn open_on(&self, model: &Model, req: &ChatRequest) -> Result<(Opened, u32), (Failure, u32)> {
+        let mut made = 0;
+        let result = model
+            .stream_pipeline
+            .call(|a| {
+                made = a.number;
+                self.open(model, req)
+            })
+            .await;
+        match result {
+            Ok(opened) => Ok((opened, made)),
+            Err(e) => {
+                let (failure, attempts, _) = final_failure(e);
+                Err((failure, attempts))
+            }
+        }
+    }
+
+    /// One attempt: connect, then read until the first token (or the end, buffered).
+    async fn open(&self, model: &Model, req: &ChatRequest) -> Result<Opened, AttemptError> {
+        let body = self.body_for(model, req)?;
+        let resp = model
+            .endpoint
+            .send(&self.client, body, &*self.clock)
+            .await
+            .map_err(|f| floor_rate_limit(f, model.config.policy.rate_limit_floor))?;
+        let mut source = Source::new(resp.into_body(), model.endpoint.provider);
+        let mut pending = Vec::new();
+        let mut finish: Option<String> = None;
+        let buffer = model.config.buffer;
+        loop {
+            let item = if buffer {
+                tokio::time::timeout(model.config.policy.stall_timeout, source.next()).await.map_err(
+                    |_| {
+                        Failure::new(
+                            ErrorClass::Timeout,
+                            format!("no chunk for {:?}", model.config.policy.stall_timeout),
+                        )
+                    },
+                )??
+            } else {
+                source.next().await?
+            };
+            match item {
+                Item::Piece(p) => {
+                    let token = p.is_token();
+                    if p.finish_reason.is_some() {
+                        finish = p.finish_reason.clone();
+                    }
+                    pending.push(p);
+                    if token && !buffer {
+                        return Ok(Opened { source, pending });
+                    }
+                }
+                Item::Done | Item::Eof => {
+                    let tokens = pending.iter().any(Piece::is_token);
+                    let failure = match (&finish, tokens) {
+                        (None, _) => Failure::new(
+                            ErrorClass::Network,
+                            "the upstream closed the stream before it finished",
+                        ),
+                        (Some(f), false) if f == "length" => Failure::new(
+                            ErrorClass::TruncatedOutput,
+                            "the answer was cut off at the token limit",
+                        ),
+                        (Some(f), false) if f == "content_filter" => {
+                            Failure::new(ErrorClass::Refusal, "the content filter stopped the answer")
+                        }
+                        (Some(_), false) => {
+                            Failure::new(ErrorClass::EmptyOutput, "the model answered with an empty stream")
+                        }
+                        (Some(_), true) => {
+                            // Buffered and complete; `Done` vs `Eof` no longer matters.
+                            if matches!(item, Item::Eof) {
+                                bump(&model.counters.finalised_without_done, 1);
+                            }
+                            return Ok(Opened { source, pending });
+                        }
+                    };
+                    return Err(failure.into());
+                }
+            }
+        }
+    }
+}
+
+/// How a stream's output is being forwarded.
+enum Mode {
+    /// Straight through.
+    Direct,
+    /// A restarted answer, held until it has reproduced `sent_text`.
+    Splice { regenerated: String },
+}
+
+/// The task that copies an upstream stream to the client and rescues it.
+struct Pump {
+    gateway: Arc<Gateway>,
+    tx: mpsc::Sender<Bytes>,
+    req: ChatRequest,
+    ctx: CallContext,
+    charges: Charges,
+    route: Route,
+    id: Option<String>,
+    created: u64,
+    sent_text: String,
+    sent_tools: bool,
+    role_sent: bool,
+    finish: Option<String>,
+    usage: Option<Usage>,
+    /// Tokens spent on models that did not finish the answer.
+    spent: Usage,
+    rescue: Option<&'static str>,
+}
+
+/// How forwarding a piece went.
+enum Forwarded {
+    Ok,
+    /// The client went away.
+    Gone,
+    /// A spliced answer diverged from what the client has.
+    Diverged,
+}
+
+impl Pump {
+    async fn run(mut self, mut model: Arc<Model>, opened: Opened) {
+        let mut source = opened.source;
+        let mut queue: VecDeque<Piece> = opened.pending.into();
+        let mut mode = Mode::Direct;
+        let mut original: Option<Failure> = None;
+        loop {
+            let stall = model.config.policy.stall_timeout;
+            let next = match queue.pop_front() {
+                Some(piece) => Ok(Ok(Item::Piece(piece))),
+                None => tokio::time::timeout(stall, source.next()).await,
+            };
+            let splicing = matches!(mode, Mode::Splice { .. });
+            let failure = match next {
+                Err(_) => {
+                    Failure::new(ErrorClass::Timeout, format!("the upstream stalled: no chunk for {stall:?}"))
+                }
+                Ok(Err(f)) => f,
+                Ok(Ok(Item::Piece(piece))) => match self.forward(&model, piece, &mut mode).await {
+                    Forwarded::Ok => continue,
+                    Forwarded::Gone => return self.finish_gone(&model, source.malformed),
+                    Forwarded::Diverged => Failure::new(
+                        ErrorClass::ServerError,
+                        "the regenerated answer diverged from the text already sent",
+                    ),
+                },
+                Ok(Ok(Item::Done)) if !splicing => {
+                    bump(&model.counters.malformed_chunks, source.malformed);
+                    return self.finish_ok(&model).await;
+                }
+                Ok(Ok(Item::Eof)) if self.finish.is_some() && !splicing => {
+                    bump(&model.counters.malformed_chunks, source.malformed);
+                    bump(&model.counters.finalised_without_done, 1);
+                    return self.finish_ok(&model).await;
+                }
+                Ok(Ok(Item::Done | Item::Eof)) if splicing => Failure::new(
+                    ErrorClass::ServerError,
+                    "the regenerated answer ended before it reached the text already sent",
+                ),
+                Ok(Ok(Item::Done | Item::Eof)) => Failure::new(
+                    ErrorClass::Network,
+                    "the upstream closed the stream before the answer finished",
+                ),
+            };
+            // The stream failed after tokens reached the client.
+            bump(&model.counters.malformed_chunks, source.malformed);
+            if original.is_none() {
+                // The breaker counted this stream a success at its first token; the cut
+                // is a failure of the model too.
+                if let Some(permit) = model.stream_pipeline.breaker().and_then(|b| b.acquire()) {
+                    permit.record(Some(failure.class));
+                }
+                model.counters.attempt_failed(failure.class);
+                original = Some(failure.clone());
+            }
+            self.route.failed(&model, &failure, 0);
+            if !splicing {
+                self.spent.completion_tokens += estimate_tokens(&self.sent_text);
+            }
+            let class = original.as_ref().map_or(failure.class, |f| f.class);
+            match self.rescue_on(&model, class).await {
+                Some((next, opened, next_mode, how)) => {
+                    let counter = match how {
+                        "prefill" => &next.counters.rescued_prefill,
+                        _ => &next.counters.rescued_splice,
+                    };
+                    bump(counter, 1);
+                    self.rescue = Some(how);
+                    self.usage = None;
+                    model = next;
+                    source = opened.source;
+                    queue = opened.pending.into();
+                    mode = next_mode;
+                }
+                None => {
+                    let original = original.unwrap_or(failure);
+                    bump(&self.route.primary.counters.rescue_failed, 1);
+                    return self.finish_error(&model, original).await;
+                }
+            }
+        }
+    }
+
+    /// The next model of the chain that takes over, by prefill or by splice.
+    async fn rescue_on(
+        &mut self,
+        from: &Model,
+        class: ErrorClass,
+    ) -> Option<(Arc<Model>, Opened, Mode, &'static str)> {
+        if self.sent_tools || !self.route.primary.chain_on.contains(&class) {
+            return None;
+        }
+        let gateway = self.gateway.clone();
+        let mut from = gateway.models.get(&from.name)?.clone();
+        loop {
+            let next = self.route.take_chain(&gateway, &from, class)?;
+            let prefill = next.config.accepts_prefill && !self.sent_text.is_empty();
+            let req = if prefill {
+                self.req
+                    .with_appended(&[serde_json::json!({"role": "assistant", "content": self.sent_text})])
+                    .ok()?
+            } else {
+                self.req.clone()
+            };
+            match gateway.open_on(&next, &req).await {
+                Ok((opened, attempts)) => {
+                    self.route.attempts += attempts;
+                    let (mode, how) = if prefill {
+                        (Mode::Direct, "prefill")
+                    } else {
+                        (Mode::Splice { regenerated: String::new() }, "splice")
+                    };
+                    return Some((next, opened, mode, how));
+                }
+                Err((failure, attempts)) => {
+                    self.route.failed(&next, &failure, attempts);
+                    from = next;
+                }
+            }
+        }
+    }
+
+    async fn send(&self, frame: Bytes) -> bool {
+        self.tx.send(frame).await.is_ok()
+    }
+
+    /// Sends one piece to the client (or holds it, while splicing).
+    async fn forward(&mut self, model: &Model, mut piece: Piece, mode: &mut Mode) -> Forwarded {
+        if self.id.is_none() {
+            self.id = piece.id.clone();
+        }
+        if let Some(usage) = piece.usage.take() {
+            self.usage = Some(usage);
+        }
+        if let Mode::Splice { regenerated } = mode {
+            if piece.tool_calls.is_some() {
+                return Forwarded::Diverged;
+            }
+            if let Some(text) = piece.content.take() {
+                regenerated.push_str(&text);
+            }
+            let sent = &self.sent_text;
+            if regenerated.len() <= sent.len() {
+                if !sent.starts_with(regenerated.as_str()) {
+                    return Forwarded::Diverged;
+                }
+                if regenerated.len() < sent.len() {
+                    // Still catching up: a finish now would be a shorter answer.
+                    return if piece.finish_reason.is_some() { Forwarded::Diverged } else { Forwarded::Ok };
+                }
+            } else if !regenerated.starts_with(sent.as_str()) {
+                return Forwarded::Diverged;
+            }
+            // Caught up: only what the client has not seen goes out.
+            let rest = regenerated[sent.len()..].to_owned();
+            piece.content = (!rest.is_empty()).then_some(rest);
+            *mode = Mode::Direct;
+        }
+        if piece.role && self.role_sent {
+            piece.role = false;
+        }
+        if piece.finish_reason.is_some() {
+            self.finish = piece.finish_reason.clone();
+        }
+        let has_delta = piece.role
+            || piece.content.as_deref().is_some_and(|c| !c.is_empty())
+            || piece.tool_calls.is_some();
+        if !has_delta && piece.finish_reason.is_none() {
+            return Forwarded::Ok;
+        }
+        if piece.role {
+            self.role_sent = true;
+        }
+        if let Some(text) = &piece.content {
+            self.sent_text.push_str(text);
+        }
+        if piece.tool_calls.is_some() {
+            self.sent_tools = true;
+        }
+        let frame = self.chunk(&model.name, &piece);
+        if self.send(frame).await { Forwarded::Ok } else { Forwarded::Gone }
+    }
+
+    fn chunk(&self, model: &str, piece: &Piece) -> Bytes {
+        let mut delta = serde_json::Map::new();
+        if piece.role {
+            delta.insert("role".into(), "assistant".into());
+        }
+        if let Some(c) = &piece.content {
+            delta.insert("content".into(), c.as_str().into());
+        }
+        let tool_calls = piece.tool_calls.as_deref().map(RawValue::get);
+        let delta = serde_json::Value::Object(delta).to_string();
+        let delta = match tool_calls {
+            Some(raw) if delta == "{}" => format!("{{\"tool_calls\":{raw}}}"),
+            Some(raw) => format!("{},\"tool_calls\":{raw}}}", &delta[..delta.len() - 1]),
+            None => delta,
+        };
+        let finish = match &piece.finish_reason {
+            Some(f) => serde_json::Value::from(f.as_str()).to_string(),
+            None => "null".into(),
+        };
+        frame(&format!(
+            "{{\"id\":{},\"object\":\"chat.completion.chunk\",\"created\":{},\"model\":{},\"choices\":[{{\"index\":0,\"delta\":{delta},\"finish_reason\":{finish}}}]}}",
+            serde_json::Value::from(self.id.as_deref().unwrap_or("chatcmpl-keel")),
+            self.created,
+            serde_json::Value::from(model),
+        ))
+    }
+
+    fn answer_usage(&self) -> Usage {
+        self.usage
+            .unwrap_or_else(|| Usage::new(self.charges.prompt_estimate, estimate_tokens(&self.sent_text)))
+    }
+
+    async fn finish_ok(mut self, model: &Model) {
+        let usage = self.answer_usage();
+        if self.req.include_usage {
+            let frame = frame(&format!(
+                "{{\"id\":{},\"object\":\"chat.completion.chunk\",\"created\":{},\"model\":{},\"choices\":[],\"usage\":{}}}",
+                serde_json::Value::from(self.id.as_deref().unwrap_or("chatcmpl-keel")),
+                self.created,
+                serde_json::Value::from(&*model.name),
+                serde_json::to_string(&usage).unwrap_or_else(|_| "null".into()),
+            ));
+            self.send(frame).await;
+        }
+        self.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+        let total = Usage::new(
+            usage.prompt_tokens + self.spent.prompt_tokens,
+            usage.completion_tokens + self.spent.completion_tokens,
+        );
+        self.charges.settle(model, total);
+        let cost = model.config.prices.cost_micros(usage.prompt_tokens, usage.completion_tokens);
+        self.gateway.count_answer(model, usage, cost);
+        let failures = self.route.failures.clone();
+        let primary = self.route.primary.clone();
+        self.gateway.journal_call(
+            &self.ctx,
+            &primary,
+            &self.req,
+            Some(&model.name),
+            &failures,
+            self.route.attempts,
+            Some(usage),
+            0,
+            self.rescue,
+            None,
+        );
+    }
+
+    async fn finish_error(mut self, model: &Model, original: Failure) {
+        let sent = self.sent_text.chars().count();
+        let mut message =
+            format!("the stream failed after {sent} characters were sent: {}", original.message);
+        if self.route.failures.len() > 1 {
+            let tried: Vec<String> =
+                self.route.failures.iter().skip(1).map(|f| format!("{}: {}", f.model, f.message)).collect();
+            message.push_str(&format!(" (rescue failed: {})", tried.join("; ")));
+        }
+        let body = error_body(original.class, &message);
+        self.send(frame(&body.to_string())).await;
+        let spent = Usage::new(self.charges.prompt_estimate, self.spent.completion_tokens);
+        self.charges.settle(model, spent);
+        let e = GatewayError {
+            class: original.class,
+            message,
+            attempts: self.route.attempts,
+            failures: self.route.failures.clone(),
+            retry_after: None,
+        };
+        self.route.primary.counters.request_failed(e.class);
+        let primary = self.route.primary.clone();
+        self.gateway.journal_call(
+            &self.ctx,
+            &primary,
+            &self.req,
+            None,
+            &e.failures,
+            e.attempts,
+            None,
+            0,
+            self.rescue,
+            Some(&e),
+        );
+    }
+
+    fn finish_gone(mut self, model: &Model, malformed: u64) {
+        bump(&model.counters.malformed_chunks, malformed);
+        let spent = Usage::new(self.charges.prompt_estimate, estimate_tokens(&self.sent_text));
+        self.charges.settle(model, spent);
+        let e = GatewayError::new(ErrorClass::Network, "the client closed the connection mid-stream");
+        let primary = self.route.primary.clone();
+        self.gateway.journal_call(
+            &self.ctx,
+            &primary,
+            &self.req,
+            Some(&model.name),
+            &self.route.failures,
+            self.route.attempts,
+            None,
+            0,
+            self.rescue,
+            Some(&e),
+        );
+    }
+}
+
+/// About four characters a token: an estimate where an upstream gave no usage.
+fn estimate_tokens(text: &str) -> u64 {
+    (text.len() as u64).div_ceil(4)
+}
+
+fn frame(json: &str) -> Bytes {
+    let mut out = Vec::with_capacity(json.len() + 8);
+    out.extend_from_slice(b"data: ");
+    out.extend_from_slice(json.as_bytes());
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
+}

@@ -1,0 +1,8 @@
+//! keel-gateway's integration tests: the gateway on loopback against fake upstreams.
+
+mod anthropic;
+mod policy;
+mod python;
+mod streaming;
+mod support;
+mod validation;

@@ -1,0 +1,209 @@
+//! Streams: invisible failover before the first token, rescue after it, and never a
+//! cut answer presented as complete.
+
+use std::time::Duration;
+
+use keel_core::ErrorClass;
+use serde_json::Value;
+
+use crate::support::{Fake, Reply, ask_stream, model, post_chat, serve};
+
+#[tokio::test]
+async fn a_stream_is_relayed_with_usage_and_done() {
+    let fake = Fake::start().await;
+    fake.always(Reply::Text(vec!["Hel", "lo", " there"]));
+    let served = serve(vec![("gpt", model(&fake, "m"))]).await;
+    let a = post_chat(&served.url, ask_stream("gpt"), &[]).await;
+    assert_eq!(
+        (a.status, a.header("content-type"), a.header("x-keel-model")),
+        (200, "text/event-stream", "gpt")
+    );
+    assert_eq!(a.streamed_text(), "Hello there");
+    assert_eq!(a.finish_reasons(), ["stop"]);
+    let events = a.events();
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(
+        (usage["usage"]["completion_tokens"].as_u64(), usage["model"].as_str()),
+        (Some(3), Some("gpt"))
+    );
+
+    // Without include_usage the agent gets no usage chunk, but the budget still does.
+    let mut body = ask_stream("gpt");
+    body.as_object_mut().unwrap().remove("stream_options");
+    let a = post_chat(&served.url, body, &[]).await;
+    assert!(a.events().iter().all(|e| !e.contains("\"usage\"")), "{}", a.text);
+    assert_eq!(fake.seen()[1].body["stream_options"]["include_usage"], true);
+    assert_eq!(served.gateway.metrics().models["gpt"].completion_tokens, 6);
+}
+
+#[tokio::test]
+async fn failures_before_the_first_token_are_invisible() {
+    let primary = Fake::start().await;
+    primary.script([Reply::Status { code: 500, retry_after: None, body: "x" }, Reply::Empty]);
+    primary.always(Reply::Hang);
+    let backup = Fake::start().await;
+    backup.always(Reply::Text(vec!["from", " backup"]));
+    let mut gpt = model(&primary, "m");
+    gpt.policy.ttft_timeout = Duration::from_millis(300);
+    gpt.fallbacks = vec!["backup".into()];
+    let served = serve(vec![("gpt", gpt.clone()), ("backup", model(&backup, "b"))]).await;
+    let a = post_chat(&served.url, ask_stream("gpt"), &[]).await;
+    // 500 (retried), then an empty stream (empty_output: fallback), all unseen.
+    assert_eq!((a.status, a.header("x-keel-model"), a.header("x-keel-fallback")), (200, "backup", "true"));
+    assert_eq!(a.streamed_text(), "from backup");
+    assert_eq!(primary.hits(), 2);
+
+    // A model silent past its time-to-first-token limit: a timeout, failed over at once.
+    let a = post_chat(&served.url, ask_stream("gpt"), &[]).await;
+    assert_eq!((a.header("x-keel-model"), a.streamed_text().as_str()), ("backup", "from backup"));
+    assert_eq!(primary.hits(), 3);
+    assert_eq!(served.gateway.metrics().models["gpt"].attempt_failures[&ErrorClass::Timeout], 1);
+}
+
+#[tokio::test]
+async fn a_cut_stream_continues_on_a_fallback_that_accepts_prefill() {
+    let primary = Fake::start().await;
+    primary.always(Reply::Cut(vec!["The capital", " of France"]));
+    let backup = Fake::start().await;
+    backup.always(Reply::Text(vec![" is", " Paris."]));
+    let mut gpt = model(&primary, "m");
+    gpt.fallbacks = vec!["backup".into()];
+    let mut b = model(&backup, "b");
+    b.accepts_prefill = true;
+    let served = serve(vec![("gpt", gpt), ("backup", b)]).await;
+    let a = post_chat(&served.url, ask_stream("gpt"), &[]).await;
+    assert_eq!(a.streamed_text(), "The capital of France is Paris.");
+    assert_eq!(a.finish_reasons(), ["stop"]);
+    assert_eq!(a.events().last().unwrap(), "[DONE]");
+    let prefill = backup.seen()[0].body["messages"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(
+        (prefill["role"].as_str(), prefill["content"].as_str()),
+        (Some("assistant"), Some("The capital of France"))
+    );
+    let m = served.gateway.metrics();
+    assert_eq!(m.models["backup"].rescued_prefill, 1);
+    assert_eq!(served.journal.records()[0].rescue.as_deref(), Some("prefill"));
+}
+
+#[tokio::test]
+async fn a_cut_stream_is_regenerated_and_spliced_without_duplicate_text() {
+    let primary = Fake::start().await;
+    primary.always(Reply::Cut(vec!["One, two,", " three,"]));
+    let backup = Fake::start().await;
+    backup.always(Reply::Text(vec!["One,", " two, thr", "ee, four", ", five."]));
+    let mut gpt = model(&primary, "m");
+    gpt.fallbacks = vec!["backup".into()];
+    let served = serve(vec![("gpt", gpt), ("backup", model(&backup, "b"))]).await;
+    let a = post_chat(&served.url, ask_stream("gpt"), &[]).await;
+    assert_eq!(a.streamed_text(), "One, two, three, four, five.", "{}", a.text);
+    assert_eq!(a.finish_reasons(), ["stop"]);
+    let models: Vec<String> = a
+        .events()
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter(|v| {
+            v.pointer("/choices/0/delta/content").and_then(Value::as_str).is_some_and(|c| !c.is_empty())
+        })
+        .map(|v| v["model"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(models, ["gpt", "gpt", "backup", "backup"], "each chunk names its model");
+    assert_eq!(served.gateway.metrics().models["backup"].rescued_splice, 1);
+}
+
+#[tokio::test]
+async fn an_unrescuable_stream_ends_with_an_error_event_naming_the_original_failure() {
+    let primary = Fake::start().await;
+    primary.always(Reply::Cut(vec!["Partial", " answer"]));
+    let diverging = Fake::start().await;
+    diverging.always(Reply::Text(vec!["Something", " else entirely"]));
+    let mut gpt = model(&primary, "m");
+    gpt.fallbacks = vec!["other".into()];
+    let served = serve(vec![("gpt", gpt.clone()), ("other", model(&diverging, "o"))]).await;
+    let a = post_chat(&served.url, ask_stream("gpt"), &[]).await;
+    assert_eq!(a.status, 200, "the stream had started");
+    assert_eq!(a.streamed_text(), "Partial answer", "no text of the diverging fallback leaks");
+    assert!(a.finish_reasons().is_empty(), "never finish_reason stop on a cut stream: {}", a.text);
+    let last: Value = serde_json::from_str(a.events().last().unwrap()).unwrap();
+    assert_eq!(last["error"]["type"], "network", "the original failure, not the fallback's: {last}");
+    assert!(last["error"]["message"].as_str().unwrap().contains("diverged"), "{last}");
+    assert!(!a.text.contains("[DONE]"));
+
+    // No fallback at all: the same well-formed error event.
+    let served = serve(vec![("gpt", model(&primary, "m"))]).await;
+    let a = post_chat(&served.url, ask_stream("gpt"), &[]).await;
+    let last: Value = serde_json::from_str(a.events().last().unwrap()).unwrap();
+    assert_eq!(last["error"]["type"], "network");
+    let record = &served.journal.records()[0];
+    assert_eq!(record.error.as_ref().map(|e| e.0), Some(ErrorClass::Network));
+    assert_eq!(served.gateway.metrics().models["gpt"].rescue_failed, 1);
+}
+
+#[tokio::test]
+async fn a_stalled_stream_is_a_timeout_and_is_rescued() {
+    let primary = Fake::start().await;
+    primary.always(Reply::Stall(vec!["Count: 1,", " 2,"]));
+    let backup = Fake::start().await;
+    backup.always(Reply::Text(vec![" 3."]));
+    let mut gpt = model(&primary, "m");
+    gpt.policy.stall_timeout = Duration::from_millis(300);
+    gpt.fallbacks = vec!["backup".into()];
+    let mut b = model(&backup, "b");
+    b.accepts_prefill = true;
+    let served = serve(vec![("gpt", gpt), ("backup", b)]).await;
+    let a = post_chat(&served.url, ask_stream("gpt"), &[]).await;
+    assert_eq!(a.streamed_text(), "Count: 1, 2, 3.");
+    assert_eq!(served.gateway.metrics().models["gpt"].attempt_failures[&ErrorClass::Timeout], 1);
+}
+
+#[tokio::test]
+async fn malformed_chunks_are_skipped_and_a_missing_done_is_finalised() {
+    let fake = Fake::start().await;
+    fake.script([Reply::MalformedChunk(vec!["a", "b", "c"]), Reply::NoDone(vec!["x", "y"])]);
+    let served = serve(vec![("gpt", model(&fake, "m"))]).await;
+    let a = post_chat(&served.url, ask_stream("gpt"), &[]).await;
+    assert_eq!(a.streamed_text(), "abc");
+    assert_eq!(a.events().last().unwrap(), "[DONE]");
+    let b = post_chat(&served.url, ask_stream("gpt"), &[]).await;
+    assert_eq!(b.streamed_text(), "xy");
+    assert_eq!(b.finish_reasons(), ["stop"]);
+    let events = b.events();
+    assert_eq!(events.last().unwrap(), "[DONE]", "finalised by Keel");
+    assert!(events[events.len() - 2].contains("\"usage\""), "with usage");
+    let m = &served.gateway.metrics().models["gpt"];
+    assert_eq!((m.malformed_chunks, m.finalised_without_done), (1, 1));
+}
+
+#[tokio::test]
+async fn a_buffered_model_hides_even_a_mid_stream_cut() {
+    let primary = Fake::start().await;
+    primary.always(Reply::Cut(vec!["never", " seen"]));
+    let backup = Fake::start().await;
+    backup.always(Reply::Text(vec!["clean", " answer"]));
+    let mut gpt = model(&primary, "m");
+    gpt.buffer = true;
+    gpt.fallbacks = vec!["backup".into()];
+    let served = serve(vec![("gpt", gpt), ("backup", model(&backup, "b"))]).await;
+    let a = post_chat(&served.url, ask_stream("gpt"), &[]).await;
+    assert_eq!((a.header("x-keel-model"), a.streamed_text().as_str()), ("backup", "clean answer"));
+}
+
+#[tokio::test]
+async fn streamed_tool_calls_are_relayed() {
+    let fake = Fake::start().await;
+    fake.always(Reply::Tool { name: "get_weather", args: "{\"city\":\"Paris\"}" });
+    let served = serve(vec![("gpt", model(&fake, "m"))]).await;
+    let a = post_chat(&served.url, ask_stream("gpt"), &[]).await;
+    let args: String = a
+        .events()
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter_map(|v| {
+            v.pointer("/choices/0/delta/tool_calls/0/function/arguments")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(args, "{\"city\":\"Paris\"}");
+    assert_eq!(a.finish_reasons(), ["tool_calls"]);
+}
