@@ -30,6 +30,12 @@ pub enum Command {
         #[arg(long)]
         wait: bool,
     },
+    /// Serve the HTTP API, the web inbox and /metrics; work runs in the background.
+    Serve {
+        /// The address to listen on (default: keel.toml's `[server] listen`).
+        #[arg(long)]
+        listen: Option<String>,
+    },
     /// Runs: list, show, resume, cancel.
     Runs {
         /// What to do.

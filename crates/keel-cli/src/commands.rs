@@ -99,10 +99,37 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
             }
             drive(&ctx, &runner, &run_id, *wait, Duration::ZERO).await
         }
+        Command::Serve { listen } => serve(&cli, listen.as_deref()).await,
         Command::Runs { action } => runs(&cli, action).await,
         Command::Approvals { action } => approvals(&cli, action).await,
         Command::Tickets { action } => tickets(&cli, action).await,
     }
+}
+
+/// `keel serve`: until SIGINT or SIGTERM, then a graceful stop.
+async fn serve(cli: &Cli, listen: Option<&str>) -> Result<ExitCode> {
+    let ctx = open(cli).await?;
+    if ctx.config.keys.is_empty() {
+        return Err(UsageError(
+            "keel serve needs at least one API key: add [[server.keys]] with name, key_env and role".into(),
+        )
+        .into());
+    }
+    let addr = listen.unwrap_or(&ctx.config.server.listen).to_owned();
+    let state = keel_server::state(ctx.config.clone(), ctx.journal.clone(), ctx.clock.clone()).await?;
+    let listener =
+        tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+    print(&format!("keel serve listening on http://{}", listener.local_addr()?));
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+    };
+    keel_server::serve(state, listener, shutdown, Duration::from_secs(30)).await?;
+    print("keel serve stopped");
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Drives a run, waiting for people where asked, and reports where it stands.

@@ -11,7 +11,10 @@ mod error;
 pub mod raw;
 
 pub use error::{ConfigError, ConfigErrors};
-pub use raw::{ApprovalRule, ApprovalsConfig, ExpiryOutcome, FixedApproval, Mode, RunConfig};
+pub use raw::{
+    ApprovalRule, ApprovalsConfig, ExpiryOutcome, FixedApproval, Mode, RateLimitConfig, Role, RunConfig,
+    ServerConfig,
+};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -39,6 +42,27 @@ pub struct Config {
     pub approvals: ApprovalsConfig,
     /// The tools, by name.
     pub tools: BTreeMap<String, Arc<Tool>>,
+    /// `keel serve`'s settings.
+    pub server: ServerConfig,
+    /// API keys with their secrets read from the environment (never logged).
+    pub keys: Vec<ApiKey>,
+}
+
+/// An API key of `keel serve`.
+#[derive(Clone)]
+pub struct ApiKey {
+    /// Its name.
+    pub name: String,
+    /// What it may do.
+    pub role: Role,
+    /// The secret.
+    pub secret: String,
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiKey").field("name", &self.name).field("role", &self.role).finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for Config {
@@ -52,6 +76,8 @@ impl std::fmt::Debug for Config {
             .field("run", &self.run)
             .field("approvals", &self.approvals)
             .field("tools", &self.tools)
+            .field("server", &self.server)
+            .field("keys", &self.keys)
             .finish()
     }
 }
@@ -154,6 +180,25 @@ impl Config {
             }
         }
 
+        let mut keys = Vec::new();
+        for (i, k) in raw.server.keys.iter().enumerate() {
+            match env(&k.key_env) {
+                Some(secret) if secret.len() >= 16 => {
+                    keys.push(ApiKey { name: k.name.clone(), role: k.role, secret });
+                }
+                Some(_) => c.error(
+                    None,
+                    format!("server.keys[{i}].key_env"),
+                    format!("the key in `{}` is shorter than 16 characters", k.key_env),
+                ),
+                None => c.error(
+                    None,
+                    format!("server.keys[{i}].key_env"),
+                    format!("environment variable `{}` is not set", k.key_env),
+                ),
+            }
+        }
+
         if !c.errors.is_empty() {
             return Err(ConfigErrors(c.errors));
         }
@@ -164,6 +209,8 @@ impl Config {
             run: raw.run,
             approvals: raw.approvals,
             tools,
+            server: raw.server,
+            keys,
         })
     }
 

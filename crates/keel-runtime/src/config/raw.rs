@@ -31,6 +31,78 @@ pub struct RawConfig {
     #[serde(default)]
     #[schemars(with = "BTreeMap<String, ToolConfig>")]
     pub tools: BTreeMap<String, Spanned<ToolConfig>>,
+    /// `keel serve`: where it listens, who may call it.
+    #[serde(default)]
+    pub server: ServerConfig,
+}
+
+/// What a key may do on `keel serve`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Invoke tools and start runs.
+    Agent,
+    /// Decide approvals and tickets (and read).
+    Approver,
+    /// Everything.
+    Admin,
+}
+
+/// One API key: its secret comes from the environment.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    /// A name for logs and the journal (never the key itself).
+    pub name: String,
+    /// The environment variable holding the key.
+    pub key_env: String,
+    /// What the key may do.
+    pub role: Role,
+}
+
+/// Per-key request rate limit.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    /// Sustained requests per second per key.
+    pub per_second: u32,
+    /// Requests a key may make in a burst.
+    pub burst: u32,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self { per_second: 200, burst: 400 }
+    }
+}
+
+/// `keel serve`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// The address to listen on.
+    pub listen: String,
+    /// API keys; every route but `/healthz` needs one.
+    #[serde(default)]
+    pub keys: Vec<KeyConfig>,
+    /// The largest request body, in bytes.
+    pub body_limit: usize,
+    /// Per-key rate limit.
+    pub rate_limit: RateLimitConfig,
+    /// Runs worked at once by the server.
+    pub workers: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            keys: Vec::new(),
+            body_limit: 1 << 20,
+            rate_limit: RateLimitConfig::default(),
+            workers: 4,
+        }
+    }
 }
 
 /// Where the journal lives.

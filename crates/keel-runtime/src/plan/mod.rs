@@ -95,12 +95,17 @@ impl Plan {
             "json" => serde_json::from_str(text).map_err(|e| e.to_string())?,
             other => return Err(format!("unknown plan format `{other}`: use .toml, .yaml or .json")),
         };
-        for (i, step) in plan.steps.iter_mut().enumerate() {
+        plan.fill_ids();
+        Ok(plan)
+    }
+
+    /// Names steps without an id `step-N` (1-based).
+    pub fn fill_ids(&mut self) {
+        for (i, step) in self.steps.iter_mut().enumerate() {
             if step.id.is_none() {
                 step.id = Some(format!("step-{}", i + 1));
             }
         }
-        Ok(plan)
     }
 
     /// The id of step `index`.

@@ -1,0 +1,185 @@
+// Keel's web inbox: approvals, tickets, runs and a dashboard over /api.
+// The API key is kept in this browser's localStorage and sent as a bearer token.
+"use strict";
+
+const state = { tab: "approvals", key: localStorage.getItem("keel-key") || "", openRun: null };
+const $ = (sel) => document.querySelector(sel);
+
+function esc(v) {
+  return String(v ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
+}
+
+async function api(path, options = {}) {
+  const headers = { Authorization: `Bearer ${state.key}` };
+  if (options.body !== undefined) headers["Content-Type"] = "application/json";
+  const resp = await fetch(path, { ...options, headers, body: options.body === undefined ? undefined : JSON.stringify(options.body) });
+  const data = await resp.json().catch(() => ({}));
+  if (!resp.ok) throw new Error(`${data.class || resp.status}: ${data.message || resp.statusText}`);
+  return data;
+}
+
+function status(text, isError) {
+  const el = $("#status");
+  el.textContent = text || "";
+  el.className = isError ? "error" : "muted";
+}
+
+function ago(ms) {
+  const s = Math.max(0, Math.round((Date.now() - ms) / 1000));
+  if (s < 60) return `${s}s ago`;
+  if (s < 3600) return `${Math.floor(s / 60)}m ago`;
+  return `${Math.floor(s / 3600)}h ago`;
+}
+
+async function renderApprovals() {
+  const items = await api("/api/approvals");
+  const pending = items.filter((i) => i.approval.status === "pending");
+  $("#count-approvals").textContent = pending.length || "";
+  const el = $("#approvals");
+  if (!items.length) { el.innerHTML = `<p class="muted">No approvals.</p>`; return; }
+  el.innerHTML = items.map((i) => {
+    const a = i.approval;
+    const args = i.step ? JSON.stringify(i.step.input, null, 2) : "";
+    const left = Math.round((a.expires_at_ms - Date.now()) / 1000);
+    const buttons = a.status === "pending"
+      ? `<div class="actions">
+           <input class="comment" data-id="${esc(a.approval_id)}" placeholder="comment (optional)">
+           <button class="approve" data-approve="${esc(a.approval_id)}">Approve</button>
+           <button class="reject" data-reject="${esc(a.approval_id)}">Reject</button>
+           <span class="muted">expires in ${left}s</span></div>`
+      : `<p class="muted">${esc(a.status)}${a.decided_by ? " by " + esc(a.decided_by) : ""}</p>`;
+    return `<div class="card approval" data-approval="${esc(a.approval_id)}">
+      <h3>${esc(a.tool)} <span class="muted">— run ${esc(i.run.name)} (${esc(a.run_id)})</span></h3>
+      <div class="muted">step ${esc(i.step ? i.step.name : a.step)} · requested ${ago(a.requested_at_ms)} · digest ${esc(a.args_digest.slice(0, 16))}…</div>
+      <pre>${esc(args)}</pre>${buttons}</div>`;
+  }).join("");
+}
+
+async function renderTickets() {
+  const items = await api("/api/tickets");
+  const open = items.filter((i) => i.ticket.status === "open");
+  $("#count-tickets").textContent = open.length || "";
+  const el = $("#tickets");
+  if (!items.length) { el.innerHTML = `<p class="muted">No tickets.</p>`; return; }
+  el.innerHTML = items.map((i) => {
+    const t = i.ticket;
+    const actions = t.status === "open"
+      ? `<div class="actions">
+          <button data-resolve="${esc(t.ticket_id)}" data-action="retry">Retry</button>
+          <button data-resolve="${esc(t.ticket_id)}" data-action="skip">Skip</button>
+          <button data-resolve="${esc(t.ticket_id)}" data-action="abort">Abort</button>
+          <input class="params" data-id="${esc(t.ticket_id)}" placeholder='new params for retry, e.g. {"amount": 5}' size="40">
+        </div>`
+      : `<p class="muted">resolved by ${esc(t.resolved_by)}: ${esc(JSON.stringify(t.resolution))}</p>`;
+    return `<div class="card ticket"><h3>${esc(t.class)} <span class="muted">— ${esc(i.run.name)} (${esc(t.run_id)})</span></h3>
+      <div>${esc(t.summary)}</div>
+      <div class="muted">suggestion: ${esc(t.context.suggestion || "")}</div>
+      <pre>${esc(JSON.stringify(t.context, null, 2))}</pre>${actions}</div>`;
+  }).join("");
+}
+
+async function renderRuns() {
+  const runs = await api("/api/runs");
+  let html = `<table><tr><th>run</th><th>name</th><th>state</th><th>updated</th></tr>` + runs.map((r) =>
+    `<tr class="clickable" data-run="${esc(r.run_id)}"><td>${esc(r.run_id)}</td><td>${esc(r.name)}</td>
+     <td class="state-${esc(r.state)}">${esc(r.state)}</td><td>${ago(r.updated_at_ms)}</td></tr>`).join("") + `</table>`;
+  if (state.openRun) {
+    const x = await api(`/api/runs/${encodeURIComponent(state.openRun)}`);
+    const start = x.events.length ? x.events[0].recorded_at_ms : 0;
+    const line = (e) => {
+      const ev = e.event;
+      let what = ev.type;
+      if (ev.type === "policy") {
+        const p = ev.event;
+        if (p.type === "budget_charged" || p.type === "attempt_started") return "";
+        if (p.type === "attempt_ended") what = `${p.target} attempt ${p.attempt}: ${typeof p.outcome === "string" ? p.outcome : p.outcome.failed} (${p.latency})`;
+        else if (p.type === "retry_scheduled") what = `retry in ${p.delay} (${p.reason}) after ${p.class}`;
+        else if (p.type === "retry_refused") what = `no retry: ${p.reason.kind}`;
+        else if (p.type === "fallback_taken") what = `fallback ${p.from} → ${p.to} (${p.class})`;
+        else if (p.type === "breaker_transition") what = `breaker ${p.target}: ${p.from} → ${p.to}`;
+        else what = p.type;
+      } else if (ev.type === "step_started") what = `step ${ev.name} → ${ev.target}`;
+      else if (ev.type === "step_finished") what = `step ${ev.step} ${ev.outcome.status}${ev.outcome.class ? ": " + ev.outcome.class : ""}`;
+      else if (ev.type === "run_state_changed") what = `run ${ev.state}${ev.reason ? " (" + ev.reason + ")" : ""}`;
+      return `<li>+${((e.recorded_at_ms - start) / 1000).toFixed(3)}s ${esc(what)}</li>`;
+    };
+    html += `<div class="card"><h3>${esc(x.state.run.name)} <span class="state-${esc(x.state.run.state)}">${esc(x.state.run.state)}</span></h3>
+      <ol class="timeline">${x.events.map(line).join("")}</ol></div>`;
+  }
+  $("#runs").innerHTML = html;
+}
+
+function bars(entries, opts = {}) {
+  if (!entries.length) return `<p class="muted">No data yet.</p>`;
+  const max = Math.max(...entries.map((e) => e[1]), opts.max || 0) || 1;
+  const h = 22 * entries.length + 4;
+  return `<svg width="100%" height="${h}" viewBox="0 0 600 ${h}">` + entries.map(([label, v], i) => {
+    const w = Math.round((v / max) * 380);
+    const text = opts.percent ? `${(v * 100).toFixed(1)}%` : v;
+    return `<text x="0" y="${i * 22 + 16}" font-size="12">${esc(label).slice(0, 28)}</text>
+      <rect class="bar ${opts.err ? "err" : ""}" x="190" y="${i * 22 + 4}" width="${w}" height="16"></rect>
+      <text x="${196 + w}" y="${i * 22 + 16}" font-size="12">${text}</text>`;
+  }).join("") + `</svg>`;
+}
+
+async function renderDashboard() {
+  const d = await api("/api/dashboard");
+  const targets = Object.entries(d.targets);
+  const classes = Object.entries(d.classes_over_time).map(([c, hours]) =>
+    `<tr><td>${esc(c)}</td><td>${Object.entries(hours).map(([h, n]) => `${new Date(Number(h)).toISOString().slice(5, 13)}h: ${n}`).join(", ")}</td></tr>`).join("");
+  $("#dashboard").innerHTML = `
+    <div class="chart"><h3>Error rate by target</h3>${bars(targets.map(([t, s]) => [t, s.error_rate]), { percent: true, err: true, max: 1 })}</div>
+    <div class="chart"><h3>Retries per run</h3>${bars(d.retries_per_run.map(([r, n]) => [r, n]))}</div>
+    <div class="chart"><h3>Top error classes</h3>${bars(d.top_classes, { err: true })}
+      <table><tr><th>class</th><th>failed attempts per hour</th></tr>${classes}</table></div>
+    <div class="chart"><h3>Breakers</h3><table>${targets.map(([t, s]) =>
+      `<tr><td>${esc(t)}</td><td class="breaker-${esc(s.breaker || "closed")}">${esc(s.breaker || "closed")}</td><td>${s.calls} calls, ${s.errors} errors</td></tr>`).join("")}</table></div>`;
+}
+
+async function refresh() {
+  if (!state.key) { status("Enter an API key to see the inbox."); return; }
+  try {
+    await Promise.all([renderApprovals(), renderTickets()]);
+    if (state.tab === "runs") await renderRuns();
+    if (state.tab === "dashboard") await renderDashboard();
+    status(`updated ${new Date().toLocaleTimeString()}`);
+  } catch (e) {
+    status(e.message, true);
+  }
+}
+
+document.addEventListener("click", async (ev) => {
+  const t = ev.target.closest("button, tr[data-run]");
+  if (!t) return;
+  try {
+    if (t.dataset.tab) {
+      state.tab = t.dataset.tab;
+      document.querySelectorAll("nav button").forEach((b) => b.classList.toggle("active", b === t));
+      document.querySelectorAll(".tab").forEach((s) => { s.hidden = s.id !== state.tab; });
+    } else if (t.dataset.approve || t.dataset.reject) {
+      const id = t.dataset.approve || t.dataset.reject;
+      const comment = document.querySelector(`input.comment[data-id="${CSS.escape(id)}"]`)?.value || null;
+      await api(`/api/approvals/${encodeURIComponent(id)}/${t.dataset.approve ? "approve" : "reject"}`, { method: "POST", body: { comment } });
+    } else if (t.dataset.resolve) {
+      const raw = document.querySelector(`input.params[data-id="${CSS.escape(t.dataset.resolve)}"]`)?.value;
+      const body = { action: t.dataset.action };
+      if (t.dataset.action === "retry" && raw) body.params = JSON.parse(raw);
+      await api(`/api/tickets/${encodeURIComponent(t.dataset.resolve)}/resolve`, { method: "POST", body });
+    } else if (t.dataset.run) {
+      state.openRun = t.dataset.run;
+    }
+    await refresh();
+  } catch (e) {
+    status(e.message, true);
+  }
+});
+
+$("#key-form").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  state.key = $("#key").value.trim();
+  localStorage.setItem("keel-key", state.key);
+  refresh();
+});
+
+refresh();
+setInterval(refresh, 2000);

@@ -1,0 +1,68 @@
+//! `/api`: runs, approvals, tickets and tool invocation. Handlers are thin: the
+//! decisions live in keel-runtime (`Runner`, `inbox`), shared with the CLI.
+
+pub mod approvals;
+pub mod runs;
+pub mod tickets;
+pub mod tools;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use keel_core::Clock;
+use keel_journal::Journal;
+use keel_runtime::{Config, Runner};
+use serde::Deserialize;
+use tokio::sync::Notify;
+
+use crate::metrics::Metrics;
+
+/// What every handler shares.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// Carries runs out.
+    pub runner: Arc<Runner>,
+    /// The journal.
+    pub journal: Arc<dyn Journal>,
+    /// keel.toml.
+    pub config: Arc<Config>,
+    /// Time.
+    pub clock: Arc<dyn Clock>,
+    /// Metrics and the change feed.
+    pub metrics: Arc<Metrics>,
+    /// Wakes the workers (a run to carry on).
+    pub wake: Arc<Notify>,
+}
+
+impl AppState {
+    /// Wall time now, in ms since the epoch.
+    pub fn now_ms(&self) -> i64 {
+        ms(self.clock.wall())
+    }
+}
+
+pub(crate) fn ms(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// `?wait=30s`: how long a request may wait for a person or a run.
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+pub struct WaitQuery {
+    /// A duration such as "30s"; at most 5 minutes.
+    pub wait: Option<String>,
+}
+
+impl WaitQuery {
+    /// The wait asked for, capped.
+    ///
+    /// # Errors
+    /// `invalid_request` for an unreadable duration.
+    pub fn duration(&self) -> Result<Duration, crate::error::ApiError> {
+        match &self.wait {
+            None => Ok(Duration::ZERO),
+            Some(w) => humantime::parse_duration(w).map(|d| d.min(Duration::from_secs(300))).map_err(|e| {
+                crate::error::ApiError::new(keel_core::ErrorClass::InvalidRequest, format!("wait: {e}"))
+            }),
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! API keys and roles: every route but `/healthz` needs a key.
+//!
+//! Keys come from the environment (named in keel.toml), are compared in constant time
+//! against every configured key (so timing says nothing about which or how much
+//! matched), and are never logged: the journal and logs name the key, not its value.
+//! Each key has its own rate limit.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use keel_core::ErrorClass;
+use keel_runtime::config::{ApiKey, RateLimitConfig, Role};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::error::ApiError;
+
+/// Who is calling.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The key's name.
+    pub name: String,
+    /// What it may do.
+    pub role: Role,
+}
+
+impl Caller {
+    /// Refuses callers whose role is not among `roles` (admin may do everything).
+    ///
+    /// # Errors
+    /// `forbidden`.
+    pub fn require(&self, roles: &[Role]) -> Result<(), ApiError> {
+        if self.role == Role::Admin || roles.contains(&self.role) {
+            return Ok(());
+        }
+        Err(ApiError::new(
+            ErrorClass::Forbidden,
+            format!("key `{}` has role {:?}; this needs {roles:?}", self.name, self.role),
+        ))
+    }
+}
+
+/// Checks keys and rate limits.
+pub struct Keys {
+    keys: Vec<(String, Role, [u8; 32])>,
+    limiter: DefaultKeyedRateLimiter<String>,
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keys").field("count", &self.keys.len()).finish_non_exhaustive()
+    }
+}
+
+fn digest(secret: &[u8]) -> [u8; 32] {
+    Sha256::digest(secret).into()
+}
+
+impl Keys {
+    /// The configured keys and limits.
+    pub fn new(keys: &[ApiKey], limit: &RateLimitConfig) -> Self {
+        let per_second = NonZeroU32::new(limit.per_second.max(1)).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(limit.burst.max(1)).unwrap_or(NonZeroU32::MIN);
+        Self {
+            // Comparing fixed-size digests makes the comparison length-independent too.
+            keys: keys.iter().map(|k| (k.name.clone(), k.role, digest(k.secret.as_bytes()))).collect(),
+            limiter: RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
+        }
+    }
+
+    /// The caller presenting `secret`, if any key matches.
+    pub fn identify(&self, secret: &str) -> Option<Caller> {
+        let presented = digest(secret.as_bytes());
+        let mut found = None;
+        // Compare against every key, whatever matched first.
+        for (name, role, d) in &self.keys {
+            if bool::from(d.ct_eq(&presented)) {
+                found = Some(Caller { name: name.clone(), role: *role });
+            }
+        }
+        found
+    }
+}
+
+fn presented_key(req: &Request) -> Option<&str> {
+    let h = req.headers();
+    if let Some(v) = h.get("authorization").and_then(|v| v.to_str().ok()) {
+        return v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")).map(str::trim);
+    }
+    h.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim)
+}
+
+/// The middleware: identifies the caller, applies its rate limit, and puts a
+/// [`Caller`] in the request's extensions.
+pub async fn require_key(State(keys): State<Arc<Keys>>, mut req: Request, next: Next) -> Response {
+    let Some(secret) = presented_key(&req) else {
+        return ApiError::new(ErrorClass::Unauthorized, "an API key is required (Authorization: Bearer KEY)")
+            .into_response();
+    };
+    let Some(caller) = keys.identify(secret) else {
+        return ApiError::new(ErrorClass::Unauthorized, "the API key is not valid").into_response();
+    };
+    if keys.limiter.check_key(&caller.name).is_err() {
+        return ApiError::new(
+            ErrorClass::RateLimited,
+            format!("key `{}` is over its rate limit", caller.name),
+        )
+        .into_response();
+    }
+    req.extensions_mut().insert(caller);
+    next.run(req).await
+}

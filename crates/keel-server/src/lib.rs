@@ -1,0 +1,121 @@
+//! keel-server: `keel serve` — one axum server for the `/api` (runs, approvals,
+//! tickets, tool invocation for agents in any language), the web inbox at `/`,
+//! `/healthz`, `/readyz` and `/metrics`. It also works runs: its workers carry on runs
+//! started through the API or unblocked by a decision, with no other process waiting.
+//!
+//! [`app`] builds the router from an [`AppState`] (tests call it with `oneshot` or
+//! serve it on a loopback port); [`serve`] runs it until a shutdown signal, then stops
+//! taking work, finishes in-flight calls and flushes the journal.
+
+pub mod api;
+pub mod auth;
+pub mod dashboard;
+pub mod error;
+pub mod inbox;
+pub mod metrics;
+pub mod openapi;
+pub mod ops;
+pub mod workers;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use keel_core::Clock;
+use keel_journal::Journal;
+use keel_runtime::runner::Observer;
+use keel_runtime::{Config, Runner};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use api::AppState;
+
+/// Builds the shared state: a runner whose events feed the metrics.
+///
+/// # Errors
+/// The journal's (loading the gate's history).
+pub async fn state(
+    config: Arc<Config>,
+    journal: Arc<dyn Journal>,
+    clock: Arc<dyn Clock>,
+) -> Result<AppState, keel_runtime::runner::Error> {
+    let metrics = Arc::new(metrics::Metrics::new());
+    let observer: Arc<dyn Observer> = metrics.clone();
+    let runner = Arc::new(Runner::new(config.clone(), journal.clone(), clock.clone(), observer).await?);
+    Ok(AppState { runner, journal, config, clock, metrics, wake: Arc::new(Notify::new()) })
+}
+
+/// The router: every route but `/healthz` (and the inbox's static files) needs a key.
+pub fn app(state: AppState) -> Router {
+    let keys = Arc::new(auth::Keys::new(&state.config.keys, &state.config.server.rate_limit));
+    let protected = Router::new()
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .route("/api/openapi.json", get(|| async { axum::Json(openapi::document()) }))
+        .route("/api/runs", post(api::runs::start).get(api::runs::list))
+        .route("/api/runs/{id}", get(api::runs::show))
+        .route("/api/runs/{id}/cancel", post(api::runs::cancel))
+        .route("/api/runs/{id}/resume", post(api::runs::resume))
+        .route("/api/approvals", get(api::approvals::list))
+        .route("/api/approvals/{id}", get(api::approvals::show))
+        .route("/api/approvals/{id}/approve", post(api::approvals::approve))
+        .route("/api/approvals/{id}/reject", post(api::approvals::reject))
+        .route("/api/tickets", get(api::tickets::list))
+        .route("/api/tickets/{id}", get(api::tickets::show))
+        .route("/api/tickets/{id}/resolve", post(api::tickets::resolve))
+        .route("/api/tools/{name}/invoke", post(api::tools::invoke))
+        .route("/api/dashboard", get(dashboard::dashboard))
+        .route_layer(axum::middleware::from_fn_with_state(keys, auth::require_key));
+    Router::new()
+        .route("/healthz", get(ops::healthz))
+        .route("/", get(inbox::index))
+        .route("/assets/app.js", get(inbox::app_js))
+        .route("/assets/style.css", get(inbox::style))
+        .merge(protected)
+        .fallback(|| async { error::ApiError::new(keel_core::ErrorClass::NotFound, "no such route") })
+        .layer(DefaultBodyLimit::max(state.config.server.body_limit))
+        .with_state(state)
+}
+
+/// Serves `state` on `listener` until `shutdown` resolves; then stops taking runs,
+/// lets in-flight requests and drives finish (up to `grace`), and flushes the journal.
+///
+/// # Errors
+/// The listener's.
+pub async fn serve(
+    state: AppState,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> std::io::Result<()> {
+    let tracker = TaskTracker::new();
+    let stop = CancellationToken::new();
+    workers::start(
+        state.runner.clone(),
+        state.wake.clone(),
+        state.config.server.workers,
+        &tracker,
+        stop.clone(),
+    );
+    let runner = state.runner.clone();
+    let stop_on_signal = stop.clone();
+    let result = axum::serve(listener, app(state))
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            stop_on_signal.cancel();
+        })
+        .await;
+    stop.cancel();
+    tracker.close();
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!("workers did not finish within the grace period");
+    }
+    if let Err(e) = runner.flush().await {
+        tracing::error!(error = %e, "flushing the journal at shutdown failed");
+    }
+    result
+}

@@ -1,0 +1,147 @@
+//! Prometheus metrics, fed by the runner's events.
+//!
+//! The recorder is the server's own (not the process-global one), so several servers
+//! in one process (tests) do not share counters.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use keel_core::{AttemptOutcome, BreakerState, Event};
+use keel_journal::{JournalEvent, RunState};
+use keel_runtime::runner::Observer;
+use metrics::{Key, Label, Metadata, Recorder};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use tokio::sync::broadcast;
+
+const META: Metadata<'static> = Metadata::new(module_path!(), metrics::Level::INFO, None);
+
+/// The server's metrics and its change feed.
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    started: Mutex<HashMap<String, tokio::time::Instant>>,
+    changes: broadcast::Sender<String>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+fn key(name: &'static str, labels: &[(&'static str, String)]) -> Key {
+    Key::from_parts(name, labels.iter().map(|(k, v)| Label::new(*k, v.clone())).collect::<Vec<_>>())
+}
+
+impl Metrics {
+    /// A fresh registry.
+    pub fn new() -> Self {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(&[0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0])
+            .map(PrometheusBuilder::build_recorder)
+            .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
+        let handle = recorder.handle();
+        let (changes, _) = broadcast::channel(256);
+        Self { recorder, handle, started: Mutex::default(), changes }
+    }
+
+    /// Adds 1 to a counter.
+    pub fn count(&self, name: &'static str, labels: &[(&'static str, String)]) {
+        self.recorder.register_counter(&key(name, labels), &META).increment(1);
+    }
+
+    /// Sets a gauge.
+    pub fn gauge(&self, name: &'static str, labels: &[(&'static str, String)], value: f64) {
+        self.recorder.register_gauge(&key(name, labels), &META).set(value);
+    }
+
+    /// The text exposition.
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+
+    /// Run ids whose state changed, as they change (the inbox's live feed).
+    pub fn subscribe(&self) -> broadcast::Receiver<String> {
+        self.changes.subscribe()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn breaker_value(state: BreakerState) -> f64 {
+    match state {
+        BreakerState::Closed => 0.0,
+        BreakerState::HalfOpen => 1.0,
+        BreakerState::Open => 2.0,
+    }
+}
+
+impl Observer for Metrics {
+    fn event(&self, run_id: &str, event: &JournalEvent) {
+        match event {
+            JournalEvent::Policy { event, .. } => match event {
+                Event::AttemptEnded { target, outcome, .. } => {
+                    let t = target.to_string();
+                    self.count("keel_calls_total", &[("target", t.clone())]);
+                    if let AttemptOutcome::Failed(class) = outcome {
+                        self.count("keel_errors_total", &[("target", t), ("class", class.to_string())]);
+                    }
+                }
+                Event::RetryScheduled { target, class, .. } => {
+                    self.count(
+                        "keel_retries_total",
+                        &[("target", target.to_string()), ("class", class.to_string())],
+                    );
+                }
+                Event::BreakerTransition { target, to, .. } => {
+                    self.gauge("keel_breaker_state", &[("target", target.to_string())], breaker_value(*to));
+                }
+                Event::FallbackTaken { from, to, .. } => {
+                    self.count("keel_fallbacks_total", &[("from", from.to_string()), ("to", to.to_string())]);
+                }
+                Event::LoopDetected { target, .. } => {
+                    self.count("keel_loops_total", &[("target", target.to_string())])
+                }
+                Event::BudgetExceeded { budget, .. } => {
+                    self.count("keel_budget_exceeded_total", &[("budget", budget.to_string())]);
+                }
+                Event::AttemptStarted { .. } | Event::RetryRefused { .. } | Event::BudgetCharged { .. } => {}
+            },
+            JournalEvent::RunStateChanged { state, .. } => {
+                let mut started = self.started.lock().unwrap_or_else(|e| e.into_inner());
+                match state {
+                    RunState::Running => {
+                        started.entry(run_id.to_owned()).or_insert_with(tokio::time::Instant::now);
+                    }
+                    s if s.is_terminal() => {
+                        if let Some(t0) = started.remove(run_id) {
+                            self.recorder
+                                .register_histogram(
+                                    &key("keel_run_duration_seconds", &[("state", s.as_str().into())]),
+                                    &META,
+                                )
+                                .record(t0.elapsed().as_secs_f64());
+                        }
+                        self.count("keel_runs_total", &[("state", s.as_str().into())]);
+                    }
+                    _ => {}
+                }
+                let _ = self.changes.send(run_id.to_owned());
+            }
+            JournalEvent::ApprovalRequested { .. }
+            | JournalEvent::ApprovalDecided { .. }
+            | JournalEvent::TicketOpened { .. }
+            | JournalEvent::TicketResolved { .. }
+            | JournalEvent::StepFinished { .. } => {
+                let _ = self.changes.send(run_id.to_owned());
+            }
+            JournalEvent::RunCreated { .. }
+            | JournalEvent::StepStarted { .. }
+            | JournalEvent::ProgramRecorded { .. } => {}
+        }
+    }
+}

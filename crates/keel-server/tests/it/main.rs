@@ -1,0 +1,10 @@
+//! `keel serve`'s API on a real loopback socket, with a real SQLite journal and the
+//! examples' payments service.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::disallowed_methods)] // real time: waits are bounded with the system clock
+
+mod support;
+
+mod api;
+mod auth;

@@ -1,0 +1,155 @@
+//! A server and a payments service for one test.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keel_core::TokioClock;
+use keel_examples::payments::{Faults, Handle, router_with_handle};
+use keel_journal::JournalOptions;
+use keel_runtime::Config;
+use serde_json::Value;
+
+pub(crate) const AGENT: &str = "agent-key-0123456789";
+pub(crate) const APPROVER: &str = "approver-key-0123456789";
+pub(crate) const ADMIN: &str = "admin-key-0123456789";
+
+pub(crate) struct Server {
+    pub(crate) base: String,
+    pub(crate) payments: Handle,
+    pub(crate) http: reqwest::Client,
+    _dir: tempfile::TempDir,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn payments(faults: Faults) -> (String, Handle) {
+    let (router, handle) = router_with_handle(faults);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    (format!("http://{addr}"), handle)
+}
+
+pub(crate) const TOOLS: &str = r#"
+[run]
+lease = "2s"
+escalate_after = 2
+
+[defaults]
+retry = { max_attempts = 2, base_delay = "10ms", max_delay = "20ms" }
+
+[server]
+body_limit = 4096
+keys = [
+  { name = "bot", key_env = "AGENT_KEY", role = "agent" },
+  { name = "alice", key_env = "APPROVER_KEY", role = "approver" },
+  { name = "root", key_env = "ADMIN_KEY", role = "admin" },
+]
+
+[tools.charge]
+kind = "http"
+url = "{base}/charge"
+write = true
+approval = { param = "amount", above = 100 }
+params = { type = "object", required = ["order", "amount"], properties = { order = { type = "integer" }, amount = { type = "number" } } }
+
+[tools.notify]
+kind = "http"
+url = "{base}/notify"
+"#;
+
+impl Server {
+    pub(crate) async fn start(faults: Faults, extra: &str) -> Server {
+        let (base, handle) = payments(faults).await;
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!("{}\n{extra}", TOOLS.replace("{base}", &base));
+        let env = |name: &str| match name {
+            "AGENT_KEY" => Some(AGENT.to_owned()),
+            "APPROVER_KEY" => Some(APPROVER.to_owned()),
+            "ADMIN_KEY" => Some(ADMIN.to_owned()),
+            _ => None,
+        };
+        let mut config = Config::parse(&text, &dir.path().join("keel.toml"), &env).unwrap();
+        config.storage_url = format!("sqlite://{}", dir.path().join("keel.db").display());
+        let clock = Arc::new(TokioClock::new());
+        let journal = keel_journal::open(
+            &config.storage_url,
+            JournalOptions { clock: clock.clone(), ..JournalOptions::default() },
+        )
+        .await
+        .unwrap();
+        let state = keel_server::state(Arc::new(config), journal, clock).await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(keel_server::serve(
+            state,
+            listener,
+            async move {
+                let _ = stopped.await;
+            },
+            Duration::from_secs(5),
+        ));
+        Server {
+            base: format!("http://{addr}"),
+            payments: handle,
+            http: reqwest::Client::new(),
+            _dir: dir,
+            _stop: stop,
+        }
+    }
+
+    pub(crate) fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub(crate) async fn get(&self, key: Option<&str>, path: &str) -> (u16, Value) {
+        let mut req = self.http.get(self.url(path));
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    pub(crate) async fn post(&self, key: Option<&str>, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.post_with(key, path, body, &[]).await
+    }
+
+    pub(crate) async fn post_with(
+        &self,
+        key: Option<&str>,
+        path: &str,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> (u16, Value) {
+        let mut req = self.http.post(self.url(path));
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        for (h, v) in headers {
+            req = req.header(*h, *v);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    /// Polls a run until `done` says so, with a bound.
+    pub(crate) async fn until_run(&self, run_id: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let start = Instant::now();
+        loop {
+            let (_, run) = self.get(Some(ADMIN), &format!("/api/runs/{run_id}")).await;
+            if done(&run) {
+                return run;
+            }
+            assert!(start.elapsed() < Duration::from_secs(20), "run {run_id} never got there: {run:#}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
