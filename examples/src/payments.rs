@@ -48,6 +48,11 @@ impl Handle {
         self.0.ledger.lock().unwrap_or_else(|e| e.into_inner()).charges.clone()
     }
 
+    /// The refunds made, in order.
+    pub fn refunds(&self) -> Vec<Value> {
+        self.0.ledger.lock().unwrap_or_else(|e| e.into_inner()).refunds.clone()
+    }
+
     /// New charge requests received (replays of a known key excluded).
     pub fn attempts(&self) -> u64 {
         self.0.ledger.lock().unwrap_or_else(|e| e.into_inner()).attempts
@@ -66,6 +71,7 @@ pub fn router_with_handle(faults: Faults) -> (axum::Router, Handle) {
     let router = axum::Router::new()
         .route("/charge", post(charge))
         .route("/refund", post(refund))
+        .route("/charge-batch", post(charge_batch))
         .route("/notify", post(notify))
         .route("/charges", get(charges))
         .route("/healthz", get(|| async { "ok" }))
@@ -112,6 +118,29 @@ async fn charge(State(app): State<Arc<App>>, headers: HeaderMap, Json(body): Jso
         tokio::time::sleep(std::time::Duration::from_millis(app.faults.charge_delay_ms)).await;
     }
     Json(charged).into_response()
+}
+
+async fn charge_batch(State(app): State<Arc<App>>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
+    let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let mut l = app.ledger.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(stored) = key.as_ref().and_then(|k| l.by_key.get(k)) {
+        return ([("idempotent-replayed", "true")], Json(stored.clone())).into_response();
+    }
+    let mut made = Vec::new();
+    for item in body.get("items").and_then(Value::as_array).cloned().unwrap_or_default() {
+        let charge = json!({
+            "charge_id": format!("ch_{}", l.charges.len() + 1),
+            "order": item.get("order").cloned().unwrap_or(Value::Null),
+            "amount": item.get("amount").cloned().unwrap_or(Value::Null),
+        });
+        l.charges.push(charge.clone());
+        made.push(charge);
+    }
+    let answer = json!({ "charged": made });
+    if let Some(k) = key {
+        l.by_key.insert(k, answer.clone());
+    }
+    Json(answer).into_response()
 }
 
 async fn refund(State(app): State<Arc<App>>, Json(body): Json<Value>) -> Response {

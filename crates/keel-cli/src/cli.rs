@@ -85,6 +85,14 @@ pub enum RunsAction {
         /// The run.
         id: String,
     },
+    /// Review-after-act: undo a succeeded step with its tool's undo tool.
+    Undo {
+        /// The run.
+        id: String,
+        /// The step's id.
+        #[arg(long)]
+        step: String,
+    },
 }
 
 /// Who decides: a name for the journal.

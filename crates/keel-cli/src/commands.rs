@@ -293,6 +293,16 @@ async fn runs(cli: &Cli, action: &RunsAction) -> Result<ExitCode> {
             let patience = ctx.config.run.lease + Duration::from_secs(2);
             drive(&ctx, &runner, id, *wait, patience).await
         }
+        RunsAction::Undo { id, step } => {
+            let runner = ctx.runner().await?;
+            let output = runner.undo(id, step).await?;
+            if ctx.json {
+                emit_json(&json!({"run_id": id, "step": step, "undone": true, "output": output}));
+            } else {
+                print(&format!("step {step} of run {id} undone: {output}"));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         RunsAction::Cancel { id } => {
             let runner = ctx.runner().await?;
             runner.cancel(id, &std::env::var("USER").unwrap_or_else(|_| "cli".into())).await?;

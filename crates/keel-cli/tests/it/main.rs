@@ -11,5 +11,6 @@ mod approvals;
 mod bad_input;
 mod crash;
 mod demo;
+mod scope;
 mod tickets;
 mod timeouts;

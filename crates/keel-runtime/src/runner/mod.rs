@@ -380,3 +380,100 @@ pub fn outcome_class(outcome: &StepOutcome) -> Option<ErrorClass> {
         StepOutcome::Succeeded { .. } | StepOutcome::Skipped { .. } => None,
     }
 }
+
+impl Runner {
+    /// Review-after-act: undoes a succeeded step by calling its tool's `undo` tool with
+    /// the step's parameters plus `result` (the step's output). Journaled as a step of
+    /// its own (`undo:<step>`), idempotent (undoing twice calls the undo tool once).
+    ///
+    /// # Errors
+    /// [`Error::Refused`] when the step did not succeed or its tool has no undo tool;
+    /// [`Error::Busy`] while another process works the run; journal errors. A failed
+    /// undo call is returned as [`Error::Refused`] with its class and message.
+    pub async fn undo(&self, run_id: &str, step_id: &str) -> Result<Value> {
+        let snap = self.snapshot(run_id).await?;
+        let Some(view) = snap.steps.iter().find(|s| s.name == step_id) else {
+            return Err(Error::NotFound(format!("step `{step_id}` in run `{run_id}`")));
+        };
+        if view.status != "succeeded" {
+            return Err(Error::Refused(format!(
+                "step `{step_id}` is {}; only a succeeded step can be undone",
+                view.status
+            )));
+        }
+        let tool = self
+            .config
+            .tools
+            .get(&view.target)
+            .ok_or_else(|| Error::Refused(format!("no tool named `{}`", view.target)))?;
+        let undo_name = tool
+            .undo
+            .clone()
+            .ok_or_else(|| Error::Refused(format!("tool `{}` names no undo tool", tool.name)))?;
+        let undo = self
+            .config
+            .tools
+            .get(&undo_name)
+            .cloned()
+            .ok_or_else(|| Error::Refused(format!("no tool named `{undo_name}`")))?;
+        let mut params = view.input.clone();
+        if let Value::Object(map) = &mut params {
+            map.insert("result".into(), view.output.clone().unwrap_or(Value::Null));
+        }
+        undo.check_params(&params).map_err(|f| Error::Refused(f.to_string()))?;
+        let lease = self
+            .journal
+            .acquire_lease(run_id, &self.owner, self.config.run.lease)
+            .await?
+            .ok_or_else(|| Error::Busy(run_id.to_owned(), "its lease is held".into()))?;
+        let index = snap.steps.iter().map(|s| s.step).max().unwrap_or(0) + 1;
+        let name = format!("undo:{step_id}");
+        let key = format!("{run_id}/undo/{step_id}");
+        let result = async {
+            self.record(
+                run_id,
+                JournalEvent::StepStarted {
+                    step: index,
+                    name: name.clone(),
+                    target: undo_name.clone(),
+                    input: params.clone(),
+                },
+            )
+            .await?;
+            let outcome = match self.journal.claim(&key).await? {
+                keel_journal::Claim::Done(v) => Ok(v),
+                keel_journal::Claim::InProgress { .. } => {
+                    Err((ErrorClass::Conflict, "an undo is in progress".to_owned()))
+                }
+                keel_journal::Claim::Won(token) => {
+                    let sink = self.writer.sink(run_id).step(index);
+                    let pipeline = keel_core::Pipeline::builder(undo.name.clone(), undo.policy.clone())
+                        .clock(self.clock.clone())
+                        .sink(Arc::new(sink))
+                        .breaker(self.breaker(&undo))
+                        .build();
+                    let clock = self.clock.clone();
+                    match pipeline.call(|_| undo.invoke_with_key(&params, &*clock, &key)).await {
+                        Ok(v) => {
+                            self.journal.complete(&token, &v).await?;
+                            Ok(v)
+                        }
+                        Err(e) => {
+                            self.journal.release_claim(&token).await?;
+                            Err((e.class, e.to_string()))
+                        }
+                    }
+                }
+            };
+            let finished = match &outcome {
+                Ok(v) => StepOutcome::Succeeded { output: v.clone() },
+                Err((class, message)) => StepOutcome::Failed { class: *class, message: message.clone() },
+            };
+            self.record(run_id, JournalEvent::StepFinished { step: index, outcome: finished }).await?;
+            outcome.map_err(|(class, message)| Error::Refused(format!("the undo failed: {class}: {message}")))
+        }
+        .await;
+        let _ = self.journal.release_lease(&lease).await;
+        result
+    }
+}

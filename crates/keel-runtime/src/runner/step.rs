@@ -209,64 +209,8 @@ pub(super) async fn run_step(ctx: StepCtx<'_>) -> Result<StepEnd> {
     let mode: Mode = serde_json::from_value(ctx.snap.run.input["mode"].clone()).unwrap_or(r.config.run.mode);
     if tool.needs_approval(&params, mode) {
         let digest = args_digest(&tool.name, &params);
-        let approval = ctx
-            .snap
-            .approvals
-            .iter()
-            .filter(|a| a.step == index && a.args_digest == digest)
-            .max_by_key(|a| a.requested_at_ms);
-        let expired_outcome = |ctx: &StepCtx<'_>| {
-            let outcome = r.config.approvals.on_expiry;
-            let message = format!("the approval for step `{}` expired", ctx.id());
-            (outcome, message)
-        };
-        match approval.map(|a| (a, a.status.as_str())) {
-            Some((_, "approved")) => {}
-            Some((a, "denied")) => {
-                let by = a.decided_by.clone().unwrap_or_default();
-                return ctx.fail(ErrorClass::ApprovalDenied, format!("{by} denied `{}`", tool.name)).await;
-            }
-            Some((a, status)) if status == "expired" || a.expires_at_ms <= now_ms => {
-                if status != "expired" {
-                    ctx.record(JournalEvent::ApprovalDecided {
-                        approval_id: a.approval_id.clone(),
-                        decision: ApprovalDecision::Expired,
-                        by: "keel".into(),
-                    })
-                    .await?;
-                }
-                let (outcome, message) = expired_outcome(&ctx);
-                return match outcome {
-                    ExpiryOutcome::Deny => ctx.fail(ErrorClass::ApprovalDenied, message).await,
-                    ExpiryOutcome::Escalate => {
-                        ctx.escalate(&tool, &params, ErrorClass::ApprovalDenied, &message, 0).await
-                    }
-                };
-            }
-            Some((a, _pending)) => {
-                return Ok(StepEnd::Stop(RunStatus::WaitingApproval { approval_id: a.approval_id.clone() }));
-            }
-            None => {
-                let approval_id = new_id("apr");
-                ctx.record(JournalEvent::StepStarted {
-                    step: index,
-                    name: ctx.id().to_owned(),
-                    target: tool.name.to_string(),
-                    input: params.clone(),
-                })
-                .await?;
-                let expires = r.config.approvals.expires_after;
-                ctx.record(JournalEvent::ApprovalRequested {
-                    approval_id: approval_id.clone(),
-                    step: index,
-                    tool: tool.name.to_string(),
-                    args_digest: digest,
-                    expires_at_ms: now_ms
-                        .saturating_add(i64::try_from(expires.as_millis()).unwrap_or(i64::MAX)),
-                })
-                .await?;
-                return Ok(StepEnd::Stop(RunStatus::WaitingApproval { approval_id }));
-            }
+        if let Some(stop) = approval_gate(&ctx, &tool, &params, &digest, now_ms, true).await? {
+            return Ok(stop);
         }
     }
 
@@ -277,20 +221,139 @@ pub(super) async fn run_step(ctx: StepCtx<'_>) -> Result<StepEnd> {
         input: params.clone(),
     })
     .await?;
-
-    // Idempotency: a completed key answers without acting again.
     let key = idempotency_key(ctx.run_id, ctx.id(), &tool.name, &params);
-    let token = match r.journal.claim(&key).await? {
-        Claim::Done(result) => return finish_ok(&ctx, result).await,
+
+    // Scope fallback: a large batch runs a canary of one item, then waits for a
+    // person to confirm the rest.
+    if let (Some(limit), Some(len), Some(batch)) =
+        (tool.canary_above, tool.batch_len(&params), tool.batch_param.as_deref())
+    {
+        if len > limit {
+            let items = crate::template::lookup(&params, batch)
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            let mut canary = params.clone();
+            canary[batch] = Value::Array(items[..1].to_vec());
+            let canary_out = match call_once(&ctx, &tool, &canary, &format!("{key}/canary"), now_ms).await? {
+                Ok(out) => out,
+                Err(stop) => return Ok(stop),
+            };
+            let digest = args_digest(&format!("{}#rest-after-canary", tool.name), &params);
+            if let Some(stop) = approval_gate(&ctx, &tool, &params, &digest, now_ms, false).await? {
+                return Ok(stop);
+            }
+            let mut rest = params.clone();
+            rest[batch] = Value::Array(items[1..].to_vec());
+            let rest_out = match call_once(&ctx, &tool, &rest, &format!("{key}/rest"), now_ms).await? {
+                Ok(out) => out,
+                Err(stop) => return Ok(stop),
+            };
+            return finish_ok(&ctx, json!({ "canary": canary_out, "rest": rest_out })).await;
+        }
+    }
+
+    match call_once(&ctx, &tool, &params, &key, now_ms).await? {
+        Ok(output) => finish_ok(&ctx, output).await,
+        Err(stop) => Ok(stop),
+    }
+}
+
+/// The approval covering `digest` for this step: `None` when it is approved and the
+/// step may act; otherwise how the step stops (waiting, denied, expired).
+async fn approval_gate(
+    ctx: &StepCtx<'_>,
+    tool: &Tool,
+    params: &Value,
+    digest: &str,
+    now_ms: i64,
+    record_start: bool,
+) -> Result<Option<StepEnd>> {
+    let r = ctx.runner;
+    let index = ctx.index as u32;
+    let approval = ctx
+        .snap
+        .approvals
+        .iter()
+        .filter(|a| a.step == index && a.args_digest == digest)
+        .max_by_key(|a| a.requested_at_ms);
+    match approval.map(|a| (a, a.status.as_str())) {
+        Some((_, "approved")) => Ok(None),
+        Some((a, "denied")) => {
+            let by = a.decided_by.clone().unwrap_or_default();
+            ctx.fail(ErrorClass::ApprovalDenied, format!("{by} denied `{}`", tool.name)).await.map(Some)
+        }
+        Some((a, status)) if status == "expired" || a.expires_at_ms <= now_ms => {
+            if status != "expired" {
+                ctx.record(JournalEvent::ApprovalDecided {
+                    approval_id: a.approval_id.clone(),
+                    decision: ApprovalDecision::Expired,
+                    by: "keel".into(),
+                })
+                .await?;
+            }
+            let message = format!("the approval for step `{}` expired", ctx.id());
+            match r.config.approvals.on_expiry {
+                ExpiryOutcome::Deny => ctx.fail(ErrorClass::ApprovalDenied, message).await.map(Some),
+                ExpiryOutcome::Escalate => {
+                    ctx.escalate(tool, params, ErrorClass::ApprovalDenied, &message, 0).await.map(Some)
+                }
+            }
+        }
+        Some((a, _pending)) => {
+            Ok(Some(StepEnd::Stop(RunStatus::WaitingApproval { approval_id: a.approval_id.clone() })))
+        }
+        None => {
+            let approval_id = new_id("apr");
+            if record_start {
+                ctx.record(JournalEvent::StepStarted {
+                    step: index,
+                    name: ctx.id().to_owned(),
+                    target: tool.name.to_string(),
+                    input: params.clone(),
+                })
+                .await?;
+            }
+            let expires = r.config.approvals.expires_after;
+            ctx.record(JournalEvent::ApprovalRequested {
+                approval_id: approval_id.clone(),
+                step: index,
+                tool: tool.name.to_string(),
+                args_digest: digest.to_owned(),
+                expires_at_ms: now_ms.saturating_add(i64::try_from(expires.as_millis()).unwrap_or(i64::MAX)),
+            })
+            .await?;
+            Ok(Some(StepEnd::Stop(RunStatus::WaitingApproval { approval_id })))
+        }
+    }
+}
+
+/// One call of `tool` with `params` under idempotency `key` and the tool's pipeline:
+/// its output, or how the step stops.
+async fn call_once(
+    ctx: &StepCtx<'_>,
+    tool: &Arc<Tool>,
+    params: &Value,
+    key: &str,
+    now_ms: i64,
+) -> Result<Result<Value, StepEnd>> {
+    let r = ctx.runner;
+    let index = ctx.index as u32;
+    // Idempotency: a completed key answers without acting again.
+    let token = match r.journal.claim(key).await? {
+        Claim::Done(result) => return Ok(Ok(result)),
         Claim::Won(token) => token,
         // We hold the run's lease, so the claimer was an earlier holder of this run
         // that died mid-call: take its claim over. The tool sees the same
         // Idempotency-Key, so a call that did reach it is not repeated there either.
-        Claim::InProgress { .. } => match r.journal.take_over_claim(&key).await? {
-            Claim::Done(result) => return finish_ok(&ctx, result).await,
+        Claim::InProgress { .. } => match r.journal.take_over_claim(key).await? {
+            Claim::Done(result) => return Ok(Ok(result)),
             Claim::Won(token) => token,
             Claim::InProgress { .. } => {
-                return ctx.fail(ErrorClass::Conflict, format!("idempotency key `{key}` is held")).await;
+                return ctx
+                    .fail(ErrorClass::Conflict, format!("idempotency key `{key}` is held"))
+                    .await
+                    .map(Err);
             }
         },
     };
@@ -306,21 +369,21 @@ pub(super) async fn run_step(ctx: StepCtx<'_>) -> Result<StepEnd> {
     let pipeline = Pipeline::builder(tool.name.clone(), tool.policy.clone())
         .clock(r.clock.clone())
         .sink(sink)
-        .breaker(r.breaker(&tool))
+        .breaker(r.breaker(tool))
         .gate(r.gate.clone())
         .build();
     let left = Duration::from_millis(u64::try_from(ctx.deadline_at_ms - now_ms).unwrap_or(0));
     let scope = RunScope::new().with_deadline(r.clock.now() + left).with_budget(ctx.budget.clone());
     let clock = r.clock.clone();
-    let result = scope.run(pipeline.call(|_| tool.invoke_with_key(&params, &*clock, &key))).await;
+    let result = scope.run(pipeline.call(|_| tool.invoke_with_key(params, &*clock, key))).await;
     match result {
         Ok(output) => {
             r.journal.complete(&token, &output).await?;
-            finish_ok(&ctx, output).await
+            Ok(Ok(output))
         }
         Err(e) => {
             r.journal.release_claim(&token).await?;
-            finish_err(&ctx, &tool, &params, e).await
+            finish_err(ctx, tool, params, e).await.map(Err)
         }
     }
 }
