@@ -36,7 +36,9 @@ pub fn start(
                 };
                 let idle = leases.is_empty();
                 for lease in leases {
-                    match runner.drive(&lease.run_id).await {
+                    // A run's future is large; boxed, it lives on the heap, not on a worker's stack
+                    // (debug builds overflowed the 2 MiB default there).
+                    match Box::pin(runner.drive(&lease.run_id)).await {
                         Ok(status) => tracing::info!(run = %lease.run_id, ?status, "run driven"),
                         Err(e) => tracing::warn!(run = %lease.run_id, error = %e, "run drive failed"),
                     }
