@@ -48,7 +48,7 @@ async function renderApprovals() {
            <button class="reject" data-reject="${esc(a.approval_id)}">Reject</button>
            <span class="muted">expires in ${left}s</span></div>`
       : `<p class="muted">${esc(a.status)}${a.decided_by ? " by " + esc(a.decided_by) : ""}</p>`;
-    return `<div class="card approval" data-approval="${esc(a.approval_id)}">
+    return `<div class="card approval" data-approval="${esc(a.approval_id)}" data-status="${esc(a.status)}">
       <h3>${esc(a.tool)} <span class="muted">— run ${esc(i.run.name)} (${esc(a.run_id)})</span></h3>
       <div class="muted">step ${esc(i.step ? i.step.name : a.step)} · requested ${ago(a.requested_at_ms)} · digest ${esc(a.args_digest.slice(0, 16))}…</div>
       <pre>${esc(args)}</pre>${buttons}</div>`;

@@ -1,0 +1,96 @@
+//! The web inbox in headless Chromium: a person approves a held charge with a click, and
+//! the run it held completes (issue #6).
+//!
+//! The browser half is `tests/browser/approve.mjs` (playwright-core driving Debian's
+//! `chromium`); this half starts the server, makes the approval, and checks the outcome
+//! through the API. Needs `node`, `npm` and `/usr/bin/chromium` (or `KEEL_CHROMIUM`);
+//! `.ci/browser.sh` installs them. A missing browser fails the test, it never skips.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use keel_examples::payments::Faults;
+use serde_json::json;
+
+use crate::support::{AGENT, APPROVER, Server};
+
+fn browser_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
+}
+
+fn chromium() -> PathBuf {
+    let path = PathBuf::from(std::env::var("KEEL_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into()));
+    assert!(
+        path.is_file(),
+        "the browser test needs Debian's chromium at {}: `apt-get install chromium` (.ci/browser.sh does), \
+         or set KEEL_CHROMIUM",
+        path.display()
+    );
+    path
+}
+
+/// Installs playwright-core from the lockfile when `node_modules` lacks it.
+fn playwright() {
+    let dir = browser_dir();
+    if dir.join("node_modules/playwright-core/package.json").is_file() {
+        return;
+    }
+    let out = Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund", "--prefix"])
+        .arg(&dir)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("the browser test needs npm (Debian's `npm`) to install playwright-core: {e}")
+        });
+    assert!(
+        out.status.success(),
+        "`npm ci --prefix {}` failed; run it by hand (.ci/browser.sh does):\n{}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn run_node(script: &Path, args: &[&str], chromium: &Path) -> Output {
+    Command::new("node")
+        .arg(script)
+        .args(args)
+        .env("KEEL_CHROMIUM", chromium)
+        .output()
+        .unwrap_or_else(|e| panic!("the browser test needs node (Debian's `nodejs`): {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_click_in_the_inbox_approves_a_held_charge_and_its_run_completes() {
+    let chromium = chromium();
+    tokio::task::spawn_blocking(playwright).await.unwrap();
+
+    let s = Server::start(Faults::default(), "").await;
+    let plan = json!({"plan": {"name": "big charge", "steps": [
+        {"tool": "charge", "params": {"order": 42, "amount": 250}}
+    ]}});
+    let (status, started) = s.post(Some(AGENT), "/api/runs", Some(plan)).await;
+    assert_eq!(status, 201, "{started}");
+    let run_id = started["run_id"].as_str().unwrap().to_owned();
+    let run = s.until_run(&run_id, |r| r["state"]["run"]["state"] == "waiting_approval").await;
+    let approval = run["state"]["approvals"][0]["approval_id"].as_str().unwrap().to_owned();
+    assert!(s.payments.charges().is_empty(), "nothing is charged before the click");
+
+    let script = browser_dir().join("approve.mjs");
+    let args = [s.base.clone(), APPROVER.to_owned(), approval.clone()];
+    let out = tokio::task::spawn_blocking(move || {
+        run_node(&script, &args.iter().map(String::as_str).collect::<Vec<_>>(), &chromium)
+    })
+    .await
+    .unwrap();
+    let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    eprintln!("{log}");
+    assert!(out.status.success(), "approve.mjs: {}\n{log}", out.status);
+
+    let run = s.until_run(&run_id, |r| r["state"]["run"]["state"] == "completed").await;
+    let decided = &run["state"]["approvals"][0];
+    assert_eq!(decided["status"], "approved", "{decided:#}");
+    assert_eq!(decided["decided_by"], "alice (approved in the browser test)", "{decided:#}");
+    let charges = s.payments.charges();
+    assert_eq!(charges.len(), 1, "{charges:?}");
+    assert_eq!((charges[0]["order"].as_i64(), charges[0]["amount"].as_f64()), (Some(42), Some(250.0)));
+}
