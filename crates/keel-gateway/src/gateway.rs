@@ -37,7 +37,7 @@ use crate::journal::{CallJournal, CallRecord, ModelFailure, Prompt};
 use crate::metrics::{CountingSink, MetricsSnapshot, ModelCounters, bump};
 use crate::upstream::{self, Endpoint, HttpClient};
 use crate::validate;
-use crate::wire::{AnswerSummary, ChatRequest, ParsedAnswer, ToolSpec, Usage, anthropic, parse_answer};
+use crate::wire::{AnswerSummary, ChatRequest, ParsedAnswer, Usage, anthropic, parse_answer};
 
 /// Who is calling: the API key's id (set by the server's auth) and the run.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -729,11 +729,10 @@ impl Gateway {
         primary: Arc<Model>,
         req: &ChatRequest,
     ) -> Result<(Completion, Route), GatewayError> {
-        let tools = req.tools();
         let mut route = Route::new(primary.clone());
         let mut model = primary;
         loop {
-            match self.answer_on(&model, req, &tools).await {
+            match self.answer_on(&model, req).await {
                 Ok((answer, attempts, corrections)) => {
                     route.attempts += attempts;
                     let usage = answer.summary.usage.unwrap_or_default();
@@ -786,7 +785,6 @@ impl Gateway {
         &self,
         model: &Model,
         req: &ChatRequest,
-        tools: &[ToolSpec],
     ) -> Result<(ParsedAnswer, u32, u32), (Failure, u32, Option<ParsedAnswer>)> {
         let mut req = Cow::Borrowed(req);
         let mut attempts = 0;
@@ -797,7 +795,7 @@ impl Gateway {
                 .pipeline
                 .call(|a| {
                     made = a.number;
-                    self.attempt(model, &req, tools)
+                    self.attempt(model, &req)
                 })
                 .await;
             match result {
@@ -832,12 +830,7 @@ impl Gateway {
     }
 
     /// One attempt at a whole answer.
-    async fn attempt(
-        &self,
-        model: &Model,
-        req: &ChatRequest,
-        tools: &[ToolSpec],
-    ) -> Result<ParsedAnswer, AttemptError> {
+    async fn attempt(&self, model: &Model, req: &ChatRequest) -> Result<ParsedAnswer, AttemptError> {
         let body = self.body_for(model, req)?;
         let resp = model
             .endpoint
@@ -852,7 +845,7 @@ impl Gateway {
             }
         };
         if model.config.validate {
-            if let Err(failure) = validate::check(&answer.summary, tools) {
+            if let Err(failure) = validate::check(&answer.summary, req) {
                 return Err(AttemptError { failure, answer: Some(answer) });
             }
         }

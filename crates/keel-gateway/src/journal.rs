@@ -137,13 +137,28 @@ impl CallJournal for WriterJournal {
     fn record(&self, record: CallRecord) {
         let run = record.run.clone().unwrap_or_else(|| GATEWAY_RUN.to_owned());
         let step = self.next_step(&run);
-        let input = serde_json::json!({
-            "prompt": record.prompt,
-            "stream": record.stream,
-            "api_key": record.api_key,
-        });
+        // Small rows: at thousands of calls a second the journal's bytes are its cost.
+        let input =
+            serde_json::json!({"prompt": record.prompt, "stream": record.stream, "api_key": record.api_key});
         let outcome = match &record.error {
-            None => StepOutcome::Succeeded { output: serde_json::to_value(&record).unwrap_or_default() },
+            None => {
+                let mut output = serde_json::json!({
+                    "answered_by": record.answered_by,
+                    "attempts": record.attempts,
+                    "usage": record.usage,
+                    "cost_micros": record.cost_micros,
+                });
+                if !record.failures.is_empty() {
+                    output["failures"] = serde_json::to_value(&record.failures).unwrap_or_default();
+                }
+                if record.corrections > 0 {
+                    output["corrections"] = record.corrections.into();
+                }
+                if let Some(rescue) = &record.rescue {
+                    output["rescue"] = rescue.as_str().into();
+                }
+                StepOutcome::Succeeded { output }
+            }
             Some((class, message)) => StepOutcome::Failed { class: *class, message: message.clone() },
         };
         self.writer.record(NewEvent::new(
@@ -175,5 +190,29 @@ impl MemoryJournal {
 impl CallJournal for MemoryJournal {
     fn record(&self, record: CallRecord) {
         self.records.lock().unwrap_or_else(|e| e.into_inner()).push(record);
+    }
+}
+
+/// Passes on only the events that are decisions (retries, refusals, breaker
+/// transitions, fallbacks, budgets exceeded, loops), not the per-attempt start/end and
+/// budget-charge events a [`CallRecord`] already sums up: at thousands of calls a
+/// second, those would be most of the journal's writes.
+#[derive(Debug)]
+pub struct DecisionsOnly<S>(pub S);
+
+impl<S: keel_core::EventSink> keel_core::EventSink for DecisionsOnly<S> {
+    fn record(&self, event: &keel_core::Event) {
+        use keel_core::Event as E;
+        match event {
+            E::AttemptStarted { .. } | E::BudgetCharged { .. } => {}
+            E::AttemptEnded { outcome: keel_core::AttemptOutcome::Ok, .. } => {}
+            E::AttemptEnded { .. }
+            | E::RetryScheduled { .. }
+            | E::RetryRefused { .. }
+            | E::BreakerTransition { .. }
+            | E::FallbackTaken { .. }
+            | E::BudgetExceeded { .. }
+            | E::LoopDetected { .. } => self.0.record(event),
+        }
     }
 }

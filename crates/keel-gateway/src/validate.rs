@@ -10,14 +10,15 @@ use keel_core::classify::{ModelOutput, model_output};
 use keel_core::{ErrorClass, Failure};
 use serde_json::{Value, json};
 
-use crate::wire::{AnswerSummary, ToolSpec};
+use crate::wire::{AnswerSummary, ChatRequest};
 
-/// Checks an answer against the tools the request offered.
+/// Checks an answer against the tools the request offered (read from the request
+/// only when the answer calls one).
 ///
 /// # Errors
 /// A [`Failure`] of class `refusal`, `truncated_output`, `empty_output`,
 /// `unknown_tool` or `invalid_tool_call`, saying what is wrong.
-pub fn check(answer: &AnswerSummary, tools: &[ToolSpec]) -> Result<(), Failure> {
+pub fn check(answer: &AnswerSummary, req: &ChatRequest) -> Result<(), Failure> {
     let output = ModelOutput {
         content: answer.content.as_deref(),
         finish_reason: answer.finish_reason.as_deref(),
@@ -38,6 +39,7 @@ pub fn check(answer: &AnswerSummary, tools: &[ToolSpec]) -> Result<(), Failure> 
         };
         return Err(Failure::new(class, message));
     }
+    let tools = if answer.tool_calls.is_empty() { Vec::new() } else { req.tools() };
     for call in &answer.tool_calls {
         let name = &call.function.name;
         let Some(tool) = tools.iter().find(|t| &t.name == name) else {

@@ -49,7 +49,7 @@ use crate::gateway::{
     AttemptError, CallContext, Charges, Gateway, Model, Route, final_failure, floor_rate_limit,
 };
 use crate::metrics::bump;
-use crate::wire::{ChatRequest, Usage, error_body};
+use crate::wire::{ChatRequest, FunctionCall, ToolCall, Usage, error_body};
 use source::{Item, Piece, Source};
 
 /// A stream that has started: which model produced the first token, and the SSE body.
@@ -150,6 +150,7 @@ impl Gateway {
             created: self.created(),
             sent_text: String::new(),
             sent_tools: false,
+            tool_calls: Vec::new(),
             role_sent: false,
             finish: None,
             usage: None,
@@ -267,6 +268,9 @@ struct Pump {
     created: u64,
     sent_text: String,
     sent_tools: bool,
+    /// Streamed tool calls, assembled from their deltas (name, arguments), for the
+    /// run's loop guard.
+    tool_calls: Vec<(String, String)>,
     role_sent: bool,
     finish: Option<String>,
     usage: Option<Usage>,
@@ -460,11 +464,40 @@ impl Pump {
         if let Some(text) = &piece.content {
             self.sent_text.push_str(text);
         }
-        if piece.tool_calls.is_some() {
+        if let Some(raw) = &piece.tool_calls {
             self.sent_tools = true;
+            self.assemble_tool_calls(raw);
         }
         let frame = self.chunk(&model.name, &piece);
         if self.send(frame).await { Forwarded::Ok } else { Forwarded::Gone }
+    }
+
+    fn assemble_tool_calls(&mut self, raw: &RawValue) {
+        #[derive(serde::Deserialize)]
+        struct Delta {
+            #[serde(default)]
+            index: usize,
+            #[serde(default)]
+            function: Option<FunctionDelta>,
+        }
+        #[derive(serde::Deserialize)]
+        struct FunctionDelta {
+            #[serde(default)]
+            name: Option<String>,
+            #[serde(default)]
+            arguments: Option<String>,
+        }
+        let Ok(deltas) = serde_json::from_str::<Vec<Delta>>(raw.get()) else { return };
+        for d in deltas {
+            if self.tool_calls.len() <= d.index {
+                self.tool_calls.resize(d.index + 1, (String::new(), String::new()));
+            }
+            if let Some(f) = d.function {
+                let call = &mut self.tool_calls[d.index];
+                call.0.push_str(f.name.as_deref().unwrap_or(""));
+                call.1.push_str(f.arguments.as_deref().unwrap_or(""));
+            }
+        }
     }
 
     fn chunk(&self, model: &str, piece: &Piece) -> Bytes {
@@ -500,6 +533,36 @@ impl Pump {
     }
 
     async fn finish_ok(mut self, model: &Model) {
+        let calls: Vec<ToolCall> = self
+            .tool_calls
+            .iter()
+            .map(|(name, arguments)| ToolCall {
+                id: String::new(),
+                function: FunctionCall { name: name.clone(), arguments: arguments.clone() },
+            })
+            .collect();
+        if let Err(e) = self.gateway.guard_tools(&self.charges, &calls) {
+            // The run repeats itself: the stream ends with the error, not `[DONE]`.
+            self.send(frame(&error_body(e.class, &e.message).to_string())).await;
+            let usage = self.answer_usage();
+            self.charges.settle(model, usage);
+            self.route.primary.counters.request_failed(e.class);
+            let primary = self.route.primary.clone();
+            let failures = self.route.failures.clone();
+            self.gateway.journal_call(
+                &self.ctx,
+                &primary,
+                &self.req,
+                Some(&model.name),
+                &failures,
+                self.route.attempts,
+                Some(usage),
+                0,
+                self.rescue,
+                Some(&e),
+            );
+            return;
+        }
         let usage = self.answer_usage();
         if self.req.include_usage {
             let frame = frame(&format!(

@@ -207,3 +207,19 @@ async fn streamed_tool_calls_are_relayed() {
     assert_eq!(args, "{\"city\":\"Paris\"}");
     assert_eq!(a.finish_reasons(), ["tool_calls"]);
 }
+
+#[tokio::test]
+async fn the_loop_guard_sees_streamed_tool_calls() {
+    let fake = Fake::start().await;
+    fake.always(Reply::Tool { name: "get_weather", args: "{\"city\":\"Paris\"}" });
+    let served = serve(vec![("gpt", model(&fake, "m"))]).await;
+    let run = [("x-keel-run", "looping")];
+    for _ in 0..2 {
+        let a = post_chat(&served.url, ask_stream("gpt"), &run).await;
+        assert_eq!(a.events().last().unwrap(), "[DONE]");
+    }
+    let a = post_chat(&served.url, ask_stream("gpt"), &run).await;
+    let last: Value = serde_json::from_str(a.events().last().unwrap()).unwrap();
+    assert_eq!(last["error"]["type"], "loop_detected", "{}", a.text);
+    assert!(!a.text.contains("[DONE]"));
+}

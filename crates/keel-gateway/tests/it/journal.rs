@@ -1,0 +1,65 @@
+//! Every call is journaled through keel-journal, its prompt hashed.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use keel_gateway::journal::{DecisionsOnly, GATEWAY_RUN};
+use keel_gateway::{Gateway, WriterJournal, router};
+use keel_journal::{JournalEvent, JournalOptions, JournalWriter, StepOutcome};
+
+use crate::support::{Fake, Reply, ask, model, post_chat};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_and_decisions_land_in_the_journal_with_prompts_hashed() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal =
+        keel_journal::open(&format!("sqlite:{}/j.db", dir.path().display()), JournalOptions::default())
+            .await
+            .unwrap();
+    let writer = JournalWriter::spawn(journal.clone(), 64);
+    let fake = Fake::start().await;
+    fake.script([Reply::Status { code: 500, retry_after: None, body: "x" }]);
+    let models: BTreeMap<String, _> = [("gpt".to_owned(), model(&fake, "m"))].into_iter().collect();
+    let gateway = Gateway::builder(models)
+        .env(|_| None)
+        .sink(Arc::new(DecisionsOnly(writer.sink(GATEWAY_RUN))))
+        .journal(Arc::new(WriterJournal::new(writer.clone())))
+        .build()
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router(Arc::new(gateway))).await.unwrap() });
+
+    assert_eq!(post_chat(&url, ask("gpt"), &[("x-keel-run", "run-9")]).await.status, 200);
+    assert_eq!(post_chat(&url, ask("gpt"), &[]).await.status, 200);
+    writer.flush().await.unwrap();
+
+    let events = journal.events("run-9", 0, 100).await.unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e.event.kind()).collect();
+    assert_eq!(kinds, ["step_started", "step_finished"]);
+    let JournalEvent::StepStarted { target, input, .. } = &events[0].event else { panic!() };
+    assert_eq!(target, "model:gpt");
+    let text = input.to_string();
+    assert!(text.contains("sha256:") && !text.contains("Say hello"), "the prompt is hashed: {text}");
+    let JournalEvent::StepFinished { outcome: StepOutcome::Succeeded { output }, .. } = &events[1].event
+    else {
+        panic!("{:?}", events[1])
+    };
+    assert_eq!((output["attempts"].as_u64(), output["answered_by"].as_str()), (Some(2), Some("gpt")));
+    assert!(output.get("failures").is_none(), "a retried attempt is not a model failure: {output}");
+
+    // Policy decisions (the retry) go to the gateway's run, with the call without a run.
+    let gateway_run: Vec<&str> = journal
+        .events(GATEWAY_RUN, 0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.event.kind())
+        .collect::<Vec<_>>()
+        .leak()
+        .to_vec();
+    assert!(gateway_run.contains(&"policy.retry_scheduled"), "{gateway_run:?}");
+    assert!(gateway_run.contains(&"policy.attempt_ended"), "the failed attempt: {gateway_run:?}");
+    assert!(!gateway_run.contains(&"policy.attempt_started"), "{gateway_run:?}");
+    assert_eq!(gateway_run.iter().filter(|k| **k == "step_finished").count(), 1);
+}
