@@ -46,7 +46,8 @@ pub async fn state(
     let metrics = Arc::new(metrics::Metrics::new());
     let observer: Arc<dyn Observer> = metrics.clone();
     let runner = Arc::new(Runner::new(config.clone(), journal.clone(), clock.clone(), observer).await?);
-    Ok(AppState { runner, journal, config, clock, metrics, wake: Arc::new(Notify::new()) })
+    let (wake, drives) = (Arc::new(Notify::new()), Arc::default());
+    Ok(AppState { runner, journal, config, clock, metrics, wake, drives })
 }
 
 /// The router: every route but `/healthz` (and the inbox's static files) needs a key.
@@ -96,6 +97,7 @@ pub async fn serve(
     let stop = CancellationToken::new();
     workers::start(
         state.runner.clone(),
+        state.drives.clone(),
         state.wake.clone(),
         state.config.server.workers,
         &tracker,

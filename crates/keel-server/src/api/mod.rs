@@ -32,6 +32,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Wakes the workers (a run to carry on).
     pub wake: Arc<Notify>,
+    /// The runs this process is driving (a request's and a worker's never overlap).
+    pub drives: Arc<crate::workers::Drives>,
 }
 
 impl AppState {

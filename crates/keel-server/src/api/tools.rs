@@ -123,9 +123,7 @@ async fn answer(
 ) -> Result<Response, ApiError> {
     let give_up = tokio::time::Instant::now() + wait;
     if drive {
-        // A run's future is large; boxed, it lives on the heap, not on a worker's stack
-        // (debug builds overflowed the 2 MiB default there).
-        match Box::pin(s.runner.drive(run_id)).await {
+        match s.drives.drive(&s.runner, run_id).await {
             Ok(_) | Err(keel_runtime::runner::Error::Busy(..)) => {}
             Err(e) => return Err(e.into()),
         }
