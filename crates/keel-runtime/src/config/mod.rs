@@ -46,6 +46,22 @@ pub struct Config {
     pub server: ServerConfig,
     /// API keys with their secrets read from the environment (never logged).
     pub keys: Vec<ApiKey>,
+    /// The models of the gateway, by name.
+    pub models: BTreeMap<String, keel_gateway::ModelConfig>,
+    /// Gateway-wide limits.
+    pub gateway: keel_gateway::GatewayConfig,
+    /// The models' upstream keys, by environment variable (never logged).
+    pub model_keys: Arc<BTreeMap<String, String>>,
+}
+
+impl Config {
+    /// The gateway for the configured models (unbuilt), with their keys.
+    pub fn gateway_builder(&self) -> keel_gateway::GatewayBuilder {
+        let keys = self.model_keys.clone();
+        keel_gateway::Gateway::builder(self.models.clone())
+            .config(self.gateway.clone())
+            .env(move |var| keys.get(var).cloned())
+    }
 }
 
 /// An API key of `keel serve`.
@@ -78,7 +94,8 @@ impl std::fmt::Debug for Config {
             .field("tools", &self.tools)
             .field("server", &self.server)
             .field("keys", &self.keys)
-            .finish()
+            .field("models", &self.models.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
     }
 }
 
@@ -199,6 +216,34 @@ impl Config {
             }
         }
 
+        // Models: the gateway checks them; its problems name `models.NAME.field`.
+        let models: BTreeMap<String, keel_gateway::ModelConfig> =
+            raw.models.iter().map(|(k, v)| (k.clone(), v.get_ref().clone())).collect();
+        let mut model_keys = BTreeMap::new();
+        for m in models.values() {
+            if let Some(var) = &m.api_key_env {
+                if let Some(v) = env(var) {
+                    model_keys.insert(var.clone(), v);
+                }
+            }
+        }
+        let model_keys = Arc::new(model_keys);
+        if !models.is_empty() {
+            let keys = model_keys.clone();
+            let built = keel_gateway::Gateway::builder(models.clone())
+                .config(raw.gateway.clone())
+                .env(move |var| keys.get(var).cloned())
+                .build();
+            if let Err(e) = built {
+                for problem in e.problems {
+                    let (key, message) = problem.split_once(": ").unwrap_or(("models", problem.as_str()));
+                    let name = key.split('.').nth(1).unwrap_or("");
+                    let at = raw.models.get(name).map(|m| m.span().start);
+                    c.error(at, key.to_owned(), message.to_owned());
+                }
+            }
+        }
+
         if !c.errors.is_empty() {
             return Err(ConfigErrors(c.errors));
         }
@@ -211,6 +256,9 @@ impl Config {
             tools,
             server: raw.server,
             keys,
+            models,
+            gateway: raw.gateway,
+            model_keys,
         })
     }
 

@@ -34,6 +34,13 @@ pub struct RawConfig {
     /// `keel serve`: where it listens, who may call it.
     #[serde(default)]
     pub server: ServerConfig,
+    /// The models agents reach through `/v1/chat/completions`, by the name they use.
+    #[serde(default)]
+    #[schemars(with = "BTreeMap<String, keel_gateway::ModelConfig>")]
+    pub models: BTreeMap<String, Spanned<keel_gateway::ModelConfig>>,
+    /// Gateway-wide limits: budgets per API key and per run, the loop guard.
+    #[serde(default)]
+    pub gateway: keel_gateway::GatewayConfig,
 }
 
 /// What a key may do on `keel serve`.

@@ -135,3 +135,22 @@ fn the_schema_describes_tools_and_policies() {
         assert!(schema.contains(needle), "{needle}");
     }
 }
+
+#[test]
+fn models_are_checked_by_the_gateway_with_their_lines() {
+    let ok = parse(
+        "[models.gpt]\nprovider = \"openai\"\nbase_url = \"http://127.0.0.1:18080/v1\"\nmodel = \"gpt-4o-mini\"\napi_key_env = \"PAY_AUTH\"\n",
+    )
+    .unwrap();
+    assert_eq!(ok.models["gpt"].model, "gpt-4o-mini");
+    assert!(ok.gateway_builder().build().is_ok());
+    assert!(!format!("{ok:?}").contains("s3cret"), "model keys are never in Debug output");
+
+    let text = "[tools.t]\nkind = \"command\"\nargv = [\"true\"]\n\n[models.gpt]\nprovider = \"openai\"\nbase_url = \"http://127.0.0.1:1/v1\"\nmodel = \"m\"\nfallbacks = [\"nope\"]\napi_key_env = \"MISSING\"\n";
+    let e = parse(text).unwrap_err().to_string();
+    assert!(e.contains("conf/keel.toml:5: models.gpt.fallbacks"), "{e}");
+    assert!(e.contains("models.gpt.api_key_env"), "{e}");
+    let e = parse("[models.gpt]\nprovider = \"openai\"\nbase_url = \"x\"\nmodel = \"m\"\ntemperature = 1\n")
+        .unwrap_err();
+    assert!(e.to_string().contains("temperature"), "{e}");
+}
