@@ -55,8 +55,18 @@ async fn serve(config: &str, addr: &str, journal_url: &str) -> Result<(), Error>
         .build()?;
     let listener = tokio::net::TcpListener::bind(addr).await?;
     println!("keel-gateway-bench: serving on {addr}");
-    axum::serve(listener, router(Arc::new(gateway))).await?;
+    axum::serve(nodelay(listener), router(Arc::new(gateway))).await?;
     Ok(())
+}
+
+/// The listener with `TCP_NODELAY` on every accepted socket: an SSE stream is many
+/// small writes, and Nagle's algorithm with the client's delayed ACK would hold the
+/// second one (the first token) for ~40 ms.
+fn nodelay(listener: tokio::net::TcpListener) -> impl axum::serve::Listener<Addr = std::net::SocketAddr> {
+    use axum::serve::ListenerExt;
+    listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    })
 }
 
 const TOKENS: usize = 20;
@@ -103,7 +113,7 @@ async fn ttft(n: usize) -> Result<(), Error> {
     let gateway = Arc::new(Gateway::builder(models).env(|_| None).build()?);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let keel = format!("http://{}", listener.local_addr()?);
-    tokio::spawn(async move { axum::serve(listener, router(gateway)).await });
+    tokio::spawn(async move { axum::serve(nodelay(listener), router(gateway)).await });
 
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let body = Bytes::from_static(
