@@ -114,3 +114,33 @@ pub async fn require_key(State(keys): State<Arc<Keys>>, mut req: Request, next: 
     req.extensions_mut().insert(caller);
     next.run(req).await
 }
+
+/// OpenAI's error shape, for `/v1`.
+fn openai_error(status: axum::http::StatusCode, kind: &str, message: &str) -> Response {
+    let body = serde_json::json!({"error": {"message": message, "type": kind, "param": null, "code": null}});
+    (status, axum::Json(body)).into_response()
+}
+
+/// The middleware of `/v1`: like [`require_key`], with errors in OpenAI's shape, and
+/// the caller's key name given to the gateway (per-key budgets) as an `ApiKeyId`.
+pub async fn require_key_v1(State(keys): State<Arc<Keys>>, mut req: Request, next: Next) -> Response {
+    use axum::http::StatusCode;
+    let Some(secret) = presented_key(&req) else {
+        return openai_error(StatusCode::UNAUTHORIZED, "authentication_error", "an API key is required");
+    };
+    let Some(caller) = keys.identify(secret) else {
+        return openai_error(StatusCode::UNAUTHORIZED, "authentication_error", "the API key is not valid");
+    };
+    if caller.require(&[Role::Agent]).is_err() {
+        return openai_error(StatusCode::FORBIDDEN, "permission_error", "this key may not call models");
+    }
+    if keys.limiter.check_key(&caller.name).is_err() {
+        let mut r =
+            openai_error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "over the key's rate limit");
+        r.headers_mut().insert("retry-after", axum::http::HeaderValue::from_static("1"));
+        return r;
+    }
+    req.extensions_mut().insert(keel_gateway::ApiKeyId(caller.name.clone()));
+    req.extensions_mut().insert(caller);
+    next.run(req).await
+}

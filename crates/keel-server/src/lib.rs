@@ -47,7 +47,24 @@ pub async fn state(
     let observer: Arc<dyn Observer> = metrics.clone();
     let runner = Arc::new(Runner::new(config.clone(), journal.clone(), clock.clone(), observer).await?);
     let (wake, drives) = (Arc::new(Notify::new()), Arc::default());
-    Ok(AppState { runner, journal, config, clock, metrics, wake, drives })
+    let gateway = if config.models.is_empty() {
+        None
+    } else {
+        let writer =
+            keel_journal::JournalWriter::spawn(journal.clone(), keel_journal::writer::DEFAULT_MAX_BATCH);
+        // Calls and decisions (retries, fallbacks, breaker changes) are journaled; the
+        // per-attempt noise of a high-rate endpoint is not.
+        let sink = keel_gateway::journal::DecisionsOnly(writer.sink(keel_gateway::journal::GATEWAY_RUN));
+        let built = config
+            .gateway_builder()
+            .clock(clock.clone())
+            .sink(Arc::new(sink))
+            .journal(Arc::new(keel_gateway::WriterJournal::new(writer)))
+            .build()
+            .map_err(|e| keel_runtime::runner::Error::Refused(e.to_string()))?;
+        Some(Arc::new(built))
+    };
+    Ok(AppState { runner, journal, config, clock, metrics, wake, drives, gateway })
 }
 
 /// The router: every route but `/healthz` (and the inbox's static files) needs a key.
@@ -70,8 +87,9 @@ pub fn app(state: AppState) -> Router {
         .route("/api/tickets/{id}/resolve", post(api::tickets::resolve))
         .route("/api/tools/{name}/invoke", post(api::tools::invoke))
         .route("/api/dashboard", get(dashboard::dashboard))
-        .route_layer(axum::middleware::from_fn_with_state(keys, auth::require_key));
-    Router::new()
+        .route_layer(axum::middleware::from_fn_with_state(keys.clone(), auth::require_key));
+    let gateway = state.gateway.clone();
+    let main = Router::new()
         .route("/healthz", get(ops::healthz))
         .route("/", get(inbox::index))
         .route("/assets/app.js", get(inbox::app_js))
@@ -79,7 +97,15 @@ pub fn app(state: AppState) -> Router {
         .merge(protected)
         .fallback(|| async { error::ApiError::new(keel_core::ErrorClass::NotFound, "no such route") })
         .layer(DefaultBodyLimit::max(state.config.server.body_limit))
-        .with_state(state)
+        .with_state(state);
+    match gateway {
+        // The model gateway: `/v1/chat/completions` and `/v1/models`, behind the same
+        // keys, answering auth errors in OpenAI's shape.
+        Some(gw) => main.merge(
+            keel_gateway::router(gw).layer(axum::middleware::from_fn_with_state(keys, auth::require_key_v1)),
+        ),
+        None => main,
+    }
 }
 
 /// Serves `state` on `listener` until `shutdown` resolves; then stops taking runs,
@@ -105,6 +131,10 @@ pub async fn serve(
     );
     let runner = state.runner.clone();
     let stop_on_signal = stop.clone();
+    // No Nagle delay: a streamed token leaves at once (≈43 ms otherwise).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let result = axum::serve(listener, app(state))
         .with_graceful_shutdown(async move {
             shutdown.await;

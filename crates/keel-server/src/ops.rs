@@ -34,5 +34,9 @@ pub async fn metrics(State(s): State<AppState>) -> Result<impl IntoResponse, Api
     let tickets = keel_runtime::inbox::tickets(&*s.journal).await?;
     let open = tickets.iter().filter(|t| t.ticket.status == "open").count();
     s.metrics.gauge("keel_tickets_open", &[], open as f64);
-    Ok((StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render()))
+    let mut text = s.metrics.render();
+    if let Some(gw) = &s.gateway {
+        text.push_str(&gw.metrics().render_prometheus());
+    }
+    Ok((StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text))
 }

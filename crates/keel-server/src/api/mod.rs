@@ -34,6 +34,8 @@ pub struct AppState {
     pub wake: Arc<Notify>,
     /// The runs this process is driving (a request's and a worker's never overlap).
     pub drives: Arc<crate::workers::Drives>,
+    /// The model gateway, when keel.toml has `[models]`.
+    pub gateway: Option<Arc<keel_gateway::Gateway>>,
 }
 
 impl AppState {

@@ -9,3 +9,4 @@ mod support;
 mod api;
 mod auth;
 mod browser;
+mod gateway;

@@ -1,0 +1,59 @@
+//! The model gateway mounted in `keel serve`: `/v1` behind the same keys.
+
+use axum::Json;
+use axum::routing::post;
+use keel_examples::payments::Faults;
+use serde_json::{Value, json};
+
+use crate::support::{AGENT, APPROVER, Server};
+
+/// An OpenAI-compatible upstream that answers every completion.
+async fn upstream() -> String {
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        post(|Json(req): Json<Value>| async move {
+            Json(json!({
+                "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": req["model"],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+            }))
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}/v1")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_are_served_under_v1_with_the_servers_keys() {
+    let base = upstream().await;
+    let s = Server::start(
+        Faults::default(),
+        &format!("[models.small]\nprovider = \"openai\"\nbase_url = \"{base}\"\nmodel = \"up-small\"\n"),
+    )
+    .await;
+    let body = json!({"model": "small", "messages": [{"role": "user", "content": "hi"}]});
+    let resp = s.http.post(s.url("/v1/chat/completions")).json(&body).send().await.unwrap();
+    assert_eq!(resp.status(), 401);
+    let e: Value = resp.json().await.unwrap();
+    assert_eq!(e["error"]["type"], "authentication_error", "OpenAI's error shape: {e}");
+
+    let resp =
+        s.http.post(s.url("/v1/chat/completions")).bearer_auth(APPROVER).json(&body).send().await.unwrap();
+    assert_eq!(resp.status(), 403, "an approver key does not call models");
+
+    let resp =
+        s.http.post(s.url("/v1/chat/completions")).bearer_auth(AGENT).json(&body).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-keel-model"], "small");
+    let answer: Value = resp.json().await.unwrap();
+    assert_eq!(answer["choices"][0]["message"]["content"], "hello");
+    assert_eq!(answer["usage"]["total_tokens"], 4);
+
+    let (status, models) = s.get(Some(AGENT), "/v1/models").await;
+    assert_eq!(status, 200);
+    assert_eq!(models["data"][0]["id"], "small");
+    let (_, metrics) = s.get(Some(AGENT), "/metrics").await;
+    assert!(metrics.as_str().unwrap().contains("keel_gateway_"), "gateway metrics are exported");
+}
