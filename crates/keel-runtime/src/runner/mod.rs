@@ -88,6 +88,18 @@ pub struct Runner {
     breakers: Mutex<HashMap<String, Arc<Breaker>>>,
     gate: Arc<ConfidenceGate>,
     observer: Arc<dyn Observer>,
+    /// Runs being driven by a task of this process: the lease keeps other processes
+    /// out, this keeps a second task of the same process (same lease owner) out.
+    driving: Mutex<std::collections::HashSet<String>>,
+}
+
+/// Marks a run as driven by this process until dropped.
+struct Driving<'a>(&'a Runner, String);
+
+impl Drop for Driving<'_> {
+    fn drop(&mut self) {
+        self.0.driving.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.1);
+    }
 }
 
 impl std::fmt::Debug for Runner {
@@ -111,7 +123,17 @@ impl Runner {
         gate.load(journal.load_gate_history().await?);
         let writer = JournalWriter::spawn(journal.clone(), keel_journal::writer::DEFAULT_MAX_BATCH);
         let owner = format!("{}:{}", std::process::id(), new_id("owner"));
-        Ok(Runner { config, journal, writer, clock, owner, breakers: Mutex::default(), gate, observer })
+        Ok(Runner {
+            config,
+            journal,
+            writer,
+            clock,
+            owner,
+            breakers: Mutex::default(),
+            gate,
+            observer,
+            driving: Mutex::default(),
+        })
     }
 
     /// The journal.
@@ -189,6 +211,10 @@ impl Runner {
     /// Dropping the future stops at an arbitrary point; everything acknowledged is in
     /// the journal, and a later drive resumes without repeating a completed side effect.
     pub async fn drive(&self, run_id: &str) -> Result<RunStatus> {
+        if !self.driving.lock().unwrap_or_else(|e| e.into_inner()).insert(run_id.to_owned()) {
+            return Err(Error::Busy(run_id.to_owned(), "another task of this process drives it".to_owned()));
+        }
+        let _driving = Driving(self, run_id.to_owned());
         let ttl = self.config.run.lease;
         let lease = match self.journal.acquire_lease(run_id, &self.owner, ttl).await? {
             Some(lease) => lease,

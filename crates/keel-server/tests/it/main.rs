@@ -10,3 +10,4 @@ mod api;
 mod auth;
 mod browser;
 mod gateway;
+mod shutdown;

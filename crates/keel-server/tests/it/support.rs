@@ -17,8 +17,9 @@ pub(crate) struct Server {
     pub(crate) base: String,
     pub(crate) payments: Handle,
     pub(crate) http: reqwest::Client,
-    _dir: tempfile::TempDir,
-    _stop: tokio::sync::oneshot::Sender<()>,
+    pub(crate) dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    served: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
 
 async fn payments(faults: Faults) -> (String, Handle) {
@@ -81,7 +82,7 @@ impl Server {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(keel_server::serve(
+        let served = tokio::spawn(keel_server::serve(
             state,
             listener,
             async move {
@@ -93,8 +94,19 @@ impl Server {
             base: format!("http://{addr}"),
             payments: handle,
             http: reqwest::Client::new(),
-            _dir: dir,
-            _stop: stop,
+            dir,
+            stop: Some(stop),
+            served: Some(served),
+        }
+    }
+
+    /// Asks the server to stop and waits until it has (in-flight work finished).
+    pub(crate) async fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(served) = self.served.take() {
+            served.await.unwrap().unwrap();
         }
     }
 
