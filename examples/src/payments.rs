@@ -162,3 +162,39 @@ async fn charges(State(app): State<Arc<App>>) -> Json<Value> {
         json!({"count": l.charges.len(), "charges": l.charges, "attempts": l.attempts, "refunds": l.refunds}),
     )
 }
+
+/// Starts the service on a free loopback port, on a thread of its own (usable from
+/// sync and async tests alike); returns its base URL and a handle on its ledger.
+///
+/// # Panics
+/// When no loopback port can be bound (a test cannot go on without it).
+#[allow(clippy::expect_used)]
+pub fn spawn(faults: Faults) -> (String, Handle) {
+    let (router, handle) = router_with_handle(faults);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a loopback port");
+    let addr = listener.local_addr().expect("its address");
+    listener.set_nonblocking(true).expect("non-blocking");
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("a tokio listener");
+            let _ = axum::serve(listener, router).await;
+        });
+    });
+    (format!("http://{addr}"), handle)
+}
+
+/// keel.toml tools for this service (`{base}` stands for its URL): `charge` (write-like,
+/// approval above 100, a parameter schema) and `notify`. Tests and examples share it.
+pub const TOOLS_TOML: &str = r#"
+[tools.charge]
+kind = "http"
+url = "{base}/charge"
+write = true
+approval = { param = "amount", above = 100 }
+params = { type = "object", required = ["order", "amount"], properties = { order = { type = "integer" }, amount = { type = "number" } } }
+
+[tools.notify]
+kind = "http"
+url = "{base}/notify"
+"#;

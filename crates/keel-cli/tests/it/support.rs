@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use keel_examples::payments::{Faults, Handle, router_with_handle};
+use keel_examples::payments::{Faults, Handle, spawn};
 
 /// One test's world.
 pub(crate) struct Bench {
@@ -14,22 +14,12 @@ pub(crate) struct Bench {
 }
 
 impl Bench {
-    /// Starts a payments service with `faults`; writes keel.toml from `config`, where
-    /// `{base}` is the service's URL.
+    /// Starts a payments service with `faults`; writes keel.toml from `config` and the
+    /// payments tools, where `{base}` is the service's URL.
     pub(crate) fn new(faults: Faults, config: &str) -> Bench {
-        let (router, payments) = router_with_handle(faults);
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                tx.send(listener.local_addr().unwrap()).unwrap();
-                axum::serve(listener, router).await.unwrap();
-            });
-        });
-        let addr = rx.recv().unwrap();
+        let (base, payments) = spawn(faults);
         let dir = tempfile::tempdir().unwrap();
-        let base = format!("http://{addr}");
+        let config = format!("{config}\n{}", keel_examples::payments::TOOLS_TOML);
         std::fs::write(dir.path().join("keel.toml"), config.replace("{base}", &base)).unwrap();
         Bench { dir, payments }
     }
@@ -157,7 +147,8 @@ pub(crate) fn exists(p: &Path) -> bool {
     p.exists()
 }
 
-/// The usual tools: `charge` (approval above 100) and `notify`.
+/// The usual run limits; `Bench::new` adds the payments tools, `charge` (approval
+/// above 100) and `notify` (`keel_examples::payments::TOOLS_TOML`).
 pub(crate) const TOOLS: &str = r#"
 [run]
 lease = "1s"
@@ -166,15 +157,4 @@ escalate_after = 3
 [defaults]
 retry = { max_attempts = 3, base_delay = "10ms", max_delay = "50ms" }
 breaker = { enabled = false }
-
-[tools.charge]
-kind = "http"
-url = "{base}/charge"
-write = true
-approval = { param = "amount", above = 100 }
-params = { type = "object", required = ["order", "amount"], properties = { order = { type = "integer" }, amount = { type = "number" } } }
-
-[tools.notify]
-kind = "http"
-url = "{base}/notify"
 "#;

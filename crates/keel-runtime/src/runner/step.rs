@@ -88,6 +88,17 @@ impl StepCtx<'_> {
         self.runner.record(self.run_id, event).await
     }
 
+    /// Records that the step starts with `params` on `tool`.
+    async fn started(&self, tool: &str, params: &Value) -> Result<u64> {
+        self.record(JournalEvent::StepStarted {
+            step: self.index as u32,
+            name: self.id().to_owned(),
+            target: tool.to_owned(),
+            input: params.clone(),
+        })
+        .await
+    }
+
     async fn fail(&self, class: ErrorClass, message: String) -> Result<StepEnd> {
         self.record(JournalEvent::StepFinished {
             step: self.index as u32,
@@ -191,13 +202,7 @@ pub(super) async fn run_step(ctx: StepCtx<'_>) -> Result<StepEnd> {
         },
     };
     if let Err(f) = tool.check_params(&params) {
-        ctx.record(JournalEvent::StepStarted {
-            step: index,
-            name: ctx.id().to_owned(),
-            target: tool.name.to_string(),
-            input: params.clone(),
-        })
-        .await?;
+        ctx.started(&tool.name, &params).await?;
         return ctx.fail(f.class, f.message).await;
     }
     let now_ms = wall_ms(r.clock.wall());
@@ -214,13 +219,7 @@ pub(super) async fn run_step(ctx: StepCtx<'_>) -> Result<StepEnd> {
         }
     }
 
-    ctx.record(JournalEvent::StepStarted {
-        step: index,
-        name: ctx.id().to_owned(),
-        target: tool.name.to_string(),
-        input: params.clone(),
-    })
-    .await?;
+    ctx.started(&tool.name, &params).await?;
     let key = idempotency_key(ctx.run_id, ctx.id(), &tool.name, &params);
 
     // Scope fallback: a large batch runs a canary of one item, then waits for a
@@ -306,13 +305,7 @@ async fn approval_gate(
         None => {
             let approval_id = new_id("apr");
             if record_start {
-                ctx.record(JournalEvent::StepStarted {
-                    step: index,
-                    name: ctx.id().to_owned(),
-                    target: tool.name.to_string(),
-                    input: params.clone(),
-                })
-                .await?;
+                ctx.started(&tool.name, &params).await?;
             }
             let expires = r.config.approvals.expires_after;
             ctx.record(JournalEvent::ApprovalRequested {

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keel_core::TokioClock;
-use keel_examples::payments::{Faults, Handle, router_with_handle};
+use keel_examples::payments::{Faults, Handle, spawn};
 use keel_journal::JournalOptions;
 use keel_runtime::Config;
 use serde_json::Value;
@@ -22,15 +22,7 @@ pub(crate) struct Server {
     served: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
 
-async fn payments(faults: Faults) -> (String, Handle) {
-    let (router, handle) = router_with_handle(faults);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-    (format!("http://{addr}"), handle)
-}
-
-pub(crate) const TOOLS: &str = r#"
+const SERVER: &str = r#"
 [run]
 lease = "2s"
 escalate_after = 2
@@ -45,24 +37,14 @@ keys = [
   { name = "alice", key_env = "APPROVER_KEY", role = "approver" },
   { name = "root", key_env = "ADMIN_KEY", role = "admin" },
 ]
-
-[tools.charge]
-kind = "http"
-url = "{base}/charge"
-write = true
-approval = { param = "amount", above = 100 }
-params = { type = "object", required = ["order", "amount"], properties = { order = { type = "integer" }, amount = { type = "number" } } }
-
-[tools.notify]
-kind = "http"
-url = "{base}/notify"
 "#;
 
 impl Server {
     pub(crate) async fn start(faults: Faults, extra: &str) -> Server {
-        let (base, handle) = payments(faults).await;
+        let (base, handle) = spawn(faults);
         let dir = tempfile::tempdir().unwrap();
-        let text = format!("{}\n{extra}", TOOLS.replace("{base}", &base));
+        let tools = format!("{SERVER}{}", keel_examples::payments::TOOLS_TOML);
+        let text = format!("{}\n{extra}", tools.replace("{base}", &base));
         let env = |name: &str| match name {
             "AGENT_KEY" => Some(AGENT.to_owned()),
             "APPROVER_KEY" => Some(APPROVER.to_owned()),
