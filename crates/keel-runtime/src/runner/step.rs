@@ -305,7 +305,7 @@ async fn approval_gate(
         None => {
             let approval_id = new_id("apr");
             if record_start {
-                ctx.started(&tool.name, &params).await?;
+                ctx.started(&tool.name, params).await?;
             }
             let expires = r.config.approvals.expires_after;
             ctx.record(JournalEvent::ApprovalRequested {
