@@ -111,7 +111,7 @@ policy = { retry = { max_attempts = "three" } }
     let lines: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
     let has = |needle: &str| assert!(lines.iter().any(|l| l.contains(needle)), "{needle} in {lines:#?}");
     has("conf/keel.toml:2: tools.a.argv: a command tool needs `argv`");
-    has("tools.b.url: `ftp://x` is not an http:// or https:// URL");
+    has("tools.b.url: `ftp://x` is not an http:// URL");
     has("tools.b.headers: `Authorization` is a secret: use `headers_env`");
     has("tools.b.headers_env: environment variable `MISSING_VAR` is not set");
     has(":10: tools.b.undo: no tool named `nope`");
@@ -153,4 +153,11 @@ fn models_are_checked_by_the_gateway_with_their_lines() {
     let e = parse("[models.gpt]\nprovider = \"openai\"\nbase_url = \"x\"\nmodel = \"m\"\ntemperature = 1\n")
         .unwrap_err();
     assert!(e.to_string().contains("temperature"), "{e}");
+}
+
+#[test]
+fn https_tools_are_refused_up_front_in_this_build() {
+    let e =
+        parse("[tools.t]\nkind = \"http\"\nurl = \"https://api.example.com/x\"\n").unwrap_err().to_string();
+    assert!(e.contains("tools.t.url") && e.contains("TLS"), "{e}");
 }
