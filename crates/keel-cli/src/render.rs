@@ -149,7 +149,8 @@ impl Observer for Live {
             JournalEvent::RunCreated { .. }
             | JournalEvent::ApprovalDecided { .. }
             | JournalEvent::TicketResolved { .. }
-            | JournalEvent::ProgramRecorded { .. } => {}
+            | JournalEvent::ProgramRecorded { .. }
+            | JournalEvent::ModelCalled { .. } => {}
         }
     }
 }
@@ -179,6 +180,9 @@ pub(crate) fn describe(event: &JournalEvent) -> Option<String> {
         JournalEvent::TicketOpened { ticket_id, class, .. } => format!("ticket {ticket_id} opened ({class})"),
         JournalEvent::TicketResolved { ticket_id, resolution, by } => {
             format!("ticket {ticket_id} resolved by {by}: {resolution}")
+        }
+        JournalEvent::ModelCalled { model, record } => {
+            format!("model {model} answered by {} ({} attempts)", record["answered_by"], record["attempts"])
         }
         JournalEvent::ProgramRecorded { step, attempt, .. } => {
             format!("step {step} program of attempt {attempt} recorded")

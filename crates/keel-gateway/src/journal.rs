@@ -5,13 +5,11 @@
 //! a [`CallJournal`]; [`JournalWriter`] is one (batched, non-blocking), writing each
 //! call as a step of its run (header `X-Keel-Run`, else the run `gateway`).
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, Ordering};
 
 use keel_core::ErrorClass;
-use keel_journal::{JournalEvent, JournalWriter, NewEvent, StepOutcome};
+use keel_journal::{JournalEvent, JournalWriter, NewEvent};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -103,74 +101,51 @@ pub trait CallJournal: Send + Sync + fmt::Debug {
     fn record(&self, record: CallRecord);
 }
 
-/// Journals calls as steps of their run through a [`JournalWriter`].
-///
-/// keel-journal has no model-call event yet, so a call is a `step_started` (target
-/// `model:NAME`, input: the prompt digest and options) and a `step_finished` (output:
-/// the record), numbered from a per-run counter the gateway keeps.
+/// Journals each call as one `model_called` event of its run (`X-Keel-Run`, or the
+/// run `gateway`) through a [`JournalWriter`].
 #[derive(Debug)]
 pub struct WriterJournal {
     writer: JournalWriter,
-    steps: Mutex<HashMap<String, AtomicU32>>,
 }
 
 impl WriterJournal {
     /// Records go to `writer`.
     pub fn new(writer: JournalWriter) -> Self {
-        Self { writer, steps: Mutex::new(HashMap::new()) }
-    }
-
-    fn next_step(&self, run: &str) -> u32 {
-        let mut steps = self.steps.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = steps.get(run) {
-            return n.fetch_add(1, Ordering::Relaxed) + 1;
-        }
-        if steps.len() > 100_000 {
-            steps.clear();
-        }
-        steps.insert(run.to_owned(), AtomicU32::new(1));
-        1
+        Self { writer }
     }
 }
 
 impl CallJournal for WriterJournal {
     fn record(&self, record: CallRecord) {
         let run = record.run.clone().unwrap_or_else(|| GATEWAY_RUN.to_owned());
-        let step = self.next_step(&run);
         // Small rows: at thousands of calls a second the journal's bytes are its cost.
-        let input =
-            serde_json::json!({"prompt": record.prompt, "stream": record.stream, "api_key": record.api_key});
-        let outcome = match &record.error {
+        let mut r = serde_json::json!({
+            "prompt": record.prompt,
+            "stream": record.stream,
+            "api_key": record.api_key,
+            "answered_by": record.answered_by,
+            "attempts": record.attempts,
+        });
+        match &record.error {
             None => {
-                let mut output = serde_json::json!({
-                    "answered_by": record.answered_by,
-                    "attempts": record.attempts,
-                    "usage": record.usage,
-                    "cost_micros": record.cost_micros,
-                });
-                if !record.failures.is_empty() {
-                    output["failures"] = serde_json::to_value(&record.failures).unwrap_or_default();
-                }
-                if record.corrections > 0 {
-                    output["corrections"] = record.corrections.into();
-                }
-                if let Some(rescue) = &record.rescue {
-                    output["rescue"] = rescue.as_str().into();
-                }
-                StepOutcome::Succeeded { output }
+                r["usage"] = serde_json::to_value(record.usage).unwrap_or_default();
+                r["cost_micros"] = record.cost_micros.into();
             }
-            Some((class, message)) => StepOutcome::Failed { class: *class, message: message.clone() },
-        };
-        self.writer.record(NewEvent::new(
-            run.clone(),
-            JournalEvent::StepStarted {
-                step,
-                name: "chat.completions".into(),
-                target: format!("model:{}", record.model),
-                input,
-            },
-        ));
-        self.writer.record(NewEvent::new(run, JournalEvent::StepFinished { step, outcome }));
+            Some((class, message)) => {
+                r["error"] = serde_json::json!({"class": class, "message": message});
+            }
+        }
+        if !record.failures.is_empty() {
+            r["failures"] = serde_json::to_value(&record.failures).unwrap_or_default();
+        }
+        if record.corrections > 0 {
+            r["corrections"] = record.corrections.into();
+        }
+        if let Some(rescue) = &record.rescue {
+            r["rescue"] = rescue.as_str().into();
+        }
+        self.writer
+            .record(NewEvent::new(run, JournalEvent::ModelCalled { model: record.model.clone(), record: r }));
     }
 }
 

@@ -235,6 +235,15 @@ pub enum JournalEvent {
         /// How it ended.
         outcome: ProgramOutcome,
     },
+    /// A model call through the gateway: one event a call, no projection row (at
+    /// thousands of calls a second, the journal's writes are its cost).
+    ModelCalled {
+        /// The model name the agent used.
+        model: String,
+        /// The call as the gateway recorded it: prompt digest, answering model,
+        /// attempts, usage, cost, failures, rescue.
+        record: Value,
+    },
     /// A keel-core policy event within the run.
     Policy {
         /// The step it belongs to, if any.
@@ -258,6 +267,7 @@ impl JournalEvent {
             JournalEvent::TicketOpened { .. } => "ticket_opened",
             JournalEvent::TicketResolved { .. } => "ticket_resolved",
             JournalEvent::ProgramRecorded { .. } => "program_recorded",
+            JournalEvent::ModelCalled { .. } => "model_called",
             JournalEvent::Policy { event, .. } => policy_kind(event),
         }
     }

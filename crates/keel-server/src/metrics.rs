@@ -141,7 +141,8 @@ impl Observer for Metrics {
             }
             JournalEvent::RunCreated { .. }
             | JournalEvent::StepStarted { .. }
-            | JournalEvent::ProgramRecorded { .. } => {}
+            | JournalEvent::ProgramRecorded { .. }
+            | JournalEvent::ModelCalled { .. } => {}
         }
     }
 }

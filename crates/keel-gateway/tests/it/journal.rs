@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use keel_gateway::journal::{DecisionsOnly, GATEWAY_RUN};
 use keel_gateway::{Gateway, WriterJournal, router};
-use keel_journal::{JournalEvent, JournalOptions, JournalWriter, StepOutcome};
+use keel_journal::{JournalEvent, JournalOptions, JournalWriter};
 
 use crate::support::{Fake, Reply, ask, model, post_chat};
 
@@ -36,15 +36,11 @@ async fn calls_and_decisions_land_in_the_journal_with_prompts_hashed() {
 
     let events = journal.events("run-9", 0, 100).await.unwrap();
     let kinds: Vec<&str> = events.iter().map(|e| e.event.kind()).collect();
-    assert_eq!(kinds, ["step_started", "step_finished"]);
-    let JournalEvent::StepStarted { target, input, .. } = &events[0].event else { panic!() };
-    assert_eq!(target, "model:gpt");
-    let text = input.to_string();
+    assert_eq!(kinds, ["model_called"], "one event a call");
+    let JournalEvent::ModelCalled { model, record: output } = &events[0].event else { panic!() };
+    assert_eq!(model, "gpt");
+    let text = output["prompt"].to_string();
     assert!(text.contains("sha256:") && !text.contains("Say hello"), "the prompt is hashed: {text}");
-    let JournalEvent::StepFinished { outcome: StepOutcome::Succeeded { output }, .. } = &events[1].event
-    else {
-        panic!("{:?}", events[1])
-    };
     assert_eq!((output["attempts"].as_u64(), output["answered_by"].as_str()), (Some(2), Some("gpt")));
     assert!(output.get("failures").is_none(), "a retried attempt is not a model failure: {output}");
 
@@ -61,5 +57,5 @@ async fn calls_and_decisions_land_in_the_journal_with_prompts_hashed() {
     assert!(gateway_run.contains(&"policy.retry_scheduled"), "{gateway_run:?}");
     assert!(gateway_run.contains(&"policy.attempt_ended"), "the failed attempt: {gateway_run:?}");
     assert!(!gateway_run.contains(&"policy.attempt_started"), "{gateway_run:?}");
-    assert_eq!(gateway_run.iter().filter(|k| **k == "step_finished").count(), 1);
+    assert_eq!(gateway_run.iter().filter(|k| **k == "model_called").count(), 1);
 }

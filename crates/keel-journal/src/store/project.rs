@@ -311,7 +311,7 @@ macro_rules! projection_ops {
                         .execute(&mut *conn)
                         .await?;
                 }
-                JournalEvent::ProgramRecorded { .. } => {}
+                JournalEvent::ProgramRecorded { .. } | JournalEvent::ModelCalled { .. } => {}
                 JournalEvent::Policy { step, event } => {
                     let step = step.map_or(-1, i64::from);
                     match event {
