@@ -180,7 +180,7 @@ impl ModelConfig {
 }
 
 /// Gateway-wide limits: budgets per API key and per run, the loop guard of runs.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct GatewayConfig {
     /// The budget of each API key (the server's `ApiKeyId`), over the process's life.
@@ -189,6 +189,21 @@ pub struct GatewayConfig {
     pub run_budget: BudgetConfig,
     /// The loop guard over a run's tool calls.
     pub loop_guard: LoopGuardConfig,
+    /// Journal events queued but not yet durable above which new calls are refused
+    /// with 503 and `Retry-After` (overload is shed, never journaling skipped);
+    /// 0 for no limit.
+    pub max_journal_backlog: usize,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            key_budget: BudgetConfig::default(),
+            run_budget: BudgetConfig::default(),
+            loop_guard: LoopGuardConfig::default(),
+            max_journal_backlog: 100_000,
+        }
+    }
 }
 
 /// Every problem of a set of model configs, found at once.

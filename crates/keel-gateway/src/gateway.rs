@@ -465,6 +465,13 @@ impl Gateway {
         }
     }
 
+    /// Whether the journal is too far behind to take another call (see
+    /// [`GatewayConfig::max_journal_backlog`]).
+    pub fn overloaded(&self) -> bool {
+        let limit = self.config.max_journal_backlog;
+        limit > 0 && self.journal.as_ref().is_some_and(|j| j.backlog() > limit)
+    }
+
     /// The model names, sorted.
     pub fn model_names(&self) -> impl Iterator<Item = &str> {
         self.models.keys().map(|k| &**k)

@@ -99,6 +99,12 @@ pub struct CallRecord {
 pub trait CallJournal: Send + Sync + fmt::Debug {
     /// Records one call; must not block (queue and return).
     fn record(&self, record: CallRecord);
+
+    /// Records queued and not yet durable: the gateway sheds load above a limit
+    /// rather than let the queue, and memory, grow without bound.
+    fn backlog(&self) -> usize {
+        0
+    }
 }
 
 /// Journals each call as one `model_called` event of its run (`X-Keel-Run`, or the

@@ -63,6 +63,18 @@ async fn chat(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if gateway.overloaded() {
+        // Shed load before the journal's queue (and memory) grows: a 503 with
+        // Retry-After, which the OpenAI SDKs retry.
+        let failure = keel_core::Failure::new(
+            keel_core::ErrorClass::ServerError,
+            "keel is overloaded: its journal is behind; retry shortly",
+        );
+        let mut resp = GatewayError::from_failure(failure).into_response();
+        *resp.status_mut() = axum::http::StatusCode::SERVICE_UNAVAILABLE;
+        resp.headers_mut().insert("retry-after", HeaderValue::from_static("1"));
+        return resp;
+    }
     let ctx = context(key, &headers);
     let req = match ChatRequest::parse(&body) {
         Ok(r) => r,

@@ -33,6 +33,9 @@ enum Item {
 pub struct JournalWriter {
     tx: mpsc::UnboundedSender<Item>,
     failed: Arc<Mutex<Option<Arc<Error>>>>,
+    /// Events queued and not yet committed (or failed): the backlog callers use to
+    /// shed load before memory grows, since queueing itself never blocks.
+    pending: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl fmt::Debug for JournalWriter {
@@ -67,22 +70,33 @@ impl JournalWriter {
     pub fn spawn(journal: Arc<dyn Journal>, max_batch: usize) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let failed = Arc::new(Mutex::new(None));
-        tokio::spawn(run(journal, rx, max_batch.max(1), failed.clone()));
-        Self { tx, failed }
+        let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        tokio::spawn(run(journal, rx, max_batch.max(1), failed.clone(), pending.clone()));
+        Self { tx, failed, pending }
+    }
+
+    /// Events queued and not yet committed: how far the writer is behind.
+    pub fn pending(&self) -> usize {
+        self.pending.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Queues `event` of `run_id` and returns at once (never blocks).
     pub fn submit(&self, run_id: impl Into<String>, event: JournalEvent) -> Ack {
         let (ack, rx) = oneshot::channel();
+        self.pending.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // A closed writer drops `ack`, which resolves the Ack with WriterClosed.
-        let _ = self.tx.send(Item::Event(NewEvent::new(run_id, event), Some(ack)));
+        if self.tx.send(Item::Event(NewEvent::new(run_id, event), Some(ack))).is_err() {
+            self.pending.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
         Ack(rx)
     }
 
     /// Queues `event` without a way to wait for it (the [`EventSink`] path). A failure
     /// to write it is reported by the next [`flush`](Self::flush).
     pub fn record(&self, event: NewEvent) {
+        self.pending.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if self.tx.send(Item::Event(event, None)).is_err() {
+            self.pending.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             tracing::error!("journal writer closed: event dropped");
             self.poison(Error::WriterClosed);
         }
@@ -136,6 +150,7 @@ async fn run(
     mut rx: mpsc::UnboundedReceiver<Item>,
     max_batch: usize,
     failed: Arc<Mutex<Option<Arc<Error>>>>,
+    pending: Arc<std::sync::atomic::AtomicUsize>,
 ) {
     let mut items = Vec::with_capacity(max_batch);
     let mut events = Vec::with_capacity(max_batch);
@@ -177,6 +192,7 @@ async fn run(
                     failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
                 }
             }
+            pending.fetch_sub(events.len(), std::sync::atomic::Ordering::Relaxed);
             events.clear();
         }
         if closing {

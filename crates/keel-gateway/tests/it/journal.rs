@@ -59,3 +59,38 @@ async fn calls_and_decisions_land_in_the_journal_with_prompts_hashed() {
     assert!(!gateway_run.contains(&"policy.attempt_started"), "{gateway_run:?}");
     assert_eq!(gateway_run.iter().filter(|k| **k == "model_called").count(), 1);
 }
+
+/// A journal that is as far behind as it is told.
+#[derive(Debug)]
+struct Behind(std::sync::atomic::AtomicUsize);
+
+impl keel_gateway::CallJournal for Behind {
+    fn record(&self, _: keel_gateway::CallRecord) {}
+
+    fn backlog(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_too_far_behind_sheds_calls_with_503_and_retry_after() {
+    let fake = Fake::start().await;
+    let models: BTreeMap<String, _> = [("gpt".to_owned(), model(&fake, "m"))].into_iter().collect();
+    let behind = Arc::new(Behind(std::sync::atomic::AtomicUsize::new(0)));
+    let config = keel_gateway::GatewayConfig { max_journal_backlog: 1_000, ..Default::default() };
+    let gateway =
+        Gateway::builder(models).env(|_| None).config(config).journal(behind.clone()).build().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router(Arc::new(gateway))).await.unwrap() });
+
+    assert_eq!(post_chat(&url, ask("gpt"), &[]).await.status, 200);
+    behind.0.store(5_000, std::sync::atomic::Ordering::Relaxed);
+    let shed = post_chat(&url, ask("gpt"), &[]).await;
+    assert_eq!(shed.status, 503);
+    assert_eq!(shed.headers["retry-after"], "1");
+    let calls_before = fake.hits();
+    behind.0.store(0, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(post_chat(&url, ask("gpt"), &[]).await.status, 200, "served again once the journal caught up");
+    assert_eq!(fake.hits(), calls_before + 1, "the shed call never reached the upstream");
+}

@@ -430,10 +430,12 @@ async fn writer_acks_only_committed_events(s: Store) {
         sink.record(&Event::AttemptStarted { target: Arc::from("t"), attempt });
     }
     let last = writer.submit("w", state(RunState::Running));
+    assert!(writer.pending() <= 502, "the backlog counts queued events");
     assert_eq!(ack.durable().await.unwrap(), 1);
     // Acknowledged means committed: a second connection sees it.
     assert_eq!(last.durable().await.unwrap(), 502);
     writer.flush().await.unwrap();
+    assert_eq!(writer.pending(), 0, "nothing is behind after a flush");
     let other = keel_journal::open(&s.url, keel_journal::JournalOptions::default()).await.unwrap();
     let events = other.events("w", 0, 1000).await.unwrap();
     assert_eq!(events.len(), 502);
