@@ -836,14 +836,23 @@ impl Gateway {
         }
     }
 
-    /// One attempt at a whole answer.
-    async fn attempt(&self, model: &Model, req: &ChatRequest) -> Result<ParsedAnswer, AttemptError> {
+    /// Sends `req` to `model`'s upstream: the start of every attempt, whole or streamed.
+    pub(crate) async fn send_to(
+        &self,
+        model: &Model,
+        req: &ChatRequest,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, AttemptError> {
         let body = self.body_for(model, req)?;
-        let resp = model
+        Ok(model
             .endpoint
             .send(&self.client, body, &*self.clock)
             .await
-            .map_err(|f| floor_rate_limit(f, model.config.policy.rate_limit_floor))?;
+            .map_err(|f| floor_rate_limit(f, model.config.policy.rate_limit_floor))?)
+    }
+
+    /// One attempt at a whole answer.
+    async fn attempt(&self, model: &Model, req: &ChatRequest) -> Result<ParsedAnswer, AttemptError> {
+        let resp = self.send_to(model, req).await?;
         let bytes = upstream::read_body(resp.into_body()).await?;
         let answer = match model.endpoint.provider {
             Provider::Openai => parse_answer(&bytes, &model.name)?,

@@ -45,9 +45,7 @@ use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
 use crate::error::GatewayError;
-use crate::gateway::{
-    AttemptError, CallContext, Charges, Gateway, Model, Route, final_failure, floor_rate_limit,
-};
+use crate::gateway::{AttemptError, CallContext, Charges, Gateway, Model, Route, final_failure};
 use crate::metrics::bump;
 use crate::wire::{ChatRequest, FunctionCall, ToolCall, Usage, error_body};
 use source::{Item, Piece, Source};
@@ -182,12 +180,7 @@ impl Gateway {
 
     /// One attempt: connect, then read until the first token (or the end, buffered).
     async fn open(&self, model: &Model, req: &ChatRequest) -> Result<Opened, AttemptError> {
-        let body = self.body_for(model, req)?;
-        let resp = model
-            .endpoint
-            .send(&self.client, body, &*self.clock)
-            .await
-            .map_err(|f| floor_rate_limit(f, model.config.policy.rate_limit_floor))?;
+        let resp = self.send_to(model, req).await?;
         let mut source = Source::new(resp.into_body(), model.endpoint.provider);
         let mut pending = Vec::new();
         let mut finish: Option<String> = None;
@@ -289,6 +282,22 @@ enum Forwarded {
 }
 
 impl Pump {
+    /// Journals the call as it ended (the route's failures and attempts, the rescue).
+    fn journal(&self, answered_by: Option<&str>, usage: Option<Usage>, error: Option<&GatewayError>) {
+        self.gateway.journal_call(
+            &self.ctx,
+            &self.route.primary,
+            &self.req,
+            answered_by,
+            &self.route.failures,
+            self.route.attempts,
+            usage,
+            0,
+            self.rescue,
+            error,
+        );
+    }
+
     async fn run(mut self, mut model: Arc<Model>, opened: Opened) {
         let mut source = opened.source;
         let mut queue: VecDeque<Piece> = opened.pending.into();
@@ -547,20 +556,7 @@ impl Pump {
             let usage = self.answer_usage();
             self.charges.settle(model, usage);
             self.route.primary.counters.request_failed(e.class);
-            let primary = self.route.primary.clone();
-            let failures = self.route.failures.clone();
-            self.gateway.journal_call(
-                &self.ctx,
-                &primary,
-                &self.req,
-                Some(&model.name),
-                &failures,
-                self.route.attempts,
-                Some(usage),
-                0,
-                self.rescue,
-                Some(&e),
-            );
+            self.journal(Some(&model.name), Some(usage), Some(&e));
             return;
         }
         let usage = self.answer_usage();
@@ -582,20 +578,7 @@ impl Pump {
         self.charges.settle(model, total);
         let cost = model.config.prices.cost_micros(usage.prompt_tokens, usage.completion_tokens);
         self.gateway.count_answer(model, usage, cost);
-        let failures = self.route.failures.clone();
-        let primary = self.route.primary.clone();
-        self.gateway.journal_call(
-            &self.ctx,
-            &primary,
-            &self.req,
-            Some(&model.name),
-            &failures,
-            self.route.attempts,
-            Some(usage),
-            0,
-            self.rescue,
-            None,
-        );
+        self.journal(Some(&model.name), Some(usage), None);
     }
 
     async fn finish_error(mut self, model: &Model, original: Failure) {
@@ -619,19 +602,7 @@ impl Pump {
             retry_after: None,
         };
         self.route.primary.counters.request_failed(e.class);
-        let primary = self.route.primary.clone();
-        self.gateway.journal_call(
-            &self.ctx,
-            &primary,
-            &self.req,
-            None,
-            &e.failures,
-            e.attempts,
-            None,
-            0,
-            self.rescue,
-            Some(&e),
-        );
+        self.journal(None, None, Some(&e));
     }
 
     fn finish_gone(mut self, model: &Model, malformed: u64) {
@@ -639,19 +610,7 @@ impl Pump {
         let spent = Usage::new(self.charges.prompt_estimate, estimate_tokens(&self.sent_text));
         self.charges.settle(model, spent);
         let e = GatewayError::new(ErrorClass::Network, "the client closed the connection mid-stream");
-        let primary = self.route.primary.clone();
-        self.gateway.journal_call(
-            &self.ctx,
-            &primary,
-            &self.req,
-            Some(&model.name),
-            &self.route.failures,
-            self.route.attempts,
-            None,
-            0,
-            self.rescue,
-            Some(&e),
-        );
+        self.journal(Some(&model.name), None, Some(&e));
     }
 }
 
