@@ -19,6 +19,7 @@ pub use raw::{
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use keel_core::PolicyConfig;
 use keel_core::classify::CommandClassifier;
@@ -34,6 +35,8 @@ pub struct Config {
     pub file: PathBuf,
     /// The journal's database URL (may hold a secret: never log it).
     pub storage_url: String,
+    /// `[storage] claim_ttl`: how long an in-progress idempotency claim holds.
+    pub claim_ttl: Duration,
     /// The default policy.
     pub defaults: PolicyConfig,
     /// Limits of each run.
@@ -97,6 +100,20 @@ impl std::fmt::Debug for Config {
             .field("models", &self.models.keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
+}
+
+/// `[storage] claim_ttl` when not set.
+pub const DEFAULT_CLAIM_TTL: Duration = Duration::from_secs(300);
+
+/// The values `[storage] claim_ttl` may take: long enough for a slow call to finish,
+/// short enough that a dead holder's key is taken over the same day.
+pub const CLAIM_TTL_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(24 * 3600);
+
+/// The line of `claim_ttl` under `[storage]`, for its error.
+fn storage_line(text: &str) -> Option<usize> {
+    let table = text.find("[storage]")?;
+    text[table..].find("claim_ttl").map(|at| table + at)
 }
 
 /// A kind-specific key and whether it is set.
@@ -186,6 +203,20 @@ impl Config {
             }
         };
 
+        let claim_ttl = raw.storage.claim_ttl.unwrap_or(DEFAULT_CLAIM_TTL);
+        if !CLAIM_TTL_RANGE.contains(&claim_ttl) {
+            c.error(
+                storage_line(text),
+                "storage.claim_ttl",
+                format!(
+                    "must be from {} to {} (got {})",
+                    humantime::format_duration(*CLAIM_TTL_RANGE.start()),
+                    humantime::format_duration(*CLAIM_TTL_RANGE.end()),
+                    humantime::format_duration(claim_ttl)
+                ),
+            );
+        }
+
         let base = raw.defaults.as_ref().map(|t| t.get_ref().clone()).unwrap_or_default();
         let defaults = policy_from(&mut c, &base, "defaults", raw.defaults.as_ref().map(|t| t.span().start));
 
@@ -250,6 +281,7 @@ impl Config {
         Ok(Config {
             file: file.to_owned(),
             storage_url,
+            claim_ttl,
             defaults: defaults.unwrap_or_default(),
             run: raw.run,
             approvals: raw.approvals,
@@ -260,6 +292,11 @@ impl Config {
             gateway: raw.gateway,
             model_keys,
         })
+    }
+
+    /// How the journal is opened: `clock`, and the claim TTL of `[storage]`.
+    pub fn journal_options(&self, clock: Arc<dyn keel_core::Clock>) -> keel_journal::JournalOptions {
+        keel_journal::JournalOptions { clock, claim_ttl: self.claim_ttl, ..keel_journal::JournalOptions::default() }
     }
 
     /// The JSON Schema of `keel.toml`, for editors.

@@ -121,6 +121,13 @@ pub struct StorageConfig {
     pub url: Option<String>,
     /// The name of an environment variable holding the database URL.
     pub url_env: Option<String>,
+    /// How long an idempotency claim in progress (a tool call started and not yet
+    /// answered) holds before another process may take the key over, presuming its
+    /// holder dead; "5m" by default, from "1s" to "24h". Keys under a run's lease are
+    /// taken over with the lease, sooner.
+    #[serde(default, with = "humantime_serde")]
+    #[schemars(with = "Option<String>")]
+    pub claim_ttl: Option<Duration>,
 }
 
 /// How much autonomy Keel has.

@@ -157,6 +157,32 @@ impl Runner {
     /// The journal's.
     pub async fn create(&self, plan: &Plan) -> Result<String> {
         let run_id = new_id("run");
+        for event in self.creation(plan) {
+            self.record(&run_id, event).await?;
+        }
+        Ok(run_id)
+    }
+
+    /// Records a new run of `plan` under `run_id` unless a run with that id exists, in
+    /// one transaction: `true` if this call created it. For ids derived from an
+    /// idempotency key (`keel serve`'s invocations), so that the key's run is found by
+    /// every retry, however the first try ended.
+    ///
+    /// # Errors
+    /// The journal's.
+    pub async fn create_with_id(&self, run_id: &str, plan: &Plan) -> Result<bool> {
+        let events = self.creation(plan);
+        let created = self.journal.create_run(run_id, &events).await?;
+        if created {
+            for event in &events {
+                self.observer.event(run_id, event);
+            }
+        }
+        Ok(created)
+    }
+
+    /// A new run's first events: its plan, then `running`.
+    fn creation(&self, plan: &Plan) -> [JournalEvent; 2] {
         let name = plan.name.clone().unwrap_or_else(|| "plan".to_owned());
         let deadline = plan.deadline.unwrap_or(self.config.run.deadline);
         let input = json!({
@@ -165,10 +191,10 @@ impl Runner {
             "deadline_ms": u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX),
             "mode": self.config.run.mode,
         });
-        self.record(&run_id, JournalEvent::RunCreated { name, input }).await?;
-        self.record(&run_id, JournalEvent::RunStateChanged { state: RunState::Running, reason: None })
-            .await?;
-        Ok(run_id)
+        [
+            JournalEvent::RunCreated { name, input },
+            JournalEvent::RunStateChanged { state: RunState::Running, reason: None },
+        ]
     }
 
     /// Appends one event durably, then shows it to the observer (what is shown is
@@ -223,7 +249,7 @@ impl Runner {
         let renew = self.spawn_renewal(lease.clone(), ttl);
         let result = self.drive_leased(run_id).await;
         renew.abort();
-        self.writer.flush().await?;
+        self.writer.flush_run(run_id).await?;
         let _ = self.journal.add_gate_outcomes(&self.gate.snapshot()).await;
         let _ = self.journal.release_lease(&lease).await;
         result
