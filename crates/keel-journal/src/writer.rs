@@ -220,15 +220,18 @@ async fn run(
         if !events.is_empty() {
             match journal.append(&events).await {
                 Ok(seqs) => {
+                    {
+                        // Healthy before any ack: whoever sees one sees the recovery.
+                        let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
+                        if f.failing > 0 {
+                            tracing::info!(failed_batches = f.failing, "journal writes recovered");
+                            f.failing = 0;
+                        }
+                    }
                     for (ack, seq) in acks.drain(..).zip(seqs) {
                         if let Some(ack) = ack {
                             let _ = ack.send(Ok(seq));
                         }
-                    }
-                    let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
-                    if f.failing > 0 {
-                        tracing::info!(failed_batches = f.failing, "journal writes recovered");
-                        f.failing = 0;
                     }
                 }
                 Err(e) => {

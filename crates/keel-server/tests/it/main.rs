@@ -10,4 +10,5 @@ mod api;
 mod auth;
 mod browser;
 mod gateway;
+mod idempotency;
 mod shutdown;
