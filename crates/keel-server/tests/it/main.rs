@@ -12,3 +12,4 @@ mod browser;
 mod gateway;
 mod idempotency;
 mod shutdown;
+mod storage;
