@@ -50,8 +50,8 @@ async fn open(cli: &Cli) -> Result<Ctx> {
     let config = Config::load(&cli.config)?;
     let clock: Arc<dyn Clock> = Arc::new(TokioClock::new());
     let journal = keel_journal::open(&config.storage_url, config.journal_options(clock.clone()))
-    .await
-    .context("cannot open the journal")?;
+        .await
+        .context("cannot open the journal")?;
     Ok(Ctx { config: Arc::new(config), journal, clock, json: cli.json })
 }
 

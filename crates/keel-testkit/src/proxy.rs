@@ -104,5 +104,9 @@ pub fn target_of(url: &str) -> SocketAddr {
     let rest = &rest[rest.find('@').map_or(0, |i| i + 1)..];
     let hostport = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
     let hostport = if hostport.contains(':') { hostport.to_owned() } else { format!("{hostport}:5432") };
-    hostport.to_socket_addrs().ok().and_then(|mut a| a.next()).unwrap_or_else(|| panic!("cannot resolve {hostport}"))
+    hostport
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .unwrap_or_else(|| panic!("cannot resolve {hostport}"))
 }

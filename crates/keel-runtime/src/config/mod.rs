@@ -296,7 +296,11 @@ impl Config {
 
     /// How the journal is opened: `clock`, and the claim TTL of `[storage]`.
     pub fn journal_options(&self, clock: Arc<dyn keel_core::Clock>) -> keel_journal::JournalOptions {
-        keel_journal::JournalOptions { clock, claim_ttl: self.claim_ttl, ..keel_journal::JournalOptions::default() }
+        keel_journal::JournalOptions {
+            clock,
+            claim_ttl: self.claim_ttl,
+            ..keel_journal::JournalOptions::default()
+        }
     }
 
     /// The JSON Schema of `keel.toml`, for editors.

@@ -30,10 +30,10 @@ use keel_journal::RunState;
 use keel_runtime::config::Role;
 use keel_runtime::runner::{Error as RunnerError, args_digest, new_id};
 use keel_runtime::{Plan, PlanStep, RunStatus};
-use tokio::task::JoinHandle;
-use tokio::time::Instant;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use super::{AppState, WaitQuery};
 use crate::auth::Caller;
@@ -260,7 +260,8 @@ async fn answer(
             Some(handle) => {
                 if let Ok(joined) = tokio::time::timeout(POLL, handle).await {
                     drive = None;
-                    let joined = joined.unwrap_or_else(|e| Err(RunnerError::Refused(format!("the drive failed: {e}"))));
+                    let joined = joined
+                        .unwrap_or_else(|e| Err(RunnerError::Refused(format!("the drive failed: {e}"))));
                     if matches!(joined, Err(RunnerError::Busy(..))) {
                         // Someone else holds the run: read it again after a pause.
                         tokio::time::sleep(POLL).await;

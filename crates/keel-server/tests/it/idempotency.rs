@@ -108,7 +108,11 @@ async fn a_key_whose_process_died_after_creating_its_run_is_answered_from_that_r
         name: Some("invoke charge".into()),
         input: body["params"].clone(),
         deadline: None,
-        steps: vec![PlanStep { id: Some("charge".into()), tool: "charge".into(), params: body["params"].clone() }],
+        steps: vec![PlanStep {
+            id: Some("charge".into()),
+            tool: "charge".into(),
+            params: body["params"].clone(),
+        }],
     };
     assert!(dead.create_with_id(&run_id, &plan).await.unwrap());
     let lease = s.state.journal.acquire_lease(&run_id, "dead-process", Duration::from_secs(2)).await.unwrap();
@@ -149,8 +153,14 @@ async fn a_run_another_instance_works_first_is_answered_from_its_real_state() {
     assert!(s.state.journal.acquire_lease(&run_id, other.owner(), ttl).await.unwrap().is_some());
     let (http, url) = (s.http.clone(), s.url("/api/tools/charge/invoke"));
     let call = tokio::spawn(async move {
-        let resp =
-            http.post(url).bearer_auth(AGENT).header("idempotency-key", "raced-7").json(&body).send().await.unwrap();
+        let resp = http
+            .post(url)
+            .bearer_auth(AGENT)
+            .header("idempotency-key", "raced-7")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
     });
     let start = Instant::now();
@@ -173,9 +183,21 @@ async fn a_running_call_past_its_wait_answers_its_state_never_an_empty_approval(
     let key = invocation_key("charge", true, Some("held-8"), &body["params"]).unwrap();
     let run_id = invocation_run_id(&key);
     // Held by a live process that does not finish within the caller's wait.
-    assert!(s.state.journal.acquire_lease(&run_id, "busy-elsewhere", Duration::from_secs(30)).await.unwrap().is_some());
+    assert!(
+        s.state
+            .journal
+            .acquire_lease(&run_id, "busy-elsewhere", Duration::from_secs(30))
+            .await
+            .unwrap()
+            .is_some()
+    );
     let (status, pending) = s
-        .post_with(Some(AGENT), "/api/tools/charge/invoke?wait=300ms", Some(body), &[("idempotency-key", "held-8")])
+        .post_with(
+            Some(AGENT),
+            "/api/tools/charge/invoke?wait=300ms",
+            Some(body),
+            &[("idempotency-key", "held-8")],
+        )
         .await;
     assert_eq!(status, 202, "{pending}");
     assert_eq!(pending["state"], "running", "{pending}");
@@ -188,7 +210,8 @@ async fn a_running_call_past_its_wait_answers_its_state_never_an_empty_approval(
 async fn a_key_reused_with_other_arguments_is_refused_as_a_conflict() {
     let s = Server::start(Faults::default(), "").await;
     let key = [("idempotency-key", "pay-1")];
-    let (status, first) = s.post_with(Some(AGENT), "/api/tools/charge/invoke", Some(charge(1, 20)), &key).await;
+    let (status, first) =
+        s.post_with(Some(AGENT), "/api/tools/charge/invoke", Some(charge(1, 20)), &key).await;
     assert_eq!(status, 200, "{first}");
     let (status, e) = s.post_with(Some(AGENT), "/api/tools/charge/invoke", Some(charge(1, 99)), &key).await;
     assert_eq!((status, e["class"].as_str()), (422, Some("conflict")), "never the first call's result: {e}");

@@ -34,8 +34,13 @@ async fn after_a_full_disk_the_server_recovers_and_readyz_tells_the_truth() {
         let key = format!("disk-{order}");
         let s = &s;
         async move {
-            s.post_with(Some(AGENT), "/api/tools/charge/invoke", Some(charge(order)), &[("idempotency-key", &key)])
-                .await
+            s.post_with(
+                Some(AGENT),
+                "/api/tools/charge/invoke",
+                Some(charge(order)),
+                &[("idempotency-key", &key)],
+            )
+            .await
         }
     };
     assert_eq!(invoke(1).await.0, 200);
@@ -45,7 +50,11 @@ async fn after_a_full_disk_the_server_recovers_and_readyz_tells_the_truth() {
     let (status, e) = invoke(2).await;
     assert_eq!((status, e["class"].as_str()), (502, Some("server_error")), "{e}");
     let (status, ready) = s.get(Some(AGENT), "/readyz").await;
-    assert_eq!((status, ready["class"].as_str()), (503, Some("server_error")), "not ready while full: {ready}");
+    assert_eq!(
+        (status, ready["class"].as_str()),
+        (503, Some("server_error")),
+        "not ready while full: {ready}"
+    );
     assert!(ready["message"].as_str().unwrap().contains("cannot be written"), "{ready}");
 
     faulty.fail_writes(false);

@@ -82,9 +82,8 @@ impl Server {
             _ => None,
         };
         let mut config = Config::parse(&text, &dir.path().join("keel.toml"), &env).unwrap();
-        config.storage_url = storage
-            .url
-            .unwrap_or_else(|| format!("sqlite://{}", dir.path().join("keel.db").display()));
+        config.storage_url =
+            storage.url.unwrap_or_else(|| format!("sqlite://{}", dir.path().join("keel.db").display()));
         let clock = Arc::new(TokioClock::new());
         let journal = keel_journal::open(
             &config.storage_url,
