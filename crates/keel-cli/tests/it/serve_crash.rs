@@ -116,10 +116,9 @@ fn call(
 /// were not answered 200 (a dead server, a 5xx, a 202).
 fn charge_until_answered(ports: &[u16], key: &str, order: i64, give_up: Instant) -> (Value, u32) {
     let body = json!({"params": {"order": order, "amount": 10}});
-    let mut unanswered = 0;
-    for n in 0.. {
+    for unanswered in 0u32.. {
         assert!(Instant::now() < give_up, "key {key} was never answered");
-        let port = ports[n % ports.len()];
+        let port = ports[unanswered as usize % ports.len()];
         match call(port, "POST", "/api/tools/charge/invoke?wait=5s", AGENT, Some(key), Some(&body)) {
             Some((200, answer)) => return (answer, unanswered),
             Some((status, answer)) => {
@@ -130,7 +129,6 @@ fn charge_until_answered(ports: &[u16], key: &str, order: i64, give_up: Instant)
             }
             None => {}
         }
-        unanswered += 1;
         std::thread::sleep(Duration::from_millis(20));
     }
     unreachable!()
@@ -249,4 +247,66 @@ fn keel_serve_sigkilled_under_load_charges_every_key_exactly_once() {
     drop(server);
     let runs = check_journal(&format!("sqlite://{}", b.path("keel.db").display()));
     assert_eq!(runs, keys, "one run per key, no orphan");
+}
+
+#[test]
+fn two_instances_on_postgres_one_sigkilled_under_load_the_other_takes_over() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let url = rt.block_on(keel_testkit::postgres_database());
+    let config = format!("{SERVE}\n[storage]\nurl_env = \"KEEL_TEST_STORAGE\"\n");
+    let b = Arc::new(Bench::new(Faults { charge_delay_ms: 30, ..Faults::default() }, &config));
+    let (pa, pb) = (free_port(), free_port());
+    let a = Arc::new(Mutex::new(Instance::start(&b, pa, Some(&url))));
+    let other = Instance::start(&b, pb, Some(&url));
+
+    // An approval asked on one instance and decided on the other, with a crash of the
+    // first in between, is seen by both.
+    let big = json!({"params": {"order": 1000, "amount": 500}});
+    let (status, pending) =
+        call(pa, "POST", "/api/tools/charge/invoke", AGENT, Some("big-1000"), Some(&big)).unwrap();
+    assert_eq!(status, 202, "{pending}");
+    let approval = pending["approval_id"].as_str().unwrap().to_owned();
+    a.lock().unwrap().kill();
+    let (status, decided) =
+        call(pb, "POST", &format!("/api/approvals/{approval}/approve"), APPROVER, None, Some(&json!({})))
+            .unwrap();
+    assert_eq!(status, 200, "{decided}");
+    a.lock().unwrap().restart(&b);
+    let (status, done) =
+        call(pa, "POST", "/api/tools/charge/invoke?wait=20s", AGENT, Some("big-1000"), Some(&big)).unwrap();
+    assert_eq!(status, 200, "the decision made on the other instance is seen: {done}");
+    assert_eq!(done["output"]["body"]["order"], 1000);
+
+    const KILLS: u32 = 6;
+    let mut rng = fastrand::Rng::with_seed(3);
+    let (s, b2) = (a.clone(), b.clone());
+    let mut rounds = 0;
+    let d = drill(vec![pa, pb], 120, move || {
+        if rounds == KILLS {
+            return false;
+        }
+        rounds += 1;
+        std::thread::sleep(Duration::from_millis(rng.u64(20..250)));
+        let mut a = s.lock().unwrap();
+        a.kill();
+        // The other instance alone for a moment: it takes the dead one's runs over.
+        std::thread::sleep(Duration::from_millis(rng.u64(0..1500)));
+        a.restart(&b2);
+        true
+    });
+    let keys = d.answers.len();
+    eprintln!(
+        "postgres drill: {keys} keys, {} kills of one of two instances, {} unanswered tries retried",
+        d.kills, d.unanswered
+    );
+    assert_eq!(d.kills, KILLS);
+    let mut charged = orders(&b.payments);
+    charged.sort_unstable();
+    let mut expected: Vec<i64> = (0..keys as i64).collect();
+    expected.push(1000);
+    assert_eq!(charged, expected, "every key charged exactly once, the approved one included");
+    drop(other);
+    drop(a);
+    let runs = check_journal(&url);
+    assert_eq!(runs, keys + 1, "one run per key, no orphan");
 }

@@ -40,12 +40,15 @@ keys = [
 ]
 "#;
 
+/// Wraps a journal (to make it fail on demand).
+pub(crate) type Wrap = Box<dyn FnOnce(Arc<dyn Journal>) -> Arc<dyn Journal> + Send>;
+
 /// Where a test server keeps its journal.
 pub(crate) struct Storage {
     /// A journal URL; a SQLite file in the server's temp dir when `None`.
     pub(crate) url: Option<String>,
     /// Wraps the opened journal (to make it fail on demand).
-    pub(crate) wrap: Box<dyn FnOnce(Arc<dyn Journal>) -> Arc<dyn Journal> + Send>,
+    pub(crate) wrap: Wrap,
 }
 
 impl Default for Storage {
