@@ -103,7 +103,8 @@ pub fn invocation_key(tool: &str, write: bool, header: Option<&str>, params: &Va
 /// How long past its bound a request may take when the journal itself does not answer.
 const GRACE: Duration = Duration::from_secs(1);
 
-/// How often a request re-reads its run, and retries a drive another process held.
+/// How often a request re-reads a run it does not drive, and retries a drive another
+/// process held.
 const POLL: Duration = Duration::from_millis(100);
 
 /// Invokes a tool.
@@ -155,7 +156,7 @@ pub async fn invoke(
                 return Err(e);
             }
         }
-        answer(&s, &run_id, wait, bound, !created).await
+        answer(&s, &run_id, wait, bound, created).await
     };
     match bound {
         None => work.await,
@@ -175,28 +176,45 @@ pub async fn invoke(
 
 /// Answers from the invocation's run: drives it (in a task of its own) while nobody
 /// else does, and reads its state until it ends, waits for a person, or the bound
-/// passes.
+/// passes. `fresh`: this request created the run (drive it before reading it).
 async fn answer(
     s: &AppState,
     run_id: &str,
     wait: Duration,
     bound: Option<Instant>,
-    replayed: bool,
+    fresh: bool,
 ) -> Result<Response, ApiError> {
     let person_until = Instant::now() + wait;
-    let mut drive: Option<JoinHandle<Result<RunStatus, RunnerError>>> = None;
-    let mut ended: Option<Result<RunStatus, RunnerError>> = None;
+    let replayed = !fresh;
+    let mut drive = fresh.then(|| spawn_drive(s, run_id));
+    // Drives start at most once per POLL: a run held elsewhere is not hammered.
+    let mut next_drive = Instant::now() + if fresh { POLL } else { Duration::ZERO };
     loop {
-        // A drive's error is the answer, unless another task or process held the run
-        // (then it is tried again: that holder may have died).
-        match ended.take() {
-            Some(Err(RunnerError::Busy(..)) | Ok(_)) | None => {}
-            Some(Err(e)) => return Err(e.into()),
+        if let Some(handle) = drive.as_mut() {
+            // Only the drive moves the run on: nothing to read until it ends.
+            let joined = match bound {
+                Some(b) => tokio::time::timeout_at(b, handle).await.ok(),
+                None => Some(handle.await),
+            };
+            if let Some(joined) = joined {
+                drive = None;
+                match joined {
+                    Ok(Ok(_)) => {}
+                    // Another task or process holds the run: read it, and try again
+                    // later (that holder may have died).
+                    Ok(Err(RunnerError::Busy(..))) => {}
+                    Ok(Err(e)) => return Err(e.into()),
+                    Err(e) => {
+                        return Err(ApiError::new(ErrorClass::ServerError, format!("the drive failed: {e}")));
+                    }
+                }
+            }
         }
         let snap = s.runner.snapshot(run_id).await?;
         let attempts = snap.attempts.len() as u32;
         let step = snap.steps.first();
         let now = Instant::now();
+        let out_of_time = bound.is_some_and(|b| now >= b);
         let pending = |state: &str| Pending {
             run_id: run_id.to_owned(),
             state: state.to_owned(),
@@ -241,37 +259,29 @@ async fn answer(
                 // Waiting for the decision (or decided a moment ago: about to move on).
             }
             RunState::Created | RunState::Running => {
-                if drive.is_none() {
-                    let (runner, drives, run) = (s.runner.clone(), s.drives.clone(), run_id.to_owned());
-                    // Its own task: a client hanging up must not stop a drive half-way.
-                    drive = Some(tokio::spawn(async move { drives.drive(&runner, &run).await }));
-                }
-                if bound.is_some_and(|b| now >= b) || past_deadline(s, &snap) {
+                if out_of_time || past_deadline(s, &snap) {
                     return Ok((StatusCode::ACCEPTED, Json(pending("running"))).into_response());
                 }
-            }
-        }
-        if bound.is_some_and(|b| now >= b) {
-            // Waiting for a person and out of time, with the run just moving on.
-            return Ok((StatusCode::ACCEPTED, Json(pending(snap.run.state.as_str()))).into_response());
-        }
-        // Until the drive ends or it is time to read the run again.
-        match drive.as_mut() {
-            Some(handle) => {
-                if let Ok(joined) = tokio::time::timeout(POLL, handle).await {
-                    drive = None;
-                    let joined = joined
-                        .unwrap_or_else(|e| Err(RunnerError::Refused(format!("the drive failed: {e}"))));
-                    if matches!(joined, Err(RunnerError::Busy(..))) {
-                        // Someone else holds the run: read it again after a pause.
-                        tokio::time::sleep(POLL).await;
-                    }
-                    ended = Some(joined);
+                if drive.is_none() && now >= next_drive {
+                    drive = Some(spawn_drive(s, run_id));
+                    next_drive = now + POLL;
+                    continue;
                 }
             }
-            None => tokio::time::sleep(POLL).await,
         }
+        if out_of_time {
+            // Out of time with the run just moving on from a decision.
+            return Ok((StatusCode::ACCEPTED, Json(pending(snap.run.state.as_str()))).into_response());
+        }
+        tokio::time::sleep(POLL).await;
     }
+}
+
+/// Drives `run_id` in a task of its own: a client hanging up must not stop a drive
+/// half-way (it would hold the run's lease, unworked, until the lease expired).
+fn spawn_drive(s: &AppState, run_id: &str) -> JoinHandle<Result<RunStatus, RunnerError>> {
+    let (runner, drives, run) = (s.runner.clone(), s.drives.clone(), run_id.to_owned());
+    tokio::spawn(async move { drives.drive(&runner, &run).await })
 }
 
 /// Whether the run's own deadline has passed (its holder, wherever it is, gives up).
