@@ -11,6 +11,7 @@ mod approvals;
 mod bad_input;
 mod crash;
 mod demo;
+mod drill;
 mod durability;
 mod scope;
 mod tickets;
