@@ -5,6 +5,8 @@
 //! numbers contiguous from 1, and projections rebuilt from the events alone equal to
 //! the live ones.
 
+#![allow(clippy::print_stdout)] // the drill reports its counts
+
 use std::time::Duration;
 
 use keel_examples::payments::Faults;
