@@ -139,10 +139,15 @@ impl Observer for Metrics {
             | JournalEvent::StepFinished { .. } => {
                 let _ = self.changes.send(run_id.to_owned());
             }
+            JournalEvent::RunTakenOver { .. } => {
+                self.count("keel_run_takeovers_total", &[]);
+                let _ = self.changes.send(run_id.to_owned());
+            }
             JournalEvent::RunCreated { .. }
             | JournalEvent::StepStarted { .. }
             | JournalEvent::ProgramRecorded { .. }
-            | JournalEvent::ModelCalled { .. } => {}
+            | JournalEvent::ModelCalled { .. }
+            | JournalEvent::AttemptAbandoned { .. } => {}
         }
     }
 }
