@@ -114,9 +114,10 @@ async fn a_key_whose_process_died_after_creating_its_run_is_answered_from_that_r
             params: body["params"].clone(),
         }],
     };
-    assert!(dead.create_with_id(&run_id, &plan).await.unwrap());
+    // (Its lease first, so that no worker of the server takes the run in between.)
     let lease = s.state.journal.acquire_lease(&run_id, "dead-process", Duration::from_secs(2)).await.unwrap();
     assert!(lease.is_some());
+    assert!(dead.create_with_id(&run_id, &plan).await.unwrap());
     assert!(s.payments.charges().is_empty());
 
     // The client's retry waits for the dead holder's lease to expire, then the run is
