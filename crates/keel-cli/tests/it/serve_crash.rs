@@ -130,7 +130,7 @@ fn charge_until_answered(ports: &[u16], key: &str, order: i64, give_up: Instant)
             }
             Some((status, answer)) => {
                 assert!(
-                    matches!(status, 502 | 503 | 504),
+                    matches!(status, 502..=504),
                     "key {key}: a retry is answered from the key's run, not {status}: {answer}"
                 );
                 unanswered.push(format!("{status} {}", answer["class"].as_str().unwrap_or("")));

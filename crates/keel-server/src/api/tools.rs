@@ -200,9 +200,9 @@ async fn answer(
                 drive = None;
                 match joined {
                     Ok(Ok(_)) => {}
-                    // Another task or process holds the run: read it, and try again
-                    // later (that holder may have died).
-                    Ok(Err(RunnerError::Busy(..))) => {}
+                    // Another task or process holds the run (or took it over from this
+                    // one): read it, and try again later (that holder may die too).
+                    Ok(Err(e)) if held_elsewhere(&e) => {}
                     Ok(Err(e)) => return Err(e.into()),
                     Err(e) => {
                         return Err(ApiError::new(ErrorClass::ServerError, format!("the drive failed: {e}")));
@@ -274,6 +274,20 @@ async fn answer(
             return Ok((StatusCode::ACCEPTED, Json(pending(snap.run.state.as_str()))).into_response());
         }
         tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Whether a drive ended because someone else works the run: its lease was held, or
+/// lost to a process that took the run over. The run goes on; the request answers
+/// from it.
+fn held_elsewhere(e: &RunnerError) -> bool {
+    match e {
+        RunnerError::Busy(..) => true,
+        RunnerError::Journal(j) => {
+            matches!(j, keel_journal::Error::LeaseLost { .. })
+                || matches!(j, keel_journal::Error::Batch(inner) if matches!(**inner, keel_journal::Error::LeaseLost { .. }))
+        }
+        _ => false,
     }
 }
 
