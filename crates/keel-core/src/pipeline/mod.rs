@@ -397,7 +397,7 @@ impl Pipeline {
 
             // 4. Breaker.
             let permit = match &i.breaker {
-                Some(b) => match b.acquire() {
+                Some(b) => match b.acquire_for(Some(&*i.sink)) {
                     Some(p) => Some(p),
                     None => {
                         return Err(CallError::new(
@@ -502,7 +502,7 @@ impl Pipeline {
         deadline: Option<Instant>,
     ) -> Option<RefusalReason> {
         let i = &*self.inner;
-        if i.breaker.as_ref().is_some_and(|b| b.state() == BreakerState::Open) {
+        if i.breaker.as_ref().is_some_and(|b| b.state_for(Some(&*i.sink)) == BreakerState::Open) {
             return Some(RefusalReason::CircuitOpen);
         }
         if let Some(gate) = &i.gate {
