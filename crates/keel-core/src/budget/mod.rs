@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::class::{Classified, ErrorClass};
 use crate::event::{Event, EventSink, NullSink, emit};
+use crate::policy::{Checks, PolicyError};
 
 /// What a budget counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
@@ -57,15 +58,27 @@ impl BudgetKind {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct BudgetConfig {
-    /// The most tokens.
+    /// The most tokens (any whole number; 0 allows none).
     pub tokens: Option<u64>,
-    /// The most money, in US dollars (e.g. 2.50).
+    /// The most money, in US dollars, e.g. 2.50 (0 to 1,000,000,000,000).
     pub cost_usd: Option<f64>,
-    /// The most attempts.
+    /// The most attempts (any whole number; 0 allows none).
     pub attempts: Option<u64>,
 }
 
 impl BudgetConfig {
+    /// Checks every value against its documented range.
+    ///
+    /// # Errors
+    /// Every value out of range, by key (`cost_usd`).
+    pub fn validate(&self) -> Result<(), Vec<PolicyError>> {
+        let mut c = Checks::default();
+        if let Some(usd) = self.cost_usd {
+            c.number("cost_usd", usd, 0.0..=1e12);
+        }
+        c.finish()
+    }
+
     /// Whether any limit is set.
     pub fn is_limited(&self) -> bool {
         self.tokens.is_some() || self.cost_usd.is_some() || self.attempts.is_some()
