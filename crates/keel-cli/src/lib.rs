@@ -5,6 +5,10 @@
 //! Exit codes: 0 completed, 1 failed, 2 bad input (config, plan, arguments — nothing
 //! was touched), 3 waiting for approval, 4 escalated (a ticket is open), 5 timed out,
 //! 6 cancelled, 7 busy (another process works the run).
+//!
+//! With `--json`, an error is also one JSON object on stdout: `{"ok": false, "class",
+//! "message", "exit_code"}`, and for a bad config `"errors": [{"file", "line", "key",
+//! "message"}]`, every problem found.
 
 mod cli;
 mod commands;
@@ -25,13 +29,14 @@ pub fn main() -> ExitCode {
 
 /// Runs a parsed command line to its exit code.
 pub fn run_cli(cli: Cli) -> ExitCode {
+    let json = cli.json;
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
-        Err(e) => return report(&anyhow::Error::new(e)),
+        Err(e) => return report(&anyhow::Error::new(e), json),
     };
     match rt.block_on(commands::run(cli)) {
         Ok(code) => code,
-        Err(e) => report(&e),
+        Err(e) => report(&e, json),
     }
 }
 
@@ -55,7 +60,7 @@ fn class_of(e: &anyhow::Error) -> ErrorClass {
     ErrorClass::ServerError
 }
 
-fn report(e: &anyhow::Error) -> ExitCode {
+fn report(e: &anyhow::Error, json: bool) -> ExitCode {
     // A closed pipe (`keel runs list | head`) is not an error.
     if e.chain().any(|c| {
         c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
@@ -68,9 +73,34 @@ fn report(e: &anyhow::Error) -> ExitCode {
         text.push_str(&format!("\n  caused by: {cause}"));
     }
     render::eprint(&text);
-    ExitCode::from(match class {
+    let code = match class {
         ErrorClass::InvalidRequest | ErrorClass::NotFound => 2,
         ErrorClass::Conflict => 7,
         _ => 1,
-    })
+    };
+    if json {
+        let mut v = serde_json::json!({
+            "ok": false,
+            "class": class,
+            "message": e.to_string(),
+            "causes": e.chain().skip(1).map(ToString::to_string).collect::<Vec<_>>(),
+            "exit_code": code,
+        });
+        if let Some(errors) = e.downcast_ref::<keel_runtime::ConfigErrors>() {
+            v["errors"] = errors
+                .0
+                .iter()
+                .map(|c| {
+                    serde_json::json!({
+                        "file": c.file.display().to_string(),
+                        "line": c.line,
+                        "key": c.key,
+                        "message": c.message,
+                    })
+                })
+                .collect();
+        }
+        render::print(&serde_json::to_string_pretty(&v).unwrap_or_default());
+    }
+    ExitCode::from(code)
 }

@@ -11,6 +11,7 @@ mod approvals;
 mod bad_input;
 mod crash;
 mod demo;
+mod policy_attacks;
 mod scope;
 mod tickets;
 mod timeouts;

@@ -175,6 +175,28 @@ fn raw_errors(text: &str, file: &Path, first: &toml::de::Error) -> Vec<ConfigErr
             }
         }
     }
+    // Policies are read by the second stage, which a refused file never reaches:
+    // check them here too, so their problems are not found one fix later.
+    if let Ok(doc) = text.parse::<toml::Table>() {
+        let mut c = Checker { file, text, spans: Spans::new(text), errors: Vec::new() };
+        let none = Inherited { parsed: true, problems: Vec::new() };
+        let mut tables = Vec::new();
+        if let Some(toml::Value::Table(d)) = doc.get("defaults") {
+            tables.push(("defaults".to_owned(), d));
+        }
+        if let Some(toml::Value::Table(tools)) = doc.get("tools") {
+            for (name, t) in tools {
+                if let Some(toml::Value::Table(p)) = t.get("policy") {
+                    tables.push((format!("tools.{name}.policy"), p));
+                }
+            }
+        }
+        for (prefix, table) in tables {
+            let at = c.spans.find_key(&prefix);
+            let _ = policy_from(&mut c, table, table, &prefix, at, &none);
+        }
+        errors.extend(c.errors);
+    }
     if errors.is_empty() {
         errors.push(error(None, first));
     }
