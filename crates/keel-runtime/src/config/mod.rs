@@ -356,7 +356,8 @@ impl Config {
         run.nested("loop_guard", raw.run.loop_guard.validate());
         c.policy_errors("run", &run.finish().err().unwrap_or_default(), None);
         let mut approvals = Checks::default();
-        approvals.positive_duration("expires_after", raw.approvals.expires_after);
+        // "0s" is allowed: every request expires at once (and takes `on_expiry`).
+        approvals.duration("expires_after", raw.approvals.expires_after);
         c.policy_errors("approvals", &approvals.finish().err().unwrap_or_default(), None);
         c.policy_errors("gateway", &raw.gateway.validate().err().unwrap_or_default(), None);
         if let Some(problem) = listen_problem(&raw.server.listen) {

@@ -188,7 +188,7 @@ pub enum ExpiryOutcome {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ApprovalsConfig {
-    /// How long a request for approval stays valid, e.g. "24h" (1 ms to "366d").
+    /// How long a request for approval stays valid, e.g. "24h" (up to "366d").
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub expires_after: Duration,

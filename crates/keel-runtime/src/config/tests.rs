@@ -247,7 +247,7 @@ fn serde_problems_in_different_sections_and_tools_are_all_reported() {
 
 #[test]
 fn run_approval_and_gateway_values_have_ranges_too() {
-    let text = "[run]\ndeadline = \"500000000000years\"\nlease = \"10ms\"\nescalate_after = 0\nbudget = { cost_usd = -1.0 }\nloop_guard = { max_repeats = 1 }\n\n[approvals]\nexpires_after = \"0s\"\n\n[gateway]\nrun_budget = { cost_usd = nan }\n";
+    let text = "[run]\ndeadline = \"500000000000years\"\nlease = \"10ms\"\nescalate_after = 0\nbudget = { cost_usd = -1.0 }\nloop_guard = { max_repeats = 1 }\n\n[approvals]\nexpires_after = \"400years\"\n\n[gateway]\nrun_budget = { cost_usd = nan }\n";
     assert_eq!(
         problems(text),
         [
