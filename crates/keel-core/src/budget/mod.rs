@@ -184,7 +184,11 @@ impl Budget {
         let counter = &self.counters[kind.index()];
         let result = match counter.limit {
             None => {
-                counter.used.fetch_add(amount, Ordering::AcqRel);
+                // Counted, saturating (fetch_update never fails with a closure that
+                // always returns Some).
+                let _ = counter.used.fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                    Some(used.saturating_add(amount))
+                });
                 Ok(None)
             }
             Some(limit) => counter
@@ -237,9 +241,14 @@ impl Budget {
     /// so it is counted even past the limit, and reported.
     fn force(&self, kind: BudgetKind, amount: u64) -> Result<(), BudgetExceeded> {
         let counter = &self.counters[kind.index()];
-        let prev = counter.used.fetch_add(amount, Ordering::AcqRel);
+        // Saturating: an upstream's usage is not to be trusted with overflow.
+        let prev = counter
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| Some(used.saturating_add(amount)))
+            .unwrap_or_else(|prev| prev);
+        let total = prev.saturating_add(amount);
         match counter.limit {
-            Some(limit) if prev + amount > limit => {
+            Some(limit) if total > limit => {
                 let e = BudgetExceeded {
                     budget: self.name.clone(),
                     kind,
@@ -259,7 +268,7 @@ impl Budget {
                 Err(e)
             }
             limit => {
-                let remaining = limit.map(|l| l - prev - amount);
+                let remaining = limit.map(|l| l.saturating_sub(total));
                 emit(
                     &*self.sink,
                     Event::BudgetCharged { budget: self.name.clone(), kind, amount, remaining },

@@ -186,8 +186,8 @@ impl ConfidenceGate {
         for r in records {
             let key = (r.class, self.bucket(r.attempt));
             let entry = history.entry(Arc::from(r.target)).or_default().entry(key).or_default();
-            entry.successes += r.outcomes.successes;
-            entry.failures += r.outcomes.failures;
+            entry.successes = entry.successes.saturating_add(r.outcomes.successes);
+            entry.failures = entry.failures.saturating_add(r.outcomes.failures);
         }
     }
 }
