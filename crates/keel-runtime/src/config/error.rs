@@ -69,18 +69,34 @@ impl<'a> Spans<'a> {
     }
 
     /// The byte offset of the deepest key of `path` present in the file: the key itself
-    /// when it is written, else the nearest table that holds it.
+    /// when it is written, else the nearest table that holds it. A segment may index an
+    /// array of tables: `keys[0]`.
     pub(crate) fn find(&self, path: &[&str]) -> Option<usize> {
+        use toml::de::DeValue;
         let root = self.root.as_ref()?;
         let mut table = root.get_ref();
         let mut at = None;
         for segment in path {
-            let Some((key, value)) = table.iter().find(|(k, _)| k.get_ref().as_ref() == *segment) else {
+            let (name, index) = match segment.strip_suffix(']').and_then(|s| s.split_once('[')) {
+                Some((name, i)) => (name, i.parse::<usize>().ok()),
+                None => (*segment, None),
+            };
+            let Some((key, value)) = table.iter().find(|(k, _)| k.get_ref().as_ref() == name) else {
                 break;
             };
             at = Some(key.span().start);
-            match value.get_ref() {
-                toml::de::DeValue::Table(t) => table = t,
+            let value = match (value.get_ref(), index) {
+                (DeValue::Array(items), Some(i)) => match items.get(i) {
+                    Some(item) => {
+                        at = Some(item.span().start);
+                        item.get_ref()
+                    }
+                    None => break,
+                },
+                (v, _) => v,
+            };
+            match value {
+                DeValue::Table(t) => table = t,
                 _ => break,
             }
         }

@@ -367,17 +367,18 @@ impl Config {
 
         let mut keys = Vec::new();
         for (i, k) in raw.server.keys.iter().enumerate() {
+            let at = c.spans.find_key(&format!("server.keys[{i}].key_env"));
             match env(&k.key_env) {
                 Some(secret) if secret.len() >= 16 => {
                     keys.push(ApiKey { name: k.name.clone(), role: k.role, secret });
                 }
                 Some(_) => c.error(
-                    None,
+                    at,
                     format!("server.keys[{i}].key_env"),
                     format!("the key in `{}` is shorter than 16 characters", k.key_env),
                 ),
                 None => c.error(
-                    None,
+                    at,
                     format!("server.keys[{i}].key_env"),
                     format!("environment variable `{}` is not set", k.key_env),
                 ),

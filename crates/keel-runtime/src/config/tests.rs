@@ -313,3 +313,9 @@ fn an_above_rule_needs_its_param_declared_a_number() {
     let nan = "[tools.pay]\nkind = \"command\"\nargv = [\"true\"]\napproval = { param = \"amount\", above = nan }\nparams = { type = \"object\", properties = { amount = { type = \"number\" } } }\n";
     assert_eq!(problems(nan), ["4: tools.pay.approval.above"]);
 }
+
+#[test]
+fn key_problems_name_their_line_in_an_array_of_tables() {
+    let text = "[server]\nlisten = \"127.0.0.1:0\"\n\n[[server.keys]]\nname = \"a\"\nkey_env = \"PAY_AUTH\"\nrole = \"agent\"\n\n[[server.keys]]\nname = \"b\"\nkey_env = \"NOT_SET\"\nrole = \"admin\"\n";
+    assert_eq!(problems(text), ["11: server.keys[1].key_env", "6: server.keys[0].key_env"]);
+}
