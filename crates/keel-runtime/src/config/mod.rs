@@ -148,7 +148,17 @@ fn raw_errors(text: &str, file: &Path, first: &toml::de::Error) -> Vec<ConfigErr
         key,
         message: e.message().trim().to_owned(),
     };
-    let Ok(root) = DeTable::parse(text) else { return vec![error(None, first)] };
+    let Ok(root) = DeTable::parse(text) else {
+        // Syntax errors: the parser recovers and lists each.
+        let (_, syntax) = DeTable::parse_recoverable(text);
+        let mut errors: Vec<ConfigError> = syntax.iter().map(|e| error(None, e)).collect();
+        errors.sort_by_key(|e| e.line);
+        errors.dedup();
+        if errors.is_empty() {
+            errors.push(error(None, first));
+        }
+        return errors;
+    };
     let mut errors = Vec::new();
     for (section, value) in root.get_ref() {
         let name = section.get_ref().to_string();

@@ -319,3 +319,10 @@ fn key_problems_name_their_line_in_an_array_of_tables() {
     let text = "[server]\nlisten = \"127.0.0.1:0\"\n\n[[server.keys]]\nname = \"a\"\nkey_env = \"PAY_AUTH\"\nrole = \"agent\"\n\n[[server.keys]]\nname = \"b\"\nkey_env = \"NOT_SET\"\nrole = \"admin\"\n";
     assert_eq!(problems(text), ["11: server.keys[1].key_env", "6: server.keys[0].key_env"]);
 }
+
+#[test]
+fn every_syntax_error_is_reported() {
+    let e = parse("[run]\ndeadline = \"1m\n\n[tools.a]\nkind = = \"command\"\n").unwrap_err();
+    let lines: Vec<Option<usize>> = e.0.iter().map(|e| e.line).collect();
+    assert!(lines.contains(&Some(2)) && lines.contains(&Some(5)), "{e}");
+}
