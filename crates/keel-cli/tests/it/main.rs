@@ -13,6 +13,7 @@ mod crash;
 mod demo;
 mod drill;
 mod durability;
+mod policy_attacks;
 mod scope;
 mod serve_crash;
 mod tickets;
