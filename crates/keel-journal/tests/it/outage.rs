@@ -79,3 +79,59 @@ async fn a_postgres_outage_fails_calls_within_their_bound_and_the_writer_recover
     let events = journal.events("p", 0, 10).await.unwrap();
     assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2]);
 }
+
+/// Collects the messages of `tracing` events with their level (a subscriber of the
+/// test's thread only).
+#[derive(Default, Clone)]
+struct Logs(Arc<std::sync::Mutex<Vec<(tracing::Level, String)>>>);
+
+impl tracing::Subscriber for Logs {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        struct Message(String);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.0 = format!("{value:?}");
+                }
+            }
+        }
+        let mut m = Message(String::new());
+        event.record(&mut m);
+        self.0.lock().unwrap().push((*event.metadata().level(), m.0));
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[tokio::test] // one thread: the writer task logs on the test's thread
+async fn the_outage_and_its_end_are_logged_once_each() {
+    let logs = Logs::default();
+    let _guard = tracing::subscriber::set_default(logs.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite:{}", dir.path().join("j.db").display());
+    let faulty = Faulty::new(keel_journal::open(&url, JournalOptions::default()).await.unwrap());
+    let writer = JournalWriter::spawn(faulty.clone(), 64);
+    writer.append("a", created("a")).await.unwrap();
+    faulty.fail_writes(true);
+    for _ in 0..3 {
+        assert!(writer.append("a", running()).await.is_err());
+    }
+    faulty.fail_writes(false);
+    writer.append("a", running()).await.unwrap();
+    writer.append("a", running()).await.unwrap();
+    let logs = logs.0.lock().unwrap().clone();
+    let count = |level: tracing::Level, text: &str| {
+        logs.iter().filter(|(l, m)| *l == level && m.contains(text)).count()
+    };
+    assert_eq!(count(tracing::Level::WARN, "journal writes are failing"), 1, "the start, once: {logs:?}");
+    assert_eq!(count(tracing::Level::ERROR, "journal batch failed"), 3, "each failed batch: {logs:?}");
+    assert_eq!(count(tracing::Level::INFO, "journal writes recovered"), 1, "the end, once: {logs:?}");
+}
