@@ -323,11 +323,14 @@ impl Runner {
             )),
         };
         renew.abort();
-        self.writer.flush_run(run_id).await?;
+        // The lease is given up and the gate saved even when the flush failed (after a
+        // storage outage the run must not stay held until its lease expires).
+        let flushed = self.writer.flush_run(run_id).await;
         self.save_gate().await;
         if let Err(e) = self.journal.release_lease(&lease).await {
             tracing::warn!(run = %run_id, error = %e, "the run's lease was not released; it expires by itself");
         }
+        flushed?;
         result
     }
 
