@@ -24,6 +24,7 @@ use keel_core::PolicyConfig;
 use keel_core::classify::CommandClassifier;
 use raw::{RawConfig, ToolConfig, ToolKindName};
 
+use crate::tool::command::{CALL_ENV_PREFIX, INHERITED_ENV};
 use crate::tool::{CommandTool, HttpTool, Tool, ToolKind};
 use error::line_of;
 
@@ -52,6 +53,9 @@ pub struct Config {
     pub gateway: keel_gateway::GatewayConfig,
     /// The models' upstream keys, by environment variable (never logged).
     pub model_keys: Arc<BTreeMap<String, String>>,
+    /// What is valid but dangerous (a parameter inside a `sh -c` script...): `keel
+    /// config check` prints these; a config shipped as an example has none.
+    pub warnings: Vec<ConfigError>,
 }
 
 impl Config {
@@ -109,16 +113,27 @@ struct Checker<'a> {
     file: &'a Path,
     text: &'a str,
     errors: Vec<ConfigError>,
+    warnings: Vec<ConfigError>,
 }
 
 impl Checker<'_> {
-    fn error(&mut self, at: Option<usize>, key: impl Into<String>, message: impl Into<String>) {
-        self.errors.push(ConfigError {
+    fn problem(&self, at: Option<usize>, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError {
             file: self.file.to_owned(),
             line: at.map(|at| line_of(self.text, at)),
             key: Some(key.into()),
             message: message.into(),
-        });
+        }
+    }
+
+    fn error(&mut self, at: Option<usize>, key: impl Into<String>, message: impl Into<String>) {
+        let e = self.problem(at, key, message);
+        self.errors.push(e);
+    }
+
+    fn warn(&mut self, at: Option<usize>, key: impl Into<String>, message: impl Into<String>) {
+        let w = self.problem(at, key, message);
+        self.warnings.push(w);
     }
 }
 
@@ -168,7 +183,7 @@ impl Config {
                 message: e.message().trim().to_owned(),
             }])
         })?;
-        let mut c = Checker { file, text, errors: Vec::new() };
+        let mut c = Checker { file, text, errors: Vec::new(), warnings: Vec::new() };
 
         let storage_url = match (&raw.storage.url, &raw.storage.url_env) {
             (Some(_), Some(_)) => {
@@ -259,6 +274,7 @@ impl Config {
             models,
             gateway: raw.gateway,
             model_keys,
+            warnings: c.warnings,
         })
     }
 
@@ -351,7 +367,31 @@ fn tool_from(
             if argv.is_empty() {
                 c.error(at, key("argv"), "a command tool needs `argv`, the program and its arguments");
             }
-            let mut vars = t.env.clone();
+            for (i, message) in crate::tool::command::shell_templates(&argv) {
+                c.warn(at, key(&format!("argv[{i}]")), message);
+            }
+            // The program's whole environment: the safe few of Keel's, then the tool's.
+            let mut vars: BTreeMap<String, String> =
+                INHERITED_ENV.iter().filter_map(|n| env(n).map(|v| ((*n).to_owned(), v))).collect();
+            for (table, names) in [("env", t.env.keys()), ("env_from", t.env_from.keys())] {
+                for var in names {
+                    if var.is_empty() || var.contains(['=', '\0']) {
+                        c.error(at, key(table), format!("`{var}` is not a valid environment variable name"));
+                    } else if var.starts_with(CALL_ENV_PREFIX) {
+                        c.error(
+                            at,
+                            key(table),
+                            format!("`{var}`: `{CALL_ENV_PREFIX}*` variables are set by Keel for each call"),
+                        );
+                    }
+                }
+            }
+            for (var, value) in &t.env {
+                if value.contains('\0') {
+                    c.error(at, key("env"), format!("the value of `{var}` holds a NUL byte"));
+                }
+                vars.insert(var.clone(), value.clone());
+            }
             for (var, from) in &t.env_from {
                 match env(from) {
                     Some(v) => {
@@ -360,6 +400,14 @@ fn tool_from(
                     None => c.error(at, key("env_from"), format!("environment variable `{from}` is not set")),
                 }
             }
+            // A relative `cwd` is the config file's directory's; it must exist now.
+            let cwd = t.cwd.as_ref().map(|d| {
+                let dir = c.file.parent().map_or_else(|| PathBuf::from(d), |p| p.join(d));
+                if !dir.is_dir() {
+                    c.error(at, key("cwd"), format!("`{}` is not a directory", dir.display()));
+                }
+                dir.to_string_lossy().into_owned()
+            });
             let classifier = match CommandClassifier::new(&t.classify.clone().unwrap_or_default()) {
                 Ok(cl) => Some(cl),
                 Err(e) => {
@@ -370,7 +418,7 @@ fn tool_from(
             classifier.map(|classifier| {
                 ToolKind::Command(CommandTool {
                     argv,
-                    cwd: t.cwd.clone(),
+                    cwd,
                     env: vars,
                     max_output: t.max_output.unwrap_or(DEFAULT_MAX_OUTPUT),
                     classifier,
@@ -393,6 +441,8 @@ fn tool_from(
                 );
             } else if !url.starts_with("http://") {
                 c.error(at, key("url"), format!("`{url}` is not an http:// URL"));
+            } else if let Err(problem) = crate::tool::http::check_url_template(&url) {
+                c.error(at, key("url"), problem);
             }
             let method = t.method.clone().unwrap_or_else(|| "POST".into()).to_ascii_uppercase();
             let method = match http::Method::from_bytes(method.as_bytes()) {
