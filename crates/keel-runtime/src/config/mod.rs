@@ -212,6 +212,24 @@ impl Config {
             }
         }
 
+        // A tool working in the journal's directory can read and rewrite the journal.
+        if let Some(db) = storage_url.strip_prefix("sqlite://").and_then(|p| Path::new(p).parent()) {
+            let db = std::fs::canonicalize(db).ok();
+            for (name, tool) in &tools {
+                if let ToolKind::Command(CommandTool { cwd: Some(dir), .. }) = &tool.kind {
+                    if db.is_some() && std::fs::canonicalize(dir).ok() == db {
+                        let at = raw.tools.get(name).map(|t| t.span().start);
+                        c.warn(
+                            at,
+                            format!("tools.{name}.cwd"),
+                            "the journal lives in this directory: the tool could read and rewrite it; \
+                             give the tool a directory of its own",
+                        );
+                    }
+                }
+            }
+        }
+
         let mut keys = Vec::new();
         for (i, k) in raw.server.keys.iter().enumerate() {
             match env(&k.key_env) {

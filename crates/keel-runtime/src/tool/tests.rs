@@ -442,3 +442,16 @@ async fn an_invalid_url_is_invalid_request_and_not_retried() {
     assert_eq!((err.class, err.attempts), (ErrorClass::InvalidRequest, 1));
     assert_eq!(calls.into_inner(), 1, "never retried");
 }
+
+#[test]
+fn a_cwd_holding_the_journal_is_warned_about() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::create_dir(d.path().join("work")).unwrap();
+    let file = d.path().join("keel.toml");
+    let tool = |cwd: &str| format!("\n[tools.t]\nkind = \"command\"\nargv = [\"true\"]\ncwd = \"{cwd}\"\n");
+    let c = Config::parse(&tool("."), &file, &host).unwrap();
+    let w: Vec<String> = c.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].contains("keel.toml:2: tools.t.cwd: the journal lives in this directory"), "{w:?}");
+    assert_eq!(Config::parse(&tool("work"), &file, &host).unwrap().warnings, []);
+}
