@@ -82,6 +82,10 @@ kind = "command"
 # side effect comes after. Parameters are positional arguments, never shell code.
 argv = ["sh", "-c", 'echo $$ > "$1/tool.pid"; sleep 300 & echo $! > "$1/child.pid"; wait; touch "$1/effect"', "sh", "{{{{dir}}}}"]
 policy = {{ timeout = {{ attempt = "600s" }} }}
+
+[tools.true]
+kind = "command"
+argv = ["true"]
 "#
         ),
     );
@@ -107,6 +111,20 @@ policy = {{ timeout = {{ attempt = "600s" }} }}
     });
     // Both are gone, so the effect can no longer happen: it did not.
     assert!(!dir.join("effect").exists(), "the tool finished its side effect after keel died");
+
+    // The next keel sweeps the killed one's scratch directory away.
+    let scratch = std::env::temp_dir().join(format!("keel-tool-{}-", child.id()));
+    let left = || {
+        std::fs::read_dir(std::env::temp_dir())
+            .unwrap()
+            .flatten()
+            .any(|e| e.path().to_string_lossy().starts_with(scratch.to_str().unwrap()))
+    };
+    assert!(left(), "a SIGKILLed keel cannot clean up after itself");
+    let quick = b.write("quick.toml", "[[steps]]\ntool = \"true\"\n");
+    let out = b.keel(&["run", quick.to_str().unwrap()]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(!left(), "the stale scratch directory was removed");
 }
 
 #[test]

@@ -166,6 +166,8 @@ impl Scratch {
     fn create() -> std::io::Result<Scratch> {
         use std::os::unix::fs::DirBuilderExt;
         let base = std::env::temp_dir();
+        static SWEPT: std::sync::Once = std::sync::Once::new();
+        SWEPT.call_once(|| sweep(&base));
         let mut last = None;
         for _ in 0..8 {
             let dir = base.join(format!("keel-tool-{}-{:016x}", std::process::id(), fastrand::u64(..)));
@@ -175,6 +177,23 @@ impl Scratch {
             }
         }
         Err(last.unwrap_or_else(|| std::io::Error::other("no directory")))
+    }
+}
+
+/// Removes the scratch directories a killed Keel left behind (its watcher killed the
+/// tool, but nobody removed the directory): those whose process is gone.
+fn sweep(base: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(base) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) =
+            name.to_str().and_then(|n| n.strip_prefix("keel-tool-")).and_then(|r| r.split('-').next())
+        else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !std::path::Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
     }
 }
 
