@@ -359,6 +359,7 @@ fn tool_from(
             ("env", !t.env.is_empty()),
             ("env_from", !t.env_from.is_empty()),
             ("max_output", t.max_output.is_some()),
+            ("params_on_stdin", t.params_on_stdin),
             ("classify", t.classify.is_some()),
         ],
         &[
@@ -438,6 +439,7 @@ fn tool_from(
                     argv,
                     cwd,
                     env: vars,
+                    params_on_stdin: t.params_on_stdin,
                     max_output: t.max_output.unwrap_or(DEFAULT_MAX_OUTPUT),
                     classifier,
                 })

@@ -291,6 +291,11 @@ pub struct ToolConfig {
     /// (`{ API_TOKEN = "PAYMENTS_TOKEN" }`): how secrets reach a program.
     #[serde(default)]
     pub env_from: BTreeMap<String, String>,
+    /// command: write the call's parameters to the program's stdin as one JSON document
+    /// (the safe way to hand a program many or structured values; stdin is empty
+    /// otherwise).
+    #[serde(default)]
+    pub params_on_stdin: bool,
     /// command: the most bytes kept of stdout and of stderr each.
     #[serde(default)]
     pub max_output: Option<usize>,

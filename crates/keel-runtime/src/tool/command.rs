@@ -34,7 +34,7 @@ use keel_core::{ErrorClass, Failure};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
 use crate::template::render_text;
@@ -62,6 +62,9 @@ pub struct CommandTool {
     /// The program's whole environment: nothing of Keel's own is inherited beyond this
     /// (and the call's `KEEL_*` variables).
     pub env: BTreeMap<String, String>,
+    /// Whether the call's parameters are written to the program's stdin as one JSON
+    /// document (then stdin closes); otherwise stdin is empty.
+    pub params_on_stdin: bool,
     /// The most bytes kept of stdout and of stderr each.
     pub max_output: usize,
     /// How exits map to classes.
@@ -278,7 +281,7 @@ impl CommandTool {
             .env_clear()
             .envs(&self.env)
             .envs(extra_env.iter().copied())
-            .stdin(Stdio::null())
+            .stdin(if self.params_on_stdin { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(pgid.as_raw())
@@ -290,9 +293,20 @@ impl CommandTool {
         };
         let mut child = cmd.spawn().map_err(start)?;
         let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+        let stdin = child.stdin.take();
+        let feed = async {
+            if let Some(mut stdin) = stdin {
+                // A program that does not read its input closes the pipe: not an error.
+                let _ = stdin.write_all(params.to_string().as_bytes()).await;
+                let _ = stdin.shutdown().await;
+            }
+        };
         let pgid = guard.0;
-        let ((out, out_cut), (err, err_cut), status) =
-            tokio::join!(read_capped(stdout, self.max_output), read_capped(stderr, self.max_output), async {
+        let (_, (out, out_cut), (err, err_cut), status) = tokio::join!(
+            feed,
+            read_capped(stdout, self.max_output),
+            read_capped(stderr, self.max_output),
+            async {
                 let status = child.wait().await;
                 // The leader is done: whatever it left behind in its group goes too, so
                 // that no straggler holds the pipes open.
@@ -300,7 +314,8 @@ impl CommandTool {
                     let _ = killpg(pgid, Signal::SIGKILL);
                 }
                 status
-            });
+            }
+        );
         guard.0 = None;
         drop(lifeline);
         let _ = watcher.wait().await;

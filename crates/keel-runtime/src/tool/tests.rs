@@ -455,3 +455,16 @@ fn a_cwd_holding_the_journal_is_warned_about() {
     assert!(w[0].contains("keel.toml:2: tools.t.cwd: the journal lives in this directory"), "{w:?}");
     assert_eq!(Config::parse(&tool("work"), &file, &host).unwrap().warnings, []);
 }
+
+#[tokio::test]
+async fn params_on_stdin_reach_the_program_as_one_json_document() {
+    let t = command(r#"["cat"]"#, "params_on_stdin = true");
+    let params = json!({"sku": "'; printenv; '", "items": [1, 2], "note": "$(id)"});
+    let out = t.invoke(&params, &TokioClock::new()).await.unwrap();
+    assert_eq!(out["json"], params);
+    // A program that never reads its input still runs; without the key stdin is empty.
+    let t = command(r#"["true"]"#, "params_on_stdin = true");
+    t.invoke(&json!({"big": "x".repeat(1 << 20)}), &TokioClock::new()).await.unwrap();
+    let t = command(r#"["cat"]"#, "");
+    assert_eq!(t.invoke(&params, &TokioClock::new()).await.unwrap()["stdout"], "");
+}
