@@ -8,6 +8,7 @@
 mod support;
 
 mod approvals;
+mod attacks_tools;
 mod bad_input;
 mod crash;
 mod demo;
