@@ -99,7 +99,10 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
             }
             drive(&ctx, &runner, &run_id, *wait, Duration::ZERO).await
         }
-        Command::Serve { listen } => serve(&cli, listen.as_deref()).await,
+        Command::Serve { listen, log_format } => {
+            init_log(*log_format)?;
+            serve(&cli, listen.as_deref()).await
+        }
         Command::Runs { action } => runs(&cli, action).await,
         Command::Approvals { action } => approvals(&cli, action).await,
         Command::Tickets { action } => tickets(&cli, action).await,
@@ -107,6 +110,24 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 /// `keel serve`: until SIGINT or SIGTERM, then a graceful stop.
+/// `keel serve`'s log on stderr, filtered by `RUST_LOG` (default `info`).
+fn init_log(format: crate::cli::LogFormat) -> Result<()> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) if !spec.trim().is_empty() => {
+            EnvFilter::try_new(&spec).map_err(|e| UsageError(format!("RUST_LOG=`{spec}`: {e}")))?
+        }
+        _ => EnvFilter::new("info"),
+    };
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(false);
+    let installed = match format {
+        crate::cli::LogFormat::Text => builder.try_init(),
+        crate::cli::LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+    installed.map_err(|e| anyhow::anyhow!("cannot install the log: {e}"))
+}
+
 async fn serve(cli: &Cli, listen: Option<&str>) -> Result<ExitCode> {
     let ctx = open(cli).await?;
     if ctx.config.keys.is_empty() {

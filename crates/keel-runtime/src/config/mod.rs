@@ -19,6 +19,7 @@ pub use raw::{
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use keel_core::PolicyConfig;
 use keel_core::classify::CommandClassifier;
@@ -216,6 +217,8 @@ impl Config {
             }
         }
 
+        check_server(&mut c, &raw.server);
+
         // Models: the gateway checks them; its problems name `models.NAME.field`.
         let models: BTreeMap<String, keel_gateway::ModelConfig> =
             raw.models.iter().map(|(k, v)| (k.clone(), v.get_ref().clone())).collect();
@@ -265,6 +268,35 @@ impl Config {
     /// The JSON Schema of `keel.toml`, for editors.
     pub fn schema() -> serde_json::Value {
         serde_json::to_value(schemars::schema_for!(RawConfig)).unwrap_or_default()
+    }
+}
+
+/// `[server]`'s limits: each in its range, so that no value can disable a defence
+/// by accident (a zero timeout, no connection at all).
+fn check_server(c: &mut Checker<'_>, server: &ServerConfig) {
+    const MAX_WAIT: Duration = Duration::from_secs(3600);
+    if !(1..=1_000_000).contains(&server.max_connections) {
+        c.error(None, "server.max_connections", "must be between 1 and 1000000");
+    }
+    for (key, d) in [
+        ("server.header_read_timeout", server.header_read_timeout),
+        ("server.idle_timeout", server.idle_timeout),
+        ("server.body_read_timeout", server.body_read_timeout),
+    ] {
+        if d < Duration::from_millis(10) || d > MAX_WAIT {
+            c.error(None, key, format!("must be between 10ms and 1h, not {}", humantime::format_duration(d)));
+        }
+    }
+    let r = &server.rate_limit;
+    for (key, v) in [
+        ("server.rate_limit.per_second", r.per_second),
+        ("server.rate_limit.burst", r.burst),
+        ("server.rate_limit.unauthenticated_per_second", r.unauthenticated_per_second),
+        ("server.rate_limit.unauthenticated_burst", r.unauthenticated_burst),
+    ] {
+        if v == 0 {
+            c.error(None, key, "must be at least 1");
+        }
     }
 }
 
