@@ -155,7 +155,7 @@ pub async fn require_key(State(keys): State<Arc<Keys>>, mut req: Request, next: 
 }
 
 /// OpenAI's error shape, for `/v1`.
-fn openai_error(status: axum::http::StatusCode, kind: &str, message: &str) -> Response {
+pub(crate) fn openai_error(status: axum::http::StatusCode, kind: &str, message: &str) -> Response {
     let body = serde_json::json!({"error": {"message": message, "type": kind, "param": null, "code": null}});
     let mut resp = (status, axum::Json(body)).into_response();
     let class = match status.as_u16() {

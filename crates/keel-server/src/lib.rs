@@ -91,6 +91,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/dashboard", get(dashboard::dashboard))
         .route_layer(axum::middleware::from_fn_with_state(keys.clone(), auth::require_key));
     let gateway = state.gateway.clone();
+    let issued = Arc::new(api::runs::IssuedRuns::new(state.journal.clone()));
     let main = Router::new()
         .route("/healthz", get(ops::healthz))
         .route("/", get(inbox::index))
@@ -103,8 +104,11 @@ pub fn app(state: AppState) -> Router {
     let all = match gateway {
         // The model gateway: `/v1/chat/completions` and `/v1/models`, behind the same
         // keys, answering auth errors in OpenAI's shape.
+        // `X-Keel-Run` must name a run issued to the calling key.
         Some(gw) => main.merge(
-            keel_gateway::router(gw).layer(axum::middleware::from_fn_with_state(keys, auth::require_key_v1)),
+            keel_gateway::router(gw)
+                .layer(axum::middleware::from_fn_with_state(issued, api::runs::require_issued_run))
+                .layer(axum::middleware::from_fn_with_state(keys, auth::require_key_v1)),
         ),
         None => main,
     };

@@ -111,9 +111,12 @@ WHERE leases.expires_at <= $4 OR leases.owner = $2 \
 RETURNING epoch";
 
 /// Unfinished runs with no live lease at `$1`, at most `$2`, oldest activity first.
+/// A run with no name is not a plan's (the gateway's run, an agent's run that model
+/// calls are journaled under): there is nothing to drive, so it is never claimed (it
+/// would be claimed, fail and be claimed again ahead of every other run).
 pub(crate) const CLAIM_CANDIDATES: &str = "\
 SELECT r.run_id FROM runs r LEFT JOIN leases l ON l.run_id = r.run_id \
-WHERE r.state IN ('created', 'running') AND (l.run_id IS NULL OR l.expires_at <= $1) \
+WHERE r.state IN ('created', 'running') AND r.name <> '' AND (l.run_id IS NULL OR l.expires_at <= $1) \
 ORDER BY r.updated_at, r.run_id LIMIT $2";
 
 pub(crate) const ADD_GATE: &str = "\

@@ -358,6 +358,8 @@ async fn claim_runs_takes_only_free_unfinished_runs(s: Store) {
         ev("done", created("done")),
         ev("done", state(RunState::Completed)),
         ev("held", created("held")),
+        // No run_created: a run model calls were journaled under, nothing to drive.
+        ev("nameless", state(RunState::Running)),
     ])
     .await
     .unwrap();

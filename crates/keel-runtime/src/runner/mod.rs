@@ -156,6 +156,16 @@ impl Runner {
     /// # Errors
     /// The journal's.
     pub async fn create(&self, plan: &Plan) -> Result<String> {
+        self.create_by(plan, None).await
+    }
+
+    /// Like [`create`](Self::create), recording the API key that started the run
+    /// (`input.owner`, the key's name): only that key may name the run later (its
+    /// model calls' `X-Keel-Run`).
+    ///
+    /// # Errors
+    /// The journal's.
+    pub async fn create_by(&self, plan: &Plan, owner: Option<&str>) -> Result<String> {
         let run_id = new_id("run");
         let name = plan.name.clone().unwrap_or_else(|| "plan".to_owned());
         let deadline = plan.deadline.unwrap_or(self.config.run.deadline);
@@ -164,6 +174,7 @@ impl Runner {
             "input": plan.input,
             "deadline_ms": u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX),
             "mode": self.config.run.mode,
+            "owner": owner,
         });
         self.record(&run_id, JournalEvent::RunCreated { name, input }).await?;
         self.record(&run_id, JournalEvent::RunStateChanged { state: RunState::Running, reason: None })
