@@ -63,10 +63,10 @@ INSERT INTO attempts (run_id, started_seq, step, target, attempt, outcome, laten
 VALUES ($1, $8, $2, $3, $4, $5, $6, $7, $7)";
 
 pub(crate) const APPROVAL_REQUESTED: &str = "\
-INSERT INTO approvals (approval_id, run_id, step, tool, args_digest, status, requested_at, expires_at, decided_by, decided_at) \
-VALUES ($1, $2, $3, $4, $5, 'pending', $6, $7, NULL, NULL) \
+INSERT INTO approvals (approval_id, run_id, step, tool, args_digest, status, requested_at, expires_at, decided_by, decided_at, args) \
+VALUES ($1, $2, $3, $4, $5, 'pending', $6, $7, NULL, NULL, $8) \
 ON CONFLICT (approval_id) DO UPDATE SET run_id = excluded.run_id, step = excluded.step, tool = excluded.tool, \
-args_digest = excluded.args_digest, status = 'pending', requested_at = excluded.requested_at, \
+args_digest = excluded.args_digest, args = excluded.args, status = 'pending', requested_at = excluded.requested_at, \
 expires_at = excluded.expires_at, decided_by = NULL, decided_at = NULL";
 
 pub(crate) const APPROVAL_DECIDED: &str =

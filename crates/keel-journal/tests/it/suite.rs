@@ -163,6 +163,7 @@ async fn projections_follow_events_and_rebuild_to_the_same_state(s: Store) {
                 tool: "pay".into(),
                 args_digest: "d1".into(),
                 expires_at_ms: 99,
+                args: json!({"amount": 150}),
             },
         ),
         ev(run, state(RunState::WaitingApproval)),
@@ -263,6 +264,7 @@ async fn projections_follow_events_and_rebuild_to_the_same_state(s: Store) {
     assert_eq!(snap.attempts[0].latency_ms, Some(40));
     assert_eq!(snap.approvals[0].status, "approved");
     assert_eq!(snap.approvals[0].decided_by.as_deref(), Some("ann"));
+    assert_eq!(snap.approvals[0].args, Some(json!({"amount": 150})), "the arguments the approval covers");
     assert_eq!(snap.tickets[0].status, "resolved");
     assert_eq!(snap.tickets[0].resolution, Some(json!({"action": "abort"})));
 

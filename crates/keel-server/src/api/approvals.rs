@@ -51,6 +51,10 @@ async fn decide(
         None => caller.name.clone(),
     };
     let item = inbox::decide(&*s.journal, &id, approve, &by, s.clock.wall()).await?;
+    tracing::info!(
+        target: "keel::decision", run = %item.approval.run_id, approval = %id, decision = %item.approval.status,
+        by = %caller.name, "approval decided"
+    );
     s.wake.notify_one();
     Ok(Json(item))
 }

@@ -48,7 +48,8 @@ fn is_agent_run(run: &RunView) -> bool {
 /// The gateway's own run (model calls made with no `X-Keel-Run`): not a run anyone
 /// may list, cancel or resume.
 fn not_a_run(id: &str) -> Option<ApiError> {
-    (id == keel_gateway::journal::GATEWAY_RUN).then(|| ApiError::new(ErrorClass::NotFound, format!("no run `{id}`")))
+    (id == keel_gateway::journal::GATEWAY_RUN)
+        .then(|| ApiError::new(ErrorClass::NotFound, format!("no run `{id}`")))
 }
 
 /// A run just started.
@@ -74,7 +75,10 @@ pub async fn start(
         return start_agent_run(&s, &caller, body.name).await;
     };
     if body.name.is_some() {
-        return Err(ApiError::new(ErrorClass::InvalidRequest, "`name` is for an agent's run; a plan has its own"));
+        return Err(ApiError::new(
+            ErrorClass::InvalidRequest,
+            "`name` is for an agent's run; a plan has its own",
+        ));
     }
     plan.fill_ids();
     plan.check(&s.config, std::path::Path::new("request"))
@@ -95,13 +99,19 @@ async fn start_agent_run(
 ) -> Result<(StatusCode, Json<Started>), ApiError> {
     let label = name.unwrap_or_else(|| AGENT_RUN.to_owned());
     if label.chars().count() > 200 || label.chars().any(char::is_control) {
-        return Err(ApiError::new(ErrorClass::InvalidRequest, "`name`: at most 200 characters, no control characters"));
+        return Err(ApiError::new(
+            ErrorClass::InvalidRequest,
+            "`name`: at most 200 characters, no control characters",
+        ));
     }
     let run_id = keel_runtime::runner::new_id("run");
     let input = json!({"kind": AGENT_RUN, "owner": caller.name, "label": label});
     s.journal
         .append(&[
-            keel_journal::NewEvent::new(&run_id, keel_journal::JournalEvent::RunCreated { name: String::new(), input }),
+            keel_journal::NewEvent::new(
+                &run_id,
+                keel_journal::JournalEvent::RunCreated { name: String::new(), input },
+            ),
             keel_journal::NewEvent::new(
                 &run_id,
                 keel_journal::JournalEvent::RunStateChanged {
@@ -184,7 +194,10 @@ pub async fn resume(
     }
     let snap = s.runner.snapshot(&id).await?;
     if is_agent_run(&snap.run) {
-        return Err(ApiError::new(ErrorClass::InvalidRequest, format!("run `{id}` is an agent's: Keel does not drive it")));
+        return Err(ApiError::new(
+            ErrorClass::InvalidRequest,
+            format!("run `{id}` is an agent's: Keel does not drive it"),
+        ));
     }
     if snap.run.state.is_terminal() {
         return Err(ApiError::new(ErrorClass::InvalidRequest, format!("run `{id}` already ended")));
@@ -263,6 +276,10 @@ pub async fn require_issued_run(
                 caller.name
             ))
         }
-        Err(e) => crate::auth::openai_error(StatusCode::SERVICE_UNAVAILABLE, "api_error", &format!("cannot check the run: {e}")),
+        Err(e) => crate::auth::openai_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "api_error",
+            &format!("cannot check the run: {e}"),
+        ),
     }
 }

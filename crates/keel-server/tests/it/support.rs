@@ -41,9 +41,15 @@ keys = [
 
 impl Server {
     pub(crate) async fn start(faults: Faults, extra: &str) -> Server {
+        Self::start_with(faults, "", extra).await
+    }
+
+    /// Like [`start`](Self::start), with `server` lines added to `[server]`.
+    pub(crate) async fn start_with(faults: Faults, server: &str, extra: &str) -> Server {
         let (base, handle) = spawn(faults);
         let dir = tempfile::tempdir().unwrap();
-        let tools = format!("{SERVER}{}", keel_examples::payments::TOOLS_TOML);
+        let server_section = SERVER.replace("body_limit = 4096\n", &format!("body_limit = 4096\n{server}\n"));
+        let tools = format!("{server_section}{}", keel_examples::payments::TOOLS_TOML);
         let text = format!("{}\n{extra}", tools.replace("{base}", &base));
         let env = |name: &str| match name {
             "AGENT_KEY" => Some(AGENT.to_owned()),
