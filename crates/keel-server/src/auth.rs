@@ -11,6 +11,7 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, Request, State};
+use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
@@ -141,11 +142,11 @@ pub async fn require_key(State(keys): State<Arc<Keys>>, mut req: Request, next: 
         return ApiError::new(ErrorClass::Unauthorized, message).into_response();
     };
     if keys.limiter.check_key(&caller.name).is_err() {
-        return ApiError::new(
-            ErrorClass::RateLimited,
-            format!("key `{}` is over its rate limit", caller.name),
-        )
-        .into_response();
+        let mut resp =
+            ApiError::new(ErrorClass::RateLimited, format!("key `{}` is over its rate limit", caller.name))
+                .into_response();
+        resp.extensions_mut().insert(caller);
+        return resp;
     }
     req.extensions_mut().insert(caller.clone());
     let mut resp = next.run(req).await;
@@ -155,13 +156,15 @@ pub async fn require_key(State(keys): State<Arc<Keys>>, mut req: Request, next: 
 }
 
 /// OpenAI's error shape, for `/v1`.
-pub(crate) fn openai_error(status: axum::http::StatusCode, kind: &str, message: &str) -> Response {
+pub(crate) fn openai_error(status: StatusCode, kind: &str, message: &str) -> Response {
     let body = serde_json::json!({"error": {"message": message, "type": kind, "param": null, "code": null}});
     let mut resp = (status, axum::Json(body)).into_response();
-    let class = match status.as_u16() {
-        401 => ErrorClass::Unauthorized,
-        403 => ErrorClass::Forbidden,
-        _ => ErrorClass::RateLimited,
+    let class = match status {
+        StatusCode::BAD_REQUEST => ErrorClass::InvalidRequest,
+        StatusCode::UNAUTHORIZED => ErrorClass::Unauthorized,
+        StatusCode::FORBIDDEN => ErrorClass::Forbidden,
+        StatusCode::TOO_MANY_REQUESTS => ErrorClass::RateLimited,
+        _ => ErrorClass::ServerError,
     };
     resp.headers_mut().insert("x-keel-error-class", axum::http::HeaderValue::from_static(class.as_str()));
     resp
@@ -170,7 +173,6 @@ pub(crate) fn openai_error(status: axum::http::StatusCode, kind: &str, message: 
 /// The middleware of `/v1`: like [`require_key`], with errors in OpenAI's shape, and
 /// the caller's key name given to the gateway (per-key budgets) as an `ApiKeyId`.
 pub async fn require_key_v1(State(keys): State<Arc<Keys>>, mut req: Request, next: Next) -> Response {
-    use axum::http::StatusCode;
     let Some(caller) = presented_key(&req).and_then(|k| keys.identify(k)) else {
         if !keys.stranger_allowed(&req) {
             let mut r = openai_error(
@@ -192,6 +194,7 @@ pub async fn require_key_v1(State(keys): State<Arc<Keys>>, mut req: Request, nex
         let mut r =
             openai_error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "over the key's rate limit");
         r.headers_mut().insert("retry-after", axum::http::HeaderValue::from_static("1"));
+        r.extensions_mut().insert(caller);
         return r;
     }
     req.extensions_mut().insert(keel_gateway::ApiKeyId(caller.name.clone()));

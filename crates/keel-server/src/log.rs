@@ -27,7 +27,7 @@ pub async fn requests(req: Request, next: Next) -> Response {
         .unwrap_or("-")
         .to_owned();
     let key = resp.extensions().get::<Caller>().map_or("-", |c| c.name.as_str());
-    let ms = started.elapsed().as_millis();
+    let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     if status >= 500 {
         tracing::warn!(target: "keel::request", %method, %route, status, %class, key, run, ms, "request");
     } else {

@@ -12,5 +12,6 @@ mod bad_input;
 mod crash;
 mod demo;
 mod scope;
+mod serve_log;
 mod tickets;
 mod timeouts;
