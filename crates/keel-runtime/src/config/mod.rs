@@ -275,8 +275,18 @@ impl Config {
 /// by accident (a zero timeout, no connection at all).
 fn check_server(c: &mut Checker<'_>, server: &ServerConfig) {
     const MAX_WAIT: Duration = Duration::from_secs(3600);
+    let text = c.text;
+    // `[server]` is not spanned: the line is where its key is written.
+    let at = |key: &str| {
+        let name = key.rsplit('.').next().unwrap_or(key);
+        text.match_indices(name).map(|(i, _)| i).find(|&i| {
+            let before = text[..i].chars().next_back();
+            let after = text[i + name.len()..].trim_start_matches([' ', '\t', '"']);
+            !before.is_some_and(|b| b.is_alphanumeric() || b == '_') && after.starts_with('=')
+        })
+    };
     if !(1..=1_000_000).contains(&server.max_connections) {
-        c.error(None, "server.max_connections", "must be between 1 and 1000000");
+        c.error(at("max_connections"), "server.max_connections", "must be between 1 and 1000000");
     }
     for (key, d) in [
         ("server.header_read_timeout", server.header_read_timeout),
@@ -284,7 +294,11 @@ fn check_server(c: &mut Checker<'_>, server: &ServerConfig) {
         ("server.body_read_timeout", server.body_read_timeout),
     ] {
         if d < Duration::from_millis(10) || d > MAX_WAIT {
-            c.error(None, key, format!("must be between 10ms and 1h, not {}", humantime::format_duration(d)));
+            c.error(
+                at(key),
+                key,
+                format!("must be between 10ms and 1h, not {}", humantime::format_duration(d)),
+            );
         }
     }
     let r = &server.rate_limit;
@@ -295,7 +309,7 @@ fn check_server(c: &mut Checker<'_>, server: &ServerConfig) {
         ("server.rate_limit.unauthenticated_burst", r.unauthenticated_burst),
     ] {
         if v == 0 {
-            c.error(None, key, "must be at least 1");
+            c.error(at(key), key, "must be at least 1");
         }
     }
 }
