@@ -255,6 +255,9 @@ async fn runs(cli: &Cli, action: &RunsAction) -> Result<ExitCode> {
         RunsAction::List => {
             let mut rows = Vec::new();
             for id in ctx.journal.run_ids().await? {
+                if keel_server::api::runs::is_internal(&id) {
+                    continue;
+                }
                 if let Some(s) = ctx.journal.snapshot(&id).await? {
                     rows.push(s.run);
                 }
@@ -325,6 +328,9 @@ async fn runs(cli: &Cli, action: &RunsAction) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         RunsAction::Cancel { id } => {
+            if keel_server::api::runs::is_internal(id) {
+                return Err(UsageError(format!("`{id}` is the model gateway's journal, not a run")).into());
+            }
             let runner = ctx.runner().await?;
             runner.cancel(id, &std::env::var("USER").unwrap_or_else(|_| "cli".into())).await?;
             if ctx.json {

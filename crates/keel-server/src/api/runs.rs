@@ -45,11 +45,14 @@ fn is_agent_run(run: &RunView) -> bool {
     run.input.get("kind").and_then(Value::as_str) == Some(AGENT_RUN)
 }
 
-/// The gateway's own run (model calls made with no `X-Keel-Run`): not a run anyone
-/// may list, cancel or resume.
+/// Whether `id` is the gateway's own run (where model calls with no `X-Keel-Run` and
+/// the gateway's decisions are journaled): not a run anyone may list, cancel or resume.
+pub fn is_internal(id: &str) -> bool {
+    id == keel_gateway::journal::GATEWAY_RUN
+}
+
 fn not_a_run(id: &str) -> Option<ApiError> {
-    (id == keel_gateway::journal::GATEWAY_RUN)
-        .then(|| ApiError::new(ErrorClass::NotFound, format!("no run `{id}`")))
+    is_internal(id).then(|| ApiError::new(ErrorClass::NotFound, format!("no run `{id}`")))
 }
 
 /// A run just started.
