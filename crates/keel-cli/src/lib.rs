@@ -55,6 +55,18 @@ fn class_of(e: &anyhow::Error) -> ErrorClass {
     ErrorClass::ServerError
 }
 
+/// Whether Keel could not use its journal (exit code 8): not the run's fault, and
+/// nothing about the run can be concluded from it.
+fn storage_failed(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<keel_journal::Error>().is_some_and(keel_journal::Error::is_storage)
+            || matches!(
+                c.downcast_ref::<keel_runtime::runner::Error>(),
+                Some(keel_runtime::runner::Error::Journal(j)) if j.is_storage()
+            )
+    })
+}
+
 fn report(e: &anyhow::Error) -> ExitCode {
     // A closed pipe (`keel runs list | head`) is not an error.
     if e.chain().any(|c| {
@@ -68,6 +80,9 @@ fn report(e: &anyhow::Error) -> ExitCode {
         text.push_str(&format!("\n  caused by: {cause}"));
     }
     render::eprint(&text);
+    if storage_failed(e) {
+        return ExitCode::from(8);
+    }
     ExitCode::from(match class {
         ErrorClass::InvalidRequest | ErrorClass::NotFound => 2,
         ErrorClass::Conflict => 7,

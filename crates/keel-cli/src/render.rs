@@ -150,7 +150,12 @@ impl Observer for Live {
             | JournalEvent::ApprovalDecided { .. }
             | JournalEvent::TicketResolved { .. }
             | JournalEvent::ProgramRecorded { .. }
-            | JournalEvent::ModelCalled { .. } => {}
+            | JournalEvent::ModelCalled { .. }
+            | JournalEvent::AttemptAbandoned { .. } => {}
+            JournalEvent::RunTakenOver { from, .. } => {
+                let from = from.as_deref().unwrap_or("a process that stopped");
+                print(&format!("↻ taken over from {from}"));
+            }
         }
     }
 }
@@ -186,6 +191,13 @@ pub(crate) fn describe(event: &JournalEvent) -> Option<String> {
         }
         JournalEvent::ProgramRecorded { step, attempt, .. } => {
             format!("step {step} program of attempt {attempt} recorded")
+        }
+        JournalEvent::RunTakenOver { by, from, epoch } => match from {
+            Some(from) => format!("run taken over by {by} from {from} (lease epoch {epoch})"),
+            None => format!("run taken over by {by} (lease epoch {epoch})"),
+        },
+        JournalEvent::AttemptAbandoned { target, attempt, .. } => {
+            format!("  {target} attempt {attempt}: abandoned (its process stopped)")
         }
         JournalEvent::Policy { event, .. } => match event {
             Event::AttemptStarted { .. } | Event::BudgetCharged { .. } => return None,

@@ -55,7 +55,9 @@ pub use fallback::{ChainError, FallbackChain, Served};
 pub use fault::{FaultConfig, FaultKind};
 pub use gate::{ConfidenceGate, GateConfig};
 pub use loop_guard::{LoopDetected, LoopGuard, LoopGuardConfig};
-pub use pipeline::{Attempt, CallError, ErrorKind, Pipeline, PipelineBuilder, PipelineLayer, RetryInfo};
+pub use pipeline::{
+    Attempt, CallError, ErrorKind, Pipeline, PipelineBuilder, PipelineLayer, Resume, RetryInfo,
+};
 pub use policy::{FallbackConfig, PolicyConfig, TimeoutConfig};
 pub use retry::{Jitter, RetryConfig};
 pub use rng::SharedRng;

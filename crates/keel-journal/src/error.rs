@@ -74,6 +74,26 @@ pub enum Error {
     Batch(#[source] Arc<Error>),
 }
 
+impl Error {
+    /// Whether this says the journal itself could not be used (unreachable, full,
+    /// locked past every retry, corrupt, from a newer build) rather than that a
+    /// coordination step lost a race (a lease or claim taken by another process).
+    pub fn is_storage(&self) -> bool {
+        match self {
+            Error::DiskFull(_)
+            | Error::Busy(_)
+            | Error::Connection(_)
+            | Error::Database(_)
+            | Error::Migrate(_)
+            | Error::Codec(_)
+            | Error::UnsupportedSchema { .. }
+            | Error::WriterClosed => true,
+            Error::Url(_) | Error::LeaseLost { .. } | Error::ClaimLost(_) | Error::InProgress(_) => false,
+            Error::Batch(inner) => inner.is_storage(),
+        }
+    }
+}
+
 impl Classified for Error {
     fn class(&self) -> ErrorClass {
         match self {

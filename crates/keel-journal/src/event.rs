@@ -249,6 +249,28 @@ pub enum JournalEvent {
         /// attempts, usage, cost, failures, rescue.
         record: Value,
     },
+    /// A process took the run over from another whose lease had expired (it died or
+    /// stalled); the earlier holder can no longer write to the run (fencing).
+    RunTakenOver {
+        /// The new holder.
+        by: String,
+        /// The holder whose lease expired, when known.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from: Option<String>,
+        /// The new lease's epoch.
+        epoch: u64,
+    },
+    /// An attempt whose process died (or lost the run) before it ended: its outcome is
+    /// unknown, so it is closed as abandoned and never counted as a success.
+    AttemptAbandoned {
+        /// The step it belongs to, if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        step: Option<u32>,
+        /// The target it called.
+        target: String,
+        /// Its number.
+        attempt: u32,
+    },
     /// A keel-core policy event within the run.
     Policy {
         /// The step it belongs to, if any.
@@ -273,6 +295,8 @@ impl JournalEvent {
             JournalEvent::TicketResolved { .. } => "ticket_resolved",
             JournalEvent::ProgramRecorded { .. } => "program_recorded",
             JournalEvent::ModelCalled { .. } => "model_called",
+            JournalEvent::RunTakenOver { .. } => "run_taken_over",
+            JournalEvent::AttemptAbandoned { .. } => "attempt_abandoned",
             JournalEvent::Policy { event, .. } => policy_kind(event),
         }
     }
@@ -299,12 +323,22 @@ pub struct NewEvent {
     pub run_id: String,
     /// The event.
     pub event: JournalEvent,
+    /// Append it only while this lease on its run is held at this epoch: a process
+    /// that lost the run (it stalled past its lease and another took over) cannot
+    /// write to it any more.
+    pub fence: Option<std::sync::Arc<crate::Lease>>,
 }
 
 impl NewEvent {
     /// An event of `run_id`.
     pub fn new(run_id: impl Into<String>, event: JournalEvent) -> Self {
-        Self { run_id: run_id.into(), event }
+        Self { run_id: run_id.into(), event, fence: None }
+    }
+
+    /// The same event, fenced by `lease` (see [`NewEvent::fence`]).
+    pub fn fenced(mut self, lease: Option<std::sync::Arc<crate::Lease>>) -> Self {
+        self.fence = lease;
+        self
     }
 }
 

@@ -6,7 +6,8 @@
 //! that window at the cost of an fsync per commit). Writes go through one connection
 //! (SQLite has one writer anyway) and begin with `BEGIN IMMEDIATE`, so a transaction
 //! never fails half-way to upgrade its lock; other processes' locks wait out a busy
-//! timeout and are then retried with backoff.
+//! timeout and are then retried with backoff. Opening (WAL switch and migrations) is
+//! serialized between processes by an advisory lock on `PATH.lock`.
 
 use std::path::Path;
 use std::str::FromStr as _;
@@ -46,6 +47,9 @@ impl SqliteJournal {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(5))
             .foreign_keys(false);
+        // Processes opening one new file at once would race to switch it to WAL and
+        // to create its tables: one at a time opens it, under a lock on a file beside it.
+        let _opening = open_lock(path).await?;
         let write = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(30))
@@ -57,6 +61,39 @@ impl SqliteJournal {
             .connect_with(connect)
             .await?;
         Ok(Self { write, read, options })
+    }
+}
+
+/// How long an open waits for other processes opening the same file.
+const OPEN_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Takes the exclusive lock on `PATH.lock` (an advisory `flock`, released when the
+/// returned guard drops, also when the process dies), waiting up to [`OPEN_PATIENCE`].
+async fn open_lock(path: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    use nix::fcntl::{Flock, FlockArg};
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let io = |e: std::io::Error| crate::Error::Connection(sqlx::Error::Io(e));
+    let mut file =
+        std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&name).map_err(io)?;
+    let give_up = tokio::time::Instant::now() + OPEN_PATIENCE;
+    let mut delay = Duration::from_millis(2);
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(guard) => return Ok(guard),
+            Err((f, nix::errno::Errno::EWOULDBLOCK)) if tokio::time::Instant::now() < give_up => {
+                file = f;
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_millis(50));
+            }
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                return Err(io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("another process kept {} locked for {OPEN_PATIENCE:?}", name.to_string_lossy()),
+                )));
+            }
+            Err((_, errno)) => return Err(io(std::io::Error::from(errno))),
+        }
     }
 }
 

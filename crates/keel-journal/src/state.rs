@@ -194,6 +194,9 @@ pub struct Lease {
     pub epoch: u64,
     /// When it expires unless renewed (ms since the Unix epoch).
     pub expires_at_ms: i64,
+    /// The owner whose expired lease this acquisition took over, if another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub taken_from: Option<String>,
 }
 
 /// What [`prune`](crate::Journal::prune) removed.

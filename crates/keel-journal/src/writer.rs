@@ -82,10 +82,15 @@ impl JournalWriter {
 
     /// Queues `event` of `run_id` and returns at once (never blocks).
     pub fn submit(&self, run_id: impl Into<String>, event: JournalEvent) -> Ack {
+        self.submit_event(NewEvent::new(run_id, event))
+    }
+
+    /// Queues `event` (perhaps fenced by a lease) and returns at once (never blocks).
+    pub fn submit_event(&self, event: NewEvent) -> Ack {
         let (ack, rx) = oneshot::channel();
         self.pending.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // A closed writer drops `ack`, which resolves the Ack with WriterClosed.
-        if self.tx.send(Item::Event(NewEvent::new(run_id, event), Some(ack))).is_err() {
+        if self.tx.send(Item::Event(event, Some(ack))).is_err() {
             self.pending.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         }
         Ack(rx)
@@ -136,7 +141,7 @@ impl JournalWriter {
 
     /// An [`EventSink`] that journals keel-core events as events of `run_id`.
     pub fn sink(&self, run_id: impl Into<String>) -> RunSink {
-        RunSink { writer: self.clone(), run_id: run_id.into(), step: None }
+        RunSink { writer: self.clone(), run_id: run_id.into(), step: None, fence: None }
     }
 
     fn poison(&self, e: Error) {
@@ -175,7 +180,35 @@ async fn run(
             }
         }
         if !events.is_empty() {
-            match journal.append(&events).await {
+            let queued = events.len();
+            let mut result = journal.append(&events).await;
+            // A lost lease fences out its own events only: the batch goes in without them.
+            while let Err(Error::LeaseLost { run_id, owner }) = &result {
+                let lost =
+                    |e: &NewEvent| e.fence.as_ref().is_some_and(|l| l.run_id == *run_id && l.owner == *owner);
+                let (mut kept, mut kept_acks) = (Vec::new(), Vec::new());
+                let mut dropped = 0;
+                for (event, ack) in events.drain(..).zip(acks.drain(..)) {
+                    if lost(&event) {
+                        dropped += 1;
+                        if let Some(ack) = ack {
+                            let _ = ack
+                                .send(Err(Error::LeaseLost { run_id: run_id.clone(), owner: owner.clone() }));
+                        }
+                    } else {
+                        kept.push(event);
+                        kept_acks.push(ack);
+                    }
+                }
+                tracing::warn!(run = %run_id, owner = %owner, events = dropped, "events of a lost lease were not written");
+                (events, acks) = (kept, kept_acks);
+                if events.is_empty() {
+                    result = Ok(Vec::new());
+                    break;
+                }
+                result = journal.append(&events).await;
+            }
+            match result {
                 Ok(seqs) => {
                     for (ack, seq) in acks.drain(..).zip(seqs) {
                         if let Some(ack) = ack {
@@ -192,7 +225,7 @@ async fn run(
                     failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
                 }
             }
-            pending.fetch_sub(events.len(), std::sync::atomic::Ordering::Relaxed);
+            pending.fetch_sub(queued, std::sync::atomic::Ordering::Relaxed);
             events.clear();
         }
         if closing {
@@ -215,12 +248,18 @@ pub struct RunSink {
     writer: JournalWriter,
     run_id: String,
     step: Option<u32>,
+    fence: Option<Arc<crate::Lease>>,
 }
 
 impl RunSink {
     /// The same sink, attributing events to step `step`.
     pub fn step(&self, step: u32) -> RunSink {
         RunSink { step: Some(step), ..self.clone() }
+    }
+
+    /// The same sink, its events fenced by `lease` (see [`NewEvent::fence`]).
+    pub fn fenced(&self, lease: Option<Arc<crate::Lease>>) -> RunSink {
+        RunSink { fence: lease, ..self.clone() }
     }
 
     /// The writer behind this sink, to flush it.
@@ -231,9 +270,12 @@ impl RunSink {
 
 impl EventSink for RunSink {
     fn record(&self, event: &Event) {
-        self.writer.record(NewEvent::new(
-            self.run_id.clone(),
-            JournalEvent::Policy { step: self.step, event: event.clone() },
-        ));
+        self.writer.record(
+            NewEvent::new(
+                self.run_id.clone(),
+                JournalEvent::Policy { step: self.step, event: event.clone() },
+            )
+            .fenced(self.fence.clone()),
+        );
     }
 }

@@ -159,10 +159,15 @@ impl Observer for Metrics {
                 log_decision(run_id, event);
                 let _ = self.changes.send(run_id.to_owned());
             }
+            JournalEvent::RunTakenOver { .. } => {
+                self.count("keel_run_takeovers_total", &[]);
+                let _ = self.changes.send(run_id.to_owned());
+            }
             JournalEvent::RunCreated { .. }
             | JournalEvent::StepStarted { .. }
             | JournalEvent::ProgramRecorded { .. }
-            | JournalEvent::ModelCalled { .. } => {}
+            | JournalEvent::ModelCalled { .. }
+            | JournalEvent::AttemptAbandoned { .. } => {}
         }
     }
 }

@@ -11,6 +11,8 @@ mod approvals;
 mod bad_input;
 mod crash;
 mod demo;
+mod drill;
+mod durability;
 mod scope;
 mod serve_log;
 mod tickets;

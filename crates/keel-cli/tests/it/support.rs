@@ -73,6 +73,13 @@ impl Bench {
     }
 }
 
+impl Bench {
+    /// Starts `keel runs resume RUN` in the background (to be killed).
+    pub(crate) fn spawn_resume(&self, run_id: &str) -> Child {
+        self.command(&["runs", "resume", run_id]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap()
+    }
+}
+
 /// A finished `keel` process.
 pub(crate) struct Run {
     pub(crate) code: i32,

@@ -7,7 +7,10 @@
 //! reason. With the default prior, three straight failed retries and no success are
 //! enough to stop retrying a class, while a class whose retries succeed keeps a high
 //! score. Outcomes can be exported ([`ConfidenceGate::snapshot`]) to a store and loaded
-//! back ([`ConfidenceGate::load`]) so the history survives restarts.
+//! back ([`ConfidenceGate::load`]) so the history survives restarts. A store that adds
+//! outcomes (several processes sharing one history) takes only what is new since its
+//! last save ([`ConfidenceGate::take_unsaved`]): saving the whole snapshot again would
+//! count every loaded outcome twice. All counts saturate; none can overflow.
 
 #[cfg(test)]
 mod tests;
@@ -91,13 +94,51 @@ type Key = (ErrorClass, u32);
 #[derive(Debug)]
 pub struct ConfidenceGate {
     config: GateConfig,
-    history: Mutex<HashMap<Arc<str>, HashMap<Key, Outcomes>>>,
+    history: Mutex<History>,
+}
+
+/// What the gate knows, and the part of it no store has yet.
+#[derive(Debug, Default)]
+struct History {
+    all: HashMap<Arc<str>, HashMap<Key, Outcomes>>,
+    unsaved: HashMap<Arc<str>, HashMap<Key, Outcomes>>,
+}
+
+impl Outcomes {
+    fn add(&mut self, other: Outcomes) {
+        self.successes = self.successes.saturating_add(other.successes);
+        self.failures = self.failures.saturating_add(other.failures);
+    }
+}
+
+fn entry<'a>(
+    map: &'a mut HashMap<Arc<str>, HashMap<Key, Outcomes>>,
+    target: &Arc<str>,
+    key: Key,
+) -> &'a mut Outcomes {
+    map.entry(target.clone()).or_default().entry(key).or_default()
+}
+
+fn records(map: &HashMap<Arc<str>, HashMap<Key, Outcomes>>) -> Vec<GateRecord> {
+    let mut records: Vec<GateRecord> = map
+        .iter()
+        .flat_map(|(target, m)| {
+            m.iter().map(|(&(class, attempt), &outcomes)| GateRecord {
+                target: target.to_string(),
+                class,
+                attempt,
+                outcomes,
+            })
+        })
+        .collect();
+    records.sort_by(|a, b| (&a.target, a.class, a.attempt).cmp(&(&b.target, b.class, b.attempt)));
+    records
 }
 
 impl ConfidenceGate {
     /// A gate with `config` and no history.
     pub fn new(config: GateConfig) -> Self {
-        Self { config, history: Mutex::new(HashMap::new()) }
+        Self { config, history: Mutex::default() }
     }
 
     /// The gate's values.
@@ -113,7 +154,7 @@ impl ConfidenceGate {
     pub fn outcomes(&self, target: &str, class: ErrorClass, attempt: u32) -> Outcomes {
         let key = (class, self.bucket(attempt));
         let history = self.history.lock().unwrap_or_else(|e| e.into_inner());
-        history.get(target).and_then(|m| m.get(&key)).copied().unwrap_or_default()
+        history.all.get(target).and_then(|m| m.get(&key)).copied().unwrap_or_default()
     }
 
     /// The score of making attempt `attempt` (≥ 2) after a failure of `class`.
@@ -134,44 +175,45 @@ impl ConfidenceGate {
     /// Records that attempt `attempt`, a retry after a failure of `class`, succeeded or not.
     pub fn record(&self, target: &Arc<str>, class: ErrorClass, attempt: u32, succeeded: bool) {
         let key = (class, self.bucket(attempt));
-        let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = match history.get_mut(&**target) {
-            Some(m) => m.entry(key).or_default(),
-            None => history.entry(target.clone()).or_default().entry(key).or_default(),
-        };
-        if succeeded {
-            entry.successes += 1;
+        let one = if succeeded {
+            Outcomes { successes: 1, failures: 0 }
         } else {
-            entry.failures += 1;
+            Outcomes { successes: 0, failures: 1 }
+        };
+        let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        entry(&mut history.all, target, key).add(one);
+        entry(&mut history.unsaved, target, key).add(one);
+    }
+
+    /// The whole history, for a store that replaces what it holds.
+    pub fn snapshot(&self) -> Vec<GateRecord> {
+        records(&self.history.lock().unwrap_or_else(|e| e.into_inner()).all)
+    }
+
+    /// The outcomes recorded since the last call (or since the gate was made), for a
+    /// store that adds them to what it holds; they count as saved from now on. Give
+    /// them back with [`restore_unsaved`](Self::restore_unsaved) when the save fails.
+    pub fn take_unsaved(&self) -> Vec<GateRecord> {
+        let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        records(&std::mem::take(&mut history.unsaved))
+    }
+
+    /// Puts back outcomes a failed save took with [`take_unsaved`](Self::take_unsaved),
+    /// so the next save carries them.
+    pub fn restore_unsaved(&self, records: impl IntoIterator<Item = GateRecord>) {
+        let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        for r in records {
+            let key = (r.class, self.bucket(r.attempt));
+            entry(&mut history.unsaved, &Arc::from(r.target), key).add(r.outcomes);
         }
     }
 
-    /// The whole history, for a store.
-    pub fn snapshot(&self) -> Vec<GateRecord> {
-        let history = self.history.lock().unwrap_or_else(|e| e.into_inner());
-        let mut records: Vec<GateRecord> = history
-            .iter()
-            .flat_map(|(target, m)| {
-                m.iter().map(|(&(class, attempt), &outcomes)| GateRecord {
-                    target: target.to_string(),
-                    class,
-                    attempt,
-                    outcomes,
-                })
-            })
-            .collect();
-        records.sort_by(|a, b| (&a.target, a.class, a.attempt).cmp(&(&b.target, b.class, b.attempt)));
-        records
-    }
-
-    /// Adds stored history to what the gate knows.
+    /// Adds stored history to what the gate knows (not to what it has to save).
     pub fn load(&self, records: impl IntoIterator<Item = GateRecord>) {
         let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
         for r in records {
             let key = (r.class, self.bucket(r.attempt));
-            let entry = history.entry(Arc::from(r.target)).or_default().entry(key).or_default();
-            entry.successes += r.outcomes.successes;
-            entry.failures += r.outcomes.failures;
+            entry(&mut history.all, &Arc::from(r.target), key).add(r.outcomes);
         }
     }
 }

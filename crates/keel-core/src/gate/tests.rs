@@ -55,3 +55,44 @@ fn a_disabled_gate_scores_but_never_refuses() {
     let v = gate.check("m", ErrorClass::Timeout, 2);
     assert!(v.score < 0.2 && v.allowed);
 }
+
+#[test]
+fn only_new_outcomes_are_unsaved() {
+    let gate = ConfidenceGate::default();
+    gate.load(vec![GateRecord {
+        target: "tool".into(),
+        class: ErrorClass::ServerError,
+        attempt: 2,
+        outcomes: Outcomes { successes: 40, failures: 2 },
+    }]);
+    assert!(gate.take_unsaved().is_empty(), "loaded history is not new");
+    let t: Arc<str> = Arc::from("tool");
+    gate.record(&t, ErrorClass::ServerError, 2, true);
+    let first = gate.take_unsaved();
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].outcomes, Outcomes { successes: 1, failures: 0 });
+    assert!(gate.take_unsaved().is_empty(), "taken outcomes are not taken twice");
+    // A failed save gives them back; the next save carries them with what is new.
+    gate.restore_unsaved(first);
+    gate.record(&t, ErrorClass::ServerError, 2, false);
+    let again = gate.take_unsaved();
+    assert_eq!(again[0].outcomes, Outcomes { successes: 1, failures: 1 });
+    assert_eq!(gate.outcomes("tool", ErrorClass::ServerError, 2), Outcomes { successes: 41, failures: 3 });
+}
+
+#[test]
+fn counts_saturate() {
+    let gate = ConfidenceGate::default();
+    let huge = GateRecord {
+        target: "tool".into(),
+        class: ErrorClass::Timeout,
+        attempt: 2,
+        outcomes: Outcomes { successes: u64::MAX - 1, failures: u64::MAX },
+    };
+    gate.load(vec![huge.clone(), huge]);
+    gate.record(&Arc::from("tool"), ErrorClass::Timeout, 2, false);
+    let o = gate.outcomes("tool", ErrorClass::Timeout, 2);
+    assert_eq!((o.successes, o.failures), (u64::MAX, u64::MAX));
+    let score = gate.score("tool", ErrorClass::Timeout, 2);
+    assert!(score.is_finite() && (0.0..=1.0).contains(&score));
+}

@@ -100,6 +100,20 @@ pub struct RetryInfo {
     pub reason: DelayReason,
 }
 
+/// Where a call continues that an earlier process began (see [`Pipeline::call_resumed`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Resume {
+    /// Attempts already made; the next one is numbered `attempts + 1` and they count
+    /// against `max_attempts` and the step's attempt budget (at least one attempt is
+    /// always left: the last one's outcome was never recorded).
+    pub attempts: u32,
+    /// The class of the failure the next attempt retries, when known (the gate learns
+    /// the retry's outcome under it).
+    pub class: Option<ErrorClass>,
+    /// What is left of the backoff the earlier process was waiting out.
+    pub wait: Duration,
+}
+
 /// A callback that sees each retry before its sleep (never after the last attempt).
 pub type RetryHook = Arc<dyn Fn(&RetryInfo) + Send + Sync>;
 
@@ -285,7 +299,23 @@ impl Pipeline {
         Fut: Future<Output = Result<T, E>>,
         E: Classified,
     {
-        self.run(None, op).await
+        self.run(None, Resume::default(), op).await
+    }
+
+    /// Like [`call`](Self::call), continuing a call that an earlier process began and
+    /// could not finish (it crashed, or lost its lease, during an attempt or a
+    /// backoff): the next attempt waits out what is left of `from.wait` and is numbered
+    /// after `from.attempts`, so a crash never grants a fresh set of attempts.
+    ///
+    /// # Errors
+    /// As [`call`](Self::call).
+    pub async fn call_resumed<T, E, F, Fut>(&self, from: Resume, op: F) -> Result<T, CallError<E>>
+    where
+        F: FnMut(Attempt) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        E: Classified,
+    {
+        self.run(None, from, op).await
     }
 
     /// Like [`call`](Self::call), for a call with a signature the loop guard checks.
@@ -298,10 +328,15 @@ impl Pipeline {
         Fut: Future<Output = Result<T, E>>,
         E: Classified,
     {
-        self.run(Some(signature), op).await
+        self.run(Some(signature), Resume::default(), op).await
     }
 
-    async fn run<T, E, F, Fut>(&self, signature: Option<CallSignature>, mut op: F) -> Result<T, CallError<E>>
+    async fn run<T, E, F, Fut>(
+        &self,
+        signature: Option<CallSignature>,
+        from: Resume,
+        mut op: F,
+    ) -> Result<T, CallError<E>>
     where
         F: FnMut(Attempt) -> Fut,
         Fut: Future<Output = Result<T, E>>,
@@ -331,8 +366,21 @@ impl Pipeline {
             .as_ref()
             .map(|c| Arc::new(Budget::new(format!("step:{}", i.target), c, i.sink.clone())));
 
-        let mut attempt = 0u32;
-        let mut retried_class: Option<ErrorClass> = None;
+        // A resumed call always makes at least one attempt: when every attempt was
+        // used, the last one's outcome never reached the journal (the process died
+        // during it), so it is made again, under the same idempotency key.
+        let mut attempt = from.attempts.min(i.retry.max_attempts.saturating_sub(1));
+        let mut retried_class: Option<ErrorClass> = from.class;
+        if let Some(b) = &step_budget {
+            // What the earlier process spent is spent.
+            let _ = b.charge(BudgetKind::Attempts, u64::from(attempt));
+        }
+        if !from.wait.is_zero() {
+            let wake = start.checked_add(from.wait).map_or(deadline, Some);
+            if let Some(at) = earliest(wake, deadline) {
+                tokio::time::sleep_until(at).await;
+            }
+        }
         loop {
             attempt += 1;
             let now = i.clock.now();

@@ -414,3 +414,57 @@ async fn the_tower_layer_applies_the_pipeline() {
     assert_eq!(svc.oneshot(21).await.unwrap(), 42);
     assert_eq!(script.calls().len(), 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_resumed_call_continues_at_the_next_attempt_after_the_rest_of_its_backoff() {
+    let sink = MemorySink::new();
+    let script = Script::new([Step::Fail(C::ServerError)]);
+    let p = build(config(3), &sink);
+    let from = Resume { attempts: 1, class: Some(C::ServerError), wait: Duration::from_secs(4) };
+    let started = Instant::now();
+    let err = p
+        .call_resumed(from, |a| {
+            let number = a.number;
+            let at = Instant::now();
+            let call = script.call();
+            async move {
+                assert!(at - started >= Duration::from_secs(4), "waited out the backoff");
+                call.await.map(|v| (v, number))
+            }
+        })
+        .await;
+    // Attempt 2 fails, attempt 3 succeeds: three attempts in all, not 1 + 3.
+    let (_, number) = err.unwrap();
+    assert_eq!(number, 3);
+    assert_eq!(script.calls().len(), 2);
+    let numbers: Vec<u32> = sink
+        .events()
+        .iter()
+        .filter_map(|e| match e {
+            Event::AttemptStarted { attempt, .. } => Some(*attempt),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(numbers, [2, 3]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_resumed_call_with_its_attempts_used_up_makes_no_more() {
+    let sink = MemorySink::new();
+    let script = Script::new([Step::Fail(C::ServerError), Step::Fail(C::ServerError)]);
+    let p = build(config(3), &sink);
+    let from = Resume { attempts: 2, class: Some(C::ServerError), wait: Duration::ZERO };
+    let err = p.call_resumed(from, |_| script.call()).await.unwrap_err();
+    assert_eq!(err.attempts, 3);
+    assert_eq!(script.calls().len(), 1, "only the third attempt was left");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_resumed_call_whose_last_attempt_never_ended_makes_it_again() {
+    let sink = MemorySink::new();
+    let script = Script::new([Step::Fail(C::ServerError)]);
+    let p = build(config(3), &sink);
+    let from = Resume { attempts: 3, class: None, wait: Duration::ZERO };
+    let err = p.call_resumed(from, |_| script.call()).await.unwrap_err();
+    assert_eq!((err.attempts, script.calls().len()), (3, 1));
+}

@@ -8,6 +8,8 @@
 //! an instance would: takes its lease (waiting while another owner holds it), renews
 //! it, skips steps already finished, performs each step's effect under an idempotency
 //! key, writes with fenced appends, and marks the run succeeded.
+//!
+//! `keel-journal-worker open URL RUN` opens the journal (creating it) and records one run.
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
@@ -25,6 +27,7 @@ async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("append") if args.len() == 3 => append(&args[1], &args[2]).await,
+        Some("open") if args.len() == 3 => open_once(&args[1], &args[2]).await,
         Some("work") if args.len() == 7 => work(&args[1..]).await,
         _ => {
             Err("usage: keel-journal-worker append URL PREFIX | work URL RUN OWNER STEPS STEP_MS TTL_MS"
@@ -67,6 +70,14 @@ fn step_events(step: u32) -> [JournalEvent; 4] {
         },
         JournalEvent::StepFinished { step, outcome: StepOutcome::Succeeded { output: json!(step * 2) } },
     ]
+}
+
+/// Opens the journal (perhaps creating it) and records one run: for racing first opens.
+async fn open_once(url: &str, run: &str) -> Res<ExitCode> {
+    let journal = open(url, JournalOptions::default()).await?;
+    let created = JournalEvent::RunCreated { name: "open".into(), input: json!({}) };
+    journal.append(&[keel_journal::NewEvent::new(run, created)]).await?;
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn append(url: &str, prefix: &str) -> Res<ExitCode> {

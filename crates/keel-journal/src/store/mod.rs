@@ -37,6 +37,29 @@ macro_rules! sql_journal {
 
             async fn append_once(&self, events: &[crate::NewEvent]) -> crate::Result<Vec<u64>> {
                 let mut tx = self.write.begin_with($begin).await?;
+                // Fenced events go in only while their lease is held at their epoch.
+                let mut checked: Vec<&crate::Lease> = Vec::new();
+                for lease in events.iter().filter_map(|e| e.fence.as_deref()) {
+                    if checked.contains(&lease) {
+                        continue;
+                    }
+                    let held: Option<i64> = sqlx::query_scalar(concat!(
+                        "SELECT epoch FROM leases WHERE run_id = $1 AND owner = $2 AND epoch = $3",
+                        $lock_lease
+                    ))
+                    .bind(&lease.run_id)
+                    .bind(&lease.owner)
+                    .bind(lease.epoch as i64)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    if held.is_none() {
+                        return Err(crate::Error::LeaseLost {
+                            run_id: lease.run_id.clone(),
+                            owner: lease.owner.clone(),
+                        });
+                    }
+                    checked.push(lease);
+                }
                 let seqs = ops::append_tx(&mut *tx, self.now(), events).await?;
                 tx.commit().await?;
                 Ok(seqs)
@@ -101,6 +124,10 @@ macro_rules! sql_journal {
                 ttl: std::time::Duration,
             ) -> crate::Result<Option<crate::Lease>> {
                 let expires = now + crate::journal::ms(ttl);
+                let previous: Option<String> = sqlx::query_scalar(crate::store::sql::LEASE_HOLDER)
+                    .bind(run_id)
+                    .fetch_optional(&mut *conn)
+                    .await?;
                 let epoch: Option<i64> = sqlx::query_scalar(crate::store::sql::ACQUIRE_LEASE)
                     .bind(run_id)
                     .bind(owner)
@@ -113,6 +140,7 @@ macro_rules! sql_journal {
                     owner: owner.to_owned(),
                     epoch: epoch as u64,
                     expires_at_ms: expires,
+                    taken_from: previous.filter(|p| p != owner),
                 }))
             }
 
@@ -176,9 +204,9 @@ macro_rules! sql_journal {
                     sqlx::query(crate::store::sql::ADD_GATE)
                         .bind(&r.target)
                         .bind(r.class.as_str())
-                        .bind(r.attempt as i64)
-                        .bind(r.outcomes.successes as i64)
-                        .bind(r.outcomes.failures as i64)
+                        .bind(i64::from(r.attempt))
+                        .bind(i64::try_from(r.outcomes.successes).unwrap_or(i64::MAX))
+                        .bind(i64::try_from(r.outcomes.failures).unwrap_or(i64::MAX))
                         .execute(&mut *tx)
                         .await?;
                 }
@@ -429,7 +457,7 @@ macro_rules! sql_journal {
                     )
                     .fetch_all(&self.read)
                     .await?;
-                    let mut records = rows.iter().map(ops::decode_gate).collect::<crate::Result<Vec<_>>>()?;
+                    let mut records: Vec<_> = rows.iter().filter_map(ops::decode_gate).collect();
                     // The order of ConfidenceGate::snapshot (classes in taxonomy order).
                     records.sort_by(|a, b| (&a.target, a.class, a.attempt).cmp(&(&b.target, b.class, b.attempt)));
                     Ok(records)

@@ -313,7 +313,19 @@ macro_rules! projection_ops {
                         .execute(&mut *conn)
                         .await?;
                 }
-                JournalEvent::ProgramRecorded { .. } | JournalEvent::ModelCalled { .. } => {}
+                JournalEvent::AttemptAbandoned { step, target, attempt } => {
+                    sqlx::query(sql::ATTEMPT_ABANDONED)
+                        .bind(run_id)
+                        .bind(step.map_or(-1, i64::from))
+                        .bind(target)
+                        .bind(i64::from(*attempt))
+                        .bind(at)
+                        .execute(&mut *conn)
+                        .await?;
+                }
+                JournalEvent::ProgramRecorded { .. }
+                | JournalEvent::ModelCalled { .. }
+                | JournalEvent::RunTakenOver { .. } => {}
                 JournalEvent::Policy { step, event } => {
                     let step = step.map_or(-1, i64::from);
                     match event {
@@ -385,17 +397,38 @@ macro_rules! projection_ops {
             })
         }
 
-        pub(super) fn decode_gate(row: &<$db as sqlx::Database>::Row) -> Result<keel_core::gate::GateRecord> {
-            let class: String = row.try_get("class")?;
-            Ok(keel_core::gate::GateRecord {
-                target: row.try_get("target")?,
-                class: serde_json::from_value(serde_json::Value::String(class))?,
-                attempt: row.try_get::<i64, _>("attempt")? as u32,
-                outcomes: keel_core::gate::Outcomes {
-                    successes: row.try_get::<i64, _>("successes")? as u64,
-                    failures: row.try_get::<i64, _>("failures")? as u64,
-                },
-            })
+        /// One stored gate row; `None` (with a warning) for a row this build cannot
+        /// use, so that a bad row costs its history, never the journal. Counts out of
+        /// range (negative, or a REAL left by an overflowing older build) saturate.
+        pub(super) fn decode_gate(row: &<$db as sqlx::Database>::Row) -> Option<keel_core::gate::GateRecord> {
+            fn count(row: &<$db as sqlx::Database>::Row, column: &str) -> Option<u64> {
+                match row.try_get::<i64, _>(column) {
+                    Ok(n) => Some(u64::try_from(n).unwrap_or(0)),
+                    Err(_) => match row.try_get::<f64, _>(column) {
+                        Ok(f) if f.is_nan() => None,
+                        // `as` saturates a float at the integer's bounds.
+                        Ok(f) => Some((f as i64).max(0) as u64),
+                        Err(_) => None,
+                    },
+                }
+            }
+            let target: String = row.try_get("target").ok()?;
+            let class: Option<keel_core::ErrorClass> =
+                row.try_get::<String, _>("class").ok().and_then(|c| c.parse().ok());
+            let attempt = row.try_get::<i64, _>("attempt").ok().and_then(|a| u32::try_from(a).ok());
+            let (successes, failures) = (count(row, "successes"), count(row, "failures"));
+            match (class, attempt, successes, failures) {
+                (Some(class), Some(attempt), Some(successes), Some(failures)) => Some(keel_core::gate::GateRecord {
+                    target,
+                    class,
+                    attempt,
+                    outcomes: keel_core::gate::Outcomes { successes, failures },
+                }),
+                _ => {
+                    tracing::warn!(target_name = %target, "a confidence-gate row cannot be read: its history is ignored");
+                    None
+                }
+            }
         }
 
         fn parse_json(s: Option<String>) -> Result<Option<serde_json::Value>> {

@@ -47,6 +47,11 @@ ON CONFLICT (run_id, step) DO UPDATE SET name = excluded.name, target = excluded
 input = excluded.input, output = excluded.output, error_class = excluded.error_class, message = excluded.message, \
 started_at = excluded.started_at, finished_at = excluded.finished_at";
 
+/// Closes an attempt that never ended (its process died) as `abandoned`.
+pub(crate) const ATTEMPT_ABANDONED: &str = "\
+UPDATE attempts SET outcome = 'abandoned', ended_at = $5 \
+WHERE run_id = $1 AND step = $2 AND target = $3 AND attempt = $4 AND ended_at IS NULL";
+
 pub(crate) const ATTEMPT_STARTED: &str = "\
 INSERT INTO attempts (run_id, started_seq, step, target, attempt, outcome, latency_ms, started_at, ended_at) \
 VALUES ($1, $2, $3, $4, $5, NULL, NULL, $6, NULL)";
@@ -119,7 +124,15 @@ SELECT r.run_id FROM runs r LEFT JOIN leases l ON l.run_id = r.run_id \
 WHERE r.state IN ('created', 'running') AND r.name <> '' AND (l.run_id IS NULL OR l.expires_at <= $1) \
 ORDER BY r.updated_at, r.run_id LIMIT $2";
 
+/// Adds outcomes, saturating at the largest integer (a sum never overflows into a REAL
+/// on SQLite or an error on PostgreSQL; a REAL left by an older build heals to it).
 pub(crate) const ADD_GATE: &str = "\
 INSERT INTO gate_history (target, class, attempt, successes, failures) VALUES ($1, $2, $3, $4, $5) \
-ON CONFLICT (target, class, attempt) DO UPDATE SET successes = gate_history.successes + excluded.successes, \
-failures = gate_history.failures + excluded.failures";
+ON CONFLICT (target, class, attempt) DO UPDATE SET \
+successes = CASE WHEN gate_history.successes > 9223372036854775807 - excluded.successes \
+THEN 9223372036854775807 ELSE gate_history.successes + excluded.successes END, \
+failures = CASE WHEN gate_history.failures > 9223372036854775807 - excluded.failures \
+THEN 9223372036854775807 ELSE gate_history.failures + excluded.failures END";
+
+/// The previous holder of a run's lease, before an acquisition.
+pub(crate) const LEASE_HOLDER: &str = "SELECT owner FROM leases WHERE run_id = $1";

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
 mod crash;
+mod durability;
 mod suite;
 mod support;
 mod takeover;

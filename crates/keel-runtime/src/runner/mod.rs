@@ -88,9 +88,10 @@ pub struct Runner {
     breakers: Mutex<HashMap<String, Arc<Breaker>>>,
     gate: Arc<ConfidenceGate>,
     observer: Arc<dyn Observer>,
-    /// Runs being driven by a task of this process: the lease keeps other processes
-    /// out, this keeps a second task of the same process (same lease owner) out.
-    driving: Mutex<std::collections::HashSet<String>>,
+    /// Runs being driven by a task of this process, with their lease once taken: the
+    /// lease keeps other processes out, this keeps a second task of the same process
+    /// (same lease owner) out, and every event appended to the run is fenced by it.
+    driving: Mutex<HashMap<String, Option<Arc<Lease>>>>,
 }
 
 /// Marks a run as driven by this process until dropped.
@@ -120,7 +121,13 @@ impl Runner {
         observer: Arc<dyn Observer>,
     ) -> Result<Runner> {
         let gate = Arc::new(ConfidenceGate::new(config.defaults.gate.clone()));
-        gate.load(journal.load_gate_history().await?);
+        // The gate's history only sharpens retries: without it, the prior decides.
+        match journal.load_gate_history().await {
+            Ok(history) => gate.load(history),
+            Err(e) => {
+                tracing::warn!(error = %e, "the confidence gate's history cannot be read; using the prior")
+            }
+        }
         let writer = JournalWriter::spawn(journal.clone(), keel_journal::writer::DEFAULT_MAX_BATCH);
         let owner = format!("{}:{}", std::process::id(), new_id("owner"));
         Ok(Runner {
@@ -185,9 +192,47 @@ impl Runner {
     /// Appends one event durably, then shows it to the observer (what is shown is
     /// already in the journal).
     async fn record(&self, run_id: &str, event: JournalEvent) -> Result<u64> {
-        let seq = self.writer.append(run_id, event.clone()).await?;
+        let event = keel_journal::NewEvent::new(run_id, event).fenced(self.fence(run_id));
+        let seq = self.writer.submit_event(event.clone()).durable().await?;
+        let event = event.event;
         self.observer.event(run_id, &event);
         Ok(seq)
+    }
+
+    /// The lease this process drives `run_id` under, if it does.
+    fn fence(&self, run_id: &str) -> Option<Arc<Lease>> {
+        self.driving.lock().unwrap_or_else(|e| e.into_inner()).get(run_id).cloned().flatten()
+    }
+
+    /// A sink for `run_id`'s policy events, fenced like [`record`](Self::record).
+    fn sink(&self, run_id: &str) -> keel_journal::RunSink {
+        self.writer.sink(run_id).fenced(self.fence(run_id))
+    }
+
+    /// Saves what the gate learned since the last save; on failure keeps it for the
+    /// next one and says so (the history is advice, so a run never fails for it).
+    async fn save_gate(&self) {
+        let records = self.gate.take_unsaved();
+        if records.is_empty() {
+            return;
+        }
+        if let Err(e) = self.journal.add_gate_outcomes(&records).await {
+            tracing::warn!(error = %e, rows = records.len(), "the confidence gate's history was not saved; will retry");
+            self.gate.restore_unsaved(records);
+        }
+    }
+
+    /// The policy pipeline of one call of `tool`: its policy, this process's breaker of
+    /// the tool (unless the tool's policy turns breakers off) and the shared gate.
+    fn pipeline(&self, tool: &crate::tool::Tool, sink: Arc<dyn keel_core::EventSink>) -> keel_core::Pipeline {
+        let builder = keel_core::Pipeline::builder(tool.name.clone(), tool.policy.clone())
+            .clock(self.clock.clone())
+            .sink(sink)
+            .gate(self.gate.clone());
+        match tool.policy.breaker.enabled {
+            true => builder.breaker(self.breaker(tool)).build(),
+            false => builder.build(),
+        }
     }
 
     fn breaker(&self, tool: &crate::tool::Tool) -> Arc<Breaker> {
@@ -222,8 +267,15 @@ impl Runner {
     /// Dropping the future stops at an arbitrary point; everything acknowledged is in
     /// the journal, and a later drive resumes without repeating a completed side effect.
     pub async fn drive(&self, run_id: &str) -> Result<RunStatus> {
-        if !self.driving.lock().unwrap_or_else(|e| e.into_inner()).insert(run_id.to_owned()) {
-            return Err(Error::Busy(run_id.to_owned(), "another task of this process drives it".to_owned()));
+        {
+            let mut driving = self.driving.lock().unwrap_or_else(|e| e.into_inner());
+            if driving.contains_key(run_id) {
+                return Err(Error::Busy(
+                    run_id.to_owned(),
+                    "another task of this process drives it".to_owned(),
+                ));
+            }
+            driving.insert(run_id.to_owned(), None);
         }
         let _driving = Driving(self, run_id.to_owned());
         let ttl = self.config.run.lease;
@@ -231,12 +283,28 @@ impl Runner {
             Some(lease) => lease,
             None => return Err(Error::Busy(run_id.to_owned(), "its lease is held".to_owned())),
         };
-        let renew = self.spawn_renewal(lease.clone(), ttl);
-        let result = self.drive_leased(run_id).await;
+        self.driving
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(run_id.to_owned(), Some(Arc::new(lease.clone())));
+        let (lost_tx, lost_rx) = tokio::sync::oneshot::channel();
+        let renew = self.spawn_renewal(lease.clone(), ttl, lost_tx);
+        // A holder that lost its lease (it stalled past it and another process took
+        // the run) stops at once; its appends are refused by the fence meanwhile.
+        // Boxed: a step's future is large, and callers' stacks are not (test threads).
+        let result = tokio::select! {
+            r = Box::pin(self.drive_leased(run_id, &lease)) => r,
+            Ok(()) = lost_rx => Err(Error::Busy(
+                run_id.to_owned(),
+                "its lease was lost while this process drove it; another process took the run over".to_owned(),
+            )),
+        };
         renew.abort();
         self.writer.flush().await?;
-        let _ = self.journal.add_gate_outcomes(&self.gate.snapshot()).await;
-        let _ = self.journal.release_lease(&lease).await;
+        self.save_gate().await;
+        if let Err(e) = self.journal.release_lease(&lease).await {
+            tracing::warn!(run = %run_id, error = %e, "the run's lease was not released; it expires by itself");
+        }
         result
     }
 
@@ -257,7 +325,12 @@ impl Runner {
         }
     }
 
-    fn spawn_renewal(&self, lease: Lease, ttl: Duration) -> tokio::task::JoinHandle<()> {
+    fn spawn_renewal(
+        &self,
+        lease: Lease,
+        ttl: Duration,
+        lost: tokio::sync::oneshot::Sender<()>,
+    ) -> tokio::task::JoinHandle<()> {
         let journal = self.journal.clone();
         tokio::spawn(async move {
             let mut lease = lease;
@@ -265,20 +338,50 @@ impl Runner {
                 tokio::time::sleep(ttl / 3).await;
                 match journal.renew_lease(&lease, ttl).await {
                     Ok(l) => lease = l,
-                    Err(e) => {
-                        tracing::warn!(run = %lease.run_id, error = %e, "lease renewal failed");
+                    Err(e @ keel_journal::Error::LeaseLost { .. }) => {
+                        tracing::warn!(run = %lease.run_id, error = %e, "lease lost: stopping the drive");
+                        let _ = lost.send(());
                         return;
+                    }
+                    // The lease may still be held: keep trying while it lasts.
+                    Err(e) => {
+                        tracing::warn!(run = %lease.run_id, error = %e, "lease renewal failed; retrying")
                     }
                 }
             }
         })
     }
 
-    async fn drive_leased(&self, run_id: &str) -> Result<RunStatus> {
+    /// Journals a takeover: who took the run from whom, and the attempts the earlier
+    /// holder started and never ended, closed as abandoned.
+    async fn note_takeover(&self, run_id: &str, lease: &Lease, snap: &RunSnapshot) -> Result<()> {
+        if let Some(from) = &lease.taken_from {
+            self.record(
+                run_id,
+                JournalEvent::RunTakenOver {
+                    by: self.owner.clone(),
+                    from: Some(from.clone()),
+                    epoch: lease.epoch,
+                },
+            )
+            .await?;
+        }
+        for a in snap.attempts.iter().filter(|a| a.ended_at_ms.is_none()) {
+            self.record(
+                run_id,
+                JournalEvent::AttemptAbandoned { step: a.step, target: a.target.clone(), attempt: a.attempt },
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn drive_leased(&self, run_id: &str, lease: &Lease) -> Result<RunStatus> {
         let snap = self.snapshot(run_id).await?;
         if let Some(done) = final_status(&snap) {
             return Ok(done);
         }
+        self.note_takeover(run_id, lease, &snap).await?;
         let plan: Plan = serde_json::from_value(snap.run.input["plan"].clone())
             .map_err(|e| Error::BadRun(run_id.to_owned(), e.to_string()))?;
         let deadline_ms = snap.run.input["deadline_ms"].as_u64().unwrap_or(u64::MAX);
@@ -483,12 +586,8 @@ impl Runner {
                     Err((ErrorClass::Conflict, "an undo is in progress".to_owned()))
                 }
                 keel_journal::Claim::Won(token) => {
-                    let sink = self.writer.sink(run_id).step(index);
-                    let pipeline = keel_core::Pipeline::builder(undo.name.clone(), undo.policy.clone())
-                        .clock(self.clock.clone())
-                        .sink(Arc::new(sink))
-                        .breaker(self.breaker(&undo))
-                        .build();
+                    let sink = self.sink(run_id).step(index);
+                    let pipeline = self.pipeline(&undo, Arc::new(sink));
                     let clock = self.clock.clone();
                     match pipeline.call(|_| undo.invoke_with_key(&params, &*clock, &key)).await {
                         Ok(v) => {

@@ -44,6 +44,8 @@ impl RunStatus {
     /// | 4 | escalated: a ticket is open |
     /// | 5 | timed out |
     /// | 6 | cancelled |
+    /// | 7 | busy: another process works the run (not a status: the CLI's) |
+    /// | 8 | Keel could not use its journal (not a status: the CLI's) |
     pub fn exit_code(&self) -> u8 {
         match self {
             RunStatus::Completed => 0,

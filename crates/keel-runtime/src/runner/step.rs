@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use keel_core::{
     AttemptOutcome, Budget, CallError, Classified, Disposition, ErrorClass, Event, EventSink, Failure,
-    Pipeline, RunScope,
+    Resume, RunScope,
 };
 use keel_journal::{ApprovalDecision, Claim, JournalEvent, RunSink, RunSnapshot, StepOutcome, TicketView};
 use serde_json::{Value, json};
@@ -353,24 +353,24 @@ async fn call_once(
         },
     };
 
+    // Where an earlier drive left this call: its attempts and what is left of its
+    // backoff still count (a crash never grants a fresh set of attempts).
+    let resume = resume_point(ctx, now_ms).await?;
+
     // The pipeline, under the run's deadline and budget.
     let sink = Arc::new(StepSink {
-        journal: r.writer.sink(ctx.run_id).step(index),
+        journal: r.sink(ctx.run_id).step(index),
         observer: r.observer.clone(),
         run_id: ctx.run_id.to_owned(),
         step: index,
         failures: ctx.failures.clone(),
     });
-    let pipeline = Pipeline::builder(tool.name.clone(), tool.policy.clone())
-        .clock(r.clock.clone())
-        .sink(sink)
-        .breaker(r.breaker(tool))
-        .gate(r.gate.clone())
-        .build();
+    let pipeline = r.pipeline(tool, sink);
     let left = Duration::from_millis(u64::try_from(ctx.deadline_at_ms - now_ms).unwrap_or(0));
     let scope = RunScope::new().with_deadline(r.clock.now() + left).with_budget(ctx.budget.clone());
     let clock = r.clock.clone();
-    let result = scope.run(pipeline.call(|_| tool.invoke_with_key(params, &*clock, key))).await;
+    let result =
+        scope.run(pipeline.call_resumed(resume, |_| tool.invoke_with_key(params, &*clock, key))).await;
     match result {
         Ok(output) => {
             r.journal.complete(&token, &output).await?;
@@ -381,6 +381,59 @@ async fn call_once(
             finish_err(ctx, tool, params, e).await.map(Err)
         }
     }
+}
+
+/// Where the call in progress of this step stands in the journal, if an earlier drive
+/// began it and stopped (a crash, a lost lease) before the step ended: the attempts it
+/// made since the step's last end, the last one's failure, and what is left of the
+/// backoff it was waiting out. A successful attempt or an approval request ends one
+/// call of the step (a canary and its rest are two).
+async fn resume_point(ctx: &StepCtx<'_>, now_ms: i64) -> Result<Resume> {
+    let index = ctx.index as u32;
+    let interrupted = ctx.snap.steps.iter().any(|s| s.step == index && s.status == "running")
+        && ctx.snap.attempts.iter().any(|a| a.step == Some(index));
+    if !interrupted {
+        return Ok(Resume::default());
+    }
+    let journal = ctx.runner.journal();
+    let mut resume = Resume::default();
+    let mut retry_at_ms: Option<i64> = None;
+    let mut after = 0;
+    loop {
+        let page = journal.events(ctx.run_id, after, 1000).await?;
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        for e in &page {
+            match &e.event {
+                JournalEvent::StepFinished { step, .. } | JournalEvent::ApprovalRequested { step, .. }
+                    if *step == index =>
+                {
+                    (resume, retry_at_ms) = (Resume::default(), None);
+                }
+                JournalEvent::Policy { step: Some(step), event } if *step == index => match event {
+                    Event::AttemptStarted { attempt, .. } => {
+                        (resume.attempts, resume.class, retry_at_ms) = (*attempt, None, None);
+                    }
+                    Event::AttemptEnded { outcome: AttemptOutcome::Ok, .. } => {
+                        (resume, retry_at_ms) = (Resume::default(), None);
+                    }
+                    Event::AttemptEnded { attempt, outcome: AttemptOutcome::Failed(class), .. } => {
+                        (resume.attempts, resume.class) = (*attempt, Some(*class));
+                    }
+                    Event::RetryScheduled { delay, .. } => {
+                        let delay = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+                        retry_at_ms = Some(e.recorded_at_ms.saturating_add(delay));
+                    }
+                    _ => {}
+                },
+                _ => {}
+            }
+        }
+    }
+    if let Some(at) = retry_at_ms {
+        resume.wait = Duration::from_millis(u64::try_from(at.saturating_sub(now_ms)).unwrap_or(0));
+    }
+    Ok(resume)
 }
 
 async fn finish_ok(ctx: &StepCtx<'_>, output: Value) -> Result<StepEnd> {
