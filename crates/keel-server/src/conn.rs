@@ -182,6 +182,10 @@ impl Registry {
     fn admit(&self, max: usize, now: Instant) -> Option<(u64, Arc<Conn>)> {
         let mut conns = self.lock();
         if conns.len() >= max {
+            // Connections closed by their timeout whose task has not yet left.
+            conns.retain(|_, c| c.in_flight.load(Ordering::Acquire) != EVICTED);
+        }
+        if conns.len() >= max {
             // The connection idle the longest (a half-sent request counts as idle:
             // it has not asked for anything yet) goes.
             let mut idle: Vec<(Instant, u64)> = conns
