@@ -384,7 +384,9 @@ async fn the_bearer_scheme_is_case_insensitive_and_guessing_keys_is_rate_limited
     }
     // (The `Basic` request above was the first of the burst of 5.)
     assert!(statuses[..4].iter().all(|&c| c == 401), "{statuses:?}");
-    assert!(statuses[4..].iter().all(|&c| c == 429), "{statuses:?}");
+    // Then 429s (one cell a second comes back: a slow machine may see one more 401).
+    assert!(statuses[4..].iter().filter(|&&c| c == 429).count() >= 7, "{statuses:?}");
+    assert!(statuses[4..].iter().all(|&c| c == 429 || c == 401), "{statuses:?}");
     let (status, e) = s.get(None, "/api/runs").await;
     assert_eq!((status, e["class"].as_str()), (429, Some("rate_limited")), "no key at all counts too: {e}");
     // A valid key is not held back by the guesses.
