@@ -219,38 +219,56 @@ pub async fn resume(
 }
 
 /// `/v1`'s check of `X-Keel-Run`: the run must be one Keel issued to the calling key
-/// (started by it through `POST /api/runs`; an admin may name any run). Verified
-/// pairs are remembered, so that a run's calls cost one journal read.
+/// (started by it through `POST /api/runs`; an admin may name any run), and not have
+/// ended (a cancelled run's agent is stopped). A verified pair is trusted for
+/// [`IssuedRuns::RECHECK`], so that a run's calls cost a journal read now and then.
 #[derive(Debug)]
 pub struct IssuedRuns {
     journal: std::sync::Arc<dyn keel_journal::Journal>,
-    verified: std::sync::Mutex<std::collections::HashSet<(String, String)>>,
+    verified: std::sync::Mutex<std::collections::HashMap<(String, String), tokio::time::Instant>>,
+}
+
+/// What [`IssuedRuns`] says of a named run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Verdict {
+    Issued,
+    NotIssued,
+    Ended(keel_journal::RunState),
 }
 
 impl IssuedRuns {
+    /// How long a verified (key, run) pair is trusted before the run is read again.
+    pub const RECHECK: std::time::Duration = std::time::Duration::from_secs(2);
+
     /// Over `journal`.
     pub fn new(journal: std::sync::Arc<dyn keel_journal::Journal>) -> Self {
         Self { journal, verified: std::sync::Mutex::default() }
     }
 
-    async fn issued(&self, caller: &Caller, run_id: &str) -> Result<bool, keel_journal::Error> {
+    async fn verdict(&self, caller: &Caller, run_id: &str) -> Result<Verdict, keel_journal::Error> {
         let pair = (caller.name.clone(), run_id.to_owned());
-        if self.verified.lock().unwrap_or_else(|e| e.into_inner()).contains(&pair) {
-            return Ok(true);
+        let now = tokio::time::Instant::now();
+        let fresh = |at: &tokio::time::Instant| now.saturating_duration_since(*at) < Self::RECHECK;
+        if self.verified.lock().unwrap_or_else(|e| e.into_inner()).get(&pair).is_some_and(fresh) {
+            return Ok(Verdict::Issued);
         }
-        if not_a_run(run_id).is_some() {
-            return Ok(false);
+        if is_internal(run_id) {
+            return Ok(Verdict::NotIssued);
         }
-        let Some(snap) = self.journal.snapshot(run_id).await? else { return Ok(false) };
-        let ok = caller.role == Role::Admin || owner(&snap.run) == Some(caller.name.as_str());
-        if ok {
-            let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
-            if verified.len() >= 100_000 {
-                verified.clear();
-            }
-            verified.insert(pair);
+        let Some(snap) = self.journal.snapshot(run_id).await? else { return Ok(Verdict::NotIssued) };
+        if caller.role != Role::Admin && owner(&snap.run) != Some(caller.name.as_str()) {
+            return Ok(Verdict::NotIssued);
         }
-        Ok(ok)
+        let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        if snap.run.state.is_terminal() {
+            verified.remove(&pair);
+            return Ok(Verdict::Ended(snap.run.state));
+        }
+        if verified.len() >= 100_000 {
+            verified.retain(|_, at| fresh(at));
+        }
+        verified.insert(pair, now);
+        Ok(Verdict::Issued)
     }
 }
 
@@ -268,16 +286,20 @@ pub async fn require_issued_run(
         crate::auth::openai_error(StatusCode::BAD_REQUEST, "invalid_request_error", &message)
     };
     let Ok(run_id) = named else { return refuse("X-Keel-Run is not a valid run id".to_owned()) };
-    match runs.issued(&caller, &run_id).await {
-        Ok(true) => next.run(req).await,
-        Ok(false) => {
-            let shown: String = run_id.chars().filter(char::is_ascii_graphic).take(80).collect();
+    let shown: String = run_id.chars().filter(char::is_ascii_graphic).take(80).collect();
+    match runs.verdict(&caller, &run_id).await {
+        Ok(Verdict::Issued) => next.run(req).await,
+        Ok(Verdict::NotIssued) => {
             tracing::warn!(key = %caller.name, run = %shown, "model call refused: the run was not issued to the key");
             refuse(format!(
                 "X-Keel-Run `{shown}` is not a run Keel issued to key `{}`: start one with POST /api/runs \
                  (with no plan for an agent's own run) and send its run_id",
                 caller.name
             ))
+        }
+        Ok(Verdict::Ended(state)) => {
+            tracing::info!(key = %caller.name, run = %shown, state = state.as_str(), "model call refused: the run ended");
+            refuse(format!("run `{shown}` already ended ({}): it takes no more model calls", state.as_str()))
         }
         Err(e) => crate::auth::openai_error(
             StatusCode::SERVICE_UNAVAILABLE,

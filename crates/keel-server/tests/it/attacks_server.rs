@@ -327,6 +327,22 @@ async fn a_run_id_must_be_issued_to_the_key_so_its_budget_cannot_be_dodged() {
     assert_eq!(status, 404);
     let (status, e) = s.post(Some(AGENT), &format!("/api/runs/{run_id}/resume"), None).await;
     assert_eq!((status, e["class"].as_str()), (400, Some("invalid_request")), "{e}");
+
+    // A cancelled run takes no more model calls (within the recheck interval).
+    let (_, fresh_run) = s.post(Some(AGENT), "/api/runs", Some(json!({}))).await;
+    let fresh_run = fresh_run["run_id"].as_str().unwrap().to_owned();
+    assert_eq!(chat(&s, AGENT, Some(&fresh_run)).await.0, 200);
+    assert_eq!(s.post(Some(APPROVER), &format!("/api/runs/{fresh_run}/cancel"), None).await.0, 200);
+    let start = Instant::now();
+    let refused = loop {
+        let (status, e) = chat(&s, AGENT, Some(&fresh_run)).await;
+        if status == 400 {
+            break e;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "a cancelled run still takes calls: {e}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(refused["error"]["message"].as_str().unwrap().contains("already ended (cancelled)"), "{refused}");
 }
 
 // --- Item 10: plain-text 413s, the bearer scheme's case, key guessing ---------------
