@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use keel_core::{Classified, Clock, ErrorClass, TokioClock};
-use keel_journal::{Journal, JournalOptions};
+use keel_journal::Journal;
 use keel_runtime::inbox::{self, Guidance};
 use keel_runtime::runner::{NullObserver, Observer};
 use keel_runtime::{Config, Plan, RunStatus, Runner};
@@ -49,12 +49,9 @@ struct Ctx {
 async fn open(cli: &Cli) -> Result<Ctx> {
     let config = Config::load(&cli.config)?;
     let clock: Arc<dyn Clock> = Arc::new(TokioClock::new());
-    let journal = keel_journal::open(
-        &config.storage_url,
-        JournalOptions { clock: clock.clone(), ..JournalOptions::default() },
-    )
-    .await
-    .context("cannot open the journal")?;
+    let journal = keel_journal::open(&config.storage_url, config.journal_options(clock.clone()))
+        .await
+        .context("cannot open the journal")?;
     Ok(Ctx { config: Arc::new(config), journal, clock, json: cli.json })
 }
 

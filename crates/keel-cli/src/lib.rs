@@ -5,6 +5,10 @@
 //! Exit codes: 0 completed, 1 failed, 2 bad input (config, plan, arguments — nothing
 //! was touched), 3 waiting for approval, 4 escalated (a ticket is open), 5 timed out,
 //! 6 cancelled, 7 busy (another process works the run).
+//!
+//! With `--json`, an error is also one JSON object on stdout: `{"ok": false, "class",
+//! "message", "exit_code"}`, and for a bad config `"errors": [{"file", "line", "key",
+//! "message"}]`, every problem found.
 
 mod cli;
 mod commands;
@@ -25,13 +29,14 @@ pub fn main() -> ExitCode {
 
 /// Runs a parsed command line to its exit code.
 pub fn run_cli(cli: Cli) -> ExitCode {
+    let json = cli.json;
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
-        Err(e) => return report(&anyhow::Error::new(e)),
+        Err(e) => return report(&anyhow::Error::new(e), json),
     };
     match rt.block_on(commands::run(cli)) {
         Ok(code) => code,
-        Err(e) => report(&e),
+        Err(e) => report(&e, json),
     }
 }
 
@@ -67,7 +72,7 @@ fn storage_failed(e: &anyhow::Error) -> bool {
     })
 }
 
-fn report(e: &anyhow::Error) -> ExitCode {
+fn report(e: &anyhow::Error, json: bool) -> ExitCode {
     // A closed pipe (`keel runs list | head`) is not an error.
     if e.chain().any(|c| {
         c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
@@ -80,12 +85,35 @@ fn report(e: &anyhow::Error) -> ExitCode {
         text.push_str(&format!("\n  caused by: {cause}"));
     }
     render::eprint(&text);
-    if storage_failed(e) {
-        return ExitCode::from(8);
-    }
-    ExitCode::from(match class {
+    let code = match class {
+        _ if storage_failed(e) => 8,
         ErrorClass::InvalidRequest | ErrorClass::NotFound => 2,
         ErrorClass::Conflict => 7,
         _ => 1,
-    })
+    };
+    if json {
+        let mut v = serde_json::json!({
+            "ok": false,
+            "class": class,
+            "message": e.to_string(),
+            "causes": e.chain().skip(1).map(ToString::to_string).collect::<Vec<_>>(),
+            "exit_code": code,
+        });
+        if let Some(errors) = e.downcast_ref::<keel_runtime::ConfigErrors>() {
+            v["errors"] = errors
+                .0
+                .iter()
+                .map(|c| {
+                    serde_json::json!({
+                        "file": c.file.display().to_string(),
+                        "line": c.line,
+                        "key": c.key,
+                        "message": c.message,
+                    })
+                })
+                .collect();
+        }
+        render::print(&serde_json::to_string_pretty(&v).unwrap_or_default());
+    }
+    ExitCode::from(code)
 }

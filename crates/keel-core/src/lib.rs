@@ -58,7 +58,7 @@ pub use loop_guard::{LoopDetected, LoopGuard, LoopGuardConfig};
 pub use pipeline::{
     Attempt, CallError, ErrorKind, Pipeline, PipelineBuilder, PipelineLayer, Resume, RetryInfo,
 };
-pub use policy::{FallbackConfig, PolicyConfig, TimeoutConfig};
+pub use policy::{FallbackConfig, PolicyConfig, PolicyError, TimeoutConfig};
 pub use retry::{Jitter, RetryConfig};
 pub use rng::SharedRng;
 pub use scope::RunScope;

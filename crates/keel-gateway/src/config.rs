@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use keel_core::policy::{Checks, PolicyError};
 use keel_core::{BreakerConfig, BudgetConfig, ErrorClass, FallbackConfig, LoopGuardConfig, RetryConfig};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -46,23 +47,24 @@ impl Prices {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelPolicy {
-    /// The longest a whole non-streamed attempt may take, e.g. "60s".
+    /// The longest a whole non-streamed attempt may take, e.g. "60s" (1 ms to "366d").
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub timeout: Duration,
     /// For streams: the longest until the first token, e.g. "10s". A stream that
-    /// has not produced a token by then counts as `timeout` and fails over unseen.
+    /// has not produced a token by then counts as `timeout` and fails over unseen
+    /// (1 ms to "366d").
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub ttft_timeout: Duration,
     /// For streams: the longest pause between two chunks after the first token,
-    /// e.g. "10s". A stall counts as `timeout`; the stream is rescued.
+    /// e.g. "10s" (1 ms to "366d"). A stall counts as `timeout`; the stream is rescued.
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub stall_timeout: Duration,
     /// The shortest wait before retrying a `429` that came without `Retry-After`, so
     /// that a persistent rate limit is never hit more than a few times a second;
-    /// the wait is this plus the backoff, e.g. "250ms".
+    /// the wait is this plus the backoff, e.g. "250ms" (up to "366d").
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub rate_limit_floor: Duration,
@@ -75,6 +77,24 @@ pub struct ModelPolicy {
     /// `context_overflow` and `refusal` have their own routes (`context_fallback`,
     /// `content_fallback`) and never take the generic chain.
     pub fallback: FallbackConfig,
+}
+
+impl ModelPolicy {
+    /// Checks every value against its documented range, as
+    /// [`PolicyConfig::validate`](keel_core::PolicyConfig::validate) does for tools.
+    ///
+    /// # Errors
+    /// Every value out of range, by key (`retry.max_attempts`).
+    pub fn validate(&self) -> Result<(), Vec<PolicyError>> {
+        let mut c = Checks::default();
+        c.positive_duration("timeout", self.timeout);
+        c.positive_duration("ttft_timeout", self.ttft_timeout);
+        c.positive_duration("stall_timeout", self.stall_timeout);
+        c.duration("rate_limit_floor", self.rate_limit_floor);
+        c.nested("retry", self.retry.validate());
+        c.nested("breaker", self.breaker.validate());
+        c.finish()
+    }
 }
 
 impl Default for ModelPolicy {
@@ -195,6 +215,20 @@ pub struct GatewayConfig {
     pub max_journal_backlog: usize,
 }
 
+impl GatewayConfig {
+    /// Checks the budgets and the loop guard.
+    ///
+    /// # Errors
+    /// Every value out of range, by key (`run_budget.cost_usd`).
+    pub fn validate(&self) -> Result<(), Vec<PolicyError>> {
+        let mut c = Checks::default();
+        c.nested("key_budget", self.key_budget.validate());
+        c.nested("run_budget", self.run_budget.validate());
+        c.nested("loop_guard", self.loop_guard.validate());
+        c.finish()
+    }
+}
+
 impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
@@ -244,8 +278,8 @@ pub(crate) fn check(models: &BTreeMap<String, ModelConfig>) -> Vec<String> {
                 problems.push(format!("models.{name}.{field}: no model named `{target}`"));
             }
         }
-        if m.policy.retry.max_attempts == 0 {
-            problems.push(format!("models.{name}.policy.retry.max_attempts: must be at least 1"));
+        for e in m.policy.validate().err().unwrap_or_default() {
+            problems.push(format!("models.{name}.policy.{}: {}", e.key, e.message));
         }
     }
     problems

@@ -195,6 +195,9 @@ impl GatewayBuilder {
     /// missing from the environment.
     pub fn build(self) -> Result<Gateway, ConfigError> {
         let mut problems = config::check(&self.models);
+        for e in self.config.validate().err().unwrap_or_default() {
+            problems.push(format!("gateway.{}: {}", e.key, e.message));
+        }
         let clock = self.clock.unwrap_or_else(|| Arc::new(TokioClock::new()));
         let counters: BTreeMap<Arc<str>, Arc<ModelCounters>> =
             self.models.keys().map(|name| (Arc::from(name.as_str()), Arc::default())).collect();
@@ -873,7 +876,7 @@ impl Gateway {
 /// rate limit is never hit more than a few times a second.
 pub(crate) fn floor_rate_limit(mut failure: Failure, floor: Duration) -> Failure {
     if failure.class == ErrorClass::RateLimited && failure.retry_after.is_none() && !floor.is_zero() {
-        failure.retry_after = Some(floor + floor.mul_f64(fastrand::f64()));
+        failure.retry_after = Some(floor.saturating_add(floor.mul_f64(fastrand::f64())));
     }
     failure
 }

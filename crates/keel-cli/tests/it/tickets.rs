@@ -51,3 +51,24 @@ fn abort_cancels_the_run() {
     let resumed = b.keel(&["runs", "resume", &first.run_id()]);
     assert_eq!(resumed.code, 6, "{resumed:?}");
 }
+
+/// A tool's breaker is shared by every run of the process; when a run's call opens
+/// it, the transition is journaled in that run and shown live (it used to go to a
+/// sink that dropped it, so the journal and the dashboard said "closed").
+#[test]
+fn a_tool_breaker_opening_reaches_the_journal_and_the_live_view() {
+    let config = "[run]\nlease = \"1s\"\nescalate_after = 5\n\
+                  [defaults]\nretry = { max_attempts = 3, base_delay = \"10ms\", max_delay = \"50ms\" }\n\
+                  breaker = { min_calls = 2, failure_ratio = 0.5 }\n";
+    let b = Bench::new(Faults { notify_down: true, ..Faults::default() }, config);
+    let plan = b.write("plan.toml", "[[steps]]\ntool = \"notify\"\n");
+    let run = b.keel(&["run", plan.to_str().unwrap()]);
+    assert!(run.stdout.contains("closed → open"), "the live view shows the breaker opening: {run:?}");
+    let show = b.keel(&["runs", "show", &run.run_id(), "--json"]);
+    let export: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
+    let opened =
+        export["events"].as_array().unwrap().iter().any(|e| {
+            e["event"]["event"]["type"] == "breaker_transition" && e["event"]["event"]["to"] == "open"
+        });
+    assert!(opened, "the journal holds the transition: {}", show.stdout);
+}

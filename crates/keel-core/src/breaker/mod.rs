@@ -44,6 +44,8 @@ pub struct Breaker {
 pub struct Permit<'a> {
     breaker: &'a Breaker,
     ticket: Option<Ticket>,
+    /// The call's sink, which hears of the transitions this call causes.
+    sink: Option<&'a dyn EventSink>,
 }
 
 impl Breaker {
@@ -66,16 +68,29 @@ impl Breaker {
 
     /// The current state.
     pub fn state(&self) -> BreakerState {
+        self.state_for(None)
+    }
+
+    /// The current state; a transition it causes (open → half-open once the open
+    /// time passed) goes to `sink` when given, else to the breaker's own sink.
+    pub fn state_for(&self, sink: Option<&dyn EventSink>) -> BreakerState {
         let (state, t) = self.lock().state(self.clock.now());
-        self.announce(t);
+        self.announce(t, sink);
         state
     }
 
     /// Asks to make a call; `None` means fail fast with `circuit_open`.
     pub fn acquire(&self) -> Option<Permit<'_>> {
+        self.acquire_for(None)
+    }
+
+    /// As [`acquire`](Self::acquire), for a call whose own sink (its run's journal,
+    /// say) records the transitions it causes, instead of the breaker's sink: a
+    /// breaker shared by many runs reports each transition where it happened.
+    pub fn acquire_for<'a>(&'a self, sink: Option<&'a dyn EventSink>) -> Option<Permit<'a>> {
         let (ticket, t) = self.lock().acquire(self.clock.now());
-        self.announce(t);
-        ticket.ok().map(|ticket| Permit { breaker: self, ticket: Some(ticket) })
+        self.announce(t, sink);
+        ticket.ok().map(|ticket| Permit { breaker: self, ticket: Some(ticket), sink })
     }
 
     /// Whether failures of `class` count against the target.
@@ -83,18 +98,19 @@ impl Breaker {
         self.count.contains(&class)
     }
 
-    fn finish(&self, ticket: Ticket, outcome: CallOutcome) {
+    fn finish(&self, ticket: Ticket, outcome: CallOutcome, sink: Option<&dyn EventSink>) {
         let t = self.lock().record(self.clock.now(), ticket, outcome);
-        self.announce(t);
+        self.announce(t, sink);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Machine> {
         self.machine.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn announce(&self, transition: Option<Transition>) {
+    fn announce(&self, transition: Option<Transition>, sink: Option<&dyn EventSink>) {
         if let Some(Transition { from, to }) = transition {
-            emit(&*self.sink, Event::BreakerTransition { target: self.target.clone(), from, to });
+            let sink = sink.unwrap_or(&*self.sink);
+            emit(sink, Event::BreakerTransition { target: self.target.clone(), from, to });
         }
     }
 }
@@ -108,7 +124,7 @@ impl Permit<'_> {
             Some(_) => CallOutcome::Ignored,
         };
         if let Some(ticket) = self.ticket.take() {
-            self.breaker.finish(ticket, outcome);
+            self.breaker.finish(ticket, outcome, self.sink);
         }
     }
 }
@@ -116,7 +132,7 @@ impl Permit<'_> {
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
         if let Some(ticket) = self.ticket.take() {
-            self.breaker.finish(ticket, CallOutcome::Ignored);
+            self.breaker.finish(ticket, CallOutcome::Ignored, self.sink);
         }
     }
 }

@@ -86,7 +86,8 @@ pub struct Machine {
 impl Machine {
     /// A closed breaker.
     pub fn new(config: BreakerConfig, now: Instant) -> Self {
-        let n = config.buckets.max(1);
+        // Clamped like the config check: a huge count would allocate before any call.
+        let n = config.buckets.clamp(1, BreakerConfig::MAX_BUCKETS);
         let bucket_len = (config.window / n).max(Duration::from_millis(1));
         Self {
             buckets: vec![Bucket::default(); n as usize],

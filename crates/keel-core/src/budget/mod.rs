@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::class::{Classified, ErrorClass};
 use crate::event::{Event, EventSink, NullSink, emit};
+use crate::policy::{Checks, PolicyError};
 
 /// What a budget counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
@@ -57,15 +58,27 @@ impl BudgetKind {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct BudgetConfig {
-    /// The most tokens.
+    /// The most tokens (any whole number; 0 allows none).
     pub tokens: Option<u64>,
-    /// The most money, in US dollars (e.g. 2.50).
+    /// The most money, in US dollars, e.g. 2.50 (0 to 1,000,000,000,000).
     pub cost_usd: Option<f64>,
-    /// The most attempts.
+    /// The most attempts (any whole number; 0 allows none).
     pub attempts: Option<u64>,
 }
 
 impl BudgetConfig {
+    /// Checks every value against its documented range.
+    ///
+    /// # Errors
+    /// Every value out of range, by key (`cost_usd`).
+    pub fn validate(&self) -> Result<(), Vec<PolicyError>> {
+        let mut c = Checks::default();
+        if let Some(usd) = self.cost_usd {
+            c.number("cost_usd", usd, 0.0..=1e12);
+        }
+        c.finish()
+    }
+
     /// Whether any limit is set.
     pub fn is_limited(&self) -> bool {
         self.tokens.is_some() || self.cost_usd.is_some() || self.attempts.is_some()
@@ -171,7 +184,11 @@ impl Budget {
         let counter = &self.counters[kind.index()];
         let result = match counter.limit {
             None => {
-                counter.used.fetch_add(amount, Ordering::AcqRel);
+                // Counted, saturating (fetch_update never fails with a closure that
+                // always returns Some).
+                let _ = counter.used.fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                    Some(used.saturating_add(amount))
+                });
                 Ok(None)
             }
             Some(limit) => counter
@@ -224,9 +241,14 @@ impl Budget {
     /// so it is counted even past the limit, and reported.
     fn force(&self, kind: BudgetKind, amount: u64) -> Result<(), BudgetExceeded> {
         let counter = &self.counters[kind.index()];
-        let prev = counter.used.fetch_add(amount, Ordering::AcqRel);
+        // Saturating: an upstream's usage is not to be trusted with overflow.
+        let prev = counter
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| Some(used.saturating_add(amount)))
+            .unwrap_or_else(|prev| prev);
+        let total = prev.saturating_add(amount);
         match counter.limit {
-            Some(limit) if prev + amount > limit => {
+            Some(limit) if total > limit => {
                 let e = BudgetExceeded {
                     budget: self.name.clone(),
                     kind,
@@ -246,7 +268,7 @@ impl Budget {
                 Err(e)
             }
             limit => {
-                let remaining = limit.map(|l| l - prev - amount);
+                let remaining = limit.map(|l| l.saturating_sub(total));
                 emit(
                     &*self.sink,
                     Event::BudgetCharged { budget: self.name.clone(), kind, amount, remaining },

@@ -108,3 +108,20 @@ proptest! {
         prop_assert_eq!(b.used(BudgetKind::Tokens), expected);
     }
 }
+
+#[test]
+fn usage_past_u64_saturates_instead_of_overflowing() {
+    let limited = Arc::new(Budget::new(
+        "b",
+        &BudgetConfig { tokens: Some(10), ..BudgetConfig::default() },
+        Arc::new(crate::event::NullSink),
+    ));
+    let r = limited.reserve(BudgetKind::Tokens, 5).unwrap();
+    assert!(r.settle(u64::MAX).is_err(), "a hostile usage is over the limit, not a panic");
+    assert_eq!(limited.used(BudgetKind::Tokens), u64::MAX);
+    assert!(limited.charge(BudgetKind::Tokens, 1).is_err());
+    let unlimited = Budget::unlimited("u");
+    unlimited.charge(BudgetKind::Tokens, u64::MAX).unwrap();
+    unlimited.charge(BudgetKind::Tokens, u64::MAX).unwrap();
+    assert_eq!(unlimited.used(BudgetKind::Tokens), u64::MAX);
+}

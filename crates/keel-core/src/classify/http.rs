@@ -74,7 +74,7 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     // Some servers send fractional seconds; accept them rather than ignore the header.
     if let Ok(seconds) = value.parse::<f64>() {
         if seconds.is_finite() && seconds >= 0.0 {
-            return Some(Duration::from_secs_f64(seconds.min(1e9)));
+            return Some(crate::clock::saturating_secs(seconds.min(1e9)));
         }
         return None;
     }

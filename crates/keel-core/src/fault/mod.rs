@@ -10,6 +10,7 @@ use std::time::Duration;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::policy::{Checks, PolicyError};
 use crate::rng::SharedRng;
 
 /// A kind of injected fault.
@@ -34,7 +35,7 @@ pub struct FaultConfig {
     pub rate: f64,
     /// The kinds drawn from, uniformly.
     pub kinds: Vec<FaultKind>,
-    /// The latency added by a `latency` fault, e.g. "2s".
+    /// The latency added by a `latency` fault, e.g. "2s" (up to "366d").
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub latency: Duration,
@@ -50,6 +51,22 @@ impl Default for FaultConfig {
             latency: Duration::from_secs(1),
             seed: None,
         }
+    }
+}
+
+impl FaultConfig {
+    /// Checks every value against its documented range.
+    ///
+    /// # Errors
+    /// Every value out of range, by key (`rate`).
+    pub fn validate(&self) -> Result<(), Vec<PolicyError>> {
+        let mut c = Checks::default();
+        c.number("rate", self.rate, 0.0..=1.0);
+        if self.rate > 0.0 && self.kinds.is_empty() {
+            c.fail("kinds", "a fault rate above 0 needs at least one kind");
+        }
+        c.duration("latency", self.latency);
+        c.finish()
     }
 }
 

@@ -22,6 +22,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::class::ErrorClass;
+use crate::policy::{Checks, PolicyError};
 
 /// The gate's values.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -29,15 +30,30 @@ use crate::class::ErrorClass;
 pub struct GateConfig {
     /// Whether the gate may refuse retries at all.
     pub enabled: bool,
-    /// Retries scoring below this are refused.
+    /// Retries scoring below this are refused (0.0–1.0).
     pub threshold: f64,
-    /// The prior's pseudo-count of successful retries (Beta α).
+    /// The prior's pseudo-count of successful retries, Beta α (0–1,000,000).
     pub prior_successes: f64,
-    /// The prior's pseudo-count of failed retries (Beta β).
+    /// The prior's pseudo-count of failed retries, Beta β (0–1,000,000).
     pub prior_failures: f64,
     /// Attempts from this number on share one history (a 7th retry says about as much
-    /// as a 5th).
+    /// as a 5th) (2–1000).
     pub max_attempt_bucket: u32,
+}
+
+impl GateConfig {
+    /// Checks every value against its documented range.
+    ///
+    /// # Errors
+    /// Every value out of range, by key (`threshold`).
+    pub fn validate(&self) -> Result<(), Vec<PolicyError>> {
+        let mut c = Checks::default();
+        c.number("threshold", self.threshold, 0.0..=1.0);
+        c.number("prior_successes", self.prior_successes, 0.0..=1e6);
+        c.number("prior_failures", self.prior_failures, 0.0..=1e6);
+        c.count("max_attempt_bucket", self.max_attempt_bucket, 2..=1000);
+        c.finish()
+    }
 }
 
 impl Default for GateConfig {

@@ -18,20 +18,48 @@ use serde::{Deserialize, Serialize};
 
 use crate::class::{Classified, ErrorClass};
 use crate::event::{Event, EventSink, emit};
+use crate::policy::{Checks, PolicyError};
 use crate::signature::CallSignature;
 
 /// The loop guard's values.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct LoopGuardConfig {
-    /// Stop the call that would make this many identical calls within `window`.
+    /// Stop the call that would make this many identical calls within `window`
+    /// (2–1000; 0 turns the check off).
     pub max_repeats: u32,
-    /// How many recent calls are compared.
+    /// How many recent calls are compared (0–10,000).
     pub window: u32,
-    /// The most calls in one turn of an agent, if capped.
+    /// The most calls in one turn of an agent, if capped (1–1,000,000).
     pub max_calls_per_turn: Option<u32>,
-    /// The most turns in one run, if capped.
+    /// The most turns in one run, if capped (1–1,000,000).
     pub max_turns_per_run: Option<u32>,
+}
+
+impl LoopGuardConfig {
+    /// Checks every value against its documented range.
+    ///
+    /// # Errors
+    /// Every value out of range, by key (`max_repeats`).
+    pub fn validate(&self) -> Result<(), Vec<PolicyError>> {
+        let mut c = Checks::default();
+        match self.max_repeats {
+            0 => {}
+            1 => c.fail("max_repeats", "1 would stop every call: 0 turns the check off, 2 is the least"),
+            n => c.count("max_repeats", n, 2..=1000),
+        }
+        c.count("window", self.window, 0..=10_000);
+        let caps =
+            [("max_calls_per_turn", self.max_calls_per_turn), ("max_turns_per_run", self.max_turns_per_run)];
+        for (key, cap) in caps {
+            match cap {
+                Some(0) => c.fail(key, "0 would stop every call: at least 1"),
+                Some(n) => c.count(key, n, 1..=1_000_000),
+                None => {}
+            }
+        }
+        c.finish()
+    }
 }
 
 impl Default for LoopGuardConfig {

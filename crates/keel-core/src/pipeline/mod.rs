@@ -65,7 +65,7 @@ use crate::breaker::{Breaker, BreakerState};
 use crate::budget::{Budget, BudgetKind};
 use crate::class::{Classified, ErrorClass};
 use crate::classify::Failure;
-use crate::clock::{Clock, TokioClock};
+use crate::clock::{Clock, TokioClock, capped, deadline_after};
 use crate::event::{AttemptOutcome, DelayReason, Event, EventSink, NullSink, RefusalReason, emit};
 use crate::fault::{FaultInjector, FaultKind};
 use crate::gate::ConfidenceGate;
@@ -358,7 +358,7 @@ impl Pipeline {
         // 2. Deadline.
         let start = i.clock.now();
         let scope_deadline = scope.as_ref().and_then(|s| s.deadline);
-        let step_deadline = i.timeout.step.map(|d| start + d);
+        let step_deadline = i.timeout.step.and_then(|d| deadline_after(start, d));
         let deadline = earliest(scope_deadline, step_deadline);
         let narrows_scope = step_deadline.is_some() && deadline != scope_deadline;
         let step_budget = i
@@ -397,7 +397,7 @@ impl Pipeline {
 
             // 4. Breaker.
             let permit = match &i.breaker {
-                Some(b) => match b.acquire() {
+                Some(b) => match b.acquire_for(Some(&*i.sink)) {
                     Some(p) => Some(p),
                     None => {
                         return Err(CallError::new(
@@ -412,7 +412,7 @@ impl Pipeline {
 
             // 5. Fault injection and the target, under the attempt's timeout.
             emit(&*i.sink, Event::AttemptStarted { target: i.target.clone(), attempt });
-            let attempt_deadline = earliest(deadline, i.timeout.attempt.map(|t| now + t));
+            let attempt_deadline = earliest(deadline, i.timeout.attempt.and_then(|t| deadline_after(now, t)));
             let info = Attempt { number: attempt, deadline: attempt_deadline };
             let fault = i.fault.as_ref().and_then(FaultInjector::draw);
             let span = tracing::debug_span!("keel.attempt", keel.target = %i.target, keel.attempt = attempt);
@@ -478,7 +478,7 @@ impl Pipeline {
                             if let Some(hook) = &i.on_retry {
                                 hook(&RetryInfo { target: i.target.clone(), attempt, class, delay, reason });
                             }
-                            tokio::time::sleep(delay).await;
+                            tokio::time::sleep(capped(delay)).await;
                             retried_class = Some(class);
                             continue;
                         }
@@ -502,7 +502,7 @@ impl Pipeline {
         deadline: Option<Instant>,
     ) -> Option<RefusalReason> {
         let i = &*self.inner;
-        if i.breaker.as_ref().is_some_and(|b| b.state() == BreakerState::Open) {
+        if i.breaker.as_ref().is_some_and(|b| b.state_for(Some(&*i.sink)) == BreakerState::Open) {
             return Some(RefusalReason::CircuitOpen);
         }
         if let Some(gate) = &i.gate {
@@ -545,7 +545,7 @@ impl Pipeline {
                 }
                 Some(FaultKind::Latency) => {
                     if let Some(f) = &i.fault {
-                        tokio::time::sleep(f.latency()).await;
+                        tokio::time::sleep(capped(f.latency())).await;
                     }
                 }
                 Some(FaultKind::Timeout) => {

@@ -15,6 +15,7 @@ pub use config::{Jitter, RetryConfig};
 use std::time::Duration;
 
 use crate::class::ErrorClass;
+use crate::clock::saturating_secs;
 use crate::event::{DelayReason, RefusalReason};
 use crate::rng::SharedRng;
 
@@ -46,12 +47,13 @@ impl RetryConfig {
     pub fn backoff(&self, attempt: u32, rng: &SharedRng) -> Duration {
         let exp = self.multiplier.max(1.0).powi(attempt.saturating_sub(1).min(64) as i32);
         let ceiling = self.base_delay.as_secs_f64() * exp;
-        let ceiling = ceiling.min(self.max_delay.as_secs_f64());
+        // 0 × ∞ is NaN: a zero base stays zero however large the growth.
+        let ceiling = if ceiling.is_nan() { 0.0 } else { ceiling.min(self.max_delay.as_secs_f64()) };
         let secs = match self.jitter {
             Jitter::Full => rng.f64() * ceiling,
             Jitter::None => ceiling,
         };
-        Duration::from_secs_f64(secs).min(self.max_delay)
+        saturating_secs(secs).min(self.max_delay)
     }
 
     /// Decides about attempt `attempt` (1-based), which failed with `class`; the target

@@ -370,3 +370,32 @@ async fn metrics_render_for_prometheus() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn absurd_model_policies_are_refused_by_key() {
+    let fake = Fake::start().await;
+    let mut m = model(&fake, "m");
+    m.policy.timeout = Duration::ZERO;
+    m.policy.stall_timeout = Duration::MAX;
+    m.policy.retry.max_attempts = 0;
+    m.policy.breaker.failure_ratio = 1.5;
+    let models = [("gpt".to_owned(), m)].into_iter().collect();
+    let config = GatewayConfig {
+        run_budget: BudgetConfig { cost_usd: Some(f64::NAN), ..Default::default() },
+        ..Default::default()
+    };
+    let e = keel_gateway::Gateway::builder(models).config(config).build().unwrap_err();
+    let mut keys: Vec<&str> = e.problems.iter().filter_map(|p| p.split_once(": ").map(|(k, _)| k)).collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "gateway.run_budget.cost_usd",
+            "models.gpt.policy.breaker.failure_ratio",
+            "models.gpt.policy.retry.max_attempts",
+            "models.gpt.policy.stall_timeout",
+            "models.gpt.policy.timeout",
+        ],
+        "{e}"
+    );
+}

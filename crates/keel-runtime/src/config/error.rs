@@ -56,3 +56,55 @@ impl keel_core::Classified for ConfigErrors {
 pub(crate) fn line_of(text: &str, at: usize) -> usize {
     text.as_bytes()[..at.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1
 }
+
+/// Where keys are in a `keel.toml`: its spanned tree, walked by dotted path.
+pub(crate) struct Spans<'a> {
+    root: Option<toml::Spanned<toml::de::DeTable<'a>>>,
+}
+
+impl<'a> Spans<'a> {
+    /// The spans of `text` (none when it does not parse: its error says where).
+    pub(crate) fn new(text: &'a str) -> Self {
+        Self { root: toml::de::DeTable::parse(text).ok() }
+    }
+
+    /// The byte offset of the deepest key of `path` present in the file: the key itself
+    /// when it is written, else the nearest table that holds it. A segment may index an
+    /// array of tables: `keys[0]`.
+    pub(crate) fn find(&self, path: &[&str]) -> Option<usize> {
+        use toml::de::DeValue;
+        let root = self.root.as_ref()?;
+        let mut table = root.get_ref();
+        let mut at = None;
+        for segment in path {
+            let (name, index) = match segment.strip_suffix(']').and_then(|s| s.split_once('[')) {
+                Some((name, i)) => (name, i.parse::<usize>().ok()),
+                None => (*segment, None),
+            };
+            let Some((key, value)) = table.iter().find(|(k, _)| k.get_ref().as_ref() == name) else {
+                break;
+            };
+            at = Some(key.span().start);
+            let value = match (value.get_ref(), index) {
+                (DeValue::Array(items), Some(i)) => match items.get(i) {
+                    Some(item) => {
+                        at = Some(item.span().start);
+                        item.get_ref()
+                    }
+                    None => break,
+                },
+                (v, _) => v,
+            };
+            match value {
+                DeValue::Table(t) => table = t,
+                _ => break,
+            }
+        }
+        at
+    }
+
+    /// Like [`find`](Self::find), for a dotted key (`tools.pay.policy.retry.max_attempts`).
+    pub(crate) fn find_key(&self, key: &str) -> Option<usize> {
+        self.find(&key.split('.').collect::<Vec<_>>())
+    }
+}

@@ -3,9 +3,12 @@
 //! Loading has two stages. [`raw`] is serde's view of the file: unknown keys are
 //! errors there, with the line. [`Config::parse`] then checks what serde cannot —
 //! which keys a tool's kind needs, references between tools, environment variables
-//! named by `*_env` keys, parameter schemas, policy overrides — and reports every
-//! problem at once, each as `keel.toml:12: tools.pay.url: ...`. Secrets are only ever
-//! read from the environment; the file never holds one.
+//! named by `*_env` keys, parameter schemas, policy overrides, the range of every
+//! policy value ([`PolicyConfig::validate`]), approval rules against the schema —
+//! and reports every problem at once, each as `keel.toml:12: tools.pay.url: ...` (serde
+//! stops at its first problem, so a file it refuses is read again a section, a tool,
+//! a policy value at a time). Secrets are only ever read from the environment; the
+//! file never holds one.
 
 mod error;
 pub mod raw;
@@ -23,10 +26,12 @@ use std::time::Duration;
 
 use keel_core::PolicyConfig;
 use keel_core::classify::CommandClassifier;
+use keel_core::policy::{Checks, PolicyError};
 use raw::{RawConfig, ToolConfig, ToolKindName};
+use serde::Deserialize;
 
 use crate::tool::{CommandTool, HttpTool, Tool, ToolKind};
-use error::line_of;
+use error::{Spans, line_of};
 
 /// A validated `keel.toml`.
 #[derive(Clone)]
@@ -35,6 +40,8 @@ pub struct Config {
     pub file: PathBuf,
     /// The journal's database URL (may hold a secret: never log it).
     pub storage_url: String,
+    /// `[storage] claim_ttl`: how long an in-progress idempotency claim holds.
+    pub claim_ttl: Duration,
     /// The default policy.
     pub defaults: PolicyConfig,
     /// Limits of each run.
@@ -100,6 +107,14 @@ impl std::fmt::Debug for Config {
     }
 }
 
+/// `[storage] claim_ttl` when not set.
+pub const DEFAULT_CLAIM_TTL: Duration = Duration::from_secs(300);
+
+/// The values `[storage] claim_ttl` may take: long enough for a slow call to finish,
+/// short enough that a dead holder's key is taken over the same day.
+pub const CLAIM_TTL_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(24 * 3600);
+
 /// A kind-specific key and whether it is set.
 type KeySet<'a> = (&'a str, bool);
 
@@ -109,6 +124,7 @@ const DEFAULT_MAX_OUTPUT: usize = 1 << 20;
 struct Checker<'a> {
     file: &'a Path,
     text: &'a str,
+    spans: Spans<'a>,
     errors: Vec<ConfigError>,
 }
 
@@ -120,6 +136,157 @@ impl Checker<'_> {
             key: Some(key.into()),
             message: message.into(),
         });
+    }
+
+    /// Reports each of `problems` as `prefix.key`, at the key's line when it is written
+    /// (else at `at`).
+    fn policy_errors(&mut self, prefix: &str, problems: &[PolicyError], at: Option<usize>) {
+        for p in problems {
+            let key = format!("{prefix}.{}", p.key);
+            let line = self.spans.find_key(&key).or(at);
+            self.error(line, key, p.message.clone());
+        }
+    }
+}
+
+/// Every problem serde finds in `text`, which it refused with `first`: serde stops at
+/// its first problem, so each top-level section, tool and model is read again alone.
+fn raw_errors(text: &str, file: &Path, first: &toml::de::Error) -> Vec<ConfigError> {
+    use toml::de::{DeTable, DeValue};
+    let error = |key: Option<String>, e: &toml::de::Error| ConfigError {
+        file: file.to_owned(),
+        line: e.span().map(|s| line_of(text, s.start)),
+        key,
+        message: e.message().trim().to_owned(),
+    };
+    let Ok(root) = DeTable::parse(text) else {
+        // Syntax errors: the parser recovers and lists each.
+        let (_, syntax) = DeTable::parse_recoverable(text);
+        let mut errors: Vec<ConfigError> = syntax.iter().map(|e| error(None, e)).collect();
+        errors.sort_by_key(|e| e.line);
+        errors.dedup();
+        if errors.is_empty() {
+            errors.push(error(None, first));
+        }
+        return errors;
+    };
+    let mut errors = Vec::new();
+    for (section, value) in root.get_ref() {
+        let name = section.get_ref().to_string();
+        let parts: Vec<(String, toml::Spanned<DeValue<'_>>)> = match value.get_ref() {
+            DeValue::Table(entries) if name == "tools" || name == "models" => entries
+                .iter()
+                .map(|(k, v)| {
+                    let mut one = DeTable::new();
+                    one.insert(k.clone(), v.clone());
+                    (format!("{name}.{}", k.get_ref()), toml::Spanned::new(value.span(), DeValue::Table(one)))
+                })
+                .collect(),
+            _ => vec![(name.clone(), value.clone())],
+        };
+        for (key, part) in parts {
+            let mut doc = DeTable::new();
+            doc.insert(section.clone(), part);
+            let de = toml::de::Deserializer::from(toml::Spanned::new(root.span(), doc));
+            if let Err(e) = RawConfig::deserialize(de) {
+                let e = error(Some(key), &e);
+                if !errors.contains(&e) {
+                    errors.push(e);
+                }
+            }
+        }
+    }
+    // Policies are read by the second stage, which a refused file never reaches:
+    // check them here too, so their problems are not found one fix later.
+    if let Ok(doc) = text.parse::<toml::Table>() {
+        let mut c = Checker { file, text, spans: Spans::new(text), errors: Vec::new() };
+        let none = Inherited { parsed: true, problems: Vec::new() };
+        let mut tables = Vec::new();
+        if let Some(toml::Value::Table(d)) = doc.get("defaults") {
+            tables.push(("defaults".to_owned(), d));
+        }
+        if let Some(toml::Value::Table(tools)) = doc.get("tools") {
+            for (name, t) in tools {
+                if let Some(toml::Value::Table(p)) = t.get("policy") {
+                    tables.push((format!("tools.{name}.policy"), p));
+                }
+            }
+        }
+        for (prefix, table) in tables {
+            let at = c.spans.find_key(&prefix);
+            let _ = policy_from(&mut c, table, table, &prefix, at, &none);
+        }
+        errors.extend(c.errors);
+    }
+    if errors.is_empty() {
+        errors.push(error(None, first));
+    }
+    errors
+}
+
+/// The leaves of `table` (values that are not tables), by path.
+fn leaves(table: &toml::Table, path: &mut Vec<String>, out: &mut Vec<(Vec<String>, toml::Value)>) {
+    for (k, v) in table {
+        path.push(k.clone());
+        match v {
+            toml::Value::Table(t) => leaves(t, path, out),
+            other => out.push((path.clone(), other.clone())),
+        }
+        path.pop();
+    }
+}
+
+/// A table holding only `value`, at `path`.
+fn nest(path: &[String], value: toml::Value) -> toml::Table {
+    let mut value = value;
+    for k in path.iter().rev() {
+        value = toml::Value::Table(toml::Table::from_iter([(k.clone(), value)]));
+    }
+    match value {
+        toml::Value::Table(t) => t,
+        _ => toml::Table::new(),
+    }
+}
+
+/// What a tool's policy inherits from `[defaults]`, whose problems are reported once,
+/// there.
+struct Inherited {
+    /// Whether `[defaults]` deserialized.
+    parsed: bool,
+    /// Its range problems.
+    problems: Vec<PolicyError>,
+}
+
+/// Checks an `address:port` to listen on.
+fn listen_problem(listen: &str) -> Option<String> {
+    if listen.parse::<std::net::SocketAddr>().is_ok() {
+        return None;
+    }
+    let host_ok =
+        |h: &str| !h.is_empty() && h.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '.');
+    match listen.rsplit_once(':') {
+        Some((host, port)) if host_ok(host) && port.parse::<u16>().is_ok() => None,
+        _ => Some(format!(
+            "`{listen}` is not an address to listen on: write host:port, e.g. \"127.0.0.1:8080\" or \"[::1]:8080\""
+        )),
+    }
+}
+
+/// The JSON Schema `type` the `params` schema declares for the parameter at `path`.
+fn declared_type<'s>(schema: Option<&'s serde_json::Value>, path: &str) -> Option<&'s serde_json::Value> {
+    let mut s = schema?;
+    for segment in path.split('.') {
+        s = s.get("properties")?.get(segment)?;
+    }
+    s.get("type")
+}
+
+/// Whether a schema `type` admits numbers only.
+fn is_numeric(ty: &serde_json::Value) -> bool {
+    let numeric = |t: &serde_json::Value| matches!(t.as_str(), Some("number" | "integer"));
+    match ty {
+        serde_json::Value::Array(types) => !types.is_empty() && types.iter().all(numeric),
+        t => numeric(t),
     }
 }
 
@@ -161,15 +328,8 @@ impl Config {
         file: &Path,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigErrors> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            ConfigErrors(vec![ConfigError {
-                file: file.to_owned(),
-                line: e.span().map(|s| line_of(text, s.start)),
-                key: None,
-                message: e.message().trim().to_owned(),
-            }])
-        })?;
-        let mut c = Checker { file, text, errors: Vec::new() };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigErrors(raw_errors(text, file, &e)))?;
+        let mut c = Checker { file, text, spans: Spans::new(text), errors: Vec::new() };
 
         let storage_url = match (&raw.storage.url, &raw.storage.url_env) {
             (Some(_), Some(_)) => {
@@ -187,30 +347,73 @@ impl Config {
             }
         };
 
+        let claim_ttl = raw.storage.claim_ttl.unwrap_or(DEFAULT_CLAIM_TTL);
+        if !CLAIM_TTL_RANGE.contains(&claim_ttl) {
+            c.error(
+                c.spans.find_key("storage.claim_ttl"),
+                "storage.claim_ttl",
+                format!(
+                    "must be from {} to {} (got {})",
+                    humantime::format_duration(*CLAIM_TTL_RANGE.start()),
+                    humantime::format_duration(*CLAIM_TTL_RANGE.end()),
+                    humantime::format_duration(claim_ttl)
+                ),
+            );
+        }
+
         let base = raw.defaults.as_ref().map(|t| t.get_ref().clone()).unwrap_or_default();
-        let defaults = policy_from(&mut c, &base, "defaults", raw.defaults.as_ref().map(|t| t.span().start));
+        let defaults_at = raw.defaults.as_ref().map(|t| t.span().start);
+        let none = Inherited { parsed: true, problems: Vec::new() };
+        let (defaults, inherited) = match policy_from(&mut c, &base, &base, "defaults", defaults_at, &none) {
+            Ok(p) => (Some(p), Inherited { parsed: true, problems: Vec::new() }),
+            Err(problems) => {
+                (None, Inherited { parsed: problems.is_some(), problems: problems.unwrap_or_default() })
+            }
+        };
 
         let mut tools = BTreeMap::new();
         for (name, spanned) in &raw.tools {
             let at = Some(spanned.span().start);
-            if let Some(tool) = tool_from(&mut c, name, spanned.get_ref(), at, &base, &raw, env) {
+            if let Some(tool) = tool_from(&mut c, name, spanned.get_ref(), at, &base, &inherited, &raw, env) {
                 tools.insert(name.clone(), Arc::new(tool));
             }
         }
 
+        // Run, approval, gateway and server values (serde read them; ranges are checked here).
+        let mut run = Checks::default();
+        run.positive_duration("deadline", raw.run.deadline);
+        if raw.run.lease < std::time::Duration::from_secs(1) {
+            run.fail("lease", "must be at least \"1s\": a shorter lease is lost between renewals");
+        }
+        run.duration("lease", raw.run.lease);
+        run.count("escalate_after", raw.run.escalate_after, 1..=1000);
+        run.nested("budget", raw.run.budget.validate());
+        run.nested("loop_guard", raw.run.loop_guard.validate());
+        c.policy_errors("run", &run.finish().err().unwrap_or_default(), None);
+        let mut approvals = Checks::default();
+        // "0s" is allowed: every request expires at once (and takes `on_expiry`).
+        approvals.duration("expires_after", raw.approvals.expires_after);
+        c.policy_errors("approvals", &approvals.finish().err().unwrap_or_default(), None);
+        c.policy_errors("gateway", &raw.gateway.validate().err().unwrap_or_default(), None);
+        if let Some(problem) = listen_problem(&raw.server.listen) {
+            let at = c.spans.find(&["server", "listen"]);
+            c.error(at, "server.listen", problem);
+        }
+
         let mut keys = Vec::new();
         for (i, k) in raw.server.keys.iter().enumerate() {
+            let at = c.spans.find_key(&format!("server.keys[{i}].key_env"));
             match env(&k.key_env) {
                 Some(secret) if secret.len() >= 16 => {
                     keys.push(ApiKey { name: k.name.clone(), role: k.role, secret });
                 }
                 Some(_) => c.error(
-                    None,
+                    at,
                     format!("server.keys[{i}].key_env"),
                     format!("the key in `{}` is shorter than 16 characters", k.key_env),
                 ),
                 None => c.error(
-                    None,
+                    at,
                     format!("server.keys[{i}].key_env"),
                     format!("environment variable `{}` is not set", k.key_env),
                 ),
@@ -240,8 +443,11 @@ impl Config {
             if let Err(e) = built {
                 for problem in e.problems {
                     let (key, message) = problem.split_once(": ").unwrap_or(("models", problem.as_str()));
+                    if key.starts_with("gateway.") {
+                        continue; // checked above, with or without models
+                    }
                     let name = key.split('.').nth(1).unwrap_or("");
-                    let at = raw.models.get(name).map(|m| m.span().start);
+                    let at = c.spans.find_key(key).or_else(|| raw.models.get(name).map(|m| m.span().start));
                     c.error(at, key.to_owned(), message.to_owned());
                 }
             }
@@ -253,6 +459,7 @@ impl Config {
         Ok(Config {
             file: file.to_owned(),
             storage_url,
+            claim_ttl,
             defaults: defaults.unwrap_or_default(),
             run: raw.run,
             approvals: raw.approvals,
@@ -265,6 +472,15 @@ impl Config {
         })
     }
 
+    /// How the journal is opened: `clock`, and the claim TTL of `[storage]`.
+    pub fn journal_options(&self, clock: Arc<dyn keel_core::Clock>) -> keel_journal::JournalOptions {
+        keel_journal::JournalOptions {
+            clock,
+            claim_ttl: self.claim_ttl,
+            ..keel_journal::JournalOptions::default()
+        }
+    }
+
     /// The JSON Schema of `keel.toml`, for editors.
     pub fn schema() -> serde_json::Value {
         serde_json::to_value(schemars::schema_for!(RawConfig)).unwrap_or_default()
@@ -275,18 +491,12 @@ impl Config {
 /// by accident (a zero timeout, no connection at all).
 fn check_server(c: &mut Checker<'_>, server: &ServerConfig) {
     const MAX_WAIT: Duration = Duration::from_secs(3600);
-    let text = c.text;
-    // `[server]` is not spanned: the line is where its key is written.
-    let at = |key: &str| {
-        let name = key.rsplit('.').next().unwrap_or(key);
-        text.match_indices(name).map(|(i, _)| i).find(|&i| {
-            let before = text[..i].chars().next_back();
-            let after = text[i + name.len()..].trim_start_matches([' ', '\t', '"']);
-            !before.is_some_and(|b| b.is_alphanumeric() || b == '_') && after.starts_with('=')
-        })
-    };
     if !(1..=1_000_000).contains(&server.max_connections) {
-        c.error(at("max_connections"), "server.max_connections", "must be between 1 and 1000000");
+        c.error(
+            c.spans.find_key("server.max_connections"),
+            "server.max_connections",
+            "must be between 1 and 1000000",
+        );
     }
     for (key, d) in [
         ("server.header_read_timeout", server.header_read_timeout),
@@ -295,7 +505,7 @@ fn check_server(c: &mut Checker<'_>, server: &ServerConfig) {
     ] {
         if d < Duration::from_millis(10) || d > MAX_WAIT {
             c.error(
-                at(key),
+                c.spans.find_key(key),
                 key,
                 format!("must be between 10ms and 1h, not {}", humantime::format_duration(d)),
             );
@@ -309,32 +519,65 @@ fn check_server(c: &mut Checker<'_>, server: &ServerConfig) {
         ("server.rate_limit.unauthenticated_burst", r.unauthenticated_burst),
     ] {
         if v == 0 {
-            c.error(at(key), key, "must be at least 1");
+            c.error(c.spans.find_key(key), key, "must be at least 1");
         }
     }
 }
 
+/// The policy `merged` describes, every value in range; problems are reported as
+/// `prefix.key`. `own` is the table written under `prefix` (a tool's overrides, or
+/// `[defaults]` itself): what is wrong only in `inherited` is `[defaults]`'s to report.
+///
+/// # Errors
+/// `Some` of the range problems when it deserialized, `None` when it did not.
 fn policy_from(
     c: &mut Checker<'_>,
-    table: &toml::Table,
-    key: &str,
+    merged: &toml::Table,
+    own: &toml::Table,
+    prefix: &str,
     at: Option<usize>,
-) -> Option<PolicyConfig> {
-    match toml::Value::Table(table.clone()).try_into::<PolicyConfig>() {
-        Ok(p) => Some(p),
+    inherited: &Inherited,
+) -> Result<PolicyConfig, Option<Vec<PolicyError>>> {
+    let policy = match toml::Value::Table(merged.clone()).try_into::<PolicyConfig>() {
+        Ok(p) => p,
         Err(e) => {
-            c.error(at, key, e.message().trim().to_owned());
-            None
+            // serde stops at its first problem: read each value alone to find them all.
+            let mut written = Vec::new();
+            leaves(own, &mut Vec::new(), &mut written);
+            let mut found = false;
+            for (path, value) in written {
+                if let Err(e) = toml::Value::Table(nest(&path, value)).try_into::<PolicyConfig>() {
+                    let key = format!("{prefix}.{}", path.join("."));
+                    let line = c.spans.find_key(&key).or(at);
+                    c.error(line, key, e.message().trim().to_owned());
+                    found = true;
+                }
+            }
+            if !found && inherited.parsed {
+                c.error(at, prefix, e.message().trim().to_owned());
+            }
+            return Err(None);
+        }
+    };
+    match policy.validate() {
+        Ok(()) => Ok(policy),
+        Err(problems) => {
+            let own: Vec<PolicyError> =
+                problems.iter().filter(|p| !inherited.problems.contains(p)).cloned().collect();
+            c.policy_errors(prefix, &own, at);
+            Err(Some(problems))
         }
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn tool_from(
     c: &mut Checker<'_>,
     name: &str,
     t: &ToolConfig,
     at: Option<usize>,
     base: &toml::Table,
+    inherited: &Inherited,
     raw: &RawConfig,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Option<Tool> {
@@ -342,11 +585,39 @@ fn tool_from(
     let key = |k: &str| format!("tools.{name}.{k}");
 
     let mut merged = base.clone();
-    if let Some(over) = &t.policy {
-        merge(&mut merged, over.get_ref());
-    }
+    let own = t.policy.as_ref().map(|p| p.get_ref().clone()).unwrap_or_default();
+    merge(&mut merged, &own);
     let policy_at = t.policy.as_ref().map(|p| p.span().start).or(at);
-    let policy = policy_from(c, &merged, &key("policy"), policy_at);
+    // When only `[defaults]` is wrong, it says so; this tool is not built either.
+    let policy = policy_from(c, &merged, &own, &key("policy"), policy_at, inherited).ok();
+
+    // An `above` rule compares a number: the schema must promise one, so a call
+    // that sends anything else is refused before the rule is asked.
+    if let Some(ApprovalRule::Above { param, above }) = &t.approval {
+        let approval_at = c.spans.find(&["tools", name, "approval"]).or(at);
+        if !above.is_finite() {
+            c.error(approval_at, key("approval.above"), format!("{above} is not a finite number"));
+        }
+        match declared_type(t.params.as_ref(), param) {
+            Some(ty) if is_numeric(ty) => {}
+            Some(ty) => c.error(
+                approval_at,
+                key("approval.param"),
+                format!(
+                    "`params` declares `{param}` as {ty}: a rule `above` needs it declared \
+                     {{ type = \"number\" }} (or \"integer\")"
+                ),
+            ),
+            None => c.error(
+                approval_at,
+                key("approval.param"),
+                format!(
+                    "`params` does not declare `{param}`: declare it {{ type = \"number\" }} (or \
+                     \"integer\") so a call is checked before the rule compares it"
+                ),
+            ),
+        }
+    }
 
     let validator = t.params.as_ref().and_then(|schema| match jsonschema::validator_for(schema) {
         Ok(v) => Some(v),

@@ -92,7 +92,7 @@ impl Default for RateLimitConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
-    /// The address to listen on.
+    /// The address to listen on, `host:port` (e.g. "127.0.0.1:8080", "[::1]:8080").
     pub listen: String,
     /// API keys; every route but `/healthz` needs one.
     #[serde(default)]
@@ -147,6 +147,13 @@ pub struct StorageConfig {
     pub url: Option<String>,
     /// The name of an environment variable holding the database URL.
     pub url_env: Option<String>,
+    /// How long an idempotency claim in progress (a tool call started and not yet
+    /// answered) holds before another process may take the key over, presuming its
+    /// holder dead; "5m" by default, from "1s" to "24h". Keys under a run's lease are
+    /// taken over with the lease, sooner.
+    #[serde(default, with = "humantime_serde")]
+    #[schemars(with = "Option<String>")]
+    pub claim_ttl: Option<Duration>,
 }
 
 /// How much autonomy Keel has.
@@ -166,20 +173,21 @@ pub enum Mode {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct RunConfig {
-    /// The run's wall-time deadline, e.g. "30m".
+    /// The run's wall-time deadline, e.g. "30m" (1 ms to "366d").
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub deadline: Duration,
     /// The run's budget.
     pub budget: BudgetConfig,
-    /// Open a ticket after this many failures of the same class in a run.
+    /// Open a ticket after this many failures of the same class in a run (1–1000).
     pub escalate_after: u32,
     /// The mode runs start in.
     pub mode: Mode,
     /// The loop guard of each run.
     pub loop_guard: LoopGuardConfig,
     /// How long the process working a run holds it without renewing: after a crash,
-    /// another process can take the run over this long after the last renewal.
+    /// another process can take the run over this long after the last renewal
+    /// ("1s" to "366d").
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub lease: Duration,
@@ -213,7 +221,7 @@ pub enum ExpiryOutcome {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ApprovalsConfig {
-    /// How long a request for approval stays valid, e.g. "24h".
+    /// How long a request for approval stays valid, e.g. "24h" (up to "366d").
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub expires_after: Duration,
@@ -244,6 +252,8 @@ pub enum ApprovalRule {
     /// `"never"` or `"always"`.
     Fixed(FixedApproval),
     /// Ask when a numeric parameter is above a threshold: `{ param = "amount", above = 100 }`.
+    /// `params` must declare the parameter a number; a value the rule cannot compare
+    /// (missing, a string, an array) asks too: a rule fails closed.
     Above {
         /// The parameter compared.
         param: String,

@@ -116,7 +116,7 @@ policy = { retry = { max_attempts = "three" } }
     has("tools.b.headers_env: environment variable `MISSING_VAR` is not set");
     has(":10: tools.b.undo: no tool named `nope`");
     has("tools.b.argv: does not apply to a tool of kind `http`");
-    has(":16: tools.c.policy:");
+    has(":16: tools.c.policy.retry.max_attempts:");
     assert_eq!(lines.len(), 7, "{lines:#?}");
 }
 
@@ -148,7 +148,7 @@ fn models_are_checked_by_the_gateway_with_their_lines() {
 
     let text = "[tools.t]\nkind = \"command\"\nargv = [\"true\"]\n\n[models.gpt]\nprovider = \"openai\"\nbase_url = \"http://127.0.0.1:1/v1\"\nmodel = \"m\"\nfallbacks = [\"nope\"]\napi_key_env = \"MISSING\"\n";
     let e = parse(text).unwrap_err().to_string();
-    assert!(e.contains("conf/keel.toml:5: models.gpt.fallbacks"), "{e}");
+    assert!(e.contains("conf/keel.toml:9: models.gpt.fallbacks"), "{e}");
     assert!(e.contains("models.gpt.api_key_env"), "{e}");
     let e = parse("[models.gpt]\nprovider = \"openai\"\nbase_url = \"x\"\nmodel = \"m\"\ntemperature = 1\n")
         .unwrap_err();
@@ -183,4 +183,184 @@ rate_limit = { per_second = 0, unauthenticated_burst = 0 }
     assert_eq!(lines.len(), 5, "{lines:#?}");
     let ok = parse("[server]\nmax_connections = 10\nheader_read_timeout = \"2s\"\n").unwrap();
     assert_eq!(ok.server.max_connections, 10);
+}
+
+#[test]
+fn claim_ttl_is_configurable_within_its_range() {
+    let c = parse("[storage]\nclaim_ttl = \"90s\"\n").unwrap();
+    assert_eq!(c.claim_ttl, std::time::Duration::from_secs(90));
+    assert_eq!(c.journal_options(std::sync::Arc::new(keel_core::TokioClock::new())).claim_ttl, c.claim_ttl);
+    assert_eq!(parse("").unwrap().claim_ttl, super::DEFAULT_CLAIM_TTL);
+    for bad in ["0s", "500ms", "25h", "100years"] {
+        let e = parse(&format!("[storage]\nurl = \"sqlite://x.db\"\nclaim_ttl = \"{bad}\"\n")).unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("keel.toml:3: storage.claim_ttl: must be from 1s to 1day"), "{bad}: {text}");
+    }
+    let e = parse("[storage]\nclaim_ttl = \"soon\"\n").unwrap_err();
+    assert!(e.to_string().contains("keel.toml:2"), "{e}");
+}
+
+/// The problems of `text`, as `line: key` (with the line when known).
+fn problems(text: &str) -> Vec<String> {
+    let mut out: Vec<String> = parse(text)
+        .unwrap_err()
+        .0
+        .into_iter()
+        .map(|e| format!("{}: {}", e.line.map_or("?".into(), |l| l.to_string()), e.key.unwrap_or_default()))
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn absurd_policy_values_are_refused_each_with_its_key_and_line() {
+    let text = r#"
+[defaults]
+timeout = { attempt = "500000000000years" }
+retry = { max_attempts = 0 }
+
+[defaults.breaker]
+failure_ratio = 1.5
+
+[tools.a]
+kind = "command"
+argv = ["true"]
+policy = { fault = { rate = 1.7 }, timeout = { step = "0s" } }
+
+[tools.b]
+kind = "command"
+argv = ["true"]
+
+[tools.b.policy.breaker]
+failure_ratio = 0.0
+"#;
+    assert_eq!(
+        problems(text),
+        [
+            "12: tools.a.policy.fault.rate",
+            "12: tools.a.policy.timeout.step",
+            "19: tools.b.policy.breaker.failure_ratio",
+            "3: defaults.timeout.attempt",
+            "4: defaults.retry.max_attempts",
+            "7: defaults.breaker.failure_ratio",
+        ],
+        "each problem once, `[defaults]`'s under defaults, not again per tool"
+    );
+    let e = parse(text).unwrap_err().to_string();
+    assert!(e.contains("conf/keel.toml:12: tools.a.policy.timeout.step: \"0s\" would time out"), "{e}");
+    assert!(e.contains("write \"off\""), "{e}");
+}
+
+#[test]
+fn off_turns_the_default_attempt_timeout_off() {
+    let c = parse(
+        "[defaults]\ntimeout = { attempt = \"off\" }\n[tools.t]\nkind = \"command\"\nargv = [\"true\"]\n",
+    )
+    .unwrap();
+    assert_eq!(c.tools["t"].policy.timeout.attempt, None);
+    assert_eq!(c.defaults.timeout.attempt, None);
+}
+
+#[test]
+fn serde_problems_in_a_policy_are_all_reported_with_their_lines() {
+    let text = "[defaults]\nretry = { max_attempts = -1 }\nbreaker = { failure_ratio = \"half\" }\ntimeout = { attempt = \"soon\" }\nretri = 3\n";
+    assert_eq!(
+        problems(text),
+        [
+            "2: defaults.retry.max_attempts",
+            "3: defaults.breaker.failure_ratio",
+            "4: defaults.timeout.attempt",
+            "5: defaults.retri"
+        ]
+    );
+}
+
+#[test]
+fn serde_problems_in_different_sections_and_tools_are_all_reported() {
+    let text = "[run]\nescalate_afterr = 3\n\n[server]\nlisen = \"x\"\n\n[tools.a]\nkind = \"command\"\nretries = 1\n\n[tools.b]\nkind = \"shell\"\n";
+    let p = problems(text);
+    assert_eq!(p.len(), 4, "{p:#?}");
+    assert_eq!(p, ["12: tools.b", "2: run", "5: server", "9: tools.a"]);
+}
+
+#[test]
+fn run_approval_and_gateway_values_have_ranges_too() {
+    let text = "[run]\ndeadline = \"500000000000years\"\nlease = \"10ms\"\nescalate_after = 0\nbudget = { cost_usd = -1.0 }\nloop_guard = { max_repeats = 1 }\n\n[approvals]\nexpires_after = \"400years\"\n\n[gateway]\nrun_budget = { cost_usd = nan }\n";
+    assert_eq!(
+        problems(text),
+        [
+            "12: gateway.run_budget.cost_usd",
+            "2: run.deadline",
+            "3: run.lease",
+            "4: run.escalate_after",
+            "5: run.budget.cost_usd",
+            "6: run.loop_guard.max_repeats",
+            "9: approvals.expires_after",
+        ]
+    );
+}
+
+#[test]
+fn model_policies_get_the_same_ranges_with_their_lines() {
+    let text = "[models.gpt]\nprovider = \"openai\"\nbase_url = \"http://127.0.0.1:1/v1\"\nmodel = \"m\"\n\n[models.gpt.policy]\ntimeout = \"0s\"\nretry = { max_attempts = 0 }\nbreaker = { failure_ratio = 1.5 }\n";
+    assert_eq!(
+        problems(text),
+        [
+            "7: models.gpt.policy.timeout",
+            "8: models.gpt.policy.retry.max_attempts",
+            "9: models.gpt.policy.breaker.failure_ratio"
+        ]
+    );
+}
+
+#[test]
+fn an_invalid_listen_address_is_refused_with_its_line() {
+    for bad in ["not an address", "127.0.0.1", "127.0.0.1:99999", ":8080", "host name:80"] {
+        let text = format!("[server]\nbody_limit = 1000\nlisten = \"{bad}\"\n");
+        assert_eq!(problems(&text), ["3: server.listen"], "{bad}");
+    }
+    for good in ["127.0.0.1:0", "[::1]:8080", "0.0.0.0:80", "localhost:8080"] {
+        assert!(parse(&format!("[server]\nlisten = \"{good}\"\n")).is_ok(), "{good}");
+    }
+}
+
+#[test]
+fn an_above_rule_needs_its_param_declared_a_number() {
+    let tool = |params: &str| {
+        format!(
+            "[tools.pay]\nkind = \"command\"\nargv = [\"true\"]\napproval = {{ param = \"amount\", above = 100 }}\n{params}"
+        )
+    };
+    assert_eq!(problems(&tool("")), ["4: tools.pay.approval.param"], "no schema at all");
+    let e = parse(&tool("")).unwrap_err().to_string();
+    assert!(e.contains("does not declare `amount`"), "{e}");
+    let string = "params = { type = \"object\", properties = { amount = { type = \"string\" } } }\n";
+    assert_eq!(problems(&tool(string)), ["4: tools.pay.approval.param"]);
+    let other = "params = { type = \"object\", properties = { Amount = { type = \"number\" } } }\n";
+    assert_eq!(problems(&tool(other)), ["4: tools.pay.approval.param"], "names are exact");
+    let mixed =
+        "params = { type = \"object\", properties = { amount = { type = [\"number\", \"string\"] } } }\n";
+    assert_eq!(problems(&tool(mixed)), ["4: tools.pay.approval.param"]);
+    for ok in ["number", "integer"] {
+        let schema =
+            format!("params = {{ type = \"object\", properties = {{ amount = {{ type = \"{ok}\" }} }} }}\n");
+        assert!(parse(&tool(&schema)).is_ok(), "{ok}");
+    }
+    let nested = "[tools.pay]\nkind = \"command\"\nargv = [\"true\"]\napproval = { param = \"order.total\", above = 5 }\nparams = { type = \"object\", properties = { order = { type = \"object\", properties = { total = { type = \"number\" } } } } }\n";
+    assert!(parse(nested).is_ok());
+    let nan = "[tools.pay]\nkind = \"command\"\nargv = [\"true\"]\napproval = { param = \"amount\", above = nan }\nparams = { type = \"object\", properties = { amount = { type = \"number\" } } }\n";
+    assert_eq!(problems(nan), ["4: tools.pay.approval.above"]);
+}
+
+#[test]
+fn key_problems_name_their_line_in_an_array_of_tables() {
+    let text = "[server]\nlisten = \"127.0.0.1:0\"\n\n[[server.keys]]\nname = \"a\"\nkey_env = \"PAY_AUTH\"\nrole = \"agent\"\n\n[[server.keys]]\nname = \"b\"\nkey_env = \"NOT_SET\"\nrole = \"admin\"\n";
+    assert_eq!(problems(text), ["11: server.keys[1].key_env", "6: server.keys[0].key_env"]);
+}
+
+#[test]
+fn every_syntax_error_is_reported() {
+    let e = parse("[run]\ndeadline = \"1m\n\n[tools.a]\nkind = = \"command\"\n").unwrap_err();
+    let lines: Vec<Option<usize>> = e.0.iter().map(|e| e.line).collect();
+    assert!(lines.contains(&Some(2)) && lines.contains(&Some(5)), "{e}");
 }

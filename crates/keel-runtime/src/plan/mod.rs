@@ -123,6 +123,13 @@ impl Plan {
         if self.steps.is_empty() {
             problems.push("the plan has no steps".to_owned());
         }
+        if let Some(deadline) = self.deadline {
+            let mut c = keel_core::policy::Checks::default();
+            c.positive_duration("deadline", deadline);
+            for e in c.finish().err().unwrap_or_default() {
+                problems.push(format!("{}: {}", e.key, e.message));
+            }
+        }
         let mut seen = HashSet::new();
         for (i, step) in self.steps.iter().enumerate() {
             let id = self.step_id(i);

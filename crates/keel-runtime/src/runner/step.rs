@@ -366,8 +366,12 @@ async fn call_once(
         failures: ctx.failures.clone(),
     });
     let pipeline = r.pipeline(tool, sink);
-    let left = Duration::from_millis(u64::try_from(ctx.deadline_at_ms - now_ms).unwrap_or(0));
-    let scope = RunScope::new().with_deadline(r.clock.now() + left).with_budget(ctx.budget.clone());
+    let left = Duration::from_millis(u64::try_from(ctx.deadline_at_ms.saturating_sub(now_ms)).unwrap_or(0));
+    let mut scope = RunScope::new().with_budget(ctx.budget.clone());
+    // A deadline past the clock's range is no deadline (a journaled `u64::MAX`).
+    if let Some(at) = keel_core::clock::deadline_after(r.clock.now(), left) {
+        scope = scope.with_deadline(at);
+    }
     let clock = r.clock.clone();
     let result =
         scope.run(pipeline.call_resumed(resume, |_| tool.invoke_with_key(params, &*clock, key))).await;

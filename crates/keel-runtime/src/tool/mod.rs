@@ -9,6 +9,7 @@ mod tests;
 pub use command::CommandTool;
 pub use http::HttpTool;
 
+use std::cmp::Ordering;
 use std::fmt;
 use std::sync::Arc;
 
@@ -87,6 +88,9 @@ impl Tool {
     }
 
     /// Whether a call with `params` needs a person's approval in `mode`.
+    ///
+    /// A rule fails closed: an `above` rule whose parameter is missing or not a JSON
+    /// number (`"5000"`, `[5000]`, `null`) cannot be evaluated, so it asks.
     pub fn needs_approval(&self, params: &Value, mode: Mode) -> bool {
         if mode == Mode::Advisory && self.write {
             return true;
@@ -95,7 +99,11 @@ impl Tool {
             ApprovalRule::Fixed(FixedApproval::Never) => false,
             ApprovalRule::Fixed(FixedApproval::Always) => true,
             ApprovalRule::Above { param, above } => {
-                crate::template::lookup(params, param).and_then(Value::as_f64).is_some_and(|v| v > *above)
+                match crate::template::lookup(params, param).and_then(Value::as_f64) {
+                    // A threshold that compares with nothing (NaN) asks too.
+                    Some(v) => !matches!(v.partial_cmp(above), Some(Ordering::Less | Ordering::Equal)),
+                    None => true,
+                }
             }
         }
     }

@@ -149,3 +149,36 @@ async fn an_http_429_carries_its_retry_after_and_a_dead_port_is_network() {
     assert_eq!(e.class, ErrorClass::Network);
     assert!(!e.message.contains("127.0.0.1:9/x"), "URLs may hold secrets: {}", e.message);
 }
+
+#[test]
+fn an_above_rule_fails_closed_on_every_value_it_cannot_compare() {
+    let c = config(
+        "[tools.pay]\nkind = \"command\"\nargv = [\"true\"]\napproval = { param = \"amount\", above = 100 }\n\
+         params = { type = \"object\", properties = { amount = { type = \"number\" } } }\n",
+    );
+    let pay = &c.tools["pay"];
+    let asks = |params: Value| pay.needs_approval(&params, crate::config::Mode::Autonomous);
+    for hostile in [
+        json!({"amount": "5000"}),
+        json!({"amount": [5000]}),
+        json!({"amount": {"value": 5000}}),
+        json!({"amount": null}),
+        json!({"amount": true}),
+        json!({"Amount": 5000}),
+        json!({"AMOUNT": 5000, "amount ": 5000}),
+        json!({}),
+        json!([5000]),
+        json!("amount=5000"),
+        json!(null),
+    ] {
+        assert!(asks(hostile.clone()), "{hostile} needs approval");
+    }
+    assert!(asks(json!({"amount": 5000})));
+    assert!(asks(json!({"amount": 100.000_001})));
+    assert!(!asks(json!({"amount": 100})), "not above");
+    assert!(!asks(json!({"amount": -5})));
+    // A threshold that compares with nothing (only Rust can build it) asks too.
+    let mut nan = (**pay).clone();
+    nan.approval = crate::config::ApprovalRule::Above { param: "amount".into(), above: f64::NAN };
+    assert!(nan.needs_approval(&json!({"amount": 1}), crate::config::Mode::Autonomous));
+}

@@ -187,3 +187,16 @@ async fn tickets_are_resolved_through_the_api_and_cancel_resume_work() {
     let (status, e) = s.post(Some(AGENT), &format!("/api/runs/{run_id}/resume"), None).await;
     assert_eq!((status, e["class"].as_str()), (400, Some("invalid_request")));
 }
+
+/// A tool's breaker opening in an invocation reaches `/metrics`, not a sink that
+/// drops it (the journal's side: keel-cli's `tickets.rs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_breaker_opening_reaches_the_metrics() {
+    let extra = "[defaults.breaker]\nmin_calls = 2\nfailure_ratio = 0.5\n";
+    let s = Server::start(Faults { notify_down: true, ..Faults::default() }, extra).await;
+    let (status, body) = s.post(Some(AGENT), "/api/tools/notify/invoke", Some(json!({"params": {}}))).await;
+    assert_ne!(status, 200, "{body}");
+    let (_, metrics) = s.get(Some(AGENT), "/metrics").await;
+    let text = metrics.as_str().unwrap();
+    assert!(text.contains("keel_breaker_state{target=\"notify\"} 2"), "open is 2: {text}");
+}

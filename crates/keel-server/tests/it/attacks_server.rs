@@ -90,7 +90,7 @@ fn body_of(response: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_loris_client_cannot_keep_a_normal_client_out() {
-    let s = Server::start_with(Faults::default(), "max_connections = 32", "").await;
+    let s = Server::start_server(Faults::default(), "max_connections = 32", "").await;
     let to = addr(&s);
     // 300 half-sent requests from one client (127.0.0.2), held open.
     let mut loris = Vec::new();
@@ -125,7 +125,7 @@ async fn a_slow_loris_client_cannot_keep_a_normal_client_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_sent_headers_idle_connections_and_slow_bodies_time_out() {
-    let s = Server::start_with(
+    let s = Server::start_server(
         Faults::default(),
         "header_read_timeout = \"300ms\"\nidle_timeout = \"300ms\"\nbody_read_timeout = \"300ms\"",
         "",
@@ -159,7 +159,7 @@ async fn half_sent_headers_idle_connections_and_slow_bodies_time_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_the_limit_with_every_connection_busy_a_new_one_gets_a_json_503() {
-    let s = Server::start_with(Faults::default(), "max_connections = 3", "").await;
+    let s = Server::start_server(Faults::default(), "max_connections = 3", "").await;
     let to = addr(&s);
     // Three connections, each with a call waiting for a person (busy, not idle). The
     // server's `100 Continue` says the request is in its hands before the body goes.
@@ -367,7 +367,7 @@ async fn oversized_bodies_answer_json_everywhere() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bearer_scheme_is_case_insensitive_and_guessing_keys_is_rate_limited() {
-    let s = Server::start_with(
+    let s = Server::start_server(
         Faults::default(),
         "rate_limit = { unauthenticated_per_second = 1, unauthenticated_burst = 5 }",
         "",

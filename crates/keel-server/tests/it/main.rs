@@ -11,4 +11,6 @@ mod attacks_server;
 mod auth;
 mod browser;
 mod gateway;
+mod idempotency;
 mod shutdown;
+mod storage;
