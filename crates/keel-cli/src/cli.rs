@@ -35,6 +35,11 @@ pub enum Command {
         /// The address to listen on (default: keel.toml's `[server] listen`).
         #[arg(long)]
         listen: Option<String>,
+        /// The log on stderr: `text` for people, `json` (one object a line) for
+        /// machines. Which lines: `RUST_LOG` (default `info`), e.g.
+        /// `RUST_LOG=keel::request=warn,info`.
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
     },
     /// Runs: list, show, resume, cancel.
     Runs {
@@ -175,4 +180,13 @@ pub enum ConfigAction {
     Check,
     /// Print the JSON Schema of keel.toml.
     Schema,
+}
+
+/// `keel serve --log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// `2026-01-01T00:00:00Z  INFO keel::request: request method=GET ...`.
+    Text,
+    /// One JSON object a line.
+    Json,
 }

@@ -100,7 +100,10 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
             }
             drive(&ctx, &runner, &run_id, *wait, Duration::ZERO).await
         }
-        Command::Serve { listen } => serve(&cli, listen.as_deref()).await,
+        Command::Serve { listen, log_format } => {
+            init_log(*log_format)?;
+            serve(&cli, listen.as_deref()).await
+        }
         Command::Runs { action } => runs(&cli, action).await,
         Command::Approvals { action } => approvals(&cli, action).await,
         Command::Tickets { action } => tickets(&cli, action).await,
@@ -115,6 +118,24 @@ fn warn_all(config: &Config) {
 }
 
 /// `keel serve`: until SIGINT or SIGTERM, then a graceful stop.
+/// `keel serve`'s log on stderr, filtered by `RUST_LOG` (default `info`).
+fn init_log(format: crate::cli::LogFormat) -> Result<()> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) if !spec.trim().is_empty() => {
+            EnvFilter::try_new(&spec).map_err(|e| UsageError(format!("RUST_LOG=`{spec}`: {e}")))?
+        }
+        _ => EnvFilter::new("info"),
+    };
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(false);
+    let installed = match format {
+        crate::cli::LogFormat::Text => builder.try_init(),
+        crate::cli::LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+    installed.map_err(|e| anyhow::anyhow!("cannot install the log: {e}"))
+}
+
 async fn serve(cli: &Cli, listen: Option<&str>) -> Result<ExitCode> {
     let ctx = open(cli).await?;
     warn_all(&ctx.config);
@@ -243,6 +264,9 @@ async fn runs(cli: &Cli, action: &RunsAction) -> Result<ExitCode> {
         RunsAction::List => {
             let mut rows = Vec::new();
             for id in ctx.journal.run_ids().await? {
+                if keel_server::api::runs::is_internal(&id) {
+                    continue;
+                }
                 if let Some(s) = ctx.journal.snapshot(&id).await? {
                     rows.push(s.run);
                 }
@@ -313,6 +337,9 @@ async fn runs(cli: &Cli, action: &RunsAction) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         RunsAction::Cancel { id } => {
+            if keel_server::api::runs::is_internal(id) {
+                return Err(UsageError(format!("`{id}` is the model gateway's journal, not a run")).into());
+            }
             let runner = ctx.runner().await?;
             runner.cancel(id, &std::env::var("USER").unwrap_or_else(|_| "cli".into())).await?;
             if ctx.json {

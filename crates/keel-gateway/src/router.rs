@@ -61,8 +61,21 @@ async fn chat(
     State(gateway): State<Arc<Gateway>>,
     key: Option<Extension<ApiKeyId>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        // Too large (or unreadable) a body, in OpenAI's error shape like every answer.
+        Err(r) => {
+            let failure = keel_core::Failure::new(
+                keel_core::ErrorClass::InvalidRequest,
+                format!("the request body: {}", r.body_text()),
+            );
+            let mut resp = GatewayError::from_failure(failure).into_response();
+            *resp.status_mut() = r.status();
+            return resp;
+        }
+    };
     if gateway.overloaded() {
         // Shed load before the journal's queue (and memory) grows: a 503 with
         // Retry-After, which the OpenAI SDKs retry.

@@ -192,6 +192,11 @@ pub enum JournalEvent {
         args_digest: String,
         /// When it expires, in milliseconds since the Unix epoch.
         expires_at_ms: i64,
+        /// The arguments the digest covers, as the person is shown them (forever: a
+        /// retry with new parameters asks anew and never changes these). `null` in
+        /// events written before they were recorded.
+        #[serde(default, skip_serializing_if = "Value::is_null")]
+        args: Value,
     },
     /// An approval was decided.
     ApprovalDecided {
@@ -350,4 +355,28 @@ pub struct RecordedEvent {
     pub recorded_at_ms: i64,
     /// The event.
     pub event: JournalEvent,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_approval_requested_before_args_were_recorded_still_reads() {
+        let old = r#"{"type":"approval_requested","approval_id":"a","step":1,"tool":"pay","args_digest":"d","expires_at_ms":5}"#;
+        let JournalEvent::ApprovalRequested { args, .. } = serde_json::from_str(old).unwrap() else {
+            panic!("not an approval_requested")
+        };
+        assert!(args.is_null());
+        let new = JournalEvent::ApprovalRequested {
+            approval_id: "a".into(),
+            step: 1,
+            tool: "pay".into(),
+            args_digest: "d".into(),
+            expires_at_ms: 5,
+            args: serde_json::json!({"amount": 150}),
+        };
+        let back: JournalEvent = serde_json::from_str(&serde_json::to_string(&new).unwrap()).unwrap();
+        assert_eq!(back, new);
+    }
 }

@@ -56,6 +56,6 @@ crate::store::sql_journal!(
     lock_lease = " FOR SHARE",
     claim_candidates = "\
 SELECT r.run_id FROM runs r LEFT JOIN leases l ON l.run_id = r.run_id \
-WHERE r.state IN ('created', 'running', 'waiting') AND (l.run_id IS NULL OR l.expires_at <= $1) \
+WHERE r.state IN ('created', 'running', 'waiting') AND r.name <> '' AND (l.run_id IS NULL OR l.expires_at <= $1) \
 ORDER BY r.updated_at, r.run_id LIMIT $2 FOR UPDATE OF r SKIP LOCKED",
 );

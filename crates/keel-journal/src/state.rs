@@ -90,6 +90,10 @@ pub struct ApprovalView {
     pub tool: String,
     /// The digest of the arguments shown.
     pub args_digest: String,
+    /// The arguments the digest covers (`None` for approvals requested before they
+    /// were recorded).
+    #[serde(default)]
+    pub args: Option<Value>,
     /// `pending`, `approved`, `denied` or `expired`.
     pub status: String,
     /// When it was requested.

@@ -23,8 +23,27 @@ pub struct ApprovalItem {
     pub approval: ApprovalView,
     /// Its run.
     pub run: RunView,
-    /// The step it holds, with the exact arguments the digest covers.
+    /// The step it holds; its `input` is the approval's arguments (below), not the
+    /// step's latest (a ticket's retry with new parameters changes those).
     pub step: Option<StepView>,
+    /// Exactly the arguments the approval's digest covers, forever; `None` for an
+    /// approval requested before they were recorded whose step's input no longer
+    /// matches the digest.
+    pub args: Option<Value>,
+}
+
+/// The arguments `a` covers: as recorded with it, else (older journals) the step's
+/// input if its digest is the approval's.
+fn covered_args(a: &ApprovalView, step: Option<&StepView>) -> Option<Value> {
+    if let Some(args) = &a.args {
+        return Some(args.clone());
+    }
+    let input = &step?.input;
+    let canary = format!("{}#rest-after-canary", a.tool);
+    [a.tool.as_str(), canary.as_str()]
+        .into_iter()
+        .any(|tool| crate::runner::args_digest(tool, input) == a.args_digest)
+        .then(|| input.clone())
 }
 
 /// A ticket with its run.
@@ -65,8 +84,12 @@ pub async fn approvals(journal: &dyn Journal) -> Result<Vec<ApprovalItem>> {
     for run_id in journal.run_ids().await? {
         let Some(snap) = journal.snapshot(&run_id).await? else { continue };
         for a in &snap.approvals {
-            let step = snap.steps.iter().find(|s| s.step == a.step).cloned();
-            items.push(ApprovalItem { approval: a.clone(), run: snap.run.clone(), step });
+            let mut step = snap.steps.iter().find(|s| s.step == a.step).cloned();
+            let args = covered_args(a, step.as_ref());
+            if let Some(step) = &mut step {
+                step.input = args.clone().unwrap_or(Value::Null);
+            }
+            items.push(ApprovalItem { approval: a.clone(), run: snap.run.clone(), step, args });
         }
     }
     items.sort_by(|a, b| {

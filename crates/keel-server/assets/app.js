@@ -1,8 +1,11 @@
 // Keel's web inbox: approvals, tickets, runs and a dashboard over /api.
-// The API key is kept in this browser's localStorage and sent as a bearer token.
+// The API key is kept in this tab's sessionStorage only (gone when the tab closes,
+// never written to disk by localStorage, never in a URL) and sent as a bearer token.
 "use strict";
 
-const state = { tab: "approvals", key: localStorage.getItem("keel-key") || "", openRun: null };
+// Earlier versions kept the key in localStorage: forget it there.
+try { localStorage.removeItem("keel-key"); } catch (_) { /* storage disabled */ }
+const state = { tab: "approvals", key: sessionStorage.getItem("keel-key") || "", openRun: null };
 const $ = (sel) => document.querySelector(sel);
 
 function esc(v) {
@@ -39,7 +42,8 @@ async function renderApprovals() {
   if (!items.length) { el.innerHTML = `<p class="muted">No approvals.</p>`; return; }
   el.innerHTML = items.map((i) => {
     const a = i.approval;
-    const args = i.step ? JSON.stringify(i.step.input, null, 2) : "";
+    // Exactly the arguments the approval's digest covers (not the step's latest).
+    const args = i.args === null || i.args === undefined ? "(arguments not recorded)" : JSON.stringify(i.args, null, 2);
     const left = Math.round((a.expires_at_ms - Date.now()) / 1000);
     const buttons = a.status === "pending"
       ? `<div class="actions">
@@ -177,7 +181,8 @@ document.addEventListener("click", async (ev) => {
 $("#key-form").addEventListener("submit", (ev) => {
   ev.preventDefault();
   state.key = $("#key").value.trim();
-  localStorage.setItem("keel-key", state.key);
+  sessionStorage.setItem("keel-key", state.key);
+  $("#key").value = "";
   refresh();
 });
 

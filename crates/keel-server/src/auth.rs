@@ -3,12 +3,15 @@
 //! Keys come from the environment (named in keel.toml), are compared in constant time
 //! against every configured key (so timing says nothing about which or how much
 //! matched), and are never logged: the journal and logs name the key, not its value.
-//! Each key has its own rate limit.
+//! Each key has its own rate limit; requests that present no valid key are limited
+//! per client address (so that guessing keys is slow and costs the server little).
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
@@ -48,6 +51,8 @@ impl Caller {
 pub struct Keys {
     keys: Vec<(String, Role, [u8; 32])>,
     limiter: DefaultKeyedRateLimiter<String>,
+    /// Requests without a valid key, per client address.
+    strangers: DefaultKeyedRateLimiter<IpAddr>,
 }
 
 impl std::fmt::Debug for Keys {
@@ -65,11 +70,32 @@ impl Keys {
     pub fn new(keys: &[ApiKey], limit: &RateLimitConfig) -> Self {
         let per_second = NonZeroU32::new(limit.per_second.max(1)).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(limit.burst.max(1)).unwrap_or(NonZeroU32::MIN);
+        let stranger_rate =
+            NonZeroU32::new(limit.unauthenticated_per_second.max(1)).unwrap_or(NonZeroU32::MIN);
+        let stranger_burst = NonZeroU32::new(limit.unauthenticated_burst.max(1)).unwrap_or(NonZeroU32::MIN);
         Self {
             // Comparing fixed-size digests makes the comparison length-independent too.
             keys: keys.iter().map(|k| (k.name.clone(), k.role, digest(k.secret.as_bytes()))).collect(),
             limiter: RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
+            strangers: RateLimiter::keyed(Quota::per_second(stranger_rate).allow_burst(stranger_burst)),
         }
+    }
+
+    /// Counts a request without a valid key against its address: false when the
+    /// address is over its limit.
+    fn stranger_allowed(&self, req: &Request) -> bool {
+        let addr = req
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |ConnectInfo(a)| a.ip());
+        if self.strangers.check_key(&addr).is_err() {
+            return false;
+        }
+        // The map of addresses must not grow without bound under a spray of them.
+        if self.strangers.len() > 100_000 {
+            self.strangers.retain_recent();
+        }
+        true
     }
 
     /// The caller presenting `secret`, if any key matches.
@@ -86,50 +112,80 @@ impl Keys {
     }
 }
 
+/// The key of `Authorization: Bearer KEY` (the scheme in any case, RFC 9110) or of
+/// `X-API-Key`.
 fn presented_key(req: &Request) -> Option<&str> {
     let h = req.headers();
     if let Some(v) = h.get("authorization").and_then(|v| v.to_str().ok()) {
-        return v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")).map(str::trim);
+        let (scheme, key) = v.trim_start().split_once(' ')?;
+        return scheme.eq_ignore_ascii_case("bearer").then(|| key.trim()).filter(|k| !k.is_empty());
     }
     h.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim)
+}
+
+fn too_many_strangers() -> ApiError {
+    ApiError::new(ErrorClass::RateLimited, "too many requests without a valid API key from this address")
 }
 
 /// The middleware: identifies the caller, applies its rate limit, and puts a
 /// [`Caller`] in the request's extensions.
 pub async fn require_key(State(keys): State<Arc<Keys>>, mut req: Request, next: Next) -> Response {
-    let Some(secret) = presented_key(&req) else {
-        return ApiError::new(ErrorClass::Unauthorized, "an API key is required (Authorization: Bearer KEY)")
-            .into_response();
-    };
-    let Some(caller) = keys.identify(secret) else {
-        return ApiError::new(ErrorClass::Unauthorized, "the API key is not valid").into_response();
+    let Some(caller) = presented_key(&req).and_then(|k| keys.identify(k)) else {
+        if !keys.stranger_allowed(&req) {
+            return too_many_strangers().into_response();
+        }
+        let message = if presented_key(&req).is_some() {
+            "the API key is not valid"
+        } else {
+            "an API key is required (Authorization: Bearer KEY)"
+        };
+        return ApiError::new(ErrorClass::Unauthorized, message).into_response();
     };
     if keys.limiter.check_key(&caller.name).is_err() {
-        return ApiError::new(
-            ErrorClass::RateLimited,
-            format!("key `{}` is over its rate limit", caller.name),
-        )
-        .into_response();
+        let mut resp =
+            ApiError::new(ErrorClass::RateLimited, format!("key `{}` is over its rate limit", caller.name))
+                .into_response();
+        resp.extensions_mut().insert(caller);
+        return resp;
     }
-    req.extensions_mut().insert(caller);
-    next.run(req).await
+    req.extensions_mut().insert(caller.clone());
+    let mut resp = next.run(req).await;
+    // For the request log: who called (the key's name, never the key).
+    resp.extensions_mut().insert(caller);
+    resp
 }
 
 /// OpenAI's error shape, for `/v1`.
-fn openai_error(status: axum::http::StatusCode, kind: &str, message: &str) -> Response {
+pub(crate) fn openai_error(status: StatusCode, kind: &str, message: &str) -> Response {
     let body = serde_json::json!({"error": {"message": message, "type": kind, "param": null, "code": null}});
-    (status, axum::Json(body)).into_response()
+    let mut resp = (status, axum::Json(body)).into_response();
+    let class = match status {
+        StatusCode::BAD_REQUEST => ErrorClass::InvalidRequest,
+        StatusCode::UNAUTHORIZED => ErrorClass::Unauthorized,
+        StatusCode::FORBIDDEN => ErrorClass::Forbidden,
+        StatusCode::TOO_MANY_REQUESTS => ErrorClass::RateLimited,
+        _ => ErrorClass::ServerError,
+    };
+    resp.headers_mut().insert("x-keel-error-class", axum::http::HeaderValue::from_static(class.as_str()));
+    resp
 }
 
 /// The middleware of `/v1`: like [`require_key`], with errors in OpenAI's shape, and
 /// the caller's key name given to the gateway (per-key budgets) as an `ApiKeyId`.
 pub async fn require_key_v1(State(keys): State<Arc<Keys>>, mut req: Request, next: Next) -> Response {
-    use axum::http::StatusCode;
-    let Some(secret) = presented_key(&req) else {
-        return openai_error(StatusCode::UNAUTHORIZED, "authentication_error", "an API key is required");
-    };
-    let Some(caller) = keys.identify(secret) else {
-        return openai_error(StatusCode::UNAUTHORIZED, "authentication_error", "the API key is not valid");
+    let Some(caller) = presented_key(&req).and_then(|k| keys.identify(k)) else {
+        if !keys.stranger_allowed(&req) {
+            let mut r = openai_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "too many requests without a valid API key from this address",
+            );
+            r.headers_mut().insert("retry-after", axum::http::HeaderValue::from_static("1"));
+            return r;
+        }
+        let message =
+            if presented_key(&req).is_some() { "the API key is not valid" } else { "an API key is required" };
+        return openai_error(StatusCode::UNAUTHORIZED, "authentication_error", message);
     };
     if caller.require(&[Role::Agent]).is_err() {
         return openai_error(StatusCode::FORBIDDEN, "permission_error", "this key may not call models");
@@ -138,9 +194,12 @@ pub async fn require_key_v1(State(keys): State<Arc<Keys>>, mut req: Request, nex
         let mut r =
             openai_error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "over the key's rate limit");
         r.headers_mut().insert("retry-after", axum::http::HeaderValue::from_static("1"));
+        r.extensions_mut().insert(caller);
         return r;
     }
     req.extensions_mut().insert(keel_gateway::ApiKeyId(caller.name.clone()));
-    req.extensions_mut().insert(caller);
-    next.run(req).await
+    req.extensions_mut().insert(caller.clone());
+    let mut resp = next.run(req).await;
+    resp.extensions_mut().insert(caller);
+    resp
 }

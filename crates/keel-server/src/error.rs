@@ -76,6 +76,8 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         let mut resp = (status, Json(&self)).into_response();
+        // For the request log.
+        resp.extensions_mut().insert(self.class);
         if self.class == ErrorClass::RateLimited {
             resp.headers_mut().insert("retry-after", axum::http::HeaderValue::from_static("1"));
         }

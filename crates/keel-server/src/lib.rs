@@ -9,9 +9,11 @@
 
 pub mod api;
 pub mod auth;
+pub mod conn;
 pub mod dashboard;
 pub mod error;
 pub mod inbox;
+pub mod log;
 pub mod metrics;
 pub mod openapi;
 pub mod ops;
@@ -90,6 +92,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/dashboard", get(dashboard::dashboard))
         .route_layer(axum::middleware::from_fn_with_state(keys.clone(), auth::require_key));
     let gateway = state.gateway.clone();
+    let issued = Arc::new(api::runs::IssuedRuns::new(state.journal.clone()));
     let main = Router::new()
         .route("/healthz", get(ops::healthz))
         .route("/", get(inbox::index))
@@ -99,18 +102,23 @@ pub fn app(state: AppState) -> Router {
         .fallback(|| async { error::ApiError::new(keel_core::ErrorClass::NotFound, "no such route") })
         .layer(DefaultBodyLimit::max(state.config.server.body_limit))
         .with_state(state);
-    match gateway {
+    let all = match gateway {
         // The model gateway: `/v1/chat/completions` and `/v1/models`, behind the same
         // keys, answering auth errors in OpenAI's shape.
+        // `X-Keel-Run` must name a run issued to the calling key.
         Some(gw) => main.merge(
-            keel_gateway::router(gw).layer(axum::middleware::from_fn_with_state(keys, auth::require_key_v1)),
+            keel_gateway::router(gw)
+                .layer(axum::middleware::from_fn_with_state(issued, api::runs::require_issued_run))
+                .layer(axum::middleware::from_fn_with_state(keys, auth::require_key_v1)),
         ),
         None => main,
-    }
+    };
+    all.layer(axum::middleware::from_fn(log::requests))
 }
 
 /// Serves `state` on `listener` until `shutdown` resolves; then stops taking runs,
 /// lets in-flight requests and drives finish (up to `grace`), and flushes the journal.
+/// Connections are held to `[server]`'s limits ([`conn`]).
 ///
 /// # Errors
 /// The listener's.
@@ -131,24 +139,20 @@ pub async fn serve(
         stop.clone(),
     );
     let runner = state.runner.clone();
+    let limits = conn::Limits::from_config(&state.config.server);
     let stop_on_signal = stop.clone();
-    // No Nagle delay: a streamed token leaves at once (≈43 ms otherwise).
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
+    tokio::spawn(async move {
+        shutdown.await;
+        stop_on_signal.cancel();
     });
-    let result = axum::serve(listener, app(state))
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            stop_on_signal.cancel();
-        })
-        .await;
+    conn::accept_loop(listener, app(state), limits, stop.clone(), &tracker).await;
     stop.cancel();
     tracker.close();
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        tracing::warn!("workers did not finish within the grace period");
+        tracing::warn!("workers and connections did not finish within the grace period");
     }
     if let Err(e) = runner.flush().await {
         tracing::error!(error = %e, "flushing the journal at shutdown failed");
     }
-    result
+    Ok(())
 }

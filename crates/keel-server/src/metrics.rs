@@ -80,6 +80,25 @@ fn breaker_value(state: BreakerState) -> f64 {
     }
 }
 
+/// What a person should know of: held actions, escalations.
+fn log_decision(run_id: &str, event: &JournalEvent) {
+    match event {
+        JournalEvent::ApprovalRequested { approval_id, tool, .. } => tracing::warn!(
+            target: "keel::decision", run = run_id, approval = %approval_id, tool = %tool,
+            "approval requested: the action waits for a person"
+        ),
+        JournalEvent::ApprovalDecided { approval_id, decision, by } => tracing::info!(
+            target: "keel::decision", run = run_id, approval = %approval_id, decision = decision.as_str(), by = %by,
+            "approval decided"
+        ),
+        JournalEvent::TicketOpened { ticket_id, class, .. } => tracing::warn!(
+            target: "keel::decision", run = run_id, ticket = %ticket_id, class = class.as_str(),
+            "ticket opened: the run escalated to a person"
+        ),
+        _ => {}
+    }
+}
+
 impl Observer for Metrics {
     fn event(&self, run_id: &str, event: &JournalEvent) {
         match event {
@@ -137,6 +156,7 @@ impl Observer for Metrics {
             | JournalEvent::TicketOpened { .. }
             | JournalEvent::TicketResolved { .. }
             | JournalEvent::StepFinished { .. } => {
+                log_decision(run_id, event);
                 let _ = self.changes.send(run_id.to_owned());
             }
             JournalEvent::RunTakenOver { .. } => {

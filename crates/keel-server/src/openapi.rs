@@ -70,7 +70,7 @@ pub const ROUTES: &[RouteDoc] = &[
     RouteDoc {
         method: "post",
         path: "/api/runs",
-        summary: "Start a plan run; the server's workers carry it out",
+        summary: "Start a plan run (the server's workers carry it out), or with no plan an agent's own run to name in X-Keel-Run",
         roles: "agent",
         request: Some(s::<runs::StartRun>),
         response: (201, Some(s::<runs::Started>)),

@@ -17,5 +17,6 @@ mod durability;
 mod policy_attacks;
 mod scope;
 mod serve_crash;
+mod serve_log;
 mod tickets;
 mod timeouts;

@@ -269,7 +269,8 @@ macro_rules! projection_ops {
                         .execute(&mut *conn)
                         .await?;
                 }
-                JournalEvent::ApprovalRequested { approval_id, step, tool, args_digest, expires_at_ms } => {
+                JournalEvent::ApprovalRequested { approval_id, step, tool, args_digest, expires_at_ms, args } => {
+                    let args = if args.is_null() { None } else { Some(json(args)?) };
                     sqlx::query(sql::APPROVAL_REQUESTED)
                         .bind(approval_id)
                         .bind(run_id)
@@ -278,6 +279,7 @@ macro_rules! projection_ops {
                         .bind(args_digest)
                         .bind(at)
                         .bind(*expires_at_ms)
+                        .bind(args)
                         .execute(&mut *conn)
                         .await?;
                 }
@@ -509,6 +511,7 @@ macro_rules! projection_ops {
                     step: a.try_get::<i64, _>("step")? as u32,
                     tool: a.try_get("tool")?,
                     args_digest: a.try_get("args_digest")?,
+                    args: parse_json(a.try_get("args")?)?,
                     status: a.try_get("status")?,
                     requested_at_ms: a.try_get("requested_at")?,
                     expires_at_ms: a.try_get("expires_at")?,

@@ -75,10 +75,10 @@ INSERT INTO attempts (run_id, started_seq, step, target, attempt, outcome, laten
 VALUES ($1, $8, $2, $3, $4, $5, $6, $7, $7)";
 
 pub(crate) const APPROVAL_REQUESTED: &str = "\
-INSERT INTO approvals (approval_id, run_id, step, tool, args_digest, status, requested_at, expires_at, decided_by, decided_at) \
-VALUES ($1, $2, $3, $4, $5, 'pending', $6, $7, NULL, NULL) \
+INSERT INTO approvals (approval_id, run_id, step, tool, args_digest, status, requested_at, expires_at, decided_by, decided_at, args) \
+VALUES ($1, $2, $3, $4, $5, 'pending', $6, $7, NULL, NULL, $8) \
 ON CONFLICT (approval_id) DO UPDATE SET run_id = excluded.run_id, step = excluded.step, tool = excluded.tool, \
-args_digest = excluded.args_digest, status = 'pending', requested_at = excluded.requested_at, \
+args_digest = excluded.args_digest, args = excluded.args, status = 'pending', requested_at = excluded.requested_at, \
 expires_at = excluded.expires_at, decided_by = NULL, decided_at = NULL";
 
 pub(crate) const APPROVAL_DECIDED: &str =
@@ -123,9 +123,12 @@ WHERE leases.expires_at <= $4 OR leases.owner = $2 \
 RETURNING epoch";
 
 /// Unfinished runs with no live lease at `$1`, at most `$2`, oldest activity first.
+/// A run with no name is not a plan's (the gateway's run, an agent's run that model
+/// calls are journaled under): there is nothing to drive, so it is never claimed (it
+/// would be claimed, fail and be claimed again ahead of every other run).
 pub(crate) const CLAIM_CANDIDATES: &str = "\
 SELECT r.run_id FROM runs r LEFT JOIN leases l ON l.run_id = r.run_id \
-WHERE r.state IN ('created', 'running') AND (l.run_id IS NULL OR l.expires_at <= $1) \
+WHERE r.state IN ('created', 'running') AND r.name <> '' AND (l.run_id IS NULL OR l.expires_at <= $1) \
 ORDER BY r.updated_at, r.run_id LIMIT $2";
 
 /// Adds outcomes, saturating at the largest integer (a sum never overflows into a REAL

@@ -164,6 +164,7 @@ async fn projections_follow_events_and_rebuild_to_the_same_state(s: Store) {
                 tool: "pay".into(),
                 args_digest: "d1".into(),
                 expires_at_ms: 99,
+                args: json!({"amount": 150}),
             },
         ),
         ev(run, state(RunState::WaitingApproval)),
@@ -264,6 +265,7 @@ async fn projections_follow_events_and_rebuild_to_the_same_state(s: Store) {
     assert_eq!(snap.attempts[0].latency_ms, Some(40));
     assert_eq!(snap.approvals[0].status, "approved");
     assert_eq!(snap.approvals[0].decided_by.as_deref(), Some("ann"));
+    assert_eq!(snap.approvals[0].args, Some(json!({"amount": 150})), "the arguments the approval covers");
     assert_eq!(snap.tickets[0].status, "resolved");
     assert_eq!(snap.tickets[0].resolution, Some(json!({"action": "abort"})));
 
@@ -359,6 +361,8 @@ async fn claim_runs_takes_only_free_unfinished_runs(s: Store) {
         ev("done", created("done")),
         ev("done", state(RunState::Completed)),
         ev("held", created("held")),
+        // No run_created: a run model calls were journaled under, nothing to drive.
+        ev("nameless", state(RunState::Running)),
     ])
     .await
     .unwrap();

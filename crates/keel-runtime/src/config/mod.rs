@@ -453,6 +453,8 @@ impl Config {
             }
         }
 
+        check_server(&mut c, &raw.server);
+
         // Models: the gateway checks them; its problems name `models.NAME.field`.
         let models: BTreeMap<String, keel_gateway::ModelConfig> =
             raw.models.iter().map(|(k, v)| (k.clone(), v.get_ref().clone())).collect();
@@ -516,6 +518,43 @@ impl Config {
     /// The JSON Schema of `keel.toml`, for editors.
     pub fn schema() -> serde_json::Value {
         serde_json::to_value(schemars::schema_for!(RawConfig)).unwrap_or_default()
+    }
+}
+
+/// `[server]`'s limits: each in its range, so that no value can disable a defence
+/// by accident (a zero timeout, no connection at all).
+fn check_server(c: &mut Checker<'_>, server: &ServerConfig) {
+    const MAX_WAIT: Duration = Duration::from_secs(3600);
+    if !(1..=1_000_000).contains(&server.max_connections) {
+        c.error(
+            c.spans.find_key("server.max_connections"),
+            "server.max_connections",
+            "must be between 1 and 1000000",
+        );
+    }
+    for (key, d) in [
+        ("server.header_read_timeout", server.header_read_timeout),
+        ("server.idle_timeout", server.idle_timeout),
+        ("server.body_read_timeout", server.body_read_timeout),
+    ] {
+        if d < Duration::from_millis(10) || d > MAX_WAIT {
+            c.error(
+                c.spans.find_key(key),
+                key,
+                format!("must be between 10ms and 1h, not {}", humantime::format_duration(d)),
+            );
+        }
+    }
+    let r = &server.rate_limit;
+    for (key, v) in [
+        ("server.rate_limit.per_second", r.per_second),
+        ("server.rate_limit.burst", r.burst),
+        ("server.rate_limit.unauthenticated_per_second", r.unauthenticated_per_second),
+        ("server.rate_limit.unauthenticated_burst", r.unauthenticated_burst),
+    ] {
+        if v == 0 {
+            c.error(c.spans.find_key(key), key, "must be at least 1");
+        }
     }
 }
 

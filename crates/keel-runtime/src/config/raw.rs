@@ -75,11 +75,16 @@ pub struct RateLimitConfig {
     pub per_second: u32,
     /// Requests a key may make in a burst.
     pub burst: u32,
+    /// Sustained requests per second per client address that present no valid key
+    /// (guessing keys is limited even though no key name is known).
+    pub unauthenticated_per_second: u32,
+    /// Such requests a client address may make in a burst.
+    pub unauthenticated_burst: u32,
 }
 
 impl Default for RateLimitConfig {
     fn default() -> Self {
-        Self { per_second: 200, burst: 400 }
+        Self { per_second: 200, burst: 400, unauthenticated_per_second: 5, unauthenticated_burst: 20 }
     }
 }
 
@@ -98,6 +103,23 @@ pub struct ServerConfig {
     pub rate_limit: RateLimitConfig,
     /// Runs worked at once by the server.
     pub workers: usize,
+    /// Connections held open at once (1 to 1000000). When all are taken, a
+    /// connection with no request in flight is closed to make room; when every one
+    /// is busy, the new connection is answered 503.
+    pub max_connections: usize,
+    /// How long a client has to send a request's headers once it started, and a new
+    /// connection its first request, e.g. "10s".
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub header_read_timeout: Duration,
+    /// How long a kept-alive connection may wait for its next request, e.g. "60s".
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub idle_timeout: Duration,
+    /// How long a client has to send a request's whole body, e.g. "60s".
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub body_read_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -108,6 +130,10 @@ impl Default for ServerConfig {
             body_limit: 1 << 20,
             rate_limit: RateLimitConfig::default(),
             workers: 4,
+            max_connections: 1024,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            body_read_timeout: Duration::from_secs(60),
         }
     }
 }

@@ -163,6 +163,29 @@ fn https_tools_are_refused_up_front_in_this_build() {
 }
 
 #[test]
+fn server_limits_are_checked_each_with_its_line() {
+    let text = r#"
+[server]
+max_connections = 0
+header_read_timeout = "0s"
+idle_timeout = "2h"
+body_read_timeout = "30s"
+rate_limit = { per_second = 0, unauthenticated_burst = 0 }
+"#;
+    let errors = parse(text).unwrap_err();
+    let lines: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
+    let has = |needle: &str| assert!(lines.iter().any(|l| l.contains(needle)), "{needle} in {lines:#?}");
+    has("conf/keel.toml:3: server.max_connections: must be between 1 and 1000000");
+    has("conf/keel.toml:4: server.header_read_timeout: must be between 10ms and 1h, not 0s");
+    has("conf/keel.toml:5: server.idle_timeout: must be between 10ms and 1h, not 2h");
+    has("conf/keel.toml:7: server.rate_limit.per_second: must be at least 1");
+    has("conf/keel.toml:7: server.rate_limit.unauthenticated_burst: must be at least 1");
+    assert_eq!(lines.len(), 5, "{lines:#?}");
+    let ok = parse("[server]\nmax_connections = 10\nheader_read_timeout = \"2s\"\n").unwrap();
+    assert_eq!(ok.server.max_connections, 10);
+}
+
+#[test]
 fn claim_ttl_is_configurable_within_its_range() {
     let c = parse("[storage]\nclaim_ttl = \"90s\"\n").unwrap();
     assert_eq!(c.claim_ttl, std::time::Duration::from_secs(90));

@@ -163,8 +163,18 @@ impl Runner {
     /// # Errors
     /// The journal's.
     pub async fn create(&self, plan: &Plan) -> Result<String> {
+        self.create_by(plan, None).await
+    }
+
+    /// Like [`create`](Self::create), recording the API key that started the run
+    /// (`input.owner`, the key's name): only that key may name the run later (its
+    /// model calls' `X-Keel-Run`).
+    ///
+    /// # Errors
+    /// The journal's.
+    pub async fn create_by(&self, plan: &Plan, owner: Option<&str>) -> Result<String> {
         let run_id = new_id("run");
-        for event in self.creation(plan) {
+        for event in self.creation(plan, owner) {
             self.record(&run_id, event).await?;
         }
         Ok(run_id)
@@ -178,7 +188,7 @@ impl Runner {
     /// # Errors
     /// The journal's.
     pub async fn create_with_id(&self, run_id: &str, plan: &Plan) -> Result<bool> {
-        let events = self.creation(plan);
+        let events = self.creation(plan, None);
         // On a task of its own: a caller that gives up (a client hanging up) must not
         // cancel the transaction half-way — sqlx's SQLite driver can then leave the
         // one write connection inside a transaction, failing every later write.
@@ -196,8 +206,8 @@ impl Runner {
         Ok(created)
     }
 
-    /// A new run's first events: its plan, then `running`.
-    fn creation(&self, plan: &Plan) -> [JournalEvent; 2] {
+    /// A new run's first events: its plan (and the key that started it), then `running`.
+    fn creation(&self, plan: &Plan, owner: Option<&str>) -> [JournalEvent; 2] {
         let name = plan.name.clone().unwrap_or_else(|| "plan".to_owned());
         let deadline = plan.deadline.unwrap_or(self.config.run.deadline);
         let input = json!({
@@ -205,6 +215,7 @@ impl Runner {
             "input": plan.input,
             "deadline_ms": u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX),
             "mode": self.config.run.mode,
+            "owner": owner,
         });
         [
             JournalEvent::RunCreated { name, input },

@@ -314,6 +314,8 @@ async fn approval_gate(
                 tool: tool.name.to_string(),
                 args_digest: digest.to_owned(),
                 expires_at_ms: now_ms.saturating_add(i64::try_from(expires.as_millis()).unwrap_or(i64::MAX)),
+                // What the person is shown: exactly what the digest covers.
+                args: params.clone(),
             })
             .await?;
             Ok(Some(StepEnd::Stop(RunStatus::WaitingApproval { approval_id })))

@@ -2,6 +2,7 @@
 
 use axum::Json;
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Extension, Path, State};
 use keel_core::ErrorClass;
 use keel_runtime::config::Role;
@@ -50,6 +51,10 @@ async fn decide(
         None => caller.name.clone(),
     };
     let item = inbox::decide(&*s.journal, &id, approve, &by, s.clock.wall()).await?;
+    tracing::info!(
+        target: "keel::decision", run = %item.approval.run_id, approval = %id, decision = %item.approval.status,
+        by = %caller.name, "approval decided"
+    );
     s.wake.notify_one();
     Ok(Json(item))
 }
@@ -62,9 +67,9 @@ pub async fn approve(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<ApprovalItem>, ApiError> {
-    decide(s, caller, id, true, parse(&body)?).await
+    decide(s, caller, id, true, parse(body)?).await
 }
 
 /// Rejects.
@@ -75,16 +80,24 @@ pub async fn reject(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<ApprovalItem>, ApiError> {
-    decide(s, caller, id, false, parse(&body)?).await
+    decide(s, caller, id, false, parse(body)?).await
 }
 
-/// The optional body: none, or a [`Decision`].
-fn parse(body: &[u8]) -> Result<Decision, ApiError> {
+/// The optional body: none, or a [`Decision`]; too large a body in `/api`'s shape.
+fn parse(body: Result<Bytes, BytesRejection>) -> Result<Decision, ApiError> {
+    let body = body.map_err(|r| {
+        let mut e = ApiError::new(ErrorClass::InvalidRequest, format!("the request body: {}", r.body_text()));
+        if r.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            e.message = format!("the request body is too large: {}", r.body_text());
+            e.status = Some(axum::http::StatusCode::PAYLOAD_TOO_LARGE);
+        }
+        e
+    })?;
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(Decision::default());
     }
-    serde_json::from_slice(body)
+    serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(ErrorClass::InvalidRequest, format!("bad JSON body: {e}")))
 }

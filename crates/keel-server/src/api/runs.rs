@@ -1,4 +1,9 @@
-//! `/api/runs`: start a plan run, list, show with its timeline, cancel, resume.
+//! `/api/runs`: start a plan run (or an agent's run, with no plan), list, show with
+//! its timeline, cancel, resume.
+//!
+//! A run started here belongs to the key that started it (`input.owner`): only that
+//! key (or an admin) may name it in `X-Keel-Run` on `/v1`, so that each run's model
+//! budget is Keel's to issue, not a header the caller makes up.
 
 use axum::Json;
 use axum::extract::{Extension, Path, State};
@@ -14,13 +19,40 @@ use super::AppState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiJson};
 
-/// `POST /api/runs`.
+/// `POST /api/runs`: a plan for Keel to carry out, or no plan for an agent's own
+/// run (a run handle: the agent names it in `X-Keel-Run` on its model calls).
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StartRun {
-    /// The plan, as JSON (the shape of a plan file).
-    #[schemars(with = "Value")]
-    pub plan: Plan,
+    /// The plan, as JSON (the shape of a plan file); none for an agent's run.
+    #[serde(default)]
+    #[schemars(with = "Option<Value>")]
+    pub plan: Option<Plan>,
+    /// What an agent's run is, for people (at most 200 characters).
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// The kind of an agent's run in its `input` (a run with no plan, not driven by Keel).
+pub const AGENT_RUN: &str = "agent";
+
+/// The key that started a run, if one did (`input.owner`).
+pub fn owner(run: &RunView) -> Option<&str> {
+    run.input.get("owner").and_then(Value::as_str)
+}
+
+fn is_agent_run(run: &RunView) -> bool {
+    run.input.get("kind").and_then(Value::as_str) == Some(AGENT_RUN)
+}
+
+/// Whether `id` is the gateway's own run (where model calls with no `X-Keel-Run` and
+/// the gateway's decisions are journaled): not a run anyone may list, cancel or resume.
+pub fn is_internal(id: &str) -> bool {
+    id == keel_gateway::journal::GATEWAY_RUN
+}
+
+fn not_a_run(id: &str) -> Option<ApiError> {
+    is_internal(id).then(|| ApiError::new(ErrorClass::NotFound, format!("no run `{id}`")))
 }
 
 /// A run just started.
@@ -42,14 +74,56 @@ pub async fn start(
     ApiJson(body): ApiJson<StartRun>,
 ) -> Result<(StatusCode, Json<Started>), ApiError> {
     caller.require(&[Role::Agent])?;
-    let mut body = body;
-    body.plan.fill_ids();
-    body.plan
-        .check(&s.config, std::path::Path::new("request"))
+    let Some(mut plan) = body.plan else {
+        return start_agent_run(&s, &caller, body.name).await;
+    };
+    if body.name.is_some() {
+        return Err(ApiError::new(
+            ErrorClass::InvalidRequest,
+            "`name` is for an agent's run; a plan has its own",
+        ));
+    }
+    plan.fill_ids();
+    plan.check(&s.config, std::path::Path::new("request"))
         .map_err(|e| ApiError::new(ErrorClass::InvalidRequest, e.problems.join("; ")))?;
-    let run_id = s.runner.create(&body.plan).await?;
+    let run_id = s.runner.create_by(&plan, Some(&caller.name)).await?;
     s.wake.notify_waiters();
     s.wake.notify_one();
+    let url = format!("/api/runs/{run_id}");
+    Ok((StatusCode::CREATED, Json(Started { run_id, url })))
+}
+
+/// An agent's run: journaled, owned by the caller's key, not driven by the workers
+/// (it has no name in the journal's runs, which the workers skip).
+async fn start_agent_run(
+    s: &AppState,
+    caller: &Caller,
+    name: Option<String>,
+) -> Result<(StatusCode, Json<Started>), ApiError> {
+    let label = name.unwrap_or_else(|| AGENT_RUN.to_owned());
+    if label.chars().count() > 200 || label.chars().any(char::is_control) {
+        return Err(ApiError::new(
+            ErrorClass::InvalidRequest,
+            "`name`: at most 200 characters, no control characters",
+        ));
+    }
+    let run_id = keel_runtime::runner::new_id("run");
+    let input = json!({"kind": AGENT_RUN, "owner": caller.name, "label": label});
+    s.journal
+        .append(&[
+            keel_journal::NewEvent::new(
+                &run_id,
+                keel_journal::JournalEvent::RunCreated { name: String::new(), input },
+            ),
+            keel_journal::NewEvent::new(
+                &run_id,
+                keel_journal::JournalEvent::RunStateChanged {
+                    state: keel_journal::RunState::Running,
+                    reason: Some(format!("an agent's run, started by {}", caller.name)),
+                },
+            ),
+        ])
+        .await?;
     let url = format!("/api/runs/{run_id}");
     Ok((StatusCode::CREATED, Json(Started { run_id, url })))
 }
@@ -61,7 +135,13 @@ pub async fn start(
 pub async fn list(State(s): State<AppState>) -> Result<Json<Vec<RunView>>, ApiError> {
     let mut runs = Vec::new();
     for id in s.journal.run_ids().await? {
-        if let Some(snap) = s.journal.snapshot(&id).await? {
+        if not_a_run(&id).is_some() {
+            continue;
+        }
+        if let Some(mut snap) = s.journal.snapshot(&id).await? {
+            if snap.run.name.is_empty() && is_agent_run(&snap.run) {
+                snap.run.name = snap.run.input["label"].as_str().unwrap_or(AGENT_RUN).to_owned();
+            }
             runs.push(snap.run);
         }
     }
@@ -74,6 +154,9 @@ pub async fn list(State(s): State<AppState>) -> Result<Json<Vec<RunView>>, ApiEr
 /// # Errors
 /// `not_found`.
 pub async fn show(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    if let Some(e) = not_a_run(&id) {
+        return Err(e);
+    }
     let export = s
         .journal
         .export_run(&id)
@@ -92,6 +175,9 @@ pub async fn cancel(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     caller.require(&[Role::Agent, Role::Approver])?;
+    if let Some(e) = not_a_run(&id) {
+        return Err(e);
+    }
     s.runner.cancel(&id, &caller.name).await?;
     Ok(Json(json!({"run_id": id, "state": "cancelled"})))
 }
@@ -106,7 +192,16 @@ pub async fn resume(
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     caller.require(&[Role::Agent, Role::Approver])?;
+    if let Some(e) = not_a_run(&id) {
+        return Err(e);
+    }
     let snap = s.runner.snapshot(&id).await?;
+    if is_agent_run(&snap.run) {
+        return Err(ApiError::new(
+            ErrorClass::InvalidRequest,
+            format!("run `{id}` is an agent's: Keel does not drive it"),
+        ));
+    }
     if snap.run.state.is_terminal() {
         return Err(ApiError::new(ErrorClass::InvalidRequest, format!("run `{id}` already ended")));
     }
@@ -121,4 +216,95 @@ pub async fn resume(
         .await?;
     s.wake.notify_one();
     Ok((StatusCode::ACCEPTED, Json(json!({"run_id": id, "state": "running"}))))
+}
+
+/// `/v1`'s check of `X-Keel-Run`: the run must be one Keel issued to the calling key
+/// (started by it through `POST /api/runs`; an admin may name any run), and not have
+/// ended (a cancelled run's agent is stopped). A verified pair is trusted for
+/// [`IssuedRuns::RECHECK`], so that a run's calls cost a journal read now and then.
+#[derive(Debug)]
+pub struct IssuedRuns {
+    journal: std::sync::Arc<dyn keel_journal::Journal>,
+    verified: std::sync::Mutex<std::collections::HashMap<(String, String), tokio::time::Instant>>,
+}
+
+/// What [`IssuedRuns`] says of a named run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Verdict {
+    Issued,
+    NotIssued,
+    Ended(keel_journal::RunState),
+}
+
+impl IssuedRuns {
+    /// How long a verified (key, run) pair is trusted before the run is read again.
+    pub const RECHECK: std::time::Duration = std::time::Duration::from_secs(2);
+
+    /// Over `journal`.
+    pub fn new(journal: std::sync::Arc<dyn keel_journal::Journal>) -> Self {
+        Self { journal, verified: std::sync::Mutex::default() }
+    }
+
+    async fn verdict(&self, caller: &Caller, run_id: &str) -> Result<Verdict, keel_journal::Error> {
+        let pair = (caller.name.clone(), run_id.to_owned());
+        let now = tokio::time::Instant::now();
+        let fresh = |at: &tokio::time::Instant| now.saturating_duration_since(*at) < Self::RECHECK;
+        if self.verified.lock().unwrap_or_else(|e| e.into_inner()).get(&pair).is_some_and(fresh) {
+            return Ok(Verdict::Issued);
+        }
+        if is_internal(run_id) {
+            return Ok(Verdict::NotIssued);
+        }
+        let Some(snap) = self.journal.snapshot(run_id).await? else { return Ok(Verdict::NotIssued) };
+        if caller.role != Role::Admin && owner(&snap.run) != Some(caller.name.as_str()) {
+            return Ok(Verdict::NotIssued);
+        }
+        let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        if snap.run.state.is_terminal() {
+            verified.remove(&pair);
+            return Ok(Verdict::Ended(snap.run.state));
+        }
+        if verified.len() >= 100_000 {
+            verified.retain(|_, at| fresh(at));
+        }
+        verified.insert(pair, now);
+        Ok(Verdict::Issued)
+    }
+}
+
+/// The middleware (after the key's: it needs the [`Caller`]).
+pub async fn require_issued_run(
+    axum::extract::State(runs): axum::extract::State<std::sync::Arc<IssuedRuns>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let named = req.headers().get(keel_gateway::RUN_HEADER).map(|v| v.to_str().map(str::to_owned));
+    let (Some(caller), Some(named)) = (req.extensions().get::<Caller>().cloned(), named) else {
+        return next.run(req).await;
+    };
+    let refuse = |message: String| {
+        crate::auth::openai_error(StatusCode::BAD_REQUEST, "invalid_request_error", &message)
+    };
+    let Ok(run_id) = named else { return refuse("X-Keel-Run is not a valid run id".to_owned()) };
+    let shown: String = run_id.chars().filter(char::is_ascii_graphic).take(80).collect();
+    match runs.verdict(&caller, &run_id).await {
+        Ok(Verdict::Issued) => next.run(req).await,
+        Ok(Verdict::NotIssued) => {
+            tracing::warn!(key = %caller.name, run = %shown, "model call refused: the run was not issued to the key");
+            refuse(format!(
+                "X-Keel-Run `{shown}` is not a run Keel issued to key `{}`: start one with POST /api/runs \
+                 (with no plan for an agent's own run) and send its run_id",
+                caller.name
+            ))
+        }
+        Ok(Verdict::Ended(state)) => {
+            tracing::info!(key = %caller.name, run = %shown, state = state.as_str(), "model call refused: the run ended");
+            refuse(format!("run `{shown}` already ended ({}): it takes no more model calls", state.as_str()))
+        }
+        Err(e) => crate::auth::openai_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "api_error",
+            &format!("cannot check the run: {e}"),
+        ),
+    }
 }

@@ -57,3 +57,47 @@ async fn models_are_served_under_v1_with_the_servers_keys() {
     let (_, metrics) = s.get(Some(AGENT), "/metrics").await;
     assert!(metrics.as_str().unwrap().contains("keel_gateway_"), "gateway metrics are exported");
 }
+
+/// An upstream that streams every completion in two chunks.
+async fn streaming_upstream() -> String {
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        post(|| async {
+            let chunk = |delta: Value, finish: Value| {
+                let c = json!({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "up",
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+                format!("data: {c}\n\n")
+            };
+            let body = format!(
+                "{}{}data: [DONE]\n\n",
+                chunk(json!({"role": "assistant", "content": "hel"}), Value::Null),
+                chunk(json!({"content": "lo"}), json!("stop"))
+            );
+            ([("content-type", "text/event-stream")], body)
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}/v1")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_answer_passes_through_the_servers_connections() {
+    let base = streaming_upstream().await;
+    let s = Server::start(
+        Faults::default(),
+        &format!("[models.small]\nprovider = \"openai\"\nbase_url = \"{base}\"\nmodel = \"up\"\n"),
+    )
+    .await;
+    let body = json!({"model": "small", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+    for _ in 0..3 {
+        let resp =
+            s.http.post(s.url("/v1/chat/completions")).bearer_auth(AGENT).json(&body).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["content-type"], "text/event-stream");
+        let text = resp.text().await.unwrap();
+        assert!(text.contains("\"hel\"") && text.contains("\"lo\""), "{text}");
+        assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    }
+}

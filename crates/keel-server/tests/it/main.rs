@@ -7,6 +7,7 @@
 mod support;
 
 mod api;
+mod attacks_server;
 mod attacks_tools;
 mod auth;
 mod browser;

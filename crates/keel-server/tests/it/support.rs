@@ -68,6 +68,13 @@ impl Server {
         Self::launch(&base, handle, dir, extra, storage).await
     }
 
+    /// Like [`start`](Self::start), with `server` lines added to `[server]`.
+    pub(crate) async fn start_server(faults: Faults, server: &str, extra: &str) -> Server {
+        let (base, handle) = spawn(faults);
+        let dir = tempfile::tempdir().unwrap();
+        Self::launch_with(&base, handle, dir, server, extra, Storage::default()).await
+    }
+
     /// A server in front of an existing payments service and directory (a restart).
     pub(crate) async fn launch(
         payments_base: &str,
@@ -76,7 +83,20 @@ impl Server {
         extra: &str,
         storage: Storage,
     ) -> Server {
-        let tools = format!("{SERVER}{}", keel_examples::payments::TOOLS_TOML);
+        Self::launch_with(payments_base, payments, dir, "", extra, storage).await
+    }
+
+    /// [`launch`](Self::launch), with `server` lines added to `[server]`.
+    pub(crate) async fn launch_with(
+        payments_base: &str,
+        payments: Handle,
+        dir: tempfile::TempDir,
+        server: &str,
+        extra: &str,
+        storage: Storage,
+    ) -> Server {
+        let server_section = SERVER.replace("body_limit = 4096\n", &format!("body_limit = 4096\n{server}\n"));
+        let tools = format!("{server_section}{}", keel_examples::payments::TOOLS_TOML);
         let text = format!("{}\n{extra}", tools.replace("{base}", payments_base));
         let env = |name: &str| match name {
             "AGENT_KEY" => Some(AGENT.to_owned()),
