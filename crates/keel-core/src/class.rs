@@ -294,6 +294,12 @@ mod tests {
     }
 
     #[test]
+    fn a_person_is_asked_at_once_for_credentials_and_loops_only() {
+        let asked: Vec<ErrorClass> = ErrorClass::ALL.into_iter().filter(|c| c.needs_person()).collect();
+        assert_eq!(asked, [ErrorClass::Unauthorized, ErrorClass::Forbidden, ErrorClass::LoopDetected]);
+    }
+
+    #[test]
     fn defaults_follow_the_design_table() {
         use Disposition::*;
         let check = |class: ErrorClass, expected: Disposition| {
