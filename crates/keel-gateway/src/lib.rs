@@ -24,6 +24,7 @@
 //! # drop(app);
 //! ```
 
+pub mod charges;
 pub mod config;
 pub mod error;
 mod gateway;
