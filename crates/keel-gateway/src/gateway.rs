@@ -480,7 +480,26 @@ impl Gateway {
                     (name.to_string(), m.counters.snapshot(m.pipeline.breaker().map(|b| b.state())))
                 })
                 .collect(),
+            budgets: self.budget_metrics(),
         }
+    }
+
+    /// Every API key's budget, and every run's summed as `runs`.
+    fn budget_metrics(&self) -> BTreeMap<String, crate::metrics::BudgetMetrics> {
+        let mut out = BTreeMap::new();
+        for budget in self.accounts.keys.lock().unwrap_or_else(|e| e.into_inner()).values() {
+            out.entry(budget.name().to_string())
+                .or_insert_with(crate::metrics::BudgetMetrics::default)
+                .add(budget);
+        }
+        let runs = self.accounts.runs.lock().unwrap_or_else(|e| e.into_inner());
+        if !runs.is_empty() {
+            let sum = out.entry("runs".to_owned()).or_default();
+            for (_, account) in runs.values() {
+                sum.add(&account.budget);
+            }
+        }
+        out
     }
 
     pub(crate) fn created(&self) -> u64 {

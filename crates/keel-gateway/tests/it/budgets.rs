@@ -238,3 +238,40 @@ async fn calls_the_budget_refused_are_not_turns() {
     assert_eq!(a.json()["error"]["type"], ErrorClass::BudgetExceeded.as_str(), "{}", a.text);
     assert_eq!(fake.hits(), 5);
 }
+
+#[tokio::test]
+async fn budgets_are_visible_in_metrics_while_calls_are_in_flight() {
+    let fake = Fake::start().await;
+    fake.script([Reply::Stall(vec!["Hel", "lo"])]);
+    let served = serve_with(vec![("gpt", model(&fake, "m"))], run_budget(100)).await;
+    let mut body = ask_stream("gpt");
+    body["max_tokens"] = json!(40);
+    // A stream that reached its first token holds its reservation.
+    let mut resp = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", served.url))
+        .header("x-keel-run", RUN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.chunk().await.unwrap().is_some());
+    let m = served.gateway.metrics();
+    let runs = &m.budgets["runs"];
+    assert!(runs.reserved["tokens"] > 40, "{runs:?}");
+    assert_eq!(runs.used["tokens"], runs.reserved["tokens"], "nothing settled yet");
+    assert_eq!(runs.limit["tokens"], 100);
+    // A second call does not fit beside it: refused, and counted.
+    let a = post_chat(&served.url, body.clone(), &[("x-keel-run", RUN)]).await;
+    assert_eq!(a.status, 429, "{}", a.text);
+    let text = served.gateway.metrics().render_prometheus();
+    for line in [
+        "keel_gateway_budget_refusals_total{budget=\"runs\"} 1",
+        "keel_gateway_budget_limit{budget=\"runs\",kind=\"tokens\"} 100",
+        "keel_gateway_budget_held{budget=\"runs\"} 0",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} missing from:\n{text}");
+    }
+    assert!(text.contains("keel_gateway_budget_reserved{budget=\"runs\",kind=\"tokens\"} "), "{text}");
+    drop(resp);
+}
