@@ -480,12 +480,13 @@ impl Gateway {
                     (name.to_string(), m.counters.snapshot(m.pipeline.breaker().map(|b| b.state())))
                 })
                 .collect(),
-            budgets: self.budget_metrics(),
+            budgets: self.budgets(),
         }
     }
 
-    /// Every API key's budget, and every run's summed as `runs`.
-    fn budget_metrics(&self) -> BTreeMap<String, crate::metrics::BudgetMetrics> {
+    /// Every API key's budget (`key:NAME`), and every run's summed as `runs`: what is
+    /// used, reserved in flight, refused, and whether a budget is held.
+    pub fn budgets(&self) -> BTreeMap<String, crate::metrics::BudgetMetrics> {
         let mut out = BTreeMap::new();
         for budget in self.accounts.keys.lock().unwrap_or_else(|e| e.into_inner()).values() {
             out.entry(budget.name().to_string())

@@ -105,7 +105,7 @@ pub struct MetricsSnapshot {
 
 /// One budget's gauges (or the sum of several), by kind (`tokens`, `cost_micros`,
 /// `attempts`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 pub struct BudgetMetrics {
     /// Charged so far, reservations in flight included.
     pub used: BTreeMap<&'static str, u64>,
