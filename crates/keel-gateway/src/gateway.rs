@@ -11,11 +11,12 @@
 //! - anything else is final.
 //!
 //! An answer that fails validation gets up to `correct` correction retries (the error
-//! sent back to the model) before that. Budgets (per API key, per run) are reserved
-//! before the call from its token limit at the dearest price of the route and settled
-//! from the real usage. The answer's `model` names the model that answered and its
-//! `usage` is that model's; the error of a call that failed names the original
-//! failure, never a fallback's.
+//! sent back to the model) before that. Budgets (per API key, per run) admit a call
+//! from its first attempt's upper bound at the dearest price of the route, and every
+//! attempt is reserved and settled on its own (see [`crate::charges`]). The answer's
+//! `model` names the model that answered and its `usage` is that model's as the
+//! provider sent it (the journal and `/metrics` have every attempt's charge); the
+//! error of a call that failed names the original failure, never a fallback's.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
