@@ -47,12 +47,22 @@ pub const IMAGE_URL_TOKENS: u64 = 1_700;
 
 /// The prompt tokens a serialized request of `body` is counted as.
 pub(crate) fn prompt_estimate(body: &[u8]) -> u64 {
-    let images = memchr_count(body, b"\"image_url\"");
-    (body.len() as u64).div_ceil(3).saturating_add(images.saturating_mul(IMAGE_URL_TOKENS))
+    estimate(body.len(), images(body))
 }
 
-fn memchr_count(haystack: &[u8], needle: &[u8]) -> u64 {
-    haystack.windows(needle.len()).filter(|w| *w == needle).count() as u64
+/// The prompt estimate of `req` as sent to `upstream_model`, without serializing it.
+pub(crate) fn request_estimate(req: &crate::wire::ChatRequest, upstream_model: &str) -> u64 {
+    estimate(req.openai_len(upstream_model), images(req.messages_raw().as_bytes()))
+}
+
+fn estimate(bytes: usize, images: u64) -> u64 {
+    (bytes as u64).div_ceil(3).saturating_add(images.saturating_mul(IMAGE_URL_TOKENS))
+}
+
+/// Images given by URL (`"image_url"` keys; an inline one is counted by its bytes too).
+fn images(body: &[u8]) -> u64 {
+    const NEEDLE: &[u8] = b"\"image_url\"";
+    body.windows(NEEDLE.len()).filter(|w| *w == NEEDLE).count() as u64
 }
 
 /// What a call's settled attempts charged, together.
@@ -95,10 +105,13 @@ impl Charges {
     /// # Errors
     /// `budget_exceeded` when a budget cannot take it; nothing is reserved.
     pub(crate) fn attempt(&self, model: &Model, body: &[u8]) -> Result<AttemptCharge, Failure> {
-        let bound = Usage::new(prompt_estimate(body).max(self.prompt_estimate), self.completion_bound(model));
         let prices = model.config.prices.clone();
-        let cost = prices.cost_micros(bound.prompt_tokens, bound.completion_tokens);
         let prepaid = self.prepaid.lock().unwrap_or_else(|e| e.into_inner()).take();
+        // The first attempt's bound is the admission's, which its reservation holds
+        // by construction; a later attempt's is its own request's.
+        let prompt = if prepaid.is_some() { self.prompt_estimate } else { prompt_estimate(body) };
+        let bound = Usage::new(prompt, self.completion_bound(model));
+        let cost = prices.cost_micros(bound.prompt_tokens, bound.completion_tokens);
         let reservations = match prepaid {
             Some(r) => r,
             None => {

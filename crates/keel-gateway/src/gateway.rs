@@ -31,7 +31,7 @@ use keel_core::{
     ErrorKind, Failure, GateConfig, LoopGuard, Pipeline, PolicyConfig, TimeoutConfig, TokioClock,
 };
 
-use crate::charges::{AttemptCharge, Charges, Spent, prompt_estimate};
+use crate::charges::{AttemptCharge, Charges, Spent, request_estimate};
 use crate::config::{self, ConfigError, GatewayConfig, ModelConfig, Provider};
 use crate::error::GatewayError;
 use crate::journal::{CallJournal, CallRecord, ModelFailure, Prompt};
@@ -563,7 +563,7 @@ impl Gateway {
         ctx: &CallContext,
     ) -> Result<Charges, GatewayError> {
         let mut charges = Charges {
-            prompt_estimate: prompt_estimate(&req.openai_body(&primary.config.model)),
+            prompt_estimate: request_estimate(req, &primary.config.model),
             max_tokens: req.max_tokens,
             ..Charges::default()
         };

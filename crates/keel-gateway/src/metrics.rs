@@ -168,6 +168,9 @@ impl ModelCounters {
     }
 }
 
+/// A budget gauge's name, help and reader.
+type BudgetGauge = (&'static str, &'static str, fn(&BudgetMetrics) -> &BTreeMap<&'static str, u64>);
+
 /// A counter's name, help and reader.
 type Counter = (&'static str, &'static str, fn(&ModelMetrics) -> u64);
 
@@ -232,7 +235,7 @@ impl MetricsSnapshot {
             };
             let _ = writeln!(out, "keel_gateway_breaker_open{{model=\"{model}\"}} {v}");
         }
-        let gauges: [(&str, &str, fn(&BudgetMetrics) -> &BTreeMap<&'static str, u64>); 3] = [
+        let gauges: [BudgetGauge; 3] = [
             ("budget_used", "Charged on the budget, reservations in flight included.", |b| &b.used),
             ("budget_limit", "The budget's limit.", |b| &b.limit),
             ("budget_reserved", "Reserved on the budget by calls in flight.", |b| &b.reserved),
