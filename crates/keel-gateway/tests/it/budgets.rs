@@ -275,3 +275,41 @@ async fn budgets_are_visible_in_metrics_while_calls_are_in_flight() {
     assert!(text.contains("keel_gateway_budget_reserved{budget=\"runs\",kind=\"tokens\"} "), "{text}");
     drop(resp);
 }
+
+#[tokio::test]
+async fn after_an_overshoot_no_call_is_admitted_until_the_calls_in_flight_settle() {
+    let fake = Fake::start().await;
+    fake.script([Reply::Stall(vec!["Hel", "lo"]), Reply::Long(500)]);
+    let mut gpt = model(&fake, "m");
+    gpt.policy.stall_timeout = Duration::from_millis(300);
+    let served = serve_with(vec![("gpt", gpt)], run_budget(1000)).await;
+    let mut streamed = ask_stream("gpt");
+    streamed["max_tokens"] = json!(10);
+    let mut whole = ask("gpt");
+    whole["max_tokens"] = json!(10);
+    // A: a stream in flight.
+    let mut a = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", served.url))
+        .header("x-keel-run", RUN)
+        .json(&streamed)
+        .send()
+        .await
+        .unwrap();
+    assert!(a.chunk().await.unwrap().is_some());
+    // B: an upstream that ignores max_tokens spends 510 on a reservation of ~40.
+    assert_eq!(post_chat(&served.url, whole.clone(), &[("x-keel-run", RUN)]).await.status, 200);
+    let budget = served.gateway.run_budget(RUN).unwrap();
+    assert!(budget.is_held() && budget.used(BudgetKind::Tokens) < 700, "{budget:?}");
+    // C would fit the balance, but the budget holds while A is in flight.
+    let c = post_chat(&served.url, whole.clone(), &[("x-keel-run", RUN)]).await;
+    assert_eq!(c.status, 429, "{}", c.text);
+    assert!(c.json()["error"]["message"].as_str().unwrap().contains("held"), "{}", c.text);
+    // A ends (its upstream stalled: an error event) and settles at its bound.
+    while a.chunk().await.unwrap().is_some() {}
+    assert!(!budget.is_held());
+    // D is admitted again on the real balance.
+    assert_eq!(post_chat(&served.url, whole, &[("x-keel-run", RUN)]).await.status, 200);
+    let charged = counted(&served);
+    report("overshoot, then held", fake.billed_tokens(), 1000, 0);
+    assert!(charged >= fake.billed_tokens());
+}
