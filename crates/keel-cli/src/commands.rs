@@ -8,14 +8,14 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use keel_core::{Classified, Clock, ErrorClass, TokioClock};
-use keel_journal::{Journal, JournalOptions};
+use keel_journal::Journal;
 use keel_runtime::inbox::{self, Guidance};
 use keel_runtime::runner::{NullObserver, Observer};
 use keel_runtime::{Config, Plan, RunStatus, Runner};
 use serde_json::{Value, json};
 
 use crate::cli::{ApprovalsAction, Cli, Command, ConfigAction, RunsAction, TicketAction, TicketsAction};
-use crate::render::{Live, print};
+use crate::render::{Live, eprint, print};
 
 /// A command line that makes no sense (bad JSON in `--params`...).
 #[derive(Debug)]
@@ -49,12 +49,9 @@ struct Ctx {
 async fn open(cli: &Cli) -> Result<Ctx> {
     let config = Config::load(&cli.config)?;
     let clock: Arc<dyn Clock> = Arc::new(TokioClock::new());
-    let journal = keel_journal::open(
-        &config.storage_url,
-        JournalOptions { clock: clock.clone(), ..JournalOptions::default() },
-    )
-    .await
-    .context("cannot open the journal")?;
+    let journal = keel_journal::open(&config.storage_url, config.journal_options(clock.clone()))
+        .await
+        .context("cannot open the journal")?;
     Ok(Ctx { config: Arc::new(config), journal, clock, json: cli.json })
 }
 
@@ -75,8 +72,12 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Config { action: ConfigAction::Check } => {
             let config = Config::load(&cli.config)?;
+            warn_all(&config);
             if cli.json {
-                emit_json(&json!({"ok": true, "tools": config.tools.keys().collect::<Vec<_>>()}));
+                let warnings: Vec<String> = config.warnings.iter().map(ToString::to_string).collect();
+                emit_json(
+                    &json!({"ok": true, "tools": config.tools.keys().collect::<Vec<_>>(), "warnings": warnings}),
+                );
             } else {
                 print(&format!("{}: ok ({} tools)", cli.config.display(), config.tools.len()));
             }
@@ -106,9 +107,17 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// Prints the config's warnings (dangerous but valid settings) to stderr.
+fn warn_all(config: &Config) {
+    for w in &config.warnings {
+        eprint(&format!("keel: warning: {w}"));
+    }
+}
+
 /// `keel serve`: until SIGINT or SIGTERM, then a graceful stop.
 async fn serve(cli: &Cli, listen: Option<&str>) -> Result<ExitCode> {
     let ctx = open(cli).await?;
+    warn_all(&ctx.config);
     if ctx.config.keys.is_empty() {
         return Err(UsageError(
             "keel serve needs at least one API key: add [[server.keys]] with name, key_env and role".into(),

@@ -184,6 +184,18 @@ impl ErrorClass {
         }
     }
 
+    /// Whether a step that failed with this class goes straight to a person (a ticket)
+    /// instead of waiting for `escalate_after` failures: its disposition is to
+    /// escalate, or it is terminal and alerts (credentials are wrong: no retry and no
+    /// fallback can fix that). Derived from the two tables above, not a third list.
+    pub const fn needs_person(self) -> bool {
+        match self.default_disposition() {
+            Disposition::Escalate => true,
+            Disposition::Terminal => self.alerts(),
+            Disposition::Retry | Disposition::Correct | Disposition::Fallback => false,
+        }
+    }
+
     /// Whether a failure of this class says something about the target's health, so a
     /// circuit breaker should count it. A bad request is the caller's fault, not the
     /// target's; so are policy refusals that never reached the target.

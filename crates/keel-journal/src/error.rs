@@ -227,6 +227,9 @@ where
             Ok(v) => return Ok(v),
             Err(e) => {
                 let retry = match &e {
+                    // No connection within the pool's acquire timeout: that wait was
+                    // the retry; repeating it made calls hang for minutes in an outage.
+                    Error::Busy(sqlx::Error::PoolTimedOut) => false,
                     Error::Busy(_) => true,
                     Error::Connection(_) => repeat == Repeat::Safe,
                     _ => false,

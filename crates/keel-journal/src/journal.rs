@@ -37,6 +37,10 @@ pub struct JournalOptions {
     pub idempotency_ttl: Duration,
     /// Connections to open at most (PostgreSQL; SQLite readers).
     pub max_connections: u32,
+    /// How long a call waits for a PostgreSQL connection before it fails with
+    /// `timeout` (not retried: the wait was the retry). Bounds every call while the
+    /// database is down or unreachable.
+    pub acquire_timeout: Duration,
 }
 
 impl Default for JournalOptions {
@@ -46,6 +50,7 @@ impl Default for JournalOptions {
             claim_ttl: Duration::from_secs(300),
             idempotency_ttl: Duration::from_secs(24 * 3600),
             max_connections: 8,
+            acquire_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -56,6 +61,7 @@ impl fmt::Debug for JournalOptions {
             .field("claim_ttl", &self.claim_ttl)
             .field("idempotency_ttl", &self.idempotency_ttl)
             .field("max_connections", &self.max_connections)
+            .field("acquire_timeout", &self.acquire_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -101,6 +107,12 @@ pub trait Journal: Send + Sync + fmt::Debug {
     /// Appends events to `lease`'s run only if the lease is still held with the same
     /// epoch: a process that lost its lease cannot write to a run someone else took.
     async fn append_fenced(&self, lease: &Lease, events: &[JournalEvent]) -> Result<Vec<u64>>;
+
+    /// Starts run `run_id` with `events` (its first events) in one transaction, unless
+    /// a run with that id exists: `true` if this call created it. With an id derived
+    /// from an idempotency key, "the key's run exists" and "the run was created" are
+    /// one fact, so a crash cannot separate them; repeating the call is harmless.
+    async fn create_run(&self, run_id: &str, events: &[JournalEvent]) -> Result<bool>;
 
     /// The events of `run_id` after sequence number `after`, at most `limit`.
     async fn events(&self, run_id: &str, after: u64, limit: u32) -> Result<Vec<RecordedEvent>>;
@@ -174,6 +186,20 @@ pub trait Journal: Send + Sync + fmt::Debug {
             events.extend(page);
         }
         Ok(Some(RunExport { schema_version: SCHEMA_VERSION, state, events }))
+    }
+
+    /// Whether the journal can be written now, with a write that changes nothing
+    /// others see: a lease on a probe id of its own, taken and given back (two small
+    /// committed transactions). For readiness checks: reads may work on a full disk.
+    ///
+    /// # Errors
+    /// The storage's, as for every write.
+    async fn check_writable(&self) -> Result<()> {
+        let probe = format!("keel-probe-{:016x}", fastrand::u64(..));
+        if let Some(lease) = self.acquire_lease(&probe, &probe, Duration::from_secs(60)).await? {
+            self.release_lease(&lease).await?;
+        }
+        Ok(())
     }
 
     /// Claims `key`, waiting up to `timeout` while another claimer is in progress.

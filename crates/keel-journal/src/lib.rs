@@ -29,6 +29,7 @@
 
 pub mod error;
 pub mod event;
+pub mod faulty;
 pub mod journal;
 pub mod postgres;
 pub mod sqlite;
@@ -41,6 +42,7 @@ pub use event::{
     ApprovalDecision, JournalEvent, NewEvent, ProgramOutcome, RecordedEvent, RunState, SCHEMA_VERSION,
     StepOutcome,
 };
+pub use faulty::Faulty;
 pub use journal::{Backend, Journal, JournalOptions, open};
 pub use postgres::PostgresJournal;
 pub use sqlite::SqliteJournal;

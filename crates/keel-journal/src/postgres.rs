@@ -9,8 +9,6 @@
 //! Durability is the server's (`synchronous_commit = on` by default: a commit is
 //! acknowledged once flushed to the server's WAL).
 
-use std::time::Duration;
-
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection as _, PgConnection, PgPool, Postgres};
 
@@ -43,7 +41,7 @@ impl PostgresJournal {
         let _ = conn.close().await;
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections.max(2))
-            .acquire_timeout(Duration::from_secs(30))
+            .acquire_timeout(options.acquire_timeout)
             .connect_lazy_with(connect);
         Ok(Self { write: pool.clone(), read: pool, options })
     }

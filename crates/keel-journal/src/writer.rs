@@ -7,8 +7,14 @@
 //! instead of one each. Whoever needs to know that an event is durable waits on its
 //! [`Ack`] or on [`JournalWriter::flush`]: both resolve only after the transaction
 //! holding the event committed. A batch that fails (after the journal's own retries of
-//! busy errors) is never dropped silently: its acks and every later flush report it.
+//! busy errors) is never dropped silently: its acks report it, and so does the next
+//! [`flush`](JournalWriter::flush) (and [`flush_run`](JournalWriter::flush_run) of each
+//! run it held events of). A failure is not a verdict on later batches: each is tried
+//! afresh, so the writer recovers as soon as the storage does (a disk with room again,
+//! a database back up). [`JournalWriter::healthy`] says whether the last batch failed,
+//! and the start and the end of a failing stretch are logged (warn, then info).
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
@@ -22,9 +28,24 @@ use crate::journal::Journal;
 /// The most events committed in one transaction.
 pub const DEFAULT_MAX_BATCH: usize = 2048;
 
+/// Runs whose lost events are remembered for [`JournalWriter::flush_run`] at most (a
+/// long outage must not grow memory; beyond it, only the plain `flush` reports).
+const MAX_LOST_RUNS: usize = 10_000;
+
+/// What failed and has not been reported yet.
+#[derive(Default)]
+struct Failures {
+    /// A batch failed since the last `flush` was answered.
+    since_flush: Option<Arc<Error>>,
+    /// Runs with events lost (submitted without an ack) since their last `flush_run`.
+    lost_runs: HashMap<String, Arc<Error>>,
+    /// Batches that failed in a row: zero when the last batch committed.
+    failing: u64,
+}
+
 enum Item {
     Event(NewEvent, Option<oneshot::Sender<Result<u64>>>),
-    Flush(oneshot::Sender<Result<()>>),
+    Flush(Option<String>, oneshot::Sender<Result<()>>),
     Close(oneshot::Sender<Result<()>>),
 }
 
@@ -32,7 +53,7 @@ enum Item {
 #[derive(Clone)]
 pub struct JournalWriter {
     tx: mpsc::UnboundedSender<Item>,
-    failed: Arc<Mutex<Option<Arc<Error>>>>,
+    failed: Arc<Mutex<Failures>>,
     /// Events queued and not yet committed (or failed): the backlog callers use to
     /// shed load before memory grows, since queueing itself never blocks.
     pending: Arc<std::sync::atomic::AtomicUsize>,
@@ -69,7 +90,7 @@ impl JournalWriter {
     /// at most `max_batch` events per transaction.
     pub fn spawn(journal: Arc<dyn Journal>, max_batch: usize) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        let failed = Arc::new(Mutex::new(None));
+        let failed = Arc::new(Mutex::new(Failures::default()));
         let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         tokio::spawn(run(journal, rx, max_batch.max(1), failed.clone(), pending.clone()));
         Self { tx, failed, pending }
@@ -120,12 +141,34 @@ impl JournalWriter {
     ///
     /// # Errors
     ///
-    /// [`Error::Batch`] if any batch failed since the writer started (those events
-    /// are lost and the caller must know); [`Error::WriterClosed`] after `close`.
+    /// [`Error::Batch`] if a batch failed since the previous `flush` was answered
+    /// (those events are lost and the caller must know; the failure is reported once,
+    /// to the flushes answered next); [`Error::WriterClosed`] after `close`.
     pub async fn flush(&self) -> Result<()> {
         let (done, rx) = oneshot::channel();
-        self.tx.send(Item::Flush(done)).map_err(|_| Error::WriterClosed)?;
+        self.tx.send(Item::Flush(None, done)).map_err(|_| Error::WriterClosed)?;
         rx.await.unwrap_or(Err(Error::WriterClosed))
+    }
+
+    /// Waits until every event queued before this call is committed, and reports
+    /// whether events of `run_id` handed over without an ack ([`record`](Self::record),
+    /// the [`EventSink`] path) were lost since the last `flush_run` of that run.
+    /// Failures of other runs are theirs: a drive of one run is not failed by another's.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Batch`] with the cause when events of `run_id` were lost;
+    /// [`Error::WriterClosed`] after `close`.
+    pub async fn flush_run(&self, run_id: &str) -> Result<()> {
+        let (done, rx) = oneshot::channel();
+        self.tx.send(Item::Flush(Some(run_id.to_owned()), done)).map_err(|_| Error::WriterClosed)?;
+        rx.await.unwrap_or(Err(Error::WriterClosed))
+    }
+
+    /// Whether the last batch committed (or none was written yet): `false` while the
+    /// storage refuses writes, `true` again after the first batch that commits.
+    pub fn healthy(&self) -> bool {
+        self.failed.lock().unwrap_or_else(|p| p.into_inner()).failing == 0
     }
 
     /// Commits what is queued and stops the writer task; later submissions fail.
@@ -146,7 +189,7 @@ impl JournalWriter {
 
     fn poison(&self, e: Error) {
         let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
-        failed.get_or_insert_with(|| Arc::new(e));
+        failed.since_flush.get_or_insert_with(|| Arc::new(e));
     }
 }
 
@@ -154,7 +197,7 @@ async fn run(
     journal: Arc<dyn Journal>,
     mut rx: mpsc::UnboundedReceiver<Item>,
     max_batch: usize,
-    failed: Arc<Mutex<Option<Arc<Error>>>>,
+    failed: Arc<Mutex<Failures>>,
     pending: Arc<std::sync::atomic::AtomicUsize>,
 ) {
     let mut items = Vec::with_capacity(max_batch);
@@ -172,9 +215,9 @@ async fn run(
                     events.push(e);
                     acks.push(ack);
                 }
-                Item::Flush(done) => waiters.push(done),
+                Item::Flush(run, done) => waiters.push((run, done)),
                 Item::Close(done) => {
-                    waiters.push(done);
+                    waiters.push((None, done));
                     closing = true;
                 }
             }
@@ -210,6 +253,14 @@ async fn run(
             }
             match result {
                 Ok(seqs) => {
+                    {
+                        // Healthy before any ack: whoever sees one sees the recovery.
+                        let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
+                        if f.failing > 0 {
+                            tracing::info!(failed_batches = f.failing, "journal writes recovered");
+                            f.failing = 0;
+                        }
+                    }
                     for (ack, seq) in acks.drain(..).zip(seqs) {
                         if let Some(ack) = ack {
                             let _ = ack.send(Ok(seq));
@@ -219,10 +270,25 @@ async fn run(
                 Err(e) => {
                     tracing::error!(error = %e, events = events.len(), "journal batch failed");
                     let e = Arc::new(e);
-                    for ack in acks.drain(..).flatten() {
-                        let _ = ack.send(Err(Error::Batch(e.clone())));
+                    let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
+                    if f.failing == 0 {
+                        tracing::warn!(error = %e, "journal writes are failing; later batches are tried afresh");
                     }
-                    failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                    f.failing += 1;
+                    f.since_flush.get_or_insert_with(|| e.clone());
+                    for (event, ack) in events.iter().zip(acks.drain(..)) {
+                        match ack {
+                            Some(ack) => {
+                                let _ = ack.send(Err(Error::Batch(e.clone())));
+                            }
+                            None if f.lost_runs.len() < MAX_LOST_RUNS
+                                || f.lost_runs.contains_key(&event.run_id) =>
+                            {
+                                f.lost_runs.entry(event.run_id.clone()).or_insert_with(|| e.clone());
+                            }
+                            None => {}
+                        }
+                    }
                 }
             }
             pending.fetch_sub(queued, std::sync::atomic::Ordering::Relaxed);
@@ -232,11 +298,19 @@ async fn run(
             // Before answering: once `close` returns, submissions must fail.
             rx.close();
         }
-        let status = failed.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        for done in waiters.drain(..) {
-            let _ = done.send(match &status {
+        if waiters.is_empty() {
+            continue;
+        }
+        let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
+        let global = waiters.iter().any(|(run, _)| run.is_none()).then(|| f.since_flush.take()).flatten();
+        for (run, done) in waiters.drain(..) {
+            let lost = match &run {
+                None => global.clone(),
+                Some(run) => f.lost_runs.remove(run),
+            };
+            let _ = done.send(match lost {
                 None => Ok(()),
-                Some(e) => Err(Error::Batch(e.clone())),
+                Some(e) => Err(Error::Batch(e)),
             });
         }
     }

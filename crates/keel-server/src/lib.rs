@@ -64,7 +64,8 @@ pub async fn state(
             .map_err(|e| keel_runtime::runner::Error::Refused(e.to_string()))?;
         Some(Arc::new(built))
     };
-    Ok(AppState { runner, journal, config, clock, metrics, wake, drives, gateway })
+    let storage = Arc::default();
+    Ok(AppState { runner, journal, config, clock, metrics, wake, drives, storage, gateway })
 }
 
 /// The router: every route but `/healthz` (and the inbox's static files) needs a key.

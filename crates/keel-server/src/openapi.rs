@@ -166,7 +166,7 @@ pub const ROUTES: &[RouteDoc] = &[
     RouteDoc {
         method: "post",
         path: "/api/tools/{name}/invoke",
-        summary: "Invoke a tool under its policy, idempotency (Idempotency-Key) and approval rule; ?wait=30s waits for a decision",
+        summary: "Invoke a tool under its policy, idempotency (Idempotency-Key: a retry answers from the key's run; other arguments: 422 conflict) and approval rule; 202 with the run's state when not done; ?wait=30s bounds the request",
         roles: "agent",
         request: Some(s::<tools::Invoke>),
         response: (200, Some(s::<tools::Invoked>)),

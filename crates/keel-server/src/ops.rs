@@ -1,9 +1,13 @@
 //! Operations: `/healthz` (no key), `/readyz` (storage reachable), `/metrics`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
 use axum::Json;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
+use keel_core::{Classified as _, ErrorClass};
 use serde_json::json;
 
 use crate::api::AppState;
@@ -27,12 +31,52 @@ pub struct BudgetsView {
     pub budgets: std::collections::BTreeMap<String, keel_gateway::BudgetMetrics>,
 }
 
-/// Ready: the journal answers.
+/// How long `/readyz` waits for the journal before answering 503.
+pub const READY_BOUND: Duration = Duration::from_secs(1);
+
+/// Whether the journal could be written at the last check, to log the start and the
+/// end of an outage once each (not every probe).
+#[derive(Debug)]
+pub struct StorageHealth(AtomicBool);
+
+impl Default for StorageHealth {
+    fn default() -> Self {
+        Self(AtomicBool::new(true))
+    }
+}
+
+impl StorageHealth {
+    /// Records the outcome of a check, logging a change.
+    pub fn observe(&self, outcome: Result<(), &str>) {
+        let ok = outcome.is_ok();
+        if self.0.swap(ok, Ordering::SeqCst) != ok {
+            match outcome {
+                Ok(()) => tracing::info!("journal writable again: ready"),
+                Err(e) => tracing::warn!(error = e, "journal cannot be written: not ready"),
+            }
+        }
+    }
+}
+
+/// Ready: the journal can be written now (a bounded write probe), else 503 within
+/// [`READY_BOUND`] — a full disk or a database that is down or unreachable.
 ///
 /// # Errors
-/// The journal's, as 503-ish classes.
+/// 503 with the journal's class (`timeout` when it did not answer in time).
 pub async fn readyz(State(s): State<AppState>) -> Result<impl IntoResponse, ApiError> {
-    s.journal.run_ids().await?;
+    let failure = match tokio::time::timeout(READY_BOUND, s.journal.check_writable()).await {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(ApiError::new(e.class(), format!("the journal cannot be written: {e}"))),
+        Err(_) => Some(ApiError::new(
+            ErrorClass::Timeout,
+            format!("the journal did not answer within {}", humantime::format_duration(READY_BOUND)),
+        )),
+    };
+    s.storage.observe(failure.as_ref().map_or(Ok(()), |e| Err(e.message.as_str())));
+    if let Some(mut e) = failure {
+        e.status = Some(StatusCode::SERVICE_UNAVAILABLE);
+        return Err(e);
+    }
     Ok(Json(json!({"status": "ready", "storage": format!("{:?}", s.journal.backend()).to_lowercase()})))
 }
 

@@ -19,6 +19,9 @@ use std::sync::{Mutex, OnceLock};
 
 use sqlx::Connection as _;
 
+mod proxy;
+pub use proxy::{Proxy, target_of};
+
 /// The environment variable naming an existing server to test against.
 pub const POSTGRES_URL_ENV: &str = "KEEL_TEST_POSTGRES_URL";
 

@@ -8,6 +8,7 @@
 mod support;
 
 mod approvals;
+mod attacks_tools;
 mod bad_input;
 mod crash;
 mod demo;
@@ -15,5 +16,6 @@ mod drill;
 mod durability;
 mod policy_attacks;
 mod scope;
+mod serve_crash;
 mod tickets;
 mod timeouts;

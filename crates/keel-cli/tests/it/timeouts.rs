@@ -9,7 +9,7 @@ use crate::support::{Bench, TOOLS, alive, eventually};
 #[test]
 fn a_hanging_command_is_killed_with_its_children() {
     let config = format!(
-        "{TOOLS}\n[tools.hang]\nkind = \"command\"\nargv = [\"sh\", \"-c\", \"sleep 300 & echo $! > child.pid; sleep 300\"]\npolicy = {{ timeout = {{ attempt = \"1s\" }}, retry = {{ max_attempts = 1 }} }}\n"
+        "{TOOLS}\n[tools.hang]\nkind = \"command\"\nargv = [\"sh\", \"-c\", \"sleep 300 & echo $! > child.pid; sleep 300\"]\ncwd = \".\"\npolicy = {{ timeout = {{ attempt = \"1s\" }}, retry = {{ max_attempts = 1 }} }}\n"
     );
     let b = Bench::new(Faults::default(), &config);
     let plan = b.write("plan.toml", "[[steps]]\ntool = \"hang\"\n");

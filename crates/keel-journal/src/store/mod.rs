@@ -65,6 +65,23 @@ macro_rules! sql_journal {
                 Ok(seqs)
             }
 
+            async fn create_run_once(&self, run_id: &str, events: &[crate::NewEvent]) -> crate::Result<bool> {
+                let now = self.now();
+                let mut tx = self.write.begin_with($begin).await?;
+                let fresh: Option<String> = sqlx::query_scalar(crate::store::sql::CREATE_RUN)
+                    .bind(run_id)
+                    .bind(now)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if fresh.is_none() {
+                    // The run exists: nothing to write (dropping `tx` rolls back).
+                    return Ok(false);
+                }
+                ops::append_tx(&mut *tx, now, events).await?;
+                tx.commit().await?;
+                Ok(true)
+            }
+
             async fn append_fenced_once(
                 &self,
                 lease: &crate::Lease,
@@ -271,6 +288,17 @@ macro_rules! sql_journal {
                 let events = &events;
                 crate::error::with_retry("append", crate::error::Repeat::OnlyIfNotApplied, || async move {
                     self.append_fenced_once(lease, events).await
+                })
+                .await
+            }
+
+            async fn create_run(&self, run_id: &str, events: &[crate::JournalEvent]) -> crate::Result<bool> {
+                let events: Vec<crate::NewEvent> =
+                    events.iter().map(|e| crate::NewEvent::new(run_id, e.clone())).collect();
+                let events = &events;
+                // Safe to repeat: a first try that committed makes the second find the run.
+                crate::error::with_retry("create_run", crate::error::Repeat::Safe, || async move {
+                    self.create_run_once(run_id, events).await
                 })
                 .await
             }

@@ -16,6 +16,13 @@ INSERT INTO runs (run_id, name, state, input, reason, created_at, updated_at, la
 VALUES ($1, '', 'created', 'null', NULL, $2, $2, $3) \
 ON CONFLICT (run_id) DO UPDATE SET updated_at = excluded.updated_at, last_seq = excluded.last_seq";
 
+/// Creates run `$1`'s row at `$2` with no events yet, unless it exists; returns the id
+/// only when this statement created it.
+pub(crate) const CREATE_RUN: &str = "\
+INSERT INTO runs (run_id, name, state, input, reason, created_at, updated_at, last_seq) \
+VALUES ($1, '', 'created', 'null', NULL, $2, $2, 0) \
+ON CONFLICT (run_id) DO NOTHING RETURNING run_id";
+
 /// The events of run `$1` after sequence `$2`, at most `$3`.
 pub(crate) const EVENTS_OF_RUN: &str = "\
 SELECT run_id, seq, schema_version, payload, recorded_at FROM journal_events \

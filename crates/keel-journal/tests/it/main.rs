@@ -5,6 +5,7 @@
 
 mod crash;
 mod durability;
+mod outage;
 mod suite;
 mod support;
 mod takeover;

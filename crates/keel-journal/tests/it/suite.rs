@@ -45,6 +45,7 @@ both_backends!(
     gate_history_round_trips,
     prune_removes_old_runs_and_export_has_events_and_state,
     writer_acks_only_committed_events,
+    runs_created_under_one_id_are_created_once,
 );
 
 fn ev(run: &str, event: JournalEvent) -> NewEvent {
@@ -443,6 +444,32 @@ async fn writer_acks_only_committed_events(s: Store) {
     writer.close().await.unwrap();
     assert!(matches!(writer.append("w", state(RunState::Failed)).await, Err(Error::WriterClosed)));
     assert!(matches!(writer.flush().await, Err(Error::WriterClosed)));
+}
+
+async fn runs_created_under_one_id_are_created_once(s: Store) {
+    let j = s.journal.clone();
+    let first = [created("k"), state(RunState::Running)];
+    let tries: Vec<_> = (0..16)
+        .map(|_| {
+            let (j, first) = (j.clone(), first.clone());
+            tokio::spawn(async move { j.create_run("run-k", &first).await.unwrap() })
+        })
+        .collect();
+    let mut created_count = 0;
+    for t in tries {
+        created_count += usize::from(t.await.unwrap());
+    }
+    assert_eq!(created_count, 1, "exactly one of sixteen concurrent creations made the run");
+    let events = j.events("run-k", 0, 100).await.unwrap();
+    assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2], "its first events, once");
+    assert_eq!(events[0].event, created("k"));
+    // A run that exists is never written to by a creation, whatever it holds.
+    j.append(&[ev("run-k", state(RunState::Completed))]).await.unwrap();
+    assert!(!j.create_run("run-k", &first).await.unwrap());
+    assert_eq!(j.snapshot("run-k").await.unwrap().unwrap().run.state, RunState::Completed);
+    let before = all_snapshots(&*j).await;
+    j.rebuild_projections().await.unwrap();
+    assert_eq!(all_snapshots(&*j).await, before, "the projections rebuild to the same state");
 }
 
 #[tokio::test]

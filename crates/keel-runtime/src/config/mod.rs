@@ -22,6 +22,7 @@ pub use raw::{
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use keel_core::PolicyConfig;
 use keel_core::classify::CommandClassifier;
@@ -29,6 +30,7 @@ use keel_core::policy::{Checks, PolicyError};
 use raw::{RawConfig, ToolConfig, ToolKindName};
 use serde::Deserialize;
 
+use crate::tool::command::{CALL_ENV_PREFIX, INHERITED_ENV};
 use crate::tool::{CommandTool, HttpTool, Tool, ToolKind};
 use error::{Spans, line_of};
 
@@ -39,6 +41,8 @@ pub struct Config {
     pub file: PathBuf,
     /// The journal's database URL (may hold a secret: never log it).
     pub storage_url: String,
+    /// `[storage] claim_ttl`: how long an in-progress idempotency claim holds.
+    pub claim_ttl: Duration,
     /// The default policy.
     pub defaults: PolicyConfig,
     /// Limits of each run.
@@ -57,6 +61,9 @@ pub struct Config {
     pub gateway: keel_gateway::GatewayConfig,
     /// The models' upstream keys, by environment variable (never logged).
     pub model_keys: Arc<BTreeMap<String, String>>,
+    /// What is valid but dangerous (a parameter inside a `sh -c` script...): `keel
+    /// config check` prints these; a config shipped as an example has none.
+    pub warnings: Vec<ConfigError>,
 }
 
 impl Config {
@@ -104,6 +111,14 @@ impl std::fmt::Debug for Config {
     }
 }
 
+/// `[storage] claim_ttl` when not set.
+pub const DEFAULT_CLAIM_TTL: Duration = Duration::from_secs(300);
+
+/// The values `[storage] claim_ttl` may take: long enough for a slow call to finish,
+/// short enough that a dead holder's key is taken over the same day.
+pub const CLAIM_TTL_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(24 * 3600);
+
 /// A kind-specific key and whether it is set.
 type KeySet<'a> = (&'a str, bool);
 
@@ -115,16 +130,27 @@ struct Checker<'a> {
     text: &'a str,
     spans: Spans<'a>,
     errors: Vec<ConfigError>,
+    warnings: Vec<ConfigError>,
 }
 
 impl Checker<'_> {
-    fn error(&mut self, at: Option<usize>, key: impl Into<String>, message: impl Into<String>) {
-        self.errors.push(ConfigError {
+    fn problem(&self, at: Option<usize>, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError {
             file: self.file.to_owned(),
             line: at.map(|at| line_of(self.text, at)),
             key: Some(key.into()),
             message: message.into(),
-        });
+        }
+    }
+
+    fn error(&mut self, at: Option<usize>, key: impl Into<String>, message: impl Into<String>) {
+        let e = self.problem(at, key, message);
+        self.errors.push(e);
+    }
+
+    fn warn(&mut self, at: Option<usize>, key: impl Into<String>, message: impl Into<String>) {
+        let w = self.problem(at, key, message);
+        self.warnings.push(w);
     }
 
     /// Reports each of `problems` as `prefix.key`, at the key's line when it is written
@@ -188,7 +214,7 @@ fn raw_errors(text: &str, file: &Path, first: &toml::de::Error) -> Vec<ConfigErr
     // Policies are read by the second stage, which a refused file never reaches:
     // check them here too, so their problems are not found one fix later.
     if let Ok(doc) = text.parse::<toml::Table>() {
-        let mut c = Checker { file, text, spans: Spans::new(text), errors: Vec::new() };
+        let mut c = Checker { file, text, spans: Spans::new(text), errors: Vec::new(), warnings: Vec::new() };
         let none = Inherited { parsed: true, problems: Vec::new() };
         let mut tables = Vec::new();
         if let Some(toml::Value::Table(d)) = doc.get("defaults") {
@@ -318,7 +344,7 @@ impl Config {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigErrors> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigErrors(raw_errors(text, file, &e)))?;
-        let mut c = Checker { file, text, spans: Spans::new(text), errors: Vec::new() };
+        let mut c = Checker { file, text, spans: Spans::new(text), errors: Vec::new(), warnings: Vec::new() };
 
         let storage_url = match (&raw.storage.url, &raw.storage.url_env) {
             (Some(_), Some(_)) => {
@@ -335,6 +361,20 @@ impl Config {
                 format!("sqlite://{}", dir.join("keel.db").display())
             }
         };
+
+        let claim_ttl = raw.storage.claim_ttl.unwrap_or(DEFAULT_CLAIM_TTL);
+        if !CLAIM_TTL_RANGE.contains(&claim_ttl) {
+            c.error(
+                c.spans.find_key("storage.claim_ttl"),
+                "storage.claim_ttl",
+                format!(
+                    "must be from {} to {} (got {})",
+                    humantime::format_duration(*CLAIM_TTL_RANGE.start()),
+                    humantime::format_duration(*CLAIM_TTL_RANGE.end()),
+                    humantime::format_duration(claim_ttl)
+                ),
+            );
+        }
 
         let base = raw.defaults.as_ref().map(|t| t.get_ref().clone()).unwrap_or_default();
         let defaults_at = raw.defaults.as_ref().map(|t| t.span().start);
@@ -373,6 +413,24 @@ impl Config {
         if let Some(problem) = listen_problem(&raw.server.listen) {
             let at = c.spans.find(&["server", "listen"]);
             c.error(at, "server.listen", problem);
+        }
+
+        // A tool working in the journal's directory can read and rewrite the journal.
+        if let Some(db) = storage_url.strip_prefix("sqlite://").and_then(|p| Path::new(p).parent()) {
+            let db = std::fs::canonicalize(db).ok();
+            for (name, tool) in &tools {
+                if let ToolKind::Command(CommandTool { cwd: Some(dir), .. }) = &tool.kind {
+                    if db.is_some() && std::fs::canonicalize(dir).ok() == db {
+                        let at = raw.tools.get(name).map(|t| t.span().start);
+                        c.warn(
+                            at,
+                            format!("tools.{name}.cwd"),
+                            "the journal lives in this directory: the tool could read and rewrite it; \
+                             give the tool a directory of its own",
+                        );
+                    }
+                }
+            }
         }
 
         let mut keys = Vec::new();
@@ -432,6 +490,7 @@ impl Config {
         Ok(Config {
             file: file.to_owned(),
             storage_url,
+            claim_ttl,
             defaults: defaults.unwrap_or_default(),
             run: raw.run,
             approvals: raw.approvals,
@@ -441,7 +500,17 @@ impl Config {
             models,
             gateway: raw.gateway,
             model_keys,
+            warnings: c.warnings,
         })
+    }
+
+    /// How the journal is opened: `clock`, and the claim TTL of `[storage]`.
+    pub fn journal_options(&self, clock: Arc<dyn keel_core::Clock>) -> keel_journal::JournalOptions {
+        keel_journal::JournalOptions {
+            clock,
+            claim_ttl: self.claim_ttl,
+            ..keel_journal::JournalOptions::default()
+        }
     }
 
     /// The JSON Schema of `keel.toml`, for editors.
@@ -568,6 +637,7 @@ fn tool_from(
             ("env", !t.env.is_empty()),
             ("env_from", !t.env_from.is_empty()),
             ("max_output", t.max_output.is_some()),
+            ("params_on_stdin", t.params_on_stdin),
             ("classify", t.classify.is_some()),
         ],
         &[
@@ -594,7 +664,31 @@ fn tool_from(
             if argv.is_empty() {
                 c.error(at, key("argv"), "a command tool needs `argv`, the program and its arguments");
             }
-            let mut vars = t.env.clone();
+            for (i, message) in crate::tool::command::shell_templates(&argv) {
+                c.warn(at, key(&format!("argv[{i}]")), message);
+            }
+            // The program's whole environment: the safe few of Keel's, then the tool's.
+            let mut vars: BTreeMap<String, String> =
+                INHERITED_ENV.iter().filter_map(|n| env(n).map(|v| ((*n).to_owned(), v))).collect();
+            for (table, names) in [("env", t.env.keys()), ("env_from", t.env_from.keys())] {
+                for var in names {
+                    if var.is_empty() || var.contains(['=', '\0']) {
+                        c.error(at, key(table), format!("`{var}` is not a valid environment variable name"));
+                    } else if var.starts_with(CALL_ENV_PREFIX) {
+                        c.error(
+                            at,
+                            key(table),
+                            format!("`{var}`: `{CALL_ENV_PREFIX}*` variables are set by Keel for each call"),
+                        );
+                    }
+                }
+            }
+            for (var, value) in &t.env {
+                if value.contains('\0') {
+                    c.error(at, key("env"), format!("the value of `{var}` holds a NUL byte"));
+                }
+                vars.insert(var.clone(), value.clone());
+            }
             for (var, from) in &t.env_from {
                 match env(from) {
                     Some(v) => {
@@ -603,6 +697,14 @@ fn tool_from(
                     None => c.error(at, key("env_from"), format!("environment variable `{from}` is not set")),
                 }
             }
+            // A relative `cwd` is the config file's directory's; it must exist now.
+            let cwd = t.cwd.as_ref().map(|d| {
+                let dir = c.file.parent().map_or_else(|| PathBuf::from(d), |p| p.join(d));
+                if !dir.is_dir() {
+                    c.error(at, key("cwd"), format!("`{}` is not a directory", dir.display()));
+                }
+                dir.to_string_lossy().into_owned()
+            });
             let classifier = match CommandClassifier::new(&t.classify.clone().unwrap_or_default()) {
                 Ok(cl) => Some(cl),
                 Err(e) => {
@@ -613,8 +715,9 @@ fn tool_from(
             classifier.map(|classifier| {
                 ToolKind::Command(CommandTool {
                     argv,
-                    cwd: t.cwd.clone(),
+                    cwd,
                     env: vars,
+                    params_on_stdin: t.params_on_stdin,
                     max_output: t.max_output.unwrap_or(DEFAULT_MAX_OUTPUT),
                     classifier,
                 })
@@ -636,6 +739,8 @@ fn tool_from(
                 );
             } else if !url.starts_with("http://") {
                 c.error(at, key("url"), format!("`{url}` is not an http:// URL"));
+            } else if let Err(problem) = crate::tool::http::check_url_template(&url) {
+                c.error(at, key("url"), problem);
             }
             let method = t.method.clone().unwrap_or_else(|| "POST".into()).to_ascii_uppercase();
             let method = match http::Method::from_bytes(method.as_bytes()) {

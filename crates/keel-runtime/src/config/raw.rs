@@ -121,6 +121,13 @@ pub struct StorageConfig {
     pub url: Option<String>,
     /// The name of an environment variable holding the database URL.
     pub url_env: Option<String>,
+    /// How long an idempotency claim in progress (a tool call started and not yet
+    /// answered) holds before another process may take the key over, presuming its
+    /// holder dead; "5m" by default, from "1s" to "24h". Keys under a run's lease are
+    /// taken over with the lease, sooner.
+    #[serde(default, with = "humantime_serde")]
+    #[schemars(with = "Option<String>")]
+    pub claim_ttl: Option<Duration>,
 }
 
 /// How much autonomy Keel has.
@@ -275,19 +282,30 @@ pub struct ToolConfig {
     #[schemars(with = "Option<PolicyConfig>")]
     pub policy: Option<Spanned<toml::Table>>,
 
-    /// command: the program and its arguments, with `{{param}}` placeholders. No shell.
+    /// command: the program and its arguments, with `{{param}}` placeholders. No shell:
+    /// each entry is one argument, whatever a value holds. Never put a placeholder in a
+    /// `sh -c`/`python -c` script (a value there is code; `config check` warns): pass it
+    /// as its own argument (`["sh", "-c", "echo \"$1\"", "sh", "{{x}}"]`).
     #[serde(default)]
     pub argv: Option<Vec<String>>,
-    /// command: the working directory.
+    /// command: the working directory, relative to keel.toml's; it must exist. Without
+    /// it, each attempt runs in a fresh empty private directory, removed after.
     #[serde(default)]
     pub cwd: Option<String>,
-    /// command: environment variables set for the program (not secrets).
+    /// command: environment variables set for the program (not secrets). The program
+    /// inherits only PATH, HOME, LANG, LC_ALL, TZ and TMPDIR of Keel's environment,
+    /// plus `env`, `env_from` and `KEEL_IDEMPOTENCY_KEY`; `KEEL_*` names are Keel's.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     /// command: environment variables copied from Keel's own environment by name
     /// (`{ API_TOKEN = "PAYMENTS_TOKEN" }`): how secrets reach a program.
     #[serde(default)]
     pub env_from: BTreeMap<String, String>,
+    /// command: write the call's parameters to the program's stdin as one JSON document
+    /// (the safe way to hand a program many or structured values; stdin is empty
+    /// otherwise).
+    #[serde(default)]
+    pub params_on_stdin: bool,
     /// command: the most bytes kept of stdout and of stderr each.
     #[serde(default)]
     pub max_output: Option<usize>,
@@ -298,7 +316,9 @@ pub struct ToolConfig {
     /// http: the method (default POST).
     #[serde(default)]
     pub method: Option<String>,
-    /// http: the URL, with `{{param}}` placeholders (values are percent-encoded).
+    /// http: the URL, with `{{param}}` placeholders in its path and query only (values
+    /// are percent-encoded; a value making a `.`/`..` segment is refused). The scheme
+    /// and host are written here, never taken from a parameter.
     #[serde(default)]
     pub url: Option<String>,
     /// http: headers with literal values (not secrets).

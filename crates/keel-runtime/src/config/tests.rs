@@ -162,6 +162,21 @@ fn https_tools_are_refused_up_front_in_this_build() {
     assert!(e.contains("tools.t.url") && e.contains("TLS"), "{e}");
 }
 
+#[test]
+fn claim_ttl_is_configurable_within_its_range() {
+    let c = parse("[storage]\nclaim_ttl = \"90s\"\n").unwrap();
+    assert_eq!(c.claim_ttl, std::time::Duration::from_secs(90));
+    assert_eq!(c.journal_options(std::sync::Arc::new(keel_core::TokioClock::new())).claim_ttl, c.claim_ttl);
+    assert_eq!(parse("").unwrap().claim_ttl, super::DEFAULT_CLAIM_TTL);
+    for bad in ["0s", "500ms", "25h", "100years"] {
+        let e = parse(&format!("[storage]\nurl = \"sqlite://x.db\"\nclaim_ttl = \"{bad}\"\n")).unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("keel.toml:3: storage.claim_ttl: must be from 1s to 1day"), "{bad}: {text}");
+    }
+    let e = parse("[storage]\nclaim_ttl = \"soon\"\n").unwrap_err();
+    assert!(e.to_string().contains("keel.toml:2"), "{e}");
+}
+
 /// The problems of `text`, as `line: key` (with the line when known).
 fn problems(text: &str) -> Vec<String> {
     let mut out: Vec<String> = parse(text)

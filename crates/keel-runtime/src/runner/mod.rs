@@ -164,6 +164,40 @@ impl Runner {
     /// The journal's.
     pub async fn create(&self, plan: &Plan) -> Result<String> {
         let run_id = new_id("run");
+        for event in self.creation(plan) {
+            self.record(&run_id, event).await?;
+        }
+        Ok(run_id)
+    }
+
+    /// Records a new run of `plan` under `run_id` unless a run with that id exists, in
+    /// one transaction: `true` if this call created it. For ids derived from an
+    /// idempotency key (`keel serve`'s invocations), so that the key's run is found by
+    /// every retry, however the first try ended.
+    ///
+    /// # Errors
+    /// The journal's.
+    pub async fn create_with_id(&self, run_id: &str, plan: &Plan) -> Result<bool> {
+        let events = self.creation(plan);
+        // On a task of its own: a caller that gives up (a client hanging up) must not
+        // cancel the transaction half-way — sqlx's SQLite driver can then leave the
+        // one write connection inside a transaction, failing every later write.
+        let (journal, id, first) = (self.journal.clone(), run_id.to_owned(), events.to_vec());
+        let created = match tokio::spawn(async move { journal.create_run(&id, &first).await }).await {
+            Ok(created) => created?,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => return Err(Error::Journal(keel_journal::Error::WriterClosed)),
+        };
+        if created {
+            for event in &events {
+                self.observer.event(run_id, event);
+            }
+        }
+        Ok(created)
+    }
+
+    /// A new run's first events: its plan, then `running`.
+    fn creation(&self, plan: &Plan) -> [JournalEvent; 2] {
         let name = plan.name.clone().unwrap_or_else(|| "plan".to_owned());
         let deadline = plan.deadline.unwrap_or(self.config.run.deadline);
         let input = json!({
@@ -172,10 +206,10 @@ impl Runner {
             "deadline_ms": u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX),
             "mode": self.config.run.mode,
         });
-        self.record(&run_id, JournalEvent::RunCreated { name, input }).await?;
-        self.record(&run_id, JournalEvent::RunStateChanged { state: RunState::Running, reason: None })
-            .await?;
-        Ok(run_id)
+        [
+            JournalEvent::RunCreated { name, input },
+            JournalEvent::RunStateChanged { state: RunState::Running, reason: None },
+        ]
     }
 
     /// Appends one event durably, then shows it to the observer (what is shown is
@@ -289,11 +323,14 @@ impl Runner {
             )),
         };
         renew.abort();
-        self.writer.flush().await?;
+        // The lease is given up and the gate saved even when the flush failed (after a
+        // storage outage the run must not stay held until its lease expires).
+        let flushed = self.writer.flush_run(run_id).await;
         self.save_gate().await;
         if let Err(e) = self.journal.release_lease(&lease).await {
             tracing::warn!(run = %run_id, error = %e, "the run's lease was not released; it expires by itself");
         }
+        flushed?;
         result
     }
 

@@ -469,9 +469,7 @@ async fn finish_err(
         }
         *n
     };
-    let needs_person =
-        matches!(class, ErrorClass::Unauthorized | ErrorClass::Forbidden | ErrorClass::LoopDetected);
-    if needs_person || seen >= ctx.runner.config.run.escalate_after.max(1) {
+    if class.needs_person() || seen >= ctx.runner.config.run.escalate_after.max(1) {
         return ctx.escalate(tool, params, class, &message, e.attempts).await;
     }
     ctx.fail(class, message).await

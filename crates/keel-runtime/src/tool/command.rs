@@ -1,10 +1,30 @@
-//! Command tools: a program run without a shell, in its own process group.
+//! Command tools: a program run without a shell, in its own process group, with a
+//! clean environment, and dying with the Keel process that started it.
 //!
 //! Why a process group: a tool that hangs must be killed with everything it started
 //! (a script's children, a pipeline's stages), or the "timeout" leaves orphans
-//! working. The program leads a new group; when the attempt ends — finished, timed out
-//! or cancelled — the whole group gets SIGKILL. stdout and stderr are read to a size
-//! cap (the rest is drained and dropped), so a chatty program cannot exhaust memory.
+//! working. When the attempt ends — finished, timed out or cancelled — the whole group
+//! gets SIGKILL. stdout and stderr are read to a size cap (the rest is drained and
+//! dropped), so a chatty program cannot exhaust memory.
+//!
+//! Why a lifeline: if Keel itself dies (SIGKILL, OOM), nothing is left to kill the
+//! group, and a tool reparented to init would finish its side effect while the resumed
+//! run calls it again. So the group is led by a tiny watcher (`/bin/sh -c 'read l;
+//! kill -s KILL 0'`) whose stdin is a pipe only this process holds the write end of.
+//! The kernel closes that pipe when Keel dies, however it dies; the watcher reads EOF
+//! and kills its whole group — the tool and everything it started. The watcher is
+//! started first and the tool joins its group, so no instant exists where the tool
+//! runs unwatched; the tool stays Keel's direct child, so its exit status is exact.
+//! (`PR_SET_PDEATHSIG` would need `pre_exec`, i.e. `unsafe`, follows the spawning
+//! *thread* rather than the process, and kills only the leader.) A process that leaves
+//! the group on purpose (`setsid`, a daemon) escapes both kills.
+//!
+//! Why a clean environment: Keel's own environment holds every secret it was given
+//! (API keys, `headers_env`, `api_key_env`). A program gets only what
+//! [`CommandTool::env`] holds — the config puts there [`INHERITED_ENV`], then the
+//! tool's `env` and `env_from` — plus Keel's call variables (`KEEL_IDEMPOTENCY_KEY`).
+//! Without a configured `cwd` it runs in a fresh empty private directory, removed when
+//! the attempt ends, never in Keel's (where the journal and secrets may live).
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
@@ -14,20 +34,37 @@ use keel_core::{ErrorClass, Failure};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
 use crate::template::render_text;
+
+/// The variables of Keel's environment a command inherits (when set): nothing that can
+/// hold a secret. Everything else must be declared with `env` or `env_from`.
+pub const INHERITED_ENV: &[&str] = &["PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR"];
+
+/// The prefix of the variables Keel sets for each call (`KEEL_IDEMPOTENCY_KEY`); a tool
+/// cannot declare one.
+pub(crate) const CALL_ENV_PREFIX: &str = "KEEL_";
+
+/// The watcher leading each tool's process group: on EOF of its stdin (Keel is gone, or
+/// the attempt is over) it kills the group. See the module docs.
+const WATCHER: &[&str] = &["-c", "read l; kill -s KILL 0", "keel-tool-watcher"];
 
 /// A command tool.
 #[derive(Debug, Clone)]
 pub struct CommandTool {
     /// The program and its arguments, with placeholders.
     pub argv: Vec<String>,
-    /// The working directory.
+    /// The working directory; `None` runs each attempt in a fresh empty private
+    /// directory, removed when the attempt ends.
     pub cwd: Option<String>,
-    /// Environment variables set for the program.
+    /// The program's whole environment: nothing of Keel's own is inherited beyond this
+    /// (and the call's `KEEL_*` variables).
     pub env: BTreeMap<String, String>,
+    /// Whether the call's parameters are written to the program's stdin as one JSON
+    /// document (then stdin closes); otherwise stdin is empty.
+    pub params_on_stdin: bool,
     /// The most bytes kept of stdout and of stderr each.
     pub max_output: usize,
     /// How exits map to classes.
@@ -44,6 +81,128 @@ impl Drop for GroupGuard {
             // ESRCH (the group is already gone) is the normal case after a clean exit.
             let _ = killpg(pgid, Signal::SIGKILL);
         }
+    }
+}
+
+/// Programs that run their argument as code, and the flag that introduces it (`None`:
+/// the first argument that is not an option is the program, as with awk).
+const INTERPRETERS: &[(&str, Option<&str>)] = &[
+    ("sh", Some("c")),
+    ("bash", Some("c")),
+    ("dash", Some("c")),
+    ("zsh", Some("c")),
+    ("ksh", Some("c")),
+    ("mksh", Some("c")),
+    ("ash", Some("c")),
+    ("fish", Some("c")),
+    ("csh", Some("c")),
+    ("tcsh", Some("c")),
+    ("python", Some("c")),
+    ("pypy", Some("c")),
+    ("perl", Some("eE")),
+    ("ruby", Some("e")),
+    ("node", Some("ep")),
+    ("nodejs", Some("ep")),
+    ("php", Some("r")),
+    ("awk", None),
+    ("gawk", None),
+    ("mawk", None),
+    ("nawk", None),
+];
+
+/// The interpreter `arg` names (`/usr/bin/python3.12` is python), with its code flag.
+fn interpreter(arg: &str) -> Option<(&'static str, Option<&'static str>)> {
+    let base = arg.rsplit('/').next().unwrap_or(arg);
+    INTERPRETERS.iter().copied().find(|(name, _)| {
+        base == *name
+            || (base.starts_with(name)
+                && base[name.len()..].chars().all(|ch| ch.is_ascii_digit() || ch == '.'))
+    })
+}
+
+/// Where `argv` puts a `{{param}}` into code an interpreter runs — a `sh -c` script, a
+/// `python -c` program, an awk program — or names the program itself from a parameter:
+/// (argv index, why it is dangerous). A value there is code: no escaping can make it
+/// safe. Arguments after the script (`sh -c 'echo "$1"' sh {{x}}`) are data and fine.
+pub(crate) fn shell_templates(argv: &[String]) -> Vec<(usize, String)> {
+    let mut found = Vec::new();
+    if argv.first().is_some_and(|a| a.contains("{{")) {
+        found.push((0, "the program itself comes from a parameter: a caller could run anything".to_owned()));
+    }
+    for (i, arg) in argv.iter().enumerate() {
+        let Some((name, flag)) = interpreter(arg) else { continue };
+        let rest = &argv[i + 1..];
+        let script = match flag {
+            Some(letters) => rest
+                .iter()
+                .position(|a| {
+                    a.len() > 1
+                        && a.starts_with('-')
+                        && !a.starts_with("--")
+                        && a[1..].contains(|ch| letters.contains(ch))
+                })
+                .and_then(|f| {
+                    rest[f + 1..].iter().position(|a| !a.starts_with('-') || a == "-").map(|s| f + 1 + s)
+                }),
+            None => rest.iter().position(|a| !a.starts_with('-')),
+        };
+        let Some(s) = script else { continue };
+        if rest[s].contains("{{") {
+            let how = flag.map_or(String::new(), |l| format!(" -{}", &l[..1]));
+            found.push((
+                i + 1 + s,
+                format!(
+                    "a `{{{{param}}}}` inside the code `{name}{how}` runs: a value like `'; printenv; '` \
+                     becomes code, and no escaping can make that safe. Pass values as their own \
+                     arguments (`[\"sh\", \"-c\", \"echo \\\"$1\\\"\", \"sh\", \"{{{{x}}}}\"]`) or drop the interpreter"
+                ),
+            ));
+        }
+    }
+    found
+}
+
+/// A fresh empty directory, private to this user, removed when dropped.
+struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    fn create() -> std::io::Result<Scratch> {
+        use std::os::unix::fs::DirBuilderExt;
+        let base = std::env::temp_dir();
+        static SWEPT: std::sync::Once = std::sync::Once::new();
+        SWEPT.call_once(|| sweep(&base));
+        let mut last = None;
+        for _ in 0..8 {
+            let dir = base.join(format!("keel-tool-{}-{:016x}", std::process::id(), fastrand::u64(..)));
+            match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+                Ok(()) => return Ok(Scratch(dir)),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| std::io::Error::other("no directory")))
+    }
+}
+
+/// Removes the scratch directories a killed Keel left behind (its watcher killed the
+/// tool, but nobody removed the directory): those whose process is gone.
+fn sweep(base: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(base) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) =
+            name.to_str().and_then(|n| n.strip_prefix("keel-tool-")).and_then(|r| r.split('-').next())
+        else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !std::path::Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -90,25 +249,64 @@ impl CommandTool {
         let Some((program, args)) = argv.split_first() else {
             return Err(Failure::new(ErrorClass::InvalidRequest, "empty argv"));
         };
+        let start = |e: std::io::Error| Failure::new(io_error(&e), format!("cannot start `{program}`: {e}"));
+        let scratch = match &self.cwd {
+            Some(_) => None,
+            None => Some(Scratch::create().map_err(|e| {
+                Failure::new(io_error(&e), format!("cannot make a working directory for `{program}`: {e}"))
+            })?),
+        };
+        // The watcher first, leading the group; the guard covers it from here on.
+        let mut watcher = Command::new("/bin/sh")
+            .args(WATCHER)
+            .env_clear()
+            .current_dir("/")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| Failure::new(io_error(&e), format!("cannot start the tool's watcher: {e}")))?;
+        let pgid = watcher.id().and_then(|id| i32::try_from(id).ok()).map(Pid::from_raw);
+        let mut guard = GroupGuard(pgid);
+        // Only this process holds the write end (std's pipes are close-on-exec): it
+        // closes when the attempt ends or when Keel dies.
+        let lifeline = watcher.stdin.take();
+        let Some(pgid) = pgid else {
+            return Err(Failure::new(ErrorClass::ServerError, "the tool's watcher has no process id"));
+        };
         let mut cmd = Command::new(program);
         cmd.args(args)
+            .env_clear()
             .envs(&self.env)
             .envs(extra_env.iter().copied())
-            .stdin(Stdio::null())
+            .stdin(if self.params_on_stdin { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .process_group(0)
+            .process_group(pgid.as_raw())
             .kill_on_drop(true);
-        if let Some(dir) = &self.cwd {
-            cmd.current_dir(dir);
-        }
-        let mut child =
-            cmd.spawn().map_err(|e| Failure::new(io_error(&e), format!("cannot start `{program}`: {e}")))?;
-        let mut guard = GroupGuard(child.id().and_then(|id| i32::try_from(id).ok()).map(Pid::from_raw));
+        match (&self.cwd, &scratch) {
+            (Some(dir), _) => cmd.current_dir(dir),
+            (None, Some(s)) => cmd.current_dir(&s.0),
+            (None, None) => &mut cmd,
+        };
+        let mut child = cmd.spawn().map_err(start)?;
         let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+        let stdin = child.stdin.take();
+        let feed = async {
+            if let Some(mut stdin) = stdin {
+                // A program that does not read its input closes the pipe: not an error.
+                let _ = stdin.write_all(params.to_string().as_bytes()).await;
+                let _ = stdin.shutdown().await;
+            }
+        };
         let pgid = guard.0;
-        let ((out, out_cut), (err, err_cut), status) =
-            tokio::join!(read_capped(stdout, self.max_output), read_capped(stderr, self.max_output), async {
+        let (_, (out, out_cut), (err, err_cut), status) = tokio::join!(
+            feed,
+            read_capped(stdout, self.max_output),
+            read_capped(stderr, self.max_output),
+            async {
                 let status = child.wait().await;
                 // The leader is done: whatever it left behind in its group goes too, so
                 // that no straggler holds the pipes open.
@@ -116,8 +314,12 @@ impl CommandTool {
                     let _ = killpg(pgid, Signal::SIGKILL);
                 }
                 status
-            });
+            }
+        );
         guard.0 = None;
+        drop(lifeline);
+        let _ = watcher.wait().await;
+        drop(scratch);
         let status =
             status.map_err(|e| Failure::new(io_error(&e), format!("waiting for `{program}`: {e}")))?;
         let stdout = String::from_utf8_lossy(&out).into_owned();

@@ -57,7 +57,21 @@ impl HttpTool {
         let invalid =
             |e: crate::template::MissingValue| Failure::new(ErrorClass::InvalidRequest, e.to_string());
         let url = render_text(&self.url, params, percent_encode).map_err(invalid)?;
-        let mut req = self.client.request(self.method.clone(), &url);
+        // Values are percent-encoded, but `.` is unreserved and URL parsers resolve
+        // `.`/`..` (and `%2e`) segments: a parameter must not move the request (and its
+        // secret headers) to another path.
+        if let Some(seg) = dot_segment(&url) {
+            return Err(Failure::new(
+                ErrorClass::InvalidRequest,
+                format!(
+                    "a parameter makes the URL's path hold the segment `{seg}`, which would change its path"
+                ),
+            ));
+        }
+        let url = reqwest::Url::parse(&url).map_err(|e| {
+            Failure::new(ErrorClass::InvalidRequest, format!("the tool's URL is not valid: {e}"))
+        })?;
+        let mut req = self.client.request(self.method.clone(), url);
         for (name, value) in &self.headers {
             req = req.header(name, value);
         }
@@ -84,8 +98,74 @@ impl HttpTool {
     }
 }
 
+/// Where the authority of `url` (after `scheme://`) ends.
+fn authority_end(url: &str) -> Option<usize> {
+    let start = url.find("://")? + 3;
+    Some(url[start..].find(['/', '?', '#', '\\']).map_or(url.len(), |i| start + i))
+}
+
+/// The first `.` or `..` segment (also spelled `%2e`) of `url`'s path, if any.
+fn dot_segment(url: &str) -> Option<&str> {
+    let from = authority_end(url)?;
+    let path = &url[from..];
+    let path = &path[..path.find(['?', '#']).unwrap_or(path.len())];
+    path.split(['/', '\\']).find(|seg| {
+        let lower = seg.to_ascii_lowercase().replace("%2e", ".");
+        lower == "." || lower == ".."
+    })
+}
+
+/// Checks an http tool's URL template at config time: `http://`, a scheme and host
+/// written in the config (never from a parameter), no dot segment, parseable.
+///
+/// # Errors
+/// What is wrong, for the config error.
+pub(crate) fn check_url_template(url: &str) -> Result<(), String> {
+    let end = authority_end(url).ok_or_else(|| format!("`{url}` is not an http:// URL"))?;
+    if url[..end].contains("{{") {
+        return Err(format!(
+            "`{url}`: the scheme and host must be written here, never come from a parameter \
+             (placeholders may appear in the path and the query)"
+        ));
+    }
+    let sample = replace_placeholders(url);
+    if let Some(seg) = dot_segment(&sample) {
+        return Err(format!("`{url}`: the path holds the segment `{seg}`; write the path it means"));
+    }
+    reqwest::Url::parse(&sample).map_err(|e| format!("`{url}` is not a valid URL: {e}"))?;
+    Ok(())
+}
+
+/// `url` with each placeholder replaced by `x`.
+fn replace_placeholders(url: &str) -> String {
+    let mut out = String::with_capacity(url.len());
+    let mut rest = url;
+    while let Some(open) = rest.find("{{") {
+        out.push_str(&rest[..open]);
+        match rest[open..].find("}}") {
+            Some(close) => {
+                out.push('x');
+                rest = &rest[open + close + 2..];
+            }
+            None => {
+                rest = &rest[open..];
+                break;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 fn transport(e: &reqwest::Error) -> Failure {
-    let class = if e.is_timeout() { ErrorClass::Timeout } else { ErrorClass::Network };
+    // A request reqwest cannot even build (a bad URL, a bad header) never gets better.
+    let class = if e.is_builder() {
+        ErrorClass::InvalidRequest
+    } else if e.is_timeout() {
+        ErrorClass::Timeout
+    } else {
+        ErrorClass::Network
+    };
     // Without the URL: it may carry a token in its query.
     Failure::new(class, e.without_url_ref().to_string())
 }

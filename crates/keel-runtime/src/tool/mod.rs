@@ -1,12 +1,12 @@
 //! Tools: the targets Keel calls for an agent or a plan — a local command or an HTTP
 //! endpoint — with parameters checked against the tool's JSON Schema before any call.
 
-mod command;
-mod http;
+pub(crate) mod command;
+pub(crate) mod http;
 #[cfg(test)]
 mod tests;
 
-pub use command::CommandTool;
+pub use command::{CommandTool, INHERITED_ENV};
 pub use http::HttpTool;
 
 use std::cmp::Ordering;

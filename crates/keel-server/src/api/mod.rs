@@ -34,6 +34,8 @@ pub struct AppState {
     pub wake: Arc<Notify>,
     /// The runs this process is driving (a request's and a worker's never overlap).
     pub drives: Arc<crate::workers::Drives>,
+    /// Whether the journal could be written at the last readiness check.
+    pub storage: Arc<crate::ops::StorageHealth>,
     /// The model gateway, when keel.toml has `[models]`.
     pub gateway: Option<Arc<keel_gateway::Gateway>>,
 }
@@ -52,7 +54,9 @@ pub(crate) fn ms(t: SystemTime) -> i64 {
 /// `?wait=30s`: how long a request may wait for a person or a run.
 #[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 pub struct WaitQuery {
-    /// A duration such as "30s"; at most 5 minutes.
+    /// A duration such as "30s"; at most 5 minutes. On a tool invocation it bounds
+    /// the whole request; without it the request waits while the run is worked, but
+    /// not for a person.
     pub wait: Option<String>,
 }
 

@@ -7,7 +7,10 @@
 mod support;
 
 mod api;
+mod attacks_tools;
 mod auth;
 mod browser;
 mod gateway;
+mod idempotency;
 mod shutdown;
+mod storage;

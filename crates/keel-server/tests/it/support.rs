@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use keel_core::TokioClock;
 use keel_examples::payments::{Faults, Handle, spawn};
-use keel_journal::JournalOptions;
+use keel_journal::{Journal, JournalOptions};
 use keel_runtime::Config;
 use serde_json::Value;
 
@@ -16,6 +16,7 @@ pub(crate) const ADMIN: &str = "admin-key-0123456789";
 pub(crate) struct Server {
     pub(crate) base: String,
     pub(crate) payments: Handle,
+    pub(crate) state: keel_server::AppState,
     pub(crate) http: reqwest::Client,
     pub(crate) dir: tempfile::TempDir,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -39,12 +40,44 @@ keys = [
 ]
 "#;
 
+/// Wraps a journal (to make it fail on demand).
+pub(crate) type Wrap = Box<dyn FnOnce(Arc<dyn Journal>) -> Arc<dyn Journal> + Send>;
+
+/// Where a test server keeps its journal.
+pub(crate) struct Storage {
+    /// A journal URL; a SQLite file in the server's temp dir when `None`.
+    pub(crate) url: Option<String>,
+    /// Wraps the opened journal (to make it fail on demand).
+    pub(crate) wrap: Wrap,
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Self { url: None, wrap: Box::new(|j| j) }
+    }
+}
+
 impl Server {
     pub(crate) async fn start(faults: Faults, extra: &str) -> Server {
+        Self::start_with(faults, extra, Storage::default()).await
+    }
+
+    pub(crate) async fn start_with(faults: Faults, extra: &str, storage: Storage) -> Server {
         let (base, handle) = spawn(faults);
         let dir = tempfile::tempdir().unwrap();
+        Self::launch(&base, handle, dir, extra, storage).await
+    }
+
+    /// A server in front of an existing payments service and directory (a restart).
+    pub(crate) async fn launch(
+        payments_base: &str,
+        payments: Handle,
+        dir: tempfile::TempDir,
+        extra: &str,
+        storage: Storage,
+    ) -> Server {
         let tools = format!("{SERVER}{}", keel_examples::payments::TOOLS_TOML);
-        let text = format!("{}\n{extra}", tools.replace("{base}", &base));
+        let text = format!("{}\n{extra}", tools.replace("{base}", payments_base));
         let env = |name: &str| match name {
             "AGENT_KEY" => Some(AGENT.to_owned()),
             "APPROVER_KEY" => Some(APPROVER.to_owned()),
@@ -52,20 +85,26 @@ impl Server {
             _ => None,
         };
         let mut config = Config::parse(&text, &dir.path().join("keel.toml"), &env).unwrap();
-        config.storage_url = format!("sqlite://{}", dir.path().join("keel.db").display());
+        config.storage_url =
+            storage.url.unwrap_or_else(|| format!("sqlite://{}", dir.path().join("keel.db").display()));
         let clock = Arc::new(TokioClock::new());
         let journal = keel_journal::open(
             &config.storage_url,
-            JournalOptions { clock: clock.clone(), ..JournalOptions::default() },
+            JournalOptions {
+                clock: clock.clone(),
+                acquire_timeout: Duration::from_secs(1),
+                ..JournalOptions::default()
+            },
         )
         .await
         .unwrap();
+        let journal = (storage.wrap)(journal);
         let state = keel_server::state(Arc::new(config), journal, clock).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let served = tokio::spawn(keel_server::serve(
-            state,
+            state.clone(),
             listener,
             async move {
                 let _ = stopped.await;
@@ -74,9 +113,10 @@ impl Server {
         ));
         Server {
             base: format!("http://{addr}"),
-            payments: handle,
+            payments,
             http: reqwest::Client::new(),
             dir,
+            state,
             stop: Some(stop),
             served: Some(served),
         }
