@@ -51,6 +51,11 @@ pub enum RefusalReason {
     },
     /// The target's circuit breaker opened: a retry would fail fast.
     CircuitOpen,
+    /// An attempt budget has no attempt left for the retry.
+    BudgetExhausted {
+        /// The budget's name.
+        budget: String,
+    },
     /// The target asked to wait longer than the configured cap.
     RetryAfterTooLong {
         /// What the target asked for.
@@ -73,6 +78,7 @@ impl fmt::Display for RefusalReason {
                 write!(f, "a retry after {delay:?} would pass the deadline ({remaining:?} left)")
             }
             RefusalReason::CircuitOpen => f.write_str("the circuit breaker opened"),
+            RefusalReason::BudgetExhausted { budget } => write!(f, "budget `{budget}` has no attempt left"),
             RefusalReason::RetryAfterTooLong { requested, cap } => {
                 write!(f, "the target asked to wait {requested:?}, more than the cap of {cap:?}")
             }

@@ -91,7 +91,12 @@ impl IntoResponse for GatewayError {
         if let Ok(v) = HeaderValue::from_str(&self.attempts.to_string()) {
             h.insert("x-keel-attempts", v);
         }
-        if let Some(delay) = self.retry_after {
+        if self.class == ErrorClass::BudgetExceeded {
+            // The same call will be refused again: the official SDKs honour this and
+            // do not re-send. Budgets count over the process's life and never refill,
+            // so no `Retry-After` either (a rolling-window budget would send one).
+            h.insert("x-should-retry", HeaderValue::from_static("false"));
+        } else if let Some(delay) = self.retry_after {
             if let Ok(v) = HeaderValue::from_str(&delay.as_secs().max(1).to_string()) {
                 h.insert(http::header::RETRY_AFTER, v);
             }

@@ -11,11 +11,12 @@
 //! - anything else is final.
 //!
 //! An answer that fails validation gets up to `correct` correction retries (the error
-//! sent back to the model) before that. Budgets (per API key, per run) are reserved
-//! before the call from its token limit at the dearest price of the route and settled
-//! from the real usage. The answer's `model` names the model that answered and its
-//! `usage` is that model's; the error of a call that failed names the original
-//! failure, never a fallback's.
+//! sent back to the model) before that. Budgets (per API key, per run) admit a call
+//! from its first attempt's upper bound at the dearest price of the route, and every
+//! attempt is reserved and settled on its own (see [`crate::charges`]). The answer's
+//! `model` names the model that answered and its `usage` is that model's as the
+//! provider sent it (the journal and `/metrics` have every attempt's charge); the
+//! error of a call that failed names the original failure, never a fallback's.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -27,10 +28,10 @@ use bytes::Bytes;
 use keel_core::event::{Event, EventSink, NullSink, emit};
 use keel_core::{
     Breaker, Budget, BudgetKind, CallError, CallSignature, Classified, Clock, ConfidenceGate, ErrorClass,
-    ErrorKind, Failure, GateConfig, LoopGuard, Pipeline, PolicyConfig, Reservation, RunScope, TimeoutConfig,
-    TokioClock,
+    ErrorKind, Failure, GateConfig, LoopGuard, Pipeline, PolicyConfig, TimeoutConfig, TokioClock,
 };
 
+use crate::charges::{AttemptCharge, Charges, Spent, request_estimate};
 use crate::config::{self, ConfigError, GatewayConfig, ModelConfig, Provider};
 use crate::error::GatewayError;
 use crate::journal::{CallJournal, CallRecord, ModelFailure, Prompt};
@@ -425,36 +426,6 @@ impl Route {
     }
 }
 
-/// The budgets a call charges, with what it reserved.
-#[derive(Debug, Default)]
-pub(crate) struct Charges {
-    budgets: Vec<Arc<Budget>>,
-    reservations: Vec<(BudgetKind, Reservation)>,
-    pub(crate) run: Option<Arc<RunAccount>>,
-    pub(crate) prompt_estimate: u64,
-}
-
-impl Charges {
-    /// Settles every reservation with real usage priced at `model`'s prices.
-    pub(crate) fn settle(&mut self, model: &Model, usage: Usage) {
-        let cost = model.config.prices.cost_micros(usage.prompt_tokens, usage.completion_tokens);
-        for (kind, r) in self.reservations.drain(..) {
-            let actual = match kind {
-                BudgetKind::Tokens => usage.total_tokens.max(usage.prompt_tokens + usage.completion_tokens),
-                BudgetKind::CostMicros => cost,
-                BudgetKind::Attempts => continue,
-            };
-            // Usage beyond the reservation is counted anyway; the next call is refused.
-            let _ = r.settle(actual);
-        }
-    }
-
-    fn scope(&self) -> Option<RunScope> {
-        (!self.budgets.is_empty())
-            .then(|| self.budgets.iter().fold(RunScope::new(), |s, b| s.with_budget(b.clone())))
-    }
-}
-
 impl Gateway {
     /// Starts building a gateway of `models` (the `[models.*]` tables of `keel.toml`).
     pub fn builder(models: BTreeMap<String, ModelConfig>) -> GatewayBuilder {
@@ -510,7 +481,27 @@ impl Gateway {
                     (name.to_string(), m.counters.snapshot(m.pipeline.breaker().map(|b| b.state())))
                 })
                 .collect(),
+            budgets: self.budgets(),
         }
+    }
+
+    /// Every API key's budget (`key:NAME`), and every run's summed as `runs`: what is
+    /// used, reserved in flight, refused, and whether a budget is held.
+    pub fn budgets(&self) -> BTreeMap<String, crate::metrics::BudgetMetrics> {
+        let mut out = BTreeMap::new();
+        for budget in self.accounts.keys.lock().unwrap_or_else(|e| e.into_inner()).values() {
+            out.entry(budget.name().to_string())
+                .or_insert_with(crate::metrics::BudgetMetrics::default)
+                .add(budget);
+        }
+        let runs = self.accounts.runs.lock().unwrap_or_else(|e| e.into_inner());
+        if !runs.is_empty() {
+            let sum = out.entry("runs".to_owned()).or_default();
+            for (_, account) in runs.values() {
+                sum.add(&account.budget);
+            }
+        }
+        out
     }
 
     pub(crate) fn created(&self) -> u64 {
@@ -562,55 +553,73 @@ impl Gateway {
         budget
     }
 
-    /// Reserves the call's upper bound on the key's and the run's budgets, at the
-    /// dearest price of every model the call may reach.
+    /// Admits a call (see [`crate::charges`]): its first attempt's upper bound is
+    /// reserved on the key's and the run's budgets, at the dearest price of every
+    /// model the call may reach; only then is it a turn of its run.
     pub(crate) fn charge(
         &self,
         primary: &Model,
         req: &ChatRequest,
         ctx: &CallContext,
     ) -> Result<Charges, GatewayError> {
-        let mut charges =
-            Charges { prompt_estimate: (req.messages_raw().len() as u64).div_ceil(3), ..Charges::default() };
-        if let Some(run) = &ctx.run {
-            let account = self.run_account(run);
-            account
-                .guard
-                .begin_turn()
-                .map_err(|e| GatewayError::new(ErrorClass::LoopDetected, e.to_string()))?;
+        let mut charges = Charges {
+            prompt_estimate: request_estimate(req, &primary.config.model),
+            max_tokens: req.max_tokens,
+            ..Charges::default()
+        };
+        let account = ctx.run.as_ref().map(|run| self.run_account(run));
+        if let Some(account) = &account {
             charges.budgets.push(account.budget.clone());
-            charges.run = Some(account);
         }
         if let Some(key) = &ctx.api_key {
             charges.budgets.push(self.key_account(key));
         }
-        if charges.budgets.is_empty() {
-            return Ok(charges);
-        }
-        let route = std::iter::once(&primary.name.to_string())
-            .chain(&primary.config.fallbacks)
-            .chain(&primary.config.context_fallback)
-            .chain(&primary.config.content_fallback)
-            .filter_map(|n| self.models.get(n.as_str()))
-            .collect::<Vec<_>>();
-        let completion =
-            route.iter().map(|m| req.max_tokens.unwrap_or(m.config.default_max_tokens)).max().unwrap_or(0);
-        let tokens = charges.prompt_estimate + completion;
-        let cost = route
-            .iter()
-            .map(|m| m.config.prices.cost_micros(charges.prompt_estimate, completion))
-            .max()
-            .unwrap_or(0);
-        for budget in charges.budgets.clone() {
-            for (kind, amount) in [(BudgetKind::Tokens, tokens), (BudgetKind::CostMicros, cost)] {
-                if amount == 0 && budget.limit(kind).is_none() {
-                    continue;
-                }
-                let r = budget
-                    .reserve(kind, amount)
-                    .map_err(|e| GatewayError::new(ErrorClass::BudgetExceeded, e.to_string()))?;
-                charges.reservations.push((kind, r));
+        let refused =
+            |e: keel_core::BudgetExceeded| GatewayError::new(ErrorClass::BudgetExceeded, e.to_string());
+        // No attempt left: refused now, not after a turn was counted.
+        for budget in &charges.budgets {
+            if budget.remaining(BudgetKind::Attempts) == Some(0) {
+                return Err(refused(keel_core::BudgetExceeded {
+                    budget: budget.name().clone(),
+                    kind: BudgetKind::Attempts,
+                    requested: 1,
+                    remaining: 0,
+                    limit: budget.limit(BudgetKind::Attempts).unwrap_or(0),
+                    held: false,
+                }));
             }
+        }
+        if !charges.budgets.is_empty() {
+            let route = std::iter::once(&primary.name.to_string())
+                .chain(&primary.config.fallbacks)
+                .chain(&primary.config.context_fallback)
+                .chain(&primary.config.content_fallback)
+                .filter_map(|n| self.models.get(n.as_str()))
+                .collect::<Vec<_>>();
+            let completion = route.iter().map(|m| charges.completion_bound(m)).max().unwrap_or(0);
+            let tokens = charges.prompt_estimate + completion;
+            let cost = route
+                .iter()
+                .map(|m| m.config.prices.cost_micros(charges.prompt_estimate, completion))
+                .max()
+                .unwrap_or(0);
+            let mut prepaid = Vec::new();
+            for budget in &charges.budgets {
+                for (kind, amount) in [(BudgetKind::Tokens, tokens), (BudgetKind::CostMicros, cost)] {
+                    if amount == 0 && budget.limit(kind).is_none() {
+                        continue;
+                    }
+                    prepaid.push((kind, budget.reserve(kind, amount).map_err(refused)?));
+                }
+            }
+            charges.prepaid = std::sync::Mutex::new(Some(prepaid));
+        }
+        if let Some(account) = account {
+            account
+                .guard
+                .begin_turn()
+                .map_err(|e| GatewayError::new(ErrorClass::LoopDetected, e.to_string()))?;
+            charges.run = Some(account);
         }
         Ok(charges)
     }
@@ -646,7 +655,7 @@ impl Gateway {
     pub async fn complete(&self, req: &ChatRequest, ctx: &CallContext) -> Result<Completion, GatewayError> {
         let primary = self.model(&req.model)?;
         bump(&primary.counters.requests, 1);
-        let mut charges = match self.charge(&primary, req, ctx) {
+        let charges = match self.charge(&primary, req, ctx) {
             Ok(c) => c,
             Err(e) => {
                 primary.counters.request_failed(e.class);
@@ -654,21 +663,14 @@ impl Gateway {
                 return Err(e);
             }
         };
-        let work = self.complete_routed(primary.clone(), req);
-        let routed = match charges.scope() {
-            Some(scope) => scope.run(work).await,
-            None => work.await,
-        };
+        let routed = charges.under(self.complete_routed(primary.clone(), req, &charges)).await;
         let result = routed.and_then(|(done, route)| {
-            charges.settle(&self.models[&done.model], done.usage);
             self.guard_tools(&charges, &done.answer.tool_calls).map(|()| (done, route))
         });
+        let spent = charges.spent();
         match result {
             Ok((done, route)) => {
-                let m = &self.models[&done.model];
-                let cost =
-                    m.config.prices.cost_micros(done.usage.prompt_tokens, done.usage.completion_tokens);
-                self.count_answer(m, done.usage, cost);
+                bump(&self.models[&done.model].counters.answered, 1);
                 self.journal_call(
                     ctx,
                     &primary,
@@ -676,7 +678,7 @@ impl Gateway {
                     Some(&done.model),
                     &route.failures,
                     done.attempts,
-                    Some(done.usage),
+                    Some(spent),
                     done.corrections,
                     None,
                     None,
@@ -685,17 +687,22 @@ impl Gateway {
             }
             Err(e) => {
                 primary.counters.request_failed(e.class);
-                self.journal_call(ctx, &primary, req, None, &e.failures, e.attempts, None, 0, None, Some(&e));
+                let spent = (spent.attempts > 0).then_some(spent);
+                self.journal_call(
+                    ctx,
+                    &primary,
+                    req,
+                    None,
+                    &e.failures,
+                    e.attempts,
+                    spent,
+                    0,
+                    None,
+                    Some(&e),
+                );
                 Err(e)
             }
         }
-    }
-
-    pub(crate) fn count_answer(&self, m: &Model, usage: Usage, cost: u64) {
-        bump(&m.counters.answered, 1);
-        bump(&m.counters.prompt_tokens, usage.prompt_tokens);
-        bump(&m.counters.completion_tokens, usage.completion_tokens);
-        bump(&m.counters.cost_micros, cost);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -707,16 +714,14 @@ impl Gateway {
         answered_by: Option<&str>,
         failures: &[ModelFailure],
         attempts: u32,
-        usage: Option<Usage>,
+        spent: Option<Spent>,
         corrections: u32,
         rescue: Option<&str>,
         error: Option<&GatewayError>,
     ) {
         let Some(journal) = &self.journal else { return };
-        let cost = match (answered_by.and_then(|n| self.models.get(n)), usage) {
-            (Some(m), Some(u)) => m.config.prices.cost_micros(u.prompt_tokens, u.completion_tokens),
-            _ => 0,
-        };
+        let usage = spent.map(|s| s.usage);
+        let cost = spent.map_or(0, |s| s.cost_micros);
         journal.record(CallRecord {
             run: ctx.run.clone(),
             api_key: ctx.api_key.clone(),
@@ -738,11 +743,12 @@ impl Gateway {
         &self,
         primary: Arc<Model>,
         req: &ChatRequest,
+        charges: &Charges,
     ) -> Result<(Completion, Route), GatewayError> {
         let mut route = Route::new(primary.clone());
         let mut model = primary;
         loop {
-            match self.answer_on(&model, req).await {
+            match self.answer_on(&model, req, charges).await {
                 Ok((answer, attempts, corrections)) => {
                     route.attempts += attempts;
                     let usage = answer.summary.usage.unwrap_or_default();
@@ -795,6 +801,7 @@ impl Gateway {
         &self,
         model: &Model,
         req: &ChatRequest,
+        charges: &Charges,
     ) -> Result<(ParsedAnswer, u32, u32), (Failure, u32, Option<ParsedAnswer>)> {
         let mut req = Cow::Borrowed(req);
         let mut attempts = 0;
@@ -805,7 +812,7 @@ impl Gateway {
                 .pipeline
                 .call(|a| {
                     made = a.number;
-                    self.attempt(model, &req)
+                    self.attempt(model, &req, charges)
                 })
                 .await;
             match result {
@@ -840,22 +847,34 @@ impl Gateway {
     }
 
     /// Sends `req` to `model`'s upstream: the start of every attempt, whole or streamed.
+    /// The attempt's upper bound is reserved first; it is armed (charged whatever
+    /// happens next) once the upstream answered with a success.
     pub(crate) async fn send_to(
         &self,
         model: &Model,
         req: &ChatRequest,
-    ) -> Result<hyper::Response<hyper::body::Incoming>, AttemptError> {
+        charges: &Charges,
+    ) -> Result<(hyper::Response<hyper::body::Incoming>, AttemptCharge), AttemptError> {
         let body = self.body_for(model, req)?;
-        Ok(model
+        let mut charge = charges.attempt(model, &body)?;
+        let resp = model
             .endpoint
             .send(&self.client, body, &*self.clock)
             .await
-            .map_err(|f| floor_rate_limit(f, model.config.policy.rate_limit_floor))?)
+            .map_err(|f| floor_rate_limit(f, model.config.policy.rate_limit_floor))?;
+        charge.arm();
+        Ok((resp, charge))
     }
 
-    /// One attempt at a whole answer.
-    async fn attempt(&self, model: &Model, req: &ChatRequest) -> Result<ParsedAnswer, AttemptError> {
-        let resp = self.send_to(model, req).await?;
+    /// One attempt at a whole answer, charged from its usage (an answer rejected by
+    /// validation included).
+    async fn attempt(
+        &self,
+        model: &Model,
+        req: &ChatRequest,
+        charges: &Charges,
+    ) -> Result<ParsedAnswer, AttemptError> {
+        let (resp, charge) = self.send_to(model, req, charges).await?;
         let bytes = upstream::read_body(resp.into_body()).await?;
         let answer = match model.endpoint.provider {
             Provider::Openai => parse_answer(&bytes, &model.name)?,
@@ -863,6 +882,7 @@ impl Gateway {
                 parse_answer(&anthropic::answer_to_openai(&bytes, &model.name, self.created())?, &model.name)?
             }
         };
+        charge.settle(answer.summary.usage);
         if model.config.validate {
             if let Err(failure) = validate::check(&answer.summary, req) {
                 return Err(AttemptError { failure, answer: Some(answer) });

@@ -85,9 +85,11 @@ pub struct CallRecord {
     pub corrections: u32,
     /// Failures before the answer (or before giving up), in order.
     pub failures: Vec<ModelFailure>,
-    /// The answering model's usage; failed attempts are not billed.
+    /// What the call's attempts were charged, together (every attempt a provider
+    /// answered: retries, rejected answers and cut streams included; an unknown usage
+    /// at its upper bound). The same numbers the budgets and `/metrics` counted.
     pub usage: Option<Usage>,
-    /// The answer's cost, in micro-dollars.
+    /// Their cost, in micro-dollars.
     pub cost_micros: u64,
     /// How a stream was rescued (`prefill`, `splice`), if it was.
     pub rescue: Option<String>,
@@ -132,14 +134,12 @@ impl CallJournal for WriterJournal {
             "answered_by": record.answered_by,
             "attempts": record.attempts,
         });
-        match &record.error {
-            None => {
-                r["usage"] = serde_json::to_value(record.usage).unwrap_or_default();
-                r["cost_micros"] = record.cost_micros.into();
-            }
-            Some((class, message)) => {
-                r["error"] = serde_json::json!({"class": class, "message": message});
-            }
+        if record.usage.is_some() || record.error.is_none() {
+            r["usage"] = serde_json::to_value(record.usage).unwrap_or_default();
+            r["cost_micros"] = record.cost_micros.into();
+        }
+        if let Some((class, message)) = &record.error {
+            r["error"] = serde_json::json!({"class": class, "message": message});
         }
         if !record.failures.is_empty() {
             r["failures"] = serde_json::to_value(&record.failures).unwrap_or_default();

@@ -24,6 +24,7 @@
 //! # drop(app);
 //! ```
 
+pub mod charges;
 pub mod config;
 pub mod error;
 mod gateway;
@@ -39,7 +40,7 @@ pub use config::{ConfigError, GatewayConfig, ModelConfig, ModelPolicy, Prices, P
 pub use error::GatewayError;
 pub use gateway::{CallContext, Completion, Gateway, GatewayBuilder};
 pub use journal::{CallJournal, CallRecord, MemoryJournal, WriterJournal};
-pub use metrics::{MetricsSnapshot, ModelMetrics};
+pub use metrics::{BudgetMetrics, MetricsSnapshot, ModelMetrics};
 pub use router::{ApiKeyId, RUN_HEADER, router};
 pub use stream::StreamResponse;
 pub use wire::{ChatRequest, Usage};

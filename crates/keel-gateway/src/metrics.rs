@@ -70,11 +70,11 @@ pub struct ModelMetrics {
     pub fallbacks_from: u64,
     /// Correction retries (an invalid answer sent back to the model).
     pub corrections: u64,
-    /// Prompt tokens of this model's answers.
+    /// Prompt tokens charged for this model's attempts (see [`crate::charges`]).
     pub prompt_tokens: u64,
-    /// Completion tokens of this model's answers.
+    /// Completion tokens charged for this model's attempts.
     pub completion_tokens: u64,
-    /// Cost of this model's answers, in micro-dollars.
+    /// Cost charged for this model's attempts, in micro-dollars.
     pub cost_micros: u64,
     /// Stream chunks that were not valid JSON, skipped.
     pub malformed_chunks: u64,
@@ -99,6 +99,41 @@ pub struct ModelMetrics {
 pub struct MetricsSnapshot {
     /// By model name.
     pub models: BTreeMap<String, ModelMetrics>,
+    /// The budgets: each API key's (`key:NAME`), and every run's summed as `runs`.
+    pub budgets: BTreeMap<String, BudgetMetrics>,
+}
+
+/// One budget's gauges (or the sum of several), by kind (`tokens`, `cost_micros`,
+/// `attempts`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, schemars::JsonSchema)]
+pub struct BudgetMetrics {
+    /// Charged so far, reservations in flight included.
+    pub used: BTreeMap<&'static str, u64>,
+    /// The limits set.
+    pub limit: BTreeMap<&'static str, u64>,
+    /// Reserved by calls in flight.
+    pub reserved: BTreeMap<&'static str, u64>,
+    /// Charges and reservations refused.
+    pub refusals: u64,
+    /// Whether new calls wait for the calls in flight after an overshoot.
+    pub held: bool,
+}
+
+impl BudgetMetrics {
+    /// Adds `budget`'s gauges.
+    pub fn add(&mut self, budget: &keel_core::Budget) {
+        use keel_core::BudgetKind as K;
+        for kind in [K::Tokens, K::CostMicros, K::Attempts] {
+            let name = kind.as_str();
+            *self.used.entry(name).or_default() += budget.used(kind);
+            *self.reserved.entry(name).or_default() += budget.reserved(kind);
+            if let Some(l) = budget.limit(kind) {
+                *self.limit.entry(name).or_default() += l;
+            }
+        }
+        self.refusals += budget.refusals();
+        self.held |= budget.is_held();
+    }
 }
 
 fn load(c: &AtomicU64) -> u64 {
@@ -132,6 +167,9 @@ impl ModelCounters {
         }
     }
 }
+
+/// A budget gauge's name, help and reader.
+type BudgetGauge = (&'static str, &'static str, fn(&BudgetMetrics) -> &BTreeMap<&'static str, u64>);
 
 /// A counter's name, help and reader.
 type Counter = (&'static str, &'static str, fn(&ModelMetrics) -> u64);
@@ -197,8 +235,51 @@ impl MetricsSnapshot {
             };
             let _ = writeln!(out, "keel_gateway_breaker_open{{model=\"{model}\"}} {v}");
         }
+        let gauges: [BudgetGauge; 3] = [
+            ("budget_used", "Charged on the budget, reservations in flight included.", |b| &b.used),
+            ("budget_limit", "The budget's limit.", |b| &b.limit),
+            ("budget_reserved", "Reserved on the budget by calls in flight.", |b| &b.reserved),
+        ];
+        for (name, help, get) in gauges {
+            let _ = writeln!(out, "# HELP keel_gateway_{name} {help}\n# TYPE keel_gateway_{name} gauge");
+            for (budget, b) in &self.budgets {
+                let budget = escape(budget);
+                for (kind, v) in get(b) {
+                    let _ = writeln!(out, "keel_gateway_{name}{{budget=\"{budget}\",kind=\"{kind}\"}} {v}");
+                }
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP keel_gateway_budget_refusals_total Calls and attempts the budget refused.\n# TYPE keel_gateway_budget_refusals_total counter"
+        );
+        for (budget, b) in &self.budgets {
+            let _ = writeln!(
+                out,
+                "keel_gateway_budget_refusals_total{{budget=\"{}\"}} {}",
+                escape(budget),
+                b.refusals
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP keel_gateway_budget_held Whether the budget admits nothing until its calls in flight settle (1).\n# TYPE keel_gateway_budget_held gauge"
+        );
+        for (budget, b) in &self.budgets {
+            let _ = writeln!(
+                out,
+                "keel_gateway_budget_held{{budget=\"{}\"}} {}",
+                escape(budget),
+                u8::from(b.held)
+            );
+        }
         out
     }
+}
+
+/// A label value with `\\`, `"` and newlines escaped (key names come from config).
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 /// Counts the pipeline's events (attempts, retries, failures) and passes them on.

@@ -90,6 +90,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/tickets/{id}/resolve", post(api::tickets::resolve))
         .route("/api/tools/{name}/invoke", post(api::tools::invoke))
         .route("/api/dashboard", get(dashboard::dashboard))
+        .route("/api/budgets", get(ops::budgets))
         .route_layer(axum::middleware::from_fn_with_state(keys.clone(), auth::require_key));
     let gateway = state.gateway.clone();
     let issued = Arc::new(api::runs::IssuedRuns::new(state.journal.clone()));

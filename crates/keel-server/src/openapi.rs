@@ -179,6 +179,14 @@ pub const ROUTES: &[RouteDoc] = &[
         request: None,
         response: (200, Some(s::<Dashboard>)),
     },
+    RouteDoc {
+        method: "get",
+        path: "/api/budgets",
+        summary: "The gateway's budgets: used, limit, reserved in flight, refusals, held after an overshoot",
+        roles: "",
+        request: None,
+        response: (200, Some(s::<crate::ops::BudgetsView>)),
+    },
 ];
 
 /// The OpenAPI 3.1 document.

@@ -18,6 +18,19 @@ pub async fn healthz() -> impl IntoResponse {
     Json(json!({"status": "ok"}))
 }
 
+/// The gateway's budgets: each API key's, and every run's summed as `runs` (empty
+/// without a gateway).
+pub async fn budgets(State(s): State<AppState>) -> Json<BudgetsView> {
+    Json(BudgetsView { budgets: s.gateway.as_ref().map(|g| g.budgets()).unwrap_or_default() })
+}
+
+/// `GET /api/budgets`.
+#[derive(Debug, serde::Serialize, schemars::JsonSchema)]
+pub struct BudgetsView {
+    /// By budget name (`key:NAME`, `runs`).
+    pub budgets: std::collections::BTreeMap<String, keel_gateway::BudgetMetrics>,
+}
+
 /// How long `/readyz` waits for the journal before answering 503.
 pub const READY_BOUND: Duration = Duration::from_secs(1);
 

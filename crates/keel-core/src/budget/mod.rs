@@ -6,13 +6,23 @@
 //! `budget_exceeded`. Calls whose real cost is known only afterwards (tokens of a model
 //! answer) [`reserve`](Budget::reserve) their upper bound first and
 //! [`settle`](Reservation::settle) with the real usage.
+//!
+//! **The overshoot bound.** A reservation is an upper bound only if the upstream keeps
+//! to it; one that ignores `max_tokens` spends more. Such usage is counted anyway (it
+//! happened), and from then on the budget admits no new reservation until every
+//! reservation in flight has settled: the budget's overshoot is at most what the
+//! reservations already in flight spend beyond their amounts, never what later calls
+//! would. Once nothing is in flight the budget admits again, on its real balance.
+//!
+//! The budget's gauges: [`used`](Budget::used) (reservations included),
+//! [`reserved`](Budget::reserved) (in flight), [`refusals`](Budget::refusals).
 
 #[cfg(test)]
 mod tests;
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -90,9 +100,14 @@ pub fn usd_to_micros(usd: f64) -> u64 {
     (usd.max(0.0) * 1e6).round() as u64
 }
 
-/// A charge that was refused because it would exceed the limit.
+/// A charge that was refused because it would exceed the limit (or, `held`, because
+/// an earlier call spent past its reservation and calls are still in flight).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("budget `{budget}` exceeded: {requested} {kind} requested, {remaining} left of {limit}", kind = kind.as_str())]
+#[error(
+    "budget `{budget}` exceeded: {requested} {kind} requested, {remaining} left of {limit}{held}",
+    kind = kind.as_str(),
+    held = if *held { " (held: a call spent past its reservation; new calls wait until the calls in flight settle)" } else { "" }
+)]
 pub struct BudgetExceeded {
     /// The budget's name.
     pub budget: Arc<str>,
@@ -104,6 +119,8 @@ pub struct BudgetExceeded {
     pub remaining: u64,
     /// The limit.
     pub limit: u64,
+    /// Refused while the budget is held after an overshoot.
+    pub held: bool,
 }
 
 impl Classified for BudgetExceeded {
@@ -123,6 +140,13 @@ pub struct Budget {
     name: Arc<str>,
     counters: [Counter; 3],
     sink: Arc<dyn EventSink>,
+    /// Amounts reserved and not yet settled, by kind.
+    reserved: [AtomicU64; 3],
+    /// Reservations not yet settled.
+    in_flight: AtomicU64,
+    /// A reservation settled past its amount while others were in flight.
+    held: AtomicBool,
+    refusals: AtomicU64,
 }
 
 impl fmt::Debug for Budget {
@@ -148,6 +172,10 @@ impl Budget {
                 counter(config.attempts),
             ],
             sink,
+            reserved: Default::default(),
+            in_flight: AtomicU64::new(0),
+            held: AtomicBool::new(false),
+            refusals: AtomicU64::new(0),
         }
     }
 
@@ -169,6 +197,26 @@ impl Budget {
     /// The limit of `kind`, if any.
     pub fn limit(&self, kind: BudgetKind) -> Option<u64> {
         self.counters[kind.index()].limit
+    }
+
+    /// What of `used` is reserved by calls in flight.
+    pub fn reserved(&self, kind: BudgetKind) -> u64 {
+        self.reserved[kind.index()].load(Ordering::Acquire)
+    }
+
+    /// Reservations in flight.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Charges and reservations refused so far.
+    pub fn refusals(&self) -> u64 {
+        self.refusals.load(Ordering::Relaxed)
+    }
+
+    /// Whether new reservations wait for the calls in flight (see the module docs).
+    pub fn is_held(&self) -> bool {
+        self.held.load(Ordering::Acquire) && self.in_flight() > 0
     }
 
     /// What is left of `kind`'s limit, if it has one.
@@ -203,6 +251,7 @@ impl Budget {
                     requested: amount,
                     remaining: limit.saturating_sub(used),
                     limit,
+                    held: false,
                 }),
         };
         match result {
@@ -213,19 +262,22 @@ impl Budget {
                 );
                 Ok(())
             }
-            Err(e) => {
-                emit(
-                    &*self.sink,
-                    Event::BudgetExceeded {
-                        budget: self.name.clone(),
-                        kind,
-                        requested: amount,
-                        remaining: e.remaining,
-                    },
-                );
-                Err(e)
-            }
+            Err(e) => Err(self.refused(e)),
         }
+    }
+
+    fn refused(&self, e: BudgetExceeded) -> BudgetExceeded {
+        self.refusals.fetch_add(1, Ordering::Relaxed);
+        emit(
+            &*self.sink,
+            Event::BudgetExceeded {
+                budget: self.name.clone(),
+                kind: e.kind,
+                requested: e.requested,
+                remaining: e.remaining,
+            },
+        );
+        e
     }
 
     /// Gives back `amount` of `kind` (a reservation larger than the real usage).
@@ -255,6 +307,7 @@ impl Budget {
                     requested: amount,
                     remaining: limit.saturating_sub(prev),
                     limit,
+                    held: false,
                 };
                 emit(
                     &*self.sink,
@@ -281,10 +334,40 @@ impl Budget {
     /// Reserves `amount` of `kind` before a call whose real usage is known after it.
     ///
     /// # Errors
-    /// [`BudgetExceeded`] when the reservation does not fit; nothing is reserved.
+    /// [`BudgetExceeded`] when the reservation does not fit, or while the budget is
+    /// held after an overshoot (see the module docs); nothing is reserved.
     pub fn reserve(self: &Arc<Self>, kind: BudgetKind, amount: u64) -> Result<Reservation, BudgetExceeded> {
+        if self.is_held() {
+            let limit = self.limit(kind).unwrap_or(u64::MAX);
+            return Err(self.refused(BudgetExceeded {
+                budget: self.name.clone(),
+                kind,
+                requested: amount,
+                remaining: limit.saturating_sub(self.used(kind)),
+                limit,
+                held: true,
+            }));
+        }
         self.charge(kind, amount)?;
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.reserved[kind.index()].fetch_add(amount, Ordering::AcqRel);
         Ok(Reservation { budget: self.clone(), kind, amount, settled: false })
+    }
+
+    /// A reservation of `kind` ends; `over` when it settled past its amount.
+    fn release(&self, kind: BudgetKind, amount: u64, over: bool) {
+        let _ = self.reserved[kind.index()]
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| Some(r.saturating_sub(amount)));
+        let left = self
+            .in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| Some(n.saturating_sub(1)))
+            .map_or(0, |prev| prev.saturating_sub(1));
+        let limited = self.counters.iter().any(|c| c.limit.is_some());
+        if left == 0 {
+            self.held.store(false, Ordering::Release);
+        } else if over && limited {
+            self.held.store(true, Ordering::Release);
+        }
     }
 }
 
@@ -312,6 +395,7 @@ impl Reservation {
     /// the limit. The usage is counted anyway (it happened); later charges will fail.
     pub fn settle(mut self, actual: u64) -> Result<(), BudgetExceeded> {
         self.settled = true;
+        self.budget.release(self.kind, self.amount, actual > self.amount);
         if actual <= self.amount {
             self.budget.refund(self.kind, self.amount - actual);
             Ok(())
@@ -324,6 +408,7 @@ impl Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         if !self.settled {
+            self.budget.release(self.kind, self.amount, false);
             self.budget.refund(self.kind, self.amount);
         }
     }

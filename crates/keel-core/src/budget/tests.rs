@@ -125,3 +125,36 @@ fn usage_past_u64_saturates_instead_of_overflowing() {
     unlimited.charge(BudgetKind::Tokens, u64::MAX).unwrap();
     assert_eq!(unlimited.used(BudgetKind::Tokens), u64::MAX);
 }
+
+#[test]
+fn after_an_overshoot_nothing_is_admitted_until_the_calls_in_flight_settle() {
+    let b = Arc::new(Budget::new(
+        "run",
+        &BudgetConfig { tokens: Some(1000), ..BudgetConfig::default() },
+        Arc::new(NullSink),
+    ));
+    let first = b.reserve(BudgetKind::Tokens, 100).unwrap();
+    let second = b.reserve(BudgetKind::Tokens, 100).unwrap();
+    assert_eq!((b.reserved(BudgetKind::Tokens), b.in_flight()), (200, 2));
+    // The upstream ignored its limit: 300 spent on a 100 reservation.
+    first.settle(300).unwrap();
+    assert_eq!(b.used(BudgetKind::Tokens), 400);
+    let e = b.reserve(BudgetKind::Tokens, 10).unwrap_err();
+    assert!(e.held && e.to_string().contains("held"), "{e}");
+    assert_eq!(b.refusals(), 1);
+    // The call in flight spends past its reservation too: that is the bound.
+    second.settle(250).unwrap();
+    assert_eq!((b.used(BudgetKind::Tokens), b.in_flight(), b.reserved(BudgetKind::Tokens)), (550, 0, 0));
+    // Nothing in flight: admitted again on the real balance.
+    let third = b.reserve(BudgetKind::Tokens, 450).unwrap();
+    assert!(b.reserve(BudgetKind::Tokens, 1).is_err(), "the balance is spent");
+    drop(third);
+    assert_eq!(
+        (b.used(BudgetKind::Tokens), b.in_flight()),
+        (550, 0),
+        "an abandoned reservation is given back"
+    );
+    // An overshoot with nothing else in flight holds nothing.
+    b.reserve(BudgetKind::Tokens, 10).unwrap().settle(20).unwrap();
+    assert!(!b.is_held());
+}

@@ -12,14 +12,17 @@
 //! 3. **Budget**: one attempt is charged to the step's, the target's and the run's
 //!    budgets, all or nothing; going over is `budget_exceeded`, terminal.
 //! 4. **Circuit breaker**: an open breaker fails fast with `circuit_open` (not retried
-//!    here; a fallback chain takes over).
+//!    here; a fallback chain takes over). The attempt it refused is given back to the
+//!    budgets: it never reached the target.
 //! 5. **Fault injection**, then the **target**, under the attempt's timeout: the
 //!    earlier of `timeout.attempt` and the step's deadline. A passed deadline is
 //!    `deadline_exceeded` (terminal), a passed attempt timeout is `timeout`.
 //! 6. The outcome goes to the breaker and, for a retry, to the **confidence gate**.
-//! 7. **Retry**: the class must be retryable, attempts must be left, a
-//!    `Retry-After` must be within the cap, the breaker must not have opened, the
-//!    gate must allow it, and the delay
+//! 7. **Retry**: the class must be retryable, attempts must be left (by
+//!    `max_attempts` and by every attempt budget, checked before any wait: a call
+//!    whose budget is spent ends at once as `budget_exceeded`, keeping its last
+//!    failure), a `Retry-After` must be within the cap, the breaker must not have
+//!    opened, the gate must allow it, and the delay
 //!    (`Retry-After`, else backoff with jitter) must end before the deadline. Then the
 //!    hook and the sink see the retry, and the pipeline sleeps. Otherwise the retry is
 //!    refused with its reason, as an event and in the [`CallError`].
@@ -391,7 +394,7 @@ impl Pipeline {
             // 3. Budgets: one attempt, all or nothing.
             let budgets =
                 scope.iter().flat_map(|s| s.budgets.iter()).chain(i.budget.iter()).chain(step_budget.iter());
-            if let Err(e) = charge_all(budgets) {
+            if let Err(e) = charge_all(budgets.clone()) {
                 return Err(CallError::new(attempt - 1, ErrorKind::BudgetExceeded(e), None));
             }
 
@@ -400,6 +403,8 @@ impl Pipeline {
                 Some(b) => match b.acquire_for(Some(&*i.sink)) {
                     Some(p) => Some(p),
                     None => {
+                        // Refused before reaching the target: not an attempt spent.
+                        budgets.for_each(|b| b.refund(BudgetKind::Attempts, 1));
                         return Err(CallError::new(
                             attempt - 1,
                             ErrorKind::CircuitOpen(i.target.clone()),
@@ -462,6 +467,31 @@ impl Pipeline {
                 RetryDecision::NotRetryable => return Err(CallError::new(attempt, kind, None)),
                 RetryDecision::Refused(reason) => reason,
                 RetryDecision::Retry { delay, reason } => {
+                    // The attempt budgets are checked before the wait, not after it: a
+                    // retry they cannot pay for is refused now, with this failure.
+                    let budgets = scope
+                        .iter()
+                        .flat_map(|s| s.budgets.iter())
+                        .chain(i.budget.iter())
+                        .chain(step_budget.iter());
+                    if let Some(spent) =
+                        budgets.clone().find(|b| b.remaining(BudgetKind::Attempts) == Some(0))
+                    {
+                        let refusal = RefusalReason::BudgetExhausted { budget: spent.name().to_string() };
+                        emit(
+                            &*i.sink,
+                            Event::RetryRefused {
+                                target: i.target.clone(),
+                                attempt,
+                                class,
+                                reason: refusal.clone(),
+                            },
+                        );
+                        // The call ends for want of budget; the last failure is kept.
+                        let mut e = CallError::new(attempt, kind, Some(refusal));
+                        e.class = ErrorClass::BudgetExceeded;
+                        return Err(e);
+                    }
                     match self.refuse_retry(class, attempt, delay, deadline) {
                         Some(refusal) => refusal,
                         None => {

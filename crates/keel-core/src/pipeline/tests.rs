@@ -468,3 +468,47 @@ async fn a_resumed_call_whose_last_attempt_never_ended_makes_it_again() {
     let err = p.call_resumed(from, |_| script.call()).await.unwrap_err();
     assert_eq!((err.attempts, script.calls().len()), (3, 1));
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_attempt_budget_is_checked_before_a_backoff_and_the_last_failure_is_kept() {
+    let sink = MemorySink::new();
+    let run = Arc::new(Budget::new(
+        "run",
+        &BudgetConfig { attempts: Some(2), ..BudgetConfig::default() },
+        sink.clone(),
+    ));
+    let mut c = config(5);
+    c.retry.max_retry_after = Duration::from_secs(60);
+    let p = build(c, &sink);
+    let script = Script::new([Step::RetryAfter(C::RateLimited, Duration::from_secs(30)); 5]);
+    let start = Instant::now();
+    let err = RunScope::new().with_budget(run.clone()).run(p.call(|_| script.call())).await.unwrap_err();
+    assert_eq!(start.elapsed(), Duration::from_secs(30), "one wait, not a wait for an attempt never made");
+    assert_eq!((err.class, err.attempts), (C::BudgetExceeded, 2));
+    assert_eq!(err.refusal, Some(RefusalReason::BudgetExhausted { budget: "run".into() }));
+    assert_eq!(err.target_error().map(|f| f.class), Some(C::RateLimited), "the last 429 is kept");
+    assert_eq!(script.calls().len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_refused_by_an_open_breaker_spends_no_attempt() {
+    let sink = MemorySink::new();
+    let run = Arc::new(Budget::new(
+        "run",
+        &BudgetConfig { attempts: Some(10), ..BudgetConfig::default() },
+        sink.clone(),
+    ));
+    let mut c = config(1);
+    c.breaker = BreakerConfig { min_calls: 2, ..BreakerConfig::default() };
+    let p = build(c, &sink);
+    let script = Script::new([Step::Fail(C::ServerError); 2]);
+    for _ in 0..2 {
+        let _ = RunScope::new().with_budget(run.clone()).run(p.call(|_| script.call())).await;
+    }
+    assert_eq!(run.used(BudgetKind::Attempts), 2);
+    for _ in 0..5 {
+        let err = RunScope::new().with_budget(run.clone()).run(p.call(|_| script.call())).await.unwrap_err();
+        assert_eq!(err.class, C::CircuitOpen);
+    }
+    assert_eq!(run.used(BudgetKind::Attempts), 2, "refused calls never reached the target");
+}

@@ -30,8 +30,12 @@
 //!    failure is handled as in rule 1.
 //!
 //! Chunks keep the first upstream's `id`; each chunk's `model` names the model that
-//! produced it. The final usage (sent only when the agent asked with
-//! `stream_options.include_usage`) is the answering model's.
+//! produced it. Every attempt is charged like a whole call's (see [`crate::charges`]):
+//! to the per-key and per-run attempt budgets, and settled once from its own usage,
+//! or at its upper bound when the upstream gave none (a cut, a stall, a client gone).
+//! The final usage (sent only when the agent asked with
+//! `stream_options.include_usage`) is the sum of every attempt's charge: the numbers
+//! the budgets, the journal and `/metrics` have.
 
 pub(crate) mod source;
 
@@ -44,8 +48,9 @@ use keel_core::{ErrorClass, Failure};
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
+use crate::charges::{AttemptCharge, Charges};
 use crate::error::GatewayError;
-use crate::gateway::{AttemptError, CallContext, Charges, Gateway, Model, Route, final_failure};
+use crate::gateway::{AttemptError, CallContext, Gateway, Model, Route, final_failure};
 use crate::metrics::bump;
 use crate::wire::{ChatRequest, FunctionCall, ToolCall, Usage, error_body};
 use source::{Item, Piece, Source};
@@ -74,6 +79,7 @@ impl StreamResponse {
 pub(crate) struct Opened {
     source: Source,
     pending: Vec<Piece>,
+    charge: AttemptCharge,
 }
 
 impl Gateway {
@@ -101,7 +107,7 @@ impl Gateway {
         let mut route = Route::new(primary.clone());
         let mut model = primary.clone();
         let opened = loop {
-            match self.open_on(&model, &req).await {
+            match charges.under(self.open_on(&model, &req, &charges)).await {
                 Ok((opened, attempts)) => {
                     route.attempts += attempts;
                     break opened;
@@ -152,7 +158,7 @@ impl Gateway {
             role_sent: false,
             finish: None,
             usage: None,
-            spent: Usage::default(),
+            charge: None,
             rescue: None,
         };
         tokio::spawn(pump.run(model, opened));
@@ -160,13 +166,18 @@ impl Gateway {
     }
 
     /// One model's stream up to its first token, through its pipeline.
-    async fn open_on(&self, model: &Model, req: &ChatRequest) -> Result<(Opened, u32), (Failure, u32)> {
+    async fn open_on(
+        &self,
+        model: &Model,
+        req: &ChatRequest,
+        charges: &Charges,
+    ) -> Result<(Opened, u32), (Failure, u32)> {
         let mut made = 0;
         let result = model
             .stream_pipeline
             .call(|a| {
                 made = a.number;
-                self.open(model, req)
+                self.open(model, req, charges)
             })
             .await;
         match result {
@@ -179,8 +190,13 @@ impl Gateway {
     }
 
     /// One attempt: connect, then read until the first token (or the end, buffered).
-    async fn open(&self, model: &Model, req: &ChatRequest) -> Result<Opened, AttemptError> {
-        let resp = self.send_to(model, req).await?;
+    async fn open(
+        &self,
+        model: &Model,
+        req: &ChatRequest,
+        charges: &Charges,
+    ) -> Result<Opened, AttemptError> {
+        let (resp, charge) = self.send_to(model, req, charges).await?;
         let mut source = Source::new(resp.into_body(), model.endpoint.provider);
         let mut pending = Vec::new();
         let mut finish: Option<String> = None;
@@ -206,7 +222,7 @@ impl Gateway {
                     }
                     pending.push(p);
                     if token && !buffer {
-                        return Ok(Opened { source, pending });
+                        return Ok(Opened { source, pending, charge });
                     }
                 }
                 Item::Done | Item::Eof => {
@@ -231,9 +247,10 @@ impl Gateway {
                             if matches!(item, Item::Eof) {
                                 bump(&model.counters.finalised_without_done, 1);
                             }
-                            return Ok(Opened { source, pending });
+                            return Ok(Opened { source, pending, charge });
                         }
                     };
+                    charge.settle(pending.iter().find_map(|p| p.usage));
                     return Err(failure.into());
                 }
             }
@@ -266,9 +283,10 @@ struct Pump {
     tool_calls: Vec<(String, String)>,
     role_sent: bool,
     finish: Option<String>,
+    /// The current attempt's usage, as its upstream reported it.
     usage: Option<Usage>,
-    /// Tokens spent on models that did not finish the answer.
-    spent: Usage,
+    /// The current attempt's reservation.
+    charge: Option<AttemptCharge>,
     rescue: Option<&'static str>,
 }
 
@@ -283,7 +301,7 @@ enum Forwarded {
 
 impl Pump {
     /// Journals the call as it ended (the route's failures and attempts, the rescue).
-    fn journal(&self, answered_by: Option<&str>, usage: Option<Usage>, error: Option<&GatewayError>) {
+    fn journal(&self, answered_by: Option<&str>, error: Option<&GatewayError>) {
         self.gateway.journal_call(
             &self.ctx,
             &self.route.primary,
@@ -291,14 +309,22 @@ impl Pump {
             answered_by,
             &self.route.failures,
             self.route.attempts,
-            usage,
+            Some(self.charges.spent()),
             0,
             self.rescue,
             error,
         );
     }
 
+    /// Settles the current attempt from its usage (its bound, when it gave none).
+    fn settle_attempt(&mut self) {
+        if let Some(charge) = self.charge.take() {
+            charge.settle(self.usage.take());
+        }
+    }
+
     async fn run(mut self, mut model: Arc<Model>, opened: Opened) {
+        self.charge = Some(opened.charge);
         let mut source = opened.source;
         let mut queue: VecDeque<Piece> = opened.pending.into();
         let mut mode = Mode::Direct;
@@ -353,9 +379,7 @@ impl Pump {
                 original = Some(failure.clone());
             }
             self.route.failed(&model, &failure, 0);
-            if !splicing {
-                self.spent.completion_tokens += estimate_tokens(&self.sent_text);
-            }
+            self.settle_attempt();
             let class = original.as_ref().map_or(failure.class, |f| f.class);
             match self.rescue_on(&model, class).await {
                 Some((next, opened, next_mode, how)) => {
@@ -366,6 +390,7 @@ impl Pump {
                     bump(counter, 1);
                     self.rescue = Some(how);
                     self.usage = None;
+                    self.charge = Some(opened.charge);
                     model = next;
                     source = opened.source;
                     queue = opened.pending.into();
@@ -374,7 +399,7 @@ impl Pump {
                 None => {
                     let original = original.unwrap_or(failure);
                     bump(&self.route.primary.counters.rescue_failed, 1);
-                    return self.finish_error(&model, original).await;
+                    return self.finish_error(original).await;
                 }
             }
         }
@@ -401,7 +426,7 @@ impl Pump {
             } else {
                 self.req.clone()
             };
-            match gateway.open_on(&next, &req).await {
+            match self.charges.under(gateway.open_on(&next, &req, &self.charges)).await {
                 Ok((opened, attempts)) => {
                     self.route.attempts += attempts;
                     let (mode, how) = if prefill {
@@ -536,11 +561,6 @@ impl Pump {
         ))
     }
 
-    fn answer_usage(&self) -> Usage {
-        self.usage
-            .unwrap_or_else(|| Usage::new(self.charges.prompt_estimate, estimate_tokens(&self.sent_text)))
-    }
-
     async fn finish_ok(mut self, model: &Model) {
         let calls: Vec<ToolCall> = self
             .tool_calls
@@ -550,16 +570,15 @@ impl Pump {
                 function: FunctionCall { name: name.clone(), arguments: arguments.clone() },
             })
             .collect();
+        self.settle_attempt();
         if let Err(e) = self.gateway.guard_tools(&self.charges, &calls) {
             // The run repeats itself: the stream ends with the error, not `[DONE]`.
             self.send(frame(&error_body(e.class, &e.message).to_string())).await;
-            let usage = self.answer_usage();
-            self.charges.settle(model, usage);
             self.route.primary.counters.request_failed(e.class);
-            self.journal(Some(&model.name), Some(usage), Some(&e));
+            self.journal(Some(&model.name), Some(&e));
             return;
         }
-        let usage = self.answer_usage();
+        let usage = self.charges.spent().usage;
         if self.req.include_usage {
             let frame = frame(&format!(
                 "{{\"id\":{},\"object\":\"chat.completion.chunk\",\"created\":{},\"model\":{},\"choices\":[],\"usage\":{}}}",
@@ -571,17 +590,11 @@ impl Pump {
             self.send(frame).await;
         }
         self.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
-        let total = Usage::new(
-            usage.prompt_tokens + self.spent.prompt_tokens,
-            usage.completion_tokens + self.spent.completion_tokens,
-        );
-        self.charges.settle(model, total);
-        let cost = model.config.prices.cost_micros(usage.prompt_tokens, usage.completion_tokens);
-        self.gateway.count_answer(model, usage, cost);
-        self.journal(Some(&model.name), Some(usage), None);
+        bump(&model.counters.answered, 1);
+        self.journal(Some(&model.name), None);
     }
 
-    async fn finish_error(mut self, model: &Model, original: Failure) {
+    async fn finish_error(mut self, original: Failure) {
         let sent = self.sent_text.chars().count();
         let mut message =
             format!("the stream failed after {sent} characters were sent: {}", original.message);
@@ -592,8 +605,7 @@ impl Pump {
         }
         let body = error_body(original.class, &message);
         self.send(frame(&body.to_string())).await;
-        let spent = Usage::new(self.charges.prompt_estimate, self.spent.completion_tokens);
-        self.charges.settle(model, spent);
+        self.settle_attempt();
         let e = GatewayError {
             class: original.class,
             message,
@@ -602,21 +614,16 @@ impl Pump {
             retry_after: None,
         };
         self.route.primary.counters.request_failed(e.class);
-        self.journal(None, None, Some(&e));
+        self.journal(None, Some(&e));
     }
 
     fn finish_gone(mut self, model: &Model, malformed: u64) {
         bump(&model.counters.malformed_chunks, malformed);
-        let spent = Usage::new(self.charges.prompt_estimate, estimate_tokens(&self.sent_text));
-        self.charges.settle(model, spent);
+        // The upstream billed what it generated, which Keel does not know: the bound.
+        self.settle_attempt();
         let e = GatewayError::new(ErrorClass::Network, "the client closed the connection mid-stream");
-        self.journal(Some(&model.name), None, Some(&e));
+        self.journal(Some(&model.name), Some(&e));
     }
-}
-
-/// About four characters a token: an estimate where an upstream gave no usage.
-fn estimate_tokens(text: &str) -> u64 {
-    (text.len() as u64).div_ceil(4)
 }
 
 fn frame(json: &str) -> Bytes {

@@ -197,6 +197,19 @@ impl ChatRequest {
             .collect()
     }
 
+    /// The length of [`openai_body`](Self::openai_body) for `upstream_model`, without
+    /// serializing it (names that need escaping may make the body a few bytes longer).
+    pub fn openai_len(&self, upstream_model: &str) -> usize {
+        let fields: usize = self
+            .fields
+            .iter()
+            .filter(|(k, _)| !(k.as_str() == "model" || (self.stream && k.as_str() == "stream_options")))
+            .map(|(k, r)| k.len() + 4 + r.get().len())
+            .sum();
+        let usage = if self.stream { r#","stream_options":{"include_usage":true}"#.len() } else { 0 };
+        r#"{"model":""}"#.len() + upstream_model.len() + fields + usage
+    }
+
     /// The body for an OpenAI-kind upstream: every field as sent, `model` replaced by
     /// `upstream_model`; a stream always asks for usage (to settle budgets).
     pub fn openai_body(&self, upstream_model: &str) -> Vec<u8> {

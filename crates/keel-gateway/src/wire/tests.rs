@@ -47,3 +47,14 @@ fn an_answer_is_renamed_and_summarised() {
     assert_eq!(a.summary.usage, Some(Usage::new(3, 2)));
     assert_eq!(parse_answer(b"{\"choices\":[", "gpt").unwrap_err().class, ErrorClass::ServerError);
 }
+
+#[test]
+fn the_openai_length_is_the_bodys_without_building_it() {
+    for body in [
+        r#"{"model":"gpt","messages":[{"role":"user","content":"hi"}],"max_tokens":3}"#,
+        r#"{"model":"gpt","stream":true,"stream_options":{"include_usage":false},"messages":[],"tools":[{"type":"function"}]}"#,
+    ] {
+        let req = ChatRequest::parse(body.as_bytes()).unwrap();
+        assert_eq!(req.openai_len("gpt-4o-mini"), req.openai_body("gpt-4o-mini").len(), "{body}");
+    }
+}

@@ -94,3 +94,40 @@ async fn a_journal_too_far_behind_sheds_calls_with_503_and_retry_after() {
     assert_eq!(post_chat(&url, ask("gpt"), &[]).await.status, 200, "served again once the journal caught up");
     assert_eq!(fake.hits(), calls_before + 1, "the shed call never reached the upstream");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_refusal_is_journaled_in_its_run_and_as_a_decision() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal =
+        keel_journal::open(&format!("sqlite:{}/j.db", dir.path().display()), JournalOptions::default())
+            .await
+            .unwrap();
+    let writer = JournalWriter::spawn(journal.clone(), 64);
+    let fake = Fake::start().await;
+    let models: BTreeMap<String, _> = [("gpt".to_owned(), model(&fake, "m"))].into_iter().collect();
+    let config = keel_gateway::GatewayConfig {
+        run_budget: keel_core::BudgetConfig { tokens: Some(5), ..Default::default() },
+        ..Default::default()
+    };
+    let gateway = Gateway::builder(models)
+        .env(|_| None)
+        .config(config)
+        .sink(Arc::new(DecisionsOnly(writer.sink(GATEWAY_RUN))))
+        .journal(Arc::new(WriterJournal::new(writer.clone())))
+        .build()
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router(Arc::new(gateway))).await.unwrap() });
+
+    assert_eq!(post_chat(&url, ask("gpt"), &[("x-keel-run", "run-b")]).await.status, 429);
+    writer.flush().await.unwrap();
+    let events = journal.events("run-b", 0, 100).await.unwrap();
+    let JournalEvent::ModelCalled { record, .. } = &events[0].event else { panic!("{events:?}") };
+    assert_eq!(record["error"]["class"], "budget_exceeded", "{record}");
+    let decisions = journal.events(GATEWAY_RUN, 0, 100).await.unwrap();
+    let refusal = decisions.iter().find(|e| e.event.kind() == "policy.budget_exceeded");
+    let refusal = refusal.unwrap_or_else(|| panic!("no budget_exceeded event: {decisions:?}"));
+    assert!(serde_json::to_string(&refusal.event).unwrap().contains("run:run-b"), "{:?}", refusal.event);
+    assert_eq!(fake.hits(), 0);
+}

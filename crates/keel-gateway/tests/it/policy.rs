@@ -321,7 +321,8 @@ async fn concurrent_requests_never_overspend_a_budget() {
 async fn api_key_budgets_come_from_the_servers_extension() {
     let fake = Fake::start().await;
     let config = GatewayConfig {
-        key_budget: BudgetConfig { tokens: Some(20), ..BudgetConfig::default() },
+        // One call's bound (the whole request's bytes / 3, plus max_tokens) fits, two do not.
+        key_budget: BudgetConfig { tokens: Some(30), ..BudgetConfig::default() },
         ..GatewayConfig::default()
     };
     let served = serve_with(vec![("gpt", model(&fake, "m"))], config).await;

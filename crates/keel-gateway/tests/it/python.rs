@@ -80,3 +80,25 @@ async fn the_official_openai_client_works_through_keel() {
     assert_eq!(m.models["flaky"].fallbacks_from, 2, "both flaky calls fell back");
     assert_eq!(m.models["gpt"].rescued_splice, 1, "the cut stream was spliced");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_openai_client_does_not_resend_a_budget_refusal() {
+    let fake = Fake::start().await;
+    let config = keel_gateway::GatewayConfig {
+        run_budget: keel_core::BudgetConfig { tokens: Some(10), ..keel_core::BudgetConfig::default() },
+        ..keel_gateway::GatewayConfig::default()
+    };
+    let served = crate::support::serve_with(vec![("gpt", model(&fake, "gpt-4o-mini"))], config).await;
+    let python = tokio::task::spawn_blocking(python).await.unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/python/budget.py");
+    let out = tokio::process::Command::new(&python).arg(&script).arg(&served.url).output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.trim_end().ends_with("ok"),
+        "budget.py failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let refused = served.journal.records().iter().filter(|r| r.error.is_some()).count();
+    assert_eq!(refused, 2, "one request a call: the SDK did not re-send the refusals");
+    assert_eq!(fake.hits(), 0);
+}

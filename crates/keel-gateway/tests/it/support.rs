@@ -51,6 +51,9 @@ pub(crate) enum Reply {
     MalformedChunk(Vec<&'static str>),
     /// Streams these tokens and the finish reason, then ends without `[DONE]`.
     NoDone(Vec<&'static str>),
+    /// An answer of this many tokens, whatever the request's `max_tokens` (an upstream
+    /// that ignores the limit).
+    Long(usize),
 }
 
 /// What the fake saw.
@@ -61,11 +64,24 @@ pub(crate) struct Seen {
     pub(crate) body: Value,
 }
 
+/// What the fake bills for one answer it produced (a 2xx with output): what a
+/// provider's invoice would say, whether or not the answer carried `usage`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Bill {
+    pub(crate) prompt: u64,
+    pub(crate) completion: u64,
+}
+
 #[derive(Default)]
 struct FakeState {
     script: Mutex<VecDeque<Reply>>,
     default: Mutex<Option<Reply>>,
     seen: Mutex<Vec<Seen>>,
+    bills: Mutex<Vec<Bill>>,
+    /// Answers (whole and streamed) carry no `usage`.
+    omit_usage: std::sync::atomic::AtomicBool,
+    /// Prompt tokens are the request's size (a token per 4 bytes), not a flat 10.
+    prompt_by_size: std::sync::atomic::AtomicBool,
 }
 
 /// A fake upstream on 127.0.0.1.
@@ -112,6 +128,46 @@ impl Fake {
         self.state.seen.lock().unwrap().len()
     }
 
+    /// Answers leave out `usage` (some providers and proxies do).
+    pub(crate) fn omit_usage(&self) -> &Self {
+        self.state.omit_usage.store(true, std::sync::atomic::Ordering::SeqCst);
+        self
+    }
+
+    /// Prompt tokens are billed by the request's size (a token per 4 bytes of it, tools
+    /// and system included), as a real tokenizer roughly would.
+    pub(crate) fn prompt_by_size(&self) -> &Self {
+        self.state.prompt_by_size.store(true, std::sync::atomic::Ordering::SeqCst);
+        self
+    }
+
+    /// Every answer billed so far, from the fake's own log.
+    pub(crate) fn bills(&self) -> Vec<Bill> {
+        self.state.bills.lock().unwrap().clone()
+    }
+
+    /// The tokens billed so far, prompt and completion.
+    pub(crate) fn billed_tokens(&self) -> u64 {
+        self.bills().iter().map(|b| b.prompt + b.completion).sum()
+    }
+
+    /// The cost billed so far at `prices`, in micro-dollars (rounded up per answer).
+    pub(crate) fn billed_micros(&self, prices: &keel_gateway::Prices) -> u64 {
+        self.bills().iter().map(|b| prices.cost_micros(b.prompt, b.completion)).sum()
+    }
+
+    fn prompt_tokens(&self, request_bytes: usize) -> u64 {
+        if self.state.prompt_by_size.load(std::sync::atomic::Ordering::SeqCst) {
+            (request_bytes as u64).div_ceil(4)
+        } else {
+            10
+        }
+    }
+
+    fn bill(&self, prompt: u64, completion: u64) {
+        self.state.bills.lock().unwrap().push(Bill { prompt, completion });
+    }
+
     fn next(&self, path: &str, headers: HeaderMap, body: Value) -> Reply {
         self.state.seen.lock().unwrap().push(Seen { path: path.into(), headers, body });
         let scripted = self.state.script.lock().unwrap().pop_front();
@@ -136,19 +192,37 @@ fn chunk(model: &str, delta: Value, finish: Option<&str>) -> Value {
            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
 }
 
-fn usage_chunk(model: &str, completion: usize) -> Value {
+fn usage_chunk(model: &str, prompt: u64, completion: usize) -> Value {
+    let completion = completion as u64;
     json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": model, "choices": [],
-           "usage": {"prompt_tokens": 10, "completion_tokens": completion, "total_tokens": 10 + completion}})
+           "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}})
 }
 
-fn completion(model: &str, message: Value, finish: &str, completion_tokens: u64) -> Response {
-    axum::Json(json!({
+/// A whole answer, billed; `usage` left out when the fake omits it.
+fn completion(
+    fake: &Fake,
+    model: &str,
+    message: Value,
+    finish: &str,
+    completion_tokens: u64,
+    prompt: u64,
+) -> Response {
+    fake.bill(prompt, completion_tokens);
+    let mut v = json!({
         "id": "chatcmpl-fake", "object": "chat.completion", "created": 1, "model": model,
         "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish}],
-        "usage": {"prompt_tokens": 10, "completion_tokens": completion_tokens, "total_tokens": 10 + completion_tokens},
+        "usage": {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens},
         "system_fingerprint": "fp_fake",
-    }))
-    .into_response()
+    });
+    if fake.state.omit_usage.load(std::sync::atomic::Ordering::SeqCst) {
+        v.as_object_mut().unwrap().remove("usage");
+    }
+    axum::Json(v).into_response()
+}
+
+/// The text of `n` tokens.
+fn long_text(n: usize) -> Vec<&'static str> {
+    vec!["w "; n]
 }
 
 fn status(code: u16, retry_after: Option<&str>, body: &str) -> Response {
@@ -162,10 +236,12 @@ fn status(code: u16, retry_after: Option<&str>, body: &str) -> Response {
 
 async fn openai(State(state): State<Arc<FakeState>>, headers: HeaderMap, body: Bytes) -> Response {
     let fake = Fake { url: String::new(), state };
+    let prompt = fake.prompt_tokens(body.len());
     let body: Value = serde_json::from_slice(&body).unwrap();
     let model = body["model"].as_str().unwrap_or("?").to_owned();
     let stream = body["stream"].as_bool().unwrap_or(false);
-    let usage = body.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
+    let usage = body.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false)
+        && !fake.state.omit_usage.load(std::sync::atomic::Ordering::SeqCst);
     let reply = fake.next("/v1/chat/completions", headers, body);
     if let Reply::Hang = reply {
         std::future::pending::<()>().await;
@@ -176,27 +252,46 @@ async fn openai(State(state): State<Arc<FakeState>>, headers: HeaderMap, body: B
     if !stream {
         return match reply {
             Reply::Text(tokens) => completion(
+                &fake,
                 &model,
                 json!({"role": "assistant", "content": tokens.concat()}),
                 "stop",
                 tokens.len() as u64,
+                prompt,
+            ),
+            Reply::Long(n) => completion(
+                &fake,
+                &model,
+                json!({"role": "assistant", "content": long_text(n).concat()}),
+                "stop",
+                n as u64,
+                prompt,
             ),
             Reply::Tool { name, args } => completion(
+                &fake,
                 &model,
                 json!({"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": name, "arguments": args}}]}),
                 "tool_calls",
                 5,
+                prompt,
             ),
             Reply::Malformed => {
                 (StatusCode::OK, "{\"id\": \"chatcmpl-fake\", \"choices\": [").into_response()
             }
-            Reply::Empty => completion(&model, json!({"role": "assistant", "content": ""}), "stop", 0),
+            Reply::Empty => {
+                completion(&fake, &model, json!({"role": "assistant", "content": ""}), "stop", 0, prompt)
+            }
             Reply::Truncated(text) => {
-                completion(&model, json!({"role": "assistant", "content": text}), "length", 16)
+                completion(&fake, &model, json!({"role": "assistant", "content": text}), "length", 16, prompt)
             }
-            Reply::Refused(why) => {
-                completion(&model, json!({"role": "assistant", "content": null, "refusal": why}), "stop", 3)
-            }
+            Reply::Refused(why) => completion(
+                &fake,
+                &model,
+                json!({"role": "assistant", "content": null, "refusal": why}),
+                "stop",
+                3,
+                prompt,
+            ),
             other => panic!("{other:?} is a streaming fault"),
         };
     }
@@ -207,15 +302,26 @@ async fn openai(State(state): State<Arc<FakeState>>, headers: HeaderMap, body: B
     let ending = |n: usize, done: bool| -> Vec<String> {
         let mut out = vec![data(&chunk(&model, json!({}), Some("stop")))];
         if usage {
-            out.push(data(&usage_chunk(&model, n)));
+            out.push(data(&usage_chunk(&model, prompt, n)));
         }
         if done {
             out.push("data: [DONE]\n\n".into());
         }
         out
     };
+    // A stream is billed for what the upstream generated, cut or not.
+    let generated = match &reply {
+        Reply::Text(t) | Reply::MalformedChunk(t) | Reply::NoDone(t) | Reply::Cut(t) | Reply::Stall(t) => {
+            t.len()
+        }
+        Reply::Long(n) => *n,
+        Reply::Tool { .. } => 5,
+        _ => 0,
+    };
+    fake.bill(prompt, generated as u64);
     let frames: Vec<String> = match &reply {
         Reply::Text(t) => [vec![role], tokens(t), ending(t.len(), true)].concat(),
+        Reply::Long(n) => [vec![role], tokens(&long_text(*n)), ending(*n, true)].concat(),
         Reply::Tool { name, args } => [
             vec![role],
             vec![data(&chunk(&model, json!({"tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": name, "arguments": ""}}]}), None))],

@@ -101,3 +101,23 @@ async fn a_streamed_answer_passes_through_the_servers_connections() {
         assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budgets_are_listed_under_api_budgets() {
+    let base = upstream().await;
+    let s = Server::start(
+        Faults::default(),
+        &format!("[models.small]\nprovider = \"openai\"\nbase_url = \"{base}\"\nmodel = \"up-small\"\n"),
+    )
+    .await;
+    let body = json!({"model": "small", "messages": [{"role": "user", "content": "hi"}]});
+    let resp =
+        s.http.post(s.url("/v1/chat/completions")).bearer_auth(AGENT).json(&body).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let (status, view) = s.get(Some(AGENT), "/api/budgets").await;
+    assert_eq!(status, 200, "{view}");
+    let budgets = view["budgets"].as_object().unwrap();
+    let (name, key) = budgets.iter().find(|(n, _)| n.starts_with("key:")).expect("the caller's key budget");
+    assert_eq!(key["used"]["tokens"], 4, "{name}: settled to the upstream's usage: {view}");
+    assert_eq!((key["reserved"]["tokens"].as_u64(), key["refusals"].as_u64()), (Some(0), Some(0)));
+}
