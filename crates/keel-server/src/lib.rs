@@ -12,6 +12,7 @@ pub mod auth;
 pub mod dashboard;
 pub mod error;
 pub mod inbox;
+pub mod mcp;
 pub mod metrics;
 pub mod openapi;
 pub mod ops;
@@ -88,6 +89,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/tickets/{id}/resolve", post(api::tickets::resolve))
         .route("/api/tools/{name}/invoke", post(api::tools::invoke))
         .route("/api/dashboard", get(dashboard::dashboard))
+        .route("/mcp", post(mcp::post).get(mcp::not_allowed).delete(mcp::not_allowed))
         .route_layer(axum::middleware::from_fn_with_state(keys.clone(), auth::require_key));
     let gateway = state.gateway.clone();
     let main = Router::new()

@@ -13,6 +13,7 @@ mod crash;
 mod demo;
 mod drill;
 mod durability;
+mod mcp;
 mod policy_attacks;
 mod scope;
 mod serve_crash;
