@@ -50,7 +50,6 @@ const PARSE_ERROR: i64 = -32700;
 const INVALID_REQUEST: i64 = -32600;
 const METHOD_NOT_FOUND: i64 = -32601;
 const INVALID_PARAMS: i64 = -32602;
-const INTERNAL_ERROR: i64 = -32603;
 
 /// Answers MCP messages for one process: stateless, cheap to share.
 #[derive(Debug, Clone)]
@@ -153,11 +152,8 @@ impl McpServer {
         match self.invoker.invoke(call).await {
             Ok(outcome) => Ok(tool_result(&outcome)),
             Err(InvokeError::UnknownTool(t)) => Err((INVALID_PARAMS, format!("unknown tool: `{t}`"))),
-            Err(e @ InvokeError::Runner(_)) | Err(e @ InvokeError::DriveFailed(_))
-                if e.class() == ErrorClass::ServerError =>
-            {
-                Err((INTERNAL_ERROR, e.to_string()))
-            }
+            // Even the journal's failures: a tool result with the class, so the agent
+            // sees `retryable` and may call again with the same arguments.
             Err(e) => Ok(failed(e.class(), &e.to_string(), json!({}))),
         }
     }

@@ -432,3 +432,6 @@ impl Drop for Entry<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
