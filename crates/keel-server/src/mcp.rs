@@ -362,3 +362,106 @@ where
     drop(tx);
     writer.await.unwrap_or_else(|e| Err(std::io::Error::other(e)))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::Arc;
+
+    use keel_core::TokioClock;
+    use keel_journal::JournalOptions;
+    use keel_runtime::Runner;
+    use keel_runtime::runner::NullObserver;
+    use tokio::io::AsyncReadExt as _;
+
+    use super::*;
+
+    async fn server(dir: &std::path::Path) -> McpServer {
+        let text = "[tools.echo]\nkind = \"command\"\nargv = [\"echo\", \"{}\"]\n\
+                    params = { type = \"object\", properties = { x = { type = \"integer\" } } }\n";
+        let config = Config::parse(text, &dir.join("keel.toml"), &|_| None).unwrap();
+        let clock = Arc::new(TokioClock::new());
+        let journal = keel_journal::open(
+            &config.storage_url,
+            JournalOptions { clock: clock.clone(), ..JournalOptions::default() },
+        )
+        .await
+        .unwrap();
+        let runner = Arc::new(
+            Runner::new(Arc::new(config), journal, clock.clone(), Arc::new(NullObserver)).await.unwrap(),
+        );
+        McpServer::new(Invoker::new(runner, Arc::default(), clock))
+    }
+
+    fn code(answer: &Option<Value>) -> i64 {
+        answer.as_ref().unwrap()["error"]["code"].as_i64().unwrap_or(0)
+    }
+
+    #[tokio::test]
+    async fn hostile_messages_get_json_rpc_errors_not_panics() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = server(dir.path()).await;
+        assert_eq!(code(&s.handle_raw(b"{nope").await), PARSE_ERROR);
+        assert_eq!(
+            code(&s.handle_raw(b"[{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"ping\"}]").await),
+            INVALID_REQUEST
+        );
+        assert_eq!(code(&s.handle_raw(b"{\"id\":1,\"method\":\"ping\"}").await), INVALID_REQUEST);
+        assert_eq!(
+            code(&s.handle_raw(b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"nope\"}").await),
+            METHOD_NOT_FOUND
+        );
+        // Notifications and responses get no answer.
+        assert!(
+            s.handle_raw(b"{\"jsonrpc\":\"2.0\",\"method\":\"notifications/initialized\"}").await.is_none()
+        );
+        assert!(s.handle_raw(b"{\"jsonrpc\":\"2.0\",\"id\":7,\"result\":{}}").await.is_none());
+        let call =
+            |p: &str| format!("{{\"jsonrpc\":\"2.0\",\"id\":2,\"method\":\"tools/call\",\"params\":{p}}}");
+        assert_eq!(code(&s.handle_raw(call("{}").as_bytes()).await), INVALID_PARAMS);
+        assert_eq!(code(&s.handle_raw(call("{\"name\":\"nosuch\"}").as_bytes()).await), INVALID_PARAMS);
+        // Arguments of the wrong shape are the tool's `invalid_request`, as a result.
+        for args in ["5", "\"x\"", "[1]", "{\"x\":\"one\"}"] {
+            let answer =
+                s.handle_raw(call(&format!("{{\"name\":\"echo\",\"arguments\":{args}}}")).as_bytes()).await;
+            let r = &answer.as_ref().unwrap()["result"];
+            assert_eq!(r["isError"], true, "{args}: {answer:?}");
+            assert_eq!(r["structuredContent"]["class"], "invalid_request", "{args}: {answer:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn initialize_answers_a_known_revision_in_kind_and_any_other_with_ours() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = server(dir.path()).await;
+        let init = |v: &str| {
+            json!({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                   "params": {"protocolVersion": v, "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}})
+        };
+        let answer = s.handle(init("2025-06-18")).await.unwrap();
+        assert_eq!(answer["result"]["protocolVersion"], "2025-06-18");
+        assert_eq!(answer["result"]["capabilities"]["tools"]["listChanged"], false);
+        let answer = s.handle(init("2099-01-01")).await.unwrap();
+        assert_eq!(answer["result"]["protocolVersion"], PROTOCOL_VERSION);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stdio_answers_each_request_on_its_own_line_and_stops_at_eof() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = server(dir.path()).await;
+        let input = b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"ping\"}\n\n{broken\n\
+                      {\"jsonrpc\":\"2.0\",\"method\":\"notifications/initialized\"}\n\
+                      {\"jsonrpc\":\"2.0\",\"id\":\"b\",\"method\":\"tools/call\",\"params\":{\"name\":\"echo\",\"arguments\":{\"x\":1}}}\n";
+        let (out, mut read) = tokio::io::duplex(1 << 16);
+        serve_stdio(s, &input[..], out).await.unwrap();
+        let mut text = String::new();
+        read.read_to_string(&mut text).await.unwrap();
+        let answers: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(answers.len(), 3, "{text}");
+        let by_id = |id: Value| answers.iter().find(|a| a["id"] == id).unwrap_or_else(|| panic!("{text}"));
+        assert_eq!(by_id(json!(1))["result"], json!({}));
+        assert_eq!(by_id(Value::Null)["error"]["code"], PARSE_ERROR);
+        assert_eq!(by_id(json!("b"))["result"]["isError"], false, "{text}");
+    }
+}
