@@ -4,7 +4,8 @@
 //! and is retried, repeats that call (answered from the first: the payments ledger is
 //! charged once), calls one that fails with a classified error and one whose
 //! arguments do not fit the schema, and one that needs approval (answered at once as
-//! pending, then completed once approved).
+//! pending, then completed once approved). Two instances on one PostgreSQL answer
+//! one client's consecutive requests in turn.
 //!
 //! The interpreter is `KEEL_TEST_PYTHON` when set (`.ci/python.sh` installs `openai`
 //! and `mcp` in it); otherwise a venv with `mcp` is made once under the target dir.
@@ -148,22 +149,8 @@ fn check(steps: &HashMap<String, Value>, b: &Bench) {
 #[test]
 fn the_official_mcp_client_calls_tools_through_keel_serve() {
     let b = Bench::new(Faults { fail_first: 1, ..Faults::default() }, &format!("{TOOLS}\n{KEYS}"));
-    let mut child = b
-        .command(&["serve", "--listen", "127.0.0.1:0"])
-        .env("AGENT_KEY", AGENT)
-        .env("APPROVER_KEY", APPROVER)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    stdout.read_line(&mut first).unwrap();
-    // Drained, so that later lines never meet a closed pipe.
-    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
-    let addr = first.trim().rsplit("http://").next().unwrap().to_owned();
-    let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
-    let base = format!("http://{addr}");
+    let (mut child, port) = serve(&b, None);
+    let base = format!("http://127.0.0.1:{port}");
 
     // Behind the agent keys like /api; no stream and no session to end.
     let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"0"}}}"#;
@@ -199,6 +186,89 @@ fn the_official_mcp_client_calls_tools_through_keel_mcp_on_stdio() {
     let steps = client(&b, &["stdio", env!("CARGO_BIN_EXE_keel")]);
     assert_eq!(steps["approved"]["status"], 0, "{steps:#?}");
     check(&steps, &b);
+}
+
+/// Starts `keel serve` on a free loopback port (on `storage` when given); returns it
+/// and its port.
+fn serve(b: &Bench, storage: Option<&str>) -> (std::process::Child, u16) {
+    let mut cmd = b.command(&["serve", "--listen", "127.0.0.1:0"]);
+    cmd.env("AGENT_KEY", AGENT).env("APPROVER_KEY", APPROVER).stdout(Stdio::piped()).stderr(Stdio::null());
+    if let Some(url) = storage {
+        cmd.env("KEEL_TEST_STORAGE", url);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut first = String::new();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    stdout.read_line(&mut first).unwrap();
+    // Drained, so that later lines never meet a closed pipe.
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+    let port =
+        first.trim().rsplit(':').next().unwrap().parse().unwrap_or_else(|_| panic!("no port in {first:?}"));
+    (child, port)
+}
+
+/// One JSON-RPC request to `port`'s `/mcp`: its `result`.
+fn rpc(port: u16, id: u64, method: &str, params: Value) -> Value {
+    let body =
+        serde_json::json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string();
+    let (status, answer) = raw_with(port, Some(AGENT), "mcp-protocol-version: 2025-11-25\r\n", &body);
+    assert_eq!(status, 200, "{answer}");
+    let answer: Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(answer["id"], id, "{answer}");
+    answer["result"].clone()
+}
+
+/// Two `keel serve` instances on one PostgreSQL, and one client whose consecutive
+/// requests land on either: no session lives in one instance's memory. A call
+/// waiting for approval on one is approved and answered on the other, and a retried
+/// charge is made once.
+#[test]
+fn two_keel_serve_instances_on_postgres_answer_one_mcp_client_in_turn() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let url = rt.block_on(keel_testkit::postgres_database());
+    let config = format!("{TOOLS}\n{KEYS}\n[storage]\nurl_env = \"KEEL_TEST_STORAGE\"\n");
+    let b = Bench::new(Faults::default(), &config);
+    let (mut one, a) = serve(&b, Some(&url));
+    let (mut two, z) = serve(&b, Some(&url));
+
+    let init = serde_json::json!({"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}});
+    assert_eq!(rpc(a, 1, "initialize", init)["protocolVersion"], "2025-11-25");
+    // No handshake state: the other instance answers the next request.
+    let tools = rpc(z, 2, "tools/list", serde_json::json!({}));
+    assert_eq!(tools["tools"].as_array().unwrap().len(), 2, "{tools}");
+
+    let big = serde_json::json!({"name": "charge", "arguments": {"order": 7, "amount": 150}});
+    let pending = rpc(a, 3, "tools/call", big.clone());
+    assert_eq!(pending["structuredContent"]["status"], "waiting_approval", "{pending}");
+    let approval = pending["structuredContent"]["approval_id"].as_str().unwrap().to_owned();
+    // An approver's key is not an agent's.
+    assert_eq!(request(z, "POST", Some(APPROVER), "", "{}").0, 403);
+    let approve = format!(
+        "POST /api/approvals/{approval}/approve HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\
+         authorization: Bearer {APPROVER}\r\ncontent-length: 0\r\n\r\n"
+    );
+    let mut tcp = TcpStream::connect(("127.0.0.1", z)).unwrap();
+    tcp.write_all(approve.as_bytes()).unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let done = rpc(z, 4, "tools/call", big.clone());
+    assert_eq!(done["isError"], false, "{done}");
+    let again = rpc(a, 5, "tools/call", big);
+    assert_eq!(again["isError"], false, "{again}");
+    assert_eq!(again["_meta"]["keel/replayed"], true, "{again}");
+    assert_eq!(again["_meta"]["keel/runId"], done["_meta"]["keel/runId"]);
+
+    let small = serde_json::json!({"name": "charge", "arguments": {"order": 8, "amount": 10}});
+    let first = rpc(z, 6, "tools/call", small.clone());
+    let retried = rpc(a, 7, "tools/call", small);
+    assert_eq!(first["isError"], false, "{first}");
+    assert_eq!(retried["_meta"]["keel/replayed"], true, "{retried}");
+    assert_eq!(orders(&b.payments), vec![7, 8], "{:?}", b.payments.charges());
+    for child in [&mut one, &mut two] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 }
 
 /// One raw request to `/mcp`: status and body.
