@@ -41,6 +41,9 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
     },
+    /// Serve keel.toml's tools over MCP on stdin/stdout (for an MCP client that starts
+    /// Keel as a subprocess); every call runs under its policies and is journaled.
+    Mcp,
     /// Runs: list, show, resume, cancel.
     Runs {
         /// What to do.

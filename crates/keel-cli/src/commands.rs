@@ -104,6 +104,7 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
             init_log(*log_format)?;
             serve(&cli, listen.as_deref()).await
         }
+        Command::Mcp => mcp(&cli).await,
         Command::Runs { action } => runs(&cli, action).await,
         Command::Approvals { action } => approvals(&cli, action).await,
         Command::Tickets { action } => tickets(&cli, action).await,
@@ -159,6 +160,21 @@ async fn serve(cli: &Cli, listen: Option<&str>) -> Result<ExitCode> {
     };
     keel_server::serve(state, listener, shutdown, Duration::from_secs(30)).await?;
     print("keel serve stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `keel mcp`: the MCP server on stdio, until stdin closes. Nothing else is written
+/// to stdout (it is the protocol's).
+async fn mcp(cli: &Cli) -> Result<ExitCode> {
+    let ctx = open(cli).await?;
+    let observer: Arc<dyn Observer> = Arc::new(NullObserver);
+    let runner =
+        Arc::new(Runner::new(ctx.config.clone(), ctx.journal.clone(), ctx.clock.clone(), observer).await?);
+    let invoker = keel_runtime::Invoker::new(runner.clone(), Arc::default(), ctx.clock.clone());
+    let server = keel_server::mcp::McpServer::new(invoker);
+    let stdin = tokio::io::BufReader::new(tokio::io::stdin());
+    keel_server::mcp::serve_stdio(server, stdin, tokio::io::stdout()).await.context("MCP on stdio")?;
+    runner.flush().await?;
     Ok(ExitCode::SUCCESS)
 }
 

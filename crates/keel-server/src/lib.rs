@@ -14,6 +14,7 @@ pub mod dashboard;
 pub mod error;
 pub mod inbox;
 pub mod log;
+pub mod mcp;
 pub mod metrics;
 pub mod openapi;
 pub mod ops;
@@ -91,6 +92,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/tools/{name}/invoke", post(api::tools::invoke))
         .route("/api/dashboard", get(dashboard::dashboard))
         .route("/api/budgets", get(ops::budgets))
+        .route("/mcp", post(mcp::post).get(mcp::not_allowed).delete(mcp::not_allowed))
         .route_layer(axum::middleware::from_fn_with_state(keys.clone(), auth::require_key));
     let gateway = state.gateway.clone();
     let issued = Arc::new(api::runs::IssuedRuns::new(state.journal.clone()));

@@ -14,6 +14,7 @@ mod crash;
 mod demo;
 mod drill;
 mod durability;
+mod mcp;
 mod policy_attacks;
 mod scope;
 mod serve_crash;

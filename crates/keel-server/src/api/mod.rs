@@ -45,6 +45,12 @@ impl AppState {
     pub fn now_ms(&self) -> i64 {
         ms(self.clock.wall())
     }
+
+    /// Tool invocation (`/api/tools/{name}/invoke`, `/mcp`), driving runs beside this
+    /// process's workers.
+    pub fn invoker(&self) -> keel_runtime::Invoker {
+        keel_runtime::Invoker::new(self.runner.clone(), self.drives.clone(), self.clock.clone())
+    }
 }
 
 pub(crate) fn ms(t: SystemTime) -> i64 {

@@ -1,5 +1,6 @@
 //! `POST /api/tools/{name}/invoke`: one tool call for an external agent, under the
-//! tool's policy, idempotency and approval rule.
+//! tool's policy, idempotency and approval rule. A thin adapter over
+//! [`keel_runtime::invoke`], which owns the semantics; this maps its outcome to HTTP.
 //!
 //! Each invocation is a one-step run, so it is journaled, approvable and visible in
 //! the inbox like any plan. The idempotency key (the `Idempotency-Key` header, or for
@@ -19,25 +20,21 @@
 //! that bound whatever happens: the result, the error, or 202 with the run's state
 //! (`waiting_approval` and its approval, `escalated` and its ticket, or `running`).
 
-use std::time::Duration;
-
 use axum::Json;
 use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use keel_core::ErrorClass;
-use keel_journal::RunState;
+use keel_core::Classified as _;
 use keel_runtime::config::Role;
-use keel_runtime::runner::{Error as RunnerError, args_digest, new_id};
-use keel_runtime::{Plan, PlanStep, RunStatus};
+use keel_runtime::{Call, InvokeError, Outcome};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
-use tokio::task::JoinHandle;
-use tokio::time::Instant;
+use serde_json::Value;
 
 use super::{AppState, WaitQuery};
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiJson};
+
+pub use keel_runtime::invoke::{invocation_key, invocation_run_id};
 
 /// The request body.
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -81,32 +78,6 @@ pub struct Pending {
     pub replayed: bool,
 }
 
-/// The run id of the invocation whose (tool-scoped) idempotency key is `key`: the same
-/// key gives the same run, in every process and after every restart.
-pub fn invocation_run_id(key: &str) -> String {
-    use sha2::Digest as _;
-    let digest = sha2::Sha256::digest(format!("keel/invoke\n{key}").as_bytes());
-    let hex: String = digest.iter().take(12).map(|b| format!("{b:02x}")).collect();
-    format!("run-{hex}")
-}
-
-/// The key an invocation runs under: the header's (scoped to the tool), or for a
-/// write-like tool one derived from its arguments, or none.
-pub fn invocation_key(tool: &str, write: bool, header: Option<&str>, params: &Value) -> Option<String> {
-    match header.map(str::trim) {
-        Some(k) if !k.is_empty() => Some(format!("invoke/{tool}/{k}")),
-        _ if write => Some(format!("invoke/{tool}/derived/{}", args_digest(tool, params))),
-        _ => None,
-    }
-}
-
-/// How long past its bound a request may take when the journal itself does not answer.
-const GRACE: Duration = Duration::from_secs(1);
-
-/// How often a request re-reads a run it does not drive, and retries a drive another
-/// process held.
-const POLL: Duration = Duration::from_millis(100);
-
 /// Invokes a tool.
 ///
 /// # Errors
@@ -123,184 +94,66 @@ pub async fn invoke(
 ) -> Result<Response, ApiError> {
     caller.require(&[Role::Agent])?;
     let wait = q.duration()?;
-    let bound = q.wait.is_some().then(|| Instant::now() + wait);
-    let Some(tool) = s.config.tools.get(&name).cloned() else {
-        return Err(ApiError::new(ErrorClass::NotFound, format!("no tool named `{name}`")));
+    let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let call = Call { tool: name, params: body.params, key, wait: q.wait.is_some().then_some(wait) };
+    let outcome = s.invoker().invoke(call).await.map_err(api_error)?;
+    respond(outcome)
+}
+
+/// An invocation's outcome as an HTTP answer: 200 with the output, 202 with the run's
+/// state, or the call's error with its class, attempts and ticket.
+fn respond(outcome: Outcome) -> Result<Response, ApiError> {
+    let pending = |run_id: String, state: &str, replayed: bool| Pending {
+        poll_url: format!("/api/runs/{run_id}"),
+        run_id,
+        state: state.to_owned(),
+        approval_id: None,
+        ticket_id: None,
+        replayed,
     };
-    let params = if body.params.is_null() { json!({}) } else { body.params };
-    if let Err(f) = tool.check_params(&params) {
-        return Err(ApiError::new(f.class, f.message));
-    }
-    let header = headers.get("idempotency-key").and_then(|v| v.to_str().ok());
-    let key = invocation_key(&name, tool.write, header, &params);
-    let run_id = key.as_deref().map_or_else(|| new_id("run"), invocation_run_id);
-    let plan = Plan {
-        name: Some(format!("invoke {name}")),
-        input: params.clone(),
-        deadline: None,
-        steps: vec![PlanStep { id: Some(name.clone()), tool: name.clone(), params: params.clone() }],
-    };
-    let work = async {
-        let created = s.runner.create_with_id(&run_id, &plan).await?;
-        if !created {
-            let snap = s.runner.snapshot(&run_id).await?;
-            let step = &snap.run.input["plan"]["steps"][0];
-            let same = step["tool"] == name.as_str()
-                && args_digest(&name, &step["params"]) == args_digest(&name, &params);
-            if !same {
-                let mut e = ApiError::new(
-                    ErrorClass::Conflict,
-                    "this Idempotency-Key was used with other arguments; use a new key for a new call",
-                );
-                e.status = Some(StatusCode::UNPROCESSABLE_ENTITY);
-                return Err(e);
-            }
+    match outcome {
+        Outcome::Completed { run_id, output, attempts, replayed } => {
+            Ok((StatusCode::OK, Json(Invoked { run_id, output, attempts, replayed })).into_response())
         }
-        answer(&s, &run_id, wait, bound, created).await
-    };
-    match bound {
-        None => work.await,
-        Some(bound) => match tokio::time::timeout_at(bound + GRACE, work).await {
-            Ok(answered) => answered,
-            Err(_) => Err(ApiError::new(
-                ErrorClass::Timeout,
-                format!(
-                    "no answer from the journal within the request's wait ({}); the storage may be \
-                     unavailable — retry with the same Idempotency-Key",
-                    humantime::format_duration(wait)
-                ),
-            )),
-        },
+        Outcome::WaitingApproval { run_id, approval_id, replayed } => {
+            let body =
+                Pending { approval_id: Some(approval_id), ..pending(run_id, "waiting_approval", replayed) };
+            Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+        }
+        Outcome::Running { run_id, state, replayed } => {
+            Ok((StatusCode::ACCEPTED, Json(pending(run_id, state.as_str(), replayed))).into_response())
+        }
+        Outcome::Failed { class, message, attempts, ticket_id, .. }
+        | Outcome::Escalated { class, message, attempts, ticket_id, .. } => {
+            let mut e = ApiError::new(class, message);
+            e.attempts = attempts;
+            e.ticket_id = ticket_id;
+            Err(e)
+        }
     }
 }
 
-/// Answers from the invocation's run: drives it (in a task of its own) while nobody
-/// else does, and reads its state until it ends, waits for a person, or the bound
-/// passes. `fresh`: this request created the run (drive it before reading it).
-async fn answer(
-    s: &AppState,
-    run_id: &str,
-    wait: Duration,
-    bound: Option<Instant>,
-    fresh: bool,
-) -> Result<Response, ApiError> {
-    let person_until = Instant::now() + wait;
-    let replayed = !fresh;
-    let mut drive = fresh.then(|| spawn_drive(s, run_id));
-    // Drives start at most once per POLL: a run held elsewhere is not hammered.
-    let mut next_drive = Instant::now() + if fresh { POLL } else { Duration::ZERO };
-    loop {
-        if let Some(handle) = drive.as_mut() {
-            // Only the drive moves the run on: nothing to read until it ends.
-            let joined = match bound {
-                Some(b) => tokio::time::timeout_at(b, handle).await.ok(),
-                None => Some(handle.await),
-            };
-            if let Some(joined) = joined {
-                drive = None;
-                match joined {
-                    Ok(Ok(_)) => {}
-                    // Another task or process holds the run (or took it over from this
-                    // one): read it, and try again later (that holder may die too).
-                    Ok(Err(e)) if held_elsewhere(&e) => {}
-                    Ok(Err(e)) => return Err(e.into()),
-                    Err(e) => {
-                        return Err(ApiError::new(ErrorClass::ServerError, format!("the drive failed: {e}")));
-                    }
-                }
-            }
-        }
-        let snap = s.runner.snapshot(run_id).await?;
-        let attempts = snap.attempts.len() as u32;
-        let step = snap.steps.first();
-        let now = Instant::now();
-        let out_of_time = bound.is_some_and(|b| now >= b);
-        let pending = |state: &str| Pending {
-            run_id: run_id.to_owned(),
-            state: state.to_owned(),
-            approval_id: None,
-            ticket_id: None,
-            poll_url: format!("/api/runs/{run_id}"),
-            replayed,
-        };
-        match snap.run.state {
-            RunState::Completed => {
-                let output = step.and_then(|st| st.output.clone()).unwrap_or(Value::Null);
-                let body = Invoked { run_id: run_id.to_owned(), output, attempts, replayed };
-                return Ok((StatusCode::OK, Json(body)).into_response());
-            }
-            RunState::Failed | RunState::TimedOut | RunState::Cancelled | RunState::Escalated => {
-                let class = step
-                    .and_then(|st| st.error_class.as_deref())
-                    .and_then(|c| c.parse().ok())
-                    .unwrap_or(match snap.run.state {
-                        RunState::TimedOut => ErrorClass::DeadlineExceeded,
-                        _ => ErrorClass::ServerError,
-                    });
-                let message = step
-                    .and_then(|st| st.message.clone())
-                    .or_else(|| snap.run.reason.clone())
-                    .unwrap_or_else(|| snap.run.state.as_str().to_owned());
-                let mut e = ApiError::new(class, message);
-                e.attempts = attempts;
-                e.ticket_id =
-                    snap.tickets.iter().rev().find(|t| t.status == "open").map(|t| t.ticket_id.clone());
-                return Err(e);
-            }
-            RunState::WaitingApproval => {
-                let approval = snap.approvals.iter().rev().find(|a| a.status == "pending");
-                if let Some(approval) = approval.filter(|_| now >= person_until) {
-                    let body = Pending {
-                        approval_id: Some(approval.approval_id.clone()),
-                        ..pending("waiting_approval")
-                    };
-                    return Ok((StatusCode::ACCEPTED, Json(body)).into_response());
-                }
-                // Waiting for the decision (or decided a moment ago: about to move on).
-            }
-            RunState::Created | RunState::Running => {
-                if out_of_time || past_deadline(s, &snap) {
-                    return Ok((StatusCode::ACCEPTED, Json(pending("running"))).into_response());
-                }
-                if drive.is_none() && now >= next_drive {
-                    drive = Some(spawn_drive(s, run_id));
-                    next_drive = now + POLL;
-                    continue;
-                }
-            }
-        }
-        if out_of_time {
-            // Out of time with the run just moving on from a decision.
-            return Ok((StatusCode::ACCEPTED, Json(pending(snap.run.state.as_str()))).into_response());
-        }
-        tokio::time::sleep(POLL).await;
-    }
-}
-
-/// Whether a drive ended because someone else works the run: its lease was held, or
-/// lost to a process that took the run over. The run goes on; the request answers
-/// from it.
-fn held_elsewhere(e: &RunnerError) -> bool {
+/// An invocation that could not be made or answered, in the API's error shape.
+fn api_error(e: InvokeError) -> ApiError {
     match e {
-        RunnerError::Busy(..) => true,
-        RunnerError::Journal(j) => {
-            matches!(j, keel_journal::Error::LeaseLost { .. })
-                || matches!(j, keel_journal::Error::Batch(inner) if matches!(**inner, keel_journal::Error::LeaseLost { .. }))
+        InvokeError::InvalidParams(f) => ApiError::new(f.class, f.message),
+        InvokeError::Runner(r) => r.into(),
+        InvokeError::Conflict => {
+            let mut e = ApiError::new(
+                e.class(),
+                "this Idempotency-Key was used with other arguments; use a new key for a new call",
+            );
+            e.status = Some(StatusCode::UNPROCESSABLE_ENTITY);
+            e
         }
-        _ => false,
+        InvokeError::Timeout(wait) => ApiError::new(
+            e.class(),
+            format!(
+                "no answer from the journal within the request's wait ({}); the storage may be \
+                 unavailable — retry with the same Idempotency-Key",
+                humantime::format_duration(wait)
+            ),
+        ),
+        other => ApiError::new(other.class(), other.to_string()),
     }
-}
-
-/// Drives `run_id` in a task of its own: a client hanging up must not stop a drive
-/// half-way (it would hold the run's lease, unworked, until the lease expired).
-fn spawn_drive(s: &AppState, run_id: &str) -> JoinHandle<Result<RunStatus, RunnerError>> {
-    let (runner, drives, run) = (s.runner.clone(), s.drives.clone(), run_id.to_owned());
-    tokio::spawn(async move { drives.drive(&runner, &run).await })
-}
-
-/// Whether the run's own deadline has passed (its holder, wherever it is, gives up).
-fn past_deadline(s: &AppState, snap: &keel_journal::RunSnapshot) -> bool {
-    let deadline_ms = snap.run.input["deadline_ms"].as_u64().unwrap_or(u64::MAX);
-    let at = snap.run.created_at_ms.saturating_add(i64::try_from(deadline_ms).unwrap_or(i64::MAX));
-    s.now_ms() > at
 }
