@@ -39,6 +39,7 @@ fn drill(storage_url: &str, label: &str) {
         let (mut child, run_id, _lines) = b.spawn(&["run", plan.to_str().unwrap()]);
         // Up to three kills of whichever process drives the run, at random moments.
         for round in 0..3 {
+            // Not a wait for something: the random moment of the kill is the point.
             std::thread::sleep(Duration::from_millis(rng.u64(0..700)));
             let exited = child.try_wait().unwrap().is_some();
             if !exited {

@@ -82,29 +82,6 @@ macro_rules! sql_journal {
                 Ok(true)
             }
 
-            async fn append_fenced_once(
-                &self,
-                lease: &crate::Lease,
-                events: &[crate::NewEvent],
-            ) -> crate::Result<Vec<u64>> {
-                let mut tx = self.write.begin_with($begin).await?;
-                let held: Option<i64> = sqlx::query_scalar(concat!(
-                    "SELECT epoch FROM leases WHERE run_id = $1 AND owner = $2 AND epoch = $3",
-                    $lock_lease
-                ))
-                .bind(&lease.run_id)
-                .bind(&lease.owner)
-                .bind(lease.epoch as i64)
-                .fetch_optional(&mut *tx)
-                .await?;
-                if held.is_none() {
-                    return Err(crate::Error::LeaseLost { run_id: lease.run_id.clone(), owner: lease.owner.clone() });
-                }
-                let seqs = ops::append_tx(&mut *tx, self.now(), events).await?;
-                tx.commit().await?;
-                Ok(seqs)
-            }
-
             async fn claim_once(&self, key: &str, token: &str) -> crate::Result<crate::Claim> {
                 let now = self.now();
                 let expires = now + crate::journal::ms(self.options.claim_ttl);
@@ -283,11 +260,15 @@ macro_rules! sql_journal {
                 lease: &crate::Lease,
                 events: &[crate::JournalEvent],
             ) -> crate::Result<Vec<u64>> {
-                let events: Vec<crate::NewEvent> =
-                    events.iter().map(|e| crate::NewEvent::new(lease.run_id.clone(), e.clone())).collect();
+                // One home for the fence check: `append_once`'s, per event.
+                let fence = std::sync::Arc::new(lease.clone());
+                let events: Vec<crate::NewEvent> = events
+                    .iter()
+                    .map(|e| crate::NewEvent::new(lease.run_id.clone(), e.clone()).fenced(Some(fence.clone())))
+                    .collect();
                 let events = &events;
                 crate::error::with_retry("append", crate::error::Repeat::OnlyIfNotApplied, || async move {
-                    self.append_fenced_once(lease, events).await
+                    self.append_once(events).await
                 })
                 .await
             }
