@@ -26,7 +26,11 @@
 //! 4. A malformed chunk is skipped and counted. A stream that ends without `[DONE]`
 //!    after its finish reason is finalised at once: usage chunk (when asked for),
 //!    then `[DONE]`.
-//! 5. With `buffer = true` the whole answer is read before anything is sent, so every
+//! 5. A client that goes away is noticed while the upstream stalls and while a
+//!    rescue is being opened, not only at the next chunk: no new attempt is made for
+//!    a client that is gone (the abandoned attempt is charged its bound once its
+//!    provider answered, like any other).
+//! 6. With `buffer = true` the whole answer is read before anything is sent, so every
 //!    failure is handled as in rule 1.
 //!
 //! Chunks keep the first upstream's `id`; each chunk's `model` names the model that
@@ -290,6 +294,25 @@ struct Pump {
     rescue: Option<&'static str>,
 }
 
+/// How a rescue went.
+enum Rescue {
+    /// The next model took over.
+    On(Arc<Model>, Box<Opened>, Mode, &'static str),
+    /// No model could.
+    Failed,
+    /// The client went away: nobody would receive it.
+    Gone,
+}
+
+/// Runs `fut` unless the client goes away first (`None`).
+async fn watch_client<F: std::future::Future>(tx: &mpsc::Sender<Bytes>, fut: F) -> Option<F::Output> {
+    tokio::select! {
+        biased;
+        () = tx.closed() => None,
+        out = fut => Some(out),
+    }
+}
+
 /// How forwarding a piece went.
 enum Forwarded {
     Ok,
@@ -333,7 +356,12 @@ impl Pump {
             let stall = model.config.policy.stall_timeout;
             let next = match queue.pop_front() {
                 Some(piece) => Ok(Ok(Item::Piece(piece))),
-                None => tokio::time::timeout(stall, source.next()).await,
+                // A client that leaves during a stall is noticed at once: no rescue is
+                // paid for that nobody would receive.
+                None => match watch_client(&self.tx, tokio::time::timeout(stall, source.next())).await {
+                    Some(next) => next,
+                    None => return self.finish_gone(&model, source.malformed),
+                },
             };
             let splicing = matches!(mode, Mode::Splice { .. });
             let failure = match next {
@@ -382,7 +410,8 @@ impl Pump {
             self.settle_attempt();
             let class = original.as_ref().map_or(failure.class, |f| f.class);
             match self.rescue_on(&model, class).await {
-                Some((next, opened, next_mode, how)) => {
+                Rescue::Gone => return self.finish_gone(&model, 0),
+                Rescue::On(next, opened, next_mode, how) => {
                     let counter = match how {
                         "prefill" => &next.counters.rescued_prefill,
                         _ => &next.counters.rescued_splice,
@@ -390,13 +419,14 @@ impl Pump {
                     bump(counter, 1);
                     self.rescue = Some(how);
                     self.usage = None;
+                    let opened = *opened;
                     self.charge = Some(opened.charge);
                     model = next;
                     source = opened.source;
                     queue = opened.pending.into();
                     mode = next_mode;
                 }
-                None => {
+                Rescue::Failed => {
                     let original = original.unwrap_or(failure);
                     bump(&self.route.primary.counters.rescue_failed, 1);
                     return self.finish_error(original).await;
@@ -406,27 +436,34 @@ impl Pump {
     }
 
     /// The next model of the chain that takes over, by prefill or by splice.
-    async fn rescue_on(
-        &mut self,
-        from: &Model,
-        class: ErrorClass,
-    ) -> Option<(Arc<Model>, Opened, Mode, &'static str)> {
+    async fn rescue_on(&mut self, from: &Model, class: ErrorClass) -> Rescue {
         if self.sent_tools || !self.route.primary.chain_on.contains(&class) {
-            return None;
+            return Rescue::Failed;
         }
         let gateway = self.gateway.clone();
-        let mut from = gateway.models.get(&from.name)?.clone();
+        let Some(mut from) = gateway.models.get(&from.name).cloned() else { return Rescue::Failed };
         loop {
-            let next = self.route.take_chain(&gateway, &from, class)?;
+            if self.tx.is_closed() {
+                return Rescue::Gone;
+            }
+            let Some(next) = self.route.take_chain(&gateway, &from, class) else { return Rescue::Failed };
             let prefill = next.config.accepts_prefill && !self.sent_text.is_empty();
             let req = if prefill {
-                self.req
+                match self
+                    .req
                     .with_appended(&[serde_json::json!({"role": "assistant", "content": self.sent_text})])
-                    .ok()?
+                {
+                    Ok(req) => req,
+                    Err(_) => return Rescue::Failed,
+                }
             } else {
                 self.req.clone()
             };
-            match self.charges.under(gateway.open_on(&next, &req, &self.charges)).await {
+            // An attempt abandoned for a gone client settles as its charge says (its
+            // bound once the provider answered: it bills what it generated).
+            let opening = self.charges.under(gateway.open_on(&next, &req, &self.charges));
+            let Some(opened) = watch_client(&self.tx, opening).await else { return Rescue::Gone };
+            match opened {
                 Ok((opened, attempts)) => {
                     self.route.attempts += attempts;
                     let (mode, how) = if prefill {
@@ -434,7 +471,7 @@ impl Pump {
                     } else {
                         (Mode::Splice { regenerated: String::new() }, "splice")
                     };
-                    return Some((next, opened, mode, how));
+                    return Rescue::On(next, Box::new(opened), mode, how);
                 }
                 Err((failure, attempts)) => {
                     self.route.failed(&next, &failure, attempts);

@@ -313,3 +313,45 @@ async fn after_an_overshoot_no_call_is_admitted_until_the_calls_in_flight_settle
     report("overshoot, then held", fake.billed_tokens(), 1000, 0);
     assert!(charged >= fake.billed_tokens());
 }
+
+/// Waits (bounded) for the journal to hold `n` call records.
+async fn journaled(served: &Served, n: usize) -> Vec<keel_gateway::CallRecord> {
+    for _ in 0..500 {
+        let records = served.journal.records();
+        if records.len() >= n {
+            return records;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the journal never held {n} records: {:?}", served.journal.records());
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_during_a_stall_is_not_rescued() {
+    let primary = Fake::start().await;
+    primary.always(Reply::Stall(vec!["Hel", "lo"]));
+    let backup = Fake::start().await;
+    backup.always(Reply::Text(vec!["never", " read"]));
+    let mut gpt = model(&primary, "m");
+    // A stall far longer than the test's bound: the end must come from the client.
+    gpt.policy.stall_timeout = Duration::from_secs(600);
+    gpt.fallbacks = vec!["backup".into()];
+    let served = serve_with(vec![("gpt", gpt), ("backup", model(&backup, "b"))], run_budget(10_000)).await;
+    let mut a = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", served.url))
+        .header("x-keel-run", RUN)
+        .json(&ask_stream("gpt"))
+        .send()
+        .await
+        .unwrap();
+    assert!(a.chunk().await.unwrap().is_some());
+    drop(a);
+    let records = journaled(&served, 1).await;
+    let error = records[0].error.as_ref().expect("a gone client is journaled as such");
+    assert!(error.1.contains("client closed"), "{error:?}");
+    assert_eq!(backup.hits(), 0, "a rescue was paid for a client that had left");
+    let budget = served.gateway.run_budget(RUN).unwrap();
+    assert_eq!(budget.reserved(BudgetKind::Tokens), 0, "{budget:?}");
+    // The stalled attempt was answered by its provider: charged, at its bound.
+    assert!(counted(&served) >= primary.billed_tokens());
+}
