@@ -20,4 +20,4 @@ pub use config::{Config, ConfigError, ConfigErrors, Mode};
 pub use invoke::{Call, InvokeError, Invoker, Outcome};
 pub use plan::{Plan, PlanError, PlanStep};
 pub use runner::{RunStatus, Runner};
-pub use tool::{Tool, ToolKind};
+pub use tool::{Charged, Tool, ToolCost, ToolKind};

@@ -668,6 +668,50 @@ fn tool_from(
     if t.canary_above.is_some() && t.batch_param.is_none() {
         c.error(at, key("canary_above"), "needs `batch_param`, the parameter holding the batch");
     }
+    let cost = t.cost.as_ref().and_then(|cost| {
+        let before = c.errors.len();
+        let cost_at = c.spans.find(&["tools", name, "cost"]).or(at);
+        let mut usd = |k: &str, v: Option<f64>| match v {
+            Some(v) if v.is_finite() && (0.0..=1e6).contains(&v) => Some(keel_core::budget::usd_to_micros(v)),
+            Some(v) => {
+                c.error(
+                    cost_at,
+                    key(&format!("cost.{k}")),
+                    format!("{v} is not a cost in 0..=1000000 dollars"),
+                );
+                None
+            }
+            None => None,
+        };
+        let per_call = usd("per_call_usd", cost.per_call_usd);
+        let max = usd("max_usd", cost.max_usd);
+        if c.errors.len() > before {
+            return None;
+        }
+        match (&cost.from_field, per_call, max) {
+            (Some(f), _, _) if f.trim().is_empty() => {
+                c.error(cost_at, key("cost.from_field"), "is empty: name the answer's field, `a.b.c`");
+                None
+            }
+            (Some(_), None, None) => {
+                c.error(
+                    cost_at,
+                    key("cost.max_usd"),
+                    "is needed with `from_field`: the most one call can cost, reserved before it",
+                );
+                None
+            }
+            (None, None, _) => {
+                c.error(cost_at, key("cost"), "needs `per_call_usd`, or `from_field` with `max_usd`");
+                None
+            }
+            (field, per_call, max) => Some(crate::tool::ToolCost {
+                per_call_micros: per_call.unwrap_or(0),
+                from_field: field.clone(),
+                max_micros: max.or(per_call).unwrap_or(0),
+            }),
+        }
+    });
 
     let (command_only, http_only): (&[KeySet<'_>], &[KeySet<'_>]) = (
         &[
@@ -826,6 +870,7 @@ fn tool_from(
         undo: t.undo.as_ref().map(|u| u.get_ref().clone()),
         batch_param: t.batch_param.clone(),
         canary_above: t.canary_above,
+        cost,
         policy: policy?,
         params_schema: t.params.clone(),
         validator: validator.map(Arc::new),

@@ -262,6 +262,23 @@ pub enum ApprovalRule {
     },
 }
 
+/// What one call of a tool costs, as written.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ToolCostConfig {
+    /// Charged for every attempt, failed ones included (a failed call may have been
+    /// billed; Keel cannot know, so it assumes it was).
+    #[serde(default)]
+    pub per_call_usd: Option<f64>,
+    /// A field of the answer (`a.b.c`) holding what the call cost, in dollars.
+    #[serde(default)]
+    pub from_field: Option<String>,
+    /// The most one call with `from_field` can cost: reserved before it, and charged
+    /// when the answer lacks the field (or the call failed and no `per_call_usd` is set).
+    #[serde(default)]
+    pub max_usd: Option<f64>,
+}
+
 /// A fixed approval rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -303,6 +320,13 @@ pub struct ToolConfig {
     /// person's confirmation before the rest.
     #[serde(default)]
     pub canary_above: Option<usize>,
+    /// What one call costs, charged to the cost budget of the plan run that makes it
+    /// (`[run] budget`): `{ per_call_usd = 0.01 }`, or the cost the answer reports,
+    /// `{ from_field = "body.fee.usd", max_usd = 0.5 }` (the result's field: `body.…` for an http
+    /// tool, `json.…` for a command printing JSON; the bound is reserved before the
+    /// call; an answer without the field is charged the bound).
+    #[serde(default)]
+    pub cost: Option<ToolCostConfig>,
     /// Overrides of `[defaults]` for this tool.
     #[serde(default)]
     #[schemars(with = "Option<PolicyConfig>")]

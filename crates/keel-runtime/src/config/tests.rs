@@ -364,3 +364,26 @@ fn every_syntax_error_is_reported() {
     let lines: Vec<Option<usize>> = e.0.iter().map(|e| e.line).collect();
     assert!(lines.contains(&Some(2)) && lines.contains(&Some(5)), "{e}");
 }
+
+#[test]
+fn tool_costs_are_checked_each_with_its_key_and_line() {
+    let tool = |cost: &str| format!("[tools.t]\nkind = \"command\"\nargv = [\"true\"]\ncost = {cost}\n");
+    let c = parse(&tool("{ per_call_usd = 0.25 }")).unwrap();
+    assert_eq!(
+        c.tools["t"].cost,
+        Some(crate::tool::ToolCost { per_call_micros: 250_000, from_field: None, max_micros: 250_000 })
+    );
+    let c = parse(&tool("{ from_field = \"usage.usd\", max_usd = 2 }")).unwrap();
+    assert_eq!(c.tools["t"].cost.as_ref().map(|c| c.max_micros), Some(2_000_000));
+    for (cost, key) in [
+        ("{ per_call_usd = -1 }", "4: tools.t.cost.per_call_usd"),
+        ("{ per_call_usd = nan }", "4: tools.t.cost.per_call_usd"),
+        ("{ per_call_usd = 1e300 }", "4: tools.t.cost.per_call_usd"),
+        ("{ from_field = \"usd\" }", "4: tools.t.cost.max_usd"),
+        ("{ from_field = \" \", max_usd = 1 }", "4: tools.t.cost.from_field"),
+        ("{}", "4: tools.t.cost"),
+    ] {
+        assert_eq!(problems(&tool(cost)), [key], "{cost}");
+    }
+    assert!(parse(&tool("{ per_call = 1 }")).is_err(), "an unknown key is refused");
+}

@@ -269,6 +269,28 @@ impl Runner {
         }
     }
 
+    /// What the run's earlier drives charged its budget `name` in tool costs.
+    async fn spent_cost(&self, run_id: &str, name: &str) -> Result<u64> {
+        let (mut spent, mut after) = (0u64, 0);
+        loop {
+            let page = self.journal.events(run_id, after, 1000).await?;
+            let Some(last) = page.last() else { return Ok(spent) };
+            after = last.seq;
+            for e in &page {
+                if let JournalEvent::Policy {
+                    event:
+                        keel_core::Event::BudgetCharged { budget, kind: BudgetKind::CostMicros, amount, .. },
+                    ..
+                } = &e.event
+                {
+                    if &**budget == name {
+                        spent = spent.saturating_add(*amount);
+                    }
+                }
+            }
+        }
+    }
+
     fn breaker(&self, tool: &crate::tool::Tool) -> Arc<Breaker> {
         let mut breakers = self.breakers.lock().unwrap_or_else(|e| e.into_inner());
         breakers
@@ -434,6 +456,10 @@ impl Runner {
             Arc::new(Budget::new(format!("run:{run_id}"), &self.config.run.budget, Arc::new(NullSink)));
         // Attempts made before a crash or a pause still count against the run.
         let _ = budget.charge(BudgetKind::Attempts, snap.attempts.len() as u64);
+        // So do the tool costs it spent (journaled as the run budget's charges).
+        if budget.limit(BudgetKind::CostMicros).is_some() {
+            let _ = budget.charge(BudgetKind::CostMicros, self.spent_cost(run_id, budget.name()).await?);
+        }
         for (index, step) in plan.steps.iter().enumerate() {
             let id = plan.step_id(index).to_owned();
             let view = snap.steps.iter().find(|s| s.step as usize == index);

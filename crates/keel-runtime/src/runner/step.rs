@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use keel_core::{
-    AttemptOutcome, Budget, CallError, Classified, Disposition, ErrorClass, Event, EventSink, Failure,
-    Resume, RunScope,
+    AttemptOutcome, Budget, BudgetKind, CallError, Classified, Disposition, ErrorClass, Event, EventSink,
+    Failure, Resume, RunScope,
 };
 use keel_journal::{ApprovalDecision, Claim, JournalEvent, RunSink, RunSnapshot, StepOutcome, TicketView};
 use serde_json::{Value, json};
@@ -365,7 +365,7 @@ async fn call_once(
         step: index,
         failures: ctx.failures.clone(),
     });
-    let pipeline = r.pipeline(tool, sink);
+    let pipeline = r.pipeline(tool, sink.clone());
     let left = Duration::from_millis(u64::try_from(ctx.deadline_at_ms.saturating_sub(now_ms)).unwrap_or(0));
     let mut scope = RunScope::new().with_budget(ctx.budget.clone());
     // A deadline past the clock's range is no deadline (a journaled `u64::MAX`).
@@ -373,8 +373,28 @@ async fn call_once(
         scope = scope.with_deadline(at);
     }
     let clock = r.clock.clone();
-    let result =
-        scope.run(pipeline.call_resumed(resume, |_| tool.invoke_with_key(params, &*clock, key))).await;
+    let budget = ctx.budget.clone();
+    let result = scope
+        .run(pipeline.call_resumed(resume, |_| {
+            let (clock, sink, budget) = (clock.clone(), sink.clone(), budget.clone());
+            async move {
+                let charged = tool.invoke_charged(params, &*clock, key).await;
+                if charged.cost_micros > 0 {
+                    // Journaled, so a resumed run starts from what it already spent.
+                    keel_core::event::emit(
+                        &*sink,
+                        Event::BudgetCharged {
+                            budget: budget.name().clone(),
+                            kind: BudgetKind::CostMicros,
+                            amount: charged.cost_micros,
+                            remaining: budget.remaining(BudgetKind::CostMicros),
+                        },
+                    );
+                }
+                charged.result
+            }
+        }))
+        .await;
     match result {
         Ok(output) => {
             r.journal.complete(&token, &output).await?;

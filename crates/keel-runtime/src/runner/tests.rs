@@ -125,3 +125,116 @@ async fn a_bad_gate_row_never_stops_a_runner() {
     let run_id = r.create(&plan).await.unwrap();
     assert_eq!(r.drive(&run_id).await.unwrap(), RunStatus::Completed);
 }
+
+/// A paid tool that appends a line to `count` each time it runs and prints `out`.
+fn paid_tool(name: &str, count: &Path, out: &str, cost: &str, extra: &str) -> String {
+    let answer = count.with_file_name(format!("{name}.json"));
+    std::fs::write(&answer, out).unwrap();
+    format!(
+        "[tools.{name}]\nkind = \"command\"\nargv = ['sh', '-c', 'echo x >> \"$1\"; cat \"$2\"', 'sh', '{}', '{}']\ncost = {cost}\n{extra}\n",
+        count.display(),
+        answer.display()
+    )
+}
+
+/// A plan of `n` calls of `tool`, each with its own parameters (not a loop).
+fn calls(tool: &str, n: usize) -> Plan {
+    let text: String =
+        (0..n).map(|i| format!("[[steps]]\ntool = \"{tool}\"\nparams = {{ n = {i} }}\n")).collect();
+    Plan::parse(&text, "toml").unwrap()
+}
+
+fn runs_of(count: &Path) -> usize {
+    std::fs::read_to_string(count).map_or(0, |s| s.lines().count())
+}
+
+/// A run's cost budget covers its tools: the call that would pass it is refused
+/// before it runs, and the steps done keep their results.
+#[tokio::test]
+async fn a_runs_cost_budget_stops_it_before_a_tool_call_that_would_pass_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let count = dir.path().join("count");
+    let config = format!(
+        "[run]\nbudget = {{ cost_usd = 1.0 }}\n{}",
+        paid_tool("search", &count, "{\"hits\": 3}", "{ per_call_usd = 0.4 }", "")
+    );
+    let r = runner(dir.path(), &config).await;
+    let plan = calls("search", 5);
+    let run_id = r.create(&plan).await.unwrap();
+    let status = r.drive(&run_id).await.unwrap();
+    assert!(matches!(&status, RunStatus::Failed { class: ErrorClass::BudgetExceeded, .. }), "{status:?}");
+    assert_eq!(runs_of(&count), 2, "0.4 + 0.4 fit a 1.0 budget; a third would not");
+    let snap = r.snapshot(&run_id).await.unwrap();
+    let done = snap.steps.iter().filter(|s| s.status == "succeeded").count();
+    assert_eq!(done, 2, "the partial result is kept: {:?}", snap.steps);
+}
+
+/// A cost read from the answer; an answer without it is charged the bound, never zero.
+#[tokio::test]
+async fn a_cost_reported_by_the_answer_is_charged_and_a_missing_one_counts_its_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let (reported, silent) = (dir.path().join("reported"), dir.path().join("silent"));
+    let config = format!(
+        "[run]\nbudget = {{ cost_usd = 1.0 }}\n{}{}",
+        paid_tool(
+            "priced",
+            &reported,
+            "{\"billing\": {\"usd\": 0.3}}",
+            "{ from_field = \"json.billing.usd\", max_usd = 0.35 }",
+            ""
+        ),
+        paid_tool(
+            "unpriced",
+            &silent,
+            "{\"ok\": true}",
+            "{ from_field = \"json.billing.usd\", max_usd = 0.6 }",
+            ""
+        ),
+    );
+    let r = runner(dir.path(), &config).await;
+    // 0.3 + 0.3 + 0.3 = 0.9: a fourth reserves 0.35 and does not fit.
+    let plan = calls("priced", 4);
+    let run_id = r.create(&plan).await.unwrap();
+    let status = r.drive(&run_id).await.unwrap();
+    assert!(matches!(&status, RunStatus::Failed { class: ErrorClass::BudgetExceeded, .. }), "{status:?}");
+    assert_eq!(runs_of(&reported), 3);
+    // Without the field each call costs its bound, 0.6: the second does not fit.
+    let plan = calls("unpriced", 3);
+    let run_id = r.create(&plan).await.unwrap();
+    r.drive(&run_id).await.unwrap();
+    assert_eq!(runs_of(&silent), 1);
+}
+
+/// What a run spent before it paused is still spent when another process resumes it.
+#[tokio::test]
+async fn a_resumed_run_starts_from_what_it_already_spent() {
+    let dir = tempfile::tempdir().unwrap();
+    let count = dir.path().join("count");
+    let config = format!(
+        "[run]\nbudget = {{ cost_usd = 1.0 }}\n{}{}",
+        paid_tool("search", &count, "{\"hits\": 3}", "{ per_call_usd = 0.4 }", ""),
+        paid_tool("buy", &count, "{\"ok\": true}", "{ per_call_usd = 0.4 }", "approval = \"always\""),
+    );
+    let plan = Plan::parse(
+        "[[steps]]\ntool = \"search\"\n[[steps]]\ntool = \"buy\"\n[[steps]]\ntool = \"search\"\n",
+        "toml",
+    )
+    .unwrap();
+    let (run_id, approval_id) = {
+        let r = runner(dir.path(), &config).await;
+        let run_id = r.create(&plan).await.unwrap();
+        let RunStatus::WaitingApproval { approval_id } = r.drive(&run_id).await.unwrap() else {
+            panic!("the buy step asks first")
+        };
+        r.flush().await.unwrap();
+        (run_id, approval_id)
+    };
+    assert_eq!(runs_of(&count), 1);
+    // Another process: 0.4 spent before, 0.4 for the purchase; the last 0.4 does not fit.
+    let r = runner(dir.path(), &config).await;
+    crate::inbox::decide(&**r.journal(), &approval_id, true, "ops", keel_core::Clock::wall(&*r.clock))
+        .await
+        .unwrap();
+    let status = r.drive(&run_id).await.unwrap();
+    assert_eq!(runs_of(&count), 2, "{status:?}");
+}

@@ -13,10 +13,52 @@ use std::cmp::Ordering;
 use std::fmt;
 use std::sync::Arc;
 
-use keel_core::{Clock, ErrorClass, Failure, PolicyConfig};
+use keel_core::{BudgetKind, Clock, ErrorClass, Failure, PolicyConfig, Reservation, RunScope};
 use serde_json::Value;
 
 use crate::config::{ApprovalRule, FixedApproval, Mode};
+
+/// What one call of a tool costs (micro-dollars), from `cost = { ... }`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ToolCost {
+    /// Charged for every attempt, failed ones included.
+    pub per_call_micros: u64,
+    /// A field of the answer (`a.b.c`) holding the call's cost in dollars.
+    pub from_field: Option<String>,
+    /// The most one call can cost: reserved before it.
+    pub max_micros: u64,
+}
+
+impl ToolCost {
+    /// What an attempt that ended with `result` is charged: the answer's own field
+    /// (bounded by nothing: it happened), else the per-call price, else the bound — an
+    /// unknown cost is never counted as zero.
+    pub fn actual(&self, result: &Result<Value, Failure>) -> u64 {
+        let reported = match (result, &self.from_field) {
+            (Ok(v), Some(field)) => crate::template::lookup(v, field)
+                .and_then(Value::as_f64)
+                .filter(|usd| usd.is_finite() && *usd >= 0.0)
+                .map(keel_core::budget::usd_to_micros),
+            _ => None,
+        };
+        match (reported, &self.from_field, self.per_call_micros) {
+            (Some(micros), _, _) => micros,
+            // A field was promised and is missing: the most the call could cost.
+            (None, Some(_), _) if result.is_ok() => self.max_micros,
+            (None, _, per_call) if per_call > 0 => per_call,
+            (None, _, _) => self.max_micros,
+        }
+    }
+}
+
+/// One attempt's result and what it was charged.
+#[derive(Debug)]
+pub struct Charged {
+    /// The tool's answer.
+    pub result: Result<Value, Failure>,
+    /// What the attempt was charged, in micro-dollars.
+    pub cost_micros: u64,
+}
 
 /// What a tool is.
 #[derive(Debug, Clone)]
@@ -44,6 +86,8 @@ pub struct Tool {
     pub batch_param: Option<String>,
     /// Batches larger than this run a canary first.
     pub canary_above: Option<usize>,
+    /// What a call costs, if the tool declares it.
+    pub cost: Option<ToolCost>,
     /// Its policy: `[defaults]` with its overrides.
     pub policy: PolicyConfig,
     /// The JSON Schema of its parameters.
@@ -128,6 +172,39 @@ impl Tool {
             ToolKind::Command(c) => c.run(params).await,
             ToolKind::Http(h) => h.send(params, clock, None).await,
         }
+    }
+
+    /// One attempt charged to the cost budgets of the current [`RunScope`] (a run's):
+    /// the call's bound is reserved before it — a call that does not fit is refused
+    /// with `budget_exceeded` and never runs — and settled from its real cost after.
+    /// Returns the result and what was charged (micro-dollars), for the journal.
+    ///
+    /// A tool without a declared cost is free and charges nothing.
+    pub async fn invoke_charged(&self, params: &Value, clock: &dyn Clock, key: &str) -> Charged {
+        let Some(cost) = self.cost.as_ref().filter(|c| c.max_micros > 0) else {
+            return Charged { result: self.invoke_with_key(params, clock, key).await, cost_micros: 0 };
+        };
+        let budgets = RunScope::current().map(|s| s.budgets.clone()).unwrap_or_default();
+        let mut reserved: Vec<Reservation> = Vec::with_capacity(budgets.len());
+        for budget in &budgets {
+            match budget.reserve(BudgetKind::CostMicros, cost.max_micros) {
+                Ok(r) => reserved.push(r),
+                Err(e) => {
+                    let message = format!("{e} (before a call of `{}`)", self.name);
+                    return Charged {
+                        result: Err(Failure::new(ErrorClass::BudgetExceeded, message)),
+                        cost_micros: 0,
+                    };
+                }
+            }
+        }
+        let result = self.invoke_with_key(params, clock, key).await;
+        let actual = cost.actual(&result);
+        for r in reserved {
+            // Past the bound, the budget counts it anyway and admits nothing more.
+            let _ = r.settle(actual);
+        }
+        Charged { result, cost_micros: actual }
     }
 
     /// Like [`invoke`](Self::invoke), passing an idempotency key to an HTTP tool as the
