@@ -126,8 +126,27 @@ function bars(entries, opts = {}) {
   }).join("") + `</svg>`;
 }
 
+// One budget's kind as "used / limit" (cost in dollars; no limit is "no limit").
+function budgetCell(b, kind) {
+  const fmt = (v) => (kind === "cost_micros" ? `$${(v / 1e6).toFixed(4)}` : String(v));
+  const used = b.used[kind] || 0;
+  const limit = b.limit[kind];
+  const reserved = b.reserved[kind] || 0;
+  const text = limit === undefined ? `${fmt(used)} (no limit)` : `${fmt(used)} / ${fmt(limit)}`;
+  return `<td data-kind="${kind}">${text}${reserved ? ` <span class="reserved">(${fmt(reserved)} in flight)</span>` : ""}</td>`;
+}
+
+function renderBudgets(view) {
+  const rows = Object.entries(view.budgets || {}).map(([name, b]) =>
+    `<tr data-budget="${esc(name)}"><td>${esc(name)}</td>${budgetCell(b, "tokens")}${budgetCell(b, "cost_micros")}${budgetCell(b, "attempts")}
+      <td>${b.refusals}</td><td class="${b.held ? "held" : ""}">${b.held ? "held until calls in flight settle" : "open"}</td></tr>`).join("");
+  return `<div class="chart" id="budgets"><h3>Budgets</h3>${rows
+    ? `<table><tr><th>budget</th><th>tokens</th><th>cost</th><th>attempts</th><th>refused</th><th>state</th></tr>${rows}</table>`
+    : "<p>No budget has been charged yet.</p>"}</div>`;
+}
+
 async function renderDashboard() {
-  const d = await api("/api/dashboard");
+  const [d, budgets] = await Promise.all([api("/api/dashboard"), api("/api/budgets")]);
   const targets = Object.entries(d.targets);
   const classes = Object.entries(d.classes_over_time).map(([c, hours]) =>
     `<tr><td>${esc(c)}</td><td>${Object.entries(hours).map(([h, n]) => `${new Date(Number(h)).toISOString().slice(5, 13)}h: ${n}`).join(", ")}</td></tr>`).join("");
@@ -137,7 +156,8 @@ async function renderDashboard() {
     <div class="chart"><h3>Top error classes</h3>${bars(d.top_classes, { err: true })}
       <table><tr><th>class</th><th>failed attempts per hour</th></tr>${classes}</table></div>
     <div class="chart"><h3>Breakers</h3><table>${targets.map(([t, s]) =>
-      `<tr><td>${esc(t)}</td><td class="breaker-${esc(s.breaker || "closed")}">${esc(s.breaker || "closed")}</td><td>${s.calls} calls, ${s.errors} errors</td></tr>`).join("")}</table></div>`;
+      `<tr><td>${esc(t)}</td><td class="breaker-${esc(s.breaker || "closed")}">${esc(s.breaker || "closed")}</td><td>${s.calls} calls, ${s.errors} errors</td></tr>`).join("")}</table></div>
+    ${renderBudgets(budgets)}`;
 }
 
 async function refresh() {

@@ -94,3 +94,52 @@ async fn a_click_in_the_inbox_approves_a_held_charge_and_its_run_completes() {
     assert_eq!(charges.len(), 1, "{charges:?}");
     assert_eq!((charges[0]["order"].as_i64(), charges[0]["amount"].as_f64()), (Some(42), Some(250.0)));
 }
+
+/// The dashboard shows each budget's balance, in flight and refusals, as `/api/budgets`
+/// has them; the screenshot is kept for a person to look at.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_the_budgets_balances() {
+    let chromium = chromium();
+    tokio::task::spawn_blocking(playwright).await.unwrap();
+    let base = crate::gateway::upstream().await;
+    let s = Server::start(
+        Faults::default(),
+        &format!(
+            "[models.small]\nprovider = \"openai\"\nbase_url = \"{base}\"\nmodel = \"up\"\n\
+             [gateway]\nkey_budget = {{ tokens = 1000 }}\n"
+        ),
+    )
+    .await;
+    let body = json!({"model": "small", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]});
+    for _ in 0..2 {
+        let resp =
+            s.http.post(s.url("/v1/chat/completions")).bearer_auth(AGENT).json(&body).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    let (_, view) = s.get(Some(APPROVER), "/api/budgets").await;
+    let (name, budget) =
+        view["budgets"].as_object().unwrap().iter().find(|(n, _)| n.starts_with("key:")).unwrap();
+    assert_eq!(budget["used"]["tokens"], 8, "{view}");
+
+    let shot = std::env::temp_dir().join(format!("keel-dashboard-{}.png", std::process::id()));
+    let script = browser_dir().join("dashboard.mjs");
+    let args = [s.base.clone(), APPROVER.to_owned(), shot.display().to_string()];
+    let out = tokio::task::spawn_blocking(move || {
+        run_node(&script, &args.iter().map(String::as_str).collect::<Vec<_>>(), &chromium)
+    })
+    .await
+    .unwrap();
+    let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "dashboard.mjs: {}\n{log}", out.status);
+    let row = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.starts_with(name.as_str()))
+        .unwrap_or_else(|| panic!("no row for {name}:\n{log}"))
+        .to_owned();
+    let cells: Vec<&str> = row.split('\t').collect();
+    assert_eq!(cells[1], "8 / 1000", "{row}");
+    assert!(cells[2].starts_with("$0.0000"), "no price is set: {row}");
+    assert_eq!((cells[4], cells[5]), ("0", "open"), "{row}");
+    assert!(std::fs::metadata(&shot).map(|m| m.len() > 1000).unwrap_or(false), "a screenshot was taken");
+    eprintln!("dashboard screenshot: {}", shot.display());
+}

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use crate::support::{AGENT, APPROVER, Server};
 
 /// An OpenAI-compatible upstream that answers every completion.
-async fn upstream() -> String {
+pub(crate) async fn upstream() -> String {
     let app = axum::Router::new().route(
         "/v1/chat/completions",
         post(|Json(req): Json<Value>| async move {
