@@ -466,6 +466,12 @@ impl Gateway {
         self.accounts.keys.lock().unwrap_or_else(|e| e.into_inner()).get(key).cloned()
     }
 
+    /// The scope of run `run` (its account, made if new): calls made in it — a tool
+    /// invoked on the run's behalf — draw on the same budget as its model calls.
+    pub fn run_scope(&self, run: &str) -> keel_core::RunScope {
+        keel_core::RunScope::new().with_budget(self.run_account(run).budget.clone())
+    }
+
     /// The budget of run `run`, if it has been charged.
     pub fn run_budget(&self, run: &str) -> Option<Arc<Budget>> {
         self.accounts.runs.lock().unwrap_or_else(|e| e.into_inner()).get(run).map(|(_, a)| a.budget.clone())

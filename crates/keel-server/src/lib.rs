@@ -103,6 +103,7 @@ pub fn app(state: AppState) -> Router {
         .route("/assets/style.css", get(inbox::style))
         .merge(protected)
         .fallback(|| async { error::ApiError::new(keel_core::ErrorClass::NotFound, "no such route") })
+        .layer(axum::Extension(issued.clone()))
         .layer(DefaultBodyLimit::max(state.config.server.body_limit))
         .with_state(state);
     let all = match gateway {

@@ -355,7 +355,9 @@ impl Invoker {
     /// half-way (it would hold the run's lease, unworked, until the lease expired).
     fn spawn_drive(&self, run_id: &str) -> JoinHandle<Result<RunStatus, RunnerError>> {
         let (runner, drives, run) = (self.runner.clone(), self.drives.clone(), run_id.to_owned());
-        tokio::spawn(async move { drives.drive(&runner, &run).await })
+        // The caller's scope (an agent run's budget) crosses into the drive's task.
+        let scope = keel_core::RunScope::current().map(|s| (*s).clone()).unwrap_or_default();
+        tokio::spawn(async move { scope.run(drives.drive(&runner, &run)).await })
     }
 
     /// Whether the run's own deadline has passed (its holder, wherever it is, gives up).

@@ -272,6 +272,44 @@ impl IssuedRuns {
     }
 }
 
+/// Why a named run may not be used.
+#[derive(Debug)]
+pub(crate) enum RunRefused {
+    /// Not the caller's, not a run, or ended: a bad request.
+    Invalid(String),
+    /// The journal could not say.
+    Unavailable(String),
+}
+
+impl IssuedRuns {
+    /// Checks that `caller` may name `run_id` (in `X-Keel-Run`, header value `named`).
+    pub(crate) async fn check(&self, caller: &Caller, named: Result<&str, ()>) -> Result<String, RunRefused> {
+        let Ok(run_id) = named else {
+            return Err(RunRefused::Invalid("X-Keel-Run is not a valid run id".to_owned()));
+        };
+        let shown: String = run_id.chars().filter(char::is_ascii_graphic).take(80).collect();
+        match self.verdict(caller, run_id).await {
+            Ok(Verdict::Issued) => Ok(run_id.to_owned()),
+            Ok(Verdict::NotIssued) => {
+                tracing::warn!(key = %caller.name, run = %shown, "call refused: the run was not issued to the key");
+                Err(RunRefused::Invalid(format!(
+                    "X-Keel-Run `{shown}` is not a run Keel issued to key `{}`: start one with POST /api/runs \
+                     (with no plan for an agent's own run) and send its run_id",
+                    caller.name
+                )))
+            }
+            Ok(Verdict::Ended(state)) => {
+                tracing::info!(key = %caller.name, run = %shown, state = state.as_str(), "call refused: the run ended");
+                Err(RunRefused::Invalid(format!(
+                    "run `{shown}` already ended ({}): it takes no more calls",
+                    state.as_str()
+                )))
+            }
+            Err(e) => Err(RunRefused::Unavailable(format!("cannot check the run: {e}"))),
+        }
+    }
+}
+
 /// The middleware (after the key's: it needs the [`Caller`]).
 pub async fn require_issued_run(
     axum::extract::State(runs): axum::extract::State<std::sync::Arc<IssuedRuns>>,
@@ -282,29 +320,13 @@ pub async fn require_issued_run(
     let (Some(caller), Some(named)) = (req.extensions().get::<Caller>().cloned(), named) else {
         return next.run(req).await;
     };
-    let refuse = |message: String| {
-        crate::auth::openai_error(StatusCode::BAD_REQUEST, "invalid_request_error", &message)
-    };
-    let Ok(run_id) = named else { return refuse("X-Keel-Run is not a valid run id".to_owned()) };
-    let shown: String = run_id.chars().filter(char::is_ascii_graphic).take(80).collect();
-    match runs.verdict(&caller, &run_id).await {
-        Ok(Verdict::Issued) => next.run(req).await,
-        Ok(Verdict::NotIssued) => {
-            tracing::warn!(key = %caller.name, run = %shown, "model call refused: the run was not issued to the key");
-            refuse(format!(
-                "X-Keel-Run `{shown}` is not a run Keel issued to key `{}`: start one with POST /api/runs \
-                 (with no plan for an agent's own run) and send its run_id",
-                caller.name
-            ))
+    match runs.check(&caller, named.as_deref().map_err(|_| ())).await {
+        Ok(_) => next.run(req).await,
+        Err(RunRefused::Invalid(message)) => {
+            crate::auth::openai_error(StatusCode::BAD_REQUEST, "invalid_request_error", &message)
         }
-        Ok(Verdict::Ended(state)) => {
-            tracing::info!(key = %caller.name, run = %shown, state = state.as_str(), "model call refused: the run ended");
-            refuse(format!("run `{shown}` already ended ({}): it takes no more model calls", state.as_str()))
+        Err(RunRefused::Unavailable(message)) => {
+            crate::auth::openai_error(StatusCode::SERVICE_UNAVAILABLE, "api_error", &message)
         }
-        Err(e) => crate::auth::openai_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "api_error",
-            &format!("cannot check the run: {e}"),
-        ),
     }
 }

@@ -24,12 +24,13 @@ use axum::Json;
 use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use keel_core::Classified as _;
+use keel_core::{Classified as _, ErrorClass, RunScope};
 use keel_runtime::config::Role;
 use keel_runtime::{Call, InvokeError, Outcome};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::runs::{IssuedRuns, RunRefused};
 use super::{AppState, WaitQuery};
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiJson};
@@ -87,6 +88,7 @@ pub struct Pending {
 pub async fn invoke(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
+    Extension(issued): Extension<std::sync::Arc<IssuedRuns>>,
     Path(name): Path<String>,
     Query(q): Query<WaitQuery>,
     headers: HeaderMap,
@@ -96,7 +98,22 @@ pub async fn invoke(
     let wait = q.duration()?;
     let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_owned);
     let call = Call { tool: name, params: body.params, key, wait: q.wait.is_some().then_some(wait) };
-    let outcome = s.invoker().invoke(call).await.map_err(api_error)?;
+    // A call naming the agent's run (`X-Keel-Run`) is charged to that run's budget, the
+    // one its model calls draw on: a tool's cost and attempts count with them.
+    let scope = match headers.get(keel_gateway::RUN_HEADER) {
+        None => RunScope::new(),
+        Some(named) => {
+            let run = issued.check(&caller, named.to_str().map_err(|_| ())).await.map_err(|r| match r {
+                RunRefused::Invalid(m) => ApiError::new(ErrorClass::InvalidRequest, m),
+                RunRefused::Unavailable(m) => ApiError::new(ErrorClass::ServerError, m),
+            })?;
+            match &s.gateway {
+                Some(gateway) => gateway.run_scope(&run),
+                None => RunScope::new(),
+            }
+        }
+    };
+    let outcome = scope.run(s.invoker().invoke(call)).await.map_err(api_error)?;
     respond(outcome)
 }
 

@@ -121,3 +121,53 @@ async fn budgets_are_listed_under_api_budgets() {
     assert_eq!(key["used"]["tokens"], 4, "{name}: settled to the upstream's usage: {view}");
     assert_eq!((key["reserved"]["tokens"].as_u64(), key["refusals"].as_u64()), (Some(0), Some(0)));
 }
+
+/// An agent's run has one budget: the tools it calls through Keel (`X-Keel-Run` on
+/// `/api/tools/.../invoke`) draw on the budget its model calls do, and a call that
+/// would pass it is refused before the tool runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_called_for_an_agents_run_is_charged_to_the_runs_budget() {
+    let base = upstream().await;
+    let count = tempfile::NamedTempFile::new().unwrap();
+    let s = Server::start(
+        Faults::default(),
+        &format!(
+            "[models.small]\nprovider = \"openai\"\nbase_url = \"{base}\"\nmodel = \"up\"\n\
+             [gateway]\nrun_budget = {{ cost_usd = 1.0 }}\n\
+             [tools.lookup]\nkind = \"command\"\nargv = ['sh', '-c', 'echo x >> \"$1\"; echo {{}}', 'sh', '{}']\n\
+             cost = {{ per_call_usd = 0.4 }}\n",
+            count.path().display()
+        ),
+    )
+    .await;
+    let (status, started) = s.post(Some(AGENT), "/api/runs", Some(json!({"name": "research"}))).await;
+    assert_eq!(status, 201, "{started}");
+    let run = started["run_id"].as_str().unwrap().to_owned();
+    let invoke = |n: u32, run: String| {
+        s.http
+            .post(s.url("/api/tools/lookup/invoke"))
+            .bearer_auth(AGENT)
+            .header("x-keel-run", run)
+            .json(&json!({"params": {"n": n}}))
+            .send()
+    };
+    let mut statuses = Vec::new();
+    let mut last = Value::Null;
+    for n in 0..3 {
+        let resp = invoke(n, run.clone()).await.unwrap();
+        statuses.push(resp.status().as_u16());
+        last = resp.json().await.unwrap();
+    }
+    assert_eq!(&statuses[..2], [200, 200], "{last}");
+    assert_eq!(last["class"], "budget_exceeded", "{last}");
+    let ran = std::fs::read_to_string(count.path()).unwrap().lines().count();
+    assert_eq!(ran, 2, "the third call was refused before the tool ran");
+    let (_, view) = s.get(Some(AGENT), "/api/budgets").await;
+    assert_eq!(view["budgets"]["runs"]["used"]["cost_micros"], 800_000, "{view}");
+
+    // A run the key was not issued is refused, in the API's shape.
+    let resp = invoke(9, "run-not-mine".to_owned()).await.unwrap();
+    assert_eq!(resp.status(), 400);
+    let e: Value = resp.json().await.unwrap();
+    assert!(e["message"].as_str().unwrap().contains("not a run Keel issued"), "{e}");
+}
