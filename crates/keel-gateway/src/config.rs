@@ -71,7 +71,13 @@ pub struct ModelPolicy {
     /// Retries on the same model. A model with fallbacks never retries a `timeout`:
     /// retrying a silent route only multiplies the wait, the fallback is tried at once.
     pub retry: RetryConfig,
-    /// The model's circuit breaker.
+    /// The model's circuit breaker. A model's breaker stays open `5s` by default (not
+    /// the tools' `30s`): while it is open the fallback takes the traffic, and a
+    /// primary that recovers gets it back within one `open_for` and its probes —
+    /// even when a probe failed during the outage, which opens it again for only as
+    /// long. A probe that fails costs its caller nothing more: the retry into the
+    /// open breaker is refused at once and the call moves on to the fallback.
+    #[serde(deserialize_with = "model_breaker")]
     pub breaker: BreakerConfig,
     /// The classes of a final failure that move to the next model of `fallbacks`.
     /// `context_overflow` and `refusal` have their own routes (`context_fallback`,
@@ -97,6 +103,17 @@ impl ModelPolicy {
     }
 }
 
+/// How long a model's breaker stays open by default.
+pub const MODEL_OPEN_FOR: Duration = Duration::from_secs(5);
+
+/// A model's `breaker` table: what it leaves out is the model's default (its
+/// `open_for` is [`MODEL_OPEN_FOR`]), not the tools'.
+fn model_breaker<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BreakerConfig, D::Error> {
+    let mut table = serde_json::Map::<String, serde_json::Value>::deserialize(d)?;
+    table.entry("open_for").or_insert_with(|| "5s".into());
+    serde_json::from_value(serde_json::Value::Object(table)).map_err(serde::de::Error::custom)
+}
+
 impl Default for ModelPolicy {
     fn default() -> Self {
         Self {
@@ -105,7 +122,7 @@ impl Default for ModelPolicy {
             stall_timeout: Duration::from_secs(20),
             rate_limit_floor: Duration::from_millis(250),
             retry: RetryConfig::default(),
-            breaker: BreakerConfig::default(),
+            breaker: BreakerConfig { open_for: MODEL_OPEN_FOR, ..BreakerConfig::default() },
             fallback: FallbackConfig::default(),
         }
     }
@@ -294,4 +311,20 @@ pub(crate) fn chain_classes(policy: &ModelPolicy) -> Vec<ErrorClass> {
         .copied()
         .filter(|c| !matches!(c, ErrorClass::ContextOverflow | ErrorClass::Refusal))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_models_breaker_table_keeps_the_models_defaults() {
+        let p: ModelPolicy = serde_json::from_str(r#"{"breaker": {"min_calls": 4}}"#).unwrap();
+        assert_eq!((p.breaker.min_calls, p.breaker.open_for), (4, MODEL_OPEN_FOR));
+        let p: ModelPolicy = serde_json::from_str(r#"{"breaker": {"open_for": "1m"}}"#).unwrap();
+        assert_eq!(p.breaker.open_for, Duration::from_secs(60));
+        assert_eq!(ModelPolicy::default().breaker.open_for, MODEL_OPEN_FOR);
+        let e = serde_json::from_str::<ModelPolicy>(r#"{"breaker": {"open_fro": "1m"}}"#).unwrap_err();
+        assert!(e.to_string().contains("open_fro"), "{e}");
+    }
 }

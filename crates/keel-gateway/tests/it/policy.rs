@@ -270,6 +270,48 @@ async fn the_breaker_opens_serves_from_the_fallback_and_returns_to_the_primary()
     assert_eq!(primary.hits(), 5, "one probe, which closed the breaker");
 }
 
+/// With a model's default breaker, a primary that recovers gets its traffic back
+/// within 10 s, even when a probe failed during the outage; the failed probe costs its
+/// caller one attempt and no wait: the call moves on to the fallback at once.
+#[tokio::test]
+async fn a_recovered_primary_gets_its_traffic_back_within_ten_seconds() {
+    let primary = Fake::start().await;
+    primary.always(Reply::Status { code: 500, retry_after: None, body: "down" });
+    let backup = Fake::start().await;
+    let mut gpt = model(&primary, "m");
+    gpt.fallbacks = vec!["backup".into()];
+    gpt.policy.breaker.min_calls = 4;
+    let (open_for, probes) = (gpt.policy.breaker.open_for, gpt.policy.breaker.half_open_probes);
+    assert!(open_for <= Duration::from_secs(5), "the model default: {open_for:?}");
+    let clock = Arc::new(ManualClock::new());
+    let models = vec![("gpt", gpt), ("backup", model(&backup, "b"))];
+    let served = serve_clocked(models, GatewayConfig::default(), clock.clone()).await;
+    let breaker = || served.gateway.breaker("gpt").unwrap().state();
+    while breaker() != keel_core::BreakerState::Open {
+        assert_eq!(post_chat(&served.url, ask("gpt"), &[]).await.header("x-keel-model"), "backup");
+        assert!(primary.hits() <= 20, "the breaker never opened");
+    }
+
+    // Still down when the breaker lets a probe through: the probe fails, the call is
+    // answered by the backup with no retry on the primary, and the breaker reopens.
+    clock.advance(open_for);
+    let before = primary.hits();
+    let started = tokio::time::Instant::now();
+    assert_eq!(post_chat(&served.url, ask("gpt"), &[]).await.header("x-keel-model"), "backup");
+    assert_eq!(primary.hits(), before + 1, "one probe, no retry into the reopened breaker");
+    assert!(started.elapsed() < Duration::from_secs(5), "no backoff was waited out");
+    assert_eq!(breaker(), keel_core::BreakerState::Open);
+
+    // It recovers now. Within 10 s its calls are answered by it again.
+    primary.always(Reply::Text(vec!["back"]));
+    clock.advance(open_for);
+    assert!(open_for <= Duration::from_secs(10));
+    for _ in 0..probes {
+        assert_eq!(post_chat(&served.url, ask("gpt"), &[]).await.header("x-keel-model"), "gpt");
+    }
+    assert_eq!(breaker(), keel_core::BreakerState::Closed);
+}
+
 #[tokio::test]
 async fn run_budgets_are_reserved_from_max_tokens_and_settled_from_usage() {
     let fake = Fake::start().await;
