@@ -129,6 +129,9 @@ impl Observer for Live {
                         Some(format!("  fallback {from} → {to} ({class})"))
                     }
                     Event::LoopDetected { reason, .. } => Some(format!("  loop detected: {reason}")),
+                    Event::FaultInjected { target, attempt, fault } => Some(format!(
+                        "  {target} attempt {attempt}: injected {fault:?} (a drill, not an incident)"
+                    )),
                     Event::BudgetExceeded { budget, kind, .. } => {
                         Some(format!("  budget {budget} exceeded ({})", kind.as_str()))
                     }
@@ -217,6 +220,9 @@ pub(crate) fn describe(event: &JournalEvent) -> Option<String> {
                 format!("  budget {budget} exceeded ({})", kind.as_str())
             }
             Event::LoopDetected { reason, .. } => format!("  loop detected: {reason}"),
+            Event::FaultInjected { target, attempt, fault } => {
+                format!("  {target} attempt {attempt}: injected {fault:?} (a drill, not an incident)")
+            }
         },
     })
 }

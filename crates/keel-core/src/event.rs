@@ -110,6 +110,16 @@ pub enum Event {
         /// 1 for the first attempt.
         attempt: u32,
     },
+    /// A fault was injected into this attempt on purpose (a drill, `fault` policy):
+    /// the attempt's failure that follows is not a real incident.
+    FaultInjected {
+        /// The target.
+        target: Arc<str>,
+        /// The attempt it was injected into.
+        attempt: u32,
+        /// What was injected.
+        fault: crate::fault::FaultKind,
+    },
     /// An attempt finished.
     AttemptEnded {
         /// The target called.
@@ -202,6 +212,7 @@ impl Event {
         match self {
             Event::AttemptStarted { .. } => "attempt_started",
             Event::AttemptEnded { .. } => "attempt_ended",
+            Event::FaultInjected { .. } => "fault_injected",
             Event::RetryScheduled { .. } => "retry_scheduled",
             Event::RetryRefused { .. } => "retry_refused",
             Event::BreakerTransition { .. } => "breaker_transition",
@@ -298,5 +309,8 @@ fn trace_event(event: &Event) {
         Event::LoopDetected { target, reason } => {
             tracing::warn!(keel.target = %target, reason = %reason, "loop detected");
         }
+        Event::FaultInjected { target, attempt, fault } => tracing::info!(
+            keel.target = %target, keel.attempt = attempt, fault = ?fault, "fault injected"
+        ),
     }
 }

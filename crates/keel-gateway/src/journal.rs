@@ -193,6 +193,7 @@ impl<S: keel_core::EventSink> keel_core::EventSink for DecisionsOnly<S> {
             | E::BreakerTransition { .. }
             | E::FallbackTaken { .. }
             | E::BudgetExceeded { .. }
+            | E::FaultInjected { .. }
             | E::LoopDetected { .. } => self.0.record(event),
         }
     }

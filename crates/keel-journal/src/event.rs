@@ -313,6 +313,7 @@ fn policy_kind(event: &Event) -> &'static str {
         Event::BudgetCharged { .. } => "policy.budget_charged",
         Event::BudgetExceeded { .. } => "policy.budget_exceeded",
         Event::LoopDetected { .. } => "policy.loop_detected",
+        Event::FaultInjected { .. } => "policy.fault_injected",
     }
 }
 

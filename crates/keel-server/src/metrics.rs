@@ -128,6 +128,10 @@ impl Observer for Metrics {
                 Event::BudgetExceeded { budget, .. } => {
                     self.count("keel_budget_exceeded_total", &[("budget", budget.to_string())]);
                 }
+                Event::FaultInjected { target, fault, .. } => self.count(
+                    "keel_faults_injected_total",
+                    &[("target", target.to_string()), ("fault", format!("{fault:?}").to_lowercase())],
+                ),
                 Event::AttemptStarted { .. } | Event::RetryRefused { .. } | Event::BudgetCharged { .. } => {}
             },
             JournalEvent::RunStateChanged { state, .. } => {

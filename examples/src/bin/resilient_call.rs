@@ -41,6 +41,9 @@ impl EventSink for Printer {
                 format!("  budget {budget} exceeded ({})", kind.as_str())
             }
             Event::LoopDetected { reason, .. } => format!("  loop detected: {reason}"),
+            Event::FaultInjected { target, attempt, fault } => {
+                format!("  {target}: attempt {attempt} gets an injected {fault:?} fault (a drill)")
+            }
         };
         say(&line);
     }

@@ -420,6 +420,9 @@ impl Pipeline {
             let attempt_deadline = earliest(deadline, i.timeout.attempt.and_then(|t| deadline_after(now, t)));
             let info = Attempt { number: attempt, deadline: attempt_deadline };
             let fault = i.fault.as_ref().and_then(FaultInjector::draw);
+            if let Some(fault) = fault {
+                emit(&*i.sink, Event::FaultInjected { target: i.target.clone(), attempt, fault });
+            }
             let span = tracing::debug_span!("keel.attempt", keel.target = %i.target, keel.attempt = attempt);
             let fut = self.attempt_once(&mut op, info, fault).instrument(span);
             let result = match (narrows_scope, deadline) {

@@ -365,6 +365,27 @@ async fn injected_faults_are_retried_like_real_ones() {
         .collect();
     assert!(failed.contains(&C::Timeout) && failed.contains(&C::ServerError), "{failed:?}");
     assert_eq!(script.calls().len(), 20, "injected faults never reached the target");
+    // Every failed attempt here was injected, and its events say so (a drill must not
+    // look like an incident): each failure follows its attempt's `fault_injected`.
+    let events = sink.events();
+    let marked: Vec<u32> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::FaultInjected { attempt, .. } => Some(*attempt),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(marked.len(), failed.len(), "{marked:?}");
+    for (i, e) in events.iter().enumerate() {
+        if let Event::AttemptEnded { attempt, outcome: AttemptOutcome::Failed(_), .. } = e {
+            let injected = events[..i].iter().rev().find_map(|e| match e {
+                Event::FaultInjected { attempt: a, .. } => Some(a),
+                Event::AttemptEnded { .. } => Some(&0),
+                _ => None,
+            });
+            assert_eq!(injected, Some(attempt), "failed attempt {attempt} is marked injected");
+        }
+    }
 }
 
 #[tokio::test(start_paused = true)]

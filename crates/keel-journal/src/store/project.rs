@@ -373,6 +373,7 @@ macro_rules! projection_ops {
                         | Event::FallbackTaken { .. }
                         | Event::BudgetCharged { .. }
                         | Event::BudgetExceeded { .. }
+                        | Event::FaultInjected { .. }
                         | Event::LoopDetected { .. } => {}
                     }
                 }
