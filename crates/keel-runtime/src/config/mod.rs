@@ -713,6 +713,45 @@ fn tool_from(
         }
     });
 
+    let fallback = t.fallback.as_ref().and_then(|f| {
+        let before = c.errors.len();
+        let f_at = c.spans.find(&["tools", name, "fallback"]).or(at);
+        if let Some(twin) = &f.twin {
+            match raw.tools.get(twin) {
+                None => c.error(f_at, key("fallback.twin"), format!("no tool named `{twin}`")),
+                Some(_) if twin == name => c.error(f_at, key("fallback.twin"), "a tool cannot be its own twin"),
+                Some(other) if other.get_ref().write => c.error(
+                    f_at,
+                    key("fallback.twin"),
+                    format!("`{twin}` is write-like: a twin answers in the tool's place, so it must be read-only"),
+                ),
+                Some(_) => {}
+            }
+        }
+        if let Some(fresh) = f.cached {
+            if t.write {
+                c.error(
+                    f_at,
+                    key("fallback.cached"),
+                    "a write-like tool never falls back to a cached result: its effect would silently not happen",
+                );
+            } else if !(Duration::from_secs(1)..=Duration::from_secs(366 * 86_400)).contains(&fresh) {
+                c.error(f_at, key("fallback.cached"), "must be from 1s to 366days");
+            }
+        }
+        if f.twin.is_none() && f.cached.is_none() {
+            c.error(f_at, key("fallback"), "needs `twin` (a read-only tool) or `cached` (a freshness window)");
+        }
+        if f.on.as_ref().is_some_and(Vec::is_empty) {
+            c.error(f_at, key("fallback.on"), "is empty: the fallback would never be taken; remove it instead");
+        }
+        (c.errors.len() == before).then(|| crate::tool::ToolFallback {
+            twin: f.twin.as_deref().map(Arc::from),
+            cached: f.cached,
+            on: f.on.clone().unwrap_or_else(|| crate::tool::ToolFallback::DEFAULT_ON.to_vec()),
+        })
+    });
+
     let (command_only, http_only): (&[KeySet<'_>], &[KeySet<'_>]) = (
         &[
             ("argv", t.argv.is_some()),
@@ -871,6 +910,7 @@ fn tool_from(
         batch_param: t.batch_param.clone(),
         canary_above: t.canary_above,
         cost,
+        fallback,
         policy: policy?,
         params_schema: t.params.clone(),
         validator: validator.map(Arc::new),

@@ -262,6 +262,22 @@ pub enum ApprovalRule {
     },
 }
 
+/// A tool's fallback, as written.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ToolFallbackConfig {
+    /// A read-only tool answering the same parameters.
+    #[serde(default)]
+    pub twin: Option<String>,
+    /// How old the last good result for the same arguments may be ("10m", 1s to "366d").
+    #[serde(default, with = "humantime_serde")]
+    #[schemars(with = "Option<String>")]
+    pub cached: Option<Duration>,
+    /// The final failure classes that take the fallback.
+    #[serde(default)]
+    pub on: Option<Vec<keel_core::ErrorClass>>,
+}
+
 /// What one call of a tool costs, as written.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -327,6 +343,13 @@ pub struct ToolConfig {
     /// call; an answer without the field is charged the bound).
     #[serde(default)]
     pub cost: Option<ToolCostConfig>,
+    /// What a call falls back to once its own attempts failed: a read-only `twin` tool
+    /// called with the same parameters, and/or the last good result for the same
+    /// arguments if younger than `cached` ("10m"; never for a write-like tool), on the
+    /// classes `on` (default: network, timeout, rate_limited, server_error,
+    /// circuit_open). Every fallback is journaled as `fallback_taken`.
+    #[serde(default)]
+    pub fallback: Option<ToolFallbackConfig>,
     /// Overrides of `[defaults]` for this tool.
     #[serde(default)]
     #[schemars(with = "Option<PolicyConfig>")]

@@ -387,3 +387,34 @@ fn tool_costs_are_checked_each_with_its_key_and_line() {
     }
     assert!(parse(&tool("{ per_call = 1 }")).is_err(), "an unknown key is refused");
 }
+
+#[test]
+fn tool_fallbacks_are_checked_each_with_its_key() {
+    let tools = |write: bool, fallback: &str| {
+        format!(
+            "[tools.t]\nkind = \"command\"\nargv = [\"true\"]\nwrite = {write}\nfallback = {fallback}\n\
+             [tools.reader]\nkind = \"command\"\nargv = [\"true\"]\n\
+             [tools.writer]\nkind = \"command\"\nargv = [\"true\"]\nwrite = true\n"
+        )
+    };
+    let c = parse(&tools(false, "{ twin = \"reader\", cached = \"10m\" }")).unwrap();
+    let f = c.tools["t"].fallback.clone().unwrap();
+    assert_eq!((f.twin.as_deref(), f.cached), (Some("reader"), Some(Duration::from_secs(600))));
+    assert_eq!(f.on, crate::tool::ToolFallback::DEFAULT_ON);
+    assert!(
+        parse(&tools(true, "{ twin = \"reader\" }")).is_ok(),
+        "a write may fall back to a read-only twin"
+    );
+    for (write, fallback, key) in [
+        (true, "{ cached = \"10m\" }", "tools.t.fallback.cached"),
+        (false, "{ twin = \"writer\" }", "tools.t.fallback.twin"),
+        (false, "{ twin = \"nope\" }", "tools.t.fallback.twin"),
+        (false, "{ twin = \"t\" }", "tools.t.fallback.twin"),
+        (false, "{ cached = \"1ms\" }", "tools.t.fallback.cached"),
+        (false, "{}", "tools.t.fallback"),
+        (false, "{ cached = \"1m\", on = [] }", "tools.t.fallback.on"),
+    ] {
+        let found = problems(&tools(write, fallback));
+        assert_eq!(found, [format!("5: {key}")], "{fallback}");
+    }
+}

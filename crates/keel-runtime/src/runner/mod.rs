@@ -92,6 +92,8 @@ pub struct Runner {
     /// lease keeps other processes out, this keeps a second task of the same process
     /// (same lease owner) out, and every event appended to the run is fenced by it.
     driving: Mutex<HashMap<String, Option<Arc<Lease>>>>,
+    /// The last good result of tools with a cached fallback.
+    results: crate::tool::ResultCache,
 }
 
 /// Marks a run as driven by this process until dropped.
@@ -140,6 +142,7 @@ impl Runner {
             gate,
             observer,
             driving: Mutex::default(),
+            results: crate::tool::ResultCache::default(),
         })
     }
 

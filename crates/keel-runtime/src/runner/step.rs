@@ -395,6 +395,19 @@ async fn call_once(
             }
         }))
         .await;
+    let result = match result {
+        // Boxed: a second pipeline's future inside this one's would overflow small stacks.
+        Err(e) => match Box::pin(fall_back(ctx, tool, params, key, &sink, e.class())).await {
+            Some(output) => Ok(output),
+            None => Err(e),
+        },
+        Ok(output) => {
+            if tool.fallback.as_ref().is_some_and(|f| f.cached.is_some()) {
+                r.results.put(&tool.name, params, &output, r.clock.wall());
+            }
+            Ok(output)
+        }
+    };
     match result {
         Ok(output) => {
             r.journal.complete(&token, &output).await?;
@@ -405,6 +418,59 @@ async fn call_once(
             finish_err(ctx, tool, params, e).await.map(Err)
         }
     }
+}
+
+/// The tool's fallback for a call that failed with `class`: its twin's answer, else
+/// its last good result while fresh; `None` when it has none or none answers. Each
+/// fallback taken is a `fallback_taken` event of the step.
+async fn fall_back(
+    ctx: &StepCtx<'_>,
+    tool: &Tool,
+    params: &Value,
+    key: &str,
+    sink: &Arc<StepSink>,
+    class: ErrorClass,
+) -> Option<Value> {
+    let r = ctx.runner;
+    let fallback = tool.fallback.as_ref().filter(|f| f.applies(class))?;
+    let taken = |to: &str| {
+        keel_core::event::emit(
+            &**sink,
+            Event::FallbackTaken { from: tool.name.clone(), to: Arc::from(to), class },
+        );
+    };
+    if let Some(twin) = fallback.twin.as_ref().and_then(|t| r.config.tools.get(&**t)) {
+        if twin.check_params(params).is_ok() {
+            let pipeline = r.pipeline(twin, sink.clone());
+            let clock = r.clock.clone();
+            let mut scope = RunScope::new().with_budget(ctx.budget.clone());
+            let left = ctx.deadline_at_ms.saturating_sub(wall_ms(r.clock.wall()));
+            if let Some(at) = keel_core::clock::deadline_after(
+                r.clock.now(),
+                Duration::from_millis(u64::try_from(left).unwrap_or(0)),
+            ) {
+                scope = scope.with_deadline(at);
+            }
+            let answered = scope
+                .run(pipeline.call(|_| {
+                    let clock = clock.clone();
+                    async move { twin.invoke_charged(params, &*clock, key).await.result }
+                }))
+                .await;
+            if let Ok(output) = answered {
+                taken(&twin.name);
+                return Some(output);
+            }
+        }
+    }
+    let fresh = fallback.cached?;
+    let (output, age) = r.results.get(&tool.name, params, fresh, r.clock.wall())?;
+    tracing::warn!(
+        keel.target = %tool.name, keel.error_class = %class, age_ms = age.as_millis() as u64,
+        "answered with the last good result"
+    );
+    taken(crate::tool::fallback::CACHE);
+    Some(output)
 }
 
 /// Where the call in progress of this step stands in the journal, if an earlier drive

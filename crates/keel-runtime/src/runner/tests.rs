@@ -238,3 +238,90 @@ async fn a_resumed_run_starts_from_what_it_already_spent() {
     let status = r.drive(&run_id).await.unwrap();
     assert_eq!(runs_of(&count), 2, "{status:?}");
 }
+
+/// A command tool that "times out" (exit 124) while `down` exists, else prints `out`.
+fn switchable_tool(name: &str, down: &Path, out: &str, extra: &str) -> String {
+    let answer = down.with_file_name(format!("{name}.out.json"));
+    std::fs::write(&answer, out).unwrap();
+    format!(
+        "[tools.{name}]\nkind = \"command\"\nargv = ['sh', '-c', 'if [ -e \"$1\" ]; then exit 124; fi; cat \"$2\"', 'sh', '{}', '{}']\npolicy = {{ retry = {{ max_attempts = 1 }} }}\n{extra}\n",
+        down.display(),
+        answer.display()
+    )
+}
+
+async fn fallbacks_taken(r: &Runner, run_id: &str) -> Vec<(String, String, ErrorClass)> {
+    r.flush().await.unwrap();
+    r.journal()
+        .events(run_id, 0, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|e| match e.event {
+            JournalEvent::Policy { event: keel_core::Event::FallbackTaken { from, to, class }, .. } => {
+                Some((from.to_string(), to.to_string(), class))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn one_call(tool: &str, q: &str) -> Plan {
+    Plan::parse(&format!("[[steps]]\ntool = \"{tool}\"\nparams = {{ q = \"{q}\" }}\n"), "toml").unwrap()
+}
+
+/// A read tool that cannot answer falls back to its last good result for the same
+/// arguments, journaled as a fallback to `cache`; other arguments have none.
+#[tokio::test]
+async fn a_read_tool_falls_back_to_its_last_good_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let down = dir.path().join("down");
+    let config = switchable_tool("search", &down, "{\"hits\": 7}", "fallback = { cached = \"10m\" }");
+    let r = runner(dir.path(), &config).await;
+    let first = r.create(&one_call("search", "keel")).await.unwrap();
+    assert_eq!(r.drive(&first).await.unwrap(), RunStatus::Completed);
+    assert!(fallbacks_taken(&r, &first).await.is_empty());
+
+    std::fs::write(&down, "").unwrap();
+    let second = r.create(&one_call("search", "keel")).await.unwrap();
+    assert_eq!(r.drive(&second).await.unwrap(), RunStatus::Completed);
+    let snap = r.snapshot(&second).await.unwrap();
+    let output = finished_output(&snap.steps[0]).unwrap();
+    assert_eq!(output["json"]["hits"], 7, "{output}");
+    assert_eq!(
+        fallbacks_taken(&r, &second).await,
+        [("search".to_owned(), "cache".to_owned(), ErrorClass::Timeout)],
+        "the stale answer is marked in the journal"
+    );
+
+    let other = r.create(&one_call("search", "other")).await.unwrap();
+    let status = r.drive(&other).await.unwrap();
+    assert!(matches!(status, RunStatus::Failed { class: ErrorClass::Timeout, .. }), "{status:?}");
+}
+
+/// A tool whose twin answers in its place: the twin's result, journaled.
+#[tokio::test]
+async fn a_tool_falls_back_to_its_read_only_twin() {
+    let dir = tempfile::tempdir().unwrap();
+    let (down, replica_down) = (dir.path().join("down"), dir.path().join("replica-down"));
+    std::fs::write(&down, "").unwrap();
+    let config = format!(
+        "{}{}",
+        switchable_tool("primary", &down, "{\"from\": \"primary\"}", "fallback = { twin = \"replica\" }"),
+        switchable_tool("replica", &replica_down, "{\"from\": \"replica\"}", ""),
+    );
+    let r = runner(dir.path(), &config).await;
+    let run = r.create(&one_call("primary", "x")).await.unwrap();
+    assert_eq!(r.drive(&run).await.unwrap(), RunStatus::Completed);
+    let snap = r.snapshot(&run).await.unwrap();
+    assert_eq!(finished_output(&snap.steps[0]).unwrap()["json"]["from"], "replica");
+    assert_eq!(
+        fallbacks_taken(&r, &run).await,
+        [("primary".to_owned(), "replica".to_owned(), ErrorClass::Timeout)]
+    );
+    // Both down: the original failure is the step's, not the twin's.
+    std::fs::write(&replica_down, "").unwrap();
+    let run = r.create(&one_call("primary", "y")).await.unwrap();
+    let status = r.drive(&run).await.unwrap();
+    assert!(matches!(status, RunStatus::Failed { class: ErrorClass::Timeout, .. }), "{status:?}");
+}

@@ -2,11 +2,13 @@
 //! endpoint — with parameters checked against the tool's JSON Schema before any call.
 
 pub(crate) mod command;
+pub mod fallback;
 pub(crate) mod http;
 #[cfg(test)]
 mod tests;
 
 pub use command::{CommandTool, INHERITED_ENV};
+pub use fallback::{ResultCache, ToolFallback};
 pub use http::HttpTool;
 
 use std::cmp::Ordering;
@@ -88,6 +90,8 @@ pub struct Tool {
     pub canary_above: Option<usize>,
     /// What a call costs, if the tool declares it.
     pub cost: Option<ToolCost>,
+    /// What a call falls back to once its attempts failed, if anything.
+    pub fallback: Option<ToolFallback>,
     /// Its policy: `[defaults]` with its overrides.
     pub policy: PolicyConfig,
     /// The JSON Schema of its parameters.
