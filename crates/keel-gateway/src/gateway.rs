@@ -148,6 +148,7 @@ pub struct GatewayBuilder {
     clock: Option<Arc<dyn Clock>>,
     sink: Arc<dyn EventSink>,
     journal: Option<Arc<dyn CallJournal>>,
+    gate: Option<Arc<ConfidenceGate>>,
 }
 
 impl fmt::Debug for GatewayBuilder {
@@ -189,6 +190,14 @@ impl GatewayBuilder {
         self
     }
 
+    /// The confidence gate retries are judged by: the process's one gate (the
+    /// runner's, whose history the journal keeps), so what the gateway learns about
+    /// its models survives a restart. Default: a gate of its own, in memory.
+    pub fn gate(mut self, gate: Arc<ConfidenceGate>) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+
     /// The gateway, once every model checks out.
     ///
     /// # Errors
@@ -204,7 +213,7 @@ impl GatewayBuilder {
             self.models.keys().map(|name| (Arc::from(name.as_str()), Arc::default())).collect();
         let sink: Arc<dyn EventSink> =
             Arc::new(CountingSink { inner: self.sink, counters: counters.clone() });
-        let gate = Arc::new(ConfidenceGate::new(GateConfig::default()));
+        let gate = self.gate.unwrap_or_else(|| Arc::new(ConfidenceGate::new(GateConfig::default())));
         let mut models = BTreeMap::new();
         for (name, config) in self.models {
             let key = match &config.api_key_env {
@@ -436,6 +445,7 @@ impl Gateway {
             clock: None,
             sink: Arc::new(NullSink),
             journal: None,
+            gate: None,
         }
     }
 

@@ -50,6 +50,7 @@ pub async fn state(
     let observer: Arc<dyn Observer> = metrics.clone();
     let runner = Arc::new(Runner::new(config.clone(), journal.clone(), clock.clone(), observer).await?);
     let (wake, drives) = (Arc::new(Notify::new()), Arc::default());
+    let mut gateway_writer = None;
     let gateway = if config.models.is_empty() {
         None
     } else {
@@ -58,17 +59,19 @@ pub async fn state(
         // Calls and decisions (retries, fallbacks, breaker changes) are journaled; the
         // per-attempt noise of a high-rate endpoint is not.
         let sink = keel_gateway::journal::DecisionsOnly(writer.sink(keel_gateway::journal::GATEWAY_RUN));
+        gateway_writer = Some(writer.clone());
         let built = config
             .gateway_builder()
             .clock(clock.clone())
             .sink(Arc::new(sink))
+            .gate(runner.gate().clone())
             .journal(Arc::new(keel_gateway::WriterJournal::new(writer)))
             .build()
             .map_err(|e| keel_runtime::runner::Error::Refused(e.to_string()))?;
         Some(Arc::new(built))
     };
     let storage = Arc::default();
-    Ok(AppState { runner, journal, config, clock, metrics, wake, drives, storage, gateway })
+    Ok(AppState { runner, journal, config, clock, metrics, wake, drives, storage, gateway, gateway_writer })
 }
 
 /// The router: every route but `/healthz` (and the inbox's static files) needs a key.
@@ -120,8 +123,12 @@ pub fn app(state: AppState) -> Router {
     all.layer(axum::middleware::from_fn(log::requests))
 }
 
+/// How often a server saves what its confidence gate learned.
+pub const GATE_SAVE_EVERY: Duration = Duration::from_secs(30);
+
 /// Serves `state` on `listener` until `shutdown` resolves; then stops taking runs,
-/// lets in-flight requests and drives finish (up to `grace`), and flushes the journal.
+/// lets in-flight requests and drives finish (up to `grace`), saves the gate and
+/// flushes every journal writer (the runner's and the gateway's).
 /// Connections are held to `[server]`'s limits ([`conn`]).
 ///
 /// # Errors
@@ -143,6 +150,22 @@ pub async fn serve(
         stop.clone(),
     );
     let runner = state.runner.clone();
+    let gateway_writer = state.gateway_writer.clone();
+    // The gate learns from every call (the gateway's too): saved now and then, not
+    // only at the end of drives, and once more at shutdown.
+    tracker.spawn({
+        let (runner, stop) = (runner.clone(), stop.clone());
+        async move {
+            let mut every = tokio::time::interval(GATE_SAVE_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = every.tick() => runner.save_gate().await,
+                }
+            }
+        }
+    });
     let limits = conn::Limits::from_config(&state.config.server);
     let stop_on_signal = stop.clone();
     tokio::spawn(async move {
@@ -155,8 +178,14 @@ pub async fn serve(
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         tracing::warn!("workers and connections did not finish within the grace period");
     }
+    runner.save_gate().await;
     if let Err(e) = runner.flush().await {
         tracing::error!(error = %e, "flushing the journal at shutdown failed");
+    }
+    if let Some(writer) = &gateway_writer {
+        if let Err(e) = writer.flush().await {
+            tracing::error!(error = %e, "flushing the gateway's journal at shutdown failed");
+        }
     }
     Ok(())
 }

@@ -246,9 +246,16 @@ impl Runner {
         self.writer.sink(run_id).fenced(self.fence(run_id))
     }
 
+    /// The process's confidence gate (its history loaded from the journal): give it
+    /// to every pipeline of the process, so that one gate learns and is saved.
+    pub fn gate(&self) -> &Arc<ConfidenceGate> {
+        &self.gate
+    }
+
     /// Saves what the gate learned since the last save; on failure keeps it for the
     /// next one and says so (the history is advice, so a run never fails for it).
-    async fn save_gate(&self) {
+    /// Drives save at their end; a server also saves now and then, and at shutdown.
+    pub async fn save_gate(&self) {
         let records = self.gate.take_unsaved();
         if records.is_empty() {
             return;

@@ -38,6 +38,8 @@ pub struct AppState {
     pub storage: Arc<crate::ops::StorageHealth>,
     /// The model gateway, when keel.toml has `[models]`.
     pub gateway: Option<Arc<keel_gateway::Gateway>>,
+    /// The gateway's journal writer, flushed at shutdown.
+    pub gateway_writer: Option<keel_journal::JournalWriter>,
 }
 
 impl AppState {

@@ -171,3 +171,65 @@ async fn a_tool_called_for_an_agents_run_is_charged_to_the_runs_budget() {
     let e: Value = resp.json().await.unwrap();
     assert!(e["message"].as_str().unwrap().contains("not a run Keel issued"), "{e}");
 }
+
+/// One gate per process, persisted: what the gateway learns about a model's retries is
+/// saved with the runner's and is there after a restart; the gateway's call records
+/// are flushed at shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateways_gate_and_calls_are_saved_at_shutdown() {
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let seen = hits.clone();
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        post(move |Json(req): Json<Value>| {
+            let n = seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move {
+                if n % 2 == 0 {
+                    return (axum::http::StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": {"message": "busy"}})));
+                }
+                (axum::http::StatusCode::OK, Json(json!({
+                    "id": "c", "object": "chat.completion", "created": 1, "model": req["model"],
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+                })))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let mut s = Server::start(
+        Faults::default(),
+        &format!(
+            "[models.flaky]\nprovider = \"openai\"\nbase_url = \"http://{addr}/v1\"\nmodel = \"up\"\n\
+             policy = {{ retry = {{ max_attempts = 3, base_delay = \"1ms\", max_delay = \"2ms\" }} }}\n"
+        ),
+    )
+    .await;
+    let body = json!({"model": "flaky", "messages": [{"role": "user", "content": "hi"}]});
+    for _ in 0..3 {
+        let resp =
+            s.http.post(s.url("/v1/chat/completions")).bearer_auth(AGENT).json(&body).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "each call succeeds on its retry");
+    }
+    s.shutdown().await;
+
+    let url = format!("sqlite://{}", s.dir.path().join("keel.db").display());
+    let journal = keel_journal::open(
+        &url,
+        keel_journal::JournalOptions {
+            clock: std::sync::Arc::new(keel_core::TokioClock::new()),
+            ..keel_journal::JournalOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let history = journal.load_gate_history().await.unwrap();
+    let flaky: Vec<_> = history.iter().filter(|r| r.target == "flaky").collect();
+    assert!(!flaky.is_empty(), "the gateway's gate was saved: {history:?}");
+    let successes: u64 = flaky.iter().map(|r| r.outcomes.successes).sum();
+    assert_eq!(successes, 3, "three retries, each a success: {flaky:?}");
+    let calls = journal.export_run(keel_gateway::journal::GATEWAY_RUN).await.unwrap().unwrap();
+    let called = calls.events.iter().filter(|e| e.event.kind() == "model_called").count();
+    assert_eq!(called, 3, "every call record was flushed before exit");
+}
