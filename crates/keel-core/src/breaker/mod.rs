@@ -93,6 +93,17 @@ impl Breaker {
         ticket.ok().map(|ticket| Permit { breaker: self, ticket: Some(ticket), sink })
     }
 
+    /// Records a failure of `class` found after its call's permit was used (a stream
+    /// cut after its first token): see [`Machine::record_late_failure`]. A
+    /// transition goes to `sink` when given, else to the breaker's own.
+    pub fn record_failure(&self, class: ErrorClass, sink: Option<&dyn EventSink>) {
+        if !self.counts(class) {
+            return;
+        }
+        let t = self.lock().record_late_failure(self.clock.now());
+        self.announce(t, sink);
+    }
+
     /// Whether failures of `class` count against the target.
     pub fn counts(&self, class: ErrorClass) -> bool {
         self.count.contains(&class)

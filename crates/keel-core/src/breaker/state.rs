@@ -164,6 +164,21 @@ impl Machine {
         (ticket, t)
     }
 
+    /// Records a failure found after its call's ticket was used (a stream that died
+    /// after its first token counted as a success): counted in the window when
+    /// closed, reopens when half-open (a probe's answer went bad), nothing when open.
+    pub fn record_late_failure(&mut self, now: Instant) -> Option<Transition> {
+        self.tick(now);
+        match self.state {
+            BreakerState::Closed => {
+                let ticket = Ticket { generation: self.generation, probe: false };
+                self.record(now, ticket, CallOutcome::Failure)
+            }
+            BreakerState::HalfOpen => Some(self.go(BreakerState::Open, now)),
+            BreakerState::Open => None,
+        }
+    }
+
     /// Records how the call admitted with `ticket` went.
     pub fn record(&mut self, now: Instant, ticket: Ticket, outcome: CallOutcome) -> Option<Transition> {
         if ticket.generation != self.generation {

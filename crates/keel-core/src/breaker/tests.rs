@@ -208,3 +208,40 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_late_failure_counts_when_closed_reopens_when_half_open_and_is_ignored_when_open() {
+    let now = Instant::now();
+    let mut m = Machine::new(BreakerConfig { min_calls: 2, ..config() }, now);
+    assert_eq!(m.record_late_failure(now), None, "one failure of two needed");
+    assert_eq!(
+        m.record_late_failure(now),
+        Some(Transition { from: BreakerState::Closed, to: BreakerState::Open })
+    );
+    assert_eq!(m.record_late_failure(now), None, "open: nothing more to learn");
+    let later = now + Duration::from_secs(10);
+    assert_eq!(m.state(later).0, BreakerState::HalfOpen);
+    // A probe answered (a stream's first token), then its stream died.
+    let (ticket, _) = m.acquire(later);
+    assert!(ticket.is_ok());
+    assert_eq!(
+        m.record_late_failure(later),
+        Some(Transition { from: BreakerState::HalfOpen, to: BreakerState::Open })
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_late_failure_of_a_class_not_counted_is_ignored() {
+    let sink = MemorySink::new();
+    let b = Breaker::new(
+        "t",
+        BreakerConfig { min_calls: 1, ..config() },
+        Arc::new(TokioClock::new()),
+        sink.clone(),
+    );
+    b.record_failure(ErrorClass::InvalidRequest, None);
+    assert_eq!(b.state(), BreakerState::Closed);
+    b.record_failure(ErrorClass::Network, None);
+    assert_eq!(b.state(), BreakerState::Open);
+    assert_eq!(sink.events().len(), 1, "the transition was announced");
+}

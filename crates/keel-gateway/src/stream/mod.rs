@@ -400,8 +400,8 @@ impl Pump {
             if original.is_none() {
                 // The breaker counted this stream a success at its first token; the cut
                 // is a failure of the model too.
-                if let Some(permit) = model.stream_pipeline.breaker().and_then(|b| b.acquire()) {
-                    permit.record(Some(failure.class));
+                if let Some(breaker) = model.stream_pipeline.breaker() {
+                    breaker.record_failure(failure.class, None);
                 }
                 model.counters.attempt_failed(failure.class);
                 original = Some(failure.clone());
