@@ -237,6 +237,10 @@ impl GatewayBuilder {
             };
             let name: Arc<str> = Arc::from(name.as_str());
             let mut retry = config.policy.retry.clone();
+            // The model's floor, unless its retry table set one.
+            if retry.rate_limit_floor.is_zero() {
+                retry.rate_limit_floor = config.policy.rate_limit_floor;
+            }
             if !config.fallbacks.is_empty() {
                 // A silent route is not retried when another model can answer now.
                 retry.retry_on.retain(|c| *c != ErrorClass::Timeout);
@@ -873,11 +877,7 @@ impl Gateway {
     ) -> Result<(hyper::Response<hyper::body::Incoming>, AttemptCharge), AttemptError> {
         let body = self.body_for(model, req)?;
         let mut charge = charges.attempt(model, &body)?;
-        let resp = model
-            .endpoint
-            .send(&self.client, body, &*self.clock)
-            .await
-            .map_err(|f| floor_rate_limit(f, model.config.policy.rate_limit_floor))?;
+        let resp = model.endpoint.send(&self.client, body, &*self.clock).await?;
         charge.arm();
         Ok((resp, charge))
     }
@@ -906,13 +906,4 @@ impl Gateway {
         }
         Ok(answer)
     }
-}
-
-/// Gives a 429 that came without `Retry-After` a floor and jitter, so that a persistent
-/// rate limit is never hit more than a few times a second.
-pub(crate) fn floor_rate_limit(mut failure: Failure, floor: Duration) -> Failure {
-    if failure.class == ErrorClass::RateLimited && failure.retry_after.is_none() && !floor.is_zero() {
-        failure.retry_after = Some(floor.saturating_add(floor.mul_f64(fastrand::f64())));
-    }
-    failure
 }

@@ -44,6 +44,13 @@ pub struct RetryConfig {
     pub max_retry_after: Duration,
     /// The classes that are retried.
     pub retry_on: Vec<ErrorClass>,
+    /// The shortest wait before retrying a `rate_limited` failure that came without
+    /// `Retry-After`: the wait is this plus the backoff, so a persistent rate limit is
+    /// never hit more than a few times a second, e.g. "250ms" (up to "366d"; "0s",
+    /// the default, adds nothing).
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub rate_limit_floor: Duration,
 }
 
 impl Default for RetryConfig {
@@ -59,6 +66,7 @@ impl Default for RetryConfig {
                 .into_iter()
                 .filter(|c| c.default_disposition() == Disposition::Retry)
                 .collect(),
+            rate_limit_floor: Duration::ZERO,
         }
     }
 }
@@ -82,6 +90,7 @@ impl RetryConfig {
         c.number("multiplier", self.multiplier, 1.0..=100.0);
         c.duration("max_delay", self.max_delay);
         c.duration("max_retry_after", self.max_retry_after);
+        c.duration("rate_limit_floor", self.rate_limit_floor);
         c.finish()
     }
 

@@ -81,7 +81,13 @@ impl RetryConfig {
                 })
             }
             Some(delay) => RetryDecision::Retry { delay, reason: DelayReason::RetryAfter },
-            None => RetryDecision::Retry { delay: self.backoff(attempt, rng), reason: DelayReason::Backoff },
+            None => {
+                let mut delay = self.backoff(attempt, rng);
+                if class == ErrorClass::RateLimited {
+                    delay = delay.saturating_add(self.rate_limit_floor);
+                }
+                RetryDecision::Retry { delay, reason: DelayReason::Backoff }
+            }
         }
     }
 }

@@ -98,3 +98,25 @@ proptest! {
         prop_assert!(d <= c.max_delay, "{d:?} > cap {:?}", c.max_delay);
     }
 }
+
+#[test]
+fn a_rate_limit_without_retry_after_waits_at_least_the_floor_plus_backoff() {
+    let rng = SharedRng::new(Some(5));
+    let c = RetryConfig { rate_limit_floor: Duration::from_millis(250), ..RetryConfig::default() };
+    for _ in 0..100 {
+        let RetryDecision::Retry { delay, .. } = c.decide(1, ErrorClass::RateLimited, None, &rng) else {
+            panic!("retried")
+        };
+        assert!(delay >= Duration::from_millis(250) && delay <= Duration::from_millis(450), "{delay:?}");
+        let RetryDecision::Retry { delay, .. } = c.decide(1, ErrorClass::ServerError, None, &rng) else {
+            panic!("retried")
+        };
+        assert!(delay <= Duration::from_millis(200), "the floor is for rate limits only: {delay:?}");
+    }
+    let asked = Duration::from_millis(30);
+    assert_eq!(
+        c.decide(1, ErrorClass::RateLimited, Some(asked), &rng),
+        RetryDecision::Retry { delay: asked, reason: DelayReason::RetryAfter },
+        "a Retry-After is the server's word: no floor added"
+    );
+}
