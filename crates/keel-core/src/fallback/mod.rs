@@ -3,10 +3,13 @@
 //! An ordered list of alternatives, each a [`Pipeline`] with its own policy. A call
 //! goes to the first; when its final failure has a class listed in the chain's
 //! [`FallbackConfig`] (an outage, an open breaker, a refusal...), the next alternative
-//! is tried, and so on. Every move is a `fallback_taken` event, and the answer says
-//! which alternative gave it: a fallback is never hidden. When all fail, the error
-//! keeps every alternative's failure, the first one included, so the fallback's own
-//! error never masks the original.
+//! is tried, and so on. A class may also have a **route** of its own
+//! ([`FallbackChain::with_route`]: a context overflow goes to a larger-context model,
+//! a refusal to another provider), tried instead of the chain's next alternative
+//! whatever the chain's classes are, once per call. Every move is a `fallback_taken`
+//! event, and the answer says which alternative gave it: a fallback is never hidden.
+//! When all fail, the error keeps every alternative's failure and is classified by
+//! the **first** (the primary's): the fallback's own error never masks the original.
 
 #[cfg(test)]
 mod tests;
@@ -27,7 +30,7 @@ pub struct Served<T> {
     pub value: T,
     /// The alternative that gave it.
     pub target: Arc<str>,
-    /// Its position in the chain (0: the primary).
+    /// How many fallbacks were taken before it (0: the primary answered).
     pub index: usize,
 }
 
@@ -58,9 +61,10 @@ impl<E> ChainError<E> {
 }
 
 impl<E> Classified for ChainError<E> {
-    /// The class of the last failure: the one that ended the chain.
+    /// The class of the primary's failure: what originally went wrong (DESIGN.md: the
+    /// fallback's error never masks the original). [`ChainError::last`] has the rest.
     fn class(&self) -> ErrorClass {
-        self.last().map_or(ErrorClass::CircuitOpen, |e| e.class)
+        self.primary().map_or(ErrorClass::CircuitOpen, |e| e.class)
     }
 }
 
@@ -82,6 +86,7 @@ impl<E: fmt::Debug + fmt::Display> std::error::Error for ChainError<E> {}
 #[derive(Debug, Clone)]
 pub struct FallbackChain {
     alternatives: Vec<Pipeline>,
+    routes: Vec<(ErrorClass, Pipeline)>,
     config: FallbackConfig,
     sink: Arc<dyn EventSink>,
 }
@@ -89,7 +94,14 @@ pub struct FallbackChain {
 impl FallbackChain {
     /// A chain trying `alternatives` in order, moving on for `config`'s classes.
     pub fn new(alternatives: Vec<Pipeline>, config: FallbackConfig) -> Self {
-        Self { alternatives, config, sink: Arc::new(NullSink) }
+        Self { alternatives, routes: Vec::new(), config, sink: Arc::new(NullSink) }
+    }
+
+    /// The chain, with a route of its own for failures of `class`: `to` is tried next
+    /// (once per call) instead of the chain's next alternative.
+    pub fn with_route(mut self, class: ErrorClass, to: Pipeline) -> Self {
+        self.routes.push((class, to));
+        self
     }
 
     /// The chain, with `fallback_taken` events going to `sink`.
@@ -115,23 +127,34 @@ impl FallbackChain {
         E: Classified,
     {
         let mut failures = Vec::new();
-        for (index, pipeline) in self.alternatives.iter().enumerate() {
+        let mut routed = vec![false; self.routes.len()];
+        let mut chain = self.alternatives.iter().skip(1);
+        let Some(mut pipeline) = self.alternatives.first() else { return Err(ChainError { failures }) };
+        loop {
             let target = pipeline.target().clone();
-            match pipeline.call(|attempt| op(&target, attempt)).await {
-                Ok(value) => return Ok(Served { value, target, index }),
+            let class = match pipeline.call(|attempt| op(&target, attempt)).await {
+                Ok(value) => return Ok(Served { value, target, index: failures.len() }),
                 Err(e) => {
                     let class = e.class;
                     failures.push((target.clone(), e));
-                    let next = self.alternatives.get(index + 1);
-                    match next {
-                        Some(next) if self.config.on.contains(&class) => emit(
-                            &*self.sink,
-                            Event::FallbackTaken { from: target, to: next.target().clone(), class },
-                        ),
-                        _ => break,
-                    }
+                    class
                 }
-            }
+            };
+            let route =
+                self.routes.iter().zip(routed.iter_mut()).find(|((c, _), used)| *c == class && !**used);
+            let next = match route {
+                Some(((_, to), used)) => {
+                    *used = true;
+                    to
+                }
+                None if self.config.on.contains(&class) => match chain.next() {
+                    Some(next) => next,
+                    None => break,
+                },
+                None => break,
+            };
+            emit(&*self.sink, Event::FallbackTaken { from: target, to: next.target().clone(), class });
+            pipeline = next;
         }
         Err(ChainError { failures })
     }

@@ -77,7 +77,55 @@ async fn when_all_fail_the_original_failure_is_kept() {
         .unwrap_err();
     assert_eq!(err.failures.len(), 3);
     assert_eq!(err.primary().unwrap().class, ErrorClass::Timeout);
-    assert_eq!(err.class(), ErrorClass::ServerError);
+    assert_eq!(err.class(), ErrorClass::Timeout, "the original failure classifies the call");
+    assert_eq!(err.last().unwrap().class, ErrorClass::ServerError);
     let text = err.to_string();
     assert!(text.starts_with("primary: timeout: down"), "{text}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_class_with_a_route_of_its_own_takes_it_once() {
+    let sink = MemorySink::new();
+    let outages = FallbackConfig { on: vec![ErrorClass::ServerError, ErrorClass::Timeout] };
+    let chain = FallbackChain::new(vec![pipeline("small"), pipeline("backup")], outages)
+        .with_route(ErrorClass::ContextOverflow, pipeline("large"))
+        .with_sink(sink.clone());
+    // A context overflow is not in the chain's classes, but it has a route.
+    let served = chain
+        .call(|target, _| {
+            let target = target.clone();
+            async move {
+                match &*target {
+                    "small" => Err(Failure::new(ErrorClass::ContextOverflow, "too long")),
+                    _ => Ok(target.to_string()),
+                }
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!((served.value.as_str(), served.index), ("large", 1));
+    // The route is taken once: a second overflow, there, ends the call (the large
+    // model cannot fit it either), classified by the original failure.
+    let err = chain
+        .call(|_, _| async { Err::<(), _>(Failure::new(ErrorClass::ContextOverflow, "too long")) })
+        .await
+        .unwrap_err();
+    let tried: Vec<&str> = err.failures.iter().map(|(t, _)| &**t).collect();
+    assert_eq!(tried, ["small", "large"]);
+    assert_eq!(err.class(), ErrorClass::ContextOverflow);
+    // A route's target may fail with a chain class: the chain goes on from where it was.
+    let served = chain
+        .call(|target, _| {
+            let target = target.clone();
+            async move {
+                match &*target {
+                    "small" => Err(Failure::new(ErrorClass::ContextOverflow, "too long")),
+                    "large" => Err(Failure::new(ErrorClass::ServerError, "503")),
+                    _ => Ok(target.to_string()),
+                }
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!((served.value.as_str(), served.index), ("backup", 2));
 }
