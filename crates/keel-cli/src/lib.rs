@@ -85,11 +85,14 @@ fn report(e: &anyhow::Error, json: bool) -> ExitCode {
         text.push_str(&format!("\n  caused by: {cause}"));
     }
     render::eprint(&text);
-    let code = match class {
-        _ if storage_failed(e) => 8,
-        ErrorClass::InvalidRequest | ErrorClass::NotFound => 2,
-        ErrorClass::Conflict => 7,
-        _ => 1,
+    let code = if storage_failed(e) {
+        8
+    } else if matches!(class, ErrorClass::InvalidRequest | ErrorClass::NotFound) {
+        2
+    } else if class == ErrorClass::Conflict {
+        7
+    } else {
+        1
     };
     if json {
         let mut v = serde_json::json!({

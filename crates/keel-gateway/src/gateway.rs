@@ -378,13 +378,15 @@ impl Route {
 
     /// The next model after `model` failed with `class`, if the class allows one.
     pub(crate) fn next(&mut self, gateway: &Gateway, model: &Model, class: ErrorClass) -> Option<Arc<Model>> {
-        let candidate = match class {
-            ErrorClass::ContextOverflow => {
-                model.config.context_fallback.iter().find(|n| self.unvisited(n)).cloned()
-            }
-            ErrorClass::Refusal => model.config.content_fallback.iter().find(|n| self.unvisited(n)).cloned(),
-            c if model.chain_on.contains(&c) => self.next_in_chain(),
-            _ => None,
+        // Two classes have routes of their own; the rest take the chain if it lists them.
+        let candidate = if class == ErrorClass::ContextOverflow {
+            model.config.context_fallback.iter().find(|n| self.unvisited(n)).cloned()
+        } else if class == ErrorClass::Refusal {
+            model.config.content_fallback.iter().find(|n| self.unvisited(n)).cloned()
+        } else if model.chain_on.contains(&class) {
+            self.next_in_chain()
+        } else {
+            None
         }?;
         let next = gateway.models.get(candidate.as_str())?.clone();
         self.visited.push(next.name.clone());

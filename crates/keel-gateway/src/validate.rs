@@ -94,11 +94,10 @@ pub fn correctable(class: ErrorClass) -> bool {
 /// would have answered. An empty or cut-off answer gets a `user` message saying so.
 pub fn correction(answer: &AnswerSummary, failure: &Failure) -> Vec<Value> {
     if answer.tool_calls.is_empty() {
-        let ask = match failure.class {
-            ErrorClass::TruncatedOutput => {
-                "Your previous answer was cut off at the token limit. Answer again, more briefly."
-            }
-            _ => "Your previous answer was empty. Answer the last message again.",
+        let ask = if failure.class == ErrorClass::TruncatedOutput {
+            "Your previous answer was cut off at the token limit. Answer again, more briefly."
+        } else {
+            "Your previous answer was empty. Answer the last message again."
         };
         return vec![json!({"role": "user", "content": ask})];
     }

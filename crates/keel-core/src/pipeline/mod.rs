@@ -462,9 +462,10 @@ impl Pipeline {
             let class = kind.class();
 
             // 7. Retry, or say why not.
-            let decision = match class {
-                ErrorClass::DeadlineExceeded => RetryDecision::NotRetryable,
-                _ => i.retry.decide(attempt, class, kind.retry_after(), &i.rng),
+            let decision = if class == ErrorClass::DeadlineExceeded {
+                RetryDecision::NotRetryable
+            } else {
+                i.retry.decide(attempt, class, kind.retry_after(), &i.rng)
             };
             let refusal = match decision {
                 RetryDecision::NotRetryable => return Err(CallError::new(attempt, kind, None)),

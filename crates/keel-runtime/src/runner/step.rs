@@ -105,9 +105,10 @@ impl StepCtx<'_> {
             outcome: StepOutcome::Failed { class, message: message.clone() },
         })
         .await?;
-        Ok(StepEnd::Stop(match class {
-            ErrorClass::DeadlineExceeded => RunStatus::TimedOut,
-            _ => RunStatus::Failed { class, message },
+        Ok(StepEnd::Stop(if class == ErrorClass::DeadlineExceeded {
+            RunStatus::TimedOut
+        } else {
+            RunStatus::Failed { class, message }
         }))
     }
 
