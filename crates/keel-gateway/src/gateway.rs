@@ -36,7 +36,7 @@ use crate::config::{self, ConfigError, GatewayConfig, ModelConfig, Provider};
 use crate::error::GatewayError;
 use crate::journal::{CallJournal, CallRecord, ModelFailure, Prompt};
 use crate::metrics::{CountingSink, MetricsSnapshot, ModelCounters, bump};
-use crate::upstream::{self, Endpoint, HttpClient};
+use crate::upstream::{self, Endpoint};
 use crate::validate;
 use crate::wire::{AnswerSummary, ChatRequest, ParsedAnswer, Usage, anthropic, parse_answer};
 
@@ -121,7 +121,6 @@ struct Accounts {
 /// The model gateway: models, their breakers, budgets, journal and counters.
 pub struct Gateway {
     pub(crate) models: BTreeMap<Arc<str>, Arc<Model>>,
-    pub(crate) client: HttpClient,
     pub(crate) config: GatewayConfig,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) sink: Arc<dyn EventSink>,
@@ -148,6 +147,7 @@ pub struct GatewayBuilder {
     clock: Option<Arc<dyn Clock>>,
     sink: Arc<dyn EventSink>,
     journal: Option<Arc<dyn CallJournal>>,
+    proxies: Option<keel_http::Proxies>,
 }
 
 impl fmt::Debug for GatewayBuilder {
@@ -189,6 +189,13 @@ impl GatewayBuilder {
         self
     }
 
+    /// The proxies upstreams are reached through (default: the process's
+    /// `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY`, read once).
+    pub fn proxies(mut self, proxies: keel_http::Proxies) -> Self {
+        self.proxies = Some(proxies);
+        self
+    }
+
     /// The gateway, once every model checks out.
     ///
     /// # Errors
@@ -206,6 +213,7 @@ impl GatewayBuilder {
             Arc::new(CountingSink { inner: self.sink, counters: counters.clone() });
         let gate = Arc::new(ConfidenceGate::new(GateConfig::default()));
         let mut models = BTreeMap::new();
+        let proxies = self.proxies.unwrap_or_else(keel_http::Proxies::from_env);
         for (name, config) in self.models {
             let key = match &config.api_key_env {
                 None => None,
@@ -219,10 +227,10 @@ impl GatewayBuilder {
                     }
                 },
             };
-            let endpoint = match Endpoint::new(&name, &config, key) {
+            let endpoint = match Endpoint::new(&name, &config, key, &proxies) {
                 Ok(e) => e,
-                Err(problem) => {
-                    problems.push(problem);
+                Err(found) => {
+                    problems.extend(found);
                     continue;
                 }
             };
@@ -277,7 +285,6 @@ impl GatewayBuilder {
         }
         Ok(Gateway {
             models,
-            client: upstream::client(),
             config: self.config,
             clock,
             sink,
@@ -436,6 +443,7 @@ impl Gateway {
             clock: None,
             sink: Arc::new(NullSink),
             journal: None,
+            proxies: None,
         }
     }
 
@@ -859,7 +867,7 @@ impl Gateway {
         let mut charge = charges.attempt(model, &body)?;
         let resp = model
             .endpoint
-            .send(&self.client, body, &*self.clock)
+            .send(body, &*self.clock)
             .await
             .map_err(|f| floor_rate_limit(f, model.config.policy.rate_limit_floor))?;
         charge.arm();
@@ -875,7 +883,7 @@ impl Gateway {
         charges: &Charges,
     ) -> Result<ParsedAnswer, AttemptError> {
         let (resp, charge) = self.send_to(model, req, charges).await?;
-        let bytes = upstream::read_body(resp.into_body()).await?;
+        let bytes = upstream::read_body(resp.into_body(), &model.endpoint.uri).await?;
         let answer = match model.endpoint.provider {
             Provider::Openai => parse_answer(&bytes, &model.name)?,
             Provider::Anthropic => {
