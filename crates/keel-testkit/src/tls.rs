@@ -296,15 +296,29 @@ impl ConnectProxy {
     /// # Panics
     /// When no port can be bound.
     pub async fn start() -> ConnectProxy {
+        Self::start_inner(None).await
+    }
+
+    /// Starts a proxy that answers 407 to a request without
+    /// `Proxy-Authorization: Basic` of `user:password`.
+    ///
+    /// # Panics
+    /// When no port can be bound.
+    pub async fn start_with_credentials(user: &str, password: &str) -> ConnectProxy {
+        Self::start_inner(Some(format!("Basic {}", base64(format!("{user}:{password}").as_bytes())))).await
+    }
+
+    async fn start_inner(credentials: Option<String>) -> ConnectProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind a loopback port");
         let addr = listener.local_addr().expect("the proxy's address");
         let seen = Arc::new(Mutex::new(Vec::new()));
+        let credentials = Arc::new(credentials);
         let task = {
             let seen = seen.clone();
             tokio::spawn(async move {
                 loop {
                     let Ok((client, _)) = listener.accept().await else { continue };
-                    tokio::spawn(proxy_one(client, seen.clone()));
+                    tokio::spawn(proxy_one(client, seen.clone(), credentials.clone()));
                 }
             })
         };
@@ -316,6 +330,11 @@ impl ConnectProxy {
         format!("http://{}", self.addr)
     }
 
+    /// `http://USER:PASSWORD@127.0.0.1:PORT`.
+    pub fn url_with(&self, user: &str, password: &str) -> String {
+        format!("http://{user}:{password}@{}", self.addr)
+    }
+
     /// The request line of each connection it was asked to make, in order
     /// (`CONNECT 127.0.0.1:8443 HTTP/1.1`, `POST http://127.0.0.1:80/x HTTP/1.1`).
     pub fn seen(&self) -> Vec<String> {
@@ -323,7 +342,24 @@ impl ConnectProxy {
     }
 }
 
-async fn proxy_one(mut client: TcpStream, seen: Arc<Mutex<Vec<String>>>) {
+fn base64(bytes: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [chunk[0], chunk.get(1).copied().unwrap_or(0), chunk.get(2).copied().unwrap_or(0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ABC[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+async fn proxy_one(mut client: TcpStream, seen: Arc<Mutex<Vec<String>>>, credentials: Arc<Option<String>>) {
     let mut head = Vec::new();
     let mut buf = [0u8; 4096];
     let end = loop {
@@ -339,6 +375,18 @@ async fn proxy_one(mut client: TcpStream, seen: Arc<Mutex<Vec<String>>>) {
     let text = String::from_utf8_lossy(&head[..end]).into_owned();
     let line = text.lines().next().unwrap_or_default().to_owned();
     seen.lock().unwrap_or_else(|p| p.into_inner()).push(line.clone());
+    if let Some(want) = credentials.as_ref() {
+        let given = text.lines().find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("proxy-authorization").then(|| value.trim().to_owned())
+        });
+        if given.as_deref() != Some(want.as_str()) {
+            let _ = client
+                .write_all(b"HTTP/1.1 407 Proxy Authentication Required\r\ncontent-length: 0\r\n\r\n")
+                .await;
+            return;
+        }
+    }
     let mut parts = line.split(' ');
     let (method, target) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
     let authority = if method == "CONNECT" {

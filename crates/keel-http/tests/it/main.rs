@@ -167,6 +167,31 @@ async fn https_goes_through_a_connect_proxy_unless_no_proxy_names_the_host() {
 }
 
 #[tokio::test]
+async fn a_proxy_wanting_credentials_gets_those_of_its_url_and_a_407_is_not_retried() {
+    let s = setup();
+    let srv = server(&s, &["127.0.0.1"], Validity::Current, false).await;
+    let proxy = ConnectProxy::start_with_credentials("keel", "s3cr:t").await;
+    let with =
+        Client::shared(&trusting(&s), &Proxies::new("", &proxy.url_with("keel", "s3cr%3At"), "")).unwrap();
+    assert_eq!(get_hello(&with, &srv.url()).await.unwrap().1, "hi");
+
+    let without = Client::shared(&trusting(&s), &Proxies::new("", &proxy.url(), "")).unwrap();
+    let (class, attempts, message) = through_pipeline(&without, &srv.url()).await;
+    assert_eq!((class, attempts), (ErrorClass::Unauthorized, 1), "{message}");
+    assert!(message.contains("407") && message.contains("HTTPS_PROXY=http://user:password@"), "{message}");
+    assert_eq!(proxy.seen().len(), 2);
+
+    // Plain http through it: the credentials go in each proxied request.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app()).await.unwrap() });
+    let plain =
+        Client::shared(&TlsConfig::default(), &Proxies::new(&proxy.url_with("keel", "s3cr%3At"), "", ""))
+            .unwrap();
+    assert_eq!(get_hello(&plain, &format!("http://{addr}")).await.unwrap().1, "hi");
+}
+
+#[tokio::test]
 async fn plain_http_goes_to_the_http_proxy_in_absolute_form() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
