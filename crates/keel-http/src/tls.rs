@@ -67,6 +67,12 @@ const MAX_PEM: u64 = 4 << 20;
 fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
     use std::io::Read;
     let shown = path.display();
+    // A directory, a FIFO (opening it would wait for a writer) or a device is refused
+    // before it is opened.
+    let meta = std::fs::metadata(path).map_err(|e| problem(key, format!("cannot read `{shown}`: {e}")))?;
+    if !meta.is_file() {
+        return Err(problem(key, format!("cannot read `{shown}`: not a regular file")));
+    }
     let file = std::fs::File::open(path).map_err(|e| problem(key, format!("cannot read `{shown}`: {e}")))?;
     let mut bytes = Vec::new();
     file.take(MAX_PEM + 1)

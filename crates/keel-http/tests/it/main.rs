@@ -262,7 +262,17 @@ fn bad_pem_files_are_named_by_key() {
     let p = problems(TlsConfig { ca_file: Some(missing.clone()), ..TlsConfig::default() });
     assert!(p.len() == 1 && p[0].contains("cannot read") && p[0].contains("missing.pem"), "{p:?}");
     let p = problems(TlsConfig { ca_file: Some(s.dir.path().to_owned()), ..TlsConfig::default() });
-    assert!(p.len() == 1 && p[0].contains("cannot read"), "a directory: {p:?}");
+    assert!(p.len() == 1 && p[0].contains("not a regular file"), "a directory: {p:?}");
+    let p = problems(TlsConfig { ca_file: Some("/dev/zero".into()), ..TlsConfig::default() });
+    assert!(p.len() == 1 && p[0].contains("not a regular file"), "a device: {p:?}");
+    let fifo = s.dir.path().join("fifo.pem");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let p = problems(TlsConfig { ca_file: Some(fifo), ..TlsConfig::default() });
+    assert!(p.len() == 1 && p[0].contains("not a regular file"), "a FIFO, never opened: {p:?}");
+    let huge = s.dir.path().join("huge.pem");
+    std::fs::File::create(&huge).unwrap().set_len(5 << 20).unwrap();
+    let p = problems(TlsConfig { ca_file: Some(huge), ..TlsConfig::default() });
+    assert!(p.len() == 1 && p[0].contains("larger than 4 MiB"), "{p:?}");
 
     // A certificate without its key, a key without its certificate: both named.
     let (cert, key) = s.ca.client_cert("a").write(s.dir.path(), "a");
