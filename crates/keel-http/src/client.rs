@@ -164,7 +164,7 @@ impl Proxies {
         if uri.scheme() != Some(&http::uri::Scheme::HTTP) || headers.contains_key(PROXY_AUTHORIZATION) {
             return;
         }
-        if let Some(auth) = self.matcher.intercept(&uri).as_ref().and_then(|i| i.basic_auth()) {
+        if let Some(auth) = self.proxy_for(&uri).as_ref().and_then(|i| i.basic_auth()) {
             headers.insert(PROXY_AUTHORIZATION, auth.clone());
         }
     }

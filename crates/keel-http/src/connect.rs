@@ -58,7 +58,7 @@ impl Connector {
         if !https && dst.scheme() != Some(&Scheme::HTTP) {
             return Err(Box::new(UnsupportedScheme));
         }
-        let (io, proxied) = match self.proxies.matcher.intercept(&dst) {
+        let (io, proxied) = match self.proxies.proxy_for(&dst) {
             None => (self.tcp.call(dst.clone()).await?, false),
             Some(proxy) => {
                 if proxy.uri().scheme() != Some(&Scheme::HTTP) {

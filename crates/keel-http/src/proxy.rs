@@ -2,7 +2,10 @@
 //!
 //! The rules are curl's, as hyper-util's `Matcher` implements them (the lowercase
 //! names too; `NO_PROXY` takes hosts, domains with their subdomains, IPs and CIDR
-//! ranges, or `*`). An `https` destination is reached through an `http://` proxy by a
+//! ranges, or `*`), plus Go's one exception: a loopback destination (`127.0.0.0/8`,
+//! `::1`, `localhost`, `*.localhost`) is always reached directly. A proxy elsewhere
+//! cannot reach this machine's loopback: sending a local model's traffic to it (and its
+//! credentials to a local server) is never what `HTTPS_PROXY` meant. An `https` destination is reached through an `http://` proxy by a
 //! CONNECT tunnel, so the proxy never sees the traffic; a plain `http` one is sent to
 //! the proxy in absolute form. The values are read when a process starts (or given by a
 //! test), never per call: a process's environment is not something to mutate under
@@ -10,7 +13,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use hyper_util::client::proxy::matcher::Matcher;
+use hyper_util::client::proxy::matcher::{Intercept, Matcher};
 
 /// Where a client's connections go through a proxy.
 #[derive(Clone)]
@@ -117,8 +120,28 @@ impl Proxies {
         Self { values, matcher: Arc::new(matcher) }
     }
 
+    /// The proxy `dst` goes through, if any.
+    pub(crate) fn proxy_for(&self, dst: &http::Uri) -> Option<Intercept> {
+        if dst.host().is_none_or(is_loopback) {
+            return None;
+        }
+        self.matcher.intercept(dst)
+    }
+
     pub(crate) fn values(&self) -> &ProxyValues {
         &self.values
+    }
+}
+
+/// Whether `host` (a URI's, IPv6 in brackets) names this machine's loopback.
+fn is_loopback(host: &str) -> bool {
+    let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    match bare.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => {
+            let name = bare.trim_end_matches('.').to_ascii_lowercase();
+            name == "localhost" || name.ends_with(".localhost")
+        }
     }
 }
 
@@ -129,7 +152,7 @@ mod tests {
     use super::Proxies;
 
     fn proxy_of(p: &Proxies, url: &str) -> Option<String> {
-        p.matcher.intercept(&url.parse().unwrap()).map(|i| i.uri().to_string())
+        p.proxy_for(&url.parse().unwrap()).map(|i| i.uri().to_string())
     }
 
     #[test]
@@ -154,6 +177,26 @@ mod tests {
             assert_eq!(proxy_of(&p, direct), None, "{direct}");
         }
         assert_eq!(proxy_of(&p, "https://notinternal.example/").as_deref(), Some("http://lower:3128/"));
+    }
+
+    #[test]
+    fn loopback_destinations_are_always_direct() {
+        let p = Proxies::new("http://proxy:8080", "http://proxy:3128", "");
+        for direct in [
+            "http://127.0.0.1:8080/v1",
+            "https://127.9.9.9/",
+            "https://[::1]:8443/",
+            "http://localhost/",
+            "http://LocalHost.:80/",
+            "https://models.localhost/",
+        ] {
+            assert_eq!(proxy_of(&p, direct), None, "{direct}");
+        }
+        for proxied in
+            ["https://10.0.0.1/", "https://localhost.example/", "http://128.0.0.1/", "https://[::2]/"]
+        {
+            assert!(proxy_of(&p, proxied).is_some(), "{proxied}");
+        }
     }
 
     #[test]

@@ -247,8 +247,8 @@ impl HttpsServer {
         format!("https://{}", self.addr)
     }
 
-    /// `https://HOST:PORT`, for a certificate made for `host` (which must resolve to
-    /// 127.0.0.1, like `localhost`).
+    /// `https://HOST:PORT`, for a certificate made for `host` (reached through a
+    /// [`ConnectProxy`], or a name that resolves to 127.0.0.1).
     pub fn url_as(&self, host: &str) -> String {
         format!("https://{host}:{}", self.addr.port())
     }
@@ -275,7 +275,9 @@ impl HttpsServer {
 }
 
 /// An HTTP proxy on 127.0.0.1: CONNECT tunnels, and plain requests in absolute form
-/// forwarded as they are. It reaches loopback destinations only. Stops when dropped.
+/// forwarded as they are. Every destination is 127.0.0.1 at the port asked for,
+/// whatever its host: a test names its servers with a name no resolver knows
+/// (`models.test`), so a request that bypassed the proxy fails. Stops when dropped.
 #[derive(Debug)]
 pub struct ConnectProxy {
     /// Its address.
@@ -390,13 +392,18 @@ async fn proxy_one(mut client: TcpStream, seen: Arc<Mutex<Vec<String>>>, credent
     let mut parts = line.split(' ');
     let (method, target) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
     let authority = if method == "CONNECT" {
-        target.to_owned()
+        target
     } else {
         let rest = target.strip_prefix("http://").unwrap_or_default();
-        rest.split(['/', '?']).next().unwrap_or_default().to_owned()
+        rest.split(['/', '?']).next().unwrap_or_default()
     };
-    let loopback = authority.starts_with("127.0.0.1:") || authority.starts_with("localhost:");
-    let upstream = if loopback { TcpStream::connect(&authority).await.ok() } else { None };
+    // Whatever the host, the destination is this machine: a test names its servers
+    // `models.test:PORT` so that only the proxy can reach them.
+    let port = authority.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok());
+    let upstream = match port {
+        Some(port) => TcpStream::connect(("127.0.0.1", port)).await.ok(),
+        None => None,
+    };
     let Some(mut upstream) = upstream else {
         let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\n\r\n").await;
         return;

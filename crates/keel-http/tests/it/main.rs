@@ -146,37 +146,40 @@ async fn http2_is_negotiated_when_the_server_offers_it() {
 }
 
 #[tokio::test]
-async fn https_goes_through_a_connect_proxy_unless_no_proxy_names_the_host() {
+async fn https_goes_through_a_connect_proxy_and_loopback_goes_direct() {
     let s = setup();
-    let srv = server(&s, &["127.0.0.1"], Validity::Current, true).await;
+    // `models.test` resolves nowhere: only the proxy (which takes every host to mean
+    // 127.0.0.1) can reach it, so a call that bypassed the proxy would fail.
+    let srv = server(&s, &["models.test", "127.0.0.1"], Validity::Current, true).await;
     let proxy = ConnectProxy::start().await;
     let via = Client::shared(&trusting(&s), &Proxies::new("", &proxy.url(), "")).unwrap();
-    assert_eq!(get_hello(&via, &srv.url()).await.unwrap(), (http::Version::HTTP_2, "hi".to_owned()));
-    assert_eq!(proxy.seen(), [format!("CONNECT {} HTTP/1.1", srv.addr)]);
+    let (version, body) = get_hello(&via, &srv.url_as("models.test")).await.unwrap();
+    assert_eq!((version, body.as_str()), (http::Version::HTTP_2, "hi"));
+    assert_eq!(proxy.seen(), [format!("CONNECT models.test:{} HTTP/1.1", srv.addr.port())]);
 
-    let bypass =
-        Client::shared(&trusting(&s), &Proxies::new("", &proxy.url(), "localhost,127.0.0.1")).unwrap();
-    assert_eq!(get_hello(&bypass, &srv.url()).await.unwrap().1, "hi");
-    assert_eq!(proxy.seen().len(), 1, "NO_PROXY went direct");
+    // A loopback destination never goes through a proxy (it could not reach it).
+    assert_eq!(get_hello(&via, &srv.url()).await.unwrap().1, "hi");
+    assert_eq!(proxy.seen().len(), 1, "127.0.0.1 went direct");
     assert_eq!(srv.connections(), 2);
 
     // The certificate is still checked end to end through the tunnel.
     let untrusting = Client::shared(&TlsConfig::default(), &Proxies::new("", &proxy.url(), "")).unwrap();
-    let (class, attempts, message) = through_pipeline(&untrusting, &srv.url()).await;
+    let (class, attempts, message) = through_pipeline(&untrusting, &srv.url_as("models.test")).await;
     assert_eq!((class, attempts), (ErrorClass::InvalidRequest, 1), "{message}");
+    assert!(message.contains("the certificate for models.test:"), "{message}");
 }
 
 #[tokio::test]
 async fn a_proxy_wanting_credentials_gets_those_of_its_url_and_a_407_is_not_retried() {
     let s = setup();
-    let srv = server(&s, &["127.0.0.1"], Validity::Current, false).await;
+    let srv = server(&s, &["models.test"], Validity::Current, false).await;
     let proxy = ConnectProxy::start_with_credentials("keel", "s3cr:t").await;
     let with =
         Client::shared(&trusting(&s), &Proxies::new("", &proxy.url_with("keel", "s3cr%3At"), "")).unwrap();
-    assert_eq!(get_hello(&with, &srv.url()).await.unwrap().1, "hi");
+    assert_eq!(get_hello(&with, &srv.url_as("models.test")).await.unwrap().1, "hi");
 
     let without = Client::shared(&trusting(&s), &Proxies::new("", &proxy.url(), "")).unwrap();
-    let (class, attempts, message) = through_pipeline(&without, &srv.url()).await;
+    let (class, attempts, message) = through_pipeline(&without, &srv.url_as("models.test")).await;
     assert_eq!((class, attempts), (ErrorClass::Unauthorized, 1), "{message}");
     assert!(message.contains("407") && message.contains("HTTPS_PROXY=http://user:password@"), "{message}");
     assert_eq!(proxy.seen().len(), 2);
@@ -188,7 +191,9 @@ async fn a_proxy_wanting_credentials_gets_those_of_its_url_and_a_407_is_not_retr
     let plain =
         Client::shared(&TlsConfig::default(), &Proxies::new(&proxy.url_with("keel", "s3cr%3At"), "", ""))
             .unwrap();
-    assert_eq!(get_hello(&plain, &format!("http://{addr}")).await.unwrap().1, "hi");
+    let base = format!("http://plain.test:{}", addr.port());
+    assert_eq!(get_hello(&plain, &base).await.unwrap().1, "hi");
+    assert_eq!(proxy.seen().len(), 3);
 }
 
 #[tokio::test]
@@ -198,8 +203,12 @@ async fn plain_http_goes_to_the_http_proxy_in_absolute_form() {
     tokio::spawn(async move { axum::serve(listener, app()).await.unwrap() });
     let proxy = ConnectProxy::start().await;
     let client = Client::shared(&TlsConfig::default(), &Proxies::new(&proxy.url(), "", "")).unwrap();
+    let base = format!("http://plain.test:{}", addr.port());
+    assert_eq!(get_hello(&client, &base).await.unwrap().1, "hi");
+    assert_eq!(proxy.seen(), [format!("GET {base}/hello HTTP/1.1")]);
+    // Direct to loopback, without the proxy's credentials or the absolute form.
     assert_eq!(get_hello(&client, &format!("http://{addr}")).await.unwrap().1, "hi");
-    assert_eq!(proxy.seen(), [format!("GET http://{addr}/hello HTTP/1.1")]);
+    assert_eq!(proxy.seen().len(), 1);
 }
 
 #[tokio::test]
