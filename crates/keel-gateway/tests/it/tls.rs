@@ -61,6 +61,27 @@ async fn an_expired_upstream_certificate_is_classified_and_not_retried() {
     assert_eq!(server.connections(), 1);
 }
 
+#[tokio::test]
+async fn a_model_shows_its_client_certificate_to_an_upstream_that_requires_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("internal models CA");
+    let clients = TestCa::new("gateway clients CA");
+    let leaf = ca.server_cert(&["127.0.0.1"], Validity::Current);
+    let (fake, server) = Fake::start_tls(server_config(&leaf, Some(&clients), true)).await;
+    let (cert, key) = clients.client_cert("keel-gateway").write(dir.path(), "keel");
+    let mut with = model(&fake, "m");
+    with.ca_file = Some(ca.write(dir.path(), "ca.pem"));
+    let without = with.clone();
+    (with.client_cert_file, with.client_key_file) = (Some(cert), Some(key));
+    let served = serve(vec![("mtls", with), ("plain", without)]).await;
+    let a = post_chat(&served.url, ask("mtls"), &[]).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let a = post_chat(&served.url, ask("plain"), &[]).await;
+    assert_eq!((a.status, a.header("x-keel-attempts")), (400, "1"), "{}", a.text);
+    assert!(a.text.contains("requires a client certificate"), "{}", a.text);
+    assert_eq!((server.requests(), fake.hits()), (1, 1));
+}
+
 #[test]
 fn bad_tls_files_are_config_problems_naming_the_model_and_key() {
     let dir = tempfile::tempdir().unwrap();

@@ -77,3 +77,27 @@ async fn https_proxy_and_no_proxy_come_from_the_environment_the_config_is_read_i
     let c = Config::parse(&text, &file, &with_no_proxy).unwrap();
     assert!(format!("{:?}", c.proxies).contains("no_proxy: \"payments.test\""), "{:?}", c.proxies);
 }
+
+#[tokio::test]
+async fn an_https_tool_shows_its_client_certificate_when_the_server_requires_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("payments CA");
+    let clients = TestCa::new("tools CA");
+    ca.write(dir.path(), "ca.pem");
+    clients.client_cert("keel").write(dir.path(), "keel");
+    let leaf = ca.server_cert(&["127.0.0.1"], Validity::Current);
+    let app = Router::new().route("/charge/{order}", post(charge));
+    let server = HttpsServer::start(server_config(&leaf, Some(&clients), false), app).await;
+    let file = dir.path().join("keel.toml");
+    let mutual = "ca_file = \"ca.pem\"\nclient_cert_file = \"keel.pem\"\nclient_key_file = \"keel.key\"";
+    let config = Config::parse(&tool_config(&server.url(), mutual), &file, &|_| None).unwrap();
+    let params = json!({"order": "c-1", "amount": 5});
+    let out = config.tools["charge"].invoke(&params, &TokioClock::new()).await.unwrap();
+    assert_eq!(out["body"]["charged"], 5);
+    let config =
+        Config::parse(&tool_config(&server.url(), "ca_file = \"ca.pem\""), &file, &|_| None).unwrap();
+    let e = config.tools["charge"].invoke(&params, &TokioClock::new()).await.unwrap_err();
+    assert_eq!(e.class, ErrorClass::InvalidRequest, "{e}");
+    assert!(e.message.contains("`client_cert_file`"), "{e}");
+    assert_eq!(server.requests(), 1);
+}
