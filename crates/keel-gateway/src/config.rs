@@ -6,6 +6,7 @@
 //! that holds the key, read once when the [`Gateway`](crate::Gateway) is built.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use keel_core::policy::{Checks, PolicyError};
@@ -141,6 +142,18 @@ pub struct ModelConfig {
     /// local servers. The key is read once, never logged.
     #[serde(default)]
     pub api_key_env: Option<String>,
+    /// For an `https` upstream behind an internal CA: a PEM file of CA certificates
+    /// trusted for this model, besides the built-in (Mozilla) roots. A relative path is
+    /// keel.toml's directory's.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// A PEM file of the client certificate (and its chain) shown to an upstream that
+    /// requires one (mutual TLS); needs `client_key_file`.
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    /// The PEM file of `client_cert_file`'s private key (PKCS#8, PKCS#1 or SEC1).
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
     /// The model id the upstream knows, e.g. "gpt-4o-mini".
     pub model: String,
     /// How the model is called.
@@ -200,6 +213,9 @@ impl ModelConfig {
             provider,
             base_url: base_url.into(),
             api_key_env: None,
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
             model: model.into(),
             policy: ModelPolicy::default(),
             fallbacks: Vec::new(),
@@ -269,18 +285,12 @@ pub struct ConfigError {
 pub(crate) fn check(models: &BTreeMap<String, ModelConfig>) -> Vec<String> {
     let mut problems = Vec::new();
     for (name, m) in models {
-        if !m.base_url.starts_with("http://") {
-            problems.push(if m.base_url.starts_with("https://") {
-                format!(
-                    "models.{name}.base_url: https upstreams need a TLS-terminating hop in this build \
-                     (e.g. a local proxy); `{}` is not reachable",
-                    m.base_url
-                )
-            } else {
-                format!("models.{name}.base_url: `{}` is not an http:// URL", m.base_url)
-            });
-        } else if m.base_url.parse::<http::Uri>().is_err() {
-            problems.push(format!("models.{name}.base_url: `{}` is not a valid URL", m.base_url));
+        let scheme_ok = m.base_url.starts_with("http://") || m.base_url.starts_with("https://");
+        if !scheme_ok {
+            problems
+                .push(format!("models.{name}.base_url: `{}` is not an http:// or https:// URL", m.base_url));
+        } else if let Err(e) = keel_http::parse_url(&m.base_url) {
+            problems.push(format!("models.{name}.base_url: `{}` is not a valid URL: {e}", m.base_url));
         }
         let refs = m
             .fallbacks

@@ -36,7 +36,7 @@ use crate::config::{self, ConfigError, GatewayConfig, ModelConfig, Provider};
 use crate::error::GatewayError;
 use crate::journal::{CallJournal, CallRecord, ModelFailure, Prompt};
 use crate::metrics::{CountingSink, MetricsSnapshot, ModelCounters, bump};
-use crate::upstream::{self, Endpoint, HttpClient};
+use crate::upstream::{self, Endpoint};
 use crate::validate;
 use crate::wire::{AnswerSummary, ChatRequest, ParsedAnswer, Usage, anthropic, parse_answer};
 
@@ -121,7 +121,6 @@ struct Accounts {
 /// The model gateway: models, their breakers, budgets, journal and counters.
 pub struct Gateway {
     pub(crate) models: BTreeMap<Arc<str>, Arc<Model>>,
-    pub(crate) client: HttpClient,
     pub(crate) config: GatewayConfig,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) sink: Arc<dyn EventSink>,
@@ -149,6 +148,7 @@ pub struct GatewayBuilder {
     sink: Arc<dyn EventSink>,
     journal: Option<Arc<dyn CallJournal>>,
     gate: Option<Arc<ConfidenceGate>>,
+    proxies: Option<keel_http::Proxies>,
 }
 
 impl fmt::Debug for GatewayBuilder {
@@ -198,6 +198,13 @@ impl GatewayBuilder {
         self
     }
 
+    /// The proxies upstreams are reached through (default: the process's
+    /// `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY`, read once).
+    pub fn proxies(mut self, proxies: keel_http::Proxies) -> Self {
+        self.proxies = Some(proxies);
+        self
+    }
+
     /// The gateway, once every model checks out.
     ///
     /// # Errors
@@ -215,6 +222,7 @@ impl GatewayBuilder {
             Arc::new(CountingSink { inner: self.sink, counters: counters.clone() });
         let gate = self.gate.unwrap_or_else(|| Arc::new(ConfidenceGate::new(GateConfig::default())));
         let mut models = BTreeMap::new();
+        let proxies = self.proxies.unwrap_or_else(keel_http::Proxies::from_env);
         for (name, config) in self.models {
             let key = match &config.api_key_env {
                 None => None,
@@ -228,10 +236,10 @@ impl GatewayBuilder {
                     }
                 },
             };
-            let endpoint = match Endpoint::new(&name, &config, key) {
+            let endpoint = match Endpoint::new(&name, &config, key, &proxies) {
                 Ok(e) => e,
-                Err(problem) => {
-                    problems.push(problem);
+                Err(found) => {
+                    problems.extend(found);
                     continue;
                 }
             };
@@ -290,7 +298,6 @@ impl GatewayBuilder {
         }
         Ok(Gateway {
             models,
-            client: upstream::client(),
             config: self.config,
             clock,
             sink,
@@ -452,6 +459,7 @@ impl Gateway {
             sink: Arc::new(NullSink),
             journal: None,
             gate: None,
+            proxies: None,
         }
     }
 
@@ -879,7 +887,7 @@ impl Gateway {
     ) -> Result<(hyper::Response<hyper::body::Incoming>, AttemptCharge), AttemptError> {
         let body = self.body_for(model, req)?;
         let mut charge = charges.attempt(model, &body)?;
-        let resp = model.endpoint.send(&self.client, body, &*self.clock).await?;
+        let resp = model.endpoint.send(body, &*self.clock).await?;
         charge.arm();
         Ok((resp, charge))
     }
@@ -893,7 +901,7 @@ impl Gateway {
         charges: &Charges,
     ) -> Result<ParsedAnswer, AttemptError> {
         let (resp, charge) = self.send_to(model, req, charges).await?;
-        let bytes = upstream::read_body(resp.into_body()).await?;
+        let bytes = upstream::read_body(resp.into_body(), &model.endpoint.uri).await?;
         let answer = match model.endpoint.provider {
             Provider::Openai => parse_answer(&bytes, &model.name)?,
             Provider::Anthropic => {

@@ -1,40 +1,22 @@
-//! Calling an upstream over HTTP: hyper-util's pooled client, and every way a call
-//! can fail reduced to a [`Failure`].
+//! Calling an upstream over HTTP: keel-http's pooled client (TLS, proxies), and every
+//! way a call can fail reduced to a [`Failure`].
 //!
-//! hyper-util's client costs 15–20 µs less per request than reqwest here, and the
-//! gateway needs nothing reqwest adds: bodies are bytes, connections are pooled and
-//! kept alive, and TLS is not built in (see `ModelConfig::base_url`).
-
-use std::time::Duration;
+//! Transport errors are classified by keel-http (`keel_http::transport_failure`, the
+//! one home of it); statuses by `keel_core::classify::http_response`.
 
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderName, HeaderValue};
 use http::{Request, Response, Uri};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use keel_core::{Clock, ErrorClass, Failure};
+use keel_http::{Client, Proxies, TlsConfig};
 
 use crate::config::{ModelConfig, Provider};
 use crate::wire::anthropic;
 
-/// The pooled HTTP/1 client every upstream call goes through.
-pub(crate) type HttpClient = Client<HttpConnector, Full<Bytes>>;
-
 /// The largest answer body read from an upstream.
 const MAX_BODY: usize = 32 << 20;
-
-pub(crate) fn client() -> HttpClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_keepalive(Some(Duration::from_secs(60)));
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(1024)
-        .build(connector)
-}
 
 /// Where and how one model is reached.
 #[derive(Debug, Clone)]
@@ -42,18 +24,45 @@ pub(crate) struct Endpoint {
     pub(crate) uri: Uri,
     pub(crate) provider: Provider,
     auth: Option<(HeaderName, HeaderValue)>,
+    /// The process's client for this model's TLS settings and the proxies.
+    client: Client,
 }
 
 impl Endpoint {
-    /// The endpoint of `config`, with the key found by `env`.
-    pub(crate) fn new(name: &str, config: &ModelConfig, key: Option<String>) -> Result<Self, String> {
+    /// The endpoint of `config`, with the key found by `env`, reached through `proxies`.
+    ///
+    /// # Errors
+    /// Every problem, as `models.NAME.key: message`.
+    pub(crate) fn new(
+        name: &str,
+        config: &ModelConfig,
+        key: Option<String>,
+        proxies: &Proxies,
+    ) -> Result<Self, Vec<String>> {
+        let tls = TlsConfig {
+            ca_file: config.ca_file.clone(),
+            client_cert_file: config.client_cert_file.clone(),
+            client_key_file: config.client_key_file.clone(),
+        };
+        let mut problems = Vec::new();
+        let client = match Client::shared(&tls, proxies) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                problems.extend(e.iter().map(|p| format!("models.{name}.{p}")));
+                None
+            }
+        };
         let path = match config.provider {
             Provider::Openai => "/chat/completions",
             Provider::Anthropic => "/messages",
         };
-        let uri: Uri = format!("{}{path}", config.base_url.trim_end_matches('/'))
-            .parse()
-            .map_err(|e| format!("models.{name}.base_url: {e}"))?;
+        let uri = match format!("{}{path}", config.base_url.trim_end_matches('/')).parse::<Uri>() {
+            Ok(u) => Some(u),
+            Err(e) => {
+                problems.push(format!("models.{name}.base_url: {e}"));
+                None
+            }
+        };
         let auth = match key {
             None => None,
             Some(key) => {
@@ -61,13 +70,25 @@ impl Endpoint {
                     Provider::Openai => (AUTHORIZATION, format!("Bearer {key}")),
                     Provider::Anthropic => (HeaderName::from_static("x-api-key"), key),
                 };
-                let mut value = HeaderValue::from_str(&value)
-                    .map_err(|_| format!("models.{name}.api_key_env: the key is not a valid header value"))?;
-                value.set_sensitive(true);
-                Some((header, value))
+                match HeaderValue::from_str(&value) {
+                    Ok(mut value) => {
+                        value.set_sensitive(true);
+                        Some((header, value))
+                    }
+                    Err(_) => {
+                        problems
+                            .push(format!("models.{name}.api_key_env: the key is not a valid header value"));
+                        None
+                    }
+                }
             }
         };
-        Ok(Self { uri, provider: config.provider, auth })
+        match (client, uri) {
+            (Some(client), Some(uri)) if problems.is_empty() => {
+                Ok(Self { uri, provider: config.provider, auth, client })
+            }
+            _ => Err(problems),
+        }
     }
 
     /// Sends `body` and returns the response once its status is a success; any other
@@ -75,12 +96,7 @@ impl Endpoint {
     ///
     /// # Cancel safety
     /// Dropping the future drops the connection's request; the pool discards it.
-    pub(crate) async fn send(
-        &self,
-        client: &HttpClient,
-        body: Vec<u8>,
-        clock: &dyn Clock,
-    ) -> Result<Response<Incoming>, Failure> {
+    pub(crate) async fn send(&self, body: Vec<u8>, clock: &dyn Clock) -> Result<Response<Incoming>, Failure> {
         let mut req = Request::post(self.uri.clone()).header(CONTENT_TYPE, "application/json");
         if let Some((name, value)) = &self.auth {
             req = req.header(name, value);
@@ -91,41 +107,19 @@ impl Endpoint {
         let req = req.body(Full::new(Bytes::from(body))).map_err(|e| {
             Failure::new(ErrorClass::InvalidRequest, format!("cannot build the upstream request: {e}"))
         })?;
-        let resp = client.request(req).await.map_err(|e| {
-            let what = if e.is_connect() {
-                "cannot connect to the upstream"
-            } else {
-                "the upstream connection failed"
-            };
-            Failure::new(ErrorClass::Network, format!("{what}: {}", source_chain(&e)))
-        })?;
+        let resp = self.client.send(req).await?;
         if resp.status().is_success() {
             return Ok(resp);
         }
         let (parts, body) = resp.into_parts();
-        let bytes = read_body(body).await.unwrap_or_default();
+        let bytes = read_body(body, &self.uri).await.unwrap_or_default();
         let failure = keel_core::classify::http_response(parts.status, &parts.headers, &bytes, clock.wall())
             .unwrap_or_else(|| Failure::new(ErrorClass::ServerError, format!("HTTP {}", parts.status)));
         Err(failure)
     }
 }
 
-/// Reads a whole body, up to a cap.
-pub(crate) async fn read_body(body: Incoming) -> Result<Bytes, Failure> {
-    Limited::new(body, MAX_BODY)
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .map_err(|e| Failure::new(ErrorClass::Network, format!("reading the upstream's answer failed: {e}")))
-}
-
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(s) = next {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        next = s.source();
-    }
-    out
+/// Reads a whole body from `uri`, up to a cap.
+pub(crate) async fn read_body(body: Incoming, uri: &Uri) -> Result<Bytes, Failure> {
+    keel_http::read_body(body, MAX_BODY, uri).await
 }

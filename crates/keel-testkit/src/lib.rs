@@ -22,6 +22,9 @@ use sqlx::Connection as _;
 mod proxy;
 pub use proxy::{Proxy, target_of};
 
+#[cfg(feature = "tls")]
+pub mod tls;
+
 /// The environment variable naming an existing server to test against.
 pub const POSTGRES_URL_ENV: &str = "KEEL_TEST_POSTGRES_URL";
 

@@ -192,7 +192,8 @@ impl Source {
                     }
                 }
                 Some(Err(e)) => {
-                    return Err(Failure::new(ErrorClass::Network, format!("the upstream stream broke: {e}")));
+                    let f = keel_http::transport_failure(&e, "the upstream", keel_http::Stage::Body);
+                    return Err(Failure::new(f.class, format!("the upstream stream broke: {}", f.message)));
                 }
                 None => {
                     self.ended = true;

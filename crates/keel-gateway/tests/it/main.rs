@@ -7,4 +7,5 @@ mod policy;
 mod python;
 mod streaming;
 mod support;
+mod tls;
 mod validation;

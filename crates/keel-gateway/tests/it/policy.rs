@@ -392,7 +392,7 @@ async fn keys_come_from_the_environment_and_bad_configs_list_every_problem() {
 
     keyed.api_key_env = Some("MISSING".into());
     keyed.fallbacks = vec!["ghost".into()];
-    keyed.base_url = "https://api.example.com/v1".into();
+    keyed.base_url = "ftp://api.example.com/v1".into();
     let models = [("gpt".to_owned(), keyed)].into_iter().collect();
     let e = keel_gateway::Gateway::builder(models).env(|_| None).build().unwrap_err();
     assert_eq!(e.problems.len(), 3, "{e}");

@@ -96,14 +96,22 @@ impl Fake {
     /// Starts a fake that answers `Text(["Hello", " world"])` unless scripted.
     pub(crate) async fn start() -> Fake {
         let state = Arc::new(FakeState::default());
-        let app = Router::new()
-            .route("/v1/chat/completions", post(openai))
-            .route("/v1/messages", post(anthropic))
-            .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/v1", listener.local_addr().unwrap());
+        let app = fake_app(state.clone());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         Fake { url, state }
+    }
+
+    /// The same fake over TLS with `config` (keel-testkit's HTTPS server, which counts
+    /// connections and requests), at `https://127.0.0.1:PORT/v1`.
+    #[allow(dead_code)]
+    pub(crate) async fn start_tls(
+        config: Arc<keel_testkit::tls::rustls::ServerConfig>,
+    ) -> (Fake, keel_testkit::tls::HttpsServer) {
+        let state = Arc::new(FakeState::default());
+        let server = keel_testkit::tls::HttpsServer::start(config, fake_app(state.clone())).await;
+        (Fake { url: format!("{}/v1", server.url()), state }, server)
     }
 
     /// Queues replies, used in order before the default.
@@ -419,6 +427,13 @@ async fn anthropic(State(state): State<Arc<FakeState>>, headers: HeaderMap, body
     resp
 }
 
+fn fake_app(state: Arc<FakeState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(openai))
+        .route("/v1/messages", post(anthropic))
+        .with_state(state)
+}
+
 /// A model on `fake` with quick, test-sized policies.
 pub(crate) fn model(fake: &Fake, upstream_model: &str) -> ModelConfig {
     let mut m = ModelConfig::new(Provider::Openai, &fake.url, upstream_model);
@@ -500,6 +515,8 @@ pub(crate) async fn serve_clocked(
             .clock(clock)
             .sink(events.clone())
             .journal(journal.clone())
+            // Whatever proxies the machine running the tests has, the fakes are local.
+            .proxies(keel_http::Proxies::none())
             .build()
             .unwrap(),
     );

@@ -61,6 +61,9 @@ pub struct Config {
     pub gateway: keel_gateway::GatewayConfig,
     /// The models' upstream keys, by environment variable (never logged).
     pub model_keys: Arc<BTreeMap<String, String>>,
+    /// `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` as the environment held them when the
+    /// config was read: models and http tools are reached through them.
+    pub proxies: keel_http::Proxies,
     /// What is valid but dangerous (a parameter inside a `sh -c` script...): `keel
     /// config check` prints these; a config shipped as an example has none.
     pub warnings: Vec<ConfigError>,
@@ -72,6 +75,7 @@ impl Config {
         let keys = self.model_keys.clone();
         keel_gateway::Gateway::builder(self.models.clone())
             .config(self.gateway.clone())
+            .proxies(self.proxies.clone())
             .env(move |var| keys.get(var).cloned())
     }
 }
@@ -109,6 +113,11 @@ impl std::fmt::Debug for Config {
             .field("models", &self.models.keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
+}
+
+/// The directory relative paths of `file` are taken from.
+fn config_dir(file: &Path) -> &Path {
+    file.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."))
 }
 
 /// `[storage] claim_ttl` when not set.
@@ -386,10 +395,13 @@ impl Config {
             }
         };
 
+        // Proxies are read once, here, from the environment the config is read in.
+        let proxies = keel_http::Proxies::from_lookup(env);
         let mut tools = BTreeMap::new();
         for (name, spanned) in &raw.tools {
             let at = Some(spanned.span().start);
-            if let Some(tool) = tool_from(&mut c, name, spanned.get_ref(), at, &base, &inherited, &raw, env) {
+            let tool = tool_from(&mut c, name, spanned.get_ref(), at, &base, &inherited, &raw, env, &proxies);
+            if let Some(tool) = tool {
                 tools.insert(name.clone(), Arc::new(tool));
             }
         }
@@ -456,8 +468,24 @@ impl Config {
         check_server(&mut c, &raw.server);
 
         // Models: the gateway checks them; its problems name `models.NAME.field`.
-        let models: BTreeMap<String, keel_gateway::ModelConfig> =
-            raw.models.iter().map(|(k, v)| (k.clone(), v.get_ref().clone())).collect();
+        // TLS files are keel.toml's directory's when relative.
+        let models: BTreeMap<String, keel_gateway::ModelConfig> = raw
+            .models
+            .iter()
+            .map(|(k, v)| {
+                let mut m = v.get_ref().clone();
+                let dir = config_dir(file);
+                let join = |p: &mut Option<PathBuf>| {
+                    if let Some(path) = p.as_mut() {
+                        *path = dir.join(&*path);
+                    }
+                };
+                join(&mut m.ca_file);
+                join(&mut m.client_cert_file);
+                join(&mut m.client_key_file);
+                (k.clone(), m)
+            })
+            .collect();
         let mut model_keys = BTreeMap::new();
         for m in models.values() {
             if let Some(var) = &m.api_key_env {
@@ -471,6 +499,7 @@ impl Config {
             let keys = model_keys.clone();
             let built = keel_gateway::Gateway::builder(models.clone())
                 .config(raw.gateway.clone())
+                .proxies(proxies.clone())
                 .env(move |var| keys.get(var).cloned())
                 .build();
             if let Err(e) = built {
@@ -502,6 +531,7 @@ impl Config {
             models,
             gateway: raw.gateway,
             model_keys,
+            proxies,
             warnings: c.warnings,
         })
     }
@@ -614,6 +644,7 @@ fn tool_from(
     inherited: &Inherited,
     raw: &RawConfig,
     env: &dyn Fn(&str) -> Option<String>,
+    proxies: &keel_http::Proxies,
 ) -> Option<Tool> {
     let before = c.errors.len();
     let key = |k: &str| format!("tools.{name}.{k}");
@@ -768,6 +799,9 @@ fn tool_from(
             ("headers", !t.headers.is_empty()),
             ("headers_env", !t.headers_env.is_empty()),
             ("body", t.body.is_some()),
+            ("ca_file", t.ca_file.is_some()),
+            ("client_cert_file", t.client_cert_file.is_some()),
+            ("client_key_file", t.client_key_file.is_some()),
         ],
     );
     let (wrong, kind_name) = match t.kind {
@@ -776,7 +810,8 @@ fn tool_from(
     };
     for (k, set) in wrong {
         if *set {
-            c.error(at, key(k), format!("does not apply to a tool of kind `{kind_name}`"));
+            let line = c.spans.find_key(&key(k)).or(at);
+            c.error(line, key(k), format!("does not apply to a tool of kind `{kind_name}`"));
         }
     }
 
@@ -849,18 +884,8 @@ fn tool_from(
             let url = t.url.clone().unwrap_or_default();
             if url.is_empty() {
                 c.error(at, key("url"), "an http tool needs `url`");
-            } else if url.starts_with("https://") {
-                // This build's HTTP client carries no TLS stack (it would double the
-                // build on 2 cores); say so now rather than fail every call later.
-                c.error(
-                    at,
-                    key("url"),
-                    format!(
-                        "`{url}`: https tools need a TLS-terminating hop in this build (e.g. a local proxy)"
-                    ),
-                );
-            } else if !url.starts_with("http://") {
-                c.error(at, key("url"), format!("`{url}` is not an http:// URL"));
+            } else if !url.starts_with("http://") && !url.starts_with("https://") {
+                c.error(at, key("url"), format!("`{url}` is not an http:// or https:// URL"));
             } else if let Err(problem) = crate::tool::http::check_url_template(&url) {
                 c.error(at, key("url"), problem);
             }
@@ -894,7 +919,27 @@ fn tool_from(
                     c.error(at, key("headers"), format!("`{h}` is not a valid header"));
                 }
             }
-            method.map(|method| ToolKind::Http(HttpTool::new(method, url, headers, t.body.clone())))
+            // The process's client for this tool's TLS settings; a bad file is named
+            // at its key's line.
+            let tls = keel_http::TlsConfig {
+                ca_file: t.ca_file.clone(),
+                client_cert_file: t.client_cert_file.clone(),
+                client_key_file: t.client_key_file.clone(),
+            }
+            .relative_to(config_dir(c.file));
+            let client = match keel_http::Client::shared(&tls, proxies) {
+                Ok(client) => Some(client),
+                Err(problems) => {
+                    for p in problems {
+                        let k = key(p.key);
+                        c.error(c.spans.find_key(&k).or(at), k, p.message);
+                    }
+                    None
+                }
+            };
+            method.zip(client).map(|(method, client)| {
+                ToolKind::Http(HttpTool::new(method, url, headers, t.body.clone(), client))
+            })
         }
     };
 

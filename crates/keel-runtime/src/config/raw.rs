@@ -1,6 +1,7 @@
 //! The first stage of `keel.toml`: plain serde values, exactly as written.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use keel_core::budget::BudgetConfig;
@@ -404,4 +405,15 @@ pub struct ToolConfig {
     /// http: the JSON body template (default: the parameters themselves).
     #[serde(default)]
     pub body: Option<serde_json::Value>,
+    /// http: for an `https` URL behind an internal CA, a PEM file of CA certificates
+    /// trusted for this tool besides the built-in (Mozilla) roots; relative to
+    /// keel.toml's directory.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// http: a PEM file of the client certificate (mutual TLS); needs `client_key_file`.
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    /// http: the PEM file of `client_cert_file`'s private key.
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
 }

@@ -111,7 +111,7 @@ policy = { retry = { max_attempts = "three" } }
     let lines: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
     let has = |needle: &str| assert!(lines.iter().any(|l| l.contains(needle)), "{needle} in {lines:#?}");
     has("conf/keel.toml:2: tools.a.argv: a command tool needs `argv`");
-    has("tools.b.url: `ftp://x` is not an http:// URL");
+    has("tools.b.url: `ftp://x` is not an http:// or https:// URL");
     has("tools.b.headers: `Authorization` is a secret: use `headers_env`");
     has("tools.b.headers_env: environment variable `MISSING_VAR` is not set");
     has(":10: tools.b.undo: no tool named `nope`");
@@ -156,10 +156,45 @@ fn models_are_checked_by_the_gateway_with_their_lines() {
 }
 
 #[test]
-fn https_tools_are_refused_up_front_in_this_build() {
-    let e =
-        parse("[tools.t]\nkind = \"http\"\nurl = \"https://api.example.com/x\"\n").unwrap_err().to_string();
-    assert!(e.contains("tools.t.url") && e.contains("TLS"), "{e}");
+fn https_tools_and_models_are_accepted_and_bad_tls_files_are_named_at_their_line() {
+    let ok = parse("[tools.t]\nkind = \"http\"\nurl = \"https://api.example.com/x\"\n");
+    assert!(ok.is_ok(), "{:?}", ok.err());
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.pem");
+    std::fs::write(&junk, "not a certificate\n").unwrap();
+    let text = format!(
+        r#"
+[tools.t]
+kind = "http"
+url = "https://api.example.com/x"
+ca_file = "missing-ca.pem"
+
+[tools.u]
+kind = "http"
+url = "https://api.example.com/y"
+client_cert_file = "{junk}"
+
+[tools.c]
+kind = "command"
+argv = ["true"]
+ca_file = "ca.pem"
+
+[models.gpt]
+provider = "openai"
+base_url = "https://api.openai.com/v1"
+model = "gpt-4o-mini"
+ca_file = "{junk}"
+"#,
+        junk = junk.display()
+    );
+    let e = Config::parse(&text, &dir.path().join("keel.toml"), &|_| None).unwrap_err().to_string();
+    let has = |want: &str| assert!(e.contains(want), "{want:?} in:\n{e}");
+    has("keel.toml:5: tools.t.ca_file: cannot read `");
+    has("missing-ca.pem`");
+    has("keel.toml:10: tools.u.client_cert_file: a client certificate needs its private key");
+    has("keel.toml:15: tools.c.ca_file: does not apply to a tool of kind `command`");
+    has("keel.toml:21: models.gpt.ca_file: `");
+    has("holds no `BEGIN CERTIFICATE` block");
 }
 
 #[test]

@@ -1,5 +1,9 @@
-//! HTTP tools: one request per attempt, classified by status and `Retry-After`.
+//! HTTP tools: one request per attempt over keel-http's pooled client (TLS, proxies),
+//! classified by status and `Retry-After`; transport errors by keel-http.
 
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
+use http_body_util::Full;
 use keel_core::classify::http_response;
 use keel_core::{Clock, ErrorClass, Failure};
 use serde_json::{Value, json};
@@ -17,8 +21,11 @@ pub struct HttpTool {
     headers: Vec<(String, String)>,
     /// The body template; `None` sends the parameters themselves.
     pub body: Option<Value>,
-    client: reqwest::Client,
+    client: keel_http::Client,
 }
+
+/// The largest answer body read from a tool.
+const MAX_BODY: usize = 32 << 20;
 
 impl std::fmt::Debug for HttpTool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -33,18 +40,16 @@ impl std::fmt::Debug for HttpTool {
 }
 
 impl HttpTool {
-    /// A tool sending `method` to `url`.
+    /// A tool sending `method` to `url` through `client` (the process's client for the
+    /// tool's TLS settings: [`keel_http::Client::shared`]). Per-attempt timeouts come
+    /// from the pipeline; the client only bounds connecting.
     pub fn new(
         method: http::Method,
         url: String,
         headers: Vec<(String, String)>,
         body: Option<Value>,
+        client: keel_http::Client,
     ) -> Self {
-        // Per-attempt timeouts come from the pipeline; the client only bounds connecting.
-        let client = reqwest::Client::builder()
-            .connect_timeout(std::time::Duration::from_secs(10))
-            .build()
-            .unwrap_or_default();
         Self { method, url, headers, body, client }
     }
 
@@ -68,33 +73,51 @@ impl HttpTool {
                 ),
             ));
         }
-        let url = reqwest::Url::parse(&url).map_err(|e| {
+        let uri = keel_http::parse_url(&url).map_err(|e| {
             Failure::new(ErrorClass::InvalidRequest, format!("the tool's URL is not valid: {e}"))
         })?;
-        let mut req = self.client.request(self.method.clone(), url);
+        let mut req = http::Request::builder().method(self.method.clone()).uri(uri.clone());
+        let mut has_type = false;
         for (name, value) in &self.headers {
+            let (Ok(name), Ok(mut value)) =
+                (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value))
+            else {
+                return Err(Failure::new(
+                    ErrorClass::InvalidRequest,
+                    format!("`{name}` is not a valid header"),
+                ));
+            };
+            // Values may be secrets (`headers_env`): never printed by hyper's Debug.
+            value.set_sensitive(true);
+            has_type |= name == CONTENT_TYPE;
             req = req.header(name, value);
         }
         if let Some(key) = key {
             req = req.header("Idempotency-Key", key);
         }
+        let mut payload = Bytes::new();
         if self.method != http::Method::GET && self.method != http::Method::HEAD {
             let body = match &self.body {
                 Some(t) => render_json(t, params).map_err(invalid)?,
                 None => params.clone(),
             };
-            req = req.json(&body);
+            if !has_type {
+                req = req.header(CONTENT_TYPE, "application/json");
+            }
+            payload = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
         }
-        let resp = req.send().await.map_err(|e| transport(&e))?;
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let bytes = resp.bytes().await.map_err(|e| transport(&e))?;
-        if let Some(failure) = http_response(status, &headers, &bytes, clock.wall()) {
+        let req = req.body(Full::new(payload)).map_err(|e| {
+            Failure::new(ErrorClass::InvalidRequest, format!("cannot build the request: {e}"))
+        })?;
+        let resp = self.client.send(req).await?;
+        let (parts, body) = resp.into_parts();
+        let bytes = keel_http::read_body(body, MAX_BODY, &uri).await?;
+        if let Some(failure) = http_response(parts.status, &parts.headers, &bytes, clock.wall()) {
             return Err(failure);
         }
         let body = serde_json::from_slice::<Value>(&bytes)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-        Ok(json!({ "status": status.as_u16(), "body": body }))
+        Ok(json!({ "status": parts.status.as_u16(), "body": body }))
     }
 }
 
@@ -115,13 +138,13 @@ fn dot_segment(url: &str) -> Option<&str> {
     })
 }
 
-/// Checks an http tool's URL template at config time: `http://`, a scheme and host
+/// Checks an http tool's URL template at config time: `http://` or `https://`, a scheme and host
 /// written in the config (never from a parameter), no dot segment, parseable.
 ///
 /// # Errors
 /// What is wrong, for the config error.
 pub(crate) fn check_url_template(url: &str) -> Result<(), String> {
-    let end = authority_end(url).ok_or_else(|| format!("`{url}` is not an http:// URL"))?;
+    let end = authority_end(url).ok_or_else(|| format!("`{url}` is not an http:// or https:// URL"))?;
     if url[..end].contains("{{") {
         return Err(format!(
             "`{url}`: the scheme and host must be written here, never come from a parameter \
@@ -132,7 +155,7 @@ pub(crate) fn check_url_template(url: &str) -> Result<(), String> {
     if let Some(seg) = dot_segment(&sample) {
         return Err(format!("`{url}`: the path holds the segment `{seg}`; write the path it means"));
     }
-    reqwest::Url::parse(&sample).map_err(|e| format!("`{url}` is not a valid URL: {e}"))?;
+    keel_http::parse_url(&sample).map_err(|e| format!("`{url}` is not a valid URL: {e}"))?;
     Ok(())
 }
 
@@ -155,37 +178,4 @@ fn replace_placeholders(url: &str) -> String {
     }
     out.push_str(rest);
     out
-}
-
-fn transport(e: &reqwest::Error) -> Failure {
-    // A request reqwest cannot even build (a bad URL, a bad header) never gets better.
-    let class = if e.is_builder() {
-        ErrorClass::InvalidRequest
-    } else if e.is_timeout() {
-        ErrorClass::Timeout
-    } else {
-        ErrorClass::Network
-    };
-    // Without the URL: it may carry a token in its query.
-    Failure::new(class, e.without_url_ref().to_string())
-}
-
-trait WithoutUrl {
-    fn without_url_ref(&self) -> String;
-}
-
-impl WithoutUrl for reqwest::Error {
-    fn without_url_ref(&self) -> String {
-        let mut text = self.to_string();
-        if let Some(url) = self.url() {
-            text = text.replace(url.as_str(), "<url>");
-        }
-        let mut source = std::error::Error::source(self);
-        while let Some(s) = source {
-            text.push_str(": ");
-            text.push_str(&s.to_string());
-            source = s.source();
-        }
-        text
-    }
 }

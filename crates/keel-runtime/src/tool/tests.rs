@@ -443,7 +443,7 @@ fn the_scheme_and_host_never_come_from_a_parameter_and_bad_urls_are_config_error
         ("http://127.0.0.1:99999/x", "is not a valid URL"),
         ("http://exa mple/x", "is not a valid URL"),
         ("http://127.0.0.1/a/../admin", "holds the segment `..`"),
-        ("{{base}}/x", "is not an http:// URL"),
+        ("{{base}}/x", "is not an http:// or https:// URL"),
     ] {
         let text = format!("\n[tools.t]\nkind = \"http\"\nurl = \"{url}\"\n");
         let e = Config::parse(&text, Path::new("keel.toml"), &|_| None).unwrap_err().to_string();
@@ -456,7 +456,10 @@ fn the_scheme_and_host_never_come_from_a_parameter_and_bad_urls_are_config_error
 async fn an_invalid_url_is_invalid_request_and_not_retried() {
     use keel_core::{Pipeline, PolicyConfig};
     // Past the config's check (a Rust caller building the tool itself).
-    let tool = super::HttpTool::new(http::Method::POST, "http://127.0.0.1:99999/x".into(), Vec::new(), None);
+    let client =
+        keel_http::Client::shared(&keel_http::TlsConfig::default(), &keel_http::Proxies::none()).unwrap();
+    let tool =
+        super::HttpTool::new(http::Method::POST, "http://127.0.0.1:99999/x".into(), Vec::new(), None, client);
     let clock = TokioClock::new();
     let e = tool.send(&json!({}), &clock, None).await.unwrap_err();
     assert_eq!(e.class, ErrorClass::InvalidRequest, "{e:?}");
