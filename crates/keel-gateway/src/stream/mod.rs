@@ -39,7 +39,10 @@
 //! or at its upper bound when the upstream gave none (a cut, a stall, a client gone).
 //! The final usage (sent only when the agent asked with
 //! `stream_options.include_usage`) is the sum of every attempt's charge: the numbers
-//! the budgets, the journal and `/metrics` have.
+//! the budgets, the journal and `/metrics` have. A rescued stream's last chunk (empty
+//! `choices`, like the usage chunk, which it is when usage was asked for) carries
+//! `"keel": {"models": [...], "rescue": "prefill"|"splice"}`: every model whose text
+//! the client received, since the headers went out before the cut.
 
 pub(crate) mod source;
 
@@ -164,6 +167,7 @@ impl Gateway {
             usage: None,
             charge: None,
             rescue: None,
+            answered: Vec::new(),
         };
         tokio::spawn(pump.run(model, opened));
         Ok(response)
@@ -292,6 +296,8 @@ struct Pump {
     /// The current attempt's reservation.
     charge: Option<AttemptCharge>,
     rescue: Option<&'static str>,
+    /// The models whose text reached the client, in order.
+    answered: Vec<Arc<str>>,
 }
 
 /// How a rescue went.
@@ -534,6 +540,9 @@ impl Pump {
         }
         if let Some(text) = &piece.content {
             self.sent_text.push_str(text);
+            if !text.is_empty() && self.answered.last() != Some(&model.name) {
+                self.answered.push(model.name.clone());
+            }
         }
         if let Some(raw) = &piece.tool_calls {
             self.sent_tools = true;
@@ -616,15 +625,26 @@ impl Pump {
             return;
         }
         let usage = self.charges.spent().usage;
-        if self.req.include_usage {
-            let frame = frame(&format!(
-                "{{\"id\":{},\"object\":\"chat.completion.chunk\",\"created\":{},\"model\":{},\"choices\":[],\"usage\":{}}}",
-                serde_json::Value::from(self.id.as_deref().unwrap_or("chatcmpl-keel")),
-                self.created,
-                serde_json::Value::from(&*model.name),
-                serde_json::to_string(&usage).unwrap_or_else(|_| "null".into()),
-            ));
-            self.send(frame).await;
+        // A rescued answer's last chunk says which models wrote it (the headers, sent
+        // before the cut, name only the first); the usage covers every attempt.
+        let keel = self.rescue.map(|how| {
+            serde_json::json!({"models": self.answered.iter().map(|m| &**m).collect::<Vec<_>>(), "rescue": how})
+        });
+        if self.req.include_usage || keel.is_some() {
+            let mut chunk = serde_json::json!({
+                "id": self.id.as_deref().unwrap_or("chatcmpl-keel"),
+                "object": "chat.completion.chunk",
+                "created": self.created,
+                "model": &*model.name,
+                "choices": [],
+            });
+            if self.req.include_usage {
+                chunk["usage"] = serde_json::to_value(usage).unwrap_or(serde_json::Value::Null);
+            }
+            if let Some(keel) = keel {
+                chunk["keel"] = keel;
+            }
+            self.send(frame(&chunk.to_string())).await;
         }
         self.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
         bump(&model.counters.answered, 1);

@@ -84,6 +84,14 @@ async fn a_cut_stream_continues_on_a_fallback_that_accepts_prefill() {
     let m = served.gateway.metrics();
     assert_eq!(m.models["backup"].rescued_prefill, 1);
     assert_eq!(served.journal.records()[0].rescue.as_deref(), Some("prefill"));
+    // The last chunk names every model whose text the client got (the headers, sent
+    // before the cut, could name only the first), and its usage covers both attempts.
+    let events = a.events();
+    let last: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(last["keel"], serde_json::json!({"models": ["gpt", "backup"], "rescue": "prefill"}), "{last}");
+    let charged = served.journal.records()[0].usage.unwrap();
+    assert_eq!(last["usage"]["total_tokens"].as_u64(), Some(charged.total_tokens), "{last}");
+    assert!(charged.completion_tokens > 2, "the primary's cut attempt is in it too: {charged:?}");
 }
 
 #[tokio::test]
