@@ -126,6 +126,8 @@ pub struct Gateway {
     pub(crate) sink: Arc<dyn EventSink>,
     pub(crate) journal: Option<Arc<dyn CallJournal>>,
     accounts: Accounts,
+    /// The streams being pumped to clients, for a shutdown to wait on.
+    pub(crate) streams: tokio_util::task::TaskTracker,
 }
 
 impl fmt::Debug for Gateway {
@@ -303,6 +305,7 @@ impl GatewayBuilder {
             sink,
             journal: self.journal,
             accounts: Accounts::default(),
+            streams: tokio_util::task::TaskTracker::new(),
         })
     }
 }
@@ -483,6 +486,16 @@ impl Gateway {
     /// The circuit breaker of model `name`.
     pub fn breaker(&self, name: &str) -> Option<&Arc<Breaker>> {
         self.models.get(name).and_then(|m| m.pipeline.breaker())
+    }
+
+    /// Waits (up to `grace`) for the streams being pumped to end — each ends with its
+    /// client, its upstream or its stall timeout, and journals itself — so a shutdown
+    /// loses no stream's record. Whether they all ended.
+    pub async fn wait_for_streams(&self, grace: std::time::Duration) -> bool {
+        self.streams.close();
+        let ended = tokio::time::timeout(grace, self.streams.wait()).await.is_ok();
+        self.streams.reopen();
+        ended
     }
 
     /// The budget of API key `key`, if it has been charged.

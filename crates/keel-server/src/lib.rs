@@ -151,6 +151,7 @@ pub async fn serve(
     );
     let runner = state.runner.clone();
     let gateway_writer = state.gateway_writer.clone();
+    let gateway = state.gateway.clone();
     // The gate learns from every call (the gateway's too): saved now and then, not
     // only at the end of drives, and once more at shutdown.
     tracker.spawn({
@@ -175,8 +176,15 @@ pub async fn serve(
     conn::accept_loop(listener, app(state), limits, stop.clone(), &tracker).await;
     stop.cancel();
     tracker.close();
+    let deadline = tokio::time::Instant::now() + grace;
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         tracing::warn!("workers and connections did not finish within the grace period");
+    }
+    if let Some(gateway) = &gateway {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if !gateway.wait_for_streams(left).await {
+            tracing::warn!("streams were still being pumped at the end of the grace period");
+        }
     }
     runner.save_gate().await;
     if let Err(e) = runner.flush().await {

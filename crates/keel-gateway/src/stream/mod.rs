@@ -169,7 +169,7 @@ impl Gateway {
             rescue: None,
             answered: Vec::new(),
         };
-        tokio::spawn(pump.run(model, opened));
+        self.streams.spawn(pump.run(model, opened));
         Ok(response)
     }
 

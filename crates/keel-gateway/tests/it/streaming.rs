@@ -231,3 +231,27 @@ async fn the_loop_guard_sees_streamed_tool_calls() {
     assert_eq!(last["error"]["type"], "loop_detected", "{}", a.text);
     assert!(!a.text.contains("[DONE]"));
 }
+
+/// A shutdown can wait for the streams being pumped: it returns once they ended and
+/// journaled themselves, and gives up at its bound.
+#[tokio::test]
+async fn a_shutdown_waits_for_streams_in_flight_within_its_bound() {
+    let fake = Fake::start().await;
+    fake.always(Reply::Stall(vec!["Hel", "lo"]));
+    let mut gpt = model(&fake, "m");
+    gpt.policy.stall_timeout = Duration::from_millis(300);
+    let served = serve(vec![("gpt", gpt)]).await;
+    let mut a = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", served.url))
+        .json(&ask_stream("gpt"))
+        .send()
+        .await
+        .unwrap();
+    assert!(a.chunk().await.unwrap().is_some());
+    assert!(!served.gateway.wait_for_streams(Duration::from_millis(10)).await, "bounded: still pumping");
+    assert!(served.gateway.wait_for_streams(Duration::from_secs(30)).await, "it ends at its stall timeout");
+    assert_eq!(served.journal.records().len(), 1, "and journaled itself before the wait returned");
+    while a.chunk().await.unwrap().is_some() {}
+    // The gateway takes streams again after a wait.
+    assert_eq!(post_chat(&served.url, ask_stream("gpt"), &[]).await.status, 200);
+}
