@@ -37,7 +37,9 @@ use tokio_util::task::TaskTracker;
 
 pub use api::AppState;
 
-/// Builds the shared state: a runner whose events feed the metrics.
+/// Builds the shared state: a runner whose events feed the metrics and, when
+/// `[alerts]` has sinks, the alert router (started here, on the caller's runtime;
+/// [`serve`] drains it at shutdown).
 ///
 /// # Errors
 /// The journal's (loading the gate's history).
@@ -47,7 +49,17 @@ pub async fn state(
     clock: Arc<dyn Clock>,
 ) -> Result<AppState, keel_runtime::runner::Error> {
     let metrics = Arc::new(metrics::Metrics::new());
-    let observer: Arc<dyn Observer> = metrics.clone();
+    let alerts = config.alerts.is_enabled().then(|| {
+        let (router, tasks) = keel_telemetry::alert::spawn(config.alerts.clone(), clock.clone());
+        Arc::new(api::Alerting { router, tasks: std::sync::Mutex::new(Some(tasks)) })
+    });
+    let observer: Arc<dyn Observer> = match &alerts {
+        None => metrics.clone(),
+        Some(a) => Arc::new(keel_runtime::runner::Observers(vec![
+            metrics.clone(),
+            Arc::new(keel_runtime::runner::PolicySink(a.router.clone())),
+        ])),
+    };
     let runner = Arc::new(Runner::new(config.clone(), journal.clone(), clock.clone(), observer).await?);
     let (wake, drives) = (Arc::new(Notify::new()), Arc::default());
     let gateway = if config.models.is_empty() {
@@ -58,17 +70,21 @@ pub async fn state(
         // Calls and decisions (retries, fallbacks, breaker changes) are journaled; the
         // per-attempt noise of a high-rate endpoint is not.
         let sink = keel_gateway::journal::DecisionsOnly(writer.sink(keel_gateway::journal::GATEWAY_RUN));
+        let sink: Arc<dyn keel_core::EventSink> = match &alerts {
+            None => Arc::new(sink),
+            Some(a) => Arc::new(keel_core::Fanout(vec![Arc::new(sink), a.router.clone()])),
+        };
         let built = config
             .gateway_builder()
             .clock(clock.clone())
-            .sink(Arc::new(sink))
+            .sink(sink)
             .journal(Arc::new(keel_gateway::WriterJournal::new(writer)))
             .build()
             .map_err(|e| keel_runtime::runner::Error::Refused(e.to_string()))?;
         Some(Arc::new(built))
     };
     let storage = Arc::default();
-    Ok(AppState { runner, journal, config, clock, metrics, wake, drives, storage, gateway })
+    Ok(AppState { runner, journal, config, clock, metrics, wake, drives, storage, gateway, alerts })
 }
 
 /// The router: every route but `/healthz` (and the inbox's static files) needs a key.
@@ -142,6 +158,7 @@ pub async fn serve(
         stop.clone(),
     );
     let runner = state.runner.clone();
+    let alerts = state.alerts.clone();
     let limits = conn::Limits::from_config(&state.config.server);
     let stop_on_signal = stop.clone();
     tokio::spawn(async move {
@@ -156,6 +173,9 @@ pub async fn serve(
     }
     if let Err(e) = runner.flush().await {
         tracing::error!(error = %e, "flushing the journal at shutdown failed");
+    }
+    if let Some(tasks) = alerts.and_then(|a| a.tasks.lock().unwrap_or_else(|e| e.into_inner()).take()) {
+        tasks.shutdown(grace).await;
     }
     Ok(())
 }

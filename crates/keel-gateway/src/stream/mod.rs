@@ -44,14 +44,16 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use keel_core::{ErrorClass, Failure};
+use keel_core::{Disposition, ErrorClass, Failure};
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use crate::charges::{AttemptCharge, Charges};
 use crate::error::GatewayError;
 use crate::gateway::{AttemptError, CallContext, Gateway, Model, Route, final_failure};
 use crate::metrics::bump;
+use crate::trace;
 use crate::wire::{ChatRequest, FunctionCall, ToolCall, Usage, error_body};
 use source::{Item, Piece, Source};
 
@@ -106,15 +108,24 @@ impl Gateway {
         };
         let mut route = Route::new(primary.clone());
         let mut model = primary.clone();
-        let opened = loop {
-            match charges.under(self.open_on(&model, &req, &charges)).await {
+        let mut from: Option<Arc<str>> = None;
+        let (opened, span) = loop {
+            let span = trace::chat_span(&model, from.as_deref());
+            match charges.under(self.open_on(&model, &req, &charges)).instrument(span.clone()).await {
                 Ok((opened, attempts)) => {
+                    trace::answered(&span, attempts);
                     route.attempts += attempts;
-                    break opened;
+                    break (opened, span);
                 }
                 Err((failure, attempts)) => {
                     route.failed(&model, &failure, attempts);
-                    if let Some(next) = route.next(self, &model, failure.class) {
+                    let next = route.next(self, &model, failure.class);
+                    let disposition =
+                        if next.is_some() { Disposition::Fallback } else { Disposition::Terminal };
+                    let breaker = model.stream_pipeline.breaker().map(|b| b.state());
+                    trace::failed(&span, &failure, attempts, breaker, disposition);
+                    if let Some(next) = next {
+                        from = Some(model.name.clone());
                         model = next;
                         continue;
                     }
@@ -160,6 +171,7 @@ impl Gateway {
             usage: None,
             charge: None,
             rescue: None,
+            span,
         };
         tokio::spawn(pump.run(model, opened));
         Ok(response)
@@ -288,6 +300,8 @@ struct Pump {
     /// The current attempt's reservation.
     charge: Option<AttemptCharge>,
     rescue: Option<&'static str>,
+    /// The `chat` span of the model now streaming.
+    span: tracing::Span,
 }
 
 /// How forwarding a piece went.
@@ -317,6 +331,13 @@ impl Pump {
     }
 
     /// Settles the current attempt from its usage (its bound, when it gave none).
+    /// The current attempt's usage on its span (before settling takes it).
+    fn record_usage(&self) {
+        if let Some(usage) = &self.usage {
+            trace::usage_read(&self.span, usage);
+        }
+    }
+
     fn settle_attempt(&mut self) {
         if let Some(charge) = self.charge.take() {
             charge.settle(self.usage.take());
@@ -379,10 +400,15 @@ impl Pump {
                 original = Some(failure.clone());
             }
             self.route.failed(&model, &failure, 0);
+            self.record_usage();
             self.settle_attempt();
             let class = original.as_ref().map_or(failure.class, |f| f.class);
-            match self.rescue_on(&model, class).await {
-                Some((next, opened, next_mode, how)) => {
+            let rescue = self.rescue_on(&model, class).await;
+            let disposition = if rescue.is_some() { Disposition::Fallback } else { Disposition::Terminal };
+            trace::record_failure(&self.span, failure.class, 0, disposition);
+            match rescue {
+                Some((next, opened, next_mode, how, span)) => {
+                    self.span = span;
                     let counter = match how {
                         "prefill" => &next.counters.rescued_prefill,
                         _ => &next.counters.rescued_splice,
@@ -410,7 +436,7 @@ impl Pump {
         &mut self,
         from: &Model,
         class: ErrorClass,
-    ) -> Option<(Arc<Model>, Opened, Mode, &'static str)> {
+    ) -> Option<(Arc<Model>, Opened, Mode, &'static str, tracing::Span)> {
         if self.sent_tools || !self.route.primary.chain_on.contains(&class) {
             return None;
         }
@@ -426,18 +452,23 @@ impl Pump {
             } else {
                 self.req.clone()
             };
-            match self.charges.under(gateway.open_on(&next, &req, &self.charges)).await {
+            let span = trace::chat_span(&next, Some(&from.name));
+            let opening = self.charges.under(gateway.open_on(&next, &req, &self.charges));
+            match opening.instrument(span.clone()).await {
                 Ok((opened, attempts)) => {
+                    trace::answered(&span, attempts);
                     self.route.attempts += attempts;
                     let (mode, how) = if prefill {
                         (Mode::Direct, "prefill")
                     } else {
                         (Mode::Splice { regenerated: String::new() }, "splice")
                     };
-                    return Some((next, opened, mode, how));
+                    return Some((next, opened, mode, how, span));
                 }
                 Err((failure, attempts)) => {
                     self.route.failed(&next, &failure, attempts);
+                    let breaker = next.stream_pipeline.breaker().map(|b| b.state());
+                    trace::failed(&span, &failure, attempts, breaker, Disposition::Fallback);
                     from = next;
                 }
             }
@@ -570,6 +601,10 @@ impl Pump {
                 function: FunctionCall { name: name.clone(), arguments: arguments.clone() },
             })
             .collect();
+        self.record_usage();
+        if let Some(reason) = &self.finish {
+            self.span.record("gen_ai.response.finish_reasons", reason.as_str());
+        }
         self.settle_attempt();
         if let Err(e) = self.gateway.guard_tools(&self.charges, &calls) {
             // The run repeats itself: the stream ends with the error, not `[DONE]`.

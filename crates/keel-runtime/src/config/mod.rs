@@ -61,6 +61,11 @@ pub struct Config {
     pub gateway: keel_gateway::GatewayConfig,
     /// The models' upstream keys, by environment variable (never logged).
     pub model_keys: Arc<BTreeMap<String, String>>,
+    /// `[telemetry]`, checked, with its secrets (never logged).
+    pub telemetry: keel_telemetry::Telemetry,
+    /// `[alerts]`, checked, with its secrets (never logged); the default rules when
+    /// none are written.
+    pub alerts: keel_telemetry::alert::Alerts,
     /// What is valid but dangerous (a parameter inside a `sh -c` script...): `keel
     /// config check` prints these; a config shipped as an example has none.
     pub warnings: Vec<ConfigError>,
@@ -486,6 +491,23 @@ impl Config {
             }
         }
 
+        let telemetry = match raw.telemetry.resolve(env) {
+            Ok(t) => t,
+            Err(problems) => {
+                let at = c.spans.find(&["telemetry"]);
+                c.policy_errors("telemetry", &problems, at);
+                keel_telemetry::Telemetry::default()
+            }
+        };
+        let alerts = match raw.alerts.resolve(env) {
+            Ok(a) => a,
+            Err(problems) => {
+                let at = c.spans.find(&["alerts"]);
+                c.policy_errors("alerts", &problems, at);
+                keel_telemetry::alert::Alerts::default()
+            }
+        };
+
         if !c.errors.is_empty() {
             return Err(ConfigErrors(c.errors));
         }
@@ -502,6 +524,8 @@ impl Config {
             models,
             gateway: raw.gateway,
             model_keys,
+            telemetry,
+            alerts,
             warnings: c.warnings,
         })
     }

@@ -11,6 +11,7 @@ use keel_core::{
 };
 use keel_journal::{ApprovalDecision, Claim, JournalEvent, RunSink, RunSnapshot, StepOutcome, TicketView};
 use serde_json::{Value, json};
+use tracing::Instrument;
 
 use super::{Result, RunStatus, Runner, args_digest, idempotency_key, new_id};
 use crate::config::{ExpiryOutcome, Mode};
@@ -373,8 +374,23 @@ async fn call_once(
         scope = scope.with_deadline(at);
     }
     let clock = r.clock.clone();
-    let result =
-        scope.run(pipeline.call_resumed(resume, |_| tool.invoke_with_key(params, &*clock, key))).await;
+    let breaker = pipeline.breaker().cloned();
+    let span = tool_span(&tool.name, ctx.run_id, index);
+    let result = scope
+        .run(pipeline.call_resumed(resume, |_| tool.invoke_with_key(params, &*clock, key)))
+        .instrument(span.clone())
+        .await;
+    if let Err(e) = &result {
+        span.record("otel.status_code", "ERROR");
+        span.record("error.type", e.class.as_str());
+        span.record("keel.error_class", e.class.as_str());
+        span.record("keel.disposition", e.disposition().as_str());
+        span.record("keel.attempt", i64::from(e.attempts));
+        if let Some(b) = &breaker {
+            span.record("keel.breaker.state", b.state().as_str());
+        }
+    }
+    drop(span);
     match result {
         Ok(output) => {
             r.journal.complete(&token, &output).await?;
@@ -385,6 +401,25 @@ async fn call_once(
             finish_err(ctx, tool, params, e).await.map(Err)
         }
     }
+}
+
+/// The `execute_tool {tool}` span of one call of a step's tool (OpenTelemetry GenAI
+/// names; keel-telemetry's `names` has the table). The call id is `{run}/{step}`.
+fn tool_span(tool: &str, run_id: &str, step: u32) -> tracing::Span {
+    tracing::info_span!(
+        "execute_tool",
+        otel.name = %format_args!("execute_tool {tool}"),
+        otel.kind = "internal",
+        otel.status_code = tracing::field::Empty,
+        gen_ai.operation.name = "execute_tool",
+        gen_ai.tool.name = tool,
+        gen_ai.tool.call.id = %format_args!("{run_id}/{step}"),
+        error.type = tracing::field::Empty,
+        keel.error_class = tracing::field::Empty,
+        keel.disposition = tracing::field::Empty,
+        keel.attempt = tracing::field::Empty,
+        keel.breaker.state = tracing::field::Empty,
+    )
 }
 
 /// Where the call in progress of this step stands in the journal, if an earlier drive

@@ -38,6 +38,17 @@ pub struct AppState {
     pub storage: Arc<crate::ops::StorageHealth>,
     /// The model gateway, when keel.toml has `[models]`.
     pub gateway: Option<Arc<keel_gateway::Gateway>>,
+    /// The alert router, when `[alerts]` has sinks.
+    pub alerts: Option<Arc<Alerting>>,
+}
+
+/// The alert router and its tasks (drained by `serve` at shutdown).
+#[derive(Debug)]
+pub struct Alerting {
+    /// The sink the runner's and the gateway's events reach.
+    pub router: Arc<keel_telemetry::alert::AlertRouter>,
+    /// Its tasks, taken at shutdown.
+    pub tasks: std::sync::Mutex<Option<keel_telemetry::alert::AlertTasks>>,
 }
 
 impl AppState {
