@@ -100,7 +100,8 @@ window = "5m"
     let mut s = Server::start(Faults { notify_down: true, ..Faults::default() }, &extra).await;
     let chat = json!({"model": "locked", "messages": [{"role": "user", "content": "hi"}]});
     for _ in 0..3 {
-        let resp = s.http.post(s.url("/v1/chat/completions")).bearer_auth(AGENT).json(&chat).send().await.unwrap();
+        let resp =
+            s.http.post(s.url("/v1/chat/completions")).bearer_auth(AGENT).json(&chat).send().await.unwrap();
         assert_eq!(resp.status(), 401);
     }
     for _ in 0..2 {
@@ -112,7 +113,8 @@ window = "5m"
     s.shutdown().await;
     let got = hook.got.lock().unwrap().clone();
     assert_eq!(got.len(), 2, "one trigger per incident: {got:#?}");
-    let of = |rule: &str| got.iter().find(|a| a["rule"] == rule).unwrap_or_else(|| panic!("{rule}: {got:#?}"));
+    let of =
+        |rule: &str| got.iter().find(|a| a["rule"] == rule).unwrap_or_else(|| panic!("{rule}: {got:#?}"));
     let auth = of("auth");
     assert_eq!((auth["action"].as_str(), auth["target"].as_str()), (Some("trigger"), Some("locked")));
     assert_eq!(auth["class"], "unauthorized");
