@@ -57,20 +57,25 @@ async fn open(cli: &Cli) -> Result<Ctx> {
 
 impl Ctx {
     async fn runner(&self) -> Result<Runner> {
-        self.runner_alerting(None).await
+        self.runner_alerting(None, None).await
     }
 
-    /// A runner whose policy events also reach `alerts`.
-    async fn runner_alerting(&self, alerts: Option<Arc<dyn keel_core::EventSink>>) -> Result<Runner> {
+    /// A runner whose policy events also reach `alerts` and Sentry.
+    async fn runner_alerting(
+        &self,
+        alerts: Option<Arc<dyn keel_core::EventSink>>,
+        sentry: Option<Arc<keel_telemetry::sentry::Reporter>>,
+    ) -> Result<Runner> {
         let view: Arc<dyn Observer> =
             if self.json { Arc::new(NullObserver) } else { Arc::new(Live::new(false)) };
-        let observer: Arc<dyn Observer> = match alerts {
-            None => view,
-            Some(sink) => Arc::new(keel_runtime::runner::Observers(vec![
-                view,
-                Arc::new(keel_runtime::runner::PolicySink(sink)),
-            ])),
-        };
+        let mut observers = vec![view];
+        if let Some(sink) = alerts {
+            observers.push(Arc::new(keel_runtime::runner::PolicySink(sink)));
+        }
+        if let Some(reporter) = sentry {
+            observers.push(Arc::new(keel_runtime::runner::SentryObserver(reporter)));
+        }
+        let observer: Arc<dyn Observer> = Arc::new(keel_runtime::runner::Observers(observers));
         Ok(Runner::new(self.config.clone(), self.journal.clone(), self.clock.clone(), observer).await?)
     }
 }
@@ -112,7 +117,11 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
                 .is_enabled()
                 .then(|| keel_telemetry::alert::spawn(ctx.config.alerts.clone(), ctx.clock.clone()));
             let sink = alerts.as_ref().map(|(router, _)| router.clone() as Arc<dyn keel_core::EventSink>);
-            let runner = ctx.runner_alerting(sink).await?;
+            let sentry = match &ctx.config.telemetry.sentry {
+                Some(s) => Some(keel_telemetry::sentry::Reporter::start(s)?),
+                None => None,
+            };
+            let runner = ctx.runner_alerting(sink, sentry.clone()).await?;
             let run_id = runner.create(&p).await?;
             if !ctx.json {
                 print(&format!(
@@ -124,6 +133,9 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
             let code = drive(&ctx, &runner, &run_id, *wait, Duration::ZERO).await;
             if let Some((_, tasks)) = alerts {
                 tasks.shutdown(Duration::from_secs(10)).await;
+            }
+            if let Some(sentry) = sentry {
+                sentry.shutdown(Duration::from_secs(5)).await;
             }
             flush_traces(traces).await;
             code

@@ -53,13 +53,24 @@ pub async fn state(
         let (router, tasks) = keel_telemetry::alert::spawn(config.alerts.clone(), clock.clone());
         Arc::new(api::Alerting { router, tasks: std::sync::Mutex::new(Some(tasks)) })
     });
-    let observer: Arc<dyn Observer> = match &alerts {
-        None => metrics.clone(),
-        Some(a) => Arc::new(keel_runtime::runner::Observers(vec![
-            metrics.clone(),
-            Arc::new(keel_runtime::runner::PolicySink(a.router.clone())),
-        ])),
+    let sentry = match &config.telemetry.sentry {
+        None => None,
+        Some(s) => Some(
+            keel_telemetry::sentry::Reporter::start(s)
+                .map_err(|e| keel_runtime::runner::Error::Refused(e.to_string()))?,
+        ),
     };
+    let mut observers: Vec<Arc<dyn Observer>> = vec![metrics.clone()];
+    let mut sinks: Vec<Arc<dyn keel_core::EventSink>> = Vec::new();
+    if let Some(a) = &alerts {
+        observers.push(Arc::new(keel_runtime::runner::PolicySink(a.router.clone())));
+        sinks.push(a.router.clone());
+    }
+    if let Some(r) = &sentry {
+        observers.push(Arc::new(keel_runtime::runner::SentryObserver(r.clone())));
+        sinks.push(r.clone());
+    }
+    let observer: Arc<dyn Observer> = Arc::new(keel_runtime::runner::Observers(observers));
     let runner = Arc::new(Runner::new(config.clone(), journal.clone(), clock.clone(), observer).await?);
     let (wake, drives) = (Arc::new(Notify::new()), Arc::default());
     let gateway = if config.models.is_empty() {
@@ -70,9 +81,11 @@ pub async fn state(
         // Calls and decisions (retries, fallbacks, breaker changes) are journaled; the
         // per-attempt noise of a high-rate endpoint is not.
         let sink = keel_gateway::journal::DecisionsOnly(writer.sink(keel_gateway::journal::GATEWAY_RUN));
-        let sink: Arc<dyn keel_core::EventSink> = match &alerts {
-            None => Arc::new(sink),
-            Some(a) => Arc::new(keel_core::Fanout(vec![Arc::new(sink), a.router.clone()])),
+        let sink: Arc<dyn keel_core::EventSink> = if sinks.is_empty() {
+            Arc::new(sink)
+        } else {
+            sinks.insert(0, Arc::new(sink));
+            Arc::new(keel_core::Fanout(sinks))
         };
         let built = config
             .gateway_builder()
@@ -84,7 +97,7 @@ pub async fn state(
         Some(Arc::new(built))
     };
     let storage = Arc::default();
-    Ok(AppState { runner, journal, config, clock, metrics, wake, drives, storage, gateway, alerts })
+    Ok(AppState { runner, journal, config, clock, metrics, wake, drives, storage, gateway, alerts, sentry })
 }
 
 /// The router: every route but `/healthz` (and the inbox's static files) needs a key.
@@ -159,6 +172,7 @@ pub async fn serve(
     );
     let runner = state.runner.clone();
     let alerts = state.alerts.clone();
+    let sentry = state.sentry.clone();
     let limits = conn::Limits::from_config(&state.config.server);
     let stop_on_signal = stop.clone();
     tokio::spawn(async move {
@@ -176,6 +190,9 @@ pub async fn serve(
     }
     if let Some(tasks) = alerts.and_then(|a| a.tasks.lock().unwrap_or_else(|e| e.into_inner()).take()) {
         tasks.shutdown(grace).await;
+    }
+    if let Some(sentry) = sentry {
+        sentry.shutdown(grace).await;
     }
     Ok(())
 }

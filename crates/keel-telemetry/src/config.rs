@@ -23,6 +23,20 @@ pub struct TelemetryConfig {
     pub service_name: Option<String>,
     /// Export traces over OTLP. Absent: no spans leave the process.
     pub otlp: Option<OtlpConfig>,
+    /// Capture terminal failures, refused retries and escalations in Sentry.
+    pub sentry: Option<SentryConfig>,
+}
+
+/// `[telemetry.sentry]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SentryConfig {
+    /// The project's DSN (plain `http://` for now: a relay). Give this or `dsn_env`.
+    pub dsn: Option<String>,
+    /// The environment variable holding the DSN (it holds the project's key).
+    pub dsn_env: Option<String>,
+    /// The `environment` of every event, e.g. "production".
+    pub environment: Option<String>,
 }
 
 /// `[telemetry.otlp]`: where traces go.
@@ -68,6 +82,8 @@ pub struct Telemetry {
     pub service_name: String,
     /// Where traces go, if anywhere.
     pub otlp: Option<Otlp>,
+    /// Sentry, if configured.
+    pub sentry: Option<crate::sentry::Sentry>,
 }
 
 /// A checked `[telemetry.otlp]`.
@@ -109,7 +125,8 @@ impl TelemetryConfig {
             None => "keel".to_owned(),
         };
         let otlp = self.otlp.as_ref().and_then(|o| o.resolve(&mut c, env));
-        c.finish().map(|()| Telemetry { service_name, otlp })
+        let sentry = self.sentry.as_ref().and_then(|s| s.resolve(&mut c, env));
+        c.finish().map(|()| Telemetry { service_name, otlp, sentry })
     }
 }
 
@@ -150,6 +167,41 @@ impl OtlpConfig {
             }
         }
         Some(Otlp { endpoint: endpoint?, timeout: self.timeout, headers })
+    }
+}
+
+impl SentryConfig {
+    fn resolve(&self, c: &mut Checks, env: &dyn Fn(&str) -> Option<String>) -> Option<crate::sentry::Sentry> {
+        let (dsn, key) = match (&self.dsn, &self.dsn_env) {
+            (Some(_), Some(_)) => {
+                c.fail("sentry.dsn", "set `dsn` or `dsn_env`, not both");
+                return None;
+            }
+            (None, None) => {
+                c.fail("sentry.dsn", "is required (or `dsn_env`)");
+                return None;
+            }
+            (Some(dsn), None) => (dsn.clone(), "sentry.dsn"),
+            (None, Some(var)) => match env(var) {
+                Some(dsn) => (dsn, "sentry.dsn_env"),
+                None => {
+                    c.fail("sentry.dsn_env", format!("environment variable `{var}` is not set"));
+                    return None;
+                }
+            },
+        };
+        if let Some(e) = &self.environment {
+            if e.trim().is_empty() || e.len() > 64 {
+                c.fail("sentry.environment", "must be 1 to 64 characters");
+            }
+        }
+        match crate::sentry::parse_dsn(&dsn) {
+            Ok(dsn) => Some(crate::sentry::Sentry { dsn, environment: self.environment.clone() }),
+            Err(problem) => {
+                c.fail(key, problem);
+                None
+            }
+        }
     }
 }
 

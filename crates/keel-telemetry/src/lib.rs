@@ -6,6 +6,8 @@
 //! - [`config`] — `[telemetry]` of `keel.toml` (keel-runtime reads the file).
 //! - [`otlp`] — the `tracing` layer and its exporter (OTLP/HTTP, protobuf).
 //! - [`propagate`] — `traceparent` in, trace ids out.
+//! - [`alert`] — alert routing by class and rate: PagerDuty, Slack, webhooks.
+//! - [`sentry`] — terminal failures, refused retries and escalations in Sentry.
 //! - [`http`] — the one function every outbound telemetry request goes through.
 //!
 //! The crates that do the work (gateway, runtime, server) make plain `tracing` spans
@@ -30,6 +32,7 @@ pub mod http;
 pub mod names;
 pub mod otlp;
 pub mod propagate;
+pub mod sentry;
 
 pub use config::{Otlp, OtlpConfig, Telemetry, TelemetryConfig};
 pub use otlp::TraceGuard;

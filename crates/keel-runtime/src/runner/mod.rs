@@ -27,7 +27,7 @@ mod step;
 mod tests;
 
 pub use keys::{args_digest, idempotency_key, new_id};
-pub use observer::{NullObserver, Observer, Observers, PolicySink};
+pub use observer::{NullObserver, Observer, Observers, PolicySink, SentryObserver};
 pub use status::RunStatus;
 
 use std::collections::{BTreeMap, HashMap};

@@ -42,3 +42,20 @@ impl Observer for PolicySink {
         }
     }
 }
+
+/// Hands a run's failures to Sentry: its policy events (terminal failures, refused
+/// retries) and its escalations (a ticket opened).
+#[derive(Debug)]
+pub struct SentryObserver(pub std::sync::Arc<keel_telemetry::sentry::Reporter>);
+
+impl Observer for SentryObserver {
+    fn event(&self, run_id: &str, event: &JournalEvent) {
+        match event {
+            JournalEvent::Policy { event, .. } => keel_core::EventSink::record(&*self.0, event),
+            JournalEvent::TicketOpened { ticket_id, step, class, .. } => {
+                self.0.escalated(run_id, ticket_id, *class, *step);
+            }
+            _ => {}
+        }
+    }
+}

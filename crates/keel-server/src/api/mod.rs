@@ -40,6 +40,8 @@ pub struct AppState {
     pub gateway: Option<Arc<keel_gateway::Gateway>>,
     /// The alert router, when `[alerts]` has sinks.
     pub alerts: Option<Arc<Alerting>>,
+    /// Sentry, when `[telemetry.sentry]` is set.
+    pub sentry: Option<Arc<keel_telemetry::sentry::Reporter>>,
 }
 
 /// The alert router and its tasks (drained by `serve` at shutdown).

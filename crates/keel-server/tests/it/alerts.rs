@@ -56,6 +56,24 @@ impl Hook {
     }
 }
 
+/// A Sentry endpoint: the raw envelopes it was sent.
+async fn fake_sentry(got: Arc<Mutex<Vec<String>>>) -> String {
+    let app = axum::Router::new().route(
+        "/api/7/envelope/",
+        post(move |body: axum::body::Bytes| {
+            let got = got.clone();
+            async move {
+                got.lock().unwrap().push(String::from_utf8_lossy(&body).into_owned());
+                StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://sentrykey@{addr}/7")
+}
+
 /// An upstream that refuses every key.
 async fn locked_upstream() -> String {
     let app = axum::Router::new().route(
@@ -73,8 +91,13 @@ async fn tool_and_model_failures_reach_the_alert_sink_once_per_incident() {
     let hook = Hook::default();
     let url = hook.start().await;
     let upstream = locked_upstream().await;
+    let envelopes: Arc<Mutex<Vec<String>>> = Arc::default();
+    let dsn = fake_sentry(envelopes.clone()).await;
     let extra = format!(
         r#"
+[telemetry.sentry]
+dsn = "{dsn}"
+
 [models.locked]
 provider = "openai"
 base_url = "{upstream}"
@@ -98,7 +121,7 @@ window = "5m"
 "#
     );
     let mut s = Server::start(Faults { notify_down: true, ..Faults::default() }, &extra).await;
-    let chat = json!({"model": "locked", "messages": [{"role": "user", "content": "hi"}]});
+    let chat = json!({"model": "locked", "messages": [{"role": "user", "content": "a private prompt"}]});
     for _ in 0..3 {
         let resp =
             s.http.post(s.url("/v1/chat/completions")).bearer_auth(AGENT).json(&chat).send().await.unwrap();
@@ -122,4 +145,18 @@ window = "5m"
     let notify = of("notify-down");
     assert_eq!((notify["action"].as_str(), notify["target"].as_str()), (Some("trigger"), Some("notify")));
     assert_eq!(notify["class"], "server_error");
+
+    // Sentry got the model's terminal 401s and the tool's exhausted retries (shutdown
+    // flushed them), never the prompt.
+    let envelopes = envelopes.lock().unwrap().join("\n");
+    assert!(
+        envelopes.contains(r#""keel.class":"unauthorized""#)
+            && envelopes.contains(r#""keel.target":"locked""#),
+        "{envelopes}"
+    );
+    assert!(
+        envelopes.contains(r#""keel.retries":"exhausted""#)
+            && envelopes.contains(r#""keel.target":"notify""#)
+    );
+    assert!(!envelopes.contains("a private prompt"));
 }
