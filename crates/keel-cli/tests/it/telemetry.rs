@@ -72,6 +72,11 @@ impl Receiver {
     }
 }
 
+/// The run of a `gen_ai.tool.call.id` (`{run}/{step}`).
+fn call_id_run(id: &str) -> String {
+    id.rsplit_once('/').map_or(id, |(run, _)| run).to_owned()
+}
+
 fn string_of(v: &Any) -> Option<String> {
     match v {
         Any::StringValue(s) => Some(s.clone()),
@@ -332,7 +337,13 @@ async fn spans_reach_an_otlp_receiver_named_linked_and_attributed() {
         .iter()
         .find(|s| s.name == "execute_tool notify")
         .unwrap_or_else(|| panic!("no tool span: {:?}", names(TOOL_TRACE)));
-    assert_eq!(exec.parent_span_id, server.span_id, "the drive belongs to the request");
+    let run = tool_trace
+        .iter()
+        .find(|s| s.name == "run")
+        .unwrap_or_else(|| panic!("no run span: {:?}", names(TOOL_TRACE)));
+    assert_eq!(run.parent_span_id, server.span_id, "the drive belongs to the request");
+    assert_eq!(exec.parent_span_id, run.span_id, "the step belongs to the drive");
+    assert_eq!(s(run, "keel.run.id"), s(exec, "gen_ai.tool.call.id").map(|id| call_id_run(&id)));
     assert_eq!(s(exec, "gen_ai.operation.name").as_deref(), Some("execute_tool"));
     assert_eq!(s(exec, "gen_ai.tool.name").as_deref(), Some("notify"));
     let call_id = s(exec, "gen_ai.tool.call.id").unwrap_or_default();
