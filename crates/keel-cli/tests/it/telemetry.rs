@@ -354,3 +354,35 @@ async fn spans_reach_an_otlp_receiver_named_linked_and_attributed() {
     let root = own.iter().find(|s| s.name == "POST /v1/chat/completions").expect("its server span");
     assert!(root.parent_span_id.is_empty(), "a malformed traceparent is ignored");
 }
+
+/// `keel run` exports too: its run is one trace, a `run` span over its steps'
+/// `execute_tool` spans, flushed before the process exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keel_run_exports_its_run_as_one_trace() {
+    let receiver = Receiver::default();
+    let collector = receiver.start().await;
+    let config = format!("[telemetry.otlp]\nendpoint = \"{collector}\"\n");
+    let bench = Bench::new(Faults::default(), &config);
+    let plan = bench.write(
+        "plan.toml",
+        "[[steps]]\ntool = \"notify\"\nparams = { order = 1 }\n\n[[steps]]\ntool = \"charge\"\nparams = { order = 1, amount = 5 }\n",
+    );
+    let run = tokio::task::spawn_blocking(move || {
+        let out = bench.keel(&["run", plan.to_str().unwrap()]);
+        (out, bench)
+    })
+    .await
+    .unwrap();
+    let (out, _bench) = run;
+    assert_eq!(out.code, 0, "{out:?}");
+    let spans = receiver.spans();
+    let root = spans.iter().find(|s| s.name == "run").unwrap_or_else(|| panic!("no run span: {spans:?}"));
+    assert!(root.parent_span_id.is_empty(), "keel run's run is a root");
+    let steps: Vec<&Span> = spans.iter().filter(|s| s.name.starts_with("execute_tool ")).collect();
+    let names: Vec<&str> = steps.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["execute_tool notify", "execute_tool charge"], "in order");
+    for step in steps {
+        assert_eq!(step.trace_id, root.trace_id);
+        assert_eq!(step.parent_span_id, root.span_id);
+    }
+}
