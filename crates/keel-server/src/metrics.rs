@@ -88,6 +88,8 @@ pub const SERIES: &[(&str, &str)] = &[
     ("keel_run_takeovers_total", "Runs taken over from a holder whose lease expired."),
     ("keel_approvals_waiting", "Approvals waiting for a person."),
     ("keel_tickets_open", "Escalations (tickets) waiting for a person."),
+    ("keel_incidents_open", "Alert incidents open (one per rule and key)."),
+    ("keel_alert_failures_dropped", "Failures the alert router dropped because it was behind."),
 ];
 
 fn describe(recorder: &PrometheusRecorder) {

@@ -133,6 +133,10 @@ window = "5m"
         assert!(status >= 400, "{status} {body}");
     }
     hook.wait_for(2).await;
+    let (_, metrics) = s.get(Some(AGENT), "/metrics").await;
+    let metrics = metrics.as_str().unwrap_or("").to_owned();
+    assert!(metrics.contains("keel_incidents_open 2"), "{metrics}");
+    assert!(metrics.contains("# HELP keel_incidents_open "), "{metrics}");
     s.shutdown().await;
     let got = hook.got.lock().unwrap().clone();
     assert_eq!(got.len(), 2, "one trigger per incident: {got:#?}");

@@ -18,7 +18,7 @@ pub mod rules;
 pub mod sink;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use keel_core::{AttemptOutcome, BreakerState, Clock, ErrorClass, Event, EventSink};
@@ -45,9 +45,15 @@ pub struct AlertRouter {
     tx: mpsc::Sender<Msg>,
     clock: Arc<dyn Clock>,
     dropped: AtomicU64,
+    open: Arc<AtomicUsize>,
 }
 
 impl AlertRouter {
+    /// Incidents open now (as of the router's last change).
+    pub fn open_incidents(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
     /// Failures dropped because the router was behind.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
@@ -146,9 +152,16 @@ pub fn spawn(alerts: Alerts, clock: Arc<dyn Clock>) -> (Arc<AlertRouter>, AlertT
         .map(|(s, (_, q))| tokio::spawn(sink::worker(s.clone(), q.clone(), delivery_clock.clone())))
         .collect();
     let sink_queues: Vec<Arc<Queue>> = queues.iter().map(|(_, q)| q.clone()).collect();
-    let router =
-        tokio::spawn(route(Incidents::new(alerts.rules), rx, sink_queues, alerts.check_every, clock.clone()));
-    let handle = Arc::new(AlertRouter { tx: tx.clone(), clock, dropped: AtomicU64::new(0) });
+    let open = Arc::new(AtomicUsize::new(0));
+    let router = tokio::spawn(route(
+        Incidents::new(alerts.rules),
+        rx,
+        sink_queues,
+        alerts.check_every,
+        clock.clone(),
+        open.clone(),
+    ));
+    let handle = Arc::new(AlertRouter { tx: tx.clone(), clock, dropped: AtomicU64::new(0), open });
     (handle, AlertTasks { tx, router, workers, queues })
 }
 
@@ -158,6 +171,7 @@ async fn route(
     queues: Vec<Arc<Queue>>,
     check_every: Duration,
     clock: Arc<dyn Clock>,
+    open: Arc<AtomicUsize>,
 ) {
     let mut interval = tokio::time::interval(check_every);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -168,6 +182,7 @@ async fn route(
                 Some(Msg::Failure { at, class, target }) => incidents.observe(at, class, &target),
                 Some(Msg::Check(ack)) => {
                     let changes = incidents.tick(clock.now());
+                    open.store(incidents.open(), Ordering::Relaxed);
                     dispatch(&incidents, &queues, changes);
                     let _ = ack.send(incidents.open());
                     continue;
@@ -175,7 +190,11 @@ async fn route(
             },
             _ = interval.tick() => incidents.tick(clock.now()),
         };
-        dispatch(&incidents, &queues, changes);
+        if !changes.is_empty() {
+            // Before the deliveries: whoever sees one sees the count that caused it.
+            open.store(incidents.open(), Ordering::Relaxed);
+            dispatch(&incidents, &queues, changes);
+        }
     }
     for q in &queues {
         q.close();
