@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::body::Bytes;
+use axum::response::IntoResponse;
 use axum::routing::post;
 use keel_examples::payments::Faults;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
@@ -121,7 +122,29 @@ async fn upstream() -> String {
                     return (
                         axum::http::StatusCode::from_u16(status).unwrap(),
                         Json(json!({"error": {"message": "upstream trouble"}})),
-                    );
+                    )
+                        .into_response();
+                }
+                if req["stream"] == true {
+                    let chunk = |delta: Value, finish: Value, usage: Value| {
+                        let mut c = json!({"id": "c", "object": "chat.completion.chunk", "created": 1,
+                            "model": "up-small-2026", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+                        if !usage.is_null() {
+                            c["usage"] = usage;
+                        }
+                        format!("data: {c}\n\n")
+                    };
+                    let body = [
+                        chunk(json!({"role": "assistant", "content": "streamed"}), Value::Null, Value::Null),
+                        chunk(
+                            json!({}),
+                            json!("stop"),
+                            json!({"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}),
+                        ),
+                        "data: [DONE]\n\n".to_owned(),
+                    ]
+                    .concat();
+                    return ([("content-type", "text/event-stream")], body).into_response();
                 }
                 (
                     axum::http::StatusCode::OK,
@@ -131,6 +154,7 @@ async fn upstream() -> String {
                         "usage": {"prompt_tokens": 11, "completion_tokens": 2, "total_tokens": 13}
                     })),
                 )
+                    .into_response()
             }
         }),
     );
@@ -199,6 +223,7 @@ fn stop(mut child: Child) {
 
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT: &str = "00f067aa0ba902b7";
+const STREAM_TRACE: &str = "5bf92f3577b34da6a3ce929d0e0e4737";
 const TOOL_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
 const TOOL_PARENT: &str = "b7ad6b7169203331";
 
@@ -247,6 +272,18 @@ async fn spans_reach_an_otlp_receiver_named_linked_and_attributed() {
     assert_eq!(hostile.status(), 200);
     let own_trace = hostile.headers().get("x-keel-trace-id").unwrap().to_str().unwrap().to_owned();
     assert!(own_trace.len() == 32 && own_trace != TRACE, "{own_trace}");
+    // A streamed answer: its `chat` span carries the stream's usage and finish reason.
+    let streamed = http
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth(AGENT)
+        .header("traceparent", format!("00-{STREAM_TRACE}-{PARENT}-01"))
+        .json(&json!({"model": "small", "stream": true, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(streamed.status(), 200);
+    let text = streamed.text().await.unwrap();
+    assert!(text.contains("streamed") && text.contains("[DONE]"), "{text}");
     // Shutdown flushes the exporter's queue.
     stop(child);
 
@@ -348,6 +385,18 @@ async fn spans_reach_an_otlp_receiver_named_linked_and_attributed() {
     assert_eq!(s(exec, "gen_ai.tool.name").as_deref(), Some("notify"));
     let call_id = s(exec, "gen_ai.tool.call.id").unwrap_or_default();
     assert!(call_id.ends_with("/0") && call_id.len() > 2, "{call_id}");
+
+    let stream_trace = in_trace(STREAM_TRACE);
+    let chat = stream_trace
+        .iter()
+        .find(|s| s.name == "chat up-small")
+        .unwrap_or_else(|| panic!("no chat span of the stream: {:?}", names(STREAM_TRACE)));
+    assert_eq!(i(chat, "gen_ai.usage.input_tokens"), Some(5));
+    assert_eq!(i(chat, "gen_ai.usage.output_tokens"), Some(1));
+    assert!(
+        matches!(attr(chat, "gen_ai.response.finish_reasons"), Some(Any::ArrayValue(a)) if a.values.len() == 1)
+    );
+    assert_eq!(attr(chat, "error.type"), None);
 
     // The hostile traceparent's request is a root of its own trace.
     let own = in_trace(&own_trace);
