@@ -57,8 +57,25 @@ async fn open(cli: &Cli) -> Result<Ctx> {
 
 impl Ctx {
     async fn runner(&self) -> Result<Runner> {
-        let observer: Arc<dyn Observer> =
+        self.runner_alerting(None, None).await
+    }
+
+    /// A runner whose policy events also reach `alerts` and Sentry.
+    async fn runner_alerting(
+        &self,
+        alerts: Option<Arc<dyn keel_core::EventSink>>,
+        sentry: Option<Arc<keel_telemetry::sentry::Reporter>>,
+    ) -> Result<Runner> {
+        let view: Arc<dyn Observer> =
             if self.json { Arc::new(NullObserver) } else { Arc::new(Live::new(false)) };
+        let mut observers = vec![view];
+        if let Some(sink) = alerts {
+            observers.push(Arc::new(keel_runtime::runner::PolicySink(sink)));
+        }
+        if let Some(reporter) = sentry {
+            observers.push(Arc::new(keel_runtime::runner::SentryObserver(reporter)));
+        }
+        let observer: Arc<dyn Observer> = Arc::new(keel_runtime::runner::Observers(observers));
         Ok(Runner::new(self.config.clone(), self.journal.clone(), self.clock.clone(), observer).await?)
     }
 }
@@ -88,8 +105,23 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
             let config = Config::load(&cli.config)?;
             let p = Plan::load(plan)?;
             p.check(&config, plan)?;
+            // `keel run` writes no log (its output is the live view); its spans are
+            // exported when `[telemetry.otlp]` is set.
+            let traces = init_tracing(None, &config.telemetry)?;
             let ctx = open(&cli).await?;
-            let runner = ctx.runner().await?;
+            // Alerts a run's failures open are sent before `keel run` exits; their
+            // resolution is a long-running process's (`keel serve`).
+            let alerts = ctx
+                .config
+                .alerts
+                .is_enabled()
+                .then(|| keel_telemetry::alert::spawn(ctx.config.alerts.clone(), ctx.clock.clone()));
+            let sink = alerts.as_ref().map(|(router, _)| router.clone() as Arc<dyn keel_core::EventSink>);
+            let sentry = match &ctx.config.telemetry.sentry {
+                Some(s) => Some(keel_telemetry::sentry::Reporter::start(s)?),
+                None => None,
+            };
+            let runner = ctx.runner_alerting(sink, sentry.clone()).await?;
             let run_id = runner.create(&p).await?;
             if !ctx.json {
                 print(&format!(
@@ -98,12 +130,17 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
                     p.steps.len()
                 ));
             }
-            drive(&ctx, &runner, &run_id, *wait, Duration::ZERO).await
+            let code = drive(&ctx, &runner, &run_id, *wait, Duration::ZERO).await;
+            if let Some((_, tasks)) = alerts {
+                tasks.shutdown(Duration::from_secs(10)).await;
+            }
+            if let Some(sentry) = sentry {
+                sentry.shutdown(Duration::from_secs(5)).await;
+            }
+            flush_traces(traces).await;
+            code
         }
-        Command::Serve { listen, log_format } => {
-            init_log(*log_format)?;
-            serve(&cli, listen.as_deref()).await
-        }
+        Command::Serve { listen, log_format } => serve(&cli, listen.as_deref(), *log_format).await,
         Command::Mcp => mcp(&cli).await,
         Command::Runs { action } => runs(&cli, action).await,
         Command::Approvals { action } => approvals(&cli, action).await,
@@ -118,26 +155,65 @@ fn warn_all(config: &Config) {
     }
 }
 
-/// `keel serve`: until SIGINT or SIGTERM, then a graceful stop.
-/// `keel serve`'s log on stderr, filtered by `RUST_LOG` (default `info`).
-fn init_log(format: crate::cli::LogFormat) -> Result<()> {
-    use tracing_subscriber::EnvFilter;
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(spec) if !spec.trim().is_empty() => {
-            EnvFilter::try_new(&spec).map_err(|e| UsageError(format!("RUST_LOG=`{spec}`: {e}")))?
+/// The only tracing subscriber: `keel serve`'s log on stderr (`log`), filtered by
+/// `RUST_LOG` (default `info`), and the OTLP exporter when `[telemetry.otlp]` is set
+/// (its own filter, `info`: `RUST_LOG` quietens the log, not the traces).
+fn init_tracing(
+    log: Option<crate::cli::LogFormat>,
+    telemetry: &keel_telemetry::Telemetry,
+) -> Result<Option<keel_telemetry::TraceGuard>> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer};
+    let fmt = match log {
+        None => None,
+        Some(format) => {
+            let filter = match std::env::var("RUST_LOG") {
+                Ok(spec) if !spec.trim().is_empty() => {
+                    EnvFilter::try_new(&spec).map_err(|e| UsageError(format!("RUST_LOG=`{spec}`: {e}")))?
+                }
+                _ => EnvFilter::new("info"),
+            };
+            let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(false);
+            Some(match format {
+                crate::cli::LogFormat::Text => layer.with_filter(filter).boxed(),
+                crate::cli::LogFormat::Json => layer.json().flatten_event(true).with_filter(filter).boxed(),
+            })
         }
-        _ => EnvFilter::new("info"),
     };
-    let builder =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(false);
-    let installed = match format {
-        crate::cli::LogFormat::Text => builder.try_init(),
-        crate::cli::LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    let (otel, guard) = match &telemetry.otlp {
+        None => (None, None),
+        Some(otlp) => {
+            let (layer, guard) = keel_telemetry::otlp::layer(otlp, &telemetry.service_name)?;
+            (Some(layer.with_filter(EnvFilter::new("info"))), Some(guard))
+        }
     };
-    installed.map_err(|e| anyhow::anyhow!("cannot install the log: {e}"))
+    if fmt.is_none() && otel.is_none() {
+        return Ok(None);
+    }
+    tracing_subscriber::registry()
+        .with(fmt)
+        .with(otel)
+        .try_init()
+        .map_err(|e| anyhow::anyhow!("cannot install the log: {e}"))?;
+    Ok(guard)
 }
 
-async fn serve(cli: &Cli, listen: Option<&str>) -> Result<ExitCode> {
+/// Exports the spans still queued (bounded: a collector that is down costs at most
+/// this wait at exit).
+async fn flush_traces(guard: Option<keel_telemetry::TraceGuard>) {
+    if let Some(guard) = guard {
+        if let Err(e) = guard.shutdown(Duration::from_secs(5)).await {
+            eprint(&format!("keel: warning: exporting traces at exit: {e}"));
+        }
+    }
+}
+
+/// `keel serve`: until SIGINT or SIGTERM, then a graceful stop.
+async fn serve(cli: &Cli, listen: Option<&str>, log: crate::cli::LogFormat) -> Result<ExitCode> {
+    // The config first: the log and the exporter depend on it.
+    let config = Config::load(&cli.config)?;
+    let traces = init_tracing(Some(log), &config.telemetry)?;
     let ctx = open(cli).await?;
     warn_all(&ctx.config);
     if ctx.config.keys.is_empty() {
@@ -159,6 +235,7 @@ async fn serve(cli: &Cli, listen: Option<&str>) -> Result<ExitCode> {
         }
     };
     keel_server::serve(state, listener, shutdown, Duration::from_secs(30)).await?;
+    flush_traces(traces).await;
     print("keel serve stopped");
     Ok(ExitCode::SUCCESS)
 }

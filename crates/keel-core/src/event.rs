@@ -241,6 +241,19 @@ impl EventSink for NullSink {
     fn record(&self, _event: &Event) {}
 }
 
+/// Several sinks, each recording every event in turn (the journal's and the alert
+/// router's).
+#[derive(Debug, Default, Clone)]
+pub struct Fanout(pub Vec<Arc<dyn EventSink>>);
+
+impl EventSink for Fanout {
+    fn record(&self, event: &Event) {
+        for sink in &self.0 {
+            sink.record(event);
+        }
+    }
+}
+
 /// A sink that keeps events in memory: for tests and small tools.
 #[derive(Debug, Default)]
 pub struct MemorySink {
@@ -274,31 +287,34 @@ pub fn emit(sink: &dyn EventSink, event: Event) {
 fn trace_event(event: &Event) {
     match event {
         Event::AttemptStarted { target, attempt } => {
-            tracing::debug!(keel.target = %target, keel.attempt = attempt, "attempt started");
+            tracing::debug!(keel.target = %target, keel.attempt = i64::from(*attempt), "attempt started");
         }
         Event::AttemptEnded { target, attempt, outcome, latency } => match outcome {
             AttemptOutcome::Ok => tracing::debug!(
-                keel.target = %target, keel.attempt = attempt,
+                keel.target = %target, keel.attempt = i64::from(*attempt),
                 latency_ms = latency.as_secs_f64() * 1e3, "attempt ok"
             ),
             AttemptOutcome::Failed(class) => tracing::info!(
-                keel.target = %target, keel.attempt = attempt, keel.error_class = %class,
+                keel.target = %target, keel.attempt = i64::from(*attempt), keel.error_class = %class,
                 latency_ms = latency.as_secs_f64() * 1e3, "attempt failed"
             ),
         },
         Event::RetryScheduled { target, attempt, class, delay, reason } => tracing::info!(
-            keel.target = %target, keel.attempt = attempt, keel.error_class = %class,
-            delay_ms = delay.as_secs_f64() * 1e3, reason = ?reason, "retry scheduled"
+            keel.target = %target, keel.attempt = i64::from(*attempt), keel.error_class = %class,
+            keel.retry.delay = delay.as_secs_f64(), delay_ms = delay.as_secs_f64() * 1e3,
+            reason = ?reason, "retry scheduled"
         ),
         Event::RetryRefused { target, attempt, class, reason } => tracing::info!(
-            keel.target = %target, keel.attempt = attempt, keel.error_class = %class,
+            keel.target = %target, keel.attempt = i64::from(*attempt), keel.error_class = %class,
             reason = %reason, "retry refused"
         ),
         Event::BreakerTransition { target, from, to } => tracing::warn!(
-            keel.target = %target, from = ?from, to = ?to, "circuit breaker transition"
+            keel.target = %target, from = ?from, to = ?to, keel.breaker.state = to.as_str(),
+            "circuit breaker transition"
         ),
         Event::FallbackTaken { from, to, class } => tracing::warn!(
-            keel.target = %from, fallback = %to, keel.error_class = %class, "fallback taken"
+            keel.target = %from, fallback = %to, keel.fallback.from = %from, keel.fallback.to = %to,
+            keel.error_class = %class, "fallback taken"
         ),
         Event::BudgetCharged { budget, kind, amount, remaining } => tracing::trace!(
             budget = %budget, kind = ?kind, amount, remaining = ?remaining, "budget charged"

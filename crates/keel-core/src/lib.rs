@@ -50,7 +50,7 @@ pub use budget::{Budget, BudgetConfig, BudgetExceeded, BudgetKind, Reservation};
 pub use class::{Classified, Disposition, ErrorClass};
 pub use classify::Failure;
 pub use clock::{Clock, TokioClock};
-pub use event::{AttemptOutcome, DelayReason, Event, EventSink, MemorySink, NullSink, RefusalReason};
+pub use event::{AttemptOutcome, DelayReason, Event, EventSink, Fanout, MemorySink, NullSink, RefusalReason};
 pub use fallback::{ChainError, FallbackChain, Served};
 pub use fault::{FaultConfig, FaultKind};
 pub use gate::{ConfidenceGate, GateConfig};

@@ -27,15 +27,17 @@ use std::time::{Duration, UNIX_EPOCH};
 use bytes::Bytes;
 use keel_core::event::{Event, EventSink, NullSink, emit};
 use keel_core::{
-    Breaker, Budget, BudgetKind, CallError, CallSignature, Classified, Clock, ConfidenceGate, ErrorClass,
-    ErrorKind, Failure, GateConfig, LoopGuard, Pipeline, PolicyConfig, TimeoutConfig, TokioClock,
+    Breaker, Budget, BudgetKind, CallError, CallSignature, Classified, Clock, ConfidenceGate, Disposition,
+    ErrorClass, ErrorKind, Failure, GateConfig, LoopGuard, Pipeline, PolicyConfig, TimeoutConfig, TokioClock,
 };
+use tracing::Instrument;
 
 use crate::charges::{AttemptCharge, Charges, Spent, request_estimate};
 use crate::config::{self, ConfigError, GatewayConfig, ModelConfig, Provider};
 use crate::error::GatewayError;
 use crate::journal::{CallJournal, CallRecord, ModelFailure, Prompt};
 use crate::metrics::{CountingSink, MetricsSnapshot, ModelCounters, bump};
+use crate::trace;
 use crate::upstream::{self, Endpoint};
 use crate::validate;
 use crate::wire::{AnswerSummary, ChatRequest, ParsedAnswer, Usage, anthropic, parse_answer};
@@ -790,9 +792,12 @@ impl Gateway {
     ) -> Result<(Completion, Route), GatewayError> {
         let mut route = Route::new(primary.clone());
         let mut model = primary;
+        let mut from: Option<Arc<str>> = None;
         loop {
-            match self.answer_on(&model, req, charges).await {
+            let span = trace::chat_span(&model, from.as_deref());
+            match self.answer_on(&model, req, charges).instrument(span.clone()).await {
                 Ok((answer, attempts, corrections)) => {
+                    trace::answered(&span, attempts);
                     route.attempts += attempts;
                     let usage = answer.summary.usage.unwrap_or_default();
                     let fallback = route.primary.name != model.name;
@@ -811,8 +816,16 @@ impl Gateway {
                 }
                 Err((failure, attempts, rejected)) => {
                     route.failed(&model, &failure, attempts);
-                    match route.next(self, &model, failure.class) {
-                        Some(next) => model = next,
+                    let next = route.next(self, &model, failure.class);
+                    let disposition =
+                        if next.is_some() { Disposition::Fallback } else { Disposition::Terminal };
+                    let breaker = model.pipeline.breaker().map(|b| b.state());
+                    trace::failed(&span, &failure, attempts, breaker, disposition);
+                    match next {
+                        Some(next) => {
+                            from = Some(model.name.clone());
+                            model = next;
+                        }
                         None => {
                             // A refusal with no content fallback: the provider's own
                             // answer (with its reason) goes to the agent unchanged.
@@ -922,6 +935,7 @@ impl Gateway {
             }
         };
         charge.settle(answer.summary.usage);
+        trace::answer_read(&answer.summary, &bytes);
         if model.config.validate {
             if let Err(failure) = validate::check(&answer.summary, req) {
                 return Err(AttemptError { failure, answer: Some(answer) });

@@ -32,6 +32,7 @@ pub mod journal;
 pub mod metrics;
 mod router;
 pub mod stream;
+mod trace;
 mod upstream;
 pub mod validate;
 pub mod wire;

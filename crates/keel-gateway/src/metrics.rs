@@ -178,7 +178,7 @@ impl MetricsSnapshot {
     /// The snapshot in Prometheus' text format, metric names prefixed `keel_gateway_`.
     pub fn render_prometheus(&self) -> String {
         let mut out = String::new();
-        let simple: [Counter; 14] = [
+        let simple: [Counter; 13] = [
             ("requests_total", "Requests that named the model.", |m| m.requests),
             ("answers_total", "Answers the model gave.", |m| m.answered),
             ("attempts_total", "Attempts made on the model.", |m| m.attempts),
@@ -187,7 +187,6 @@ impl MetricsSnapshot {
             ("corrections_total", "Invalid answers sent back to the model.", |m| m.corrections),
             ("prompt_tokens_total", "Prompt tokens of the model's answers.", |m| m.prompt_tokens),
             ("completion_tokens_total", "Completion tokens of the model's answers.", |m| m.completion_tokens),
-            ("cost_micros_total", "Cost of the model's answers in micro-dollars.", |m| m.cost_micros),
             ("malformed_chunks_total", "Malformed stream chunks skipped.", |m| m.malformed_chunks),
             ("streams_finalised_total", "Streams that ended without [DONE], finalised.", |m| {
                 m.finalised_without_done
@@ -208,6 +207,18 @@ impl MetricsSnapshot {
                 let _ = writeln!(out, "keel_gateway_{name}{{model=\"{model}\"}} {}", get(m));
             }
         }
+        // Base units: dollars, not the micro-dollars budgets count in.
+        let _ = writeln!(
+            out,
+            "# HELP keel_gateway_cost_dollars_total Cost of the model's answers in US dollars.\n# TYPE keel_gateway_cost_dollars_total counter"
+        );
+        for (model, m) in &self.models {
+            let _ = writeln!(
+                out,
+                "keel_gateway_cost_dollars_total{{model=\"{model}\"}} {}",
+                dollars(m.cost_micros)
+            );
+        }
         for (name, help, get) in [
             (
                 "attempt_failures_total",
@@ -223,17 +234,18 @@ impl MetricsSnapshot {
                 }
             }
         }
+        // One encoding of breaker state everywhere (as `keel_breaker_state`).
         let _ = writeln!(
             out,
-            "# HELP keel_gateway_breaker_open Whether the model's breaker is open (1), half-open (0.5) or closed (0).\n# TYPE keel_gateway_breaker_open gauge"
+            "# HELP keel_gateway_breaker_state The model's breaker: 0 closed, 1 half-open, 2 open.\n# TYPE keel_gateway_breaker_state gauge"
         );
         for (model, m) in &self.models {
             let v = match m.breaker {
-                Some(BreakerState::Open) => "1",
-                Some(BreakerState::HalfOpen) => "0.5",
+                Some(BreakerState::Open) => "2",
+                Some(BreakerState::HalfOpen) => "1",
                 Some(BreakerState::Closed) | None => "0",
             };
-            let _ = writeln!(out, "keel_gateway_breaker_open{{model=\"{model}\"}} {v}");
+            let _ = writeln!(out, "keel_gateway_breaker_state{{model=\"{model}\"}} {v}");
         }
         let gauges: [BudgetGauge; 3] = [
             ("budget_used", "Charged on the budget, reservations in flight included.", |b| &b.used),
@@ -245,7 +257,16 @@ impl MetricsSnapshot {
             for (budget, b) in &self.budgets {
                 let budget = escape(budget);
                 for (kind, v) in get(b) {
-                    let _ = writeln!(out, "keel_gateway_{name}{{budget=\"{budget}\",kind=\"{kind}\"}} {v}");
+                    if *kind == keel_core::BudgetKind::CostMicros.as_str() {
+                        let _ = writeln!(
+                            out,
+                            "keel_gateway_{name}{{budget=\"{budget}\",kind=\"cost_dollars\"}} {}",
+                            dollars(*v)
+                        );
+                    } else {
+                        let _ =
+                            writeln!(out, "keel_gateway_{name}{{budget=\"{budget}\",kind=\"{kind}\"}} {v}");
+                    }
                 }
             }
         }
@@ -275,6 +296,12 @@ impl MetricsSnapshot {
         }
         out
     }
+}
+
+/// Micro-dollars as dollars.
+fn dollars(micros: u64) -> f64 {
+    // Exact below 2^53 micro-dollars (9 billion dollars).
+    micros as f64 / 1e6
 }
 
 /// A label value with `\\`, `"` and newlines escaped (key names come from config).

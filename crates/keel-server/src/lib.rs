@@ -37,7 +37,9 @@ use tokio_util::task::TaskTracker;
 
 pub use api::AppState;
 
-/// Builds the shared state: a runner whose events feed the metrics.
+/// Builds the shared state: a runner whose events feed the metrics and, when
+/// `[alerts]` has sinks, the alert router (started here, on the caller's runtime;
+/// [`serve`] drains it at shutdown).
 ///
 /// # Errors
 /// The journal's (loading the gate's history).
@@ -47,7 +49,28 @@ pub async fn state(
     clock: Arc<dyn Clock>,
 ) -> Result<AppState, keel_runtime::runner::Error> {
     let metrics = Arc::new(metrics::Metrics::new());
-    let observer: Arc<dyn Observer> = metrics.clone();
+    let alerts = config.alerts.is_enabled().then(|| {
+        let (router, tasks) = keel_telemetry::alert::spawn(config.alerts.clone(), clock.clone());
+        Arc::new(api::Alerting { router, tasks: std::sync::Mutex::new(Some(tasks)) })
+    });
+    let sentry = match &config.telemetry.sentry {
+        None => None,
+        Some(s) => Some(
+            keel_telemetry::sentry::Reporter::start(s)
+                .map_err(|e| keel_runtime::runner::Error::Refused(e.to_string()))?,
+        ),
+    };
+    let mut observers: Vec<Arc<dyn Observer>> = vec![metrics.clone()];
+    let mut sinks: Vec<Arc<dyn keel_core::EventSink>> = Vec::new();
+    if let Some(a) = &alerts {
+        observers.push(Arc::new(keel_runtime::runner::PolicySink(a.router.clone())));
+        sinks.push(a.router.clone());
+    }
+    if let Some(r) = &sentry {
+        observers.push(Arc::new(keel_runtime::runner::SentryObserver(r.clone())));
+        sinks.push(r.clone());
+    }
+    let observer: Arc<dyn Observer> = Arc::new(keel_runtime::runner::Observers(observers));
     let runner = Arc::new(Runner::new(config.clone(), journal.clone(), clock.clone(), observer).await?);
     let (wake, drives) = (Arc::new(Notify::new()), Arc::default());
     let mut gateway_writer = None;
@@ -60,10 +83,16 @@ pub async fn state(
         // per-attempt noise of a high-rate endpoint is not.
         let sink = keel_gateway::journal::DecisionsOnly(writer.sink(keel_gateway::journal::GATEWAY_RUN));
         gateway_writer = Some(writer.clone());
+        let sink: Arc<dyn keel_core::EventSink> = if sinks.is_empty() {
+            Arc::new(sink)
+        } else {
+            sinks.insert(0, Arc::new(sink));
+            Arc::new(keel_core::Fanout(sinks))
+        };
         let built = config
             .gateway_builder()
             .clock(clock.clone())
-            .sink(Arc::new(sink))
+            .sink(sink)
             .gate(runner.gate().clone())
             .journal(Arc::new(keel_gateway::WriterJournal::new(writer)))
             .build()
@@ -71,7 +100,20 @@ pub async fn state(
         Some(Arc::new(built))
     };
     let storage = Arc::default();
-    Ok(AppState { runner, journal, config, clock, metrics, wake, drives, storage, gateway, gateway_writer })
+    Ok(AppState {
+        runner,
+        journal,
+        config,
+        clock,
+        metrics,
+        wake,
+        drives,
+        storage,
+        gateway,
+        gateway_writer,
+        alerts,
+        sentry,
+    })
 }
 
 /// The router: every route but `/healthz` (and the inbox's static files) needs a key.
@@ -167,6 +209,8 @@ pub async fn serve(
             }
         }
     });
+    let alerts = state.alerts.clone();
+    let sentry = state.sentry.clone();
     let limits = conn::Limits::from_config(&state.config.server);
     let stop_on_signal = stop.clone();
     tokio::spawn(async move {
@@ -194,6 +238,12 @@ pub async fn serve(
         if let Err(e) = writer.flush().await {
             tracing::error!(error = %e, "flushing the gateway's journal at shutdown failed");
         }
+    }
+    if let Some(tasks) = alerts.and_then(|a| a.tasks.lock().unwrap_or_else(|e| e.into_inner()).take()) {
+        tasks.shutdown(grace).await;
+    }
+    if let Some(sentry) = sentry {
+        sentry.shutdown(grace).await;
     }
     Ok(())
 }

@@ -2,12 +2,20 @@
 //! route (the pattern, not the path, so ids and secrets in paths stay out), status,
 //! error class, the key's *name*, the run, and the time to the response's head.
 //! Never a key, a header's value or a body.
+//!
+//! Each request is also a `SERVER` span (`{METHOD} {route}`), the parent of the
+//! gateway's `chat` and the runner's `execute_tool` spans. An incoming W3C
+//! `traceparent` is continued, and when spans are exported the answer names its
+//! trace in `x-keel-trace-id`, a reference a user can hand to support.
 
 use axum::extract::{MatchedPath, Request};
+use axum::http::HeaderValue;
 use axum::middleware::Next;
 use axum::response::Response;
 use keel_core::ErrorClass;
 use tokio::time::Instant;
+use tracing::Instrument;
+use tracing::field::Empty;
 
 use crate::auth::Caller;
 
@@ -17,7 +25,18 @@ pub async fn requests(req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let route = req.extensions().get::<MatchedPath>().map_or("(no route)", MatchedPath::as_str).to_owned();
     let run = run_of(&req, &route);
-    let resp = next.run(req).await;
+    let span = tracing::info_span!(
+        "request",
+        otel.name = %format_args!("{method} {route}"),
+        otel.kind = "server",
+        otel.status_code = Empty,
+        http.request.method = %method,
+        http.route = %route,
+        http.response.status_code = Empty,
+        keel.error_class = Empty,
+    );
+    keel_telemetry::propagate::continue_trace(&span, req.headers());
+    let mut resp = next.run(req).instrument(span.clone()).await;
     let status = resp.status().as_u16();
     let class = resp
         .extensions()
@@ -26,12 +45,25 @@ pub async fn requests(req: Request, next: Next) -> Response {
         .or_else(|| resp.headers().get("x-keel-error-class").and_then(|v| v.to_str().ok()))
         .unwrap_or("-")
         .to_owned();
-    let key = resp.extensions().get::<Caller>().map_or("-", |c| c.name.as_str());
+    let key = resp.extensions().get::<Caller>().map_or("-", |c| c.name.as_str()).to_owned();
     let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    span.record("http.response.status_code", i64::from(status));
+    if class != "-" {
+        span.record("keel.error_class", class.as_str());
+    }
     if status >= 500 {
-        tracing::warn!(target: "keel::request", %method, %route, status, %class, key, run, ms, "request");
+        span.record("otel.status_code", "ERROR");
+    }
+    if let Some(id) = keel_telemetry::propagate::trace_id(&span) {
+        if let Ok(v) = HeaderValue::from_str(&id) {
+            resp.headers_mut().insert("x-keel-trace-id", v);
+        }
+    }
+    let _in_span = span.enter();
+    if status >= 500 {
+        tracing::warn!(target: "keel::request", %method, %route, status, %class, key = %key, run, ms, "request");
     } else {
-        tracing::info!(target: "keel::request", %method, %route, status, %class, key, run, ms, "request");
+        tracing::info!(target: "keel::request", %method, %route, status, %class, key = %key, run, ms, "request");
     }
     resp
 }

@@ -40,6 +40,7 @@ impl Metrics {
             .set_buckets(&[0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0])
             .map(PrometheusBuilder::build_recorder)
             .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
+        describe(&recorder);
         let handle = recorder.handle();
         let (changes, _) = broadcast::channel(256);
         Self { recorder, handle, started: Mutex::default(), changes }
@@ -69,6 +70,38 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// Every series' `# HELP` (and unit): a series without one is a bug
+/// (`tests/it/api.rs` checks the exposition).
+pub const SERIES: &[(&str, &str)] = &[
+    ("keel_calls_total", "Attempts made on each target (tools), by target."),
+    ("keel_errors_total", "Failed attempts by target and error class."),
+    ("keel_retries_total", "Retries scheduled by target and error class."),
+    ("keel_breaker_state", "The target's circuit breaker: 0 closed, 1 half-open, 2 open."),
+    ("keel_fallbacks_total", "Fallbacks taken, by the alternative left and the one tried."),
+    ("keel_loops_total", "Calls stopped by the loop guard, by target."),
+    ("keel_budget_exceeded_total", "Charges a budget refused, by budget."),
+    ("keel_run_duration_seconds", "Wall time from a run's start to its end, in seconds."),
+    ("keel_runs_total", "Runs that ended, by final state."),
+    ("keel_run_takeovers_total", "Runs taken over from a holder whose lease expired."),
+    ("keel_approvals_waiting", "Approvals waiting for a person."),
+    ("keel_tickets_open", "Escalations (tickets) waiting for a person."),
+    ("keel_incidents_open", "Alert incidents open (one per rule and key)."),
+    ("keel_alert_failures_dropped", "Failures the alert router dropped because it was behind."),
+];
+
+fn describe(recorder: &PrometheusRecorder) {
+    for (name, help) in SERIES {
+        let unit = name.ends_with("_seconds").then_some(metrics::Unit::Seconds);
+        if name.ends_with("_total") {
+            recorder.describe_counter((*name).into(), unit, (*help).into());
+        } else if name.ends_with("_seconds") {
+            recorder.describe_histogram((*name).into(), unit, (*help).into());
+        } else {
+            recorder.describe_gauge((*name).into(), unit, (*help).into());
+        }
     }
 }
 

@@ -91,6 +91,10 @@ pub async fn metrics(State(s): State<AppState>) -> Result<impl IntoResponse, Api
     let tickets = keel_runtime::inbox::tickets(&*s.journal).await?;
     let open = tickets.iter().filter(|t| t.ticket.status == "open").count();
     s.metrics.gauge("keel_tickets_open", &[], open as f64);
+    if let Some(a) = &s.alerts {
+        s.metrics.gauge("keel_incidents_open", &[], a.router.open_incidents() as f64);
+        s.metrics.gauge("keel_alert_failures_dropped", &[], a.router.dropped() as f64);
+    }
     let mut text = s.metrics.render();
     if let Some(gw) = &s.gateway {
         text.push_str(&gw.metrics().render_prometheus());

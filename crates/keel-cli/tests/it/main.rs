@@ -19,5 +19,6 @@ mod policy_attacks;
 mod scope;
 mod serve_crash;
 mod serve_log;
+mod telemetry;
 mod tickets;
 mod timeouts;

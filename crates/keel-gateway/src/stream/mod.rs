@@ -51,14 +51,16 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use keel_core::{ErrorClass, Failure};
+use keel_core::{Disposition, ErrorClass, Failure};
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use crate::charges::{AttemptCharge, Charges};
 use crate::error::GatewayError;
 use crate::gateway::{AttemptError, CallContext, Gateway, Model, Route, final_failure};
 use crate::metrics::bump;
+use crate::trace;
 use crate::wire::{ChatRequest, FunctionCall, ToolCall, Usage, error_body};
 use source::{Item, Piece, Source};
 
@@ -113,15 +115,24 @@ impl Gateway {
         };
         let mut route = Route::new(primary.clone());
         let mut model = primary.clone();
-        let opened = loop {
-            match charges.under(self.open_on(&model, &req, &charges)).await {
+        let mut from: Option<Arc<str>> = None;
+        let (opened, span) = loop {
+            let span = trace::chat_span(&model, from.as_deref());
+            match charges.under(self.open_on(&model, &req, &charges)).instrument(span.clone()).await {
                 Ok((opened, attempts)) => {
+                    trace::answered(&span, attempts);
                     route.attempts += attempts;
-                    break opened;
+                    break (opened, span);
                 }
                 Err((failure, attempts)) => {
                     route.failed(&model, &failure, attempts);
-                    if let Some(next) = route.next(self, &model, failure.class) {
+                    let next = route.next(self, &model, failure.class);
+                    let disposition =
+                        if next.is_some() { Disposition::Fallback } else { Disposition::Terminal };
+                    let breaker = model.stream_pipeline.breaker().map(|b| b.state());
+                    trace::failed(&span, &failure, attempts, breaker, disposition);
+                    if let Some(next) = next {
+                        from = Some(model.name.clone());
                         model = next;
                         continue;
                     }
@@ -168,6 +179,7 @@ impl Gateway {
             charge: None,
             rescue: None,
             answered: Vec::new(),
+            span,
         };
         self.streams.spawn(pump.run(model, opened));
         Ok(response)
@@ -298,12 +310,14 @@ struct Pump {
     rescue: Option<&'static str>,
     /// The models whose text reached the client, in order.
     answered: Vec<Arc<str>>,
+    /// The `chat` span of the model now streaming.
+    span: tracing::Span,
 }
 
 /// How a rescue went.
 enum Rescue {
     /// The next model took over.
-    On(Arc<Model>, Box<Opened>, Mode, &'static str),
+    On(Arc<Model>, Box<Opened>, Mode, &'static str, tracing::Span),
     /// No model could.
     Failed,
     /// The client went away: nobody would receive it.
@@ -346,6 +360,13 @@ impl Pump {
     }
 
     /// Settles the current attempt from its usage (its bound, when it gave none).
+    /// The current attempt's usage on its span (before settling takes it).
+    fn record_usage(&self) {
+        if let Some(usage) = &self.usage {
+            trace::usage_read(&self.span, usage);
+        }
+    }
+
     fn settle_attempt(&mut self) {
         if let Some(charge) = self.charge.take() {
             charge.settle(self.usage.take());
@@ -413,11 +434,17 @@ impl Pump {
                 original = Some(failure.clone());
             }
             self.route.failed(&model, &failure, 0);
+            self.record_usage();
             self.settle_attempt();
             let class = original.as_ref().map_or(failure.class, |f| f.class);
-            match self.rescue_on(&model, class).await {
+            let rescue = self.rescue_on(&model, class).await;
+            let disposition =
+                if matches!(rescue, Rescue::On(..)) { Disposition::Fallback } else { Disposition::Terminal };
+            trace::record_failure(&self.span, failure.class, 0, disposition);
+            match rescue {
                 Rescue::Gone => return self.finish_gone(&model, 0),
-                Rescue::On(next, opened, next_mode, how) => {
+                Rescue::On(next, opened, next_mode, how, span) => {
+                    self.span = span;
                     let counter = match how {
                         "prefill" => &next.counters.rescued_prefill,
                         _ => &next.counters.rescued_splice,
@@ -467,20 +494,25 @@ impl Pump {
             };
             // An attempt abandoned for a gone client settles as its charge says (its
             // bound once the provider answered: it bills what it generated).
-            let opening = self.charges.under(gateway.open_on(&next, &req, &self.charges));
+            let span = trace::chat_span(&next, Some(&from.name));
+            let opening =
+                self.charges.under(gateway.open_on(&next, &req, &self.charges)).instrument(span.clone());
             let Some(opened) = watch_client(&self.tx, opening).await else { return Rescue::Gone };
             match opened {
                 Ok((opened, attempts)) => {
+                    trace::answered(&span, attempts);
                     self.route.attempts += attempts;
                     let (mode, how) = if prefill {
                         (Mode::Direct, "prefill")
                     } else {
                         (Mode::Splice { regenerated: String::new() }, "splice")
                     };
-                    return Rescue::On(next, Box::new(opened), mode, how);
+                    return Rescue::On(next, Box::new(opened), mode, how, span);
                 }
                 Err((failure, attempts)) => {
                     self.route.failed(&next, &failure, attempts);
+                    let breaker = next.stream_pipeline.breaker().map(|b| b.state());
+                    trace::failed(&span, &failure, attempts, breaker, Disposition::Fallback);
                     from = next;
                 }
             }
@@ -616,6 +648,10 @@ impl Pump {
                 function: FunctionCall { name: name.clone(), arguments: arguments.clone() },
             })
             .collect();
+        self.record_usage();
+        if let Some(reason) = &self.finish {
+            self.span.record("gen_ai.response.finish_reasons", reason.as_str());
+        }
         self.settle_attempt();
         if let Err(e) = self.gateway.guard_tools(&self.charges, &calls) {
             // The run repeats itself: the stream ends with the error, not `[DONE]`.

@@ -64,6 +64,11 @@ pub struct Config {
     /// `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` as the environment held them when the
     /// config was read: models and http tools are reached through them.
     pub proxies: keel_http::Proxies,
+    /// `[telemetry]`, checked, with its secrets (never logged).
+    pub telemetry: keel_telemetry::Telemetry,
+    /// `[alerts]`, checked, with its secrets (never logged); the default rules when
+    /// none are written.
+    pub alerts: keel_telemetry::alert::Alerts,
     /// What is valid but dangerous (a parameter inside a `sh -c` script...): `keel
     /// config check` prints these; a config shipped as an example has none.
     pub warnings: Vec<ConfigError>,
@@ -515,6 +520,23 @@ impl Config {
             }
         }
 
+        let telemetry = match raw.telemetry.resolve(env) {
+            Ok(t) => t,
+            Err(problems) => {
+                let at = c.spans.find(&["telemetry"]);
+                c.policy_errors("telemetry", &problems, at);
+                keel_telemetry::Telemetry::default()
+            }
+        };
+        let alerts = match raw.alerts.resolve(env) {
+            Ok(a) => a,
+            Err(problems) => {
+                let at = c.spans.find(&["alerts"]);
+                c.policy_errors("alerts", &problems, at);
+                keel_telemetry::alert::Alerts::default()
+            }
+        };
+
         if !c.errors.is_empty() {
             return Err(ConfigErrors(c.errors));
         }
@@ -532,6 +554,8 @@ impl Config {
             gateway: raw.gateway,
             model_keys,
             proxies,
+            telemetry,
+            alerts,
             warnings: c.warnings,
         })
     }

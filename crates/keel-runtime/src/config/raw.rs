@@ -42,6 +42,12 @@ pub struct RawConfig {
     /// Gateway-wide limits: budgets per API key and per run, the loop guard.
     #[serde(default)]
     pub gateway: keel_gateway::GatewayConfig,
+    /// Where Keel's traces go (`[telemetry.otlp]`).
+    #[serde(default)]
+    pub telemetry: keel_telemetry::TelemetryConfig,
+    /// Alert routing: rules by class, target and rate; PagerDuty, Slack, webhooks.
+    #[serde(default)]
+    pub alerts: keel_telemetry::alert::AlertsConfig,
 }
 
 /// What a key may do on `keel serve`.

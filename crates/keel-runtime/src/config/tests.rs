@@ -453,3 +453,45 @@ fn tool_fallbacks_are_checked_each_with_its_key() {
         assert_eq!(found, [format!("5: {key}")], "{fallback}");
     }
 }
+
+/// Issue 17: `[telemetry]` and `[alerts]` problems name their key and line, all at once.
+#[test]
+fn telemetry_and_alert_problems_name_key_and_line() {
+    let text = r#"
+[telemetry.otlp]
+endpoint = "https://collector:4318"
+timeout = "0s"
+
+[alerts.sinks.pager]
+kind = "pagerduty"
+url = "http://127.0.0.1:9/enqueue"
+routing_key_env = "NOPE"
+
+[[alerts.rules]]
+name = "r"
+window = "0s"
+sinks = ["nope"]
+"#;
+    let e = parse(text).unwrap_err().to_string();
+    for expected in [
+        "conf/keel.toml:3: telemetry.otlp.endpoint: https is not built in yet",
+        "conf/keel.toml:4: telemetry.otlp.timeout: must be from",
+        "conf/keel.toml:9: alerts.sinks.pager.routing_key_env: environment variable `NOPE` is not set",
+        "conf/keel.toml:13: alerts.rules[0].window: must be from",
+        "conf/keel.toml:14: alerts.rules[0].sinks: no sink `nope`",
+    ] {
+        assert!(e.contains(expected), "missing {expected:?} in:\n{e}");
+    }
+    // Unknown keys are refused with their line too.
+    let e = parse("[telemetry.otlp]\nendpoint = \"http://c:4318\"\nbogus = 1\n").unwrap_err().to_string();
+    assert!(e.contains("conf/keel.toml:3") && e.contains("bogus"), "{e}");
+    // A good one: the endpoint gets the signal's path, header secrets from the env.
+    let c = parse(
+        "[telemetry.otlp]\nendpoint = \"http://127.0.0.1:4318\"\nheaders_env = { authorization = \"PAY_AUTH\" }\n",
+    )
+    .unwrap();
+    let otlp = c.telemetry.otlp.as_ref().unwrap();
+    assert_eq!(otlp.endpoint.to_string(), "http://127.0.0.1:4318/v1/traces");
+    assert!(!format!("{:?}", c.telemetry).contains("s3cret"));
+    assert!(!c.alerts.is_enabled(), "no sinks, no alerts");
+}

@@ -29,6 +29,7 @@ use keel_journal::{RunSnapshot, RunState};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::runner::{Error as RunnerError, args_digest, new_id};
 use crate::{Plan, PlanStep, RunStatus, Runner};
@@ -355,9 +356,11 @@ impl Invoker {
     /// half-way (it would hold the run's lease, unworked, until the lease expired).
     fn spawn_drive(&self, run_id: &str) -> JoinHandle<Result<RunStatus, RunnerError>> {
         let (runner, drives, run) = (self.runner.clone(), self.drives.clone(), run_id.to_owned());
-        // The caller's scope (an agent run's budget) crosses into the drive's task.
+        // The caller's scope (an agent run's budget) crosses into the drive's task, and
+        // the drive's spans (`execute_tool`) belong to the request that started it.
         let scope = keel_core::RunScope::current().map(|s| (*s).clone()).unwrap_or_default();
-        tokio::spawn(async move { scope.run(drives.drive(&runner, &run)).await })
+        let span = tracing::Span::current();
+        tokio::spawn(async move { scope.run(drives.drive(&runner, &run)).await }.instrument(span))
     }
 
     /// Whether the run's own deadline has passed (its holder, wherever it is, gives up).

@@ -27,7 +27,7 @@ mod step;
 mod tests;
 
 pub use keys::{args_digest, idempotency_key, new_id};
-pub use observer::{NullObserver, Observer};
+pub use observer::{NullObserver, Observer, Observers, PolicySink, SentryObserver};
 pub use status::RunStatus;
 
 use std::collections::{BTreeMap, HashMap};
@@ -358,14 +358,33 @@ impl Runner {
         // A holder that lost its lease (it stalled past it and another process took
         // the run) stops at once; its appends are refused by the fence meanwhile.
         // Boxed: a step's future is large, and callers' stacks are not (test threads).
+        // The drive's span: the parent of its steps' `execute_tool` spans.
+        let span = tracing::info_span!(
+            "run",
+            otel.name = "run",
+            otel.kind = "internal",
+            otel.status_code = tracing::field::Empty,
+            keel.run.id = run_id,
+            keel.run.status = tracing::field::Empty,
+        );
+        let leased = tracing::Instrument::instrument(self.drive_leased(run_id, &lease), span.clone());
         let result = tokio::select! {
-            r = Box::pin(self.drive_leased(run_id, &lease)) => r,
+            r = Box::pin(leased) => r,
             Ok(()) = lost_rx => Err(Error::Busy(
                 run_id.to_owned(),
                 "its lease was lost while this process drove it; another process took the run over".to_owned(),
             )),
         };
         renew.abort();
+        match &result {
+            Ok(status) => {
+                span.record("keel.run.status", tracing::field::debug(status));
+            }
+            Err(_) => {
+                span.record("otel.status_code", "ERROR");
+            }
+        }
+        drop(span);
         // The lease is given up and the gate saved even when the flush failed (after a
         // storage outage the run must not stay held until its lease expires).
         let flushed = self.writer.flush_run(run_id).await;

@@ -11,6 +11,7 @@ use keel_core::{
 };
 use keel_journal::{ApprovalDecision, Claim, JournalEvent, RunSink, RunSnapshot, StepOutcome, TicketView};
 use serde_json::{Value, json};
+use tracing::Instrument;
 
 use super::{Result, RunStatus, Runner, args_digest, idempotency_key, new_id};
 use crate::config::{ExpiryOutcome, Mode};
@@ -374,6 +375,8 @@ async fn call_once(
         scope = scope.with_deadline(at);
     }
     let clock = r.clock.clone();
+    let breaker = pipeline.breaker().cloned();
+    let span = tool_span(&tool.name, ctx.run_id, index);
     let budget = ctx.budget.clone();
     let result = scope
         .run(pipeline.call_resumed(resume, |_| {
@@ -395,7 +398,19 @@ async fn call_once(
                 charged.result
             }
         }))
+        .instrument(span.clone())
         .await;
+    if let Err(e) = &result {
+        span.record("otel.status_code", "ERROR");
+        span.record("error.type", e.class.as_str());
+        span.record("keel.error_class", e.class.as_str());
+        span.record("keel.disposition", e.disposition().as_str());
+        span.record("keel.attempt", i64::from(e.attempts));
+        if let Some(b) = &breaker {
+            span.record("keel.breaker.state", b.state().as_str());
+        }
+    }
+    drop(span);
     let result = match result {
         // Boxed: a second pipeline's future inside this one's would overflow small stacks.
         Err(e) => match Box::pin(fall_back(ctx, tool, params, key, &sink, e.class())).await {
@@ -472,6 +487,25 @@ async fn fall_back(
     );
     taken(crate::tool::fallback::CACHE);
     Some(output)
+}
+
+/// The `execute_tool {tool}` span of one call of a step's tool (OpenTelemetry GenAI
+/// names; keel-telemetry's `names` has the table). The call id is `{run}/{step}`.
+fn tool_span(tool: &str, run_id: &str, step: u32) -> tracing::Span {
+    tracing::info_span!(
+        "execute_tool",
+        otel.name = %format_args!("execute_tool {tool}"),
+        otel.kind = "internal",
+        otel.status_code = tracing::field::Empty,
+        gen_ai.operation.name = "execute_tool",
+        gen_ai.tool.name = tool,
+        gen_ai.tool.call.id = %format_args!("{run_id}/{step}"),
+        error.type = tracing::field::Empty,
+        keel.error_class = tracing::field::Empty,
+        keel.disposition = tracing::field::Empty,
+        keel.attempt = tracing::field::Empty,
+        keel.breaker.state = tracing::field::Empty,
+    )
 }
 
 /// Where the call in progress of this step stands in the journal, if an earlier drive

@@ -40,6 +40,19 @@ pub struct AppState {
     pub gateway: Option<Arc<keel_gateway::Gateway>>,
     /// The gateway's journal writer, flushed at shutdown.
     pub gateway_writer: Option<keel_journal::JournalWriter>,
+    /// The alert router, when `[alerts]` has sinks.
+    pub alerts: Option<Arc<Alerting>>,
+    /// Sentry, when `[telemetry.sentry]` is set.
+    pub sentry: Option<Arc<keel_telemetry::sentry::Reporter>>,
+}
+
+/// The alert router and its tasks (drained by `serve` at shutdown).
+#[derive(Debug)]
+pub struct Alerting {
+    /// The sink the runner's and the gateway's events reach.
+    pub router: Arc<keel_telemetry::alert::AlertRouter>,
+    /// Its tasks, taken at shutdown.
+    pub tasks: std::sync::Mutex<Option<keel_telemetry::alert::AlertTasks>>,
 }
 
 impl AppState {

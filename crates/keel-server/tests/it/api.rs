@@ -200,3 +200,70 @@ async fn a_tool_breaker_opening_reaches_the_metrics() {
     let text = metrics.as_str().unwrap();
     assert!(text.contains("keel_breaker_state{target=\"notify\"} 2"), "open is 2: {text}");
 }
+
+/// Issue 17: every series on `/metrics` has its `# HELP` and `# TYPE`, in base units
+/// (seconds, dollars), with one encoding of breaker state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_series_is_described_in_base_units() {
+    let upstream = {
+        let app = axum::Router::new().route(
+            "/v1/chat/completions",
+            axum::routing::post(|| async {
+                axum::Json(json!({
+                    "id": "c", "object": "chat.completion", "created": 1, "model": "m",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 1000, "completion_tokens": 1000, "total_tokens": 2000}
+                }))
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        format!("http://{addr}/v1")
+    };
+    let extra = format!(
+        "[defaults.breaker]\nmin_calls = 2\nfailure_ratio = 0.5\n\n[gateway]\nkey_budget = {{ cost_usd = 5.0 }}\n\n\
+         [models.small]\nprovider = \"openai\"\nbase_url = \"{upstream}\"\nmodel = \"m\"\n\
+         prices = {{ input_per_mtok = 1.0, output_per_mtok = 2.0 }}\n"
+    );
+    let s = Server::start(Faults { notify_down: true, ..Faults::default() }, &extra).await;
+    let (status, _) = s.post(Some(AGENT), "/api/tools/notify/invoke", Some(json!({"params": {}}))).await;
+    assert_ne!(status, 200);
+    let (status, _) = s
+        .post(Some(AGENT), "/api/tools/charge/invoke", Some(json!({"params": {"order": 1, "amount": 5}})))
+        .await;
+    assert_eq!(status, 200);
+    let chat = json!({"model": "small", "messages": [{"role": "user", "content": "hi"}]});
+    let resp =
+        s.http.post(s.url("/v1/chat/completions")).bearer_auth(AGENT).json(&chat).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let (_, metrics) = s.get(Some(AGENT), "/metrics").await;
+    let text = metrics.as_str().unwrap();
+    let mut series = std::collections::BTreeSet::new();
+    for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+        let name = line.split(['{', ' ']).next().unwrap();
+        let base = name.trim_end_matches("_bucket").trim_end_matches("_sum").trim_end_matches("_count");
+        series.insert(base.to_owned());
+    }
+    assert!(series.len() > 10, "{text}");
+    for name in &series {
+        assert!(text.contains(&format!("# HELP {name} ")), "no HELP for {name}:\n{text}");
+        assert!(text.contains(&format!("# TYPE {name} ")), "no TYPE for {name}:\n{text}");
+        assert!(!name.contains("micros"), "{name} is not in base units");
+    }
+    assert!(series.contains("keel_run_duration_seconds"), "{series:?}");
+    // 1000 tokens at $1/M in and 1000 at $2/M out: $0.003.
+    assert!(text.contains("keel_gateway_cost_dollars_total{model=\"small\"} 0.003"), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("keel_gateway_budget_used{budget=\"key:")
+            && l.ends_with("kind=\"cost_dollars\"} 0.003")),
+        "{text}"
+    );
+    assert!(
+        text.lines().any(|l| l.starts_with("keel_gateway_budget_limit{budget=\"key:")
+            && l.ends_with("kind=\"cost_dollars\"} 5")),
+        "{text}"
+    );
+    assert!(text.contains("keel_breaker_state{target=\"notify\"} 2"), "{text}");
+    assert!(text.contains("keel_gateway_breaker_state{model=\"small\"} 0"), "{text}");
+}

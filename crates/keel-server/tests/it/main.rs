@@ -6,6 +6,7 @@
 
 mod support;
 
+mod alerts;
 mod api;
 mod attacks_server;
 mod attacks_tools;
