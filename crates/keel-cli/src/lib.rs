@@ -30,7 +30,14 @@ pub fn main() -> ExitCode {
 /// Runs a parsed command line to its exit code.
 pub fn run_cli(cli: Cli) -> ExitCode {
     let json = cli.json;
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    // 8 MiB stacks, as the main thread's: a call nests a pipeline, a tool's transport
+    // and, on a fallback, a second pipeline; 2 MiB is tight for that in debug builds.
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_stack_size(8 << 20)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => return report(&anyhow::Error::new(e), json),
     };

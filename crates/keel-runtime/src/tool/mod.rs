@@ -174,7 +174,7 @@ impl Tool {
     pub async fn invoke(&self, params: &Value, clock: &dyn Clock) -> Result<Value, Failure> {
         match &self.kind {
             ToolKind::Command(c) => c.run(params).await,
-            ToolKind::Http(h) => h.send(params, clock, None).await,
+            ToolKind::Http(h) => Box::pin(h.send(params, clock, None)).await,
         }
     }
 
@@ -224,7 +224,8 @@ impl Tool {
     ) -> Result<Value, Failure> {
         match &self.kind {
             ToolKind::Command(c) => c.run_with_env(params, &[("KEEL_IDEMPOTENCY_KEY", key)]).await,
-            ToolKind::Http(h) => h.send(params, clock, Some(key)).await,
+            // Boxed: the transport's future is large; kept off the caller's stack.
+            ToolKind::Http(h) => Box::pin(h.send(params, clock, Some(key))).await,
         }
     }
 }
