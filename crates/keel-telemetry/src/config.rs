@@ -31,7 +31,7 @@ pub struct TelemetryConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SentryConfig {
-    /// The project's DSN (plain `http://` for now: a relay). Give this or `dsn_env`.
+    /// The project's DSN (`https://` or `http://`). Give this or `dsn_env`.
     pub dsn: Option<String>,
     /// The environment variable holding the DSN (it holds the project's key).
     pub dsn_env: Option<String>,
@@ -212,13 +212,8 @@ impl SentryConfig {
 pub fn http_url(url: &str, default_path: &str) -> Result<Uri, String> {
     let uri: Uri = url.parse().map_err(|e| format!("`{url}` is not a URL: {e}"))?;
     match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err(
-                "https is not built in yet: use an http:// collector (a local agent or sidecar)".into()
-            );
-        }
-        _ => return Err(format!("`{url}` must start with http://")),
+        Some("http" | "https") => {}
+        _ => return Err(format!("`{url}` must start with http:// or https://")),
     }
     if uri.host().is_none_or(str::is_empty) {
         return Err(format!("`{url}` has no host"));
@@ -271,7 +266,6 @@ mod tests {
     fn hostile_values_are_errors_naming_the_key() {
         for (text, key) in [
             (r#"endpoint = "ftp://x""#, "otlp.endpoint"),
-            (r#"endpoint = "https://x""#, "otlp.endpoint"),
             (r#"endpoint = "not a url""#, "otlp.endpoint"),
             (r#"endpoint = "http://""#, "otlp.endpoint"),
             ("endpoint = \"http://x\"\nprotocol = \"grpc\"", "otlp.protocol"),

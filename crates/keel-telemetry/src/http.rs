@@ -1,19 +1,16 @@
-//! The one way telemetry sends HTTP: [`send`], over hyper-util's pooled client.
+//! The one way telemetry sends HTTP: [`send`], over the process's `keel-http` client
+//! (rustls, the built-in roots, the process's `HTTPS_PROXY`/`NO_PROXY`).
 //!
-//! Exports (OTLP) and alert deliveries both go through this one function, so that
-//! moving them to the shared TLS client (`keel-http`, planned) is a change here alone.
-//! Plain `http://` only for now; a whole request is bounded by its timeout, and a
-//! response body by [`MAX_BODY`].
+//! Exports (OTLP), alert deliveries and Sentry envelopes all go through this one
+//! function, over `http://` or `https://`; a whole request is bounded by its timeout,
+//! and a response body by [`MAX_BODY`].
 
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use http_body_util::Full;
 
 /// The largest response body read (collectors and webhooks answer briefly).
 pub const MAX_BODY: usize = 1 << 20;
@@ -32,19 +29,12 @@ pub enum SendError {
     Url(String),
 }
 
-type PooledClient = Client<HttpConnector, Full<Bytes>>;
-
-fn client() -> &'static PooledClient {
-    static CLIENT: OnceLock<PooledClient> = OnceLock::new();
-    CLIENT.get_or_init(|| {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(8)
-            .build(connector)
-    })
+fn client() -> Result<&'static keel_http::Client, SendError> {
+    static CLIENT: OnceLock<Option<keel_http::Client>> = OnceLock::new();
+    CLIENT
+        .get_or_init(|| keel_http::Client::default_shared().ok())
+        .as_ref()
+        .ok_or_else(|| SendError::Transport("the TLS roots could not be loaded".into()))
 }
 
 /// Sends `request` and reads the whole response, within `timeout`.
@@ -52,28 +42,29 @@ fn client() -> &'static PooledClient {
 /// Needs a tokio runtime (the caller's).
 ///
 /// # Errors
-/// [`SendError`]: a timeout, a transport failure, or a URL that is not `http://`.
+/// [`SendError`]: a timeout, a transport failure (an untrusted certificate among
+/// them), or a URL that is neither `http://` nor `https://`.
 /// A response with any status is `Ok`: the caller judges it.
 ///
 /// # Cancel safety
 /// Dropping the future drops the request; the pool discards its connection.
 pub async fn send(request: Request<Bytes>, timeout: Duration) -> Result<Response<Bytes>, SendError> {
-    if request.uri().scheme_str() != Some("http") {
+    if !matches!(request.uri().scheme_str(), Some("http" | "https")) {
         return Err(SendError::Url(format!(
-            "{}://… (only http:// is built in)",
+            "{}://… (only http:// and https://)",
             request.uri().scheme_str().unwrap_or("")
         )));
     }
+    let client = client()?;
+    let uri = request.uri().clone();
     let (parts, body) = request.into_parts();
     let request = Request::from_parts(parts, Full::new(body));
     let exchange = async {
-        let response = client().request(request).await.map_err(|e| SendError::Transport(e.to_string()))?;
+        let response = client.send(request).await.map_err(|f| SendError::Transport(f.message))?;
         let (parts, body) = response.into_parts();
-        let body = Limited::new(body, MAX_BODY)
-            .collect()
+        let body = keel_http::read_body(body, MAX_BODY, &uri)
             .await
-            .map_err(|e| SendError::Transport(format!("reading the response: {e}")))?
-            .to_bytes();
+            .map_err(|f| SendError::Transport(format!("reading the response: {}", f.message)))?;
         Ok(Response::from_parts(parts, body))
     };
     tokio::time::timeout(timeout, exchange).await.map_err(|_| SendError::Timeout(timeout))?

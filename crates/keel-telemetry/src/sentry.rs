@@ -224,16 +224,13 @@ async fn post_all(dsn: Dsn, mut rx: mpsc::Receiver<Envelope>) {
     }
 }
 
-/// `[telemetry.sentry]`'s DSN checked: parsed, plain `http://` for now.
+/// `[telemetry.sentry]`'s DSN checked: parsed, `http://` or `https://`.
 ///
 /// # Errors
 /// What is wrong, in words that never contain the DSN (it holds the project's key).
 pub fn parse_dsn(dsn: &str) -> Result<Dsn, String> {
     let parsed: Dsn = dsn.parse().map_err(|_| "is not a valid Sentry DSN".to_owned())?;
     match parsed.scheme() {
-        sentry::types::Scheme::Http => Ok(parsed),
-        sentry::types::Scheme::Https => {
-            Err("https is not built in yet: use an http:// DSN (a local relay) for now".to_owned())
-        }
+        sentry::types::Scheme::Http | sentry::types::Scheme::Https => Ok(parsed),
     }
 }

@@ -459,7 +459,7 @@ fn tool_fallbacks_are_checked_each_with_its_key() {
 fn telemetry_and_alert_problems_name_key_and_line() {
     let text = r#"
 [telemetry.otlp]
-endpoint = "https://collector:4318"
+endpoint = "ftp://collector:4318"
 timeout = "0s"
 
 [alerts.sinks.pager]
@@ -474,7 +474,7 @@ sinks = ["nope"]
 "#;
     let e = parse(text).unwrap_err().to_string();
     for expected in [
-        "conf/keel.toml:3: telemetry.otlp.endpoint: https is not built in yet",
+        "conf/keel.toml:3: telemetry.otlp.endpoint: `ftp://collector:4318` must start with http:// or https://",
         "conf/keel.toml:4: telemetry.otlp.timeout: must be from",
         "conf/keel.toml:9: alerts.sinks.pager.routing_key_env: environment variable `NOPE` is not set",
         "conf/keel.toml:13: alerts.rules[0].window: must be from",

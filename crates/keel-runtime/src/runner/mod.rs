@@ -517,7 +517,8 @@ impl Runner {
                 budget: &budget,
                 failures: &failures,
             };
-            match step::run_step(ctx).await? {
+            // Boxed: a step's future (pipeline, tool transport, spans) is large for a 2 MiB stack.
+            match Box::pin(step::run_step(ctx)).await? {
                 step::StepEnd::Done(output) => {
                     outputs.insert(id, output);
                 }

@@ -378,28 +378,30 @@ async fn call_once(
     let breaker = pipeline.breaker().cloned();
     let span = tool_span(&tool.name, ctx.run_id, index);
     let budget = ctx.budget.clone();
-    let result = scope
-        .run(pipeline.call_resumed(resume, |_| {
-            let (clock, sink, budget) = (clock.clone(), sink.clone(), budget.clone());
-            async move {
-                let charged = tool.invoke_charged(params, &*clock, key).await;
-                if charged.cost_micros > 0 {
-                    // Journaled, so a resumed run starts from what it already spent.
-                    keel_core::event::emit(
-                        &*sink,
-                        Event::BudgetCharged {
-                            budget: budget.name().clone(),
-                            kind: BudgetKind::CostMicros,
-                            amount: charged.cost_micros,
-                            remaining: budget.remaining(BudgetKind::CostMicros),
-                        },
-                    );
+    let result = Box::pin(
+        scope
+            .run(pipeline.call_resumed(resume, |_| {
+                let (clock, sink, budget) = (clock.clone(), sink.clone(), budget.clone());
+                async move {
+                    let charged = tool.invoke_charged(params, &*clock, key).await;
+                    if charged.cost_micros > 0 {
+                        // Journaled, so a resumed run starts from what it already spent.
+                        keel_core::event::emit(
+                            &*sink,
+                            Event::BudgetCharged {
+                                budget: budget.name().clone(),
+                                kind: BudgetKind::CostMicros,
+                                amount: charged.cost_micros,
+                                remaining: budget.remaining(BudgetKind::CostMicros),
+                            },
+                        );
+                    }
+                    charged.result
                 }
-                charged.result
-            }
-        }))
-        .instrument(span.clone())
-        .await;
+            }))
+            .instrument(span.clone()),
+    )
+    .await;
     if let Err(e) = &result {
         span.record("otel.status_code", "ERROR");
         span.record("error.type", e.class.as_str());

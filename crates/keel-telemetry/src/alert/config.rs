@@ -32,8 +32,7 @@ pub struct AlertsConfig {
 pub struct SinkConfig {
     /// `pagerduty`, `slack` or `webhook`.
     pub kind: SinkKind,
-    /// Where to post (plain `http://` for now; `https://` arrives with Keel's TLS
-    /// client). Give this or `url_env`.
+    /// Where to post (`https://` or `http://`). Give this or `url_env`.
     pub url: Option<String>,
     /// The environment variable holding the URL (a Slack webhook URL is a secret).
     pub url_env: Option<String>,
@@ -364,8 +363,11 @@ impl SinkConfig {
             Ok(u) => Some(u),
             Err(problem) => {
                 // A URL from the environment is a secret: its problem is told without it.
-                let problem =
-                    if self.url_env.is_some() { "is not a valid http:// URL".to_owned() } else { problem };
+                let problem = if self.url_env.is_some() {
+                    "is not a valid http:// or https:// URL".to_owned()
+                } else {
+                    problem
+                };
                 c.fail(at, problem);
                 None
             }

@@ -265,7 +265,7 @@ fn hostile_alert_configs_are_errors_naming_their_keys() {
     );
     check("[sinks.s]\nkind = \"slack\"\n", "sinks.s.url");
     check("[sinks.s]\nkind = \"slack\"\nurl_env = \"NOPE\"\n", "sinks.s.url_env");
-    check("[sinks.s]\nkind = \"slack\"\nurl = \"https://hooks.example\"\n", "sinks.s.url");
+    check("[sinks.s]\nkind = \"slack\"\nurl = \"hooks.example\"\n", "sinks.s.url");
     check("[sinks.s]\nkind = \"slack\"\nurl = \"ftp://x\"\n", "sinks.s.url");
     check("[sinks.w]\nkind = \"webhook\"\nurl = \"http://x\"\nqueue = 0\n", "sinks.w.queue");
     check("[sinks.w]\nkind = \"webhook\"\nurl = \"http://x\"\ntimeout = \"0s\"\n", "sinks.w.timeout");
