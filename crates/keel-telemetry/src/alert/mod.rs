@@ -46,6 +46,41 @@ pub struct AlertRouter {
     clock: Arc<dyn Clock>,
     dropped: AtomicU64,
     open: Arc<AtomicUsize>,
+    /// Injected faults whose attempt has not ended yet, by (target, attempt): their
+    /// failures are drills, not incidents, and page nobody.
+    injected: std::sync::Mutex<std::collections::HashMap<(Arc<str>, u32), u32>>,
+}
+
+impl AlertRouter {
+    /// Whether `event` is the failure of an attempt a fault was injected into (and
+    /// forgets it). Concurrent calls of one target may swap which of their failures
+    /// is skipped, never how many.
+    fn drill(&self, event: &Event) -> bool {
+        let mut injected = self.injected.lock().unwrap_or_else(|e| e.into_inner());
+        match event {
+            Event::FaultInjected { target, attempt, .. } => {
+                if injected.len() < 10_000 {
+                    *injected.entry((target.clone(), *attempt)).or_default() += 1;
+                }
+                true
+            }
+            Event::AttemptEnded { target, attempt, .. } => {
+                let key = (target.clone(), *attempt);
+                match injected.get_mut(&key) {
+                    Some(n) if *n > 1 => {
+                        *n -= 1;
+                        true
+                    }
+                    Some(_) => {
+                        injected.remove(&key);
+                        true
+                    }
+                    None => false,
+                }
+            }
+            _ => false,
+        }
+    }
 }
 
 impl AlertRouter {
@@ -96,6 +131,9 @@ pub fn failure_of(event: &Event) -> Option<(ErrorClass, &Arc<str>)> {
 
 impl EventSink for AlertRouter {
     fn record(&self, event: &Event) {
+        if matches!(event, Event::FaultInjected { .. } | Event::AttemptEnded { .. }) && self.drill(event) {
+            return;
+        }
         if let Some((class, target)) = failure_of(event) {
             let msg = Msg::Failure { at: self.clock.now(), class, target: target.clone() };
             if self.tx.try_send(msg).is_err() {
@@ -162,7 +200,13 @@ pub fn spawn(alerts: Alerts, clock: Arc<dyn Clock>) -> (Arc<AlertRouter>, AlertT
         clock.clone(),
         open.clone(),
     ));
-    let handle = Arc::new(AlertRouter { tx: tx.clone(), clock, dropped: AtomicU64::new(0), open });
+    let handle = Arc::new(AlertRouter {
+        tx: tx.clone(),
+        clock,
+        dropped: AtomicU64::new(0),
+        open,
+        injected: std::sync::Mutex::default(),
+    });
     (handle, AlertTasks { tx, router, workers, queues })
 }
 

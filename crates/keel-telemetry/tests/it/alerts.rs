@@ -251,6 +251,32 @@ async fn default_rules_page_credentials_at_once_and_server_errors_at_a_rate() {
     assert_eq!(got[1]["action"], "trigger");
 }
 
+/// A drill's injected faults page nobody: an attempt marked `fault_injected` is not an
+/// incident, however many there are; the first real failure still pages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injected_faults_page_nobody() {
+    let hook = Fake::default();
+    let url = hook.start(StatusCode::OK, 0).await;
+    let text = format!("[sinks.hook]\nkind = \"webhook\"\nurl = \"{url}\"\n");
+    let config: AlertsConfig = toml::from_str(&text).unwrap();
+    let alerts = config.resolve(&|_| None).unwrap();
+    let clock = Arc::new(ManualClock { base: Instant::now(), offset: Mutex::default() });
+    let (router, tasks) = alert::spawn(alerts, clock.clone());
+    for _ in 0..20 {
+        router.record(&Event::FaultInjected {
+            target: "crm".into(),
+            attempt: 1,
+            fault: keel_core::fault::FaultKind::ServerError,
+        });
+        router.record(&failed("crm", ErrorClass::Unauthorized));
+    }
+    assert_eq!(router.check().await, Some(0), "a drill is not an incident");
+    router.record(&failed("crm", ErrorClass::Unauthorized));
+    assert_eq!(router.check().await, Some(1), "a real failure still pages");
+    hook.wait_for(1).await;
+    tasks.shutdown(Duration::from_secs(5)).await;
+}
+
 #[test]
 fn hostile_alert_configs_are_errors_naming_their_keys() {
     let check = |text: &str, key: &str| {
