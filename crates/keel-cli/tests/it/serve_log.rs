@@ -3,14 +3,13 @@
 //! for every configured secret (none may appear) and for the request lines.
 
 use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::routing::post;
 use keel_examples::payments::Faults;
 use serde_json::{Value, json};
 
-use crate::support::Bench;
+use crate::support::{Bench, spawn_listening, stop_gracefully};
 
 const AGENT: &str = "agent-secret-5d0c1a9e7b";
 const APPROVER: &str = "approver-secret-41f7e2c0aa";
@@ -71,29 +70,9 @@ fn serve(bench: &Bench, args: &[&str], log: &std::path::Path) -> (Child, String)
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(log).unwrap());
-    let mut child = cmd.spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let line = rx.recv_timeout(Duration::from_secs(30)).expect("keel serve said where it listens");
-    let url = line.rsplit(' ').next().unwrap().to_owned();
-    assert!(url.starts_with("http://127.0.0.1:"), "{line}");
+    let (child, url) = spawn_listening(&mut cmd);
+    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
     (child, url)
-}
-
-fn stop(mut child: Child) {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)
-        .unwrap();
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        assert!(start.elapsed() < Duration::from_secs(30), "keel serve did not stop");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -151,7 +130,7 @@ async fn the_log_has_a_line_per_request_and_no_secret_and_neither_has_the_journa
         }
     }
     assert!(limited > 0, "the rate limit answered 429");
-    stop(child);
+    stop_gracefully(child);
 
     let text = std::fs::read_to_string(&log).unwrap();
     let mut journal = Vec::new();
@@ -204,7 +183,7 @@ async fn the_log_has_a_line_per_request_and_no_secret_and_neither_has_the_journa
     let log = bench.path("serve-text.log");
     let (child, url) = serve(&bench, &[], &log);
     assert_eq!(reqwest::get(format!("{url}/api/runs")).await.unwrap().status(), 401);
-    stop(child);
+    stop_gracefully(child);
     let text = std::fs::read_to_string(&log).unwrap();
     let line = text.lines().find(|l| l.contains("keel::request")).unwrap_or_else(|| panic!("{text}"));
     assert!(

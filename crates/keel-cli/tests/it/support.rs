@@ -137,6 +137,34 @@ pub(crate) fn eventually(what: &str, bound: Duration, mut check: impl FnMut() ->
     }
 }
 
+/// Spawns `cmd` (a `keel serve` with piped stdout) and waits, with a bound, for the
+/// line where it says it listens; the child and its URL.
+pub(crate) fn spawn_listening(cmd: &mut Command) -> (Child, String) {
+    let mut child = cmd.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let line = rx.recv_timeout(Duration::from_secs(30)).expect("keel serve said where it listens");
+    let url = line.rsplit(' ').next().unwrap().to_owned();
+    (child, url)
+}
+
+/// Sends SIGTERM and waits, with a bound, for the child to exit (its exit is the event).
+pub(crate) fn stop_gracefully(mut child: Child) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
+    let status = rx.recv_timeout(Duration::from_secs(30)).expect("keel serve did not stop within 30 s");
+    status.unwrap();
+}
+
 /// Whether a process is alive (not a zombie).
 pub(crate) fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {

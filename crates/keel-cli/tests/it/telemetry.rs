@@ -7,7 +7,6 @@
 use std::collections::HashMap;
 use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::body::Bytes;
@@ -21,7 +20,7 @@ use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use prost::Message;
 use serde_json::{Value, json};
 
-use crate::support::Bench;
+use crate::support::{Bench, spawn_listening, stop_gracefully};
 
 const AGENT: &str = "agent-secret-telemetry-0f3a";
 
@@ -197,28 +196,7 @@ policy = {{ retry = {{ max_attempts = 3, base_delay = "10ms", max_delay = "20ms"
 fn serve(bench: &Bench) -> (Child, String) {
     let mut cmd = bench.command(&["serve"]);
     cmd.env("T_AGENT_KEY", AGENT).env("RUST_LOG", "warn").stdout(Stdio::piped()).stderr(Stdio::null());
-    let mut child = cmd.spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let line = rx.recv_timeout(Duration::from_secs(30)).expect("keel serve said where it listens");
-    let url = line.rsplit(' ').next().unwrap().to_owned();
-    (child, url)
-}
-
-fn stop(mut child: Child) {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)
-        .unwrap();
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        assert!(start.elapsed() < Duration::from_secs(30), "keel serve did not stop");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    spawn_listening(&mut cmd)
 }
 
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -285,7 +263,7 @@ async fn spans_reach_an_otlp_receiver_named_linked_and_attributed() {
     let text = streamed.text().await.unwrap();
     assert!(text.contains("streamed") && text.contains("[DONE]"), "{text}");
     // Shutdown flushes the exporter's queue.
-    stop(child);
+    stop_gracefully(child);
 
     let spans = receiver.spans();
     assert!(
