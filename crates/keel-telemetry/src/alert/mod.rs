@@ -49,6 +49,9 @@ pub struct AlertRouter {
     /// Injected faults whose attempt has not ended yet, by (target, attempt): their
     /// failures are drills, not incidents, and page nobody.
     injected: std::sync::Mutex<std::collections::HashMap<(Arc<str>, u32), u32>>,
+    /// How many such attempts are pending: with none (no drill running), an attempt's
+    /// end takes no lock.
+    pending: AtomicUsize,
 }
 
 impl AlertRouter {
@@ -56,17 +59,21 @@ impl AlertRouter {
     /// forgets it). Concurrent calls of one target may swap which of their failures
     /// is skipped, never how many.
     fn drill(&self, event: &Event) -> bool {
+        if matches!(event, Event::AttemptEnded { .. }) && self.pending.load(Ordering::Acquire) == 0 {
+            return false;
+        }
         let mut injected = self.injected.lock().unwrap_or_else(|e| e.into_inner());
         match event {
             Event::FaultInjected { target, attempt, .. } => {
                 if injected.len() < 10_000 {
                     *injected.entry((target.clone(), *attempt)).or_default() += 1;
+                    self.pending.fetch_add(1, Ordering::AcqRel);
                 }
                 true
             }
             Event::AttemptEnded { target, attempt, .. } => {
                 let key = (target.clone(), *attempt);
-                match injected.get_mut(&key) {
+                let drill = match injected.get_mut(&key) {
                     Some(n) if *n > 1 => {
                         *n -= 1;
                         true
@@ -76,7 +83,11 @@ impl AlertRouter {
                         true
                     }
                     None => false,
+                };
+                if drill {
+                    self.pending.fetch_sub(1, Ordering::AcqRel);
                 }
+                drill
             }
             _ => false,
         }
@@ -206,6 +217,7 @@ pub fn spawn(alerts: Alerts, clock: Arc<dyn Clock>) -> (Arc<AlertRouter>, AlertT
         dropped: AtomicU64::new(0),
         open,
         injected: std::sync::Mutex::default(),
+        pending: AtomicUsize::new(0),
     });
     (handle, AlertTasks { tx, router, workers, queues })
 }
