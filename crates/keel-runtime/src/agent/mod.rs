@@ -21,6 +21,7 @@
 //! dropped and summarised in one line, so a long run neither overflows the context
 //! nor pays for its whole past on every turn.
 
+pub mod correct;
 pub mod shape;
 
 use std::collections::BTreeMap;
@@ -30,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::config::Config;
+use correct::{CorrectionMode, Strategy};
 
 /// The target of a turn's step: `model:NAME`.
 pub const MODEL_TARGET_PREFIX: &str = "model:";
@@ -79,6 +81,16 @@ pub struct AgentSpec {
     pub history_tokens: u64,
     /// Identical calls that pause the run (0: off).
     pub max_repeats: u32,
+    /// How failed programs are corrected.
+    #[serde(default)]
+    pub correction: CorrectionMode,
+    /// The most failed programs in a row before the run stops.
+    #[serde(default = "default_code_attempts")]
+    pub code_attempts: u32,
+}
+
+fn default_code_attempts() -> u32 {
+    4
 }
 
 impl AgentSpec {
@@ -132,6 +144,8 @@ impl AgentSpec {
             system: task.system.clone().or_else(|| a.system.clone()),
             history_tokens: a.history_tokens,
             max_repeats: a.max_repeats,
+            correction: a.correction,
+            code_attempts: a.code_attempts,
         })
     }
 
@@ -180,6 +194,29 @@ pub struct PendingCall {
 struct Exchange {
     messages: Vec<Value>,
     calls: Vec<String>,
+    /// Taken out of view by a `regenerate` turn: this line stands in for it.
+    elided: Option<String>,
+}
+
+/// A program that failed, as the journal says.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CodeFailure {
+    /// Its step.
+    pub step_name: String,
+    /// The error's kind (`KeyError`).
+    pub kind: String,
+    /// The error's first line.
+    pub first_line: String,
+    /// It was a program that had failed before, not run again.
+    pub resubmitted: bool,
+}
+
+/// The prefix of the error of a program not run because it failed before.
+pub const RESUBMITTED: &str = "the program is identical to one that already failed";
+
+/// The `program` of a code call's arguments, if it is one.
+pub fn program_of(args: &Value) -> Option<&str> {
+    args.get("program").and_then(Value::as_str)
 }
 
 /// The conversation of an agent run, rebuilt from its journal.
@@ -204,6 +241,16 @@ pub struct History {
     pub outputs: BTreeMap<String, Value>,
     /// The last text the model wrote, if any (a stopped run's partial result).
     pub last_text: Option<String>,
+    /// The programs that failed in a row since the last one that worked, in order.
+    pub code_chain: Vec<CodeFailure>,
+    /// Whether the latest exchange ended with a failed program (a correction is due).
+    pub code_failed_last: bool,
+    /// Every program that failed (normalized), with its error's first line.
+    pub failed_programs: BTreeMap<String, String>,
+    /// The correction strategy of the latest finished turn, and the kind it answered.
+    pub last_strategy: Option<(Strategy, String)>,
+    /// The input of the turn that never finished, if one did not.
+    pub unfinished_input: Option<Value>,
 }
 
 /// Whether a tool step is settled: its answer can go to the model. `redo` names the
@@ -235,12 +282,14 @@ pub fn tool_answer(view: &StepView) -> String {
             None => "null".to_owned(),
         },
         "skipped" => json!({"skipped": view.message}).to_string(),
-        _ => json!({"error": {
-            "class": view.error_class,
-            "message": view.message,
-            "hint": "the call failed; correct the arguments or choose another way",
-        }})
-        .to_string(),
+        _ => {
+            let hint = if view.error_class.as_deref() == Some(keel_core::ErrorClass::CodeError.as_str()) {
+                "the program failed: fix it and call the tool again with the corrected program"
+            } else {
+                "the call failed; correct the arguments or choose another way"
+            };
+            json!({"error": {"class": view.error_class, "message": view.message, "hint": hint}}).to_string()
+        }
     };
     cut(text, MAX_TOOL_ANSWER_CHARS)
 }
@@ -277,6 +326,9 @@ impl History {
                 if view.status == "succeeded" {
                     h.outputs.insert(view.name.clone(), view.output.clone().unwrap_or(Value::Null));
                 }
+                if let Some(program) = program_of(&view.input) {
+                    h.code_step(view, program);
+                }
                 continue;
             }
             if !view.target.starts_with(MODEL_TARGET_PREFIX) {
@@ -284,10 +336,23 @@ impl History {
             }
             if view.status != "succeeded" {
                 h.unfinished_turn = Some(view.step);
+                h.unfinished_input = Some(view.input.clone());
                 continue;
             }
             h.unfinished_turn = None;
+            h.unfinished_input = None;
             h.turns += 1;
+            h.code_failed_last = false;
+            h.last_strategy = view.input["strategy"]
+                .as_str()
+                .and_then(Strategy::parse)
+                .map(|s| (s, view.input["after_kind"].as_str().unwrap_or("error").to_owned()));
+            // A regenerating turn took the failed exchange before it out of view.
+            if h.last_strategy.as_ref().is_some_and(|(s, _)| *s == Strategy::Regenerate) {
+                if let Some(prev) = h.exchanges.last_mut() {
+                    prev.elided = Some(view.input["hint"].as_str().unwrap_or("").to_owned());
+                }
+            }
             let out = view.output.clone().unwrap_or(Value::Null);
             let charged = &out["charged"];
             h.charged.0 = h.charged.0.saturating_add(charged["tokens"].as_u64().unwrap_or(0));
@@ -309,7 +374,7 @@ impl History {
                     prev.messages.push(json!({"role": "tool", "tool_call_id": p.call_id, "content": answer}));
                 }
             }
-            let mut ex = Exchange { messages: vec![message.clone()], calls: Vec::new() };
+            let mut ex = Exchange { messages: vec![message.clone()], calls: Vec::new(), elided: None };
             h.answer = None;
             if calls.is_empty() {
                 h.answer = Some(message["content"].as_str().unwrap_or("").to_owned());
@@ -337,6 +402,42 @@ impl History {
             h.exchanges.push(ex);
         }
         h
+    }
+
+    /// Takes the latest exchange out of view, `hint` standing in for it.
+    pub fn elide_last(&mut self, hint: &str) {
+        if let Some(ex) = self.exchanges.last_mut() {
+            ex.elided = Some(hint.to_owned());
+        }
+    }
+
+    /// Notes a code call's step (its outcome in the chain of failed programs).
+    fn code_step(&mut self, view: &StepView, program: &str) {
+        match view.status.as_str() {
+            "succeeded" => {
+                self.code_chain.clear();
+                self.code_failed_last = false;
+            }
+            "failed" if view.error_class.as_deref() == Some(keel_core::ErrorClass::CodeError.as_str()) => {
+                let message = view.message.clone().unwrap_or_default();
+                let resubmitted = message.starts_with(RESUBMITTED);
+                // A resubmission's message quotes the first failure's: its kind is that one's.
+                let quoted = message.split_once(": ").map_or("", |(_, rest)| rest);
+                let basis = if resubmitted { quoted } else { message.as_str() };
+                let first_line = basis.lines().next().unwrap_or("").to_owned();
+                if !resubmitted {
+                    self.failed_programs.insert(correct::normalize(program), first_line.clone());
+                }
+                self.code_chain.push(CodeFailure {
+                    step_name: view.name.clone(),
+                    kind: correct::error_kind(basis),
+                    first_line,
+                    resubmitted,
+                });
+                self.code_failed_last = true;
+            }
+            _ => {}
+        }
     }
 
     /// The messages of the next turn: the system prompt, the task, and the latest
@@ -377,7 +478,10 @@ impl History {
             )}));
         }
         for ex in &self.exchanges[self.exchanges.len() - keep..] {
-            messages.extend(ex.messages.iter().cloned());
+            match &ex.elided {
+                Some(hint) => messages.push(json!({"role": "user", "content": hint})),
+                None => messages.extend(ex.messages.iter().cloned()),
+            }
         }
         (messages, dropped.len())
     }

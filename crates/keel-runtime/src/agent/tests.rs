@@ -14,6 +14,8 @@ fn spec(history_tokens: u64) -> AgentSpec {
         system: Some("be brief".into()),
         history_tokens,
         max_repeats: 3,
+        correction: correct::CorrectionMode::Adaptive,
+        code_attempts: 4,
     }
 }
 

@@ -197,11 +197,25 @@ pub struct AgentConfig {
     pub tools: Option<Vec<String>>,
     /// The system prompt.
     pub system: Option<String>,
+    /// After a failed program: `adaptive` (learned per error kind), `repair` or
+    /// `regenerate` always.
+    pub correction: crate::agent::correct::CorrectionMode,
+    /// The most failed programs in a row before the run stops (1–100).
+    pub code_attempts: u32,
 }
 
 impl Default for AgentConfig {
     fn default() -> Self {
-        Self { model: None, max_turns: 20, history_tokens: 16_000, max_repeats: 3, tools: None, system: None }
+        Self {
+            model: None,
+            max_turns: 20,
+            history_tokens: 16_000,
+            max_repeats: 3,
+            tools: None,
+            system: None,
+            correction: crate::agent::correct::CorrectionMode::Adaptive,
+            code_attempts: 4,
+        }
     }
 }
 
@@ -214,6 +228,7 @@ impl AgentConfig {
         let mut c = keel_core::policy::Checks::default();
         c.count("max_turns", self.max_turns, 1..=10_000);
         c.count("history_tokens", self.history_tokens, 500..=10_000_000);
+        c.count("code_attempts", self.code_attempts, 1..=100);
         match self.max_repeats {
             0 => {}
             1 => c.fail("max_repeats", "1 would stop every call: 0 turns the check off, 2 is the least"),

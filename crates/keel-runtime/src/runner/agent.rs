@@ -37,7 +37,11 @@ use serde_json::{Value, json};
 
 use super::step::{self, StepCtx, StepEnd};
 use super::{Error, Result, RunStatus, Runner, state_of};
+use crate::agent::correct::{self, Strategy};
 use crate::agent::{self, AgentSpec, History, PendingCall};
+
+/// The temperature a `regenerate` turn asks for: a fresh program, not the last one.
+const REGENERATE_TEMPERATURE: f64 = 0.8;
 use crate::plan::{Plan, PlanStep};
 
 /// What one pass did.
@@ -127,18 +131,71 @@ async fn turn(
 ) -> Result<Pass> {
     let index = history.unfinished_turn.unwrap_or(history.next_step);
     let number = history.turns + 1;
-    let (messages, dropped) = history.messages(spec);
+    // After a failed program: stop, or choose how the model corrects it.
+    let mut correction = None;
+    if let Some(last) = history.code_failed_last.then(|| history.code_chain.last()).flatten() {
+        let chain = &history.code_chain;
+        let real: Vec<&agent::CodeFailure> = chain.iter().filter(|f| !f.resubmitted).collect();
+        let repeated = real.len() >= 2 && {
+            let (a, b) = (real[real.len() - 2], real[real.len() - 1]);
+            a.kind == b.kind && a.first_line == b.first_line && !last.resubmitted
+        };
+        if repeated {
+            let why = format!(
+                "the same error twice in a row, the correction is not converging: {}",
+                last.first_line
+            );
+            return stop(r, run_id, history, index, ErrorClass::CodeError, why).await;
+        }
+        if chain.len() >= spec.code_attempts as usize {
+            let why = format!("{} programs failed in a row; the last: {}", chain.len(), last.first_line);
+            return stop(r, run_id, history, index, ErrorClass::CodeError, why).await;
+        }
+        let recorded =
+            history.unfinished_input.as_ref().and_then(|i| i["strategy"].as_str()).and_then(Strategy::parse);
+        let last_strategy = history.last_strategy.as_ref().map(|(s, _)| *s);
+        let strategy = recorded.unwrap_or_else(|| {
+            correct::choose(spec.correction, &r.gate, &last.kind, last_strategy, last.resubmitted)
+        });
+        correction = Some((strategy, last));
+    }
+    let mut input = json!({"turn": number});
+    if let Some((strategy, failure)) = &correction {
+        input["strategy"] = json!(strategy.as_str());
+        input["after_kind"] = json!(failure.kind);
+        input["after"] = json!(failure.step_name);
+        if *strategy == Strategy::Regenerate {
+            input["hint"] = json!(format!(
+                "[keel] A previous program for this task failed with `{}`. Write a fresh program for the task \
+                 (do not reuse the failed one).",
+                failure.first_line
+            ));
+        }
+    }
     r.record(
         run_id,
         JournalEvent::StepStarted {
             step: index,
             name: format!("turn-{number}"),
             target: format!("{}{}", agent::MODEL_TARGET_PREFIX, spec.model),
-            input: json!({"turn": number, "messages": messages.len(), "dropped_exchanges": dropped}),
+            input: input.clone(),
         },
     )
     .await?;
+    // The history as this turn sees it: a regenerating turn takes the failed exchange
+    // out of view (replayed from the input just journaled, so a resume agrees).
+    let mut seen = history.clone();
+    if let Some((Strategy::Regenerate, _)) = &correction {
+        seen.elide_last(input["hint"].as_str().unwrap_or(""));
+    }
+    let (messages, dropped) = seen.messages(spec);
     let mut body = json!({"model": spec.model, "messages": messages});
+    if let Some((Strategy::Regenerate, _)) = &correction {
+        body["temperature"] = json!(REGENERATE_TEMPERATURE);
+    }
+    if dropped > 0 {
+        tracing::debug!(run = %run_id, dropped, "history cut to history_tokens");
+    }
     let tools = spec.tool_specs(&r.config);
     if !tools.is_empty() {
         body["tools"] = Value::Array(tools);
@@ -210,6 +267,16 @@ struct CallCtx<'a> {
     failures: &'a Arc<Mutex<HashMap<ErrorClass, u32>>>,
 }
 
+impl CallCtx<'_> {
+    /// Records whether the program written after the last turn's correction strategy
+    /// worked: the gate learns which strategy pays off after which error kind.
+    fn learn(&self, worked: bool) {
+        if let Some((strategy, kind)) = &self.history.last_strategy {
+            self.r.gate.record(&correct::gate_target(*strategy, kind), ErrorClass::CodeError, 2, worked);
+        }
+    }
+}
+
 /// Carries out one tool call of the last turn as a step; returns its step index.
 async fn call_tool(c: CallCtx<'_>, call: &PendingCall) -> Result<(u32, Pass)> {
     let index = call.step.unwrap_or(c.history.next_step);
@@ -255,6 +322,15 @@ async fn call_tool(c: CallCtx<'_>, call: &PendingCall) -> Result<(u32, Pass)> {
     if let Err(f) = tool.check_params(&args) {
         return refuse(ErrorClass::InvalidToolCall, f.message, args).await;
     }
+    // A program that already failed is not run again: a failed attempt, and the next
+    // turn switches strategy.
+    if let Some(program) = agent::program_of(&args) {
+        if let Some(error) = c.history.failed_programs.get(&correct::normalize(program)) {
+            let message = format!("{}: {error}", agent::RESUBMITTED);
+            c.learn(false);
+            return refuse(ErrorClass::CodeError, message, args).await;
+        }
+    }
     let plan = Plan {
         name: Some("agent".into()),
         input: json!({"task": c.spec.task}),
@@ -295,7 +371,15 @@ async fn call_tool(c: CallCtx<'_>, call: &PendingCall) -> Result<(u32, Pass)> {
         let end = ctx.escalate(&tool, &args, ErrorClass::LoopDetected, &message, 0).await?;
         return Ok((index, end_pass(c.r, c.run_id, end).await?));
     }
+    let is_code = agent::program_of(&args).is_some();
     let end = step::run_step(ctx).await?;
+    if is_code {
+        match &end {
+            StepEnd::Done(_) => c.learn(true),
+            StepEnd::Stop(RunStatus::Failed { class: ErrorClass::CodeError, .. }) => c.learn(false),
+            _ => {}
+        }
+    }
     let pass = match end {
         StepEnd::Done(_) | StepEnd::Skipped => Pass::Next,
         // A tool's failure is an answer for the model, unless the run must stop.

@@ -600,7 +600,10 @@ async fn finish_err(
         }
         *n
     };
-    if class.needs_person() || seen >= ctx.runner.config.run.escalate_after.max(1) {
+    // An agent's own mistakes (a program that failed, a call it got wrong) are its
+    // correction loop's to bound (`[agent] code_attempts`, `max_turns`), not a person's.
+    let corrects_itself = ctx.literal && class.default_disposition() == Disposition::Correct;
+    if class.needs_person() || (!corrects_itself && seen >= ctx.runner.config.run.escalate_after.max(1)) {
         return ctx.escalate(tool, params, class, &message, e.attempts).await;
     }
     ctx.fail(class, message).await

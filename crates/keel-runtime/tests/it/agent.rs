@@ -256,3 +256,134 @@ async fn a_bad_task_is_refused_before_anything_is_recorded() {
     }
     assert!(r.journal().run_ids().await.unwrap().is_empty());
 }
+
+/// A `code` tool for the correction tests: runs the `program` parameter in python3,
+/// counting each run in `log`; an exception is `code_error` with its type first.
+fn code_tool(log: &Path) -> String {
+    let launcher = format!(
+        "import json,sys\na=json.load(sys.stdin)\nopen('{}','a').write('run\\n')\nns={{}}\ntry:\n    \
+         exec(compile(a['program'],'<program>','exec'),ns)\n    print(json.dumps({{'result': ns['result']}}))\n\
+         except Exception as e:\n    sys.stderr.write(type(e).__name__+': '+str(e)+'\\n')\n    sys.exit(3)\n",
+        log.display()
+    );
+    format!(
+        "[tools.code]\nkind = \"command\"\nargv = [\"python3\", \"-c\", '''{launcher}''']\nparams_on_stdin = true\n\
+         classify = {{ exit_codes = {{ 3 = \"code_error\" }} }}\n\
+         params = {{ type = \"object\", required = [\"program\"], properties = {{ program = {{ type = \"string\" }} }} }}\n"
+    )
+}
+
+fn program(p: &str) -> Reply {
+    Reply::call("code", json!({"program": p}))
+}
+
+fn turn_input(snap: &keel_journal::RunSnapshot, n: u32) -> Value {
+    snap.steps.iter().find(|s| s.name == format!("turn-{n}")).unwrap().input.clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_error_program_is_repaired_on_the_second_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("runs.log");
+    let model = ScriptedModel::script(vec![
+        program("d = {'a': 1}\nresult = d['total']"),
+        program("d = {'a': 1}\nresult = d.get('total', 0)"),
+        Reply::text("0"),
+    ])
+    .await;
+    let r = runner(dir.path(), &format!("{}{}", model.config("m"), code_tool(&log))).await;
+    let run = r.create_agent(&task("the total of d"), None).await.unwrap();
+    assert_eq!(r.drive(&run).await.unwrap(), RunStatus::Completed);
+    let snap = r.snapshot(&run).await.unwrap();
+    let t2 = turn_input(&snap, 2);
+    assert_eq!(t2["strategy"], "repair", "a KeyError is repaired (the prior): {t2}");
+    assert_eq!(t2["after_kind"], "KeyError");
+    let error = &tool_messages(&model, 1)[0]["content"];
+    assert!(error.as_str().unwrap().contains("KeyError: 'total'"), "the error went back: {error}");
+    assert_eq!(calls_in(&log), 2);
+    assert!(model.requests()[1].get("temperature").is_none(), "repair keeps the temperature");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identical_resubmitted_program_is_not_run_again_and_the_strategy_switches() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("runs.log");
+    let failing = "x = 2\nassert x == 3, 'x is not 3'\nresult = x";
+    let model = ScriptedModel::script(vec![
+        program(failing),
+        // The same program, comments and spacing aside.
+        program("x = 2   # two\nassert x == 3, 'x is not 3'\n\nresult = x"),
+        program("x = 3\nassert x == 3\nresult = x"),
+        Reply::text("3"),
+    ])
+    .await;
+    let r = runner(dir.path(), &format!("{}{}", model.config("m"), code_tool(&log))).await;
+    let run = r.create_agent(&task("make x 3"), None).await.unwrap();
+    assert_eq!(r.drive(&run).await.unwrap(), RunStatus::Completed);
+    assert_eq!(calls_in(&log), 2, "the resubmitted program was never run");
+    let snap = r.snapshot(&run).await.unwrap();
+    let (t2, t3) = (turn_input(&snap, 2), turn_input(&snap, 3));
+    assert_eq!(t2["strategy"], "regenerate", "an assertion failure is regenerated (the prior): {t2}");
+    assert_eq!(t3["strategy"], "repair", "after a resubmission the other strategy: {t3}");
+    let resubmitted = snap.steps.iter().find(|s| s.name == "turn-2.call-1").unwrap();
+    assert_eq!(resubmitted.error_class.as_deref(), Some("code_error"));
+    assert!(resubmitted.message.as_deref().unwrap().contains("identical"), "{resubmitted:?}");
+    // Regenerating: the failed exchange is out of view, a hint stands in, warmer.
+    let second = &model.requests()[1];
+    assert_eq!(second["temperature"], 0.8);
+    let sent = second["messages"].to_string();
+    assert!(!sent.contains("assert x == 3"), "the failed program is not shown: {sent}");
+    assert!(sent.contains("x is not 3") && sent.contains("fresh program"), "{sent}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_error_twice_in_a_row_stops_the_run_with_its_partial_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("runs.log");
+    let model = ScriptedModel::script(vec![
+        program("result = y + 1"),
+        program("z = 1\nresult = y + z"),
+        program("never asked"),
+    ])
+    .await;
+    let r = runner(dir.path(), &format!("{}{}", model.config("m"), code_tool(&log))).await;
+    let run = r.create_agent(&task("add"), None).await.unwrap();
+    let status = r.drive(&run).await.unwrap();
+    let RunStatus::Failed { class, message } = &status else { panic!("{status:?}") };
+    assert_eq!(*class, ErrorClass::CodeError);
+    assert!(message.contains("same error twice"), "{message}");
+    assert_eq!(model.calls(), 2, "no third program was asked for");
+    let snap = r.snapshot(&run).await.unwrap();
+    assert_eq!(snap.steps.last().unwrap().output.as_ref().unwrap()["status"], "stopped");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gate_learns_which_strategy_fixes_which_error_kind_and_keeps_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("runs.log");
+    // Every NameError program is "repaired" into another NameError, then fixed by a
+    // fresh program: repair never works here, regenerate does.
+    let model = ScriptedModel::serve(|n, _| match n % 3 {
+        0 => program(&format!("result = undefined_{n}")),
+        1 => program(&format!("result = still_undefined_{n}")),
+        _ => program("result = 1"),
+    })
+    .await;
+    let config = format!("{}{}[agent]\nmax_turns = 4\n", model.config("m"), code_tool(&log));
+    let r = runner(dir.path(), &config).await;
+    use keel_runtime::agent::correct::{CorrectionMode, Strategy, choose, gate_target};
+    for _ in 0..2 {
+        let run = r.create_agent(&task("one"), None).await.unwrap();
+        let _ = r.drive(&run).await.unwrap();
+    }
+    let repair = r.gate().outcomes(&gate_target(Strategy::Repair, "NameError"), ErrorClass::CodeError, 2);
+    let regenerate =
+        r.gate().outcomes(&gate_target(Strategy::Regenerate, "NameError"), ErrorClass::CodeError, 2);
+    assert!(repair.failures >= 1 && repair.successes == 0, "{repair:?}");
+    assert!(regenerate.successes >= 1, "{regenerate:?}");
+    // The prior says repair for a NameError; what happened here says regenerate.
+    assert_eq!(choose(CorrectionMode::Adaptive, r.gate(), "NameError", None, false), Strategy::Regenerate);
+    // Persisted with the gate: a new process starts from it.
+    let r2 = runner(dir.path(), &config).await;
+    assert_eq!(choose(CorrectionMode::Adaptive, r2.gate(), "NameError", None, false), Strategy::Regenerate);
+}
