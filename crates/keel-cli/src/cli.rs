@@ -87,6 +87,34 @@ pub enum Command {
         #[command(subcommand)]
         action: ConfigAction,
     },
+    /// Export what the journal learned: `corrections` writes failed → fixed program
+    /// pairs of agent runs as JSONL.
+    Export {
+        /// What to export.
+        #[command(subcommand)]
+        what: ExportWhat,
+    },
+    /// Statistics from the journal: `corrections` shows, per error kind and strategy,
+    /// how often a correction worked and what it cost.
+    Stats {
+        /// Which statistics.
+        #[command(subcommand)]
+        what: StatsWhat,
+    },
+}
+
+/// `keel export ...`.
+#[derive(Debug, Subcommand)]
+pub enum ExportWhat {
+    /// Failed → fixed program pairs of agent runs, one JSON object a line.
+    Corrections,
+}
+
+/// `keel stats ...`.
+#[derive(Debug, Subcommand)]
+pub enum StatsWhat {
+    /// Per error kind and correction strategy: tries, fixed, tokens.
+    Corrections,
 }
 
 /// `keel runs ...`.

@@ -14,7 +14,10 @@ use keel_runtime::runner::{NullObserver, Observer};
 use keel_runtime::{Config, Plan, RunStatus, Runner};
 use serde_json::{Value, json};
 
-use crate::cli::{ApprovalsAction, Cli, Command, ConfigAction, RunsAction, TicketAction, TicketsAction};
+use crate::cli::{
+    ApprovalsAction, Cli, Command, ConfigAction, ExportWhat, RunsAction, StatsWhat, TicketAction,
+    TicketsAction,
+};
 use crate::render::{Live, eprint, print};
 
 /// A command line that makes no sense (bad JSON in `--params`...).
@@ -159,6 +162,24 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
             let code = drive(&ctx, &runner, &run_id, *wait, Duration::ZERO).await;
             flush_traces(traces).await;
             code
+        }
+        Command::Export { what: ExportWhat::Corrections } => {
+            let ctx = open(&cli).await?;
+            let (pairs, _) = keel_runtime::agent::stats::scan(&*ctx.journal).await?;
+            for p in pairs {
+                print(&p.to_string());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Stats { what: StatsWhat::Corrections } => {
+            let ctx = open(&cli).await?;
+            let (_, stats) = keel_runtime::agent::stats::scan(&*ctx.journal).await?;
+            if ctx.json {
+                emit_json(&serde_json::to_value(&stats).unwrap_or_default());
+            } else {
+                print(stats.render().trim_end());
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Serve { listen, log_format } => serve(&cli, listen.as_deref(), *log_format).await,
         Command::Mcp => mcp(&cli).await,

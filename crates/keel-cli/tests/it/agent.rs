@@ -74,3 +74,37 @@ fn an_agent_killed_mid_charge_resumes_without_asking_again_or_charging_twice() {
     assert_eq!(call2["output"]["body"]["charge_id"], "ch_2", "the resumed call got the original charge");
     assert_eq!(steps.last().unwrap()["output"]["answer"], "Both charged.");
 }
+
+#[test]
+fn corrections_are_exported_as_pairs_and_counted_per_kind_and_strategy() {
+    let (_rt, m) = model(vec![
+        Reply::call("code", json!({"program": "d = {}\nresult = d['total']"})),
+        Reply::call("code", json!({"program": "d = {}\nresult = d.get('total', 0)"})),
+        Reply::text("0"),
+    ]);
+    let launcher = "import json,sys\na=json.load(sys.stdin)\nns={}\ntry:\n    exec(a['program'],ns)\n    \
+                    print(json.dumps({'result': ns['result']}))\nexcept Exception as e:\n    \
+                    sys.stderr.write(type(e).__name__+': '+str(e)+'\\n')\n    sys.exit(3)\n";
+    let code = format!(
+        "[tools.code]\nkind = \"command\"\nargv = [\"python3\", \"-c\", '''{launcher}''']\nparams_on_stdin = true\n\
+         classify = {{ exit_codes = {{ 3 = \"code_error\" }} }}\n"
+    );
+    let b = Bench::new(Faults::default(), &format!("{TOOLS}\n{}\n{code}", m.config("m")));
+    let run = b.keel(&["agent", "--tools", "code", "the total"]);
+    assert_eq!(run.code, 0, "{run:?}");
+
+    let export = b.keel(&["export", "corrections"]);
+    assert_eq!(export.code, 0, "{export:?}");
+    let pairs: Vec<Value> = export.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(pairs.len(), 1, "{}", export.stdout);
+    assert!(pairs[0]["failed"]["error"].as_str().unwrap().contains("KeyError"), "{}", pairs[0]);
+    assert_eq!(pairs[0]["fixed"]["program"], "d = {}\nresult = d.get('total', 0)");
+
+    let stats = b.keel(&["--json", "stats", "corrections"]);
+    let v: Value = serde_json::from_str(&stats.stdout).unwrap();
+    assert_eq!(v["by_kind"]["KeyError"]["repair"]["tries"], 1, "{v}");
+    assert_eq!(v["by_kind"]["KeyError"]["repair"]["fixed"], 1, "{v}");
+    assert_eq!(v["chains_fixed"], 1);
+    let table = b.keel(&["stats", "corrections"]);
+    assert!(table.stdout.contains("KeyError") && table.stdout.contains("repair"), "{}", table.stdout);
+}

@@ -23,6 +23,7 @@
 
 pub mod correct;
 pub mod shape;
+pub mod stats;
 
 use std::collections::BTreeMap;
 
