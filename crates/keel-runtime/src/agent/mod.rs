@@ -88,6 +88,13 @@ pub struct AgentSpec {
     /// The most failed programs in a row before the run stops.
     #[serde(default = "default_code_attempts")]
     pub code_attempts: u32,
+    /// Whether an error repeated unchanged stops the chain.
+    #[serde(default = "yes")]
+    pub stop_on_repeat: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_code_attempts() -> u32 {
@@ -147,6 +154,7 @@ impl AgentSpec {
             max_repeats: a.max_repeats,
             correction: a.correction,
             code_attempts: a.code_attempts,
+            stop_on_repeat: a.stop_on_repeat,
         })
     }
 

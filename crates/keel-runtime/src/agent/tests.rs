@@ -16,6 +16,7 @@ fn spec(history_tokens: u64) -> AgentSpec {
         max_repeats: 3,
         correction: correct::CorrectionMode::Adaptive,
         code_attempts: 4,
+        stop_on_repeat: true,
     }
 }
 

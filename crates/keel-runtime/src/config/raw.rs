@@ -202,6 +202,9 @@ pub struct AgentConfig {
     pub correction: crate::agent::correct::CorrectionMode,
     /// The most failed programs in a row before the run stops (1–100).
     pub code_attempts: u32,
+    /// Stop a chain of failed programs as soon as one error repeats unchanged (the
+    /// correction is not converging); `false` spends every attempt (blind retries).
+    pub stop_on_repeat: bool,
 }
 
 impl Default for AgentConfig {
@@ -215,6 +218,7 @@ impl Default for AgentConfig {
             system: None,
             correction: crate::agent::correct::CorrectionMode::Adaptive,
             code_attempts: 4,
+            stop_on_repeat: true,
         }
     }
 }

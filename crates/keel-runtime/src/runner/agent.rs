@@ -140,7 +140,7 @@ async fn turn(
             let (a, b) = (real[real.len() - 2], real[real.len() - 1]);
             a.kind == b.kind && a.first_line == b.first_line && !last.resubmitted
         };
-        if repeated {
+        if repeated && spec.stop_on_repeat {
             let why = format!(
                 "the same error twice in a row, the correction is not converging: {}",
                 last.first_line
