@@ -132,6 +132,9 @@ impl Observer for Live {
                     Event::FaultInjected { target, attempt, fault } => Some(format!(
                         "  {target} attempt {attempt}: injected {fault:?} (a drill, not an incident)"
                     )),
+                    Event::SchemaDrift { target, shape, .. } => {
+                        Some(format!("  {target} answered in an unusual shape ({shape})"))
+                    }
                     Event::BudgetExceeded { budget, kind, .. } => {
                         Some(format!("  budget {budget} exceeded ({})", kind.as_str()))
                     }
@@ -222,6 +225,9 @@ pub(crate) fn describe(event: &JournalEvent) -> Option<String> {
             Event::LoopDetected { reason, .. } => format!("  loop detected: {reason}"),
             Event::FaultInjected { target, attempt, fault } => {
                 format!("  {target} attempt {attempt}: injected {fault:?} (a drill, not an incident)")
+            }
+            Event::SchemaDrift { target, shape, usual } => {
+                format!("  {target} answered in an unusual shape {shape} (usually {usual})")
             }
         },
     })

@@ -120,6 +120,16 @@ pub enum Event {
         /// What was injected.
         fault: crate::fault::FaultKind,
     },
+    /// A target answered in a shape (keys and types) unlike its usual ones: the
+    /// cheapest sign that a bad intermediate result is about to be fed forward.
+    SchemaDrift {
+        /// The target.
+        target: Arc<str>,
+        /// The answer's shape fingerprint.
+        shape: Arc<str>,
+        /// The fingerprints it usually answers with, comma-separated.
+        usual: Arc<str>,
+    },
     /// An attempt finished.
     AttemptEnded {
         /// The target called.
@@ -213,6 +223,7 @@ impl Event {
             Event::AttemptStarted { .. } => "attempt_started",
             Event::AttemptEnded { .. } => "attempt_ended",
             Event::FaultInjected { .. } => "fault_injected",
+            Event::SchemaDrift { .. } => "schema_drift",
             Event::RetryScheduled { .. } => "retry_scheduled",
             Event::RetryRefused { .. } => "retry_refused",
             Event::BreakerTransition { .. } => "breaker_transition",
@@ -327,6 +338,9 @@ fn trace_event(event: &Event) {
         }
         Event::FaultInjected { target, attempt, fault } => tracing::info!(
             keel.target = %target, keel.attempt = attempt, fault = ?fault, "fault injected"
+        ),
+        Event::SchemaDrift { target, shape, usual } => tracing::warn!(
+            keel.target = %target, shape = %shape, usual = %usual, "an answer in an unusual shape"
         ),
     }
 }

@@ -194,6 +194,7 @@ impl<S: keel_core::EventSink> keel_core::EventSink for DecisionsOnly<S> {
             | E::FallbackTaken { .. }
             | E::BudgetExceeded { .. }
             | E::FaultInjected { .. }
+            | E::SchemaDrift { .. }
             | E::LoopDetected { .. } => self.0.record(event),
         }
     }

@@ -314,6 +314,7 @@ fn policy_kind(event: &Event) -> &'static str {
         Event::BudgetExceeded { .. } => "policy.budget_exceeded",
         Event::LoopDetected { .. } => "policy.loop_detected",
         Event::FaultInjected { .. } => "policy.fault_injected",
+        Event::SchemaDrift { .. } => "policy.schema_drift",
     }
 }
 

@@ -165,6 +165,9 @@ impl Observer for Metrics {
                     "keel_faults_injected_total",
                     &[("target", target.to_string()), ("fault", format!("{fault:?}").to_lowercase())],
                 ),
+                Event::SchemaDrift { target, .. } => {
+                    self.count("keel_schema_drift_total", &[("target", target.to_string())]);
+                }
                 Event::AttemptStarted { .. } | Event::RetryRefused { .. } | Event::BudgetCharged { .. } => {}
             },
             JournalEvent::RunStateChanged { state, .. } => {

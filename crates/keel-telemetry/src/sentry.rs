@@ -152,6 +152,7 @@ impl EventSink for Reporter {
             | Event::BudgetCharged { .. }
             | Event::BudgetExceeded { .. }
             | Event::FaultInjected { .. }
+            | Event::SchemaDrift { .. }
             | Event::LoopDetected { .. } => return,
         };
         self.client.capture_event(captured, None);

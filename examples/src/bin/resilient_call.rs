@@ -44,6 +44,9 @@ impl EventSink for Printer {
             Event::FaultInjected { target, attempt, fault } => {
                 format!("  {target}: attempt {attempt} gets an injected {fault:?} fault (a drill)")
             }
+            Event::SchemaDrift { target, shape, .. } => {
+                format!("  {target} answered in an unusual shape ({shape})")
+            }
         };
         say(&line);
     }

@@ -374,6 +374,7 @@ macro_rules! projection_ops {
                         | Event::BudgetCharged { .. }
                         | Event::BudgetExceeded { .. }
                         | Event::FaultInjected { .. }
+                        | Event::SchemaDrift { .. }
                         | Event::LoopDetected { .. } => {}
                     }
                 }

@@ -91,6 +91,9 @@ pub struct AgentSpec {
     /// Whether an error repeated unchanged stops the chain.
     #[serde(default = "yes")]
     pub stop_on_repeat: bool,
+    /// What an answer in an unusual shape does.
+    #[serde(default)]
+    pub on_schema_drift: shape::DriftPolicy,
 }
 
 fn yes() -> bool {
@@ -155,6 +158,7 @@ impl AgentSpec {
             correction: a.correction,
             code_attempts: a.code_attempts,
             stop_on_repeat: a.stop_on_repeat,
+            on_schema_drift: a.on_schema_drift,
         })
     }
 
@@ -260,6 +264,8 @@ pub struct History {
     pub last_strategy: Option<(Strategy, String)>,
     /// The input of the turn that never finished, if one did not.
     pub unfinished_input: Option<Value>,
+    /// The shapes each tool answered with in this run (fingerprint → count).
+    pub shapes: BTreeMap<String, BTreeMap<String, u64>>,
 }
 
 /// Whether a tool step is settled: its answer can go to the model. `redo` names the
@@ -333,7 +339,13 @@ impl History {
                 let sig = (tool.clone(), keel_core::canonical_json(&view.input));
                 *h.signatures.entry(sig).or_default() += 1;
                 if view.status == "succeeded" {
-                    h.outputs.insert(view.name.clone(), view.output.clone().unwrap_or(Value::Null));
+                    let output = view.output.clone().unwrap_or(Value::Null);
+                    *h.shapes
+                        .entry(tool.clone())
+                        .or_default()
+                        .entry(shape::fingerprint(&output))
+                        .or_default() += 1;
+                    h.outputs.insert(view.name.clone(), output);
                 }
                 if let Some(program) = program_of(&view.input) {
                     h.code_step(view, program);

@@ -7,7 +7,8 @@
 //! shape the union of its elements' shapes (so a list's length and order do not
 //! matter). The fingerprint is the first 16 hex digits of its sha256.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Mutex;
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -41,6 +42,63 @@ fn describe(v: &Value, depth: usize) -> String {
             format!("{{{}}}", fields.join(","))
         }
     }
+}
+
+/// Answers with fewer earlier answers than this are never called unusual.
+pub const MIN_SEEN: u64 = 3;
+
+/// The most tools, and shapes per tool, a process remembers.
+const MAX_TOOLS: usize = 1_000;
+const MAX_SHAPES: usize = 64;
+
+/// The shapes each tool answered with, as seen by this process.
+#[derive(Debug, Default)]
+pub struct Seen(Mutex<HashMap<String, BTreeMap<String, u64>>>);
+
+impl Seen {
+    /// Counts one answer of `tool` in shape `fp`.
+    pub fn note(&self, tool: &str, fp: &str) {
+        let mut seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() >= MAX_TOOLS && !seen.contains_key(tool) {
+            return;
+        }
+        let shapes = seen.entry(tool.to_owned()).or_default();
+        if shapes.len() < MAX_SHAPES || shapes.contains_key(fp) {
+            *shapes.entry(fp.to_owned()).or_default() += 1;
+        }
+    }
+
+    /// What `tool` usually answers with: this process's counts, or `run`'s own
+    /// (the larger of the two per shape: a resumed run's process has seen nothing).
+    pub fn usual(&self, tool: &str, run: Option<&BTreeMap<String, u64>>) -> BTreeMap<String, u64> {
+        let seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut usual = seen.get(tool).cloned().unwrap_or_default();
+        for (fp, n) in run.into_iter().flatten() {
+            let e = usual.entry(fp.clone()).or_default();
+            *e = (*e).max(*n);
+        }
+        usual
+    }
+}
+
+/// Whether an answer of shape `fp` is unusual for a tool that usually answers `usual`.
+pub fn is_drift(fp: &str, usual: &BTreeMap<String, u64>) -> bool {
+    usual.values().sum::<u64>() >= MIN_SEEN && !usual.contains_key(fp)
+}
+
+/// `[agent] on_schema_drift`: what an answer in an unusual shape does.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum DriftPolicy {
+    /// A `schema_drift` event; the answer is fed forward.
+    #[default]
+    Flag,
+    /// The call fails with the shapes named, for the model to check and correct.
+    Correct,
+    /// A ticket: a person looks before anything is fed forward.
+    Escalate,
 }
 
 /// The fingerprint of `v`'s shape: 16 hex digits.

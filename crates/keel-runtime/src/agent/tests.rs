@@ -17,6 +17,7 @@ fn spec(history_tokens: u64) -> AgentSpec {
         correction: correct::CorrectionMode::Adaptive,
         code_attempts: 4,
         stop_on_repeat: true,
+        on_schema_drift: shape::DriftPolicy::Flag,
     }
 }
 

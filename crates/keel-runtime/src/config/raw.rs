@@ -205,6 +205,10 @@ pub struct AgentConfig {
     /// Stop a chain of failed programs as soon as one error repeats unchanged (the
     /// correction is not converging); `false` spends every attempt (blind retries).
     pub stop_on_repeat: bool,
+    /// A tool answering in a shape (keys and types) unlike its usual ones: `flag` (a
+    /// `schema_drift` event), `correct` (the call fails, for the model to check) or
+    /// `escalate` (a ticket before the answer is fed forward).
+    pub on_schema_drift: crate::agent::shape::DriftPolicy,
 }
 
 impl Default for AgentConfig {
@@ -219,6 +223,7 @@ impl Default for AgentConfig {
             correction: crate::agent::correct::CorrectionMode::Adaptive,
             code_attempts: 4,
             stop_on_repeat: true,
+            on_schema_drift: crate::agent::shape::DriftPolicy::Flag,
         }
     }
 }

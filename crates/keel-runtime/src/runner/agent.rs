@@ -35,7 +35,7 @@ use keel_gateway::{CallContext, ChatRequest, Gateway};
 use keel_journal::{JournalEvent, RunSnapshot, RunState, StepOutcome};
 use serde_json::{Value, json};
 
-use super::step::{self, StepCtx, StepEnd};
+use super::step::{self, OutputVerdict, StepCtx, StepEnd};
 use super::{Error, Result, RunStatus, Runner, state_of};
 use crate::agent::correct::{self, Strategy};
 use crate::agent::{self, AgentSpec, History, PendingCall};
@@ -338,6 +338,38 @@ async fn call_tool(c: CallCtx<'_>, call: &PendingCall) -> Result<(u32, Pass)> {
         steps: Vec::new(),
     };
     let step = PlanStep { id: Some(call.step_name.clone()), tool: call.name.clone(), params: args.clone() };
+    // The answer's shape against the tool's usual ones, before it is fed forward.
+    let usual = c.r.shapes.usual(&call.name, c.history.shapes.get(&call.name));
+    let sink = c.r.sink(c.run_id).step(index);
+    let policy = c.spec.on_schema_drift;
+    let check = |out: &Value| {
+        let fp = agent::shape::fingerprint(out);
+        c.r.shapes.note(&call.name, &fp);
+        if !agent::shape::is_drift(&fp, &usual) {
+            return OutputVerdict::Ok;
+        }
+        let known: Vec<&str> = usual.keys().map(String::as_str).collect();
+        keel_core::event::emit(
+            &sink,
+            keel_core::Event::SchemaDrift {
+                target: Arc::from(call.name.as_str()),
+                shape: Arc::from(fp.as_str()),
+                usual: Arc::from(known.join(",")),
+            },
+        );
+        let message = format!(
+            "`{}` answered in a shape it never used before ({}), unlike its usual ones ({}): \
+             check the call and its answer before using it",
+            call.name,
+            agent::shape::shape(out),
+            known.join(", ")
+        );
+        match policy {
+            agent::shape::DriftPolicy::Flag => OutputVerdict::Ok,
+            agent::shape::DriftPolicy::Correct => OutputVerdict::Correct(message),
+            agent::shape::DriftPolicy::Escalate => OutputVerdict::Escalate(message),
+        }
+    };
     let ctx = StepCtx {
         runner: c.r,
         run_id: c.run_id,
@@ -351,6 +383,7 @@ async fn call_tool(c: CallCtx<'_>, call: &PendingCall) -> Result<(u32, Pass)> {
         deadline_at_ms: c.deadline_at_ms,
         budget: c.budget,
         failures: c.failures,
+        check_output: Some(&check),
     };
     // The repeat guard: this call would be the `max_repeats`-th identical one. A
     // person who answered the ticket with `retry` lets it run.

@@ -98,6 +98,8 @@ pub struct Runner {
     /// The model gateway agent runs ask: the server's (one gate, one journal), or one
     /// built from the config on first use.
     gateway: std::sync::OnceLock<Arc<keel_gateway::Gateway>>,
+    /// The answer shapes each tool was seen to give in this process (agent runs).
+    shapes: crate::agent::shape::Seen,
 }
 
 /// Marks a run as driven by this process until dropped.
@@ -148,6 +150,7 @@ impl Runner {
             driving: Mutex::default(),
             results: crate::tool::ResultCache::default(),
             gateway: std::sync::OnceLock::new(),
+            shapes: crate::agent::shape::Seen::default(),
         })
     }
 
@@ -577,6 +580,7 @@ impl Runner {
                 deadline_at_ms,
                 budget: &budget,
                 failures: &failures,
+                check_output: None,
             };
             // Boxed: a step's future (pipeline, tool transport, spans) is large for a 2 MiB stack.
             match Box::pin(step::run_step(ctx)).await? {

@@ -36,6 +36,18 @@ pub(super) struct StepCtx<'a> {
     pub(super) deadline_at_ms: i64,
     pub(super) budget: &'a Arc<Budget>,
     pub(super) failures: &'a Arc<Mutex<HashMap<ErrorClass, u32>>>,
+    /// A check of the tool's answer before it is fed forward (an agent's shape check).
+    pub(super) check_output: Option<&'a (dyn Fn(&Value) -> OutputVerdict + Sync)>,
+}
+
+/// What a step's output check says.
+pub(super) enum OutputVerdict {
+    /// Feed it forward.
+    Ok,
+    /// Not as expected: the step fails with this message, for the model to correct.
+    Correct(String),
+    /// Not as expected: a person looks first.
+    Escalate(String),
 }
 
 /// How a step ended.
@@ -435,7 +447,13 @@ async fn call_once(
     match result {
         Ok(output) => {
             r.journal.complete(&token, &output).await?;
-            Ok(Ok(output))
+            match ctx.check_output.map_or(OutputVerdict::Ok, |check| check(&output)) {
+                OutputVerdict::Ok => Ok(Ok(output)),
+                OutputVerdict::Correct(m) => ctx.fail(ErrorClass::InvalidToolCall, m).await.map(Err),
+                OutputVerdict::Escalate(m) => {
+                    ctx.escalate(tool, params, ErrorClass::InvalidToolCall, &m, 0).await.map(Err)
+                }
+            }
         }
         Err(e) => {
             r.journal.release_claim(&token).await?;

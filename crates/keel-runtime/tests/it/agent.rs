@@ -387,3 +387,60 @@ async fn the_gate_learns_which_strategy_fixes_which_error_kind_and_keeps_it() {
     let r2 = runner(dir.path(), &config).await;
     assert_eq!(choose(CorrectionMode::Adaptive, r2.gate(), "NameError", None, false), Strategy::Regenerate);
 }
+
+/// A tool that answers a list of orders for ids 1–3 and, for id 4, one flat order.
+fn orders_tool() -> String {
+    "[tools.orders]\nkind = \"command\"\nargv = [\"sh\", \"-c\", \"if [ {{id}} -lt 4 ]; then echo '[{\\\"id\\\": {{id}}, \\\"total\\\": 5}]'; \
+     else echo '{\\\"id\\\": {{id}}, \\\"total\\\": 5}'; fi\"]\n\
+     params = { type = \"object\", required = [\"id\"], properties = { id = { type = \"integer\" } } }\n"
+        .to_owned()
+}
+
+async fn drift_events(r: &Runner, run: &str) -> Vec<keel_core::Event> {
+    r.journal()
+        .events(run, 0, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|e| match e.event {
+            keel_journal::JournalEvent::Policy {
+                event: ev @ keel_core::Event::SchemaDrift { .. }, ..
+            } => Some(ev),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_in_an_unusual_shape_is_flagged_and_can_be_sent_back_for_correction() {
+    for (policy, completes) in [("flag", true), ("correct", true), ("escalate", false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let model = ScriptedModel::serve(|n, _| match n {
+            0..=3 => Reply::call("orders", json!({"id": n + 1})),
+            _ => Reply::text("done"),
+        })
+        .await;
+        let config =
+            format!("{}{}[agent]\non_schema_drift = \"{policy}\"\n", model.config("m"), orders_tool());
+        let r = runner(dir.path(), &config).await;
+        let run = r.create_agent(&task("totals of orders 1 to 4"), None).await.unwrap();
+        let status = r.drive(&run).await.unwrap();
+        assert_eq!(status == RunStatus::Completed, completes, "{policy}: {status:?}");
+        let drift = drift_events(&r, &run).await;
+        assert_eq!(drift.len(), 1, "{policy}: one answer drifted: {drift:?}");
+        let snap = r.snapshot(&run).await.unwrap();
+        let fourth = snap.steps.iter().find(|s| s.name == "turn-4.call-1").unwrap();
+        match policy {
+            "flag" => assert_eq!(fourth.status, "succeeded", "fed forward"),
+            "correct" => {
+                assert_eq!(fourth.error_class.as_deref(), Some("invalid_tool_call"));
+                let sent = tool_messages(&model, 4).last().unwrap()["content"].to_string();
+                assert!(sent.contains("shape it never used before"), "the model is told: {sent}");
+            }
+            _ => {
+                assert!(matches!(status, RunStatus::Escalated { .. }));
+                assert_eq!(model.calls(), 4, "nothing was fed forward");
+            }
+        }
+    }
+}

@@ -136,6 +136,7 @@ pub fn failure_of(event: &Event) -> Option<(ErrorClass, &Arc<str>)> {
         | Event::BreakerTransition { .. }
         | Event::FallbackTaken { .. }
         | Event::BudgetCharged { .. }
+        | Event::SchemaDrift { .. }
         | Event::FaultInjected { .. } => None,
     }
 }
