@@ -9,8 +9,10 @@
 //!   repair answers of small coder models were the failing program again) and the
 //!   model writes a fresh program from the task, warmer, with a one-line hint of what
 //!   failed;
-//! - **stop**: the same error twice in a row, or `code_attempts` failures in a chain,
-//!   ends the run with its partial result.
+//! - **stop**: the same error twice in a row, `code_attempts` failures in a chain, or
+//!   an error kind whose corrections never succeed here (both strategies refused by the
+//!   gate: their outcomes score under its threshold) ends the run with its partial
+//!   result — spending nothing more on what the record says will not be fixed.
 //!
 //! A program identical to one that already failed (ignoring whitespace and comments)
 //! is never run again: it counts as a failed attempt and the next turn switches
@@ -152,6 +154,18 @@ pub fn gate_target(strategy: Strategy, kind: &str) -> Arc<str> {
     Arc::from(format!("correct:{}:{kind}", strategy.as_str()))
 }
 
+/// Whether the gate says corrections of `kind` do not pay off (adaptive mode only):
+/// both strategies tried and both scored under the gate's threshold.
+pub fn hopeless(mode: CorrectionMode, gate: &ConfidenceGate, kind: &str) -> bool {
+    mode == CorrectionMode::Adaptive
+        && gate.config().enabled
+        && [Strategy::Repair, Strategy::Regenerate].iter().all(|s| {
+            let target = gate_target(*s, kind);
+            let o = gate.outcomes(&target, ErrorClass::CodeError, 2);
+            o.successes + o.failures > 0 && !gate.check(&target, ErrorClass::CodeError, 2).allowed
+        })
+}
+
 /// The strategy after a failure of `kind`: a fixed one, or the one whose outcomes
 /// after this kind score higher in the gate (the prior when both are unknown).
 /// `switch` (the last program was a resubmission of a failed one) takes the other
@@ -236,5 +250,22 @@ mod tests {
         assert_eq!(resubmitted, Strategy::Regenerate, "a resubmitted program switches strategy");
         let fixed = super::choose(CorrectionMode::Repair, &gate, "AssertionError", None, false);
         assert_eq!(fixed, Strategy::Repair);
+    }
+
+    #[test]
+    fn a_kind_whose_corrections_never_succeed_is_hopeless() {
+        let gate = ConfidenceGate::new(keel_core::gate::GateConfig::default());
+        assert!(!hopeless(CorrectionMode::Adaptive, &gate, "AssertionError"), "no record: try");
+        for s in [Strategy::Repair, Strategy::Regenerate] {
+            for _ in 0..4 {
+                gate.record(&gate_target(s, "AssertionError"), ErrorClass::CodeError, 2, false);
+            }
+        }
+        assert!(hopeless(CorrectionMode::Adaptive, &gate, "AssertionError"));
+        assert!(!hopeless(CorrectionMode::Repair, &gate, "AssertionError"), "a fixed mode always tries");
+        assert!(!hopeless(CorrectionMode::Adaptive, &gate, "KeyError"));
+        gate.record(&gate_target(Strategy::Repair, "AssertionError"), ErrorClass::CodeError, 2, true);
+        gate.record(&gate_target(Strategy::Repair, "AssertionError"), ErrorClass::CodeError, 2, true);
+        assert!(!hopeless(CorrectionMode::Adaptive, &gate, "AssertionError"), "it worked again: try");
     }
 }

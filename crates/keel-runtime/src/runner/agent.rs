@@ -151,8 +151,14 @@ async fn turn(
             let why = format!("{} programs failed in a row; the last: {}", chain.len(), last.first_line);
             return stop(r, run_id, history, index, ErrorClass::CodeError, why).await;
         }
-        let recorded =
-            history.unfinished_input.as_ref().and_then(|i| i["strategy"].as_str()).and_then(Strategy::parse);
+        if recorded_strategy(history).is_none() && correct::hopeless(spec.correction, &r.gate, &last.kind) {
+            let why = format!(
+                "corrections of {} never succeeded here (the confidence gate refuses both strategies): {}",
+                last.kind, last.first_line
+            );
+            return stop(r, run_id, history, index, ErrorClass::CodeError, why).await;
+        }
+        let recorded = recorded_strategy(history);
         let last_strategy = history.last_strategy.as_ref().map(|(s, _)| *s);
         let strategy = recorded.unwrap_or_else(|| {
             correct::choose(spec.correction, &r.gate, &last.kind, last_strategy, last.resubmitted)
@@ -253,6 +259,11 @@ async fn turn(
             stop(r, run_id, history, index + 1, e.class, format!("turn {number}: {message}")).await
         }
     }
+}
+
+/// The strategy an unfinished turn journaled before a crash, if any.
+fn recorded_strategy(history: &History) -> Option<Strategy> {
+    history.unfinished_input.as_ref().and_then(|i| i["strategy"].as_str()).and_then(Strategy::parse)
 }
 
 /// Everything a tool call needs.

@@ -444,3 +444,25 @@ async fn an_answer_in_an_unusual_shape_is_flagged_and_can_be_sent_back_for_corre
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gate_stops_an_error_kind_whose_corrections_never_succeed() {
+    use keel_runtime::agent::correct::{Strategy, gate_target};
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("runs.log");
+    let model =
+        ScriptedModel::script(vec![program("assert 1 == 2, 'impossible'"), program("never asked")]).await;
+    let r = runner(dir.path(), &format!("{}{}", model.config("m"), code_tool(&log))).await;
+    // What earlier runs taught the gate: neither strategy ever fixed an AssertionError.
+    for s in [Strategy::Repair, Strategy::Regenerate] {
+        for _ in 0..4 {
+            r.gate().record(&gate_target(s, "AssertionError"), ErrorClass::CodeError, 2, false);
+        }
+    }
+    let run = r.create_agent(&task("an impossible check"), None).await.unwrap();
+    let status = r.drive(&run).await.unwrap();
+    let RunStatus::Failed { class, message } = &status else { panic!("{status:?}") };
+    assert_eq!(*class, ErrorClass::CodeError);
+    assert!(message.contains("never succeeded"), "{message}");
+    assert_eq!(model.calls(), 1, "no tokens spent on a correction the record says fails");
+}
