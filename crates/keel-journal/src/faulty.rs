@@ -77,6 +77,33 @@ impl Journal for Faulty {
     async fn run_ids(&self) -> Result<Vec<String>> {
         self.inner.run_ids().await
     }
+    async fn list_runs(&self, page: &crate::RunPage) -> Result<Vec<crate::RunView>> {
+        self.inner.list_runs(page).await
+    }
+
+    async fn approvals(&self, status: Option<&str>, limit: u32) -> Result<Vec<crate::ApprovalView>> {
+        self.inner.approvals(status, limit).await
+    }
+
+    async fn approval(
+        &self,
+        id: &str,
+    ) -> Result<Option<(crate::ApprovalView, crate::RunView, Option<crate::StepView>)>> {
+        self.inner.approval(id).await
+    }
+
+    async fn tickets(&self, status: Option<&str>, limit: u32) -> Result<Vec<crate::TicketView>> {
+        self.inner.tickets(status, limit).await
+    }
+
+    async fn ticket(&self, id: &str) -> Result<Option<(crate::TicketView, crate::RunView)>> {
+        self.inner.ticket(id).await
+    }
+
+    async fn attempt_stats(&self, since_ms: i64) -> Result<crate::AttemptStats> {
+        self.inner.attempt_stats(since_ms).await
+    }
+
     async fn rebuild_projections(&self) -> Result<()> {
         self.write()?;
         self.inner.rebuild_projections().await

@@ -123,6 +123,29 @@ pub trait Journal: Send + Sync + fmt::Debug {
     /// The ids of all runs, oldest first.
     async fn run_ids(&self) -> Result<Vec<String>>;
 
+    /// A page of runs, newest activity first: an indexed query whose cost does not grow
+    /// with the journal's history.
+    async fn list_runs(&self, page: &crate::RunPage) -> Result<Vec<crate::RunView>>;
+
+    /// Approvals (of `status`: `pending`, `approved`, `denied`, `expired`), newest
+    /// first, at most `limit`.
+    async fn approvals(&self, status: Option<&str>, limit: u32) -> Result<Vec<crate::ApprovalView>>;
+
+    /// One approval with its run and its step.
+    async fn approval(
+        &self,
+        id: &str,
+    ) -> Result<Option<(crate::ApprovalView, crate::RunView, Option<crate::StepView>)>>;
+
+    /// Tickets (of `status`: `open`, `resolved`), newest first, at most `limit`.
+    async fn tickets(&self, status: Option<&str>, limit: u32) -> Result<Vec<crate::TicketView>>;
+
+    /// One ticket with its run.
+    async fn ticket(&self, id: &str) -> Result<Option<(crate::TicketView, crate::RunView)>>;
+
+    /// Attempts started since `since_ms`, aggregated.
+    async fn attempt_stats(&self, since_ms: i64) -> Result<crate::AttemptStats>;
+
     /// Throws away every projection and rebuilds them from the events alone.
     async fn rebuild_projections(&self) -> Result<()>;
 

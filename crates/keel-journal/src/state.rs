@@ -133,6 +133,39 @@ pub struct TicketView {
     pub resolved_at_ms: Option<i64>,
 }
 
+/// Which runs to list: newest activity first, a page at a time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunPage {
+    /// Only runs in this state.
+    pub state: Option<RunState>,
+    /// The cursor: runs strictly older than (updated_at ms, run id); the last row of the
+    /// previous page.
+    pub before: Option<(i64, String)>,
+    /// The most runs (1 to [`RunPage::MAX`]).
+    pub limit: u32,
+}
+
+impl RunPage {
+    /// The largest page.
+    pub const MAX: u32 = 1000;
+
+    /// The first page of `limit` runs.
+    pub fn first(limit: u32) -> RunPage {
+        RunPage { state: None, before: None, limit }
+    }
+}
+
+/// Attempts over a window, aggregated by the database (the dashboard).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptStats {
+    /// (target, attempts, failed attempts).
+    pub by_target: Vec<(String, u64, u64)>,
+    /// (class, hour in ms since the epoch, failed attempts).
+    pub errors_by_hour: Vec<(String, i64, u64)>,
+    /// (run id, retries), the most recently active runs first.
+    pub retries_by_run: Vec<(String, u64)>,
+}
+
 /// Everything the projections know about one run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunSnapshot {

@@ -75,28 +75,40 @@ fn wall_ms(t: SystemTime) -> i64 {
     t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// Every approval (pending first, newest first), with context.
+/// The most items a list shows: the pending or open ones first, then the latest others.
+pub const LIST_LIMIT: u32 = 200;
+
+/// The approvals (pending first, newest first, at most [`LIST_LIMIT`]), with context:
+/// indexed queries, whatever the journal's history.
 ///
 /// # Errors
 /// The journal's.
 pub async fn approvals(journal: &dyn Journal) -> Result<Vec<ApprovalItem>> {
-    let mut items = Vec::new();
-    for run_id in journal.run_ids().await? {
-        let Some(snap) = journal.snapshot(&run_id).await? else { continue };
-        for a in &snap.approvals {
-            let mut step = snap.steps.iter().find(|s| s.step == a.step).cloned();
-            let args = covered_args(a, step.as_ref());
-            if let Some(step) = &mut step {
-                step.input = args.clone().unwrap_or(Value::Null);
+    let mut ids: Vec<String> =
+        journal.approvals(Some("pending"), LIST_LIMIT).await?.into_iter().map(|a| a.approval_id).collect();
+    if ids.len() < LIST_LIMIT as usize {
+        for a in journal.approvals(None, LIST_LIMIT).await? {
+            if a.status != "pending" && ids.len() < LIST_LIMIT as usize {
+                ids.push(a.approval_id);
             }
-            items.push(ApprovalItem { approval: a.clone(), run: snap.run.clone(), step, args });
         }
     }
-    items.sort_by(|a, b| {
-        (a.approval.status != "pending", std::cmp::Reverse(a.approval.requested_at_ms))
-            .cmp(&(b.approval.status != "pending", std::cmp::Reverse(b.approval.requested_at_ms)))
-    });
+    let mut items = Vec::with_capacity(ids.len());
+    for id in ids {
+        if let Some(item) = approval_item(journal, &id).await? {
+            items.push(item);
+        }
+    }
     Ok(items)
+}
+
+async fn approval_item(journal: &dyn Journal, id: &str) -> Result<Option<ApprovalItem>> {
+    let Some((approval, run, mut step)) = journal.approval(id).await? else { return Ok(None) };
+    let args = covered_args(&approval, step.as_ref());
+    if let Some(step) = &mut step {
+        step.input = args.clone().unwrap_or(Value::Null);
+    }
+    Ok(Some(ApprovalItem { approval, run, step, args }))
 }
 
 /// One approval by id.
@@ -104,11 +116,7 @@ pub async fn approvals(journal: &dyn Journal) -> Result<Vec<ApprovalItem>> {
 /// # Errors
 /// `not_found` for an unknown id; the journal's.
 pub async fn approval(journal: &dyn Journal, id: &str) -> Result<ApprovalItem> {
-    approvals(journal)
-        .await?
-        .into_iter()
-        .find(|a| a.approval.approval_id == id)
-        .ok_or_else(|| Error::NotFound(format!("approval `{id}`")))
+    approval_item(journal, id).await?.ok_or_else(|| Error::NotFound(format!("approval `{id}`")))
 }
 
 /// Decides a pending approval. An expired one cannot be approved: it is marked
@@ -156,22 +164,26 @@ pub async fn decide(
     approval(journal, id).await
 }
 
-/// Every ticket (open first, newest first).
+/// The tickets (open first, newest first, at most [`LIST_LIMIT`]).
 ///
 /// # Errors
 /// The journal's.
 pub async fn tickets(journal: &dyn Journal) -> Result<Vec<TicketItem>> {
-    let mut items = Vec::new();
-    for run_id in journal.run_ids().await? {
-        let Some(snap) = journal.snapshot(&run_id).await? else { continue };
-        for t in &snap.tickets {
-            items.push(TicketItem { ticket: t.clone(), run: snap.run.clone() });
+    let mut ids: Vec<String> =
+        journal.tickets(Some("open"), LIST_LIMIT).await?.into_iter().map(|t| t.ticket_id).collect();
+    if ids.len() < LIST_LIMIT as usize {
+        for t in journal.tickets(None, LIST_LIMIT).await? {
+            if t.status != "open" && ids.len() < LIST_LIMIT as usize {
+                ids.push(t.ticket_id);
+            }
         }
     }
-    items.sort_by(|a, b| {
-        (a.ticket.status != "open", std::cmp::Reverse(a.ticket.opened_at_ms))
-            .cmp(&(b.ticket.status != "open", std::cmp::Reverse(b.ticket.opened_at_ms)))
-    });
+    let mut items = Vec::with_capacity(ids.len());
+    for id in ids {
+        if let Some((ticket, run)) = journal.ticket(&id).await? {
+            items.push(TicketItem { ticket, run });
+        }
+    }
     Ok(items)
 }
 
@@ -180,11 +192,8 @@ pub async fn tickets(journal: &dyn Journal) -> Result<Vec<TicketItem>> {
 /// # Errors
 /// `not_found` for an unknown id; the journal's.
 pub async fn ticket(journal: &dyn Journal, id: &str) -> Result<TicketItem> {
-    tickets(journal)
-        .await?
-        .into_iter()
-        .find(|t| t.ticket.ticket_id == id)
-        .ok_or_else(|| Error::NotFound(format!("ticket `{id}`")))
+    let (ticket, run) = journal.ticket(id).await?.ok_or_else(|| Error::NotFound(format!("ticket `{id}`")))?;
+    Ok(TicketItem { ticket, run })
 }
 
 /// Resolves an open ticket with a person's guidance.

@@ -6,8 +6,7 @@ use std::collections::BTreeMap;
 
 use axum::Json;
 use axum::extract::State;
-use keel_core::{AttemptOutcome, BreakerState, Event};
-use keel_journal::JournalEvent;
+use keel_core::BreakerState;
 use serde::Serialize;
 
 use crate::api::AppState;
@@ -39,48 +38,41 @@ pub struct Dashboard {
     pub top_classes: Vec<(String, u64)>,
 }
 
-/// Computes the dashboard.
+/// The window the dashboard covers.
+pub const WINDOW_MS: i64 = 24 * 3_600_000;
+
+/// Computes the dashboard over the last [`WINDOW_MS`]: aggregated by the database from
+/// the attempts projection (indexed by start time, so its cost follows the window, not
+/// the journal's history), breaker states live from this process's breakers.
 ///
 /// # Errors
 /// The journal's.
 pub async fn dashboard(State(s): State<AppState>) -> Result<Json<Dashboard>, ApiError> {
+    let now_ms = s
+        .clock
+        .wall()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(0));
+    let stats = s.journal.attempt_stats(now_ms.saturating_sub(WINDOW_MS)).await?;
     let mut d = Dashboard::default();
+    for (target, calls, errors) in stats.by_target {
+        let t = d.targets.entry(target).or_default();
+        t.calls = calls;
+        t.errors = errors;
+        t.error_rate = if calls == 0 { 0.0 } else { errors as f64 / calls as f64 };
+    }
     let mut totals: BTreeMap<String, u64> = BTreeMap::new();
-    let mut runs = Vec::new();
-    for id in s.journal.run_ids().await? {
-        let Some(export) = s.journal.export_run(&id).await? else { continue };
-        let mut retries = 0;
-        for e in &export.events {
-            let JournalEvent::Policy { event, .. } = &e.event else { continue };
-            match event {
-                Event::AttemptEnded { target, outcome, .. } => {
-                    let t = d.targets.entry(target.to_string()).or_default();
-                    t.calls += 1;
-                    if let AttemptOutcome::Failed(class) = outcome {
-                        t.errors += 1;
-                        let hour = e.recorded_at_ms - e.recorded_at_ms.rem_euclid(3_600_000);
-                        *d.classes_over_time
-                            .entry(class.to_string())
-                            .or_default()
-                            .entry(hour)
-                            .or_default() += 1;
-                        *totals.entry(class.to_string()).or_default() += 1;
-                    }
-                }
-                Event::RetryScheduled { .. } => retries += 1,
-                Event::BreakerTransition { target, to, .. } => {
-                    d.targets.entry(target.to_string()).or_default().breaker = Some(state_name(*to).into());
-                }
-                _ => {}
-            }
-        }
-        runs.push((export.state.run.updated_at_ms, id, retries));
+    for (class, hour, n) in stats.errors_by_hour {
+        *d.classes_over_time.entry(class.clone()).or_default().entry(hour).or_default() += n;
+        *totals.entry(class).or_default() += n;
     }
-    for t in d.targets.values_mut() {
-        t.error_rate = if t.calls == 0 { 0.0 } else { t.errors as f64 / t.calls as f64 };
+    let live = s.runner.breaker_states().into_iter().chain(s.gateway.iter().flat_map(|g| {
+        g.model_names().filter_map(|m| g.breaker(m).map(|b| (m.to_owned(), b.state()))).collect::<Vec<_>>()
+    }));
+    for (target, state) in live {
+        d.targets.entry(target).or_default().breaker = Some(state_name(state).into());
     }
-    runs.sort_by_key(|r| std::cmp::Reverse(r.0));
-    d.retries_per_run = runs.into_iter().take(30).map(|(_, id, r)| (id, r)).collect();
+    d.retries_per_run = stats.retries_by_run;
     let mut top: Vec<_> = totals.into_iter().collect();
     top.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
     d.top_classes = top;

@@ -319,6 +319,57 @@ macro_rules! sql_journal {
                 .await
             }
 
+            async fn list_runs(&self, page: &crate::RunPage) -> crate::Result<Vec<crate::RunView>> {
+                crate::error::with_retry("list_runs", crate::error::Repeat::Safe, || async move {
+                    let mut conn = self.read.acquire().await?;
+                    ops::list_runs(&mut *conn, page).await
+                })
+                .await
+            }
+
+            async fn approvals(&self, status: Option<&str>, limit: u32) -> crate::Result<Vec<crate::ApprovalView>> {
+                crate::error::with_retry("approvals", crate::error::Repeat::Safe, || async move {
+                    let mut conn = self.read.acquire().await?;
+                    ops::approvals(&mut *conn, status, limit).await
+                })
+                .await
+            }
+
+            async fn approval(
+                &self,
+                id: &str,
+            ) -> crate::Result<Option<(crate::ApprovalView, crate::RunView, Option<crate::StepView>)>> {
+                crate::error::with_retry("approval", crate::error::Repeat::Safe, || async move {
+                    let mut conn = self.read.acquire().await?;
+                    ops::approval(&mut *conn, id).await
+                })
+                .await
+            }
+
+            async fn tickets(&self, status: Option<&str>, limit: u32) -> crate::Result<Vec<crate::TicketView>> {
+                crate::error::with_retry("tickets", crate::error::Repeat::Safe, || async move {
+                    let mut conn = self.read.acquire().await?;
+                    ops::tickets(&mut *conn, status, limit).await
+                })
+                .await
+            }
+
+            async fn ticket(&self, id: &str) -> crate::Result<Option<(crate::TicketView, crate::RunView)>> {
+                crate::error::with_retry("ticket", crate::error::Repeat::Safe, || async move {
+                    let mut conn = self.read.acquire().await?;
+                    ops::ticket(&mut *conn, id).await
+                })
+                .await
+            }
+
+            async fn attempt_stats(&self, since_ms: i64) -> crate::Result<crate::AttemptStats> {
+                crate::error::with_retry("attempt_stats", crate::error::Repeat::Safe, || async move {
+                    let mut conn = self.read.acquire().await?;
+                    ops::attempt_stats(&mut *conn, since_ms).await
+                })
+                .await
+            }
+
             async fn rebuild_projections(&self) -> crate::Result<()> {
                 crate::error::with_retry("rebuild", crate::error::Repeat::Safe, || self.rebuild_once()).await
             }

@@ -440,16 +440,9 @@ macro_rules! projection_ops {
             })
         }
 
-        pub(super) async fn snapshot(conn: &mut $conn, run_id: &str) -> Result<Option<RunSnapshot>> {
-            let Some(r) = sqlx::query("SELECT * FROM runs WHERE run_id = $1")
-                .bind(run_id)
-                .fetch_optional(&mut *conn)
-                .await?
-            else {
-                return Ok(None);
-            };
+        pub(super) fn run_row(r: &<$db as sqlx::Database>::Row) -> Result<RunView> {
             let state: String = r.try_get("state")?;
-            let run = RunView {
+            Ok(RunView {
                 run_id: r.try_get("run_id")?,
                 name: r.try_get("name")?,
                 state: crate::RunState::parse(&state).ok_or_else(|| {
@@ -462,26 +455,72 @@ macro_rules! projection_ops {
                 created_at_ms: r.try_get("created_at")?,
                 updated_at_ms: r.try_get("updated_at")?,
                 last_seq: r.try_get::<i64, _>("last_seq")? as u64,
+            })
+        }
+
+        pub(super) fn step_row(s: &<$db as sqlx::Database>::Row) -> Result<StepView> {
+            Ok(StepView {
+                step: s.try_get::<i64, _>("step")? as u32,
+                name: s.try_get("name")?,
+                target: s.try_get("target")?,
+                status: s.try_get("status")?,
+                input: serde_json::from_str(&s.try_get::<String, _>("input")?)?,
+                output: parse_json(s.try_get("output")?)?,
+                error_class: s.try_get("error_class")?,
+                message: s.try_get("message")?,
+                started_at_ms: s.try_get("started_at")?,
+                finished_at_ms: s.try_get("finished_at")?,
+            })
+        }
+
+        pub(super) fn approval_row(a: &<$db as sqlx::Database>::Row) -> Result<ApprovalView> {
+            Ok(ApprovalView {
+                approval_id: a.try_get("approval_id")?,
+                run_id: a.try_get("run_id")?,
+                step: a.try_get::<i64, _>("step")? as u32,
+                tool: a.try_get("tool")?,
+                args_digest: a.try_get("args_digest")?,
+                args: parse_json(a.try_get("args")?)?,
+                status: a.try_get("status")?,
+                requested_at_ms: a.try_get("requested_at")?,
+                expires_at_ms: a.try_get("expires_at")?,
+                decided_by: a.try_get("decided_by")?,
+                decided_at_ms: a.try_get("decided_at")?,
+            })
+        }
+
+        pub(super) fn ticket_row(t: &<$db as sqlx::Database>::Row) -> Result<TicketView> {
+            Ok(TicketView {
+                ticket_id: t.try_get("ticket_id")?,
+                run_id: t.try_get("run_id")?,
+                step: t.try_get::<Option<i64>, _>("step")?.map(|s| s as u32),
+                class: t.try_get("class")?,
+                summary: t.try_get("summary")?,
+                context: serde_json::from_str(&t.try_get::<String, _>("context")?)?,
+                status: t.try_get("status")?,
+                resolution: parse_json(t.try_get("resolution")?)?,
+                resolved_by: t.try_get("resolved_by")?,
+                opened_at_ms: t.try_get("opened_at")?,
+                resolved_at_ms: t.try_get("resolved_at")?,
+            })
+        }
+
+        pub(super) async fn snapshot(conn: &mut $conn, run_id: &str) -> Result<Option<RunSnapshot>> {
+            let Some(r) = sqlx::query("SELECT * FROM runs WHERE run_id = $1")
+                .bind(run_id)
+                .fetch_optional(&mut *conn)
+                .await?
+            else {
+                return Ok(None);
             };
-            let mut steps = Vec::new();
-            for s in sqlx::query("SELECT * FROM steps WHERE run_id = $1 ORDER BY step")
+            let run = run_row(&r)?;
+            let steps = sqlx::query("SELECT * FROM steps WHERE run_id = $1 ORDER BY step")
                 .bind(run_id)
                 .fetch_all(&mut *conn)
                 .await?
-            {
-                steps.push(StepView {
-                    step: s.try_get::<i64, _>("step")? as u32,
-                    name: s.try_get("name")?,
-                    target: s.try_get("target")?,
-                    status: s.try_get("status")?,
-                    input: serde_json::from_str(&s.try_get::<String, _>("input")?)?,
-                    output: parse_json(s.try_get("output")?)?,
-                    error_class: s.try_get("error_class")?,
-                    message: s.try_get("message")?,
-                    started_at_ms: s.try_get("started_at")?,
-                    finished_at_ms: s.try_get("finished_at")?,
-                });
-            }
+                .iter()
+                .map(step_row)
+                .collect::<Result<Vec<_>>>()?;
             let mut attempts = Vec::new();
             for a in sqlx::query("SELECT * FROM attempts WHERE run_id = $1 ORDER BY started_seq")
                 .bind(run_id)
@@ -500,48 +539,151 @@ macro_rules! projection_ops {
                     ended_at_ms: a.try_get("ended_at")?,
                 });
             }
-            let mut approvals = Vec::new();
-            for a in
+            let approvals =
                 sqlx::query("SELECT * FROM approvals WHERE run_id = $1 ORDER BY requested_at, approval_id")
                     .bind(run_id)
                     .fetch_all(&mut *conn)
                     .await?
-            {
-                approvals.push(ApprovalView {
-                    approval_id: a.try_get("approval_id")?,
-                    run_id: a.try_get("run_id")?,
-                    step: a.try_get::<i64, _>("step")? as u32,
-                    tool: a.try_get("tool")?,
-                    args_digest: a.try_get("args_digest")?,
-                    args: parse_json(a.try_get("args")?)?,
-                    status: a.try_get("status")?,
-                    requested_at_ms: a.try_get("requested_at")?,
-                    expires_at_ms: a.try_get("expires_at")?,
-                    decided_by: a.try_get("decided_by")?,
-                    decided_at_ms: a.try_get("decided_at")?,
-                });
-            }
-            let mut tickets = Vec::new();
-            for t in sqlx::query("SELECT * FROM tickets WHERE run_id = $1 ORDER BY opened_at, ticket_id")
+                    .iter()
+                    .map(approval_row)
+                    .collect::<Result<Vec<_>>>()?;
+            let tickets = sqlx::query("SELECT * FROM tickets WHERE run_id = $1 ORDER BY opened_at, ticket_id")
                 .bind(run_id)
                 .fetch_all(&mut *conn)
                 .await?
-            {
-                tickets.push(TicketView {
-                    ticket_id: t.try_get("ticket_id")?,
-                    run_id: t.try_get("run_id")?,
-                    step: t.try_get::<Option<i64>, _>("step")?.map(|s| s as u32),
-                    class: t.try_get("class")?,
-                    summary: t.try_get("summary")?,
-                    context: serde_json::from_str(&t.try_get::<String, _>("context")?)?,
-                    status: t.try_get("status")?,
-                    resolution: parse_json(t.try_get("resolution")?)?,
-                    resolved_by: t.try_get("resolved_by")?,
-                    opened_at_ms: t.try_get("opened_at")?,
-                    resolved_at_ms: t.try_get("resolved_at")?,
-                });
-            }
+                .iter()
+                .map(ticket_row)
+                .collect::<Result<Vec<_>>>()?;
             Ok(Some(RunSnapshot { run, steps, attempts, approvals, tickets }))
+        }
+
+        /// A page of runs, newest activity first (`runs_by_update`, `runs_by_state`).
+        pub(super) async fn list_runs(conn: &mut $conn, page: &crate::RunPage) -> Result<Vec<RunView>> {
+            let (at, id) = page.before.clone().unwrap_or((i64::MAX, String::new()));
+            let limit = i64::from(page.limit.clamp(1, crate::RunPage::MAX));
+            let rows = match &page.state {
+                Some(state) => {
+                    sqlx::query(sql::RUNS_PAGE_IN_STATE)
+                        .bind(state.as_str())
+                        .bind(at)
+                        .bind(&id)
+                        .bind(limit)
+                        .fetch_all(&mut *conn)
+                        .await?
+                }
+                None => sqlx::query(sql::RUNS_PAGE).bind(at).bind(&id).bind(limit).fetch_all(&mut *conn).await?,
+            };
+            rows.iter().map(run_row).collect()
+        }
+
+        /// Approvals (of a status), newest first, at most `limit` (`approvals_by_status`).
+        pub(super) async fn approvals(
+            conn: &mut $conn,
+            status: Option<&str>,
+            limit: u32,
+        ) -> Result<Vec<ApprovalView>> {
+            let rows = match status {
+                Some(st) => sqlx::query(
+                    "SELECT * FROM approvals WHERE status = $1 ORDER BY requested_at DESC, approval_id DESC LIMIT $2",
+                )
+                .bind(st)
+                .bind(i64::from(limit))
+                .fetch_all(&mut *conn)
+                .await?,
+                None => {
+                    sqlx::query("SELECT * FROM approvals ORDER BY requested_at DESC, approval_id DESC LIMIT $1")
+                        .bind(i64::from(limit))
+                        .fetch_all(&mut *conn)
+                        .await?
+                }
+            };
+            rows.iter().map(approval_row).collect()
+        }
+
+        /// Tickets (of a status), newest first, at most `limit` (`tickets_by_status`).
+        pub(super) async fn tickets(conn: &mut $conn, status: Option<&str>, limit: u32) -> Result<Vec<TicketView>> {
+            let rows = match status {
+                Some(st) => sqlx::query(
+                    "SELECT * FROM tickets WHERE status = $1 ORDER BY opened_at DESC, ticket_id DESC LIMIT $2",
+                )
+                .bind(st)
+                .bind(i64::from(limit))
+                .fetch_all(&mut *conn)
+                .await?,
+                None => sqlx::query("SELECT * FROM tickets ORDER BY opened_at DESC, ticket_id DESC LIMIT $1")
+                    .bind(i64::from(limit))
+                    .fetch_all(&mut *conn)
+                    .await?,
+            };
+            rows.iter().map(ticket_row).collect()
+        }
+
+        /// One approval with its run and step, by id.
+        pub(super) async fn approval(
+            conn: &mut $conn,
+            id: &str,
+        ) -> Result<Option<(ApprovalView, RunView, Option<StepView>)>> {
+            let Some(a) = sqlx::query("SELECT * FROM approvals WHERE approval_id = $1")
+                .bind(id)
+                .fetch_optional(&mut *conn)
+                .await?
+            else {
+                return Ok(None);
+            };
+            let a = approval_row(&a)?;
+            let Some(r) =
+                sqlx::query("SELECT * FROM runs WHERE run_id = $1").bind(&a.run_id).fetch_optional(&mut *conn).await?
+            else {
+                return Ok(None);
+            };
+            let step = sqlx::query("SELECT * FROM steps WHERE run_id = $1 AND step = $2")
+                .bind(&a.run_id)
+                .bind(i64::from(a.step))
+                .fetch_optional(&mut *conn)
+                .await?
+                .as_ref()
+                .map(step_row)
+                .transpose()?;
+            Ok(Some((a, run_row(&r)?, step)))
+        }
+
+        /// One ticket with its run, by id.
+        pub(super) async fn ticket(conn: &mut $conn, id: &str) -> Result<Option<(TicketView, RunView)>> {
+            let Some(t) =
+                sqlx::query("SELECT * FROM tickets WHERE ticket_id = $1").bind(id).fetch_optional(&mut *conn).await?
+            else {
+                return Ok(None);
+            };
+            let t = ticket_row(&t)?;
+            let Some(r) =
+                sqlx::query("SELECT * FROM runs WHERE run_id = $1").bind(&t.run_id).fetch_optional(&mut *conn).await?
+            else {
+                return Ok(None);
+            };
+            Ok(Some((t, run_row(&r)?)))
+        }
+
+        /// Attempts since `since` ms, aggregated (`attempts_by_start`).
+        pub(super) async fn attempt_stats(conn: &mut $conn, since: i64) -> Result<crate::AttemptStats> {
+            let mut stats = crate::AttemptStats::default();
+            for r in sqlx::query(sql::ATTEMPTS_BY_TARGET).bind(since).fetch_all(&mut *conn).await? {
+                stats.by_target.push((
+                    r.try_get("target")?,
+                    r.try_get::<i64, _>("calls")? as u64,
+                    r.try_get::<i64, _>("errors")? as u64,
+                ));
+            }
+            for r in sqlx::query(sql::ERRORS_BY_HOUR).bind(since).fetch_all(&mut *conn).await? {
+                stats.errors_by_hour.push((
+                    r.try_get("outcome")?,
+                    r.try_get::<i64, _>("hour")?,
+                    r.try_get::<i64, _>("n")? as u64,
+                ));
+            }
+            for r in sqlx::query(sql::RETRIES_BY_RUN).bind(since).fetch_all(&mut *conn).await? {
+                stats.retries_by_run.push((r.try_get("run_id")?, r.try_get::<i64, _>("retries")? as u64));
+            }
+            Ok(stats)
         }
     };
 }

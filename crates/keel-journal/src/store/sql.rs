@@ -141,5 +141,31 @@ THEN 9223372036854775807 ELSE gate_history.successes + excluded.successes END, \
 failures = CASE WHEN gate_history.failures > 9223372036854775807 - excluded.failures \
 THEN 9223372036854775807 ELSE gate_history.failures + excluded.failures END";
 
+/// A page of runs before cursor (`$1` updated_at, `$2` run id), newest first, at most `$3`.
+pub(crate) const RUNS_PAGE: &str = "\
+SELECT * FROM runs WHERE updated_at < $1 OR (updated_at = $1 AND run_id < $2) \
+ORDER BY updated_at DESC, run_id DESC LIMIT $3";
+
+/// As [`RUNS_PAGE`], of runs in state `$1`.
+pub(crate) const RUNS_PAGE_IN_STATE: &str = "\
+SELECT * FROM runs WHERE state = $1 AND (updated_at < $2 OR (updated_at = $2 AND run_id < $3)) \
+ORDER BY updated_at DESC, run_id DESC LIMIT $4";
+
+/// Attempts and failed attempts per target since `$1` (ended ones; `abandoned` counts as failed).
+pub(crate) const ATTEMPTS_BY_TARGET: &str = "\
+SELECT target, COUNT(*) AS calls, SUM(CASE WHEN outcome <> 'ok' THEN 1 ELSE 0 END) AS errors \
+FROM attempts WHERE started_at >= $1 AND outcome IS NOT NULL GROUP BY target ORDER BY target";
+
+/// Failed attempts per class (outcome) per hour since `$1`.
+pub(crate) const ERRORS_BY_HOUR: &str = "\
+SELECT outcome, (started_at - (started_at % 3600000)) AS hour, COUNT(*) AS n \
+FROM attempts WHERE started_at >= $1 AND outcome IS NOT NULL AND outcome <> 'ok' \
+GROUP BY outcome, (started_at - (started_at % 3600000)) ORDER BY hour";
+
+/// Retries (attempts after the first) per run since `$1`, the 30 most recent runs.
+pub(crate) const RETRIES_BY_RUN: &str = "\
+SELECT run_id, COUNT(*) AS retries FROM attempts WHERE started_at >= $1 AND attempt > 1 \
+GROUP BY run_id ORDER BY MAX(started_at) DESC LIMIT 30";
+
 /// The previous holder of a run's lease, before an acquisition.
 pub(crate) const LEASE_HOLDER: &str = "SELECT owner FROM leases WHERE run_id = $1";

@@ -46,6 +46,7 @@ both_backends!(
     prune_removes_old_runs_and_export_has_events_and_state,
     writer_acks_only_committed_events,
     runs_created_under_one_id_are_created_once,
+    indexed_queries_page_filter_and_aggregate,
 );
 
 fn ev(run: &str, event: JournalEvent) -> NewEvent {
@@ -485,4 +486,96 @@ async fn storage_errors_are_classified() {
     assert!(err.is_transient());
     let err = keel_journal::open("mysql://x/y", Default::default()).await.unwrap_err();
     assert_eq!(err.class(), ErrorClass::InvalidRequest);
+}
+
+/// The inbox's and the dashboard's queries: pages of runs by activity (and state),
+/// approvals and tickets by status, one of each by id, attempts aggregated over a window.
+async fn indexed_queries_page_filter_and_aggregate(s: Store) {
+    use keel_journal::RunPage;
+    let j = &s.journal;
+    let t: Arc<str> = Arc::from("pay");
+    for i in 0..25u32 {
+        let run = format!("run-{i:02}");
+        let mut events = vec![ev(&run, created("plan")), ev(&run, state(RunState::Running))];
+        if i % 5 == 0 {
+            events.push(ev(&run, state(RunState::Completed)));
+        }
+        events.push(ev(&run, policy(0, Event::AttemptStarted { target: t.clone(), attempt: 1 })));
+        events.push(ev(
+            &run,
+            policy(
+                0,
+                Event::AttemptEnded {
+                    target: t.clone(),
+                    attempt: 1,
+                    outcome: if i % 2 == 0 {
+                        AttemptOutcome::Ok
+                    } else {
+                        AttemptOutcome::Failed(ErrorClass::Timeout)
+                    },
+                    latency: Duration::from_millis(3),
+                },
+            ),
+        ));
+        if i == 7 {
+            events.push(ev(
+                &run,
+                JournalEvent::ApprovalRequested {
+                    approval_id: "apr-7".into(),
+                    step: 0,
+                    tool: "pay".into(),
+                    args_digest: "d".into(),
+                    expires_at_ms: i64::MAX,
+                    args: json!({"amount": 7}),
+                },
+            ));
+            events.push(ev(
+                &run,
+                JournalEvent::TicketOpened {
+                    ticket_id: "tkt-7".into(),
+                    step: Some(0),
+                    class: ErrorClass::Timeout,
+                    summary: "stuck".into(),
+                    context: json!({}),
+                },
+            ));
+        }
+        j.append(&events).await.unwrap();
+        s.clock.advance(Duration::from_millis(10));
+    }
+    // Pages: newest first, no run twice, none left out.
+    let mut seen = Vec::new();
+    let mut page = RunPage::first(10);
+    loop {
+        let runs = j.list_runs(&page).await.unwrap();
+        assert!(runs.len() <= 10);
+        let Some(last) = runs.last() else { break };
+        page.before = Some((last.updated_at_ms, last.run_id.clone()));
+        seen.extend(runs.into_iter().map(|r| r.run_id));
+    }
+    let expected: Vec<String> = (0..25).rev().map(|i| format!("run-{i:02}")).collect();
+    assert_eq!(seen, expected);
+    let done =
+        j.list_runs(&RunPage { state: Some(RunState::Completed), ..RunPage::first(100) }).await.unwrap();
+    assert_eq!(
+        done.iter().map(|r| r.run_id.as_str()).collect::<Vec<_>>(),
+        ["run-20", "run-15", "run-10", "run-05", "run-00"]
+    );
+    assert_eq!(j.list_runs(&RunPage::first(0)).await.unwrap().len(), 1, "a page holds at least one run");
+
+    let pending = j.approvals(Some("pending"), 50).await.unwrap();
+    assert_eq!(pending.len(), 1);
+    assert!(j.approvals(Some("approved"), 50).await.unwrap().is_empty());
+    let (a, run, step) = j.approval("apr-7").await.unwrap().unwrap();
+    assert_eq!((a.run_id.as_str(), run.run_id.as_str(), step), ("run-07", "run-07", None));
+    assert!(j.approval("apr-none").await.unwrap().is_none());
+    assert_eq!(j.tickets(Some("open"), 50).await.unwrap()[0].ticket_id, "tkt-7");
+    assert_eq!(j.ticket("tkt-7").await.unwrap().unwrap().1.run_id, "run-07");
+
+    let stats = j.attempt_stats(0).await.unwrap();
+    assert_eq!(stats.by_target, [("pay".to_owned(), 25, 12)]);
+    assert_eq!(stats.errors_by_hour.iter().map(|(_, _, n)| n).sum::<u64>(), 12);
+    assert!(stats.retries_by_run.is_empty(), "every attempt was a first one");
+    let later = j.attempt_stats(i64::MAX).await.unwrap();
+    assert!(later.by_target.is_empty(), "the window excludes older attempts");
 }

@@ -370,6 +370,12 @@ impl Runner {
             .clone()
     }
 
+    /// The state of every tool breaker of this process, by tool.
+    pub fn breaker_states(&self) -> Vec<(String, keel_core::BreakerState)> {
+        let breakers = self.breakers.lock().unwrap_or_else(|e| e.into_inner());
+        breakers.iter().map(|(name, b)| (name.clone(), b.state())).collect()
+    }
+
     /// The run's current state from the journal.
     ///
     /// # Errors

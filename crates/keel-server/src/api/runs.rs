@@ -164,25 +164,74 @@ async fn start_agent_run(
     Ok((StatusCode::CREATED, Json(Started { run_id, url })))
 }
 
-/// Every run, newest activity first.
+/// `GET /api/runs` query: a page of runs.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// The most runs (1–1000, default 100).
+    #[serde(default)]
+    pub limit: Option<u32>,
+    /// The cursor of the next page (the previous answer's `x-keel-next-page`).
+    #[serde(default)]
+    pub before: Option<String>,
+    /// Only runs in this state (`running`, `completed`...).
+    #[serde(default)]
+    pub state: Option<String>,
+}
+
+/// The header holding the next page's cursor, when there may be one.
+pub const NEXT_PAGE: &str = "x-keel-next-page";
+
+/// A page of runs, newest activity first (an indexed query: its cost does not grow with
+/// the journal's history); the next page's cursor in `x-keel-next-page`.
 ///
 /// # Errors
-/// The journal's.
-pub async fn list(State(s): State<AppState>) -> Result<Json<Vec<RunView>>, ApiError> {
-    let mut runs = Vec::new();
-    for id in s.journal.run_ids().await? {
-        if not_a_run(&id).is_some() {
-            continue;
-        }
-        if let Some(mut snap) = s.journal.snapshot(&id).await? {
-            if snap.run.name.is_empty() && is_agent_run(&snap.run) {
-                snap.run.name = snap.run.input["label"].as_str().unwrap_or(AGENT_RUN).to_owned();
+/// `invalid_request` for a bad query; the journal's.
+pub async fn list(
+    State(s): State<AppState>,
+    query: Result<axum::extract::Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<(axum::http::HeaderMap, Json<Vec<RunView>>), ApiError> {
+    let axum::extract::Query(q) = query
+        .map_err(|e| ApiError::new(ErrorClass::InvalidRequest, format!("the query: {}", e.body_text())))?;
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=keel_journal::RunPage::MAX).contains(&limit) {
+        return Err(ApiError::new(ErrorClass::InvalidRequest, "`limit`: 1 to 1000"));
+    }
+    let state = match q.state.as_deref() {
+        None => None,
+        Some(st) => Some(keel_journal::RunState::parse(st).ok_or_else(|| {
+            ApiError::new(ErrorClass::InvalidRequest, format!("`state`: no run state `{st}`"))
+        })?),
+    };
+    let before =
+        match q.before.as_deref() {
+            None => None,
+            Some(c) => {
+                let parsed =
+                    c.split_once(':').and_then(|(ms, id)| Some((ms.parse::<i64>().ok()?, id.to_owned())));
+                Some(parsed.ok_or_else(|| {
+                    ApiError::new(ErrorClass::InvalidRequest, "`before`: not a page cursor")
+                })?)
             }
-            runs.push(snap.run);
+        };
+    let page = keel_journal::RunPage { state, before, limit };
+    let mut runs = s.journal.list_runs(&page).await?;
+    let mut headers = axum::http::HeaderMap::new();
+    if runs.len() as u32 == limit {
+        if let Some(last) = runs.last() {
+            let cursor = format!("{}:{}", last.updated_at_ms, last.run_id);
+            if let Ok(v) = axum::http::HeaderValue::from_str(&cursor) {
+                headers.insert(NEXT_PAGE, v);
+            }
         }
     }
-    runs.sort_by_key(|r| std::cmp::Reverse(r.updated_at_ms));
-    Ok(Json(runs))
+    runs.retain(|r| not_a_run(&r.run_id).is_none());
+    for r in &mut runs {
+        if r.name.is_empty() && is_agent_run(r) {
+            r.name = r.input["label"].as_str().unwrap_or(AGENT_RUN).to_owned();
+        }
+    }
+    Ok((headers, Json(runs)))
 }
 
 /// One run: its state, steps, attempts, approvals, tickets and every event.
