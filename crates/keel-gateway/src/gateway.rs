@@ -42,6 +42,16 @@ use crate::upstream::{self, Endpoint};
 use crate::validate;
 use crate::wire::{AnswerSummary, ChatRequest, ParsedAnswer, Usage, anthropic, parse_answer};
 
+/// What an admission is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Admit {
+    /// A model turn: bounded at the dearest model of its fallback routes, a turn of
+    /// its run (the loop guard).
+    Turn,
+    /// A call on the named model only that is not a turn (embeddings).
+    Single,
+}
+
 /// Who is calling: the API key's id (set by the server's auth) and the run.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CallContext {
@@ -128,6 +138,8 @@ pub struct Gateway {
     pub(crate) sink: Arc<dyn EventSink>,
     pub(crate) journal: Option<Arc<dyn CallJournal>>,
     accounts: Accounts,
+    /// Numbers the ids of answers the edge APIs mint (responses, messages).
+    ids: std::sync::atomic::AtomicU64,
     /// The streams being pumped to clients, for a shutdown to wait on.
     pub(crate) streams: tokio_util::task::TaskTracker,
 }
@@ -307,6 +319,7 @@ impl GatewayBuilder {
             sink,
             journal: self.journal,
             accounts: Accounts::default(),
+            ids: std::sync::atomic::AtomicU64::new(0),
             streams: tokio_util::task::TaskTracker::new(),
         })
     }
@@ -549,6 +562,16 @@ impl Gateway {
         out
     }
 
+    /// A fresh id for an answer (`resp_ID`, `msg_ID`): unique in the process, and
+    /// across processes by the wall time it is drawn from.
+    pub(crate) fn new_id(&self) -> String {
+        use sha2::Digest;
+        let n = self.ids.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let nanos = self.clock.wall().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let digest = sha2::Sha256::digest(format!("{nanos}/{n}/{}", std::process::id()));
+        digest.iter().take(12).map(|b| format!("{b:02x}")).collect()
+    }
+
     pub(crate) fn created(&self) -> u64 {
         self.clock.wall().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
     }
@@ -607,11 +630,21 @@ impl Gateway {
         req: &ChatRequest,
         ctx: &CallContext,
     ) -> Result<Charges, GatewayError> {
-        let mut charges = Charges {
-            prompt_estimate: request_estimate(req, &primary.config.model),
-            max_tokens: req.max_tokens,
-            ..Charges::default()
-        };
+        self.admit(primary, request_estimate(req, &primary.config.model), req.max_tokens, Admit::Turn, ctx)
+    }
+
+    /// Admits a call whose first attempt is bounded by `prompt_estimate` and
+    /// `max_tokens` (`charge` for chat; embeddings with no completion, no fallback
+    /// route and no turn of the run).
+    pub(crate) fn admit(
+        &self,
+        primary: &Model,
+        prompt_estimate: u64,
+        max_tokens: Option<u64>,
+        kind: Admit,
+        ctx: &CallContext,
+    ) -> Result<Charges, GatewayError> {
+        let mut charges = Charges { prompt_estimate, max_tokens, ..Charges::default() };
         let account = ctx.run.as_ref().map(|run| self.run_account(run));
         if let Some(account) = &account {
             charges.budgets.push(account.budget.clone());
@@ -635,10 +668,17 @@ impl Gateway {
             }
         }
         if !charges.budgets.is_empty() {
-            let route = std::iter::once(&primary.name.to_string())
-                .chain(&primary.config.fallbacks)
-                .chain(&primary.config.context_fallback)
-                .chain(&primary.config.content_fallback)
+            let primary_name = primary.name.to_string();
+            let fallbacks: &[String] = if kind == Admit::Turn { &primary.config.fallbacks } else { &[] };
+            let (context, content) = if kind == Admit::Turn {
+                (&primary.config.context_fallback, &primary.config.content_fallback)
+            } else {
+                (&None, &None)
+            };
+            let route = std::iter::once(&primary_name)
+                .chain(fallbacks)
+                .chain(context)
+                .chain(content)
                 .filter_map(|n| self.models.get(n.as_str()))
                 .collect::<Vec<_>>();
             let completion = route.iter().map(|m| charges.completion_bound(m)).max().unwrap_or(0);
@@ -659,7 +699,7 @@ impl Gateway {
             }
             charges.prepaid = std::sync::Mutex::new(Some(prepaid));
         }
-        if let Some(account) = account {
+        if let Some(account) = account.filter(|_| kind == Admit::Turn) {
             account
                 .guard
                 .begin_turn()
@@ -764,6 +804,37 @@ impl Gateway {
         rescue: Option<&str>,
         error: Option<&GatewayError>,
     ) {
+        let call = (Some(req), req.messages_raw());
+        self.journal_prompt(
+            ctx,
+            primary,
+            call,
+            answered_by,
+            failures,
+            attempts,
+            spent,
+            corrections,
+            rescue,
+            error,
+        );
+    }
+
+    /// As [`journal_call`](Self::journal_call) for any prompt: a chat request's
+    /// messages, or an embeddings request's `input` (with no request).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn journal_prompt(
+        &self,
+        ctx: &CallContext,
+        primary: &Model,
+        (req, prompt): (Option<&ChatRequest>, &str),
+        answered_by: Option<&str>,
+        failures: &[ModelFailure],
+        attempts: u32,
+        spent: Option<Spent>,
+        corrections: u32,
+        rescue: Option<&str>,
+        error: Option<&GatewayError>,
+    ) {
         let Some(journal) = &self.journal else { return };
         let usage = spent.map(|s| s.usage);
         let cost = spent.map_or(0, |s| s.cost_micros);
@@ -772,8 +843,8 @@ impl Gateway {
             api_key: ctx.api_key.clone(),
             model: primary.name.to_string(),
             answered_by: answered_by.map(str::to_owned),
-            stream: req.stream,
-            prompt: Prompt::new(req.messages_raw(), primary.config.hash_prompts),
+            stream: req.is_some_and(|r| r.stream),
+            prompt: Prompt::new(prompt, primary.config.hash_prompts),
             attempts,
             corrections,
             failures: failures.to_vec(),

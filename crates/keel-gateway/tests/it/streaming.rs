@@ -133,7 +133,7 @@ async fn an_unrescuable_stream_ends_with_an_error_event_naming_the_original_fail
     assert_eq!(a.streamed_text(), "Partial answer", "no text of the diverging fallback leaks");
     assert!(a.finish_reasons().is_empty(), "never finish_reason stop on a cut stream: {}", a.text);
     let last: Value = serde_json::from_str(a.events().last().unwrap()).unwrap();
-    assert_eq!(last["error"]["type"], "network", "the original failure, not the fallback's: {last}");
+    assert_eq!(last["error"]["keel_class"], "network", "the original failure, not the fallback's: {last}");
     assert!(last["error"]["message"].as_str().unwrap().contains("diverged"), "{last}");
     assert!(!a.text.contains("[DONE]"));
 
@@ -141,7 +141,7 @@ async fn an_unrescuable_stream_ends_with_an_error_event_naming_the_original_fail
     let served = serve(vec![("gpt", model(&primary, "m"))]).await;
     let a = post_chat(&served.url, ask_stream("gpt"), &[]).await;
     let last: Value = serde_json::from_str(a.events().last().unwrap()).unwrap();
-    assert_eq!(last["error"]["type"], "network");
+    assert_eq!(last["error"]["keel_class"], "network");
     let record = &served.journal.records()[0];
     assert_eq!(record.error.as_ref().map(|e| e.0), Some(ErrorClass::Network));
     assert_eq!(served.gateway.metrics().models["gpt"].rescue_failed, 1);
@@ -228,7 +228,7 @@ async fn the_loop_guard_sees_streamed_tool_calls() {
     }
     let a = post_chat(&served.url, ask_stream("gpt"), &run).await;
     let last: Value = serde_json::from_str(a.events().last().unwrap()).unwrap();
-    assert_eq!(last["error"]["type"], "loop_detected", "{}", a.text);
+    assert_eq!(last["error"]["keel_class"], "loop_detected", "{}", a.text);
     assert!(!a.text.contains("[DONE]"));
 }
 
