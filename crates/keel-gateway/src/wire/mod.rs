@@ -363,3 +363,6 @@ pub fn error_body(class: ErrorClass, message: &str) -> serde_json::Value {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod hostile_tests;
