@@ -101,6 +101,16 @@ pub(crate) struct Model {
     pub(crate) stream_pipeline: Pipeline,
     pub(crate) chain_on: Vec<ErrorClass>,
     pub(crate) counters: Arc<ModelCounters>,
+    /// Learned: this model restarted its answer when given a prefill, whatever
+    /// `accepts_prefill` says, so rescues on it splice instead (see `stream::seam`).
+    pub(crate) prefill_ignored: std::sync::atomic::AtomicBool,
+}
+
+impl Model {
+    /// Whether a rescue on this model may continue the partial answer as a prefill.
+    pub(crate) fn takes_prefill(&self) -> bool {
+        self.config.accepts_prefill && !self.prefill_ignored.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl fmt::Debug for Model {
@@ -303,6 +313,7 @@ impl GatewayBuilder {
                 }),
                 chain_on: config::chain_classes(&config.policy),
                 counters: counters.get(&name).cloned().unwrap_or_default(),
+                prefill_ignored: std::sync::atomic::AtomicBool::new(false),
                 endpoint,
                 name: name.clone(),
                 config,
@@ -496,6 +507,12 @@ impl Gateway {
     /// The configuration of model `name`.
     pub fn model_config(&self, name: &str) -> Option<&ModelConfig> {
         self.models.get(name).map(|m| &m.config)
+    }
+
+    /// Whether model `name` is taken to continue a prefill: `accepts_prefill`, unless a
+    /// rescue on it saw it restart the answer instead (then it is spliced onto).
+    pub fn takes_prefill(&self, name: &str) -> Option<bool> {
+        self.models.get(name).map(|m| m.takes_prefill())
     }
 
     /// The circuit breaker of model `name`.
