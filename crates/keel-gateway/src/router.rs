@@ -121,8 +121,8 @@ fn sse_response(
 }
 
 /// A JSON answer of a whole call.
-fn json_response(done: &Completion, body: Vec<u8>) -> Response {
-    let mut resp = Response::new(Body::from(body));
+fn json_response(done: &Completion, body: impl Into<Body>) -> Response {
+    let mut resp = Response::new(body.into());
     let h = resp.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     keel_headers(h, &done.model, done.attempts, done.fallback);
@@ -161,10 +161,7 @@ async fn chat(
         };
     }
     match gateway.complete(&req, &ctx).await {
-        Ok(done) => {
-            let body = done.body.to_vec();
-            json_response(&done, body)
-        }
+        Ok(done) => json_response(&done, done.body.clone()),
         Err(e) => e.into_response(),
     }
 }
