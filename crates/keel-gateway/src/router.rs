@@ -48,9 +48,11 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/responses", post(responses_api))
         .route("/v1/messages", post(messages_api))
+        .route("/v1/messages/count_tokens", post(count_tokens))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(models))
-        .route("/v1/models/{id}", get(model))
+        // A wildcard: model names may hold slashes (`meta/llama-3`).
+        .route("/v1/models/{*id}", get(model))
         .layer(DefaultBodyLimit::max(32 << 20))
         .with_state(gateway)
 }
@@ -258,6 +260,15 @@ async fn embeddings(
         }
         Err(e) => e.into_response(),
     }
+}
+
+/// Anthropic's token counting: Keel has only its conservative estimate (bytes/3), not
+/// a tokenizer, so it says so in Anthropic's shape rather than answer a wrong count.
+async fn count_tokens() -> Response {
+    Shape::Anthropic.response(
+        keel_core::ErrorClass::NotFound,
+        "Keel does not count tokens (it has no tokenizer); /v1/messages/count_tokens is not served",
+    )
 }
 
 fn model_object(id: &str) -> serde_json::Value {

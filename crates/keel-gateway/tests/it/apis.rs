@@ -373,6 +373,14 @@ async fn a_model_is_retrieved_or_not_found() {
         (a.status, a.json()),
         (200, json!({"id": "gpt", "object": "model", "created": 0, "owned_by": "keel"}))
     );
+    let a =
+        post(&served.url, "/v1/messages/count_tokens", json!({"model": "gpt", "messages": []}), &[]).await;
+    assert_eq!((a.status, a.json()["error"]["type"].as_str()), (404, Some("not_found_error")), "{}", a.text);
+    let a = get(&served.url, "/v1/models/meta/llama").await;
+    assert_eq!(
+        (a.status, a.json()["error"]["message"].as_str().map(|m| m.contains("meta/llama"))),
+        (404, Some(true))
+    );
     let a = get(&served.url, "/v1/models/nope").await;
     assert_eq!(a.status, 404);
     let e = &a.json()["error"];
