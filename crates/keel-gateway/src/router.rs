@@ -76,11 +76,11 @@ fn keel_headers(h: &mut HeaderMap, model: &str, attempts: u32, fallback: bool) {
     h.insert("x-keel-fallback", HeaderValue::from_static(if fallback { "true" } else { "false" }));
 }
 
-type Body_ = Result<Bytes, axum::extract::rejection::BytesRejection>;
+type RawBody = Result<Bytes, axum::extract::rejection::BytesRejection>;
 
 /// The body, unless it was refused (too large, unreadable) or the gateway sheds load:
 /// then the answer, in the API's shape.
-fn admitted(gateway: &Gateway, body: Body_, shape: Shape) -> Result<Bytes, Box<Response>> {
+fn admitted(gateway: &Gateway, body: RawBody, shape: Shape) -> Result<Bytes, Box<Response>> {
     let body = match body {
         Ok(b) => b,
         // Too large (or unreadable) a body, in the API's error shape like every answer.
@@ -142,7 +142,7 @@ async fn chat(
     State(gateway): State<Arc<Gateway>>,
     key: Option<Extension<ApiKeyId>>,
     headers: HeaderMap,
-    body: Body_,
+    body: RawBody,
 ) -> Response {
     let body = match admitted(&gateway, body, Shape::Openai) {
         Ok(b) => b,
@@ -172,7 +172,7 @@ async fn responses_api(
     State(gateway): State<Arc<Gateway>>,
     key: Option<Extension<ApiKeyId>>,
     headers: HeaderMap,
-    body: Body_,
+    body: RawBody,
 ) -> Response {
     let shape = Shape::Openai;
     let body = match admitted(&gateway, body, shape) {
@@ -207,7 +207,7 @@ async fn messages_api(
     State(gateway): State<Arc<Gateway>>,
     key: Option<Extension<ApiKeyId>>,
     headers: HeaderMap,
-    body: Body_,
+    body: RawBody,
 ) -> Response {
     let shape = Shape::Anthropic;
     let body = match admitted(&gateway, body, shape) {
@@ -239,7 +239,7 @@ async fn embeddings(
     State(gateway): State<Arc<Gateway>>,
     key: Option<Extension<ApiKeyId>>,
     headers: HeaderMap,
-    body: Body_,
+    body: RawBody,
 ) -> Response {
     let body = match admitted(&gateway, body, Shape::Openai) {
         Ok(b) => b,
