@@ -30,6 +30,25 @@ pub enum Command {
         #[arg(long)]
         wait: bool,
     },
+    /// Run an agent on a task: the model of `[agent]` (or `--model`) calls keel.toml's
+    /// tools until it answers, under the run's policies, budget and turn limit; journaled,
+    /// so `keel runs resume` carries it on after a crash without asking again.
+    Agent {
+        /// The task, in words.
+        task: String,
+        /// The model (a `[models]` name; default `[agent] model`).
+        #[arg(long)]
+        model: Option<String>,
+        /// The most model turns (default `[agent] max_turns`).
+        #[arg(long)]
+        max_turns: Option<u32>,
+        /// The tools offered, comma-separated (default: `[agent] tools`, else all).
+        #[arg(long, value_delimiter = ',')]
+        tools: Option<Vec<String>>,
+        /// Block while a call waits for an approval decided elsewhere.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Serve the HTTP API, the web inbox and /metrics; work runs in the background.
     Serve {
         /// The address to listen on (default: keel.toml's `[server] listen`).
@@ -68,6 +87,34 @@ pub enum Command {
         #[command(subcommand)]
         action: ConfigAction,
     },
+    /// Export what the journal learned: `corrections` writes failed → fixed program
+    /// pairs of agent runs as JSONL.
+    Export {
+        /// What to export.
+        #[command(subcommand)]
+        what: ExportWhat,
+    },
+    /// Statistics from the journal: `corrections` shows, per error kind and strategy,
+    /// how often a correction worked and what it cost.
+    Stats {
+        /// Which statistics.
+        #[command(subcommand)]
+        what: StatsWhat,
+    },
+}
+
+/// `keel export ...`.
+#[derive(Debug, Subcommand)]
+pub enum ExportWhat {
+    /// Failed → fixed program pairs of agent runs, one JSON object a line.
+    Corrections,
+}
+
+/// `keel stats ...`.
+#[derive(Debug, Subcommand)]
+pub enum StatsWhat {
+    /// Per error kind and correction strategy: tries, fixed, tokens.
+    Corrections,
 }
 
 /// `keel runs ...`.

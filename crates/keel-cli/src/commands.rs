@@ -14,7 +14,10 @@ use keel_runtime::runner::{NullObserver, Observer};
 use keel_runtime::{Config, Plan, RunStatus, Runner};
 use serde_json::{Value, json};
 
-use crate::cli::{ApprovalsAction, Cli, Command, ConfigAction, RunsAction, TicketAction, TicketsAction};
+use crate::cli::{
+    ApprovalsAction, Cli, Command, ConfigAction, ExportWhat, RunsAction, StatsWhat, TicketAction,
+    TicketsAction,
+};
 use crate::render::{Live, eprint, print};
 
 /// A command line that makes no sense (bad JSON in `--params`...).
@@ -140,6 +143,44 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
             flush_traces(traces).await;
             code
         }
+        Command::Agent { task, model, max_turns, tools, wait } => {
+            let config = Config::load(&cli.config)?;
+            let traces = init_tracing(None, &config.telemetry)?;
+            let ctx = open(&cli).await?;
+            let runner = ctx.runner().await?;
+            let task = keel_runtime::agent::AgentTask {
+                task: task.clone(),
+                model: model.clone(),
+                max_turns: *max_turns,
+                tools: tools.clone(),
+                system: None,
+            };
+            let run_id = runner.create_agent(&task, None).await.map_err(|e| UsageError(e.to_string()))?;
+            if !ctx.json {
+                print(&format!("run {run_id}: agent"));
+            }
+            let code = drive(&ctx, &runner, &run_id, *wait, Duration::ZERO).await;
+            flush_traces(traces).await;
+            code
+        }
+        Command::Export { what: ExportWhat::Corrections } => {
+            let ctx = open(&cli).await?;
+            let (pairs, _) = keel_runtime::agent::stats::scan(&*ctx.journal).await?;
+            for p in pairs {
+                print(&p.to_string());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Stats { what: StatsWhat::Corrections } => {
+            let ctx = open(&cli).await?;
+            let (_, stats) = keel_runtime::agent::stats::scan(&*ctx.journal).await?;
+            if ctx.json {
+                emit_json(&serde_json::to_value(&stats).unwrap_or_default());
+            } else {
+                print(stats.render().trim_end());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Serve { listen, log_format } => serve(&cli, listen.as_deref(), *log_format).await,
         Command::Mcp => mcp(&cli).await,
         Command::Runs { action } => runs(&cli, action).await,
@@ -260,27 +301,50 @@ async fn drive(ctx: &Ctx, runner: &Runner, run_id: &str, wait: bool, patience: D
     let interactive = !ctx.json && !wait && std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
     loop {
         let status = runner.drive_when_free(run_id, patience).await?;
+        // An agent run's answer, or its partial result and why it stopped.
+        let result = runner.snapshot(run_id).await.ok().and_then(|snap| {
+            snap.steps
+                .iter()
+                .rev()
+                .find(|s| s.target == keel_runtime::agent::RESULT_TARGET && s.name == "result")
+                .and_then(|s| s.output.clone())
+        });
         match &status {
             RunStatus::WaitingApproval { approval_id } if wait => {
                 wait_for_decision(ctx, approval_id).await?;
             }
             RunStatus::WaitingApproval { approval_id } if interactive => {
                 if !prompt_decision(ctx, approval_id).await? {
-                    return Ok(finish(ctx, run_id, &status));
+                    return Ok(finish(ctx, run_id, &status, result.as_ref()));
                 }
             }
-            _ => return Ok(finish(ctx, run_id, &status)),
+            _ => return Ok(finish(ctx, run_id, &status, result.as_ref())),
         }
     }
 }
 
-fn finish(ctx: &Ctx, run_id: &str, status: &RunStatus) -> ExitCode {
+fn finish(ctx: &Ctx, run_id: &str, status: &RunStatus, result: Option<&serde_json::Value>) -> ExitCode {
     if ctx.json {
         let mut v = serde_json::to_value(status).unwrap_or_default();
         v["run_id"] = json!(run_id);
         v["exit_code"] = json!(status.exit_code());
+        if let Some(r) = result {
+            v["result"] = r.clone();
+        }
         emit_json(&v);
     } else {
+        if let Some(r) = result {
+            match r["answer"].as_str() {
+                Some(answer) => print(answer),
+                None => {
+                    if let Some(text) = r["last_text"].as_str() {
+                        print(&format!("partial result: {text}"));
+                    }
+                    let outputs = r["tool_outputs"].as_object().map_or(0, |o| o.len());
+                    print(&format!("stopped after {} turns ({outputs} tool outputs kept)", r["turns"]));
+                }
+            }
+        }
         let text = match status {
             RunStatus::Completed => "completed".to_owned(),
             RunStatus::Failed { class, message } => format!("failed: {class}: {message}"),

@@ -81,8 +81,13 @@ impl RunScope {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        // A budget already current is not added twice: it would charge every call twice.
         let mut budgets = self.budgets.clone();
-        budgets.extend(inner.budgets);
+        for b in inner.budgets {
+            if !budgets.iter().any(|o| Arc::ptr_eq(o, &b)) {
+                budgets.push(b);
+            }
+        }
         RunScope { deadline, budgets, loop_guard: inner.loop_guard.or_else(|| self.loop_guard.clone()) }
     }
 }

@@ -86,6 +86,8 @@ pub(crate) struct Charges {
     /// The request's completion limit, if it set one.
     pub(crate) max_tokens: Option<u64>,
     pub(crate) spent: Arc<Mutex<Spent>>,
+    /// The caller checks tool calls itself (see `CallContext::caller_checks_tools`).
+    pub(crate) caller_checks_tools: bool,
 }
 
 impl Charges {

@@ -59,6 +59,11 @@ pub struct CallContext {
     pub api_key: Option<String>,
     /// The run (`X-Keel-Run`), whose budget and loop guard apply.
     pub run: Option<String>,
+    /// The caller checks the answer's tool calls itself (an agent run in this process:
+    /// it checks them against its tools' own schemas and sends each mistake back to the
+    /// model as the call's answer, journaled as a step): the gateway still rejects empty,
+    /// truncated and refused answers, but not tool calls.
+    pub caller_checks_tools: bool,
 }
 
 /// A successful non-streamed call.
@@ -661,13 +666,27 @@ impl Gateway {
         kind: Admit,
         ctx: &CallContext,
     ) -> Result<Charges, GatewayError> {
-        let mut charges = Charges { prompt_estimate, max_tokens, ..Charges::default() };
+        let mut charges = Charges {
+            prompt_estimate,
+            max_tokens,
+            caller_checks_tools: ctx.caller_checks_tools,
+            ..Charges::default()
+        };
         let account = ctx.run.as_ref().map(|run| self.run_account(run));
         if let Some(account) = &account {
             charges.budgets.push(account.budget.clone());
         }
         if let Some(key) = &ctx.api_key {
             charges.budgets.push(self.key_account(key));
+        }
+        // The caller's run scope (an agent run driven in this process, a tool invoked
+        // under `X-Keel-Run`): its budgets are the run's one budget, charged like ours.
+        if let Some(scope) = keel_core::RunScope::current() {
+            for b in &scope.budgets {
+                if !charges.budgets.iter().any(|o| Arc::ptr_eq(o, b)) {
+                    charges.budgets.push(b.clone());
+                }
+            }
         }
         let refused =
             |e: keel_core::BudgetExceeded| GatewayError::new(ErrorClass::BudgetExceeded, e.to_string());
@@ -1025,7 +1044,7 @@ impl Gateway {
         charge.settle(answer.summary.usage);
         trace::answer_read(&answer.summary, &bytes);
         if model.config.validate {
-            if let Err(failure) = validate::check(&answer.summary, req) {
+            if let Err(failure) = validate::check(&answer.summary, req, !charges.caller_checks_tools) {
                 return Err(AttemptError { failure, answer: Some(answer) });
             }
         }

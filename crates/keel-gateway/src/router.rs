@@ -65,6 +65,7 @@ fn context(key: Option<Extension<ApiKeyId>>, headers: &HeaderMap) -> CallContext
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
             .filter(|r| !r.is_empty()),
+        caller_checks_tools: false,
     }
 }
 

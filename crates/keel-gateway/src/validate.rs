@@ -13,12 +13,12 @@ use serde_json::{Value, json};
 use crate::wire::{AnswerSummary, ChatRequest};
 
 /// Checks an answer against the tools the request offered (read from the request
-/// only when the answer calls one).
+/// only when the answer calls one); with `tools` false, only its content.
 ///
 /// # Errors
 /// A [`Failure`] of class `refusal`, `truncated_output`, `empty_output`,
 /// `unknown_tool` or `invalid_tool_call`, saying what is wrong.
-pub fn check(answer: &AnswerSummary, req: &ChatRequest) -> Result<(), Failure> {
+pub fn check(answer: &AnswerSummary, req: &ChatRequest, tools: bool) -> Result<(), Failure> {
     let output = ModelOutput {
         content: answer.content.as_deref(),
         finish_reason: answer.finish_reason.as_deref(),
@@ -38,6 +38,9 @@ pub fn check(answer: &AnswerSummary, req: &ChatRequest) -> Result<(), Failure> {
             other => format!("the answer is unusable ({other})"),
         };
         return Err(Failure::new(class, message));
+    }
+    if !tools {
+        return Ok(());
     }
     let tools = if answer.tool_calls.is_empty() { Vec::new() } else { req.tools() };
     for call in &answer.tool_calls {

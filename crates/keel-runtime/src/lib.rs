@@ -8,6 +8,7 @@
 //! JSON parameters that are checked against its schema before anything runs, and
 //! answers with JSON or a classified [`keel_core::Failure`].
 
+pub mod agent;
 pub mod config;
 pub mod inbox;
 pub mod invoke;

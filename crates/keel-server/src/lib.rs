@@ -97,7 +97,10 @@ pub async fn state(
             .journal(Arc::new(keel_gateway::WriterJournal::new(writer)))
             .build()
             .map_err(|e| keel_runtime::runner::Error::Refused(e.to_string()))?;
-        Some(Arc::new(built))
+        let built = Arc::new(built);
+        // Agent runs ask the server's gateway: one gate, one journal, one set of breakers.
+        runner.set_gateway(built.clone());
+        Some(built)
     };
     let storage = Arc::default();
     Ok(AppState {

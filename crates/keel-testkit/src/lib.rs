@@ -19,6 +19,8 @@ use std::sync::{Mutex, OnceLock};
 
 use sqlx::Connection as _;
 
+#[cfg(feature = "model")]
+pub mod model;
 mod proxy;
 pub use proxy::{Proxy, target_of};
 

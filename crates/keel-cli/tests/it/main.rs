@@ -7,6 +7,7 @@
 
 mod support;
 
+mod agent;
 mod approvals;
 mod attacks_tools;
 mod bad_input;

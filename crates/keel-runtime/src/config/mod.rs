@@ -15,8 +15,8 @@ pub mod raw;
 
 pub use error::{ConfigError, ConfigErrors};
 pub use raw::{
-    ApprovalRule, ApprovalsConfig, ExpiryOutcome, FixedApproval, Mode, RateLimitConfig, Role, RunConfig,
-    ServerConfig,
+    AgentConfig, ApprovalRule, ApprovalsConfig, ExpiryOutcome, FixedApproval, Mode, RateLimitConfig, Role,
+    RunConfig, ServerConfig,
 };
 
 use std::collections::BTreeMap;
@@ -49,6 +49,8 @@ pub struct Config {
     pub run: RunConfig,
     /// How approvals behave.
     pub approvals: ApprovalsConfig,
+    /// `[agent]`: agent runs' model, turn limit and history.
+    pub agent: AgentConfig,
     /// The tools, by name.
     pub tools: BTreeMap<String, Arc<Tool>>,
     /// `keel serve`'s settings.
@@ -427,6 +429,24 @@ impl Config {
         approvals.duration("expires_after", raw.approvals.expires_after);
         c.policy_errors("approvals", &approvals.finish().err().unwrap_or_default(), None);
         c.policy_errors("gateway", &raw.gateway.validate().err().unwrap_or_default(), None);
+        c.policy_errors("agent", &raw.agent.validate().err().unwrap_or_default(), None);
+        if let Some(model) = &raw.agent.model {
+            if !raw.models.contains_key(model) {
+                let at = c.spans.find(&["agent", "model"]);
+                let known: Vec<&str> = raw.models.keys().map(String::as_str).collect();
+                c.error(
+                    at,
+                    "agent.model",
+                    format!("no model `{model}` in [models] (known: {})", known.join(", ")),
+                );
+            }
+        }
+        for name in raw.agent.tools.iter().flatten() {
+            if !raw.tools.contains_key(name) {
+                let at = c.spans.find(&["agent", "tools"]);
+                c.error(at, "agent.tools", format!("no tool named `{name}`"));
+            }
+        }
         if let Some(problem) = listen_problem(&raw.server.listen) {
             let at = c.spans.find(&["server", "listen"]);
             c.error(at, "server.listen", problem);
@@ -547,6 +567,7 @@ impl Config {
             defaults: defaults.unwrap_or_default(),
             run: raw.run,
             approvals: raw.approvals,
+            agent: raw.agent,
             tools,
             server: raw.server,
             keys,

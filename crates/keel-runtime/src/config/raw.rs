@@ -28,6 +28,9 @@ pub struct RawConfig {
     /// How approvals behave.
     #[serde(default)]
     pub approvals: ApprovalsConfig,
+    /// Agent runs (`keel agent`): the model, the turn limit, the history kept.
+    #[serde(default)]
+    pub agent: AgentConfig,
     /// The tools, by name.
     #[serde(default)]
     #[schemars(with = "BTreeMap<String, ToolConfig>")]
@@ -174,6 +177,69 @@ pub enum Mode {
     Advisory,
     /// Do nothing.
     Stopped,
+}
+
+/// Agent runs: a model-driven tool loop (`keel agent "TASK"`).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// The model of `[models]` agent runs call (default: the only one, if one).
+    pub model: Option<String>,
+    /// The most model turns of a run (1–10,000); the run then stops with its partial result.
+    pub max_turns: u32,
+    /// The most tokens of history sent each turn (500–10,000,000): the system prompt, the
+    /// task and the latest exchanges are kept, older ones dropped and summarised in a line.
+    pub history_tokens: u64,
+    /// The same tool with the same arguments this many times in a run (succeeded or
+    /// not) pauses the run with a ticket (2–1000; 0 turns the check off).
+    pub max_repeats: u32,
+    /// The tools the model is offered (default: every tool of the config).
+    pub tools: Option<Vec<String>>,
+    /// The system prompt.
+    pub system: Option<String>,
+    /// After a failed program: `adaptive` (learned per error kind), `repair` or
+    /// `regenerate` always.
+    pub correction: crate::agent::correct::CorrectionMode,
+    /// The most failed programs in a row before the run stops (1–100).
+    pub code_attempts: u32,
+    /// Stop a chain of failed programs as soon as one error repeats unchanged (the
+    /// correction is not converging); `false` spends every attempt (blind retries).
+    pub stop_on_repeat: bool,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            model: None,
+            max_turns: 20,
+            history_tokens: 16_000,
+            max_repeats: 3,
+            tools: None,
+            system: None,
+            correction: crate::agent::correct::CorrectionMode::Adaptive,
+            code_attempts: 4,
+            stop_on_repeat: true,
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Checks every value against its documented range.
+    ///
+    /// # Errors
+    /// Every value out of range, by key.
+    pub fn validate(&self) -> Result<(), Vec<keel_core::PolicyError>> {
+        let mut c = keel_core::policy::Checks::default();
+        c.count("max_turns", self.max_turns, 1..=10_000);
+        c.count("history_tokens", self.history_tokens, 500..=10_000_000);
+        c.count("code_attempts", self.code_attempts, 1..=100);
+        match self.max_repeats {
+            0 => {}
+            1 => c.fail("max_repeats", "1 would stop every call: 0 turns the check off, 2 is the least"),
+            n => c.count("max_repeats", n, 2..=1000),
+        }
+        c.finish()
+    }
 }
 
 /// Limits of each run.

@@ -19,6 +19,7 @@
 //!    failure a person must look at, a ticket with the context package stops the run
 //!    until a person says retry, skip or abort.
 
+mod agent;
 mod keys;
 mod observer;
 mod status;
@@ -94,6 +95,9 @@ pub struct Runner {
     driving: Mutex<HashMap<String, Option<Arc<Lease>>>>,
     /// The last good result of tools with a cached fallback.
     results: crate::tool::ResultCache,
+    /// The model gateway agent runs ask: the server's (one gate, one journal), or one
+    /// built from the config on first use.
+    gateway: std::sync::OnceLock<Arc<keel_gateway::Gateway>>,
 }
 
 /// Marks a run as driven by this process until dropped.
@@ -143,7 +147,54 @@ impl Runner {
             observer,
             driving: Mutex::default(),
             results: crate::tool::ResultCache::default(),
+            gateway: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Gives agent runs `gateway` to ask (a server's own, sharing its gate and journal).
+    /// Without it, the first agent run builds one from the config.
+    pub fn set_gateway(&self, gateway: Arc<keel_gateway::Gateway>) {
+        let _ = self.gateway.set(gateway);
+    }
+
+    /// The gateway agent runs ask.
+    fn gateway(&self) -> Result<Arc<keel_gateway::Gateway>> {
+        if let Some(g) = self.gateway.get() {
+            return Ok(g.clone());
+        }
+        let built = self
+            .config
+            .gateway_builder()
+            .clock(self.clock.clone())
+            .gate(self.gate.clone())
+            .build()
+            .map_err(|e| Error::Refused(format!("the model gateway cannot start: {e}")))?;
+        Ok(self.gateway.get_or_init(|| Arc::new(built)).clone())
+    }
+
+    /// Records a new agent run of `task` (resolved against the config: a bad task
+    /// touches nothing) and returns its id, recording the API key that started it.
+    ///
+    /// # Errors
+    /// [`Error::Refused`] saying what is wrong with the task; the journal's.
+    pub async fn create_agent(&self, task: &crate::agent::AgentTask, owner: Option<&str>) -> Result<String> {
+        let spec = crate::agent::AgentSpec::resolve(task, &self.config).map_err(Error::Refused)?;
+        let run_id = new_id("run");
+        let deadline = self.config.run.deadline;
+        let input = json!({
+            "agent": spec,
+            "input": {"task": spec.task},
+            "deadline_ms": u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX),
+            "mode": self.config.run.mode,
+            "owner": owner,
+        });
+        for event in [
+            JournalEvent::RunCreated { name: "agent".to_owned(), input },
+            JournalEvent::RunStateChanged { state: RunState::Running, reason: None },
+        ] {
+            self.record(&run_id, event).await?;
+        }
+        Ok(run_id)
     }
 
     /// The journal.
@@ -470,6 +521,14 @@ impl Runner {
             return Ok(done);
         }
         self.note_takeover(run_id, lease, &snap).await?;
+        if let Some(spec) = crate::agent::AgentSpec::of_run(&snap.run.input) {
+            let spec = spec.map_err(|e| Error::BadRun(run_id.to_owned(), e))?;
+            if snap.run.state != RunState::Running {
+                self.record(run_id, JournalEvent::RunStateChanged { state: RunState::Running, reason: None })
+                    .await?;
+            }
+            return Box::pin(agent::drive(self, run_id, &snap, spec)).await;
+        }
         let plan: Plan = serde_json::from_value(snap.run.input["plan"].clone())
             .map_err(|e| Error::BadRun(run_id.to_owned(), e.to_string()))?;
         let deadline_ms = snap.run.input["deadline_ms"].as_u64().unwrap_or(u64::MAX);
@@ -510,7 +569,9 @@ impl Runner {
                 run_id,
                 plan: &plan,
                 index,
+                id: &id,
                 step,
+                literal: false,
                 snap: &now,
                 outputs: &outputs,
                 deadline_at_ms,
@@ -526,18 +587,7 @@ impl Runner {
                     outputs.insert(id, Value::Null);
                 }
                 step::StepEnd::Stop(status) => {
-                    let (state, reason) = match &status {
-                        RunStatus::Failed { class, message } => {
-                            (RunState::Failed, Some(format!("{class}: {message}")))
-                        }
-                        RunStatus::WaitingApproval { approval_id } => {
-                            (RunState::WaitingApproval, Some(approval_id.clone()))
-                        }
-                        RunStatus::Escalated { ticket_id } => (RunState::Escalated, Some(ticket_id.clone())),
-                        RunStatus::TimedOut => (RunState::TimedOut, Some("the run's deadline passed".into())),
-                        RunStatus::Cancelled => (RunState::Cancelled, None),
-                        RunStatus::Completed => (RunState::Completed, None),
-                    };
+                    let (state, reason) = state_of(&status);
                     if now.run.state != state || status.is_final() {
                         self.record(run_id, JournalEvent::RunStateChanged { state, reason }).await?;
                     }
@@ -579,6 +629,18 @@ impl Runner {
     /// The journal's.
     pub async fn flush(&self) -> Result<()> {
         Ok(self.writer.flush().await?)
+    }
+}
+
+/// The run state a status is journaled as, with its reason.
+fn state_of(status: &RunStatus) -> (RunState, Option<String>) {
+    match status {
+        RunStatus::Failed { class, message } => (RunState::Failed, Some(format!("{class}: {message}"))),
+        RunStatus::WaitingApproval { approval_id } => (RunState::WaitingApproval, Some(approval_id.clone())),
+        RunStatus::Escalated { ticket_id } => (RunState::Escalated, Some(ticket_id.clone())),
+        RunStatus::TimedOut => (RunState::TimedOut, Some("the run's deadline passed".into())),
+        RunStatus::Cancelled => (RunState::Cancelled, None),
+        RunStatus::Completed => (RunState::Completed, None),
     }
 }
 

@@ -25,7 +25,12 @@ pub(super) struct StepCtx<'a> {
     pub(super) run_id: &'a str,
     pub(super) plan: &'a Plan,
     pub(super) index: usize,
+    /// The step's id (a plan's step id, or an agent's `turn-N.call-K`).
+    pub(super) id: &'a str,
     pub(super) step: &'a PlanStep,
+    /// The step's parameters are values, never templates (an agent's tool call: what a
+    /// model wrote must not be able to read the run's context through `{{...}}`).
+    pub(super) literal: bool,
     pub(super) snap: &'a RunSnapshot,
     pub(super) outputs: &'a BTreeMap<String, Value>,
     pub(super) deadline_at_ms: i64,
@@ -71,7 +76,7 @@ impl EventSink for StepSink {
     }
 }
 
-fn wall_ms(t: SystemTime) -> i64 {
+pub(super) fn wall_ms(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
@@ -82,7 +87,7 @@ fn latest_ticket(snap: &RunSnapshot, index: u32) -> Option<&TicketView> {
 
 impl StepCtx<'_> {
     fn id(&self) -> &str {
-        self.plan.step_id(self.index)
+        self.id
     }
 
     async fn record(&self, event: JournalEvent) -> Result<u64> {
@@ -90,7 +95,7 @@ impl StepCtx<'_> {
     }
 
     /// Records that the step starts with `params` on `tool`.
-    async fn started(&self, tool: &str, params: &Value) -> Result<u64> {
+    pub(super) async fn started(&self, tool: &str, params: &Value) -> Result<u64> {
         self.record(JournalEvent::StepStarted {
             step: self.index as u32,
             name: self.id().to_owned(),
@@ -114,7 +119,7 @@ impl StepCtx<'_> {
     }
 
     /// Opens a ticket with the context package and stops the run.
-    async fn escalate(
+    pub(super) async fn escalate(
         &self,
         tool: &Tool,
         params: &Value,
@@ -198,6 +203,7 @@ pub(super) async fn run_step(ctx: StepCtx<'_>) -> Result<StepEnd> {
     let context = json!({ "input": ctx.plan.input, "steps": steps_ctx });
     let params = match params_override {
         Some(p) => p,
+        None if ctx.literal => ctx.step.params.clone(),
         None => match render_json(&ctx.step.params, &context) {
             Ok(p) => p,
             Err(e) => return ctx.fail(ErrorClass::InvalidRequest, e.to_string()).await,
@@ -594,7 +600,10 @@ async fn finish_err(
         }
         *n
     };
-    if class.needs_person() || seen >= ctx.runner.config.run.escalate_after.max(1) {
+    // An agent's own mistakes (a program that failed, a call it got wrong) are its
+    // correction loop's to bound (`[agent] code_attempts`, `max_turns`), not a person's.
+    let corrects_itself = ctx.literal && class.default_disposition() == Disposition::Correct;
+    if class.needs_person() || (!corrects_itself && seen >= ctx.runner.config.run.escalate_after.max(1)) {
         return ctx.escalate(tool, params, class, &message, e.attempts).await;
     }
     ctx.fail(class, message).await

@@ -31,6 +31,19 @@ pub struct StartRun {
     /// What an agent's run is, for people (at most 200 characters).
     #[serde(default)]
     pub name: Option<String>,
+    /// A task for Keel's own agent (`keel agent`): the model calls the config's tools
+    /// until it answers, driven by the server's workers.
+    #[serde(default)]
+    pub task: Option<String>,
+    /// The agent's model (default `[agent] model`).
+    #[serde(default)]
+    pub model: Option<String>,
+    /// The agent's most model turns (default `[agent] max_turns`).
+    #[serde(default)]
+    pub max_turns: Option<u32>,
+    /// The tools the agent is offered (default `[agent] tools`, else all).
+    #[serde(default)]
+    pub tools: Option<Vec<String>>,
 }
 
 /// The kind of an agent's run in its `input` (a run with no plan, not driven by Keel).
@@ -74,6 +87,29 @@ pub async fn start(
     ApiJson(body): ApiJson<StartRun>,
 ) -> Result<(StatusCode, Json<Started>), ApiError> {
     caller.require(&[Role::Agent])?;
+    if let Some(task) = body.task {
+        if body.plan.is_some() || body.name.is_some() {
+            return Err(ApiError::new(ErrorClass::InvalidRequest, "a `task` comes without `plan` or `name`"));
+        }
+        let task = keel_runtime::agent::AgentTask {
+            task,
+            model: body.model,
+            max_turns: body.max_turns,
+            tools: body.tools,
+            system: None,
+        };
+        let run_id = s.runner.create_agent(&task, Some(&caller.name)).await?;
+        s.wake.notify_waiters();
+        s.wake.notify_one();
+        let url = format!("/api/runs/{run_id}");
+        return Ok((StatusCode::CREATED, Json(Started { run_id, url })));
+    }
+    if body.model.is_some() || body.max_turns.is_some() || body.tools.is_some() {
+        return Err(ApiError::new(
+            ErrorClass::InvalidRequest,
+            "`model`, `max_turns` and `tools` go with a `task`",
+        ));
+    }
     let Some(mut plan) = body.plan else {
         return start_agent_run(&s, &caller, body.name).await;
     };

@@ -6,6 +6,7 @@
 
 mod support;
 
+mod agent;
 mod alerts;
 mod api;
 mod attacks_server;

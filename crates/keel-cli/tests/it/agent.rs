@@ -1,0 +1,110 @@
+//! `keel agent "TASK"` (issue 16) against a scripted model and the payments service:
+//! the answer printed, and a SIGKILL mid-run resumed by `keel runs resume` without
+//! asking the model again for journaled turns or charging twice.
+
+use std::time::Duration;
+
+use keel_examples::payments::Faults;
+use keel_testkit::model::{Reply, ScriptedModel};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+
+use crate::support::{Bench, TOOLS, eventually, orders};
+
+/// A tokio runtime for the scripted model, kept alive for the test.
+fn model(replies: Vec<Reply>) -> (tokio::runtime::Runtime, ScriptedModel) {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let m = rt.block_on(ScriptedModel::script(replies));
+    (rt, m)
+}
+
+#[test]
+fn keel_agent_prints_the_models_answer_after_its_tool_calls() {
+    let (_rt, m) = model(vec![
+        Reply::call("charge", json!({"order": 1, "amount": 10})),
+        Reply::text("Charged order 1."),
+    ]);
+    let b = Bench::new(Faults::default(), &format!("{TOOLS}\n{}", m.config("m")));
+    let run = b.keel(&["agent", "Charge order 1 for $10"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stdout.contains("Charged order 1."), "{}", run.stdout);
+    assert_eq!(orders(&b.payments), [1]);
+
+    let json = b.keel(&["--json", "agent", "--max-turns", "1", "Charge order 2 for $20"]);
+    let v: Value = serde_json::from_str(&json.stdout).unwrap_or_else(|e| panic!("{e}: {json:?}"));
+    // The script has no third answer: the model's error stops the run, said clearly.
+    assert_eq!(v["status"], "failed", "{v}");
+    assert_eq!(v["result"]["status"], "stopped", "{v}");
+    assert_ne!(json.code, 0);
+
+    let bad = b.keel(&["agent", "--model", "nope", "x"]);
+    assert_eq!(bad.code, 2, "a usage error: {bad:?}");
+    assert!(bad.stderr.contains("no model `nope`"), "{}", bad.stderr);
+}
+
+#[test]
+fn an_agent_killed_mid_charge_resumes_without_asking_again_or_charging_twice() {
+    let (_rt, m) = model(vec![
+        Reply::call("charge", json!({"order": 1, "amount": 10})),
+        Reply::call("charge", json!({"order": 2, "amount": 20})),
+        Reply::text("Both charged."),
+    ]);
+    // Each charge is recorded, then answered 1.5 s later: a kill in that window leaves
+    // a charge made whose answer keel never saw.
+    let b = Bench::new(
+        Faults { charge_delay_ms: 1500, ..Faults::default() },
+        &format!("{TOOLS}\n{}", m.config("m")),
+    );
+    let (mut child, run_id, _lines) = b.spawn(&["agent", "Charge orders 1 and 2"]);
+    eventually("the second charge to be made", Duration::from_secs(30), || b.payments.charges().len() == 2);
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).unwrap();
+    child.wait().unwrap();
+    assert_eq!(m.calls(), 2);
+
+    let resumed = b.keel(&["runs", "resume", &run_id]);
+    assert_eq!(resumed.code, 0, "{resumed:?}");
+    assert_eq!(m.calls(), 3, "turns 1 and 2 were journaled: only turn 3 was asked");
+    assert_eq!(orders(&b.payments), [1, 2], "each order charged exactly once");
+    let show = b.keel(&["runs", "show", &run_id, "--json"]);
+    let export: Value = serde_json::from_str(&show.stdout).unwrap();
+    assert_eq!(export["state"]["run"]["state"], "completed");
+    let steps = export["state"]["steps"].as_array().unwrap();
+    let call2 = steps.iter().find(|s| s["name"] == "turn-2.call-1").unwrap();
+    assert_eq!(call2["output"]["body"]["charge_id"], "ch_2", "the resumed call got the original charge");
+    assert_eq!(steps.last().unwrap()["output"]["answer"], "Both charged.");
+}
+
+#[test]
+fn corrections_are_exported_as_pairs_and_counted_per_kind_and_strategy() {
+    let (_rt, m) = model(vec![
+        Reply::call("code", json!({"program": "d = {}\nresult = d['total']"})),
+        Reply::call("code", json!({"program": "d = {}\nresult = d.get('total', 0)"})),
+        Reply::text("0"),
+    ]);
+    let launcher = "import json,sys\na=json.load(sys.stdin)\nns={}\ntry:\n    exec(a['program'],ns)\n    \
+                    print(json.dumps({'result': ns['result']}))\nexcept Exception as e:\n    \
+                    sys.stderr.write(type(e).__name__+': '+str(e)+'\\n')\n    sys.exit(3)\n";
+    let code = format!(
+        "[tools.code]\nkind = \"command\"\nargv = [\"python3\", \"-c\", '''{launcher}''']\nparams_on_stdin = true\n\
+         classify = {{ exit_codes = {{ 3 = \"code_error\" }} }}\n"
+    );
+    let b = Bench::new(Faults::default(), &format!("{TOOLS}\n{}\n{code}", m.config("m")));
+    let run = b.keel(&["agent", "--tools", "code", "the total"]);
+    assert_eq!(run.code, 0, "{run:?}");
+
+    let export = b.keel(&["export", "corrections"]);
+    assert_eq!(export.code, 0, "{export:?}");
+    let pairs: Vec<Value> = export.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(pairs.len(), 1, "{}", export.stdout);
+    assert!(pairs[0]["failed"]["error"].as_str().unwrap().contains("KeyError"), "{}", pairs[0]);
+    assert_eq!(pairs[0]["fixed"]["program"], "d = {}\nresult = d.get('total', 0)");
+
+    let stats = b.keel(&["--json", "stats", "corrections"]);
+    let v: Value = serde_json::from_str(&stats.stdout).unwrap();
+    assert_eq!(v["by_kind"]["KeyError"]["repair"]["tries"], 1, "{v}");
+    assert_eq!(v["by_kind"]["KeyError"]["repair"]["fixed"], 1, "{v}");
+    assert_eq!(v["chains_fixed"], 1);
+    let table = b.keel(&["stats", "corrections"]);
+    assert!(table.stdout.contains("KeyError") && table.stdout.contains("repair"), "{}", table.stdout);
+}

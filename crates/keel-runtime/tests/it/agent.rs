@@ -1,0 +1,389 @@
+//! Agent runs (issue 16): a scripted model drives the tool loop through the real
+//! gateway, real command and http tools, and a real SQLite journal.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use keel_core::{ErrorClass, TokioClock};
+use keel_journal::JournalOptions;
+use keel_runtime::agent::AgentTask;
+use keel_runtime::runner::{NullObserver, RunStatus};
+use keel_runtime::{Config, Runner};
+use keel_testkit::model::{Reply, ScriptedModel};
+use serde_json::{Value, json};
+
+async fn runner(dir: &Path, config: &str) -> Runner {
+    let config = Config::parse(config, &dir.join("keel.toml"), &|_| None).unwrap();
+    let clock = Arc::new(TokioClock::new());
+    let journal = keel_journal::open(
+        &config.storage_url,
+        JournalOptions { clock: clock.clone(), ..JournalOptions::default() },
+    )
+    .await
+    .unwrap();
+    Runner::new(Arc::new(config), journal, clock, Arc::new(NullObserver)).await.unwrap()
+}
+
+/// A command tool that appends its parameters to `log` and answers `{"total": 42}`.
+fn lookup_tool(log: &Path) -> String {
+    format!(
+        "[tools.lookup]\nkind = \"command\"\nargv = [\"sh\", \"-c\", \"cat >> {log}; echo >> {log}; echo '{{\\\"total\\\": 42}}'\"]\n\
+         params_on_stdin = true\n\
+         params = {{ type = \"object\", properties = {{ id = {{ type = \"integer\" }} }}, required = [\"id\"], additionalProperties = false }}\n",
+        log = log.display()
+    )
+}
+
+fn task(t: &str) -> AgentTask {
+    AgentTask { task: t.into(), ..AgentTask::default() }
+}
+
+fn calls_in(log: &Path) -> usize {
+    std::fs::read_to_string(log).unwrap_or_default().lines().filter(|l| !l.trim().is_empty()).count()
+}
+
+/// The tool answers the model was sent in request `n`.
+fn tool_messages(model: &ScriptedModel, n: usize) -> Vec<Value> {
+    let requests = model.requests();
+    requests[n]["messages"].as_array().unwrap().iter().filter(|m| m["role"] == "tool").cloned().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_calls_a_tool_reads_its_answer_and_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("calls.log");
+    let model =
+        ScriptedModel::script(vec![Reply::call("lookup", json!({"id": 7})), Reply::text("The total is 42.")])
+            .await;
+    let r = runner(dir.path(), &format!("{}{}", model.config("m"), lookup_tool(&log))).await;
+    let run = r.create_agent(&task("What is the total of order 7?"), None).await.unwrap();
+    assert_eq!(r.drive(&run).await.unwrap(), RunStatus::Completed);
+    assert_eq!(model.calls(), 2);
+    let first = &model.requests()[0];
+    assert_eq!(first["messages"][0]["content"], "What is the total of order 7?");
+    assert_eq!(first["tools"][0]["function"]["name"], "lookup", "the tools are offered with their schema");
+    assert_eq!(first["tools"][0]["function"]["parameters"]["required"], json!(["id"]));
+    let answer: Value =
+        serde_json::from_str(tool_messages(&model, 1)[0]["content"].as_str().unwrap()).unwrap();
+    assert_eq!(answer["json"]["total"], 42, "the tool's answer went back to the model: {answer}");
+    assert_eq!(calls_in(&log), 1);
+    let snap = r.snapshot(&run).await.unwrap();
+    let names: Vec<&str> = snap.steps.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["turn-1", "turn-1.call-1", "turn-2", "result"]);
+    let result = snap.steps.last().unwrap().output.clone().unwrap();
+    assert_eq!(result["answer"], "The total is 42.");
+    assert_eq!(snap.steps[0].target, "model:m");
+    assert!(snap.steps[0].output.as_ref().unwrap()["charged"]["tokens"].as_u64().unwrap() > 0);
+    // Driving a finished run does nothing.
+    assert_eq!(r.drive(&run).await.unwrap(), RunStatus::Completed);
+    assert_eq!(model.calls(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_the_model_got_wrong_go_back_to_it_with_the_error_and_it_corrects_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("calls.log");
+    let model = ScriptedModel::script(vec![
+        Reply::Tools(vec![("lookup".into(), "{\"id\": 7".into())]),
+        Reply::call("look_up", json!({"id": 7})),
+        Reply::call("lookup", json!({"id": "seven"})),
+        Reply::call("lookup", json!({"id": 7})),
+        Reply::text("42"),
+    ])
+    .await;
+    let r = runner(dir.path(), &format!("{}{}", model.config("m"), lookup_tool(&log))).await;
+    let run = r.create_agent(&task("total of 7"), None).await.unwrap();
+    assert_eq!(r.drive(&run).await.unwrap(), RunStatus::Completed);
+    assert_eq!(model.calls(), 5);
+    let error_of = |n: usize| -> Value {
+        let m = tool_messages(&model, n);
+        serde_json::from_str(m.last().unwrap()["content"].as_str().unwrap()).unwrap()
+    };
+    let bad_json = error_of(1);
+    assert_eq!(bad_json["error"]["class"], "invalid_tool_call", "{bad_json}");
+    assert!(bad_json["error"]["message"].as_str().unwrap().contains("not valid JSON"));
+    let unknown = error_of(2);
+    assert_eq!(unknown["error"]["class"], "unknown_tool");
+    assert!(unknown["error"]["message"].as_str().unwrap().contains("the tools are: lookup"), "{unknown}");
+    let schema = error_of(3);
+    assert_eq!(schema["error"]["class"], "invalid_tool_call");
+    assert!(
+        schema["error"]["message"].as_str().unwrap().contains("/id"),
+        "the path of the violation: {schema}"
+    );
+    assert_eq!(calls_in(&log), 1, "only the valid call ran the tool");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_run_budget_stops_a_run_mid_flight_and_keeps_its_partial_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("calls.log");
+    // A model that never stops calling the tool (with new arguments each time).
+    let model = ScriptedModel::serve(|n, _| Reply::call("lookup", json!({"id": n}))).await;
+    let config = format!(
+        "{}default_max_tokens = 100\n{}[run.budget]\ntokens = 3000\n[agent]\nmax_turns = 1000\nmax_repeats = 0\n",
+        model.config("m"),
+        lookup_tool(&log)
+    );
+    let r = runner(dir.path(), &config).await;
+    let run = r.create_agent(&task("loop forever"), None).await.unwrap();
+    let status = r.drive(&run).await.unwrap();
+    let RunStatus::Failed { class, message } = &status else { panic!("{status:?}") };
+    assert_eq!(*class, ErrorClass::BudgetExceeded, "{message}");
+    let snap = r.snapshot(&run).await.unwrap();
+    let turns: Vec<_> = snap.steps.iter().filter(|s| s.target == "model:m").collect();
+    let charged: u64 = turns
+        .iter()
+        .filter_map(|s| s.output.as_ref())
+        .map(|o| o["charged"]["tokens"].as_u64().unwrap())
+        .sum();
+    assert!(charged <= 3000, "the budget held: {charged} tokens charged");
+    assert!(turns.len() >= 2, "it ran until the budget, not less: {} turns", turns.len());
+    assert_eq!(
+        model.calls(),
+        turns.iter().filter(|s| s.status == "succeeded").count(),
+        "a refused turn is never sent"
+    );
+    let result = snap.steps.last().unwrap();
+    assert_eq!(result.name, "result");
+    let out = result.output.clone().unwrap();
+    assert_eq!(out["status"], "stopped");
+    assert_eq!(out["class"], "budget_exceeded");
+    assert!(!out["tool_outputs"].as_object().unwrap().is_empty(), "the partial result is kept: {out}");
+    assert_eq!(calls_in(&log), turns.len() - 1, "every answered turn's call ran once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_turns_stops_the_run_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("calls.log");
+    let model = ScriptedModel::serve(|n, _| Reply::call("lookup", json!({"id": n}))).await;
+    let config = format!("{}{}[agent]\nmax_turns = 3\n", model.config("m"), lookup_tool(&log));
+    let r = runner(dir.path(), &config).await;
+    let run = r.create_agent(&task("go"), None).await.unwrap();
+    let status = r.drive(&run).await.unwrap();
+    assert!(
+        matches!(&status, RunStatus::Failed { message, .. } if message.contains("3 turns")),
+        "{status:?}"
+    );
+    assert_eq!((model.calls(), calls_in(&log)), (3, 3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_repeating_one_successful_call_is_stopped_and_escalated() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("calls.log");
+    let model = ScriptedModel::serve(|_, _| Reply::call("lookup", json!({"id": 1}))).await;
+    let config = format!("{}{}[agent]\nmax_repeats = 3\n", model.config("m"), lookup_tool(&log));
+    let r = runner(dir.path(), &config).await;
+    let run = r.create_agent(&task("go"), None).await.unwrap();
+    let status = r.drive(&run).await.unwrap();
+    let RunStatus::Escalated { ticket_id } = &status else { panic!("{status:?}") };
+    assert_eq!(calls_in(&log), 2, "the third identical call never ran");
+    let snap = r.snapshot(&run).await.unwrap();
+    let ticket = snap.tickets.iter().find(|t| &t.ticket_id == ticket_id).unwrap();
+    assert_eq!(ticket.class, "loop_detected");
+    assert!(ticket.summary.contains("repeating itself"), "{}", ticket.summary);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_waiting_for_an_approval_resumes_without_asking_the_model_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("calls.log");
+    let model =
+        ScriptedModel::script(vec![Reply::call("lookup", json!({"id": 7})), Reply::text("done: 42")]).await;
+    let config = format!("{}{}approval = \"always\"\n", model.config("m"), lookup_tool(&log));
+    let r = runner(dir.path(), &config).await;
+    let run = r.create_agent(&task("total of 7"), None).await.unwrap();
+    let RunStatus::WaitingApproval { approval_id } = r.drive(&run).await.unwrap() else { panic!() };
+    assert_eq!((model.calls(), calls_in(&log)), (1, 0), "nothing ran before the approval");
+    keel_runtime::inbox::decide(
+        &**r.journal(),
+        &approval_id,
+        true,
+        "alice",
+        keel_core::Clock::wall(&TokioClock::new()),
+    )
+    .await
+    .unwrap();
+    // A new process (a new runner on the same journal) carries the run on.
+    let r2 = runner(dir.path(), &config).await;
+    assert_eq!(r2.drive(&run).await.unwrap(), RunStatus::Completed);
+    assert_eq!(model.calls(), 2, "turn 1 was journaled: it is not asked again");
+    assert_eq!(calls_in(&log), 1);
+}
+
+/// An http tool whose service says 401: not retried, and a person is asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unauthorized_tool_is_not_retried_and_escalates() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let hits = Arc::new(AtomicU64::new(0));
+    let seen = hits.clone();
+    let app = axum::Router::new().route(
+        "/op",
+        axum::routing::post(move || {
+            seen.fetch_add(1, Ordering::SeqCst);
+            async { (axum::http::StatusCode::UNAUTHORIZED, "bad token") }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let dir = tempfile::tempdir().unwrap();
+    let model = ScriptedModel::serve(|_, _| Reply::call("op", json!({}))).await;
+    let config = format!("{}[tools.op]\nkind = \"http\"\nurl = \"http://{addr}/op\"\n", model.config("m"));
+    let r = runner(dir.path(), &config).await;
+    let run = r.create_agent(&task("do it"), None).await.unwrap();
+    let status = r.drive(&run).await.unwrap();
+    assert!(matches!(status, RunStatus::Escalated { .. }), "{status:?}");
+    assert_eq!(hits.load(Ordering::SeqCst), 1, "credentials are wrong: no retry can fix that");
+    assert_eq!(model.calls(), 1);
+}
+
+#[tokio::test]
+async fn a_bad_task_is_refused_before_anything_is_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = ScriptedModel::script(Vec::new()).await;
+    let r = runner(dir.path(), &model.config("m")).await;
+    for (t, why) in [
+        (AgentTask { task: " ".into(), ..AgentTask::default() }, "empty"),
+        (AgentTask { model: Some("nope".into()), ..task("x") }, "no model `nope`"),
+        (AgentTask { tools: Some(vec!["rm".into()]), ..task("x") }, "no tool named `rm`"),
+        (AgentTask { max_turns: Some(0), ..task("x") }, "out of range"),
+    ] {
+        let e = r.create_agent(&t, None).await.unwrap_err().to_string();
+        assert!(e.contains(why), "{e}");
+    }
+    assert!(r.journal().run_ids().await.unwrap().is_empty());
+}
+
+/// A `code` tool for the correction tests: runs the `program` parameter in python3,
+/// counting each run in `log`; an exception is `code_error` with its type first.
+fn code_tool(log: &Path) -> String {
+    let launcher = format!(
+        "import json,sys\na=json.load(sys.stdin)\nopen('{}','a').write('run\\n')\nns={{}}\ntry:\n    \
+         exec(compile(a['program'],'<program>','exec'),ns)\n    print(json.dumps({{'result': ns['result']}}))\n\
+         except Exception as e:\n    sys.stderr.write(type(e).__name__+': '+str(e)+'\\n')\n    sys.exit(3)\n",
+        log.display()
+    );
+    format!(
+        "[tools.code]\nkind = \"command\"\nargv = [\"python3\", \"-c\", '''{launcher}''']\nparams_on_stdin = true\n\
+         classify = {{ exit_codes = {{ 3 = \"code_error\" }} }}\n\
+         params = {{ type = \"object\", required = [\"program\"], properties = {{ program = {{ type = \"string\" }} }} }}\n"
+    )
+}
+
+fn program(p: &str) -> Reply {
+    Reply::call("code", json!({"program": p}))
+}
+
+fn turn_input(snap: &keel_journal::RunSnapshot, n: u32) -> Value {
+    snap.steps.iter().find(|s| s.name == format!("turn-{n}")).unwrap().input.clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_error_program_is_repaired_on_the_second_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("runs.log");
+    let model = ScriptedModel::script(vec![
+        program("d = {'a': 1}\nresult = d['total']"),
+        program("d = {'a': 1}\nresult = d.get('total', 0)"),
+        Reply::text("0"),
+    ])
+    .await;
+    let r = runner(dir.path(), &format!("{}{}", model.config("m"), code_tool(&log))).await;
+    let run = r.create_agent(&task("the total of d"), None).await.unwrap();
+    assert_eq!(r.drive(&run).await.unwrap(), RunStatus::Completed);
+    let snap = r.snapshot(&run).await.unwrap();
+    let t2 = turn_input(&snap, 2);
+    assert_eq!(t2["strategy"], "repair", "a KeyError is repaired (the prior): {t2}");
+    assert_eq!(t2["after_kind"], "KeyError");
+    let error = &tool_messages(&model, 1)[0]["content"];
+    assert!(error.as_str().unwrap().contains("KeyError: 'total'"), "the error went back: {error}");
+    assert_eq!(calls_in(&log), 2);
+    assert!(model.requests()[1].get("temperature").is_none(), "repair keeps the temperature");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identical_resubmitted_program_is_not_run_again_and_the_strategy_switches() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("runs.log");
+    let failing = "x = 2\nassert x == 3, 'x is not 3'\nresult = x";
+    let model = ScriptedModel::script(vec![
+        program(failing),
+        // The same program, comments and spacing aside.
+        program("x = 2   # two\nassert x == 3, 'x is not 3'\n\nresult = x"),
+        program("x = 3\nassert x == 3\nresult = x"),
+        Reply::text("3"),
+    ])
+    .await;
+    let r = runner(dir.path(), &format!("{}{}", model.config("m"), code_tool(&log))).await;
+    let run = r.create_agent(&task("make x 3"), None).await.unwrap();
+    assert_eq!(r.drive(&run).await.unwrap(), RunStatus::Completed);
+    assert_eq!(calls_in(&log), 2, "the resubmitted program was never run");
+    let snap = r.snapshot(&run).await.unwrap();
+    let (t2, t3) = (turn_input(&snap, 2), turn_input(&snap, 3));
+    assert_eq!(t2["strategy"], "regenerate", "an assertion failure is regenerated (the prior): {t2}");
+    assert_eq!(t3["strategy"], "repair", "after a resubmission the other strategy: {t3}");
+    let resubmitted = snap.steps.iter().find(|s| s.name == "turn-2.call-1").unwrap();
+    assert_eq!(resubmitted.error_class.as_deref(), Some("code_error"));
+    assert!(resubmitted.message.as_deref().unwrap().contains("identical"), "{resubmitted:?}");
+    // Regenerating: the failed exchange is out of view, a hint stands in, warmer.
+    let second = &model.requests()[1];
+    assert_eq!(second["temperature"], 0.8);
+    let sent = second["messages"].to_string();
+    assert!(!sent.contains("assert x == 3"), "the failed program is not shown: {sent}");
+    assert!(sent.contains("x is not 3") && sent.contains("fresh program"), "{sent}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_error_twice_in_a_row_stops_the_run_with_its_partial_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("runs.log");
+    let model = ScriptedModel::script(vec![
+        program("result = y + 1"),
+        program("z = 1\nresult = y + z"),
+        program("never asked"),
+    ])
+    .await;
+    let r = runner(dir.path(), &format!("{}{}", model.config("m"), code_tool(&log))).await;
+    let run = r.create_agent(&task("add"), None).await.unwrap();
+    let status = r.drive(&run).await.unwrap();
+    let RunStatus::Failed { class, message } = &status else { panic!("{status:?}") };
+    assert_eq!(*class, ErrorClass::CodeError);
+    assert!(message.contains("same error twice"), "{message}");
+    assert_eq!(model.calls(), 2, "no third program was asked for");
+    let snap = r.snapshot(&run).await.unwrap();
+    assert_eq!(snap.steps.last().unwrap().output.as_ref().unwrap()["status"], "stopped");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gate_learns_which_strategy_fixes_which_error_kind_and_keeps_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("runs.log");
+    // Every NameError program is "repaired" into another NameError, then fixed by a
+    // fresh program: repair never works here, regenerate does.
+    let model = ScriptedModel::serve(|n, _| match n % 3 {
+        0 => program(&format!("result = undefined_{n}")),
+        1 => program(&format!("result = still_undefined_{n}")),
+        _ => program("result = 1"),
+    })
+    .await;
+    let config = format!("{}{}[agent]\nmax_turns = 4\n", model.config("m"), code_tool(&log));
+    let r = runner(dir.path(), &config).await;
+    use keel_runtime::agent::correct::{CorrectionMode, Strategy, choose, gate_target};
+    for _ in 0..2 {
+        let run = r.create_agent(&task("one"), None).await.unwrap();
+        let _ = r.drive(&run).await.unwrap();
+    }
+    let repair = r.gate().outcomes(&gate_target(Strategy::Repair, "NameError"), ErrorClass::CodeError, 2);
+    let regenerate =
+        r.gate().outcomes(&gate_target(Strategy::Regenerate, "NameError"), ErrorClass::CodeError, 2);
+    assert!(repair.failures >= 1 && repair.successes == 0, "{repair:?}");
+    assert!(regenerate.successes >= 1, "{regenerate:?}");
+    // The prior says repair for a NameError; what happened here says regenerate.
+    assert_eq!(choose(CorrectionMode::Adaptive, r.gate(), "NameError", None, false), Strategy::Regenerate);
+    // Persisted with the gate: a new process starts from it.
+    let r2 = runner(dir.path(), &config).await;
+    assert_eq!(choose(CorrectionMode::Adaptive, r2.gate(), "NameError", None, false), Strategy::Regenerate);
+}
