@@ -205,9 +205,16 @@ fn message(m: &Value, out: &mut Vec<Value>) -> Result<(), String> {
                                 c.get("text").and_then(Value::as_str),
                             ) {
                                 (Some("text"), Some(t)) => s.push_str(t),
+                                // A chat `tool` message carries only text: the image
+                                // follows in the user turn, after the tool messages.
+                                (Some("image"), _) => {
+                                    parts.push(json!({"type": "text", "text": format!("(the image returned by tool call {id})")}));
+                                    parts.push(image(c).map_err(at)?);
+                                }
                                 _ => {
                                     return Err(at(
-                                        "tool_result content: only text blocks are supported".into()
+                                        "tool_result content: only text and image blocks are supported"
+                                            .into(),
                                     ));
                                 }
                             }

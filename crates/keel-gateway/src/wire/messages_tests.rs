@@ -61,6 +61,22 @@ fn a_conversation_with_tool_use_becomes_a_chat_request() {
 }
 
 #[test]
+fn an_image_in_a_tool_result_follows_in_the_user_turn() {
+    let v = chat(json!({"model": "m", "max_tokens": 5, "messages": [
+        {"role": "user", "content": "Look"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "read", "input": {"path": "a.png"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [
+            {"type": "text", "text": "a.png"},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA"}},
+        ]}]},
+    ]}));
+    let m = v["messages"].as_array().unwrap();
+    assert_eq!(m[2], json!({"role": "tool", "tool_call_id": "t1", "content": "a.png"}));
+    assert_eq!(m[3]["role"], "user");
+    assert_eq!(m[3]["content"][1]["image_url"]["url"], "data:image/png;base64,AA", "{m:?}");
+}
+
+#[test]
 fn hostile_requests_are_a_clear_400() {
     let ok = |extra: Value| {
         let mut b = json!({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]});

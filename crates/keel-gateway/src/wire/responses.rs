@@ -302,6 +302,7 @@ fn input_item(item: &Value, messages: &mut Vec<Value>) -> Result<(), String> {
         }
         "function_call_output" => {
             let call_id = string("call_id")?;
+            let mut images = Vec::new();
             let output = match obj.get("output") {
                 Some(Value::String(s)) => s.clone(),
                 Some(Value::Array(parts)) => {
@@ -309,15 +310,28 @@ fn input_item(item: &Value, messages: &mut Vec<Value>) -> Result<(), String> {
                     for p in parts {
                         match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
                             (Some("input_text" | "output_text"), Some(t)) => text.push_str(t),
-                            _ => return Err("`output` parts other than text are not supported".into()),
+                            (Some("input_image"), _) => images.push(content_part(p)?),
+                            _ => {
+                                return Err(
+                                    "`output` parts other than text and images are not supported".into()
+                                );
+                            }
                         }
                     }
                     text
                 }
-                Some(_) => return Err("`output` must be a string".into()),
+                Some(_) => return Err("`output` must be a string or an array of parts".into()),
                 None => return Err("missing field `output`".into()),
             };
             messages.push(json!({"role": "tool", "tool_call_id": call_id, "content": output}));
+            // A chat `tool` message carries only text: its images follow as the user's.
+            if !images.is_empty() {
+                images.insert(
+                    0,
+                    json!({"type": "text", "text": format!("(the image returned by tool call {call_id})")}),
+                );
+                messages.push(json!({"role": "user", "content": images}));
+            }
         }
         // Reasoning a model did on an earlier turn: no upstream takes it back through
         // chat completions (and another provider's is opaque to it).

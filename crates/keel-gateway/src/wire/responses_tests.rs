@@ -67,6 +67,13 @@ fn a_string_input_and_a_stream() {
         json!({"model": "gpt", "input": [{"role": "user", "content": [{"type": "input_image", "image_url": "data:image/png;base64,AA"}]}]}),
     );
     assert_eq!(v["messages"][0]["content"][0]["image_url"]["url"], "data:image/png;base64,AA");
+    let v = chat(json!({"model": "gpt", "input": [
+        {"role": "user", "content": "Look"},
+        {"type": "function_call", "call_id": "c", "name": "shot", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c", "output": [{"type": "input_text", "text": "done"}, {"type": "input_image", "image_url": "data:image/png;base64,AA"}]},
+    ]}));
+    assert_eq!(v["messages"][2], json!({"role": "tool", "tool_call_id": "c", "content": "done"}));
+    assert_eq!(v["messages"][3]["content"][1]["image_url"]["url"], "data:image/png;base64,AA");
 }
 
 #[test]
