@@ -9,7 +9,7 @@
 //! | `system` (a string or text blocks) | a leading `system` message |
 //! | `text` / `image` blocks | text / `image_url` parts |
 //! | `tool_use` blocks | `assistant.tool_calls[]` (`input` serialized to `arguments`) |
-//! | `tool_result` blocks | `tool` messages, before the rest of their `user` turn |
+//! | `tool_result` blocks | `tool` messages, before the rest of their `user` turn (their images in it) |
 //! | `thinking` / `redacted_thinking` blocks | dropped (signed for one provider only) |
 //! | `tools[]` with `input_schema` | `tools[].function` with `parameters` |
 //! | `tool_choice` `auto`/`any`/`tool`/`none` | `auto`/`required`/named/`none` |

@@ -9,7 +9,7 @@
 //! | `message` items, `input_text`/`output_text`/`refusal` parts | messages, text parts |
 //! | `input_image` parts (`image_url`) | `image_url` parts |
 //! | `function_call` items | `assistant.tool_calls[]` (consecutive calls merged) |
-//! | `function_call_output` items | `tool` messages |
+//! | `function_call_output` items | `tool` messages (their images in a `user` message after) |
 //! | `reasoning` items | dropped (an upstream cannot take another's reasoning back) |
 //! | `tools[]` of type `function` (flat) | `tools[].function` |
 //! | `tool_choice` `auto`/`none`/`required`/`{type: function, name}` | the same, nested |
