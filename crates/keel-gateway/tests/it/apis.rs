@@ -244,6 +244,34 @@ async fn messages_are_answered_by_models_of_both_providers() {
 }
 
 #[tokio::test]
+async fn a_messages_stream_is_rescued_and_a_failed_one_ends_with_an_error_event() {
+    let cut = Fake::start().await;
+    cut.always(Reply::Cut(vec!["Hello"]));
+    let good = Fake::start().await;
+    let mut cutting = model(&cut, "cut-upstream");
+    cutting.fallbacks = vec!["claude".into()];
+    let served = serve(vec![("claude", claude(&good)), ("cut", cutting), ("alone", model(&cut, "m"))]).await;
+    let ask = |m: &str| json!({"model": m, "max_tokens": 50, "stream": true, "messages": [{"role": "user", "content": "Say hello"}]});
+    let a = post(&served.url, "/v1/messages", ask("cut"), &[]).await;
+    let events = a.named_events();
+    let text: String =
+        events.iter().filter_map(|(_, e)| e.pointer("/delta/text").and_then(Value::as_str)).collect();
+    assert_eq!(text, "Hello world", "spliced onto the Anthropic fallback, never duplicated: {}", a.text);
+    let (name, delta) = &events[events.len() - 2];
+    assert_eq!((name.as_str(), delta["keel"]["rescue"].as_str()), ("message_delta", Some("splice")));
+    assert_eq!(delta["keel"]["models"], json!(["cut", "claude"]));
+
+    let a = post(&served.url, "/v1/messages", ask("alone"), &[]).await;
+    let events = a.named_events();
+    let (name, e) = events.last().unwrap();
+    assert_eq!(
+        (name.as_str(), e["error"]["type"].as_str(), e["error"]["keel_class"].as_str()),
+        ("error", Some("api_error"), Some("network"))
+    );
+    assert!(!events.iter().any(|(n, _)| n == "message_stop"), "a cut answer is never presented as complete");
+}
+
+#[tokio::test]
 async fn messages_errors_are_in_anthropics_shape() {
     let fake = Fake::start().await;
     let served = serve(vec![("gpt", model(&fake, "gpt-4o-mini"))]).await;
