@@ -294,4 +294,11 @@ async fn the_messages_api_takes_the_key_as_x_api_key_and_answers_in_anthropics_s
     assert_eq!(s.get(Some(AGENT), "/v1/models/small").await.0, 200);
     let (status, e) = s.get(Some(AGENT), "/v1/models/nope").await;
     assert_eq!((status, e["error"]["code"].as_str()), (404, Some("model_not_found")), "{e}");
+    // An endpoint Keel does not serve, in the API's shape too.
+    let (status, e) =
+        s.post(Some(AGENT), "/v1/completions", Some(json!({"model": "small", "prompt": "hi"}))).await;
+    assert_eq!((status, e["error"]["type"].as_str()), (404, Some("invalid_request_error")), "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("/v1/completions"), "{e}");
+    let (status, e) = s.get(Some(AGENT), "/api/nope").await;
+    assert_eq!((status, e["class"].as_str()), (404, Some("not_found")), "{e}");
 }
