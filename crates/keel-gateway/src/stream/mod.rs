@@ -657,7 +657,8 @@ impl Pump {
         if !model.prefill_ignored.swap(true, std::sync::atomic::Ordering::Relaxed) {
             tracing::warn!(
                 model = %model.name,
-                "the model restarted its answer instead of continuing the prefill; later rescues on it splice"
+                "the model restarted its answer instead of continuing the prefill: later rescues on it \
+                 splice (learned in memory; set `accepts_prefill = false` for it in keel.toml)"
             );
         }
         bump(&model.counters.prefill_restarts, 1);
