@@ -4,7 +4,7 @@
 # first token Keel adds to a stream.
 #
 # usage: bench/gateway.sh   (run.sh's env applies: CONNS, DURATION, ROUNDS, ...)
-# env: SHARED_BENCH=../shared/bench  KEEL_ADDR=127.0.0.1:4000  TTFT_N=2000
+# env: SHARED_BENCH=../shared/bench  KEEL_ADDR=127.0.0.1:4000  TTFT_N=2000  APIS_N=2000
 # Needs Debian's nginx and wrk (apt-get install -y nginx wrk).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,3 +37,6 @@ done
 
 echo "== time to first token (sequential streams, ${TTFT_N:-2000} each way)"
 "$BIN" ttft "${TTFT_N:-2000}"
+
+echo "== each inbound API through the gateway (sequential, ${APIS_N:-2000} each, whole and streamed)"
+"$BIN" apis "${APIS_N:-2000}"

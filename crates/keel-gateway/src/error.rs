@@ -1,4 +1,18 @@
-//! [`GatewayError`]: why a call through the gateway failed, in OpenAI's error shape.
+//! [`GatewayError`]: why a call through the gateway failed, and [`Shape`]: how each
+//! inbound API says so.
+//!
+//! Every inbound API answers errors in its own shape with its own `type` values, so
+//! that its official SDK raises the right exception (`RateLimitError`,
+//! `BadRequestError`, `NotFoundError`...). Keel's own class rides along in an
+//! extension field, `keel_class`, and in the `x-keel-error-class` header:
+//!
+//! - OpenAI (`/v1/chat/completions`, `/v1/responses`, `/v1/embeddings`, `/v1/models`):
+//!   `{"error": {"message", "type", "param", "code", "keel_class"}}`;
+//! - Anthropic (`/v1/messages`): `{"type": "error", "error": {"type", "message",
+//!   "keel_class"}}`.
+//!
+//! The mappings from [`ErrorClass`] are exhaustive matches: a new class must be
+//! placed in every API's vocabulary.
 
 use std::fmt;
 use std::time::Duration;
@@ -8,7 +22,6 @@ use http::{HeaderValue, StatusCode};
 use keel_core::{Classified, ErrorClass, Failure};
 
 use crate::journal::ModelFailure;
-use crate::wire::error_body;
 
 /// A call that failed: its class (the original failure's, never masked by a
 /// fallback's), a message, and every model's failure in order.
@@ -85,9 +98,15 @@ impl Classified for GatewayError {
 
 impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
-        let mut resp = (self.status(), axum::Json(error_body(self.class, &self.message))).into_response();
+        self.response(Shape::Openai)
+    }
+}
+
+impl GatewayError {
+    /// The error as an answer of the API `shape` (its status, body and headers).
+    pub fn response(self, shape: Shape) -> Response {
+        let mut resp = shape.response(self.class, &self.message);
         let h = resp.headers_mut();
-        h.insert("x-keel-error-class", HeaderValue::from_static(self.class.as_str()));
         if let Ok(v) = HeaderValue::from_str(&self.attempts.to_string()) {
             h.insert("x-keel-attempts", v);
         }
@@ -102,5 +121,154 @@ impl IntoResponse for GatewayError {
             }
         }
         resp
+    }
+}
+
+/// The error vocabulary of one inbound API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// OpenAI's: chat completions, responses, embeddings, models.
+    Openai,
+    /// Anthropic's: messages.
+    Anthropic,
+}
+
+impl Shape {
+    /// The shape of the API served at `path` (Anthropic's for `/v1/messages`).
+    pub fn for_path(path: &str) -> Self {
+        if path == "/v1/messages" || path.starts_with("/v1/messages/") {
+            Self::Anthropic
+        } else {
+            Self::Openai
+        }
+    }
+
+    /// The HTTP status of a failure of `class` in this API: the gateway's, except that
+    /// Anthropic says `529` for overloaded.
+    pub fn status(self, class: ErrorClass) -> StatusCode {
+        match self {
+            Self::Anthropic if class == ErrorClass::CircuitOpen => {
+                StatusCode::from_u16(529).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
+            }
+            Self::Openai | Self::Anthropic => status_of(class),
+        }
+    }
+
+    /// The error body of a failure of `class`.
+    pub fn body(self, class: ErrorClass, message: &str) -> serde_json::Value {
+        match self {
+            Self::Openai => serde_json::json!({
+                "error": {
+                    "message": message,
+                    "type": openai_type(class),
+                    "param": null,
+                    "code": openai_code(class),
+                    "keel_class": class.as_str(),
+                }
+            }),
+            Self::Anthropic => serde_json::json!({
+                "type": "error",
+                "error": {"type": anthropic_type(class), "message": message, "keel_class": class.as_str()},
+            }),
+        }
+    }
+
+    /// The whole answer: the class's status, the body, `x-keel-error-class`.
+    pub fn response(self, class: ErrorClass, message: &str) -> Response {
+        self.response_with(self.status(class), class, message)
+    }
+
+    /// As [`response`](Self::response) with another status (413 for a body too large,
+    /// 503 while shedding load).
+    pub fn response_with(self, status: StatusCode, class: ErrorClass, message: &str) -> Response {
+        let status = match (self, status) {
+            (Self::Anthropic, StatusCode::SERVICE_UNAVAILABLE) => self.status(ErrorClass::CircuitOpen),
+            _ => status,
+        };
+        let mut body = self.body(class, message);
+        if self == Self::Anthropic && status == StatusCode::PAYLOAD_TOO_LARGE {
+            body["error"]["type"] = "request_too_large".into();
+        }
+        let mut resp = (status, axum::Json(body)).into_response();
+        resp.headers_mut().insert("x-keel-error-class", HeaderValue::from_static(class.as_str()));
+        resp
+    }
+}
+
+/// OpenAI's `error.type` for `class` (what its SDKs and agents switch on).
+pub fn openai_type(class: ErrorClass) -> &'static str {
+    match class {
+        ErrorClass::InvalidRequest
+        | ErrorClass::ContextOverflow
+        | ErrorClass::Refusal
+        | ErrorClass::NotFound
+        | ErrorClass::Conflict
+        | ErrorClass::LoopDetected => "invalid_request_error",
+        ErrorClass::Unauthorized => "authentication_error",
+        ErrorClass::Forbidden | ErrorClass::ApprovalDenied => "permission_error",
+        ErrorClass::RateLimited => "rate_limit_error",
+        ErrorClass::BudgetExceeded => "insufficient_quota",
+        ErrorClass::Timeout
+        | ErrorClass::DeadlineExceeded
+        | ErrorClass::CircuitOpen
+        | ErrorClass::Network
+        | ErrorClass::ServerError
+        | ErrorClass::EmptyOutput
+        | ErrorClass::TruncatedOutput
+        | ErrorClass::InvalidToolCall
+        | ErrorClass::UnknownTool
+        | ErrorClass::CodeError => "server_error",
+    }
+}
+
+/// OpenAI's `error.code` for `class`: its own codes where it has one, else Keel's class.
+pub fn openai_code(class: ErrorClass) -> &'static str {
+    match class {
+        ErrorClass::ContextOverflow => "context_length_exceeded",
+        ErrorClass::Refusal => "content_policy_violation",
+        ErrorClass::RateLimited => "rate_limit_exceeded",
+        ErrorClass::BudgetExceeded => "insufficient_quota",
+        ErrorClass::NotFound => "model_not_found",
+        ErrorClass::InvalidRequest
+        | ErrorClass::Unauthorized
+        | ErrorClass::Forbidden
+        | ErrorClass::ApprovalDenied
+        | ErrorClass::Conflict
+        | ErrorClass::LoopDetected
+        | ErrorClass::Timeout
+        | ErrorClass::DeadlineExceeded
+        | ErrorClass::CircuitOpen
+        | ErrorClass::Network
+        | ErrorClass::ServerError
+        | ErrorClass::EmptyOutput
+        | ErrorClass::TruncatedOutput
+        | ErrorClass::InvalidToolCall
+        | ErrorClass::UnknownTool
+        | ErrorClass::CodeError => class.as_str(),
+    }
+}
+
+/// Anthropic's `error.type` for `class`.
+pub fn anthropic_type(class: ErrorClass) -> &'static str {
+    match class {
+        ErrorClass::InvalidRequest
+        | ErrorClass::ContextOverflow
+        | ErrorClass::Refusal
+        | ErrorClass::Conflict
+        | ErrorClass::LoopDetected => "invalid_request_error",
+        ErrorClass::Unauthorized => "authentication_error",
+        ErrorClass::Forbidden | ErrorClass::ApprovalDenied => "permission_error",
+        ErrorClass::NotFound => "not_found_error",
+        ErrorClass::RateLimited => "rate_limit_error",
+        ErrorClass::BudgetExceeded => "billing_error",
+        ErrorClass::Timeout | ErrorClass::DeadlineExceeded => "timeout_error",
+        ErrorClass::CircuitOpen => "overloaded_error",
+        ErrorClass::Network
+        | ErrorClass::ServerError
+        | ErrorClass::EmptyOutput
+        | ErrorClass::TruncatedOutput
+        | ErrorClass::InvalidToolCall
+        | ErrorClass::UnknownTool
+        | ErrorClass::CodeError => "api_error",
     }
 }

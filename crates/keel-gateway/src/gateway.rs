@@ -42,6 +42,16 @@ use crate::upstream::{self, Endpoint};
 use crate::validate;
 use crate::wire::{AnswerSummary, ChatRequest, ParsedAnswer, Usage, anthropic, parse_answer};
 
+/// What an admission is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Admit {
+    /// A model turn: bounded at the dearest model of its fallback routes, a turn of
+    /// its run (the loop guard).
+    Turn,
+    /// A call on the named model only that is not a turn (embeddings).
+    Single,
+}
+
 /// Who is calling: the API key's id (set by the server's auth) and the run.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CallContext {
@@ -96,6 +106,16 @@ pub(crate) struct Model {
     pub(crate) stream_pipeline: Pipeline,
     pub(crate) chain_on: Vec<ErrorClass>,
     pub(crate) counters: Arc<ModelCounters>,
+    /// Learned: this model restarted its answer when given a prefill, whatever
+    /// `accepts_prefill` says, so rescues on it splice instead (see `stream::seam`).
+    pub(crate) prefill_ignored: std::sync::atomic::AtomicBool,
+}
+
+impl Model {
+    /// Whether a rescue on this model may continue the partial answer as a prefill.
+    pub(crate) fn takes_prefill(&self) -> bool {
+        self.config.accepts_prefill && !self.prefill_ignored.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl fmt::Debug for Model {
@@ -133,6 +153,8 @@ pub struct Gateway {
     pub(crate) sink: Arc<dyn EventSink>,
     pub(crate) journal: Option<Arc<dyn CallJournal>>,
     accounts: Accounts,
+    /// Numbers the ids of answers the edge APIs mint (responses, messages).
+    ids: std::sync::atomic::AtomicU64,
     /// The streams being pumped to clients, for a shutdown to wait on.
     pub(crate) streams: tokio_util::task::TaskTracker,
 }
@@ -296,6 +318,7 @@ impl GatewayBuilder {
                 }),
                 chain_on: config::chain_classes(&config.policy),
                 counters: counters.get(&name).cloned().unwrap_or_default(),
+                prefill_ignored: std::sync::atomic::AtomicBool::new(false),
                 endpoint,
                 name: name.clone(),
                 config,
@@ -312,6 +335,7 @@ impl GatewayBuilder {
             sink,
             journal: self.journal,
             accounts: Accounts::default(),
+            ids: std::sync::atomic::AtomicU64::new(0),
             streams: tokio_util::task::TaskTracker::new(),
         })
     }
@@ -490,6 +514,12 @@ impl Gateway {
         self.models.get(name).map(|m| &m.config)
     }
 
+    /// Whether model `name` is taken to continue a prefill: `accepts_prefill`, unless a
+    /// rescue on it saw it restart the answer instead (then it is spliced onto).
+    pub fn takes_prefill(&self, name: &str) -> Option<bool> {
+        self.models.get(name).map(|m| m.takes_prefill())
+    }
+
     /// The circuit breaker of model `name`.
     pub fn breaker(&self, name: &str) -> Option<&Arc<Breaker>> {
         self.models.get(name).and_then(|m| m.pipeline.breaker())
@@ -554,6 +584,16 @@ impl Gateway {
         out
     }
 
+    /// A fresh id for an answer (`resp_ID`, `msg_ID`): unique in the process, and
+    /// across processes by the wall time it is drawn from.
+    pub(crate) fn new_id(&self) -> String {
+        use sha2::Digest;
+        let n = self.ids.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let nanos = self.clock.wall().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let digest = sha2::Sha256::digest(format!("{nanos}/{n}/{}", std::process::id()));
+        digest.iter().take(12).map(|b| format!("{b:02x}")).collect()
+    }
+
     pub(crate) fn created(&self) -> u64 {
         self.clock.wall().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
     }
@@ -612,9 +652,23 @@ impl Gateway {
         req: &ChatRequest,
         ctx: &CallContext,
     ) -> Result<Charges, GatewayError> {
+        self.admit(primary, request_estimate(req, &primary.config.model), req.max_tokens, Admit::Turn, ctx)
+    }
+
+    /// Admits a call whose first attempt is bounded by `prompt_estimate` and
+    /// `max_tokens` (`charge` for chat; embeddings with no completion, no fallback
+    /// route and no turn of the run).
+    pub(crate) fn admit(
+        &self,
+        primary: &Model,
+        prompt_estimate: u64,
+        max_tokens: Option<u64>,
+        kind: Admit,
+        ctx: &CallContext,
+    ) -> Result<Charges, GatewayError> {
         let mut charges = Charges {
-            prompt_estimate: request_estimate(req, &primary.config.model),
-            max_tokens: req.max_tokens,
+            prompt_estimate,
+            max_tokens,
             caller_checks_tools: ctx.caller_checks_tools,
             ..Charges::default()
         };
@@ -650,10 +704,17 @@ impl Gateway {
             }
         }
         if !charges.budgets.is_empty() {
-            let route = std::iter::once(&primary.name.to_string())
-                .chain(&primary.config.fallbacks)
-                .chain(&primary.config.context_fallback)
-                .chain(&primary.config.content_fallback)
+            let primary_name = primary.name.to_string();
+            let fallbacks: &[String] = if kind == Admit::Turn { &primary.config.fallbacks } else { &[] };
+            let (context, content) = if kind == Admit::Turn {
+                (&primary.config.context_fallback, &primary.config.content_fallback)
+            } else {
+                (&None, &None)
+            };
+            let route = std::iter::once(&primary_name)
+                .chain(fallbacks)
+                .chain(context)
+                .chain(content)
                 .filter_map(|n| self.models.get(n.as_str()))
                 .collect::<Vec<_>>();
             let completion = route.iter().map(|m| charges.completion_bound(m)).max().unwrap_or(0);
@@ -674,7 +735,7 @@ impl Gateway {
             }
             charges.prepaid = std::sync::Mutex::new(Some(prepaid));
         }
-        if let Some(account) = account {
+        if let Some(account) = account.filter(|_| kind == Admit::Turn) {
             account
                 .guard
                 .begin_turn()
@@ -779,6 +840,37 @@ impl Gateway {
         rescue: Option<&str>,
         error: Option<&GatewayError>,
     ) {
+        let call = (Some(req), req.messages_raw());
+        self.journal_prompt(
+            ctx,
+            primary,
+            call,
+            answered_by,
+            failures,
+            attempts,
+            spent,
+            corrections,
+            rescue,
+            error,
+        );
+    }
+
+    /// As [`journal_call`](Self::journal_call) for any prompt: a chat request's
+    /// messages, or an embeddings request's `input` (with no request).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn journal_prompt(
+        &self,
+        ctx: &CallContext,
+        primary: &Model,
+        (req, prompt): (Option<&ChatRequest>, &str),
+        answered_by: Option<&str>,
+        failures: &[ModelFailure],
+        attempts: u32,
+        spent: Option<Spent>,
+        corrections: u32,
+        rescue: Option<&str>,
+        error: Option<&GatewayError>,
+    ) {
         let Some(journal) = &self.journal else { return };
         let usage = spent.map(|s| s.usage);
         let cost = spent.map_or(0, |s| s.cost_micros);
@@ -787,8 +879,8 @@ impl Gateway {
             api_key: ctx.api_key.clone(),
             model: primary.name.to_string(),
             answered_by: answered_by.map(str::to_owned),
-            stream: req.stream,
-            prompt: Prompt::new(req.messages_raw(), primary.config.hash_prompts),
+            stream: req.is_some_and(|r| r.stream),
+            prompt: Prompt::new(prompt, primary.config.hash_prompts),
             attempts,
             corrections,
             failures: failures.to_vec(),

@@ -7,9 +7,12 @@
 //!   policy, fallbacks, prices, options).
 //! - [`Gateway`]: the models and their state; [`Gateway::complete`] and
 //!   [`Gateway::stream`] call a model by name without HTTP (the agent loop's client).
-//! - [`router`]: `POST /v1/chat/completions` and `GET /v1/models` for `keel serve`;
-//!   the server's auth layer inserts an [`ApiKeyId`] extension.
-//! - [`wire`]: OpenAI's wire format, parsed shallowly; Anthropic's, translated.
+//! - [`router`]: `POST /v1/chat/completions`, `/v1/responses`, `/v1/messages`,
+//!   `/v1/embeddings`, `GET /v1/models[/{id}]` for `keel serve`; the server's auth
+//!   layer inserts an [`ApiKeyId`] extension.
+//! - [`wire`]: OpenAI's wire format, parsed shallowly; Anthropic's upstream dialect,
+//!   translated; the Responses and Messages APIs, translated at the edge.
+//! - [`error`]: each API's error shape ([`error::Shape`]).
 //! - [`stream`]: what happens when a stream fails (read its docs).
 //!
 //! ```
@@ -26,6 +29,7 @@
 
 pub mod charges;
 pub mod config;
+pub mod embeddings;
 pub mod error;
 mod gateway;
 pub mod journal;
@@ -38,7 +42,7 @@ pub mod validate;
 pub mod wire;
 
 pub use config::{ConfigError, GatewayConfig, ModelConfig, ModelPolicy, Prices, Provider};
-pub use error::GatewayError;
+pub use error::{GatewayError, Shape};
 pub use gateway::{CallContext, Completion, Gateway, GatewayBuilder};
 pub use journal::{CallJournal, CallRecord, MemoryJournal, WriterJournal};
 pub use metrics::{BudgetMetrics, MetricsSnapshot, ModelMetrics};

@@ -36,6 +36,7 @@ pub(crate) struct ModelCounters {
     pub(crate) finalised_without_done: AtomicU64,
     pub(crate) rescued_prefill: AtomicU64,
     pub(crate) rescued_splice: AtomicU64,
+    pub(crate) prefill_restarts: AtomicU64,
     pub(crate) rescue_failed: AtomicU64,
     pub(crate) attempt_failures: [AtomicU64; CLASSES],
     pub(crate) request_failures: [AtomicU64; CLASSES],
@@ -84,6 +85,9 @@ pub struct ModelMetrics {
     pub rescued_prefill: u64,
     /// Cut streams regenerated on this model and spliced.
     pub rescued_splice: u64,
+    /// Prefill continuations on this model that restarted the answer instead (the
+    /// repeated text was dropped; later rescues on it splice).
+    pub prefill_restarts: u64,
     /// Cut streams of this model that could not be rescued (ended with an error event).
     pub rescue_failed: u64,
     /// Failed attempts by class.
@@ -160,6 +164,7 @@ impl ModelCounters {
             finalised_without_done: load(&self.finalised_without_done),
             rescued_prefill: load(&self.rescued_prefill),
             rescued_splice: load(&self.rescued_splice),
+            prefill_restarts: load(&self.prefill_restarts),
             rescue_failed: load(&self.rescue_failed),
             attempt_failures: by_class(&self.attempt_failures),
             request_failures: by_class(&self.request_failures),
@@ -178,7 +183,7 @@ impl MetricsSnapshot {
     /// The snapshot in Prometheus' text format, metric names prefixed `keel_gateway_`.
     pub fn render_prometheus(&self) -> String {
         let mut out = String::new();
-        let simple: [Counter; 13] = [
+        let simple: [Counter; 14] = [
             ("requests_total", "Requests that named the model.", |m| m.requests),
             ("answers_total", "Answers the model gave.", |m| m.answered),
             ("attempts_total", "Attempts made on the model.", |m| m.attempts),
@@ -196,6 +201,9 @@ impl MetricsSnapshot {
             }),
             ("stream_rescues_splice_total", "Cut streams regenerated here and spliced.", |m| {
                 m.rescued_splice
+            }),
+            ("stream_prefill_restarts_total", "Prefill continuations here that restarted the answer.", |m| {
+                m.prefill_restarts
             }),
             ("stream_rescues_failed_total", "Cut streams that ended with an error event.", |m| {
                 m.rescue_failed

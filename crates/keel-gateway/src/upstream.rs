@@ -22,6 +22,8 @@ const MAX_BODY: usize = 32 << 20;
 #[derive(Debug, Clone)]
 pub(crate) struct Endpoint {
     pub(crate) uri: Uri,
+    /// `/embeddings` beside `/chat/completions`, for an OpenAI-compatible upstream.
+    pub(crate) embeddings_uri: Option<Uri>,
     pub(crate) provider: Provider,
     auth: Option<(HeaderName, HeaderValue)>,
     /// The process's client for this model's TLS settings and the proxies.
@@ -83,9 +85,13 @@ impl Endpoint {
                 }
             }
         };
+        let embeddings_uri = match config.provider {
+            Provider::Openai => format!("{}/embeddings", config.base_url.trim_end_matches('/')).parse().ok(),
+            Provider::Anthropic => None,
+        };
         match (client, uri) {
             (Some(client), Some(uri)) if problems.is_empty() => {
-                Ok(Self { uri, provider: config.provider, auth, client })
+                Ok(Self { uri, embeddings_uri, provider: config.provider, auth, client })
             }
             _ => Err(problems),
         }
@@ -97,7 +103,17 @@ impl Endpoint {
     /// # Cancel safety
     /// Dropping the future drops the connection's request; the pool discards it.
     pub(crate) async fn send(&self, body: Vec<u8>, clock: &dyn Clock) -> Result<Response<Incoming>, Failure> {
-        let mut req = Request::post(self.uri.clone()).header(CONTENT_TYPE, "application/json");
+        self.send_at(&self.uri, body, clock).await
+    }
+
+    /// As [`send`](Self::send), to another path of the same upstream.
+    pub(crate) async fn send_at(
+        &self,
+        uri: &Uri,
+        body: Vec<u8>,
+        clock: &dyn Clock,
+    ) -> Result<Response<Incoming>, Failure> {
+        let mut req = Request::post(uri.clone()).header(CONTENT_TYPE, "application/json");
         if let Some((name, value)) = &self.auth {
             req = req.header(name, value);
         }
@@ -112,11 +128,32 @@ impl Endpoint {
             return Ok(resp);
         }
         let (parts, body) = resp.into_parts();
-        let bytes = read_body(body, &self.uri).await.unwrap_or_default();
-        let failure = keel_core::classify::http_response(parts.status, &parts.headers, &bytes, clock.wall())
-            .unwrap_or_else(|| Failure::new(ErrorClass::ServerError, format!("HTTP {}", parts.status)));
+        let bytes = read_body(body, uri).await.unwrap_or_default();
+        let mut failure =
+            keel_core::classify::http_response(parts.status, &parts.headers, &bytes, clock.wall())
+                .unwrap_or_else(|| Failure::new(ErrorClass::ServerError, format!("HTTP {}", parts.status)));
+        // The agent reads the upstream's own words, not its JSON body as a string.
+        if let Some(message) = upstream_message(&bytes) {
+            failure.message = message;
+        }
         Err(failure)
     }
+}
+
+/// The longest upstream error message passed on (in characters).
+const MAX_MESSAGE: usize = 2_000;
+
+/// The message of an upstream's error body: OpenAI's and Anthropic's `error.message`,
+/// a bare `error` or `message` string, or FastAPI's `detail` (vLLM), cut to
+/// [`MAX_MESSAGE`] characters. `None` when the body says nothing readable.
+pub(crate) fn upstream_message(body: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let found = ["/error/message", "/error", "/message", "/detail"]
+        .iter()
+        .find_map(|p| v.pointer(p).and_then(serde_json::Value::as_str))
+        .map(str::trim)
+        .filter(|m| !m.is_empty())?;
+    Some(found.chars().take(MAX_MESSAGE).collect())
 }
 
 /// Reads a whole body from `uri`, up to a cap.

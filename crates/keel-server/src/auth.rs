@@ -11,7 +11,6 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
@@ -155,44 +154,39 @@ pub async fn require_key(State(keys): State<Arc<Keys>>, mut req: Request, next: 
     resp
 }
 
-/// OpenAI's error shape, for `/v1`.
-pub(crate) fn openai_error(status: StatusCode, kind: &str, message: &str) -> Response {
-    let body = serde_json::json!({"error": {"message": message, "type": kind, "param": null, "code": null}});
-    let mut resp = (status, axum::Json(body)).into_response();
-    let class = match status {
-        StatusCode::BAD_REQUEST => ErrorClass::InvalidRequest,
-        StatusCode::UNAUTHORIZED => ErrorClass::Unauthorized,
-        StatusCode::FORBIDDEN => ErrorClass::Forbidden,
-        StatusCode::TOO_MANY_REQUESTS => ErrorClass::RateLimited,
-        _ => ErrorClass::ServerError,
-    };
-    resp.headers_mut().insert("x-keel-error-class", axum::http::HeaderValue::from_static(class.as_str()));
-    resp
+/// An error of `/v1` in the shape of the API at `path` (Anthropic's for
+/// `/v1/messages`, OpenAI's for the rest), with its own `type` values.
+pub(crate) fn v1_error(path: &str, class: ErrorClass, message: &str) -> Response {
+    keel_gateway::Shape::for_path(path).response(class, message)
 }
 
-/// The middleware of `/v1`: like [`require_key`], with errors in OpenAI's shape, and
+/// The middleware of `/v1`: like [`require_key`] (a key as `Authorization: Bearer` or
+/// `x-api-key`, as Anthropic's clients send it), with errors in each API's shape, and
 /// the caller's key name given to the gateway (per-key budgets) as an `ApiKeyId`.
 pub async fn require_key_v1(State(keys): State<Arc<Keys>>, mut req: Request, next: Next) -> Response {
+    let path = req.uri().path().to_owned();
     let Some(caller) = presented_key(&req).and_then(|k| keys.identify(k)) else {
         if !keys.stranger_allowed(&req) {
-            let mut r = openai_error(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_error",
+            let mut r = v1_error(
+                &path,
+                ErrorClass::RateLimited,
                 "too many requests without a valid API key from this address",
             );
             r.headers_mut().insert("retry-after", axum::http::HeaderValue::from_static("1"));
             return r;
         }
-        let message =
-            if presented_key(&req).is_some() { "the API key is not valid" } else { "an API key is required" };
-        return openai_error(StatusCode::UNAUTHORIZED, "authentication_error", message);
+        let message = if presented_key(&req).is_some() {
+            "the API key is not valid"
+        } else {
+            "an API key is required (Authorization: Bearer KEY, or x-api-key: KEY)"
+        };
+        return v1_error(&path, ErrorClass::Unauthorized, message);
     };
     if caller.require(&[Role::Agent]).is_err() {
-        return openai_error(StatusCode::FORBIDDEN, "permission_error", "this key may not call models");
+        return v1_error(&path, ErrorClass::Forbidden, "this key may not call models");
     }
     if keys.limiter.check_key(&caller.name).is_err() {
-        let mut r =
-            openai_error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "over the key's rate limit");
+        let mut r = v1_error(&path, ErrorClass::RateLimited, "over the key's rate limit");
         r.headers_mut().insert("retry-after", axum::http::HeaderValue::from_static("1"));
         r.extensions_mut().insert(caller);
         return r;

@@ -150,7 +150,7 @@ pub fn app(state: AppState) -> Router {
         .route("/assets/app.js", get(inbox::app_js))
         .route("/assets/style.css", get(inbox::style))
         .merge(protected)
-        .fallback(|| async { error::ApiError::new(keel_core::ErrorClass::NotFound, "no such route") })
+        .fallback(not_found)
         .layer(axum::Extension(issued.clone()))
         .layer(DefaultBodyLimit::max(state.config.server.body_limit))
         .with_state(state);
@@ -166,6 +166,18 @@ pub fn app(state: AppState) -> Router {
         None => main,
     };
     all.layer(axum::middleware::from_fn(log::requests))
+}
+
+/// An unknown route: under `/v1` in the model APIs' shape (an SDK calling an endpoint
+/// Keel does not serve, such as legacy `/v1/completions`), else in `/api`'s.
+async fn not_found(uri: axum::http::Uri) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let path = uri.path();
+    if path.starts_with("/v1/") {
+        let message = format!("Keel does not serve {path}");
+        return keel_gateway::Shape::for_path(path).response(keel_core::ErrorClass::NotFound, &message);
+    }
+    error::ApiError::new(keel_core::ErrorClass::NotFound, "no such route").into_response()
 }
 
 /// How often a server saves what its confidence gate learned.

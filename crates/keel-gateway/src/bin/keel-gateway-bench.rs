@@ -7,6 +7,11 @@
 //! `keel-gateway-bench ttft N` measures time to first token of N sequential streamed
 //! requests, straight to an in-process streaming fake upstream and through the
 //! gateway, and prints the medians and their difference.
+//!
+//! `keel-gateway-bench apis N` measures N sequential calls through the gateway on each
+//! inbound API — chat completions, Responses, Messages — whole and streamed (20
+//! tokens), against the same in-process fake, and prints each API's median and p99
+//! time to the whole answer and what its translation adds over chat completions.
 
 #![allow(clippy::print_stdout)] // a command-line tool: stdout is its output.
 
@@ -40,7 +45,8 @@ fn main() -> Result<(), Error> {
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["serve", config, addr, journal] => rt.block_on(serve(config, addr, journal)),
         ["ttft", n] => rt.block_on(ttft(n.parse()?)),
-        _ => Err("usage: keel-gateway-bench serve CONFIG ADDR JOURNAL_URL | ttft N".into()),
+        ["apis", n] => rt.block_on(apis(n.parse()?)),
+        _ => Err("usage: keel-gateway-bench serve CONFIG ADDR JOURNAL_URL | ttft N | apis N".into()),
     }
 }
 
@@ -85,11 +91,21 @@ async fn fake_stream() -> Result<String, Error> {
     body.push_str(&chunk("{}", "\"stop\""));
     body.push_str("data: {\"id\":\"chatcmpl-ttft\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[],\"usage\":{\"prompt_tokens\":10,\"completion_tokens\":20,\"total_tokens\":30}}\n\ndata: [DONE]\n\n");
     let body = Bytes::from(body);
+    let whole = Bytes::from_static(
+        br#"{"id":"chatcmpl-w","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7 tok8 tok9 tok10 tok11 tok12 tok13 tok14 tok15 tok16 tok17 tok18 tok19 "},"finish_reason":"stop"}],"usage":{"prompt_tokens":10,"completion_tokens":20,"total_tokens":30}}"#,
+    );
     let app = axum::Router::new().route(
         "/v1/chat/completions",
-        axum::routing::post(move || {
+        axum::routing::post(move |req: Bytes| {
             let body = body.clone();
+            let whole = whole.clone();
             async move {
+                if !req.windows(13).any(|w| w == b"\"stream\":true") {
+                    let mut resp = axum::response::Response::new(axum::body::Body::from(whole));
+                    resp.headers_mut()
+                        .insert("content-type", http::HeaderValue::from_static("application/json"));
+                    return resp;
+                }
                 let frames: Vec<Result<Bytes, Infallible>> = vec![Ok(body)];
                 let mut resp = axum::response::Response::new(axum::body::Body::from_stream(
                     futures_util::stream::iter(frames),
@@ -154,5 +170,82 @@ async fn ttft(n: usize) -> Result<(), Error> {
     println!("ttft_ms direct p50={:.3} p99={:.3}", pct(&direct, 0.5), pct(&direct, 0.99));
     println!("ttft_ms keel   p50={:.3} p99={:.3}", pct(&through, 0.5), pct(&through, 0.99));
     println!("ttft_ms added  p50={:.3}", pct(&through, 0.5) - pct(&direct, 0.5));
+    Ok(())
+}
+
+/// One sequential call's time to its whole answer (body read to the end).
+async fn timed(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    url: &str,
+    body: &Bytes,
+) -> Result<Duration, Error> {
+    let req =
+        http::Request::post(url).header("content-type", "application/json").body(Full::new(body.clone()))?;
+    let start = tokio::time::Instant::now();
+    let resp = client.request(req).await?;
+    if !resp.status().is_success() {
+        return Err(format!("{url}: {}", resp.status()).into());
+    }
+    let bytes = resp.into_body().collect().await?.to_bytes();
+    let elapsed = start.elapsed();
+    if !bytes.windows(5).any(|w| w == b"tok19") {
+        return Err(format!("{url}: an incomplete answer").into());
+    }
+    Ok(elapsed)
+}
+
+async fn apis(n: usize) -> Result<(), Error> {
+    let upstream = fake_stream().await?;
+    let mut models = BTreeMap::new();
+    models.insert("gpt".to_owned(), ModelConfig::new(Provider::Openai, format!("{upstream}/v1"), "m"));
+    let gateway = Arc::new(Gateway::builder(models).env(|_| None).build()?);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let keel = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(nodelay(listener), router(gateway)).await });
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let ask = "Count to twenty.";
+    let calls: Vec<(&str, &str, String)> = vec![
+        (
+            "chat",
+            "/v1/chat/completions",
+            format!(r#"{{"model":"gpt","messages":[{{"role":"user","content":"{ask}"}}],"max_tokens":64}}"#),
+        ),
+        (
+            "responses",
+            "/v1/responses",
+            format!(r#"{{"model":"gpt","input":"{ask}","store":false,"max_output_tokens":64}}"#),
+        ),
+        (
+            "messages",
+            "/v1/messages",
+            format!(r#"{{"model":"gpt","max_tokens":64,"messages":[{{"role":"user","content":"{ask}"}}]}}"#),
+        ),
+    ];
+    for stream in [false, true] {
+        let mut times: Vec<Vec<Duration>> = vec![Vec::with_capacity(n); calls.len()];
+        for i in 0..n + n / 10 {
+            // Each API in turn, so drift hits all alike; the first tenth warms up.
+            for (k, (_, path, body)) in calls.iter().enumerate() {
+                let body = if stream { body.replacen("{", r#"{"stream":true,"#, 1) } else { body.clone() };
+                let t = timed(&client, &format!("{keel}{path}"), &Bytes::from(body)).await?;
+                if i >= n / 10 {
+                    times[k].push(t);
+                }
+            }
+        }
+        let pct = |v: &mut Vec<Duration>, p: f64| {
+            v.sort_unstable();
+            v[((v.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e3
+        };
+        let chat = pct(&mut times[0], 0.5);
+        for (k, (name, _, _)) in calls.iter().enumerate() {
+            let (p50, p99) = (pct(&mut times[k], 0.5), pct(&mut times[k], 0.99));
+            let kind = if stream { "streamed" } else { "whole" };
+            println!(
+                "{kind:8} {name:9} p50_ms={p50:.3} p99_ms={p99:.3} added_vs_chat_p50_ms={:.3}",
+                p50 - chat
+            );
+        }
+    }
     Ok(())
 }

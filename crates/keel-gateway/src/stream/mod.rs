@@ -12,7 +12,13 @@
 //!    `stall_timeout` (`timeout`), an end without a finish reason, or an error event
 //!    is rescued on the next model of the chain, in this order:
 //!    - *prefill*: a model with `accepts_prefill = true` gets the request plus the
-//!      partial answer as a trailing assistant message and continues it;
+//!      partial answer as a trailing assistant message and continues it. The
+//!      continuation is checked at the seam ([`seam`]): one that starts over —
+//!      repeating the text already sent, or a long prefix of it — has the repeat
+//!      dropped (or, if it then diverges, counts as a failed rescue), and the model is
+//!      learned not to honour prefill (`prefill_restarts` in `/metrics`, rescue
+//!      `prefill_restarted` in the journal and the last chunk), so later rescues on it
+//!      splice;
 //!    - *splice*: another model regenerates from the start; its output is held until
 //!      it has reproduced exactly the text the client already has, and only the rest
 //!      is sent. If it diverges, the next model is tried;
@@ -278,10 +284,47 @@ impl Gateway {
     }
 }
 
+/// The bytes of already-sent text a continuation must repeat to count as a restart
+/// when it then diverges (a shorter match is taken for a continuation that happens
+/// to begin like the answer did).
+pub const RESTART_PREFIX: usize = 16;
+
+/// What the start of a prefill continuation says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Seam {
+    /// It matches the start of the sent text so far: hold it and read on.
+    Hold,
+    /// A real continuation: send it all.
+    Continue(String),
+    /// The model started over and repeated the sent text: send only what follows it.
+    Restart(String),
+    /// The model started over and then said something else: the client's text and
+    /// this answer cannot be joined.
+    Diverged,
+}
+
+/// Judges the held start `held` of a continuation of `sent`; `must_decide` when no
+/// more text will come before it is released (a finish reason, a tool call).
+pub fn seam(sent: &str, held: &str, must_decide: bool) -> Seam {
+    if held.len() >= sent.len() && held.starts_with(sent) {
+        return Seam::Restart(held[sent.len()..].to_owned());
+    }
+    let common: usize =
+        sent.chars().zip(held.chars()).take_while(|(a, b)| a == b).map(|(a, _)| a.len_utf8()).sum();
+    let long = common >= RESTART_PREFIX.min(sent.len());
+    if common == held.len() && !must_decide {
+        return Seam::Hold;
+    }
+    if long { Seam::Diverged } else { Seam::Continue(held.to_owned()) }
+}
+
 /// How a stream's output is being forwarded.
 enum Mode {
     /// Straight through.
     Direct,
+    /// A prefill continuation, held at the seam until [`seam`] can tell whether it
+    /// continues the sent text or starts over.
+    Seam { held: String },
     /// A restarted answer, held until it has reproduced `sent_text`.
     Splice { regenerated: String },
 }
@@ -390,7 +433,12 @@ impl Pump {
                     None => return self.finish_gone(&model, source.malformed),
                 },
             };
-            let splicing = matches!(mode, Mode::Splice { .. });
+            // A continuation still held at the seam must not end unjudged.
+            let splicing = match &mode {
+                Mode::Splice { .. } => true,
+                Mode::Seam { held } => !held.is_empty(),
+                Mode::Direct => false,
+            };
             let failure = match next {
                 Err(_) => {
                     Failure::new(ErrorClass::Timeout, format!("the upstream stalled: no chunk for {stall:?}"))
@@ -480,7 +528,7 @@ impl Pump {
                 return Rescue::Gone;
             }
             let Some(next) = self.route.take_chain(&gateway, &from, class) else { return Rescue::Failed };
-            let prefill = next.config.accepts_prefill && !self.sent_text.is_empty();
+            let prefill = next.takes_prefill() && !self.sent_text.is_empty();
             let req = if prefill {
                 match self
                     .req
@@ -503,7 +551,7 @@ impl Pump {
                     trace::answered(&span, attempts);
                     self.route.attempts += attempts;
                     let (mode, how) = if prefill {
-                        (Mode::Direct, "prefill")
+                        (Mode::Seam { held: String::new() }, "prefill")
                     } else {
                         (Mode::Splice { regenerated: String::new() }, "splice")
                     };
@@ -530,6 +578,25 @@ impl Pump {
         }
         if let Some(usage) = piece.usage.take() {
             self.usage = Some(usage);
+        }
+        if let Mode::Seam { held } = mode {
+            if let Some(text) = piece.content.take() {
+                held.push_str(&text);
+            }
+            let must_decide = piece.finish_reason.is_some() || piece.tool_calls.is_some();
+            match seam(&self.sent_text, held, must_decide) {
+                Seam::Hold => return Forwarded::Ok,
+                Seam::Continue(text) => piece.content = Some(text),
+                Seam::Restart(rest) => {
+                    self.prefill_restarted(model);
+                    piece.content = Some(rest);
+                }
+                Seam::Diverged => {
+                    self.prefill_restarted(model);
+                    return Forwarded::Diverged;
+                }
+            }
+            *mode = Mode::Direct;
         }
         if let Mode::Splice { regenerated } = mode {
             if piece.tool_calls.is_some() {
@@ -582,6 +649,20 @@ impl Pump {
         }
         let frame = self.chunk(&model.name, &piece);
         if self.send(frame).await { Forwarded::Ok } else { Forwarded::Gone }
+    }
+
+    /// `model` restarted its answer instead of continuing the prefill: learned (later
+    /// rescues on it splice), counted and journaled.
+    fn prefill_restarted(&mut self, model: &Model) {
+        if !model.prefill_ignored.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(
+                model = %model.name,
+                "the model restarted its answer instead of continuing the prefill: later rescues on it \
+                 splice (learned in memory; set `accepts_prefill = false` for it in keel.toml)"
+            );
+        }
+        bump(&model.counters.prefill_restarts, 1);
+        self.rescue = Some("prefill_restarted");
     }
 
     fn assemble_tool_calls(&mut self, raw: &RawValue) {
@@ -725,4 +806,34 @@ fn frame(json: &str) -> Bytes {
     out.extend_from_slice(json.as_bytes());
     out.extend_from_slice(b"\n\n");
     Bytes::from(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{RESTART_PREFIX, Seam, seam};
+
+    #[test]
+    fn the_seam_tells_a_continuation_from_a_restart() {
+        let sent = "The answer is";
+        // A continuation differs from the sent text's start at once.
+        assert_eq!(seam(sent, " 42.", false), Seam::Continue(" 42.".into()));
+        // A restart is held while it repeats, then only the rest goes out.
+        assert_eq!(seam(sent, "The ans", false), Seam::Hold);
+        assert_eq!(seam(sent, "The answer is", false), Seam::Restart(String::new()));
+        assert_eq!(seam(sent, "The answer is 42.", false), Seam::Restart(" 42.".into()));
+        // A short match that diverges is a continuation that began like the answer.
+        assert_eq!(seam(sent, "The end", false), Seam::Continue("The end".into()));
+        // A long repeat that diverges cannot be joined to what the client has.
+        let long = "Paris is the capital of France, and";
+        assert!(long.len() > RESTART_PREFIX);
+        assert_eq!(seam(long, "Paris is the capital of Italy", false), Seam::Diverged);
+        // The end (or a tool call) forces a decision on a held repeat.
+        assert_eq!(seam(long, "Paris is the capital", true), Seam::Diverged);
+        assert_eq!(seam(long, "Par", true), Seam::Continue("Par".into()));
+        assert_eq!(seam(sent, "", true), Seam::Continue(String::new()));
+        // Characters, not bytes: no cut inside a multi-byte one.
+        assert_eq!(seam("été", "ét", false), Seam::Hold);
+        assert_eq!(seam("été", "étéx", false), Seam::Restart("x".into()));
+        assert_eq!(seam("été", "éa", false), Seam::Continue("éa".into()));
+    }
 }

@@ -8,6 +8,9 @@
 //! as the agent wrote them.
 
 pub mod anthropic;
+pub mod chunks;
+pub mod messages;
+pub mod responses;
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -353,19 +356,13 @@ pub(crate) fn parse_answer(body: &[u8], model: &str) -> Result<ParsedAnswer, Fai
     Ok(ParsedAnswer { body: out, summary })
 }
 
-/// The OpenAI error body: `{"error": {"message", "type", "param", "code"}}`.
+/// The OpenAI error body: `{"error": {"message", "type", "param", "code", "keel_class"}}`.
 pub fn error_body(class: ErrorClass, message: &str) -> serde_json::Value {
-    let code = match class {
-        ErrorClass::ContextOverflow => "context_length_exceeded",
-        ErrorClass::Refusal => "content_policy_violation",
-        ErrorClass::RateLimited => "rate_limit_exceeded",
-        ErrorClass::BudgetExceeded => "insufficient_quota",
-        other => other.as_str(),
-    };
-    serde_json::json!({
-        "error": { "message": message, "type": class.as_str(), "param": null, "code": code }
-    })
+    crate::error::Shape::Openai.body(class, message)
 }
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod hostile_tests;

@@ -212,7 +212,7 @@ async fn a_budget_refusal_says_not_to_retry() {
     let served = serve_with(vec![("gpt", model(&fake, "m"))], run_budget(10)).await;
     for body in [ask("gpt"), ask_stream("gpt")] {
         let a = post_chat(&served.url, body, &[("x-keel-run", RUN)]).await;
-        assert_eq!((a.status, a.json()["error"]["type"].as_str()), (429, Some("budget_exceeded")));
+        assert_eq!((a.status, a.json()["error"]["keel_class"].as_str()), (429, Some("budget_exceeded")));
         assert_eq!(a.header("x-should-retry"), "false");
         assert_eq!(a.header("retry-after"), "", "a budget over the process's life never refills");
     }
@@ -235,7 +235,7 @@ async fn calls_the_budget_refused_are_not_turns() {
         last = Some(post_chat(&served.url, ask("gpt"), &[("x-keel-run", RUN)]).await);
     }
     let a = last.unwrap();
-    assert_eq!(a.json()["error"]["type"], ErrorClass::BudgetExceeded.as_str(), "{}", a.text);
+    assert_eq!(a.json()["error"]["keel_class"], ErrorClass::BudgetExceeded.as_str(), "{}", a.text);
     assert_eq!(fake.hits(), 5);
 }
 

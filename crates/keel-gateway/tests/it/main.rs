@@ -1,6 +1,7 @@
 //! keel-gateway's integration tests: the gateway on loopback against fake upstreams.
 
 mod anthropic;
+mod apis;
 mod budgets;
 mod journal;
 mod policy;

@@ -55,9 +55,9 @@ async fn models_are_listed_and_unknown_ones_are_not_found() {
     );
     let a = post_chat(&served.url, ask("nope"), &[]).await;
     assert_eq!(a.status, 404);
-    assert_eq!(a.json()["error"]["type"], "not_found");
+    assert_eq!(a.json()["error"]["keel_class"], "not_found");
     let bad = post_chat(&served.url, json!({"model": "a"}), &[]).await;
-    assert_eq!((bad.status, bad.json()["error"]["type"].as_str()), (400, Some("invalid_request")));
+    assert_eq!((bad.status, bad.json()["error"]["keel_class"].as_str()), (400, Some("invalid_request")));
     assert_eq!(fake.hits(), 0);
 }
 
@@ -160,7 +160,7 @@ async fn a_hung_model_with_a_fallback_is_left_at_once() {
     let served = serve(vec![("alone", alone)]).await;
     let a = post_chat(&served.url, ask("alone"), &[]).await;
     assert_eq!(
-        (a.status, a.json()["error"]["type"].as_str(), a.header("x-keel-attempts")),
+        (a.status, a.json()["error"]["keel_class"].as_str(), a.header("x-keel-attempts")),
         (504, Some("timeout"), "2")
     );
 }
@@ -333,7 +333,7 @@ async fn run_budgets_are_reserved_from_max_tokens_and_settled_from_usage() {
     // A request whose token limit cannot fit is refused before any upstream call.
     body["max_tokens"] = json!(5000);
     let a = post_chat(&served.url, body.clone(), &[("x-keel-run", "run-1")]).await;
-    assert_eq!((a.status, a.json()["error"]["type"].as_str()), (429, Some("budget_exceeded")));
+    assert_eq!((a.status, a.json()["error"]["keel_class"].as_str()), (429, Some("budget_exceeded")));
     assert_eq!(fake.hits(), 1);
     // Another run has its own budget.
     body["max_tokens"] = json!(100);

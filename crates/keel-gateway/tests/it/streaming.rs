@@ -95,6 +95,60 @@ async fn a_cut_stream_continues_on_a_fallback_that_accepts_prefill() {
 }
 
 #[tokio::test]
+async fn a_prefill_fallback_that_restarts_its_answer_sends_no_text_twice_and_is_spliced_onto_next_time() {
+    let primary = Fake::start().await;
+    primary.always(Reply::Cut(vec!["The capital", " of France"]));
+    let backup = Fake::start().await;
+    // Says it takes a prefill, but answers from the start whatever it is given.
+    backup.always(Reply::Text(vec!["The capital of", " France is", " Paris."]));
+    let mut gpt = model(&primary, "m");
+    gpt.fallbacks = vec!["backup".into()];
+    let mut b = model(&backup, "b");
+    b.accepts_prefill = true;
+    let served = serve(vec![("gpt", gpt), ("backup", b)]).await;
+    assert_eq!(served.gateway.takes_prefill("backup"), Some(true));
+    let a = post_chat(&served.url, ask_stream("gpt"), &[]).await;
+    assert_eq!(a.streamed_text(), "The capital of France is Paris.", "the repeat was dropped at the seam");
+    assert_eq!(a.finish_reasons(), ["stop"]);
+    let last: Value = serde_json::from_str(&a.events()[a.events().len() - 2]).unwrap();
+    assert_eq!(last["keel"]["rescue"], "prefill_restarted", "{last}");
+    assert_eq!(served.journal.records()[0].rescue.as_deref(), Some("prefill_restarted"));
+    assert_eq!(served.gateway.metrics().models["backup"].prefill_restarts, 1);
+    // Learned: the next rescue on it regenerates and splices, no prefill sent.
+    assert_eq!(served.gateway.takes_prefill("backup"), Some(false));
+    let a = post_chat(&served.url, ask_stream("gpt"), &[]).await;
+    assert_eq!(a.streamed_text(), "The capital of France is Paris.");
+    let last_messages = backup.seen()[1].body["messages"].as_array().unwrap().clone();
+    assert_eq!(last_messages.last().unwrap()["role"], "user", "no prefill the second time");
+    assert_eq!(served.journal.records()[1].rescue.as_deref(), Some("splice"));
+    assert_eq!(served.gateway.metrics().models["backup"].rescued_splice, 1);
+}
+
+#[tokio::test]
+async fn a_prefill_restart_that_diverges_is_not_joined_to_the_sent_text() {
+    let primary = Fake::start().await;
+    primary.always(Reply::Cut(vec!["The capital of France", " is a city"]));
+    let backup = Fake::start().await;
+    backup.always(Reply::Text(vec!["The capital of France is", " Paris."]));
+    let mut gpt = model(&primary, "m");
+    gpt.fallbacks = vec!["backup".into()];
+    let mut b = model(&backup, "b");
+    b.accepts_prefill = true;
+    let served = serve(vec![("gpt", gpt), ("backup", b)]).await;
+    let a = post_chat(&served.url, ask_stream("gpt"), &[]).await;
+    assert_eq!(
+        a.streamed_text(),
+        "The capital of France is a city",
+        "nothing of the restart reached the client"
+    );
+    let events = a.events();
+    let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["keel_class"], "network", "the original failure is reported: {last}");
+    assert!(a.finish_reasons().is_empty(), "a cut answer never ends with a finish reason");
+    assert_eq!(served.gateway.takes_prefill("backup"), Some(false));
+}
+
+#[tokio::test]
 async fn a_cut_stream_is_regenerated_and_spliced_without_duplicate_text() {
     let primary = Fake::start().await;
     primary.always(Reply::Cut(vec!["One, two,", " three,"]));
@@ -133,7 +187,7 @@ async fn an_unrescuable_stream_ends_with_an_error_event_naming_the_original_fail
     assert_eq!(a.streamed_text(), "Partial answer", "no text of the diverging fallback leaks");
     assert!(a.finish_reasons().is_empty(), "never finish_reason stop on a cut stream: {}", a.text);
     let last: Value = serde_json::from_str(a.events().last().unwrap()).unwrap();
-    assert_eq!(last["error"]["type"], "network", "the original failure, not the fallback's: {last}");
+    assert_eq!(last["error"]["keel_class"], "network", "the original failure, not the fallback's: {last}");
     assert!(last["error"]["message"].as_str().unwrap().contains("diverged"), "{last}");
     assert!(!a.text.contains("[DONE]"));
 
@@ -141,7 +195,7 @@ async fn an_unrescuable_stream_ends_with_an_error_event_naming_the_original_fail
     let served = serve(vec![("gpt", model(&primary, "m"))]).await;
     let a = post_chat(&served.url, ask_stream("gpt"), &[]).await;
     let last: Value = serde_json::from_str(a.events().last().unwrap()).unwrap();
-    assert_eq!(last["error"]["type"], "network");
+    assert_eq!(last["error"]["keel_class"], "network");
     let record = &served.journal.records()[0];
     assert_eq!(record.error.as_ref().map(|e| e.0), Some(ErrorClass::Network));
     assert_eq!(served.gateway.metrics().models["gpt"].rescue_failed, 1);
@@ -228,7 +282,7 @@ async fn the_loop_guard_sees_streamed_tool_calls() {
     }
     let a = post_chat(&served.url, ask_stream("gpt"), &run).await;
     let last: Value = serde_json::from_str(a.events().last().unwrap()).unwrap();
-    assert_eq!(last["error"]["type"], "loop_detected", "{}", a.text);
+    assert_eq!(last["error"]["keel_class"], "loop_detected", "{}", a.text);
     assert!(!a.text.contains("[DONE]"));
 }
 

@@ -17,7 +17,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::post as route_post;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use keel_gateway::{Gateway, GatewayConfig, MemoryJournal, ModelConfig, Provider, router};
@@ -427,10 +427,37 @@ async fn anthropic(State(state): State<Arc<FakeState>>, headers: HeaderMap, body
     resp
 }
 
+/// OpenAI's `/embeddings`: a 3-dimensional vector per input, 4 prompt tokens billed
+/// per input; `Status` and `Hang` as for chat.
+async fn embeddings(State(state): State<Arc<FakeState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let fake = Fake { url: String::new(), state };
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    let model = body["model"].as_str().unwrap_or("?").to_owned();
+    let inputs = match &body["input"] {
+        Value::Array(a) => a.len(),
+        _ => 1,
+    };
+    match fake.next("/v1/embeddings", headers, body) {
+        Reply::Hang => std::future::pending().await,
+        Reply::Status { code, retry_after, body } => status(code, retry_after, body),
+        _ => {
+            let prompt = 4 * inputs as u64;
+            fake.bill(prompt, 0);
+            let data: Vec<Value> = (0..inputs)
+                .map(|i| json!({"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]}))
+                .collect();
+            axum::Json(json!({"object": "list", "data": data, "model": model,
+                              "usage": {"prompt_tokens": prompt, "total_tokens": prompt}}))
+            .into_response()
+        }
+    }
+}
+
 fn fake_app(state: Arc<FakeState>) -> Router {
     Router::new()
-        .route("/v1/chat/completions", post(openai))
-        .route("/v1/messages", post(anthropic))
+        .route("/v1/chat/completions", route_post(openai))
+        .route("/v1/messages", route_post(anthropic))
+        .route("/v1/embeddings", route_post(embeddings))
         .with_state(state)
 }
 
@@ -550,6 +577,20 @@ impl Answer {
         self.text.split("\n\n").filter_map(|e| e.strip_prefix("data: ")).map(str::to_owned).collect()
     }
 
+    /// The named events of an SSE body (`event: NAME` + `data: JSON`), in order.
+    pub(crate) fn named_events(&self) -> Vec<(String, Value)> {
+        self.text
+            .split("\n\n")
+            .filter(|e| !e.trim().is_empty())
+            .map(|e| {
+                let (name, data) = e.split_once('\n').unwrap_or_else(|| panic!("not a named event: {e}"));
+                let name = name.strip_prefix("event: ").unwrap_or_else(|| panic!("not a named event: {e}"));
+                let data = data.strip_prefix("data: ").unwrap_or_else(|| panic!("no data: {e}"));
+                (name.to_owned(), serde_json::from_str(data).unwrap_or_else(|err| panic!("{err}: {data}")))
+            })
+            .collect()
+    }
+
     /// The text of a streamed answer.
     pub(crate) fn streamed_text(&self) -> String {
         self.events()
@@ -572,8 +613,28 @@ impl Answer {
 
 /// Posts `body` to the gateway's chat completions, with extra headers.
 pub(crate) async fn post_chat(url: &str, body: Value, headers: &[(&str, &str)]) -> Answer {
+    post(url, "/v1/chat/completions", body, headers).await
+}
+
+/// Posts `body` to `path` of the gateway, with extra headers.
+pub(crate) async fn post(url: &str, path: &str, body: Value, headers: &[(&str, &str)]) -> Answer {
+    post_raw(url, path, body.to_string(), headers).await
+}
+
+/// Gets `path` of the gateway.
+#[allow(dead_code)]
+pub(crate) async fn get(url: &str, path: &str) -> Answer {
+    let resp = reqwest::Client::new().get(format!("{url}{path}")).send().await.unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let text = resp.text().await.unwrap();
+    Answer { status, headers, text }
+}
+
+/// Posts a raw body to `path` of the gateway, with extra headers.
+pub(crate) async fn post_raw(url: &str, path: &str, body: String, headers: &[(&str, &str)]) -> Answer {
     let client = reqwest::Client::new();
-    let mut req = client.post(format!("{url}/v1/chat/completions")).json(&body);
+    let mut req = client.post(format!("{url}{path}")).header("content-type", "application/json").body(body);
     for (k, v) in headers {
         req = req.header(*k, *v);
     }

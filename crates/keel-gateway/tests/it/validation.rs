@@ -51,7 +51,7 @@ async fn truncated_output_is_corrected_before_the_agent_sees_it() {
     gpt.correct = 0;
     let served = serve(vec![("gpt", gpt)]).await;
     let a = post_chat(&served.url, ask("gpt"), &[]).await;
-    assert_eq!((a.status, a.json()["error"]["type"].as_str()), (502, Some("truncated_output")));
+    assert_eq!((a.status, a.json()["error"]["keel_class"].as_str()), (502, Some("truncated_output")));
 }
 
 #[tokio::test]
@@ -89,7 +89,7 @@ async fn a_call_to_a_tool_never_offered_is_unknown_tool() {
     let a = post_chat(&served.url, with_weather_tool("gpt"), &[]).await;
     assert_eq!(a.status, 502);
     let e = &a.json()["error"];
-    assert_eq!(e["type"], "unknown_tool");
+    assert_eq!((e["type"].as_str(), e["keel_class"].as_str()), (Some("server_error"), Some("unknown_tool")));
     assert!(e["message"].as_str().unwrap().contains("delete_everything"), "{e}");
     assert_eq!(fake.hits(), 1);
 }
@@ -103,7 +103,7 @@ async fn the_loop_guard_stops_a_run_repeating_the_same_tool_call() {
     assert_eq!(post_chat(&served.url, with_weather_tool("gpt"), &run).await.status, 200);
     assert_eq!(post_chat(&served.url, with_weather_tool("gpt"), &run).await.status, 200);
     let a = post_chat(&served.url, with_weather_tool("gpt"), &run).await;
-    assert_eq!((a.status, a.json()["error"]["type"].as_str()), (409, Some("loop_detected")));
+    assert_eq!((a.status, a.json()["error"]["keel_class"].as_str()), (409, Some("loop_detected")));
     assert!(a.json()["error"]["message"].as_str().unwrap().contains("same call"), "{}", a.text);
     // Without a run there is nothing to guard.
     assert_eq!(post_chat(&served.url, with_weather_tool("gpt"), &[]).await.status, 200);

@@ -402,16 +402,19 @@ pub async fn require_issued_run(
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     let named = req.headers().get(keel_gateway::RUN_HEADER).map(|v| v.to_str().map(str::to_owned));
+    let path = req.uri().path().to_owned();
     let (Some(caller), Some(named)) = (req.extensions().get::<Caller>().cloned(), named) else {
         return next.run(req).await;
     };
     match runs.check(&caller, named.as_deref().map_err(|_| ())).await {
         Ok(_) => next.run(req).await,
         Err(RunRefused::Invalid(message)) => {
-            crate::auth::openai_error(StatusCode::BAD_REQUEST, "invalid_request_error", &message)
+            crate::auth::v1_error(&path, keel_core::ErrorClass::InvalidRequest, &message)
         }
-        Err(RunRefused::Unavailable(message)) => {
-            crate::auth::openai_error(StatusCode::SERVICE_UNAVAILABLE, "api_error", &message)
-        }
+        Err(RunRefused::Unavailable(message)) => keel_gateway::Shape::for_path(&path).response_with(
+            StatusCode::SERVICE_UNAVAILABLE,
+            keel_core::ErrorClass::ServerError,
+            &message,
+        ),
     }
 }

@@ -285,7 +285,7 @@ async fn a_run_id_must_be_issued_to_the_key_so_its_budget_cannot_be_dodged() {
     assert_eq!(chat(&s, AGENT, Some(&run_id)).await.0, 200);
     let (status, over) = chat(&s, AGENT, Some(&run_id)).await;
     assert_eq!(
-        (status, over["error"]["type"].as_str()),
+        (status, over["error"]["keel_class"].as_str()),
         (429, Some("budget_exceeded")),
         "the run's budget (1 attempt) is spent: {over}"
     );
@@ -361,7 +361,7 @@ async fn oversized_bodies_answer_json_everywhere() {
     let resp = s.http.post(s.url("/v1/chat/completions")).bearer_auth(AGENT).body(huge).send().await.unwrap();
     assert_eq!(resp.status(), 413);
     let e: Value = resp.json().await.expect("a JSON body");
-    assert_eq!(e["error"]["type"], "invalid_request", "OpenAI's shape, as every gateway error: {e}");
+    assert_eq!(e["error"]["keel_class"], "invalid_request", "OpenAI's shape, as every gateway error: {e}");
     assert!(e["error"]["message"].as_str().unwrap().contains("length limit"), "{e}");
 }
 

@@ -233,3 +233,72 @@ async fn the_gateways_gate_and_calls_are_saved_at_shutdown() {
     let called = calls.events.iter().filter(|e| e.event.kind() == "model_called").count();
     assert_eq!(called, 3, "every call record was flushed before exit");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_messages_api_takes_the_key_as_x_api_key_and_answers_in_anthropics_shape() {
+    let base = upstream().await;
+    let s = Server::start(
+        Faults::default(),
+        &format!("[models.small]\nprovider = \"openai\"\nbase_url = \"{base}\"\nmodel = \"up-small\"\n"),
+    )
+    .await;
+    let body = json!({"model": "small", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]});
+    let url = s.url("/v1/messages");
+    let resp = s.http.post(&url).json(&body).send().await.unwrap();
+    assert_eq!(resp.status(), 401);
+    let e: Value = resp.json().await.unwrap();
+    assert_eq!(
+        (e["type"].as_str(), e["error"]["type"].as_str()),
+        (Some("error"), Some("authentication_error")),
+        "{e}"
+    );
+    let resp = s.http.post(&url).header("x-api-key", "wrong").json(&body).send().await.unwrap();
+    assert_eq!(resp.status(), 401);
+    // Roles hold whatever header carries the key.
+    let resp = s.http.post(&url).header("x-api-key", APPROVER).json(&body).send().await.unwrap();
+    assert_eq!(resp.status(), 403);
+    let e: Value = resp.json().await.unwrap();
+    assert_eq!(e["error"]["type"], "permission_error", "{e}");
+
+    let resp = s.http.post(&url).header("x-api-key", AGENT).json(&body).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let answer: Value = resp.json().await.unwrap();
+    assert_eq!(answer["content"], json!([{"type": "text", "text": "hello"}]), "{answer}");
+    assert_eq!(answer["usage"], json!({"input_tokens": 3, "output_tokens": 1}));
+    // A run Keel did not issue, refused in the API's shape.
+    let resp = s
+        .http
+        .post(&url)
+        .header("x-api-key", AGENT)
+        .header("x-keel-run", "made-up")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let e: Value = resp.json().await.unwrap();
+    assert_eq!(e["error"]["type"], "invalid_request_error", "{e}");
+
+    // The Responses API and models/{id} under the same keys, in OpenAI's shape.
+    let resp = s
+        .http
+        .post(s.url("/v1/responses"))
+        .bearer_auth(AGENT)
+        .json(&json!({"model": "small", "input": "hi", "store": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let answer: Value = resp.json().await.unwrap();
+    assert_eq!(answer["output"][0]["content"][0]["text"], "hello", "{answer}");
+    assert_eq!(s.get(Some(AGENT), "/v1/models/small").await.0, 200);
+    let (status, e) = s.get(Some(AGENT), "/v1/models/nope").await;
+    assert_eq!((status, e["error"]["code"].as_str()), (404, Some("model_not_found")), "{e}");
+    // An endpoint Keel does not serve, in the API's shape too.
+    let (status, e) =
+        s.post(Some(AGENT), "/v1/completions", Some(json!({"model": "small", "prompt": "hi"}))).await;
+    assert_eq!((status, e["error"]["type"].as_str()), (404, Some("invalid_request_error")), "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("/v1/completions"), "{e}");
+    let (status, e) = s.get(Some(AGENT), "/api/nope").await;
+    assert_eq!((status, e["class"].as_str()), (404, Some("not_found")), "{e}");
+}

@@ -19,7 +19,8 @@ for stream in (False, True):
         client.chat.completions.create(model="gpt", messages=messages, stream=stream)
     except openai.RateLimitError as e:
         assert e.response.headers["x-should-retry"] == "false", e.response.headers
-        assert e.body["type"] == "budget_exceeded", e.body
+        assert e.body["keel_class"] == "budget_exceeded", e.body
+        assert e.body["type"] == "insufficient_quota", e.body
     else:
         raise AssertionError("the budget should have refused the call")
 print("ok")
