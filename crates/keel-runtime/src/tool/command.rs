@@ -171,14 +171,21 @@ impl Scratch {
         &self.0
     }
 
+    /// A command's: `keel-tool-PID-RANDOM` in the temp directory.
     pub(crate) fn create() -> std::io::Result<Scratch> {
+        static SWEPT: std::sync::Once = std::sync::Once::new();
+        Self::create_as("keel-tool-", &SWEPT)
+    }
+
+    /// A fresh `{prefix}PID-RANDOM`; the first of a process sweeps away those of dead
+    /// processes with the same prefix (each kind of tool sweeps its own).
+    pub(crate) fn create_as(prefix: &str, swept: &std::sync::Once) -> std::io::Result<Scratch> {
         use std::os::unix::fs::DirBuilderExt;
         let base = std::env::temp_dir();
-        static SWEPT: std::sync::Once = std::sync::Once::new();
-        SWEPT.call_once(|| sweep(&base));
+        swept.call_once(|| sweep(&base, prefix));
         let mut last = None;
         for _ in 0..8 {
-            let dir = base.join(format!("keel-tool-{}-{:016x}", std::process::id(), fastrand::u64(..)));
+            let dir = base.join(format!("{prefix}{}-{:016x}", std::process::id(), fastrand::u64(..)));
             match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
                 Ok(()) => return Ok(Scratch(dir)),
                 Err(e) => last = Some(e),
@@ -190,12 +197,11 @@ impl Scratch {
 
 /// Removes the scratch directories a killed Keel left behind (its watcher killed the
 /// tool, but nobody removed the directory): those whose process is gone.
-fn sweep(base: &std::path::Path) {
+fn sweep(base: &std::path::Path, prefix: &str) {
     let Ok(entries) = std::fs::read_dir(base) else { return };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(pid) =
-            name.to_str().and_then(|n| n.strip_prefix("keel-tool-")).and_then(|r| r.split('-').next())
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(prefix)).and_then(|r| r.split('-').next())
         else {
             continue;
         };

@@ -97,6 +97,16 @@ def main():
         poll.register(outcome_fd, select.POLLOUT)
         if any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poll.poll(0)):
             exit_now(1)
+    # No set-uid program can give the program back what the launcher gave up (bwrap
+    # sets this too; under rlimits nothing else does).
+    try:
+        import ctypes
+
+        if ctypes.CDLL(None, use_errno=True).prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+            fail("LauncherError", "cannot set no_new_privs: errno %d" % ctypes.get_errno())
+    except ImportError:
+        if drop is not None:
+            fail("LauncherError", "ctypes is needed to drop root safely")
     # After the drop: the scratch directory is nobody's, and root without
     # CAP_DAC_OVERRIDE (bwrap's) cannot enter it.
     os.chdir(cfg["cwd"])

@@ -116,8 +116,16 @@ impl Sandbox {
         if !self.processes_contained {
             w.push("a process the program starts in a new session may outlive the call".into());
         }
-        if !self.filesystem_isolated && self.drop_to.is_none() {
-            w.push("the program runs as Keel's user and can read and write that user's files".into());
+        match (self.filesystem_isolated, self.drop_to) {
+            (true, _) => {}
+            (false, Some(_)) => w.push(
+                "filesystem not isolated (no bwrap): the program, as nobody, can read world-readable files \
+                 and write world-writable directories such as /tmp"
+                    .into(),
+            ),
+            (false, None) => {
+                w.push("filesystem not isolated (no bwrap): the program runs as Keel's user and can read and write that user's files".into());
+            }
         }
         w
     }
@@ -292,7 +300,8 @@ impl Sandbox {
 
     /// A fresh scratch directory the program (perhaps as nobody) can write.
     pub(crate) fn scratch(&self) -> std::io::Result<Scratch> {
-        let s = Scratch::create()?;
+        static SWEPT: std::sync::Once = std::sync::Once::new();
+        let s = Scratch::create_as("keel-code-", &SWEPT)?;
         if let Some(uid) = self.drop_to {
             std::os::unix::fs::chown(s.path(), Some(uid), Some(uid))?;
         }
@@ -301,7 +310,7 @@ impl Sandbox {
 }
 
 /// Whether this process runs as root (the owner of `/proc/self` is its euid).
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
 }
 

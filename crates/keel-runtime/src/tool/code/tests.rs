@@ -82,7 +82,13 @@ async fn a_result_comes_back_with_the_programs_output_and_the_isolation() {
         assert_eq!(out["result"], json!({"total": 6}));
         assert_eq!(out["stdout"], "adding 3\n");
         assert_eq!(out["isolation"], mode.as_str());
-        assert!(out.get("warnings").is_none(), "{}: {out}", mode.as_str());
+        // What a mode does not isolate is said in the answer; bwrap leaves nothing out.
+        match mode {
+            Isolation::Bwrap => assert!(out.get("warnings").is_none(), "{out}"),
+            Isolation::Rlimits => {
+                assert!(out["warnings"].to_string().contains("filesystem not isolated"), "{out}");
+            }
+        }
     }
 }
 
@@ -211,6 +217,27 @@ async fn a_host_secret_in_the_environment_is_not_seen() {
     }
     drop(holder.stdin.take());
     holder.wait().unwrap();
+}
+
+#[tokio::test]
+async fn the_program_runs_unprivileged_and_cannot_gain_privileges() {
+    let program = "import os\nstatus = dict(l.split(':\\t', 1) for l in open('/proc/self/status').read().splitlines() if ':\\t' in l)\n\
+                   result = {'uid': os.getuid(), 'euid': os.geteuid(), 'nnp': status['NoNewPrivs'].strip(), \
+                   'caps': status['CapEff'].strip()}\n";
+    for (mode, t) in tools("") {
+        let out = run(&t, program, Value::Null).await.unwrap();
+        let r = &out["result"];
+        assert_eq!(r["nnp"], "1", "{}: {r}", mode.as_str());
+        assert_eq!(r["caps"], "0000000000000000", "{}: {r}", mode.as_str());
+        if super::sandbox::is_root() {
+            assert_eq!(
+                (r["uid"].as_u64(), r["euid"].as_u64()),
+                (Some(65534), Some(65534)),
+                "{}: {r}",
+                mode.as_str()
+            );
+        }
+    }
 }
 
 #[tokio::test]
