@@ -134,7 +134,7 @@ impl Sandbox {
     pub fn describe(&self) -> String {
         let mut what = vec!["cpu/memory/process/file limits"];
         if self.filesystem_isolated {
-            what.push("read-only filesystem but the scratch directory");
+            what.push("sees only /usr, the interpreter and its scratch directory");
         }
         if self.network_isolated {
             what.push("no network");
@@ -401,9 +401,11 @@ fn probe(sandbox: &Sandbox, lang: Option<&str>) -> Result<(), String> {
     let (_, out, err) = run_bounded(cmd, input.as_bytes(), Duration::from_secs(20))?;
     match serde_json::from_str::<Value>(&out) {
         Ok(v) if v["ok"] == true && v["result"] == 1 => Ok(()),
-        Ok(v) => {
-            Err(format!("{}: {}", v["error"]["type"].as_str().unwrap_or("error"), v["error"]["message"]))
-        }
+        Ok(v) => Err(format!(
+            "{}: {}",
+            v["error"]["type"].as_str().unwrap_or("error"),
+            v["error"]["message"].as_str().unwrap_or("")
+        )),
         Err(_) => Err(if err.is_empty() { "no answer".to_owned() } else { err }),
     }
 }

@@ -396,3 +396,30 @@ fn code_error_kind_reads_the_type_back_only_from_code_errors() {
     assert_eq!(code_error_kind(&f(ErrorClass::CodeError, "not a type: x")), None);
     assert_eq!(code_error_kind(&f(ErrorClass::Timeout, "KeyError: 'x'")), None);
 }
+
+#[tokio::test]
+async fn output_is_capped_and_kept_apart_from_the_result() {
+    for (mode, t) in tools("max_output = 1000") {
+        let program = "import sys\nfor i in range(100000):\n    print('line', i)\nsys.stderr.write('to stderr\\n')\n\
+                       result = {'printed': 100000}\n";
+        let out = run(&t, program, Value::Null).await.unwrap();
+        assert_eq!(out["result"], json!({"printed": 100000}), "{}", mode.as_str());
+        let printed = out["stdout"].as_str().unwrap();
+        assert!(printed.starts_with("line 0\nline 1\n"), "{printed}");
+        assert!(printed.len() < 1100 && printed.ends_with("[output cut at 1000 bytes]"), "{printed}");
+    }
+}
+
+#[test]
+fn the_readmes_code_tool_example_is_a_valid_config() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md")).unwrap();
+    let section = &readme[readme.find("### Sandboxed code").expect("the README documents the code tool")..];
+    let block = section.split("```toml\n").nth(1).and_then(|b| b.split("```").next()).unwrap();
+    let config =
+        Config::parse(block, Path::new("keel.toml"), &env).unwrap_or_else(|e| panic!("{e}\n{block}"));
+    match &config.tools["py"].kind {
+        ToolKind::Code(c) => assert_eq!(c.limits, super::Limits::default()),
+        other => panic!("{other:?}"),
+    }
+}
