@@ -98,8 +98,11 @@ pub struct Sandbox {
     pub filesystem_isolated: bool,
     /// The uid the launcher drops to (Keel is root), if any.
     pub drop_to: Option<u32>,
-    /// `unshare` and its arguments before the interpreter, in rlimits mode.
-    unshare: Vec<&'static str>,
+    /// bwrap, found on Keel's PATH (bwrap mode).
+    bwrap: PathBuf,
+    /// `unshare` (found on Keel's PATH) and its arguments before the interpreter, in
+    /// rlimits mode.
+    unshare: Vec<OsString>,
     python: Python,
 }
 
@@ -275,7 +278,7 @@ impl Sandbox {
                 }
                 a.push("--".into());
                 a.extend(launcher);
-                ("bwrap".into(), a, Vec::new(), PathBuf::from("/"))
+                (self.bwrap.clone().into_os_string(), a, Vec::new(), PathBuf::from("/"))
             }
             Isolation::Rlimits => {
                 let dir = scratch.display().to_string();
@@ -288,7 +291,7 @@ impl Sandbox {
                     env.push(("LANG".to_owned(), lang.to_owned()));
                 }
                 let (program, mut args): (OsString, Vec<OsString>) = match self.unshare.split_first() {
-                    Some((u, rest)) => ((*u).into(), rest.iter().map(OsString::from).collect()),
+                    Some((u, rest)) => (u.clone(), rest.to_vec()),
                     None => (launcher[0].clone(), Vec::new()),
                 };
                 let skip = usize::from(self.unshare.is_empty());
@@ -410,7 +413,7 @@ fn probe(sandbox: &Sandbox, lang: Option<&str>) -> Result<(), String> {
     }
 }
 
-type Cache = Mutex<HashMap<(String, IsolationRequest), Result<Arc<Sandbox>, String>>>;
+type Cache = Mutex<HashMap<(String, IsolationRequest, Option<String>), Result<Arc<Sandbox>, String>>>;
 
 /// The sandbox for `python` with the `wanted` isolation on this machine.
 ///
@@ -425,7 +428,7 @@ pub(crate) fn resolve(
 ) -> Result<Arc<Sandbox>, String> {
     static CACHE: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
     let cache = CACHE.get_or_init(Cache::default);
-    let key = (python.to_owned(), wanted);
+    let key = (python.to_owned(), wanted, env("PATH"));
     if let Some(found) = cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&key) {
         return found.clone();
     }
@@ -443,18 +446,24 @@ fn find(
     let root = is_root();
     let lang = env("LANG");
     let drop_to = root.then_some(NOBODY);
+    let path = env("PATH");
+    let bwrap_exe = which("bwrap", path.as_deref());
     let bwrap = Sandbox {
         isolation: Isolation::Bwrap,
         network_isolated: true,
         processes_contained: true,
         filesystem_isolated: true,
         drop_to,
+        bwrap: bwrap_exe.clone().unwrap_or_default(),
         unshare: Vec::new(),
         python: python.clone(),
     };
-    let bwrap_problem = match wanted {
-        IsolationRequest::Rlimits => None,
-        IsolationRequest::Auto | IsolationRequest::Bwrap => match probe(&bwrap, lang.as_deref()) {
+    let bwrap_problem = match (wanted, &bwrap_exe) {
+        (IsolationRequest::Rlimits, _) => None,
+        (IsolationRequest::Auto | IsolationRequest::Bwrap, None) => {
+            Some("`bwrap` is not on PATH (Debian's package `bubblewrap`)".to_owned())
+        }
+        (IsolationRequest::Auto | IsolationRequest::Bwrap, Some(_)) => match probe(&bwrap, lang.as_deref()) {
             Ok(()) => return Ok(bwrap),
             Err(e) => Some(e),
         },
@@ -462,21 +471,28 @@ fn find(
     if let (IsolationRequest::Bwrap, Some(problem)) = (wanted, &bwrap_problem) {
         return Err(format!("bwrap (bubblewrap) cannot run a program here: {problem}"));
     }
-    let unshare: Vec<&'static str> = if root {
-        vec!["unshare", "--net", "--pid", "--fork", "--kill-child", "--"]
+    let flags: &[&str] = if root {
+        &["--net", "--pid", "--fork", "--kill-child", "--"]
     } else {
-        vec!["unshare", "--user", "--map-root-user", "--net", "--pid", "--fork", "--kill-child", "--"]
+        &["--user", "--map-root-user", "--net", "--pid", "--fork", "--kill-child", "--"]
     };
+    let unshare_exe = which("unshare", path.as_deref());
+    let unshare: Vec<OsString> = unshare_exe
+        .iter()
+        .map(|u| u.clone().into_os_string())
+        .chain(flags.iter().map(OsString::from))
+        .collect();
     let contained = Sandbox {
         isolation: Isolation::Rlimits,
         network_isolated: true,
         processes_contained: true,
         filesystem_isolated: false,
         drop_to,
+        bwrap: PathBuf::new(),
         unshare,
         python: python.clone(),
     };
-    if probe(&contained, lang.as_deref()).is_ok() {
+    if unshare_exe.is_some() && probe(&contained, lang.as_deref()).is_ok() {
         return Ok(contained);
     }
     let bare =

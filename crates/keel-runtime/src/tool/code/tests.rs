@@ -423,3 +423,35 @@ fn the_readmes_code_tool_example_is_a_valid_config() {
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test]
+async fn without_bwrap_on_path_bwrap_is_refused_at_load_and_auto_says_what_is_not_isolated() {
+    // Keel's PATH holds only the system's python3: no bwrap, no unshare.
+    let dir = tempfile::tempdir().unwrap();
+    if std::os::unix::fs::symlink("/usr/bin/python3", dir.path().join("python3")).is_err()
+        || !Path::new("/usr/bin/python3").exists()
+    {
+        #[allow(clippy::print_stderr)]
+        {
+            eprintln!("SKIPPED: no /usr/bin/python3 here");
+        }
+        return;
+    }
+    let path = dir.path().to_str().unwrap().to_owned();
+    let env = |name: &str| if name == "PATH" { Some(path.clone()) } else { env(name) };
+    let parse = |text: &str| Config::parse(text, Path::new("keel.toml"), &env);
+
+    // Asked for bwrap, which cannot run: the config is refused, by key and line.
+    let e = parse("[tools.py]\nkind = \"code\"\nisolation = \"bwrap\"\n").unwrap_err().to_string();
+    assert!(e.contains("keel.toml:3: tools.py.isolation:") && e.contains("`bwrap` is not on PATH"), "{e}");
+
+    // auto falls back to rlimits and says, at load and in every answer, what it lacks.
+    let config = parse("[tools.py]\nkind = \"code\"\n").unwrap();
+    let warnings: Vec<String> = config.warnings.iter().map(ToString::to_string).collect();
+    assert!(warnings.iter().any(|w| w.contains("network not isolated")), "{warnings:?}");
+    assert!(warnings.iter().any(|w| w.contains("may outlive the call")), "{warnings:?}");
+    let t = config.tools["py"].clone();
+    let out = run(&t, "result = 2 + 2\n", Value::Null).await.unwrap();
+    assert_eq!((out["result"].as_u64(), out["isolation"].as_str()), (Some(4), Some("rlimits")), "{out}");
+    assert!(out["warnings"].to_string().contains("network not isolated"), "{out}");
+}
