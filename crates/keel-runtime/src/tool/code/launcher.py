@@ -71,8 +71,6 @@ def main():
     resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
     resource.setrlimit(resource.RLIMIT_NPROC, (procs, procs))
-    if cfg.get("new_session"):
-        os.setsid()
     drop = cfg.get("drop_to")
     if drop is not None and os.geteuid() == 0:
         # Root is exempt from RLIMIT_NPROC and owns every root file: never run as it.
@@ -97,6 +95,10 @@ def main():
         poll.register(outcome_fd, select.POLLOUT)
         if any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poll.poll(0)):
             exit_now(1)
+    # Only now, with the parent-death signal set again, leave Keel's process group
+    # (and its terminal): until here a kill of the group reaches the launcher.
+    if cfg.get("new_session"):
+        os.setsid()
     # No set-uid program can give the program back what the launcher gave up (bwrap
     # sets this too; under rlimits nothing else does).
     try:
