@@ -14,10 +14,11 @@
 //!   namespace and drops every capability.
 //! - **rlimits**: the interpreter as a child process with the same limits, in the
 //!   scratch directory, as `nobody` when Keel is root; wrapped in `unshare --net
-//!   --pid --fork --kill-child` (plus `--user --map-root-user` when not root) when
-//!   that works here, so it still has no network and nothing it starts outlives it
-//!   (the launcher then leaves Keel's session and terminal).
-//!   Without `unshare` the answer and the log say what is not isolated.
+//!   --pid --fork --kill-child --mount-proc` (plus `--user --map-root-user` when not
+//!   root; without `--mount-proc` if that alone fails) when that works here, so it
+//!   still has no network, sees only its own processes, and nothing it starts
+//!   outlives it (the launcher then leaves Keel's session and terminal). Without
+//!   `unshare` the answer and the log say what is not isolated.
 //!
 //! The probe runs the real launcher with a tiny program that imports a module the
 //! launcher did not (so the interpreter's library is readable after dropping root);
@@ -96,6 +97,8 @@ pub struct Sandbox {
     pub processes_contained: bool,
     /// Whether the program sees only the sandbox's files (bwrap).
     pub filesystem_isolated: bool,
+    /// Whether its /proc shows only its own processes.
+    pub own_proc: bool,
     /// The uid the launcher drops to (Keel is root), if any.
     pub drop_to: Option<u32>,
     /// bwrap, found on Keel's PATH (bwrap mode).
@@ -118,6 +121,9 @@ impl Sandbox {
         }
         if !self.processes_contained {
             w.push("a process the program starts in a new session may outlive the call".into());
+        }
+        if !self.own_proc {
+            w.push("the program sees the host's processes (and their command lines) in /proc".into());
         }
         match (self.filesystem_isolated, self.drop_to) {
             (true, _) => {}
@@ -143,7 +149,7 @@ impl Sandbox {
             what.push("no network");
         }
         if self.processes_contained {
-            what.push("own pid namespace");
+            what.push(if self.own_proc { "own pid namespace and /proc" } else { "own pid namespace" });
         }
         if self.drop_to.is_some() {
             what.push("runs as nobody");
@@ -453,6 +459,7 @@ fn find(
         network_isolated: true,
         processes_contained: true,
         filesystem_isolated: true,
+        own_proc: true,
         drop_to,
         bwrap: bwrap_exe.clone().unwrap_or_default(),
         unshare: Vec::new(),
@@ -471,32 +478,40 @@ fn find(
     if let (IsolationRequest::Bwrap, Some(problem)) = (wanted, &bwrap_problem) {
         return Err(format!("bwrap (bubblewrap) cannot run a program here: {problem}"));
     }
-    let flags: &[&str] = if root {
-        &["--net", "--pid", "--fork", "--kill-child", "--"]
-    } else {
-        &["--user", "--map-root-user", "--net", "--pid", "--fork", "--kill-child", "--"]
-    };
-    let unshare_exe = which("unshare", path.as_deref());
-    let unshare: Vec<OsString> = unshare_exe
-        .iter()
-        .map(|u| u.clone().into_os_string())
-        .chain(flags.iter().map(OsString::from))
-        .collect();
-    let contained = Sandbox {
+    let user: &[&str] = if root { &[] } else { &["--user", "--map-root-user"] };
+    let mut contained = Sandbox {
         isolation: Isolation::Rlimits,
         network_isolated: true,
         processes_contained: true,
         filesystem_isolated: false,
+        own_proc: true,
         drop_to,
         bwrap: PathBuf::new(),
-        unshare,
+        unshare: Vec::new(),
         python: python.clone(),
     };
-    if unshare_exe.is_some() && probe(&contained, lang.as_deref()).is_ok() {
-        return Ok(contained);
+    if let Some(unshare) = which("unshare", path.as_deref()) {
+        // With a /proc of its own when it can (the program then cannot read the host's
+        // processes' command lines), else the host's.
+        for own_proc in [true, false] {
+            let proc: &[&str] = if own_proc { &["--mount-proc"] } else { &[] };
+            let flags = [user, &["--net", "--pid", "--fork", "--kill-child"], proc, &["--"]].concat();
+            contained.own_proc = own_proc;
+            contained.unshare = std::iter::once(unshare.clone().into_os_string())
+                .chain(flags.iter().map(OsString::from))
+                .collect();
+            if probe(&contained, lang.as_deref()).is_ok() {
+                return Ok(contained);
+            }
+        }
     }
-    let bare =
-        Sandbox { network_isolated: false, processes_contained: false, unshare: Vec::new(), ..contained };
+    let bare = Sandbox {
+        network_isolated: false,
+        processes_contained: false,
+        own_proc: false,
+        unshare: Vec::new(),
+        ..contained
+    };
     match probe(&bare, lang.as_deref()) {
         Ok(()) => Ok(bare),
         Err(e) if root => Err(format!(

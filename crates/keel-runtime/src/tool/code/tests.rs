@@ -201,10 +201,14 @@ async fn a_host_secret_in_the_environment_is_not_seen() {
                    for pid in os.listdir('/proc'):\n    if pid.isdigit():\n        try:\n            \
                    data = open('/proc/%s/environ' % pid, 'rb').read()\n        except OSError:\n            \
                    continue\n        if b'keel-test-secret' in data:\n            found.append(pid)\n\
-                   result = {'found': found, 'env': sorted(os.environ)}\n";
+                   result = {'found': found, 'env': sorted(os.environ), \
+                   'pids': [p for p in os.listdir('/proc') if p.isdigit()]}\n";
     for (mode, t) in tools("") {
         let out = run(&t, program, Value::Null).await.unwrap();
         assert_eq!(out["result"]["found"], json!([]), "{}: {out}", mode.as_str());
+        // Its /proc is its own: the host's processes (the holder among them) are not there.
+        let pids = out["result"]["pids"].as_array().unwrap();
+        assert!(pids.len() <= 2, "{}: the program sees {} processes: {out}", mode.as_str(), pids.len());
         let names: Vec<&str> =
             out["result"]["env"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
         for name in &names {
