@@ -26,3 +26,15 @@ fi
 if [ -z "${KEEL_TEST_POSTGRES_URL:-}" ]; then
   echo "== postgresql binaries: $(ls -d /usr/lib/postgresql/*/bin | tail -n 1)"
 fi
+
+# bubblewrap: the code tool's sandbox (`isolation = "auto"` uses it when it works;
+# its tests run both it and the rlimits fallback). Debian's `bubblewrap`.
+if ! command -v bwrap >/dev/null; then
+  echo "== installing bubblewrap (Debian package)"
+  keel_sudo=""
+  if [ "$(id -u)" -ne 0 ]; then keel_sudo="sudo"; fi
+  $keel_sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $keel_sudo apt-get install -y -qq bubblewrap >/dev/null
+  unset keel_sudo
+fi
+echo "== bubblewrap: $(bwrap --version 2>/dev/null || echo 'not available: code tools fall back to rlimits')"

@@ -93,13 +93,30 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Config { action: ConfigAction::Check } => {
             let config = Config::load(&cli.config)?;
             warn_all(&config);
+            // Which sandbox each code tool's programs run in on this machine.
+            let sandboxes: Vec<(&String, String)> = config
+                .tools
+                .iter()
+                .filter_map(|(name, t)| match &t.kind {
+                    keel_runtime::tool::ToolKind::Code(c) => Some((name, c.sandbox.describe())),
+                    _ => None,
+                })
+                .collect();
             if cli.json {
                 let warnings: Vec<String> = config.warnings.iter().map(ToString::to_string).collect();
-                emit_json(
-                    &json!({"ok": true, "tools": config.tools.keys().collect::<Vec<_>>(), "warnings": warnings}),
-                );
+                let isolation: serde_json::Map<String, serde_json::Value> =
+                    sandboxes.iter().map(|(n, d)| ((*n).clone(), json!(d))).collect();
+                emit_json(&json!({
+                    "ok": true,
+                    "tools": config.tools.keys().collect::<Vec<_>>(),
+                    "warnings": warnings,
+                    "code_isolation": isolation,
+                }));
             } else {
                 print(&format!("{}: ok ({} tools)", cli.config.display(), config.tools.len()));
+                for (name, sandbox) in &sandboxes {
+                    print(&format!("  code tool `{name}`: isolation {sandbox}"));
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -1,6 +1,6 @@
-//! Attacks on command tools through the real `keel` binary: a tool reads no secret of
-//! Keel's environment, dies with a SIGKILLed keel, and a config that puts a parameter
-//! into shell code is warned about.
+//! Attacks on command and code tools through the real `keel` binary: a tool reads no
+//! secret of Keel's environment, dies with a SIGKILLed keel, and a config that puts a
+//! parameter into shell code is warned about.
 
 use std::time::Duration;
 
@@ -70,6 +70,56 @@ env_from = {{ SHOWN = "DECLARED_FOR_THE_TOOL" }}
     }
 }
 
+/// A program that looks for secrets everywhere it can: its environment and every
+/// process's it can read.
+const SNOOP: &str = "import os\nseen = dict(os.environ)\nfor pid in os.listdir('/proc'):\n    if pid.isdigit():\n        try:\n            seen[pid] = open('/proc/%s/environ' % pid, 'rb').read().decode('latin-1')\n        except OSError:\n            pass\nresult = seen\n";
+
+#[test]
+fn a_code_tool_program_reads_none_of_keels_secrets_and_config_check_names_its_isolation() {
+    let b = Bench::new(
+        Faults::default(),
+        &format!(
+            "{TOOLS}\n[server]\nkeys = [{{ name = \"bot\", key_env = \"KEEL_AGENT_KEY\", role = \"agent\" }}]\n\n[tools.py]\nkind = \"code\"\ntimeout = \"20s\"\n"
+        ),
+    );
+    let keel = |args: &[&str]| {
+        let mut cmd = b.command(args);
+        for (k, v) in SECRETS {
+            cmd.env(k, v);
+        }
+        crate::support::Run::from(cmd.output().unwrap())
+    };
+    let check = keel(&["config", "check"]);
+    assert_eq!(check.code, 0, "{check:?}");
+    let line = check
+        .stdout
+        .lines()
+        .find(|l| l.contains("code tool `py`: isolation "))
+        .unwrap_or_else(|| panic!("{check:?}"));
+    let json: serde_json::Value = serde_json::from_str(&keel(&["config", "check", "--json"]).stdout).unwrap();
+    let isolation = json["code_isolation"]["py"].as_str().unwrap().to_owned();
+    assert!(isolation.starts_with("bwrap (") || isolation.starts_with("rlimits ("), "{json}");
+    assert!(line.ends_with(&isolation), "{line} / {isolation}");
+
+    let program = serde_json::to_string(SNOOP).unwrap();
+    let plan =
+        b.write("plan.toml", &format!("[[steps]]\ntool = \"py\"\nparams = {{ program = {program} }}\n"));
+    let out = keel(&["run", plan.to_str().unwrap()]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let show = keel(&["runs", "show", &out.run_id(), "--json"]);
+    let export: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
+    let output = &export["state"]["steps"][0]["output"];
+    assert!(output["result"].is_object(), "the program ran: {output}");
+    assert_eq!(output["isolation"].as_str(), isolation.split(' ').next(), "{output}");
+    let seen = output["result"].to_string();
+    let journal = std::fs::read(b.path("keel.db")).unwrap();
+    for (name, secret) in SECRETS {
+        assert!(!seen.contains(secret), "`{name}` reached the program:\n{seen}");
+        let found = journal.windows(secret.len()).any(|w| w == secret.as_bytes());
+        assert!(!found, "`{name}` is in the journal file");
+    }
+}
+
 #[test]
 fn a_command_tool_dies_with_a_sigkilled_keel_and_its_side_effect_never_happens() {
     let b = Bench::new(
@@ -125,6 +175,63 @@ argv = ["true"]
     let out = b.keel(&["run", quick.to_str().unwrap()]);
     assert_eq!(out.code, 0, "{out:?}");
     assert!(!left(), "the stale scratch directory was removed");
+}
+
+/// Live processes whose command line holds `token`.
+fn processes_with(token: &str) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            alive(*pid) && String::from_utf8_lossy(&cmdline).contains(token)
+        })
+        .collect()
+}
+
+#[test]
+fn a_code_tool_program_and_what_it_started_die_with_a_sigkilled_keel() {
+    // Each isolation mode; rlimits as root runs as nobody, so with the system's python.
+    for (mode, python) in [("bwrap", "python3"), ("rlimits", "/usr/bin/python3")] {
+        let b = Bench::new(
+            Faults::default(),
+            &format!(
+                "{TOOLS}\n[tools.py]\nkind = \"code\"\nisolation = \"{mode}\"\npython = \"{python}\"\ntimeout = \"5m\"\n\n\
+                 [tools.py.policy]\ntimeout = {{ attempt = \"10m\" }}\n"
+            ),
+        );
+        let check = b.keel(&["config", "check"]);
+        if check.code != 0 {
+            #[allow(clippy::print_stderr)]
+            {
+                eprintln!("SKIPPED the {mode} mode: it cannot run here: {}", check.stderr);
+            }
+            continue;
+        }
+        // A child in a session of its own, and the program waiting on nothing.
+        let token = format!("1000.{:09}", fastrand::u32(..1_000_000_000));
+        let program = format!(
+            "import subprocess, threading\nsubprocess.Popen(['sleep', '{token}'], start_new_session=True, \
+             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\nthreading.Event().wait()\n"
+        );
+        let plan = b.write(
+            "plan.toml",
+            &format!(
+                "[[steps]]\ntool = \"py\"\nparams = {{ program = {} }}\n",
+                serde_json::to_string(&program).unwrap()
+            ),
+        );
+        let (mut child, _run_id, _lines) = b.spawn(&["run", plan.to_str().unwrap()]);
+        eventually("the program's child to start", Duration::from_secs(30), || {
+            !processes_with(&token).is_empty()
+        });
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).unwrap();
+        child.wait().unwrap();
+        eventually(&format!("{mode}: the program's child to die with keel"), Duration::from_secs(10), || {
+            processes_with(&token).is_empty()
+        });
+    }
 }
 
 #[test]

@@ -30,8 +30,9 @@ use keel_core::policy::{Checks, PolicyError};
 use raw::{RawConfig, ToolConfig, ToolKindName};
 use serde::Deserialize;
 
+use crate::tool::code::Limits as CodeLimits;
 use crate::tool::command::{CALL_ENV_PREFIX, INHERITED_ENV};
-use crate::tool::{CommandTool, HttpTool, Tool, ToolKind};
+use crate::tool::{CodeTool, CommandTool, HttpTool, Tool, ToolKind};
 use error::{Spans, line_of};
 
 /// A validated `keel.toml`.
@@ -828,13 +829,12 @@ fn tool_from(
         })
     });
 
-    let (command_only, http_only): (&[KeySet<'_>], &[KeySet<'_>]) = (
+    let (command_only, http_only, code_only): (&[KeySet<'_>], &[KeySet<'_>], &[KeySet<'_>]) = (
         &[
             ("argv", t.argv.is_some()),
             ("cwd", t.cwd.is_some()),
             ("env", !t.env.is_empty()),
             ("env_from", !t.env_from.is_empty()),
-            ("max_output", t.max_output.is_some()),
             ("params_on_stdin", t.params_on_stdin),
             ("classify", t.classify.is_some()),
         ],
@@ -848,16 +848,39 @@ fn tool_from(
             ("client_cert_file", t.client_cert_file.is_some()),
             ("client_key_file", t.client_key_file.is_some()),
         ],
+        &[
+            ("timeout", t.timeout.is_some()),
+            ("cpu_seconds", t.cpu_seconds.is_some()),
+            ("memory_mb", t.memory_mb.is_some()),
+            ("max_processes", t.max_processes.is_some()),
+            ("max_file_mb", t.max_file_mb.is_some()),
+            ("isolation", t.isolation.is_some()),
+            ("result_schema", t.result_schema.is_some()),
+            ("python", t.python.is_some()),
+        ],
     );
-    let (wrong, kind_name) = match t.kind {
-        ToolKindName::Command => (http_only, "command"),
-        ToolKindName::Http => (command_only, "http"),
+    let max_output: &[KeySet<'_>] = &[("max_output", t.max_output.is_some())];
+    let (wrong, kind_name): (Vec<&[KeySet<'_>]>, &str) = match t.kind {
+        ToolKindName::Command => (vec![http_only, code_only], "command"),
+        ToolKindName::Http => (vec![command_only, code_only, max_output], "http"),
+        ToolKindName::Code => (vec![command_only, http_only], "code"),
     };
-    for (k, set) in wrong {
+    for (k, set) in wrong.into_iter().flatten() {
         if *set {
             let line = c.spans.find_key(&key(k)).or(at);
             c.error(line, key(k), format!("does not apply to a tool of kind `{kind_name}`"));
         }
+    }
+    let mut params_schema = t.params.clone();
+    let mut validator = validator;
+    if t.kind == ToolKindName::Code {
+        if t.params.is_some() {
+            let line = c.spans.find_key(&key("params")).or(at);
+            c.error(line, key("params"), "is fixed for a tool of kind `code`: `{ program, input }`");
+        }
+        let schema = crate::tool::code::params_schema();
+        validator = jsonschema::validator_for(&schema).ok();
+        params_schema = Some(schema);
     }
 
     let kind = match t.kind {
@@ -986,6 +1009,7 @@ fn tool_from(
                 ToolKind::Http(HttpTool::new(method, url, headers, t.body.clone(), client))
             })
         }
+        ToolKindName::Code => code_tool(c, name, t, at, policy.as_ref(), env).map(ToolKind::Code),
     };
 
     if c.errors.len() > before {
@@ -1002,9 +1026,104 @@ fn tool_from(
         cost,
         fallback,
         policy: policy?,
-        params_schema: t.params.clone(),
+        params_schema,
         validator: validator.map(Arc::new),
         kind: kind?,
+    })
+}
+
+/// A `kind = "code"` tool's limits, result schema and sandbox; every absurd value
+/// named by its key.
+fn code_tool(
+    c: &mut Checker<'_>,
+    name: &str,
+    t: &ToolConfig,
+    at: Option<usize>,
+    policy: Option<&PolicyConfig>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Option<CodeTool> {
+    let before = c.errors.len();
+    let key = |k: &str| format!("tools.{name}.{k}");
+    let d = CodeLimits::default();
+    let mut range = |k: &str, v: Option<u64>, lo: u64, hi: u64, default: u64, unit: &str| match v {
+        Some(v) if !(lo..=hi).contains(&v) => {
+            let line = c.spans.find_key(&key(k)).or(at);
+            c.error(line, key(k), format!("must be from {lo} to {hi}{unit} (got {v})"));
+            default
+        }
+        Some(v) => v,
+        None => default,
+    };
+    let cpu_seconds = range("cpu_seconds", t.cpu_seconds, 1, 3600, d.cpu_seconds, " seconds");
+    let memory_mb = range("memory_mb", t.memory_mb, 64, 65_536, d.memory_mb, " MiB");
+    let max_processes =
+        range("max_processes", t.max_processes.map(u64::from), 1, 4096, u64::from(d.max_processes), "");
+    let max_file_mb = range("max_file_mb", t.max_file_mb, 1, 65_536, d.max_file_mb, " MiB");
+    let max_output =
+        range("max_output", t.max_output.map(|v| v as u64), 1, 64 << 20, d.max_output as u64, " bytes");
+    let timeout = t.timeout.unwrap_or(d.timeout);
+    if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&timeout) {
+        let line = c.spans.find_key(&key("timeout")).or(at);
+        c.error(
+            line,
+            key("timeout"),
+            format!("must be from 100ms to 1h (got {})", humantime::format_duration(timeout)),
+        );
+    }
+    if let Some(attempt) = policy.and_then(|p| p.timeout.attempt).filter(|a| *a < timeout) {
+        c.warn(
+            at,
+            key("timeout"),
+            format!(
+                "the tool's policy ends an attempt at {} (`policy.timeout.attempt`), before the program's own {} \
+                 limit: a long program fails as `timeout`, not as a `code_error` a model can repair",
+                humantime::format_duration(attempt),
+                humantime::format_duration(timeout)
+            ),
+        );
+    }
+    let result_schema = t.result_schema.as_ref().and_then(|schema| match jsonschema::validator_for(schema) {
+        Ok(v) => Some(Arc::new(v)),
+        Err(e) => {
+            let line = c.spans.find_key(&key("result_schema")).or(at);
+            c.error(line, key("result_schema"), format!("not a valid JSON Schema: {e}"));
+            None
+        }
+    });
+    let python = t.python.clone().unwrap_or_else(|| "python3".to_owned());
+    if python.trim().is_empty() || python.contains('\0') {
+        c.error(at, key("python"), "must name an interpreter (\"python3\" or a path)");
+    }
+    if c.errors.len() > before {
+        return None;
+    }
+    let wanted = t.isolation.unwrap_or_default();
+    let sandbox = match crate::tool::code::sandbox::resolve(&python, wanted, env) {
+        Ok(s) => s,
+        Err(problem) => {
+            let k = if t.isolation.is_some() { "isolation" } else { "python" };
+            let line = c.spans.find_key(&key(k)).or(at);
+            c.error(line, key(k), problem);
+            return None;
+        }
+    };
+    tracing::info!(tool = name, isolation = sandbox.isolation.as_str(), sandbox = %sandbox.describe(), "code tool");
+    for w in sandbox.warnings() {
+        tracing::warn!(tool = name, isolation = sandbox.isolation.as_str(), "code tool: {w}");
+        c.warn(at, key("isolation"), w);
+    }
+    Some(CodeTool {
+        limits: CodeLimits {
+            timeout,
+            cpu_seconds,
+            memory_mb,
+            max_processes: u32::try_from(max_processes).unwrap_or(d.max_processes),
+            max_file_mb,
+            max_output: usize::try_from(max_output).unwrap_or(d.max_output),
+        },
+        sandbox,
+        result_schema,
+        lang: env("LANG"),
     })
 }
 

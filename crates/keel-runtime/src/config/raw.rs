@@ -321,6 +321,8 @@ pub enum ToolKindName {
     Command,
     /// An HTTP endpoint.
     Http,
+    /// Model-written Python, run in a sandbox.
+    Code,
 }
 
 /// When a tool's call needs a person's approval.
@@ -387,7 +389,7 @@ pub enum FixedApproval {
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ToolConfig {
-    /// `command` or `http`.
+    /// `command`, `http` or `code`.
     pub kind: ToolKindName,
     /// What the tool does, for people and models.
     #[serde(default)]
@@ -457,7 +459,8 @@ pub struct ToolConfig {
     /// otherwise).
     #[serde(default)]
     pub params_on_stdin: bool,
-    /// command: the most bytes kept of stdout and of stderr each.
+    /// command: the most bytes kept of stdout and of stderr each. code: of the
+    /// program's output (stdout and stderr together), 64 KiB by default.
     #[serde(default)]
     pub max_output: Option<usize>,
     /// command: how exits and stderr map to error classes.
@@ -493,4 +496,35 @@ pub struct ToolConfig {
     /// http: the PEM file of `client_cert_file`'s private key.
     #[serde(default)]
     pub client_key_file: Option<PathBuf>,
+
+    /// code: the wall time of one run, "10s" by default ("100ms" to "1h"); past it
+    /// the program is killed (a `code_error`, `WallTimeExceeded`).
+    #[serde(default, with = "humantime_serde")]
+    #[schemars(with = "Option<String>")]
+    pub timeout: Option<Duration>,
+    /// code: CPU seconds of one run (1 to 3600; default 10).
+    #[serde(default)]
+    pub cpu_seconds: Option<u64>,
+    /// code: the address space of the program, MiB (64 to 65536; default 512).
+    #[serde(default)]
+    pub memory_mb: Option<u64>,
+    /// code: processes and threads the program may run at once, itself included
+    /// (1 to 4096; default 32). RLIMIT_NPROC counts per user: when Keel runs as root,
+    /// programs run as `nobody`, and every process of `nobody` counts.
+    #[serde(default)]
+    pub max_processes: Option<u32>,
+    /// code: the largest file the program may write, MiB (1 to 65536; default 16).
+    #[serde(default)]
+    pub max_file_mb: Option<u64>,
+    /// code: `auto` (bubblewrap when it works on this machine, else rlimits),
+    /// `bwrap` (refused at load when bubblewrap cannot run: never less isolated than
+    /// asked) or `rlimits`.
+    #[serde(default)]
+    pub isolation: Option<crate::tool::code::IsolationRequest>,
+    /// code: a JSON Schema the program's `result` must match (else a `code_error`).
+    #[serde(default)]
+    pub result_schema: Option<serde_json::Value>,
+    /// code: the Python interpreter, a name on PATH or a path ("python3").
+    #[serde(default)]
+    pub python: Option<String>,
 }

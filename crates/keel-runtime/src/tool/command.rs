@@ -163,17 +163,29 @@ pub(crate) fn shell_templates(argv: &[String]) -> Vec<(usize, String)> {
 }
 
 /// A fresh empty directory, private to this user, removed when dropped.
-struct Scratch(std::path::PathBuf);
+pub(crate) struct Scratch(std::path::PathBuf);
 
 impl Scratch {
-    fn create() -> std::io::Result<Scratch> {
+    /// Where it is.
+    pub(crate) fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+
+    /// A command's: `keel-tool-PID-RANDOM` in the temp directory.
+    pub(crate) fn create() -> std::io::Result<Scratch> {
+        static SWEPT: std::sync::Once = std::sync::Once::new();
+        Self::create_as("keel-tool-", &SWEPT)
+    }
+
+    /// A fresh `{prefix}PID-RANDOM`; the first of a process sweeps away those of dead
+    /// processes with the same prefix (each kind of tool sweeps its own).
+    pub(crate) fn create_as(prefix: &str, swept: &std::sync::Once) -> std::io::Result<Scratch> {
         use std::os::unix::fs::DirBuilderExt;
         let base = std::env::temp_dir();
-        static SWEPT: std::sync::Once = std::sync::Once::new();
-        SWEPT.call_once(|| sweep(&base));
+        swept.call_once(|| sweep(&base, prefix));
         let mut last = None;
         for _ in 0..8 {
-            let dir = base.join(format!("keel-tool-{}-{:016x}", std::process::id(), fastrand::u64(..)));
+            let dir = base.join(format!("{prefix}{}-{:016x}", std::process::id(), fastrand::u64(..)));
             match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
                 Ok(()) => return Ok(Scratch(dir)),
                 Err(e) => last = Some(e),
@@ -185,12 +197,11 @@ impl Scratch {
 
 /// Removes the scratch directories a killed Keel left behind (its watcher killed the
 /// tool, but nobody removed the directory): those whose process is gone.
-fn sweep(base: &std::path::Path) {
+fn sweep(base: &std::path::Path, prefix: &str) {
     let Ok(entries) = std::fs::read_dir(base) else { return };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(pid) =
-            name.to_str().and_then(|n| n.strip_prefix("keel-tool-")).and_then(|r| r.split('-').next())
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(prefix)).and_then(|r| r.split('-').next())
         else {
             continue;
         };
@@ -225,6 +236,149 @@ async fn read_capped(reader: Option<impl AsyncRead + Unpin>, cap: usize) -> (Vec
     (kept, truncated)
 }
 
+/// How a program run in its own group ended.
+pub(crate) struct Ran {
+    /// Its exit status.
+    pub(crate) status: std::process::ExitStatus,
+    /// What it wrote to stdout, up to the cap.
+    pub(crate) stdout: Vec<u8>,
+    /// Whether stdout went past the cap.
+    pub(crate) stdout_cut: bool,
+    /// What it wrote to stderr, up to the cap.
+    pub(crate) stderr: Vec<u8>,
+    /// Whether stderr went past the cap.
+    pub(crate) stderr_cut: bool,
+    /// Whether it was killed at the deadline [`run_in_group`] was given.
+    pub(crate) timed_out: bool,
+}
+
+/// How long a group killed at its deadline has to close its pipes before the call
+/// stops waiting for them (a process that left the group may hold them for ever).
+const KILLED_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Why [`run_in_group`] has no [`Ran`].
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum GroupError {
+    /// The program could not be started.
+    #[error("cannot start the program: {0}")]
+    Start(std::io::Error),
+    /// The watcher could not be started, or has no pid.
+    #[error("cannot start the tool's watcher: {0}")]
+    Watcher(std::io::Error),
+    /// Waiting for the program failed.
+    #[error("waiting for the program: {0}")]
+    Wait(std::io::Error),
+    /// Killed at its deadline, a process that left the group still held its pipes.
+    #[error("killed at its deadline, the program left a process holding its output")]
+    Stuck,
+}
+
+impl GroupError {
+    /// The classified failure of running `program`.
+    pub(crate) fn into_failure(self, program: &str) -> Failure {
+        match self {
+            GroupError::Start(e) => Failure::new(io_error(&e), format!("cannot start `{program}`: {e}")),
+            GroupError::Watcher(e) => {
+                Failure::new(io_error(&e), format!("cannot start the tool's watcher: {e}"))
+            }
+            GroupError::Wait(e) => Failure::new(io_error(&e), format!("waiting for `{program}`: {e}")),
+            GroupError::Stuck => Failure::new(
+                ErrorClass::Timeout,
+                format!(
+                    "`{program}` was killed at its deadline; a process it started in another group held its output"
+                ),
+            ),
+        }
+    }
+}
+
+/// Runs `cmd` (program, arguments, environment and directory set by the caller) in a
+/// fresh process group led by the lifeline watcher (see the module docs): `stdin`
+/// written to it and closed (none: empty), stdout and stderr read up to `caps`, and
+/// the whole group killed once it exits — or at `deadline`, or when this future is
+/// dropped (a cancelled attempt), or when Keel dies.
+///
+/// At the deadline the group is killed and the output read until every process
+/// holding the pipes is gone (at most [`KILLED_GRACE`] more): what it printed is
+/// kept, and nothing it started is still running when this returns.
+pub(crate) async fn run_in_group(
+    mut cmd: Command,
+    stdin: Option<&[u8]>,
+    caps: (usize, usize),
+    deadline: Option<std::time::Duration>,
+) -> Result<Ran, GroupError> {
+    // The watcher first, leading the group; the guard covers it from here on.
+    let mut watcher = Command::new("/bin/sh")
+        .args(WATCHER)
+        .env_clear()
+        .current_dir("/")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(GroupError::Watcher)?;
+    let pgid = watcher.id().and_then(|id| i32::try_from(id).ok()).map(Pid::from_raw);
+    let mut guard = GroupGuard(pgid);
+    // Only this process holds the write end (std's pipes are close-on-exec): it
+    // closes when the attempt ends or when Keel dies.
+    let lifeline = watcher.stdin.take();
+    let Some(pgid) = pgid else {
+        return Err(GroupError::Watcher(std::io::Error::other("the watcher has no process id")));
+    };
+    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(pgid.as_raw())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().map_err(GroupError::Start)?;
+    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    let pipe = child.stdin.take();
+    let feed = async {
+        if let (Some(mut pipe), Some(bytes)) = (pipe, stdin) {
+            // A program that does not read its input closes the pipe: not an error.
+            let _ = pipe.write_all(bytes).await;
+            let _ = pipe.shutdown().await;
+        }
+    };
+    let pgid = guard.0;
+    let work = async {
+        tokio::join!(feed, read_capped(stdout, caps.0), read_capped(stderr, caps.1), async {
+            let status = child.wait().await;
+            // The leader is done: whatever it left behind in its group goes too, so
+            // that no straggler holds the pipes open.
+            if let Some(pgid) = pgid {
+                let _ = killpg(pgid, Signal::SIGKILL);
+            }
+            status
+        })
+    };
+    tokio::pin!(work);
+    let mut timed_out = false;
+    let done = match deadline {
+        None => Some(work.await),
+        Some(limit) => tokio::select! {
+            done = &mut work => Some(done),
+            () = tokio::time::sleep(limit) => {
+                timed_out = true;
+                if let Some(pgid) = pgid {
+                    let _ = killpg(pgid, Signal::SIGKILL);
+                }
+                tokio::time::timeout(KILLED_GRACE, &mut work).await.ok()
+            }
+        },
+    };
+    let Some((_, (out, out_cut), (err, err_cut), status)) = done else {
+        return Err(GroupError::Stuck);
+    };
+    guard.0 = None;
+    drop(lifeline);
+    let _ = watcher.wait().await;
+    let status = status.map_err(GroupError::Wait)?;
+    Ok(Ran { status, stdout: out, stdout_cut: out_cut, stderr: err, stderr_cut: err_cut, timed_out })
+}
+
 impl CommandTool {
     /// Runs the command once with `params`.
     ///
@@ -249,79 +403,25 @@ impl CommandTool {
         let Some((program, args)) = argv.split_first() else {
             return Err(Failure::new(ErrorClass::InvalidRequest, "empty argv"));
         };
-        let start = |e: std::io::Error| Failure::new(io_error(&e), format!("cannot start `{program}`: {e}"));
         let scratch = match &self.cwd {
             Some(_) => None,
             None => Some(Scratch::create().map_err(|e| {
                 Failure::new(io_error(&e), format!("cannot make a working directory for `{program}`: {e}"))
             })?),
         };
-        // The watcher first, leading the group; the guard covers it from here on.
-        let mut watcher = Command::new("/bin/sh")
-            .args(WATCHER)
-            .env_clear()
-            .current_dir("/")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| Failure::new(io_error(&e), format!("cannot start the tool's watcher: {e}")))?;
-        let pgid = watcher.id().and_then(|id| i32::try_from(id).ok()).map(Pid::from_raw);
-        let mut guard = GroupGuard(pgid);
-        // Only this process holds the write end (std's pipes are close-on-exec): it
-        // closes when the attempt ends or when Keel dies.
-        let lifeline = watcher.stdin.take();
-        let Some(pgid) = pgid else {
-            return Err(Failure::new(ErrorClass::ServerError, "the tool's watcher has no process id"));
-        };
         let mut cmd = Command::new(program);
-        cmd.args(args)
-            .env_clear()
-            .envs(&self.env)
-            .envs(extra_env.iter().copied())
-            .stdin(if self.params_on_stdin { Stdio::piped() } else { Stdio::null() })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(pgid.as_raw())
-            .kill_on_drop(true);
+        cmd.args(args).env_clear().envs(&self.env).envs(extra_env.iter().copied());
         match (&self.cwd, &scratch) {
             (Some(dir), _) => cmd.current_dir(dir),
-            (None, Some(s)) => cmd.current_dir(&s.0),
+            (None, Some(s)) => cmd.current_dir(s.path()),
             (None, None) => &mut cmd,
         };
-        let mut child = cmd.spawn().map_err(start)?;
-        let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
-        let stdin = child.stdin.take();
-        let feed = async {
-            if let Some(mut stdin) = stdin {
-                // A program that does not read its input closes the pipe: not an error.
-                let _ = stdin.write_all(params.to_string().as_bytes()).await;
-                let _ = stdin.shutdown().await;
-            }
-        };
-        let pgid = guard.0;
-        let (_, (out, out_cut), (err, err_cut), status) = tokio::join!(
-            feed,
-            read_capped(stdout, self.max_output),
-            read_capped(stderr, self.max_output),
-            async {
-                let status = child.wait().await;
-                // The leader is done: whatever it left behind in its group goes too, so
-                // that no straggler holds the pipes open.
-                if let Some(pgid) = pgid {
-                    let _ = killpg(pgid, Signal::SIGKILL);
-                }
-                status
-            }
-        );
-        guard.0 = None;
-        drop(lifeline);
-        let _ = watcher.wait().await;
+        let input = self.params_on_stdin.then(|| params.to_string().into_bytes());
+        let ran = run_in_group(cmd, input.as_deref(), (self.max_output, self.max_output), None)
+            .await
+            .map_err(|e| e.into_failure(program))?;
         drop(scratch);
-        let status =
-            status.map_err(|e| Failure::new(io_error(&e), format!("waiting for `{program}`: {e}")))?;
+        let Ran { status, stdout: out, stdout_cut: out_cut, stderr: err, stderr_cut: err_cut, .. } = ran;
         let stdout = String::from_utf8_lossy(&out).into_owned();
         let stderr = String::from_utf8_lossy(&err).into_owned();
         let exit = match status.code() {

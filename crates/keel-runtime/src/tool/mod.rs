@@ -1,12 +1,15 @@
-//! Tools: the targets Keel calls for an agent or a plan — a local command or an HTTP
-//! endpoint — with parameters checked against the tool's JSON Schema before any call.
+//! Tools: the targets Keel calls for an agent or a plan — a local command, an HTTP
+//! endpoint or sandboxed model-written code — with parameters checked against the
+//! tool's JSON Schema before any call.
 
+pub mod code;
 pub(crate) mod command;
 pub mod fallback;
 pub(crate) mod http;
 #[cfg(test)]
 mod tests;
 
+pub use code::{CodeTool, code_error_kind};
 pub use command::{CommandTool, INHERITED_ENV};
 pub use fallback::{ResultCache, ToolFallback};
 pub use http::HttpTool;
@@ -69,6 +72,8 @@ pub enum ToolKind {
     Command(CommandTool),
     /// An HTTP endpoint.
     Http(HttpTool),
+    /// Model-written Python in a sandbox.
+    Code(CodeTool),
 }
 
 /// A validated tool from `keel.toml`.
@@ -175,6 +180,7 @@ impl Tool {
         match &self.kind {
             ToolKind::Command(c) => c.run(params).await,
             ToolKind::Http(h) => Box::pin(h.send(params, clock, None)).await,
+            ToolKind::Code(c) => c.run(params).await,
         }
     }
 
@@ -226,6 +232,8 @@ impl Tool {
             ToolKind::Command(c) => c.run_with_env(params, &[("KEEL_IDEMPOTENCY_KEY", key)]).await,
             // Boxed: the transport's future is large; kept off the caller's stack.
             ToolKind::Http(h) => Box::pin(h.send(params, clock, Some(key))).await,
+            // A program has no effect outside its sandbox: nothing to key.
+            ToolKind::Code(c) => c.run(params).await,
         }
     }
 }
