@@ -113,20 +113,27 @@ fn strip_comment(line: &str) -> &str {
     line
 }
 
-/// The kind of a code error from its message (`KeyError: 'total'` → `KeyError`, also
-/// after a prefix such as `exited with status 3: `): the first `Name:` segment that
-/// names an error or exception, else `error`.
+/// The kind of a code error from its message: its first line's leading name
+/// (`KeyError: 'total'` → `KeyError`, `CPUTimeExceeded: ...`), or, after a prefix such
+/// as a command's `exited with status 3: `, the first `Name:` segment that names an
+/// error or exception; else `error`.
 pub fn error_kind(message: &str) -> String {
     let first = message.lines().next().unwrap_or("");
-    for segment in first.split(':') {
-        let name = segment.trim();
-        let ident = !name.is_empty()
+    let ident = |name: &str| {
+        !name.is_empty()
             && name.len() <= 64
             && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
-            && name.chars().next().is_some_and(|c| c.is_ascii_alphabetic());
-        let short = name.rsplit('.').next().unwrap_or(name);
-        if ident && ["Error", "Exception", "Exit", "Interrupt"].iter().any(|e| short.ends_with(e)) {
-            return short.to_owned();
+            && name.rsplit('.').next().and_then(|n| n.chars().next()).is_some_and(|c| c.is_ascii_uppercase())
+    };
+    let short = |name: &str| name.rsplit('.').next().unwrap_or(name).to_owned();
+    let mut segments = first.split(':').map(str::trim);
+    if let Some(head) = segments.next().filter(|h| ident(h) && first.contains(':')) {
+        return short(head);
+    }
+    for name in first.split(':').map(str::trim) {
+        if ident(name) && ["Error", "Exception", "Exit", "Interrupt"].iter().any(|e| short(name).ends_with(e))
+        {
+            return short(name);
         }
     }
     "error".to_owned()
@@ -227,6 +234,7 @@ mod tests {
         assert_eq!(error_kind("the program did not set result"), "error");
         assert_eq!(error_kind(""), "error");
         assert_eq!(error_kind("exited with status 3: NameError: name 'x' is not defined"), "NameError");
+        assert_eq!(error_kind("CPUTimeExceeded: the program used its 2 s of CPU"), "CPUTimeExceeded");
     }
 
     #[test]

@@ -466,3 +466,26 @@ async fn the_gate_stops_an_error_kind_whose_corrections_never_succeed() {
     assert!(message.contains("never succeeded"), "{message}");
     assert_eq!(model.calls(), 1, "no tokens spent on a correction the record says fails");
 }
+
+/// The whole loop with the sandboxed `code` tool: the model's KeyError is repaired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sandboxed_code_tool_in_the_loop_repairs_a_key_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = ScriptedModel::script(vec![
+        Reply::call("py", json!({"program": "d = {'sum': 3}\nresult = d['total']"})),
+        Reply::call("py", json!({"program": "d = {'sum': 3}\nresult = d['sum']"})),
+        Reply::text("3"),
+    ])
+    .await;
+    let config = format!("{}[tools.py]\nkind = \"code\"\ntimeout = \"20s\"\n", model.config("m"));
+    let r = runner(dir.path(), &config).await;
+    let run = r.create_agent(&task("the sum of d"), None).await.unwrap();
+    assert_eq!(r.drive(&run).await.unwrap(), RunStatus::Completed);
+    let snap = r.snapshot(&run).await.unwrap();
+    let failed = snap.steps.iter().find(|s| s.name == "turn-1.call-1").unwrap();
+    assert_eq!(failed.error_class.as_deref(), Some("code_error"));
+    assert!(failed.message.as_deref().unwrap().starts_with("KeyError: 'total'"), "{failed:?}");
+    assert_eq!(turn_input(&snap, 2)["after_kind"], "KeyError");
+    let fixed = snap.steps.iter().find(|s| s.name == "turn-2.call-1").unwrap();
+    assert_eq!(fixed.output.as_ref().unwrap()["result"], 3, "{fixed:?}");
+}

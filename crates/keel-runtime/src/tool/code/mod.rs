@@ -133,15 +133,9 @@ pub fn params_schema() -> Value {
 
 /// The Python error type a `code_error` names first (`KeyError` of `KeyError:
 /// 'total'`), for learning a strategy per kind of error; `None` for other classes.
-pub fn code_error_kind(failure: &Failure) -> Option<&str> {
-    if failure.class != ErrorClass::CodeError {
-        return None;
-    }
-    let first = failure.message.lines().next()?;
-    let kind = first.split_once(':').map_or(first, |(k, _)| k).trim();
-    let ident = kind.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && kind.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-    ident.then_some(kind)
+/// One parser for every code error, journaled or not: [`crate::agent::correct::error_kind`].
+pub fn code_error_kind(failure: &Failure) -> Option<String> {
+    (failure.class == ErrorClass::CodeError).then(|| crate::agent::correct::error_kind(&failure.message))
 }
 
 /// A `code_error`: `kind: message`, then the program's frames and its output's end.
