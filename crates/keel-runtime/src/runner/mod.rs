@@ -102,6 +102,29 @@ pub struct Runner {
     shapes: crate::agent::shape::Seen,
 }
 
+/// Where events that belong to no run go (a tool breaker's transitions): the journal,
+/// under the process's run, and the observers.
+struct ProcessSink {
+    journal: keel_journal::RunSink,
+    observer: Arc<dyn Observer>,
+}
+
+impl std::fmt::Debug for ProcessSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProcessSink")
+    }
+}
+
+impl keel_core::EventSink for ProcessSink {
+    fn record(&self, event: &keel_core::Event) {
+        keel_core::EventSink::record(&self.journal, event);
+        self.observer.event(
+            keel_gateway::journal::GATEWAY_RUN,
+            &JournalEvent::Policy { step: None, event: event.clone() },
+        );
+    }
+}
+
 /// Marks a run as driven by this process until dropped.
 struct Driving<'a>(&'a Runner, String);
 
@@ -360,11 +383,18 @@ impl Runner {
         breakers
             .entry(tool.name.to_string())
             .or_insert_with(|| {
+                // A tool's breaker outlives any one run: its transitions are the
+                // process's, journaled under the process's own run (the gateway's)
+                // and shown to the observers (live view, /metrics, alerts, inbox).
+                let sink = ProcessSink {
+                    journal: self.writer.sink(keel_gateway::journal::GATEWAY_RUN),
+                    observer: self.observer.clone(),
+                };
                 Arc::new(Breaker::new(
                     tool.name.clone(),
                     tool.policy.breaker.clone(),
                     self.clock.clone(),
-                    Arc::new(keel_core::NullSink),
+                    Arc::new(sink),
                 ))
             })
             .clone()

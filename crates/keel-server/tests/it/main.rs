@@ -12,6 +12,7 @@ mod api;
 mod attacks_server;
 mod attacks_tools;
 mod auth;
+mod breakers;
 mod browser;
 mod gateway;
 mod idempotency;
