@@ -2,7 +2,7 @@
 //! (under the process's run), `/metrics` and the dashboard while it is open (issue 12).
 
 use keel_examples::payments::Faults;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::support::{ADMIN, AGENT, Server};
 
