@@ -81,7 +81,11 @@ impl Journal for Faulty {
         self.inner.list_runs(page).await
     }
 
-    async fn approvals(&self, status: Option<&str>, limit: u32) -> Result<Vec<crate::ApprovalView>> {
+    async fn approvals(
+        &self,
+        status: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<(crate::ApprovalView, crate::RunView, Option<crate::StepView>)>> {
         self.inner.approvals(status, limit).await
     }
 
@@ -92,12 +96,20 @@ impl Journal for Faulty {
         self.inner.approval(id).await
     }
 
-    async fn tickets(&self, status: Option<&str>, limit: u32) -> Result<Vec<crate::TicketView>> {
+    async fn tickets(
+        &self,
+        status: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<(crate::TicketView, crate::RunView)>> {
         self.inner.tickets(status, limit).await
     }
 
     async fn ticket(&self, id: &str) -> Result<Option<(crate::TicketView, crate::RunView)>> {
         self.inner.ticket(id).await
+    }
+
+    async fn waiting(&self) -> Result<(u64, u64)> {
+        self.inner.waiting().await
     }
 
     async fn attempt_stats(&self, since_ms: i64) -> Result<crate::AttemptStats> {

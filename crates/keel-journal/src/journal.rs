@@ -128,8 +128,12 @@ pub trait Journal: Send + Sync + fmt::Debug {
     async fn list_runs(&self, page: &crate::RunPage) -> Result<Vec<crate::RunView>>;
 
     /// Approvals (of `status`: `pending`, `approved`, `denied`, `expired`), newest
-    /// first, at most `limit`.
-    async fn approvals(&self, status: Option<&str>, limit: u32) -> Result<Vec<crate::ApprovalView>>;
+    /// first, at most `limit`, each with its run and step.
+    async fn approvals(
+        &self,
+        status: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<(crate::ApprovalView, crate::RunView, Option<crate::StepView>)>>;
 
     /// One approval with its run and its step.
     async fn approval(
@@ -137,11 +141,19 @@ pub trait Journal: Send + Sync + fmt::Debug {
         id: &str,
     ) -> Result<Option<(crate::ApprovalView, crate::RunView, Option<crate::StepView>)>>;
 
-    /// Tickets (of `status`: `open`, `resolved`), newest first, at most `limit`.
-    async fn tickets(&self, status: Option<&str>, limit: u32) -> Result<Vec<crate::TicketView>>;
+    /// Tickets (of `status`: `open`, `resolved`), newest first, at most `limit`, with
+    /// their runs.
+    async fn tickets(
+        &self,
+        status: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<(crate::TicketView, crate::RunView)>>;
 
     /// One ticket with its run.
     async fn ticket(&self, id: &str) -> Result<Option<(crate::TicketView, crate::RunView)>>;
+
+    /// How many approvals are pending and how many tickets are open (counted by index).
+    async fn waiting(&self) -> Result<(u64, u64)>;
 
     /// Attempts started since `since_ms`, aggregated.
     async fn attempt_stats(&self, since_ms: i64) -> Result<crate::AttemptStats>;

@@ -84,31 +84,25 @@ pub const LIST_LIMIT: u32 = 200;
 /// # Errors
 /// The journal's.
 pub async fn approvals(journal: &dyn Journal) -> Result<Vec<ApprovalItem>> {
-    let mut ids: Vec<String> =
-        journal.approvals(Some("pending"), LIST_LIMIT).await?.into_iter().map(|a| a.approval_id).collect();
-    if ids.len() < LIST_LIMIT as usize {
-        for a in journal.approvals(None, LIST_LIMIT).await? {
-            if a.status != "pending" && ids.len() < LIST_LIMIT as usize {
-                ids.push(a.approval_id);
-            }
-        }
+    let mut rows = journal.approvals(Some("pending"), LIST_LIMIT).await?;
+    if rows.len() < LIST_LIMIT as usize {
+        let rest = journal.approvals(None, LIST_LIMIT).await?;
+        rows.extend(rest.into_iter().filter(|(a, _, _)| a.status != "pending"));
+        rows.truncate(LIST_LIMIT as usize);
     }
-    let mut items = Vec::with_capacity(ids.len());
-    for id in ids {
-        if let Some(item) = approval_item(journal, &id).await? {
-            items.push(item);
-        }
-    }
-    Ok(items)
+    Ok(rows.into_iter().map(|(approval, run, step)| item(approval, run, step)).collect())
 }
 
-async fn approval_item(journal: &dyn Journal, id: &str) -> Result<Option<ApprovalItem>> {
-    let Some((approval, run, mut step)) = journal.approval(id).await? else { return Ok(None) };
+fn item(approval: ApprovalView, run: RunView, mut step: Option<StepView>) -> ApprovalItem {
     let args = covered_args(&approval, step.as_ref());
     if let Some(step) = &mut step {
         step.input = args.clone().unwrap_or(Value::Null);
     }
-    Ok(Some(ApprovalItem { approval, run, step, args }))
+    ApprovalItem { approval, run, step, args }
+}
+
+async fn approval_item(journal: &dyn Journal, id: &str) -> Result<Option<ApprovalItem>> {
+    Ok(journal.approval(id).await?.map(|(approval, run, step)| item(approval, run, step)))
 }
 
 /// One approval by id.
@@ -169,22 +163,13 @@ pub async fn decide(
 /// # Errors
 /// The journal's.
 pub async fn tickets(journal: &dyn Journal) -> Result<Vec<TicketItem>> {
-    let mut ids: Vec<String> =
-        journal.tickets(Some("open"), LIST_LIMIT).await?.into_iter().map(|t| t.ticket_id).collect();
-    if ids.len() < LIST_LIMIT as usize {
-        for t in journal.tickets(None, LIST_LIMIT).await? {
-            if t.status != "open" && ids.len() < LIST_LIMIT as usize {
-                ids.push(t.ticket_id);
-            }
-        }
+    let mut rows = journal.tickets(Some("open"), LIST_LIMIT).await?;
+    if rows.len() < LIST_LIMIT as usize {
+        let rest = journal.tickets(None, LIST_LIMIT).await?;
+        rows.extend(rest.into_iter().filter(|(t, _)| t.status != "open"));
+        rows.truncate(LIST_LIMIT as usize);
     }
-    let mut items = Vec::with_capacity(ids.len());
-    for id in ids {
-        if let Some((ticket, run)) = journal.ticket(&id).await? {
-            items.push(TicketItem { ticket, run });
-        }
-    }
-    Ok(items)
+    Ok(rows.into_iter().map(|(ticket, run)| TicketItem { ticket, run }).collect())
 }
 
 /// One ticket by id.

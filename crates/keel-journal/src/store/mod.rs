@@ -160,7 +160,7 @@ macro_rules! sql_journal {
 
             async fn rebuild_once(&self) -> crate::Result<()> {
                 let mut tx = self.write.begin_with($begin).await?;
-                for table in ["runs", "steps", "attempts", "approvals", "tickets"] {
+                for table in ["runs", "steps", "attempts", "attempt_hours", "approvals", "tickets"] {
                     sqlx::query(&format!("DELETE FROM {table}")).execute(&mut *tx).await?;
                 }
                 let (mut run, mut seq) = (String::new(), 0i64);
@@ -229,6 +229,7 @@ macro_rules! sql_journal {
                     }
                 }
                 sqlx::query("DELETE FROM runs WHERE updated_at < $1").bind(cutoff).execute(&mut *tx).await?;
+                sqlx::query("DELETE FROM attempt_hours WHERE hour < $1").bind(cutoff).execute(&mut *tx).await?;
                 let keys = sqlx::query("DELETE FROM idempotency_keys WHERE expires_at <= $1")
                     .bind(now)
                     .execute(&mut *tx)
@@ -327,7 +328,11 @@ macro_rules! sql_journal {
                 .await
             }
 
-            async fn approvals(&self, status: Option<&str>, limit: u32) -> crate::Result<Vec<crate::ApprovalView>> {
+            async fn approvals(
+                &self,
+                status: Option<&str>,
+                limit: u32,
+            ) -> crate::Result<Vec<(crate::ApprovalView, crate::RunView, Option<crate::StepView>)>> {
                 crate::error::with_retry("approvals", crate::error::Repeat::Safe, || async move {
                     let mut conn = self.read.acquire().await?;
                     ops::approvals(&mut *conn, status, limit).await
@@ -346,7 +351,11 @@ macro_rules! sql_journal {
                 .await
             }
 
-            async fn tickets(&self, status: Option<&str>, limit: u32) -> crate::Result<Vec<crate::TicketView>> {
+            async fn tickets(
+                &self,
+                status: Option<&str>,
+                limit: u32,
+            ) -> crate::Result<Vec<(crate::TicketView, crate::RunView)>> {
                 crate::error::with_retry("tickets", crate::error::Repeat::Safe, || async move {
                     let mut conn = self.read.acquire().await?;
                     ops::tickets(&mut *conn, status, limit).await
@@ -358,6 +367,14 @@ macro_rules! sql_journal {
                 crate::error::with_retry("ticket", crate::error::Repeat::Safe, || async move {
                     let mut conn = self.read.acquire().await?;
                     ops::ticket(&mut *conn, id).await
+                })
+                .await
+            }
+
+            async fn waiting(&self) -> crate::Result<(u64, u64)> {
+                crate::error::with_retry("waiting", crate::error::Repeat::Safe, || async move {
+                    let mut conn = self.read.acquire().await?;
+                    ops::waiting(&mut *conn).await
                 })
                 .await
             }

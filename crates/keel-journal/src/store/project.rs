@@ -88,6 +88,9 @@ macro_rules! projection_ops {
             let mut skip = vec![false; n];
             let mut open_attempts: std::collections::HashMap<(&str, Option<u32>, &str, u32), usize> = Default::default();
             let mut open_steps: std::collections::HashMap<(&str, u32), usize> = Default::default();
+            // Ends folded into their attempt's row, counted per (target, outcome) for the
+            // hourly counters (an unfolded end is counted by `project`).
+            let mut hours: std::collections::BTreeMap<(&str, &'static str), i64> = Default::default();
             for (j, (e, _, _)) in rows.iter().enumerate() {
                 match &e.event {
                     JournalEvent::Policy { step, event: Event::AttemptStarted { target, attempt } } => {
@@ -97,6 +100,7 @@ macro_rules! projection_ops {
                         if let Some(i) = open_attempts.remove(&(e.run_id.as_str(), *step, &**target, *attempt)) {
                             attempt_end[i] = Some((outcome_str(outcome), crate::journal::ms(*latency)));
                             skip[j] = true;
+                            *hours.entry((&**target, outcome_str(outcome))).or_default() += 1;
                         }
                     }
                     JournalEvent::StepStarted { step, .. } => {
@@ -153,7 +157,24 @@ macro_rules! projection_ops {
                     (event, _) => project(&mut *conn, &e.run_id, *seq, now, event).await?,
                 }
             }
-            insert_attempts(&mut *conn, now, &mut attempt_rows).await
+            insert_attempts(&mut *conn, now, &mut attempt_rows).await?;
+            for ((target, outcome), n) in hours {
+                count_hour(&mut *conn, target, outcome, now, n).await?;
+            }
+            Ok(())
+        }
+
+        /// Adds `n` ended attempts of `target` with `outcome` to the hour of `at`: the
+        /// dashboard's window is read from these counters, not from every attempt.
+        async fn count_hour(conn: &mut $conn, target: &str, outcome: &str, at: i64, n: i64) -> Result<()> {
+            sqlx::query(sql::COUNT_HOUR)
+                .bind(target)
+                .bind(at - at.rem_euclid(3_600_000))
+                .bind(outcome)
+                .bind(n)
+                .execute(&mut *conn)
+                .await?;
+            Ok(())
         }
 
         struct AttemptRow<'a> {
@@ -343,6 +364,7 @@ macro_rules! projection_ops {
                         Event::AttemptEnded { target, attempt, outcome, latency } => {
                             let outcome = outcome_str(outcome);
                             let latency = crate::journal::ms(*latency);
+                            count_hour(&mut *conn, target, outcome, at, 1).await?;
                             let done = sqlx::query(sql::ATTEMPT_ENDED)
                                 .bind(run_id)
                                 .bind(step)
@@ -576,46 +598,88 @@ macro_rules! projection_ops {
             rows.iter().map(run_row).collect()
         }
 
-        /// Approvals (of a status), newest first, at most `limit` (`approvals_by_status`).
+        /// Approvals (of a status), newest first, at most `limit` (`approvals_by_status`),
+        /// each with its run and step: three queries, whatever the page's size.
         pub(super) async fn approvals(
             conn: &mut $conn,
             status: Option<&str>,
             limit: u32,
-        ) -> Result<Vec<ApprovalView>> {
-            let rows = match status {
-                Some(st) => sqlx::query(
-                    "SELECT * FROM approvals WHERE status = $1 ORDER BY requested_at DESC, approval_id DESC LIMIT $2",
-                )
-                .bind(st)
-                .bind(i64::from(limit))
+        ) -> Result<Vec<(ApprovalView, RunView, Option<StepView>)>> {
+            // `$1` NULL: any status.
+            let page = "SELECT * FROM approvals WHERE ($1 IS NULL OR status = $1) \
+                        ORDER BY requested_at DESC, approval_id DESC LIMIT $2";
+            let limit = i64::from(limit);
+            let approvals = sqlx::query(page)
+                .bind(status)
+                .bind(limit)
                 .fetch_all(&mut *conn)
-                .await?,
-                None => {
-                    sqlx::query("SELECT * FROM approvals ORDER BY requested_at DESC, approval_id DESC LIMIT $1")
-                        .bind(i64::from(limit))
-                        .fetch_all(&mut *conn)
-                        .await?
-                }
-            };
-            rows.iter().map(approval_row).collect()
+                .await?
+                .iter()
+                .map(approval_row)
+                .collect::<Result<Vec<_>>>()?;
+            let runs: std::collections::HashMap<String, RunView> = sqlx::query(&format!(
+                "SELECT * FROM runs WHERE run_id IN (SELECT run_id FROM ({page}) p)"
+            ))
+            .bind(status)
+            .bind(limit)
+            .fetch_all(&mut *conn)
+            .await?
+            .iter()
+            .map(|r| run_row(r).map(|v| (v.run_id.clone(), v)))
+            .collect::<Result<_>>()?;
+            let steps: std::collections::HashMap<(String, u32), StepView> = sqlx::query(&format!(
+                "SELECT s.* FROM steps s JOIN ({page}) p ON s.run_id = p.run_id AND s.step = p.step"
+            ))
+            .bind(status)
+            .bind(limit)
+            .fetch_all(&mut *conn)
+            .await?
+            .iter()
+            .map(|r| -> Result<_> {
+                let run_id: String = r.try_get("run_id")?;
+                let v = step_row(r)?;
+                Ok(((run_id, v.step), v))
+            })
+            .collect::<Result<_>>()?;
+            Ok(approvals
+                .into_iter()
+                .filter_map(|a| {
+                    let run = runs.get(&a.run_id)?.clone();
+                    let step = steps.get(&(a.run_id.clone(), a.step)).cloned();
+                    Some((a, run, step))
+                })
+                .collect())
         }
 
-        /// Tickets (of a status), newest first, at most `limit` (`tickets_by_status`).
-        pub(super) async fn tickets(conn: &mut $conn, status: Option<&str>, limit: u32) -> Result<Vec<TicketView>> {
-            let rows = match status {
-                Some(st) => sqlx::query(
-                    "SELECT * FROM tickets WHERE status = $1 ORDER BY opened_at DESC, ticket_id DESC LIMIT $2",
-                )
-                .bind(st)
-                .bind(i64::from(limit))
+        /// Tickets (of a status), newest first, at most `limit` (`tickets_by_status`), each
+        /// with its run: two queries.
+        pub(super) async fn tickets(
+            conn: &mut $conn,
+            status: Option<&str>,
+            limit: u32,
+        ) -> Result<Vec<(TicketView, RunView)>> {
+            let page = "SELECT * FROM tickets WHERE ($1 IS NULL OR status = $1) \
+                        ORDER BY opened_at DESC, ticket_id DESC LIMIT $2";
+            let limit = i64::from(limit);
+            let tickets = sqlx::query(page)
+                .bind(status)
+                .bind(limit)
                 .fetch_all(&mut *conn)
-                .await?,
-                None => sqlx::query("SELECT * FROM tickets ORDER BY opened_at DESC, ticket_id DESC LIMIT $1")
-                    .bind(i64::from(limit))
-                    .fetch_all(&mut *conn)
-                    .await?,
-            };
-            rows.iter().map(ticket_row).collect()
+                .await?
+                .iter()
+                .map(ticket_row)
+                .collect::<Result<Vec<_>>>()?;
+            let runs: std::collections::HashMap<String, RunView> = sqlx::query(&format!(
+                "SELECT * FROM runs WHERE run_id IN (SELECT run_id FROM ({page}) p)"
+            ))
+            .bind(status)
+            .bind(limit)
+            .fetch_all(&mut *conn)
+            .await?
+            .iter()
+            .map(|r| run_row(r).map(|v| (v.run_id.clone(), v)))
+            .collect::<Result<_>>()?;
+            Ok(tickets.into_iter().filter_map(|t| Some((runs.get(&t.run_id)?.clone(), t))).map(|(r, t)| (t, r)).collect())
         }
 
         /// One approval with its run and step, by id.
@@ -663,8 +727,20 @@ macro_rules! projection_ops {
             Ok(Some((t, run_row(&r)?)))
         }
 
-        /// Attempts since `since` ms, aggregated (`attempts_by_start`).
+        /// Pending approvals and open tickets, counted.
+        pub(super) async fn waiting(conn: &mut $conn) -> Result<(u64, u64)> {
+            let approvals: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM approvals WHERE status = 'pending'")
+                .fetch_one(&mut *conn)
+                .await?;
+            let tickets: i64 =
+                sqlx::query_scalar("SELECT COUNT(*) FROM tickets WHERE status = 'open'").fetch_one(&mut *conn).await?;
+            Ok((approvals.max(0) as u64, tickets.max(0) as u64))
+        }
+
+        /// Attempts since `since` ms, aggregated: from the hourly counters (a window's
+        /// cost is its hours, not its attempts), retries of the 30 latest runs.
         pub(super) async fn attempt_stats(conn: &mut $conn, since: i64) -> Result<crate::AttemptStats> {
+            let since = since.saturating_sub(since.rem_euclid(3_600_000));
             let mut stats = crate::AttemptStats::default();
             for r in sqlx::query(sql::ATTEMPTS_BY_TARGET).bind(since).fetch_all(&mut *conn).await? {
                 stats.by_target.push((
@@ -680,7 +756,7 @@ macro_rules! projection_ops {
                     r.try_get::<i64, _>("n")? as u64,
                 ));
             }
-            for r in sqlx::query(sql::RETRIES_BY_RUN).bind(since).fetch_all(&mut *conn).await? {
+            for r in sqlx::query(sql::RETRIES_BY_RUN).fetch_all(&mut *conn).await? {
                 stats.retries_by_run.push((r.try_get("run_id")?, r.try_get::<i64, _>("retries")? as u64));
             }
             Ok(stats)

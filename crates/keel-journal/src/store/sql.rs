@@ -151,21 +151,25 @@ pub(crate) const RUNS_PAGE_IN_STATE: &str = "\
 SELECT * FROM runs WHERE state = $1 AND (updated_at < $2 OR (updated_at = $2 AND run_id < $3)) \
 ORDER BY updated_at DESC, run_id DESC LIMIT $4";
 
-/// Attempts and failed attempts per target since `$1` (ended ones; `abandoned` counts as failed).
+/// Adds `$4` ended attempts of target `$1` with outcome `$3` to hour `$2`.
+pub(crate) const COUNT_HOUR: &str = "\
+INSERT INTO attempt_hours (target, hour, outcome, n) VALUES ($1, $2, $3, $4) \
+ON CONFLICT (target, hour, outcome) DO UPDATE SET n = attempt_hours.n + excluded.n";
+
+/// Attempts and failed attempts per target in the hours since `$1` (`abandoned` counts as failed).
 pub(crate) const ATTEMPTS_BY_TARGET: &str = "\
-SELECT target, COUNT(*) AS calls, SUM(CASE WHEN outcome <> 'ok' THEN 1 ELSE 0 END) AS errors \
-FROM attempts WHERE started_at >= $1 AND outcome IS NOT NULL GROUP BY target ORDER BY target";
+SELECT target, CAST(SUM(n) AS BIGINT) AS calls, CAST(SUM(CASE WHEN outcome <> 'ok' THEN n ELSE 0 END) AS BIGINT) AS errors \
+FROM attempt_hours WHERE hour >= $1 GROUP BY target ORDER BY target";
 
 /// Failed attempts per class (outcome) per hour since `$1`.
 pub(crate) const ERRORS_BY_HOUR: &str = "\
-SELECT outcome, (started_at - (started_at % 3600000)) AS hour, COUNT(*) AS n \
-FROM attempts WHERE started_at >= $1 AND outcome IS NOT NULL AND outcome <> 'ok' \
-GROUP BY outcome, (started_at - (started_at % 3600000)) ORDER BY hour";
+SELECT outcome, hour, n FROM attempt_hours WHERE hour >= $1 AND outcome <> 'ok' ORDER BY hour, outcome";
 
-/// Retries (attempts after the first) per run since `$1`, the 30 most recent runs.
+/// Retries (attempts after the first) of the 30 most recently active runs that had any.
 pub(crate) const RETRIES_BY_RUN: &str = "\
-SELECT run_id, COUNT(*) AS retries FROM attempts WHERE started_at >= $1 AND attempt > 1 \
-GROUP BY run_id ORDER BY MAX(started_at) DESC LIMIT 30";
+SELECT a.run_id AS run_id, COUNT(*) AS retries FROM attempts a \
+WHERE a.run_id IN (SELECT run_id FROM runs ORDER BY updated_at DESC LIMIT 30) AND a.attempt > 1 \
+GROUP BY a.run_id";
 
 /// The previous holder of a run's lease, before an acquisition.
 pub(crate) const LEASE_HOLDER: &str = "SELECT owner FROM leases WHERE run_id = $1";

@@ -565,13 +565,17 @@ async fn indexed_queries_page_filter_and_aggregate(s: Store) {
 
     let pending = j.approvals(Some("pending"), 50).await.unwrap();
     assert_eq!(pending.len(), 1);
+    assert_eq!((pending[0].0.approval_id.as_str(), pending[0].1.run_id.as_str()), ("apr-7", "run-07"));
+    assert_eq!(j.approvals(None, 50).await.unwrap().len(), 1);
     assert!(j.approvals(Some("approved"), 50).await.unwrap().is_empty());
     let (a, run, step) = j.approval("apr-7").await.unwrap().unwrap();
     assert_eq!((a.run_id.as_str(), run.run_id.as_str(), step), ("run-07", "run-07", None));
     assert!(j.approval("apr-none").await.unwrap().is_none());
-    assert_eq!(j.tickets(Some("open"), 50).await.unwrap()[0].ticket_id, "tkt-7");
+    let open = j.tickets(Some("open"), 50).await.unwrap();
+    assert_eq!((open[0].0.ticket_id.as_str(), open[0].1.run_id.as_str()), ("tkt-7", "run-07"));
     assert_eq!(j.ticket("tkt-7").await.unwrap().unwrap().1.run_id, "run-07");
 
+    assert_eq!(j.waiting().await.unwrap(), (1, 1), "pending approvals, open tickets");
     let stats = j.attempt_stats(0).await.unwrap();
     assert_eq!(stats.by_target, [("pay".to_owned(), 25, 12)]);
     assert_eq!(stats.errors_by_hour.iter().map(|(_, _, n)| n).sum::<u64>(), 12);
