@@ -58,6 +58,35 @@ impl Live {
     }
 }
 
+/// One line for an agent's turn: the calls the model made (or the start of its answer)
+/// and the tokens charged.
+fn turn_summary(output: &serde_json::Value) -> String {
+    let message = &output["message"];
+    let calls: Vec<String> = message["tool_calls"]
+        .as_array()
+        .map(|calls| {
+            calls
+                .iter()
+                .map(|c| {
+                    let args = c["function"]["arguments"].as_str().unwrap_or("");
+                    let args: String = args.chars().take(60).collect();
+                    format!("{}({args})", c["function"]["name"].as_str().unwrap_or("?"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let what = if calls.is_empty() {
+        let text: String = message["content"].as_str().unwrap_or("").chars().take(80).collect();
+        format!("answers \"{}\"", text.replace('\n', " "))
+    } else {
+        format!("calls {}", calls.join(", "))
+    };
+    match output["charged"]["tokens"].as_u64() {
+        Some(t) => format!("{what} · {t} tokens"),
+        None => what,
+    }
+}
+
 impl Observer for Live {
     fn event(&self, _run_id: &str, event: &JournalEvent) {
         if self.quiet {
@@ -83,6 +112,17 @@ impl Observer for Live {
             JournalEvent::StepFinished { step, outcome } => {
                 let name = s.names.get(step).cloned().unwrap_or_else(|| format!("step {step}"));
                 let text = match outcome {
+                    // An agent's turn: what the model decided, and what it cost.
+                    StepOutcome::Succeeded { output }
+                        if output.get("message").is_some() && output.get("charged").is_some() =>
+                    {
+                        format!("✓ {name}: {}", turn_summary(output))
+                    }
+                    StepOutcome::Succeeded { output }
+                        if name == "result" && output.get("status").is_some() =>
+                    {
+                        format!("✓ {name}: {}", output["status"].as_str().unwrap_or(""))
+                    }
                     StepOutcome::Succeeded { .. } => format!("✓ {name}"),
                     StepOutcome::Failed { class, message } => format!("✗ {name}: {class}: {message}"),
                     StepOutcome::Skipped { reason } => format!("↷ {name}: {reason}"),

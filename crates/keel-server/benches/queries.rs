@@ -7,7 +7,13 @@
 //! quick one). Prints, per endpoint, the median and the slowest of 20 requests and the
 //! body size; the target is ≤ 50 ms each at 100,000 runs.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods, clippy::print_stdout, missing_docs)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::disallowed_methods,
+    clippy::print_stdout,
+    missing_docs
+)]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
