@@ -29,7 +29,11 @@ fn keel_agent_prints_the_models_answer_after_its_tool_calls() {
     let run = b.keel(&["agent", "Charge order 1 for $10"]);
     assert_eq!(run.code, 0, "{run:?}");
     assert!(run.stdout.contains("Charged order 1."), "{}", run.stdout);
-    assert!(run.stdout.contains("turn-1: calls charge({\"amount\":10,\"order\":1})"), "the live view says what the model decided: {}", run.stdout);
+    assert!(
+        run.stdout.contains("turn-1: calls charge({\"amount\":10,\"order\":1})"),
+        "the live view says what the model decided: {}",
+        run.stdout
+    );
     assert_eq!(orders(&b.payments), [1]);
 
     let json = b.keel(&["--json", "agent", "--max-turns", "1", "Charge order 2 for $20"]);

@@ -617,16 +617,7 @@ macro_rules! projection_ops {
                 .iter()
                 .map(approval_row)
                 .collect::<Result<Vec<_>>>()?;
-            let runs: std::collections::HashMap<String, RunView> = sqlx::query(&format!(
-                "SELECT * FROM runs WHERE run_id IN (SELECT run_id FROM ({page}) p)"
-            ))
-            .bind(status)
-            .bind(limit)
-            .fetch_all(&mut *conn)
-            .await?
-            .iter()
-            .map(|r| run_row(r).map(|v| (v.run_id.clone(), v)))
-            .collect::<Result<_>>()?;
+            let runs = runs_of_page(&mut *conn, page, status, limit).await?;
             let steps: std::collections::HashMap<(String, u32), StepView> = sqlx::query(&format!(
                 "SELECT s.* FROM steps s JOIN ({page}) p ON s.run_id = p.run_id AND s.step = p.step"
             ))
@@ -651,6 +642,23 @@ macro_rules! projection_ops {
                 .collect())
         }
 
+        /// The runs of the rows `page` (a query on `$1` status and `$2` limit) selects, by id.
+        async fn runs_of_page(
+            conn: &mut $conn,
+            page: &str,
+            status: Option<&str>,
+            limit: i64,
+        ) -> Result<std::collections::HashMap<String, RunView>> {
+            sqlx::query(&format!("SELECT * FROM runs WHERE run_id IN (SELECT run_id FROM ({page}) p)"))
+                .bind(status)
+                .bind(limit)
+                .fetch_all(&mut *conn)
+                .await?
+                .iter()
+                .map(|r| run_row(r).map(|v| (v.run_id.clone(), v)))
+                .collect()
+        }
+
         /// Tickets (of a status), newest first, at most `limit` (`tickets_by_status`), each
         /// with its run: two queries.
         pub(super) async fn tickets(
@@ -669,16 +677,7 @@ macro_rules! projection_ops {
                 .iter()
                 .map(ticket_row)
                 .collect::<Result<Vec<_>>>()?;
-            let runs: std::collections::HashMap<String, RunView> = sqlx::query(&format!(
-                "SELECT * FROM runs WHERE run_id IN (SELECT run_id FROM ({page}) p)"
-            ))
-            .bind(status)
-            .bind(limit)
-            .fetch_all(&mut *conn)
-            .await?
-            .iter()
-            .map(|r| run_row(r).map(|v| (v.run_id.clone(), v)))
-            .collect::<Result<_>>()?;
+            let runs = runs_of_page(&mut *conn, page, status, limit).await?;
             Ok(tickets.into_iter().filter_map(|t| Some((runs.get(&t.run_id)?.clone(), t))).map(|(r, t)| (t, r)).collect())
         }
 
