@@ -22,6 +22,9 @@ pub enum Provider {
     Openai,
     /// Anthropic's Messages API, translated both ways.
     Anthropic,
+    /// Azure OpenAI: `base_url` is the resource (`https://NAME.openai.azure.com`), `model`
+    /// the deployment, `api_version` required; the key goes in `api-key`.
+    Azure,
 }
 
 /// Prices of a model, in US dollars per million tokens.
@@ -154,8 +157,11 @@ pub struct ModelConfig {
     /// The PEM file of `client_cert_file`'s private key (PKCS#8, PKCS#1 or SEC1).
     #[serde(default)]
     pub client_key_file: Option<PathBuf>,
-    /// The model id the upstream knows, e.g. "gpt-4o-mini".
+    /// The model id the upstream knows, e.g. "gpt-4o-mini" (for `azure`, the deployment).
     pub model: String,
+    /// Azure OpenAI's `api-version`, e.g. "2024-10-21" (azure only, required there).
+    #[serde(default)]
+    pub api_version: Option<String>,
     /// How the model is called.
     #[serde(default)]
     pub policy: ModelPolicy,
@@ -217,6 +223,7 @@ impl ModelConfig {
             client_cert_file: None,
             client_key_file: None,
             model: model.into(),
+            api_version: None,
             policy: ModelPolicy::default(),
             fallbacks: Vec::new(),
             context_fallback: None,
@@ -305,6 +312,7 @@ pub(crate) fn check(models: &BTreeMap<String, ModelConfig>) -> Vec<String> {
                 problems.push(format!("models.{name}.{field}: no model named `{target}`"));
             }
         }
+        problems.extend(m.provider.check(name, m));
         for e in m.policy.validate().err().unwrap_or_default() {
             problems.push(format!("models.{name}.policy.{}: {}", e.key, e.message));
         }

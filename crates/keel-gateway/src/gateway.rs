@@ -33,7 +33,8 @@ use keel_core::{
 use tracing::Instrument;
 
 use crate::charges::{AttemptCharge, Charges, Spent, request_estimate};
-use crate::config::{self, ConfigError, GatewayConfig, ModelConfig, Provider};
+use crate::config::{self, ConfigError, GatewayConfig, ModelConfig};
+use crate::dialect::Wire;
 use crate::error::GatewayError;
 use crate::journal::{CallJournal, CallRecord, ModelFailure, Prompt};
 use crate::metrics::{CountingSink, MetricsSnapshot, ModelCounters, bump};
@@ -1001,9 +1002,9 @@ impl Gateway {
 
     /// The upstream body for `req` on `model`.
     pub(crate) fn body_for(&self, model: &Model, req: &ChatRequest) -> Result<Vec<u8>, Failure> {
-        match model.endpoint.provider {
-            Provider::Openai => Ok(req.openai_body(&model.config.model)),
-            Provider::Anthropic => {
+        match model.endpoint.provider.wire() {
+            Wire::OpenAi => Ok(req.openai_body(&model.config.model)),
+            Wire::Anthropic => {
                 anthropic::request_body(req, &model.config.model, model.config.default_max_tokens)
             }
         }
@@ -1035,9 +1036,9 @@ impl Gateway {
     ) -> Result<ParsedAnswer, AttemptError> {
         let (resp, charge) = self.send_to(model, req, charges).await?;
         let bytes = upstream::read_body(resp.into_body(), &model.endpoint.uri).await?;
-        let answer = match model.endpoint.provider {
-            Provider::Openai => parse_answer(&bytes, &model.name)?,
-            Provider::Anthropic => {
+        let answer = match model.endpoint.provider.wire() {
+            Wire::OpenAi => parse_answer(&bytes, &model.name)?,
+            Wire::Anthropic => {
                 parse_answer(&anthropic::answer_to_openai(&bytes, &model.name, self.created())?, &model.name)?
             }
         };

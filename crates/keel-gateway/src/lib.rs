@@ -29,6 +29,7 @@
 
 pub mod charges;
 pub mod config;
+mod dialect;
 pub mod embeddings;
 pub mod error;
 mod gateway;

@@ -10,17 +10,13 @@ use keel_core::{BreakerState, Disposition, ErrorClass, Failure};
 use tracing::Span;
 use tracing::field::Empty;
 
-use crate::config::Provider;
 use crate::gateway::Model;
 use crate::wire::{AnswerSummary, Usage};
 
 /// The span of `model`'s part of a call; `fallback_from` names the model that failed
 /// before it.
 pub(crate) fn chat_span(model: &Model, fallback_from: Option<&str>) -> Span {
-    let provider = match model.endpoint.provider {
-        Provider::Openai => "openai",
-        Provider::Anthropic => "anthropic",
-    };
+    let provider = model.endpoint.provider.trace_name();
     let span = tracing::info_span!(
         "chat",
         otel.name = %format_args!("chat {}", model.config.model),

@@ -5,7 +5,7 @@
 //! one home of it); statuses by `keel_core::classify::http_response`.
 
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderName, HeaderValue};
+use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
 use http::{Request, Response, Uri};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -13,7 +13,6 @@ use keel_core::{Clock, ErrorClass, Failure};
 use keel_http::{Client, Proxies, TlsConfig};
 
 use crate::config::{ModelConfig, Provider};
-use crate::wire::anthropic;
 
 /// The largest answer body read from an upstream.
 const MAX_BODY: usize = 32 << 20;
@@ -54,11 +53,7 @@ impl Endpoint {
                 None
             }
         };
-        let path = match config.provider {
-            Provider::Openai => "/chat/completions",
-            Provider::Anthropic => "/messages",
-        };
-        let uri = match format!("{}{path}", config.base_url.trim_end_matches('/')).parse::<Uri>() {
+        let uri = match config.provider.chat_url(config).parse::<Uri>() {
             Ok(u) => Some(u),
             Err(e) => {
                 problems.push(format!("models.{name}.base_url: {e}"));
@@ -68,10 +63,7 @@ impl Endpoint {
         let auth = match key {
             None => None,
             Some(key) => {
-                let (header, value) = match config.provider {
-                    Provider::Openai => (AUTHORIZATION, format!("Bearer {key}")),
-                    Provider::Anthropic => (HeaderName::from_static("x-api-key"), key),
-                };
+                let (header, value) = config.provider.auth(key);
                 match HeaderValue::from_str(&value) {
                     Ok(mut value) => {
                         value.set_sensitive(true);
@@ -85,10 +77,7 @@ impl Endpoint {
                 }
             }
         };
-        let embeddings_uri = match config.provider {
-            Provider::Openai => format!("{}/embeddings", config.base_url.trim_end_matches('/')).parse().ok(),
-            Provider::Anthropic => None,
-        };
+        let embeddings_uri = config.provider.embeddings_url(config).and_then(|u| u.parse().ok());
         match (client, uri) {
             (Some(client), Some(uri)) if problems.is_empty() => {
                 Ok(Self { uri, embeddings_uri, provider: config.provider, auth, client })
@@ -117,8 +106,8 @@ impl Endpoint {
         if let Some((name, value)) = &self.auth {
             req = req.header(name, value);
         }
-        if self.provider == Provider::Anthropic {
-            req = req.header("anthropic-version", anthropic::VERSION);
+        for (name, value) in self.provider.fixed_headers() {
+            req = req.header(*name, *value);
         }
         let req = req.body(Full::new(Bytes::from(body))).map_err(|e| {
             Failure::new(ErrorClass::InvalidRequest, format!("cannot build the upstream request: {e}"))

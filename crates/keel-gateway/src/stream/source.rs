@@ -216,9 +216,9 @@ impl Source {
     }
 
     fn handle(&mut self, event: SseEvent) -> Result<(), Failure> {
-        match self.provider {
-            Provider::Openai => self.openai(&event.data),
-            Provider::Anthropic => self.anthropic(&event.data),
+        match self.provider.wire() {
+            crate::dialect::Wire::OpenAi => self.openai(&event.data),
+            crate::dialect::Wire::Anthropic => self.anthropic(&event.data),
         }
     }
 

@@ -2,6 +2,7 @@
 
 mod anthropic;
 mod apis;
+mod azure;
 mod budgets;
 mod journal;
 mod policy;
