@@ -6,7 +6,12 @@
 //! Each request is also a `SERVER` span (`{METHOD} {route}`), the parent of the
 //! gateway's `chat` and the runner's `execute_tool` spans. An incoming W3C
 //! `traceparent` is continued, and when spans are exported the answer names its
-//! trace in `x-keel-trace-id`, a reference a user can hand to support.
+//! trace in `x-keel-trace-id`.
+//!
+//! Every answer carries a reference in `x-keel-reference` — the trace id when spans are
+//! exported, else a fresh request id — and every error answer also in its JSON body
+//! (`reference`, inside `error` for the OpenAI and Anthropic shapes): the id a user
+//! hands to support, which the request's log line carries beside its run.
 
 use axum::extract::{MatchedPath, Request};
 use axum::http::HeaderValue;
@@ -54,18 +59,71 @@ pub async fn requests(req: Request, next: Next) -> Response {
     if status >= 500 {
         span.record("otel.status_code", "ERROR");
     }
-    if let Some(id) = keel_telemetry::propagate::trace_id(&span) {
-        if let Ok(v) = HeaderValue::from_str(&id) {
+    let trace = keel_telemetry::propagate::trace_id(&span);
+    if let Some(id) = &trace {
+        if let Ok(v) = HeaderValue::from_str(id) {
             resp.headers_mut().insert("x-keel-trace-id", v);
         }
     }
+    let reference = trace.unwrap_or_else(|| keel_runtime::runner::new_id("req"));
+    if let Ok(v) = HeaderValue::from_str(&reference) {
+        resp.headers_mut().insert(REFERENCE, v);
+    }
+    if status >= 400 {
+        resp = with_reference(resp, &reference).await;
+    }
     let _in_span = span.enter();
     if status >= 500 {
-        tracing::warn!(target: "keel::request", %method, %route, status, %class, key = %key, run, ms, "request");
+        tracing::warn!(target: "keel::request", %method, %route, status, %class, key = %key, run, %reference, ms, "request");
     } else {
-        tracing::info!(target: "keel::request", %method, %route, status, %class, key = %key, run, ms, "request");
+        tracing::info!(target: "keel::request", %method, %route, status, %class, key = %key, run, %reference, ms, "request");
     }
     resp
+}
+
+/// The header naming an answer's reference.
+pub const REFERENCE: &str = "x-keel-reference";
+
+/// The largest error body the reference is written into (error bodies are small; a
+/// larger one is left as it is, its header still naming the reference).
+const MAX_ERROR_BODY: usize = 64 << 10;
+
+/// `resp` with `reference` in its JSON error body: inside `error` when the body has an
+/// `error` object (OpenAI's and Anthropic's shapes), at the top otherwise (Keel's).
+async fn with_reference(resp: Response, reference: &str) -> Response {
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("application/json"));
+    // Only a body whose size is known and small: anything else is passed on untouched
+    // (its header still names the reference).
+    let small =
+        axum::body::HttpBody::size_hint(resp.body()).exact().is_some_and(|n| n <= MAX_ERROR_BODY as u64);
+    if !is_json || !small {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    let Ok(bytes) = axum::body::to_bytes(body, MAX_ERROR_BODY).await else {
+        return Response::from_parts(parts, axum::body::Body::empty());
+    };
+    let mut value: serde_json::Value = match serde_json::from_slice(&bytes) {
+        Ok(v) => v,
+        Err(_) => return Response::from_parts(parts, axum::body::Body::from(bytes)),
+    };
+    match value.get_mut("error").and_then(serde_json::Value::as_object_mut) {
+        Some(error) => {
+            error.insert("reference".into(), reference.into());
+        }
+        None => {
+            if let Some(top) = value.as_object_mut() {
+                top.insert("reference".into(), reference.into());
+            }
+        }
+    }
+    let body = serde_json::to_vec(&value).unwrap_or_else(|_| bytes.to_vec());
+    Response::from_parts(parts, axum::body::Body::from(body))
 }
 
 /// The run a request names: `X-Keel-Run` (the gateway), or the id of `/api/runs/{id}`.

@@ -16,5 +16,6 @@ mod breakers;
 mod browser;
 mod gateway;
 mod idempotency;
+mod reference;
 mod shutdown;
 mod storage;
