@@ -489,3 +489,60 @@ async fn the_sandboxed_code_tool_in_the_loop_repairs_a_key_error() {
     let fixed = snap.steps.iter().find(|s| s.name == "turn-2.call-1").unwrap();
     assert_eq!(fixed.output.as_ref().unwrap()["result"], 3, "{fixed:?}");
 }
+
+/// A ticket on an agent's call, answered by a person: `retry` carries the call out once
+/// the service is fixed and the run goes on to the model's answer; `skip` goes on
+/// without it, the model told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ticket_on_an_agents_call_is_answered_and_the_run_goes_on() {
+    use keel_runtime::inbox::{Guidance, resolve};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    for action in ["retry", "skip"] {
+        let fixed = Arc::new(AtomicBool::new(false));
+        let hits = Arc::new(AtomicU64::new(0));
+        let (f, h) = (fixed.clone(), hits.clone());
+        let app = axum::Router::new().route(
+            "/op",
+            axum::routing::post(move || {
+                h.fetch_add(1, Ordering::SeqCst);
+                let ok = f.load(Ordering::SeqCst);
+                async move {
+                    if ok {
+                        (axum::http::StatusCode::OK, "{\"done\": true}")
+                    } else {
+                        (axum::http::StatusCode::UNAUTHORIZED, "bad token")
+                    }
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let dir = tempfile::tempdir().unwrap();
+        let model = ScriptedModel::script(vec![Reply::call("op", json!({})), Reply::text("finished")]).await;
+        let config =
+            format!("{}[tools.op]\nkind = \"http\"\nurl = \"http://{addr}/op\"\n", model.config("m"));
+        let r = runner(dir.path(), &config).await;
+        let run = r.create_agent(&task("do it"), None).await.unwrap();
+        let RunStatus::Escalated { ticket_id } = r.drive(&run).await.unwrap() else { panic!("{action}") };
+        // Still waiting: a drive changes nothing while the ticket is open.
+        assert!(matches!(r.drive(&run).await.unwrap(), RunStatus::Escalated { .. }));
+        assert_eq!(model.calls(), 1);
+        fixed.store(true, Ordering::SeqCst);
+        let guidance = if action == "retry" { Guidance::Retry { params: None } } else { Guidance::Skip };
+        resolve(&**r.journal(), &ticket_id, &guidance, "alice").await.unwrap();
+        assert_eq!(r.drive(&run).await.unwrap(), RunStatus::Completed, "{action}");
+        assert_eq!(model.calls(), 2, "{action}: the model answered once the call was settled");
+        let sent = tool_messages(&model, 1)[0]["content"].to_string();
+        match action {
+            "retry" => {
+                assert_eq!(hits.load(Ordering::SeqCst), 2, "called again once, after the person said so");
+                assert!(sent.contains("done"), "the retried call's answer went to the model: {sent}");
+            }
+            _ => {
+                assert_eq!(hits.load(Ordering::SeqCst), 1, "a skipped call is not made");
+                assert!(sent.contains("skipped"), "the model is told it was skipped: {sent}");
+            }
+        }
+    }
+}
