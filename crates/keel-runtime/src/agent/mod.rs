@@ -94,6 +94,13 @@ pub struct AgentSpec {
     /// What an answer in an unusual shape does.
     #[serde(default)]
     pub on_schema_drift: shape::DriftPolicy,
+    /// The most tool calls of one turn carried out.
+    #[serde(default = "default_calls_per_turn")]
+    pub max_calls_per_turn: u32,
+}
+
+fn default_calls_per_turn() -> u32 {
+    32
 }
 
 fn yes() -> bool {
@@ -159,6 +166,7 @@ impl AgentSpec {
             code_attempts: a.code_attempts,
             stop_on_repeat: a.stop_on_repeat,
             on_schema_drift: a.on_schema_drift,
+            max_calls_per_turn: a.max_calls_per_turn,
         })
     }
 
@@ -325,7 +333,7 @@ fn cut(mut text: String, max: usize) -> String {
 impl History {
     /// Rebuilds the conversation of `snap`. `handled` are tool steps this drive already
     /// carried out: settled whatever their ticket says.
-    pub fn replay(snap: &RunSnapshot, handled: &std::collections::HashSet<u32>) -> History {
+    pub fn replay(snap: &RunSnapshot, handled: &std::collections::HashSet<u32>, spec: &AgentSpec) -> History {
         let mut h = History::default();
         let mut steps: Vec<&StepView> = snap.steps.iter().collect();
         steps.sort_by_key(|s| s.step);
@@ -405,6 +413,16 @@ impl History {
                 let call_id = call["id"].as_str().unwrap_or("").to_owned();
                 let fname = call["function"]["name"].as_str().unwrap_or("").to_owned();
                 ex.calls.push(fname.clone());
+                // Past the turn's cap, a call is answered, never run.
+                if k >= spec.max_calls_per_turn as usize {
+                    let refused = json!({"error": {"class": "loop_detected", "message": format!(
+                        "not carried out: at most {} tool calls of one turn are", spec.max_calls_per_turn
+                    )}});
+                    ex.messages.push(
+                        json!({"role": "tool", "tool_call_id": call_id, "content": refused.to_string()}),
+                    );
+                    continue;
+                }
                 match by_name.get(name.as_str()) {
                     Some(step) if handled.contains(&step.step) || is_settled(step, snap) => {
                         ex.messages.push(

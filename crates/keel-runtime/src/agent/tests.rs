@@ -18,6 +18,7 @@ fn spec(history_tokens: u64) -> AgentSpec {
         code_attempts: 4,
         stop_on_repeat: true,
         on_schema_drift: shape::DriftPolicy::Flag,
+        max_calls_per_turn: 32,
     }
 }
 
@@ -74,7 +75,7 @@ fn the_history_is_rebuilt_from_the_steps_alone() {
         ],
         Vec::new(),
     );
-    let h = History::replay(&snap, &HashSet::new());
+    let h = History::replay(&snap, &HashSet::new(), &spec(100_000));
     assert_eq!(h.turns, 3);
     assert_eq!(h.next_step, 5);
     assert_eq!(h.charged, (300, 21, 3), "what each finished turn charged, summed");
@@ -103,7 +104,7 @@ fn a_crash_during_a_turn_leaves_it_to_be_asked_again_and_nothing_else() {
         ],
         Vec::new(),
     );
-    let h = History::replay(&snap, &HashSet::new());
+    let h = History::replay(&snap, &HashSet::new(), &spec(100_000));
     assert_eq!(h.turns, 1);
     assert_eq!(h.unfinished_turn, Some(2), "the turn is asked again at its own index");
     assert!(h.pending.is_empty());
@@ -126,14 +127,18 @@ fn a_failed_call_with_an_open_ticket_is_not_settled_until_a_person_answers() {
         resolved_at_ms: resolved,
     };
     let open = snapshot(vec![turn_calling(0, 1, "{}"), failed.clone()], vec![ticket("open", None)]);
-    assert_eq!(History::replay(&open, &HashSet::new()).pending.len(), 1);
+    assert_eq!(History::replay(&open, &HashSet::new(), &spec(100_000)).pending.len(), 1);
     let resolved =
         snapshot(vec![turn_calling(0, 1, "{}"), failed.clone()], vec![ticket("resolved", Some(9))]);
-    assert_eq!(History::replay(&resolved, &HashSet::new()).pending.len(), 1, "the resolution is carried out");
+    assert_eq!(
+        History::replay(&resolved, &HashSet::new(), &spec(100_000)).pending.len(),
+        1,
+        "the resolution is carried out"
+    );
     let handled: HashSet<u32> = [1].into();
-    assert!(History::replay(&resolved, &handled).pending.is_empty(), "once per drive");
+    assert!(History::replay(&resolved, &handled, &spec(100_000)).pending.is_empty(), "once per drive");
     let none = snapshot(vec![turn_calling(0, 1, "{}"), failed], Vec::new());
-    assert!(History::replay(&none, &HashSet::new()).pending.is_empty());
+    assert!(History::replay(&none, &HashSet::new(), &spec(100_000)).pending.is_empty());
 }
 
 #[test]
@@ -151,7 +156,7 @@ fn old_exchanges_are_dropped_whole_and_said_in_one_line() {
             Some(big),
         ));
     }
-    let h = History::replay(&snapshot(steps, Vec::new()), &HashSet::new());
+    let h = History::replay(&snapshot(steps, Vec::new()), &HashSet::new(), &spec(2_000));
     let spec = spec(2_000);
     let (messages, dropped) = h.messages(&spec);
     assert!(dropped > 20, "{dropped} exchanges dropped");

@@ -195,6 +195,9 @@ pub struct AgentConfig {
     pub max_repeats: u32,
     /// The tools the model is offered (default: every tool of the config).
     pub tools: Option<Vec<String>>,
+    /// The most tool calls of one turn carried out (1–1000); the rest are answered with
+    /// an error, never run.
+    pub max_calls_per_turn: u32,
     /// The system prompt.
     pub system: Option<String>,
     /// After a failed program: `adaptive` (learned per error kind), `repair` or
@@ -219,6 +222,7 @@ impl Default for AgentConfig {
             history_tokens: 16_000,
             max_repeats: 3,
             tools: None,
+            max_calls_per_turn: 32,
             system: None,
             correction: crate::agent::correct::CorrectionMode::Adaptive,
             code_attempts: 4,
@@ -238,6 +242,7 @@ impl AgentConfig {
         c.count("max_turns", self.max_turns, 1..=10_000);
         c.count("history_tokens", self.history_tokens, 500..=10_000_000);
         c.count("code_attempts", self.code_attempts, 1..=100);
+        c.count("max_calls_per_turn", self.max_calls_per_turn, 1..=1000);
         match self.max_repeats {
             0 => {}
             1 => c.fail("max_repeats", "1 would stop every call: 0 turns the check off, 2 is the least"),

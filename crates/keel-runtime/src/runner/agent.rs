@@ -65,7 +65,7 @@ pub(super) async fn drive(
     let budget = Arc::new(Budget::new(format!("run:{run_id}"), &r.config.run.budget, Arc::new(NullSink)));
     // What earlier drives spent still counts: tool attempts and costs from the
     // journal's attempts and charges, model turns from what each turn recorded.
-    let history = History::replay(snap, &HashSet::new());
+    let history = History::replay(snap, &HashSet::new(), &spec);
     let (tokens, cost, model_attempts) = history.charged;
     let _ = budget.charge(BudgetKind::Attempts, (snap.attempts.len() as u64).saturating_add(model_attempts));
     let _ = budget.charge(BudgetKind::Tokens, tokens);
@@ -83,7 +83,7 @@ pub(super) async fn drive(
         if snap.run.state == RunState::Cancelled {
             return Ok(RunStatus::Cancelled);
         }
-        let history = History::replay(&snap, &handled);
+        let history = History::replay(&snap, &handled, &spec);
         let now_ms = super::step::wall_ms(r.clock.wall());
         let pass = if let Some(call) = history.pending.first() {
             let ctx = CallCtx {

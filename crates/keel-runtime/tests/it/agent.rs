@@ -546,3 +546,20 @@ async fn a_ticket_on_an_agents_call_is_answered_and_the_run_goes_on() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_with_too_many_calls_runs_only_its_cap_and_answers_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("calls.log");
+    let calls: Vec<(String, String)> =
+        (0..40).map(|i| ("lookup".to_owned(), json!({"id": i}).to_string())).collect();
+    let model = ScriptedModel::script(vec![Reply::Tools(calls), Reply::text("enough")]).await;
+    let config = format!("{}{}[agent]\nmax_calls_per_turn = 3\n", model.config("m"), lookup_tool(&log));
+    let r = runner(dir.path(), &config).await;
+    let run = r.create_agent(&task("look everything up"), None).await.unwrap();
+    assert_eq!(r.drive(&run).await.unwrap(), RunStatus::Completed);
+    assert_eq!(calls_in(&log), 3, "only the cap ran");
+    let answers = tool_messages(&model, 1);
+    assert_eq!(answers.len(), 40, "every call is answered, as the API requires");
+    assert!(answers[39]["content"].as_str().unwrap().contains("not carried out"), "{}", answers[39]);
+}
