@@ -62,8 +62,9 @@ pub struct CallContext {
     pub run: Option<String>,
     /// The caller checks the answer's tool calls itself (an agent run in this process:
     /// it checks them against its tools' own schemas and sends each mistake back to the
-    /// model as the call's answer, journaled as a step): the gateway still rejects empty,
-    /// truncated and refused answers, but not tool calls.
+    /// model as the call's answer, journaled as a step, and has its own repeat guard
+    /// and turn limit): the gateway still rejects empty, truncated and refused answers,
+    /// but not tool calls, and applies no loop guard of its own.
     pub caller_checks_tools: bool,
 }
 
@@ -737,10 +738,14 @@ impl Gateway {
             charges.prepaid = std::sync::Mutex::new(Some(prepaid));
         }
         if let Some(account) = account.filter(|_| kind == Admit::Turn) {
-            account
-                .guard
-                .begin_turn()
-                .map_err(|e| GatewayError::new(ErrorClass::LoopDetected, e.to_string()))?;
+            // A caller that checks its tool calls itself (an agent run here) has its own
+            // turn limit and repeat guard; the run's account still charges its budget.
+            if !ctx.caller_checks_tools {
+                account
+                    .guard
+                    .begin_turn()
+                    .map_err(|e| GatewayError::new(ErrorClass::LoopDetected, e.to_string()))?;
+            }
             charges.run = Some(account);
         }
         Ok(charges)
@@ -753,6 +758,9 @@ impl Gateway {
         calls: &[crate::wire::ToolCall],
     ) -> Result<(), GatewayError> {
         let Some(run) = &charges.run else { return Ok(()) };
+        if charges.caller_checks_tools {
+            return Ok(());
+        }
         for call in calls {
             let args: serde_json::Value =
                 serde_json::from_str(&call.function.arguments).unwrap_or(serde_json::Value::Null);

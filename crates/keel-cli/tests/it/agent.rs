@@ -113,3 +113,25 @@ fn corrections_are_exported_as_pairs_and_counted_per_kind_and_strategy() {
     let table = b.keel(&["stats", "corrections"]);
     assert!(table.stdout.contains("KeyError") && table.stdout.contains("repair"), "{}", table.stdout);
 }
+
+#[test]
+fn keel_agent_charges_each_turn_once_to_the_runs_attempt_budget() {
+    let (_rt, m) = model(vec![Reply::call("charge", json!({"order": 3, "amount": 5})), Reply::text("ok")]);
+    let b = Bench::new(Faults::default(), &format!("{TOOLS}\n{}", m.config("m")));
+    // TOOLS has its own [run] table: the budget goes in as a sub-table.
+    let config = std::fs::read_to_string(b.path("keel.toml")).unwrap();
+    std::fs::write(b.path("keel.toml"), format!("{config}\n[run.budget]\nattempts = 3\n")).unwrap();
+    let run = b.keel(&["--json", "agent", "--tools", "charge", "charge order 3"]);
+    let v: Value = serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{e}: {run:?}"));
+    assert_eq!(v["status"], "completed", "{v}");
+    let show = b.keel(&["runs", "show", v["run_id"].as_str().unwrap(), "--json"]);
+    let export: Value = serde_json::from_str(&show.stdout).unwrap();
+    let charged: Vec<&Value> = export["state"]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["target"] == "model:m")
+        .map(|s| &s["output"]["charged"]["attempts"])
+        .collect();
+    assert_eq!(charged, [&json!(1), &json!(1)]);
+}

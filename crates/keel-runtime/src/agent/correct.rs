@@ -156,6 +156,9 @@ fn repairable(kind: &str) -> bool {
     )
 }
 
+/// The kind under which outcomes of every kind are pooled.
+pub const ANY_KIND: &str = "*";
+
 /// The gate's key of a strategy's outcomes after errors of `kind`.
 pub fn gate_target(strategy: Strategy, kind: &str) -> Arc<str> {
     Arc::from(format!("correct:{}:{kind}", strategy.as_str()))
@@ -188,13 +191,18 @@ pub fn choose(
         CorrectionMode::Repair => Strategy::Repair,
         CorrectionMode::Regenerate => Strategy::Regenerate,
         CorrectionMode::Adaptive => {
-            let score = |s: Strategy| {
+            let score = |s: Strategy, kind: &str| {
                 let o = gate.outcomes(&gate_target(s, kind), ErrorClass::CodeError, 2);
                 (o.successes + o.failures > 0)
                     .then(|| gate.score(&gate_target(s, kind), ErrorClass::CodeError, 2))
             };
             let prior = if repairable(kind) { Strategy::Repair } else { Strategy::Regenerate };
-            match (score(Strategy::Repair), score(Strategy::Regenerate)) {
+            // A kind with no record of its own is judged by the pooled record of all.
+            let (r, g) = match (score(Strategy::Repair, kind), score(Strategy::Regenerate, kind)) {
+                (None, None) => (score(Strategy::Repair, ANY_KIND), score(Strategy::Regenerate, ANY_KIND)),
+                known => known,
+            };
+            match (r, g) {
                 (Some(r), Some(g)) if (r - g).abs() > 1e-9 => {
                     if r > g {
                         Strategy::Repair

@@ -272,6 +272,8 @@ pub struct History {
     pub last_strategy: Option<(Strategy, String)>,
     /// The input of the turn that never finished, if one did not.
     pub unfinished_input: Option<Value>,
+    /// The exchange where the current chain of failed programs began.
+    chain_start: Option<usize>,
     /// The shapes each tool answered with in this run (fingerprint → count).
     pub shapes: BTreeMap<String, BTreeMap<String, u64>>,
 }
@@ -376,11 +378,9 @@ impl History {
                 .as_str()
                 .and_then(Strategy::parse)
                 .map(|s| (s, view.input["after_kind"].as_str().unwrap_or("error").to_owned()));
-            // A regenerating turn took the failed exchange before it out of view.
+            // A regenerating turn took the failed chain before it out of view.
             if h.last_strategy.as_ref().is_some_and(|(s, _)| *s == Strategy::Regenerate) {
-                if let Some(prev) = h.exchanges.last_mut() {
-                    prev.elided = Some(view.input["hint"].as_str().unwrap_or("").to_owned());
-                }
+                h.elide_chain(view.input["hint"].as_str().unwrap_or(""));
             }
             let out = view.output.clone().unwrap_or(Value::Null);
             let charged = &out["charged"];
@@ -443,10 +443,13 @@ impl History {
         h
     }
 
-    /// Takes the latest exchange out of view, `hint` standing in for it.
-    pub fn elide_last(&mut self, hint: &str) {
-        if let Some(ex) = self.exchanges.last_mut() {
-            ex.elided = Some(hint.to_owned());
+    /// Takes every exchange of the current chain of failed programs out of view (the
+    /// model regenerates from the task, not from its failed programs), `hint` standing
+    /// in for them; the latest exchange when there is no chain.
+    pub fn elide_chain(&mut self, hint: &str) {
+        let start = self.chain_start.unwrap_or(self.exchanges.len().saturating_sub(1));
+        for (i, ex) in self.exchanges.iter_mut().enumerate().skip(start) {
+            ex.elided = Some(if i == start { hint.to_owned() } else { String::new() });
         }
     }
 
@@ -456,6 +459,7 @@ impl History {
             "succeeded" => {
                 self.code_chain.clear();
                 self.code_failed_last = false;
+                self.chain_start = None;
             }
             "failed" if view.error_class.as_deref() == Some(keel_core::ErrorClass::CodeError.as_str()) => {
                 let message = view.message.clone().unwrap_or_default();
@@ -466,6 +470,9 @@ impl History {
                 let first_line = basis.lines().next().unwrap_or("").to_owned();
                 if !resubmitted {
                     self.failed_programs.insert(correct::normalize(program), first_line.clone());
+                }
+                if self.chain_start.is_none() {
+                    self.chain_start = Some(self.exchanges.len().saturating_sub(1));
                 }
                 self.code_chain.push(CodeFailure {
                     step_name: view.name.clone(),
@@ -518,6 +525,7 @@ impl History {
         }
         for ex in &self.exchanges[self.exchanges.len() - keep..] {
             match &ex.elided {
+                Some(hint) if hint.is_empty() => {}
                 Some(hint) => messages.push(json!({"role": "user", "content": hint})),
                 None => messages.extend(ex.messages.iter().cloned()),
             }

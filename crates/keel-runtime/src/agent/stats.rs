@@ -95,7 +95,10 @@ fn scan_run(snap: &RunSnapshot, pairs: &mut Vec<Value>, stats: &mut CorrectionSt
                     "run_id": snap.run.run_id,
                     "task": snap.run.input["agent"]["task"],
                     "failed": {"program": failed, "error": error},
-                    "fixed": {"program": program, "result": s.output.as_ref().map(|o| o.get("result").unwrap_or(o))},
+                    // The program's `result`: the code tool's, or a command tool's JSON answer's.
+                    "fixed": {"program": program, "result": s.output.as_ref().map(|o| {
+                        o.get("result").or_else(|| o.pointer("/json/result")).unwrap_or(o)
+                    })},
                     "failed_attempts": chain.len(),
                     "correction_tokens": chain_tokens,
                 }));

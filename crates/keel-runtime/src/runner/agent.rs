@@ -140,6 +140,14 @@ async fn turn(
             let (a, b) = (real[real.len() - 2], real[real.len() - 1]);
             a.kind == b.kind && a.first_line == b.first_line && !last.resubmitted
         };
+        // The model resubmitting programs that already failed, twice in a row, whatever
+        // it was told: it is stuck.
+        let stuck = chain.len() >= 2 && chain[chain.len() - 2].resubmitted && last.resubmitted;
+        if stuck && spec.stop_on_repeat {
+            let why =
+                format!("the model keeps resubmitting programs that already failed: {}", last.first_line);
+            return stop(r, run_id, history, index, ErrorClass::CodeError, why).await;
+        }
         if repeated && spec.stop_on_repeat {
             let why = format!(
                 "the same error twice in a row, the correction is not converging: {}",
@@ -192,7 +200,7 @@ async fn turn(
     // out of view (replayed from the input just journaled, so a resume agrees).
     let mut seen = history.clone();
     if let Some((Strategy::Regenerate, _)) = &correction {
-        seen.elide_last(input["hint"].as_str().unwrap_or(""));
+        seen.elide_chain(input["hint"].as_str().unwrap_or(""));
     }
     let (messages, dropped) = seen.messages(spec);
     let mut body = json!({"model": spec.model, "messages": messages});
@@ -207,10 +215,10 @@ async fn turn(
         body["tools"] = Value::Array(tools);
     }
     let req = ChatRequest::from_value(&body).map_err(|f| Error::Refused(f.to_string()))?;
-    // The run's one budget is the scope's; its loop guard and turn limit are the
-    // agent's own (a repeat opens a ticket): the gateway's per-run account is for
-    // agents outside this process that name their run in `X-Keel-Run`.
-    let ctx = CallContext { api_key: None, run: None, caller_checks_tools: true };
+    // The call is journaled under the run (its `model_called`, retries, fallbacks);
+    // the run's budget is the scope's; its loop guard and turn limit are the agent's
+    // own (a repeat opens a ticket), so the gateway applies none of its own.
+    let ctx = CallContext { api_key: None, run: Some(run_id.to_owned()), caller_checks_tools: true };
     let before = [BudgetKind::Tokens, BudgetKind::CostMicros, BudgetKind::Attempts].map(|k| budget.used(k));
     let mut scope = RunScope::new().with_budget(budget.clone());
     if let Some(at) = keel_core::clock::deadline_after(r.clock.now(), left) {
@@ -284,6 +292,13 @@ impl CallCtx<'_> {
     fn learn(&self, worked: bool) {
         if let Some((strategy, kind)) = &self.history.last_strategy {
             self.r.gate.record(&correct::gate_target(*strategy, kind), ErrorClass::CodeError, 2, worked);
+            // Pooled over kinds too: a kind seen for the first time starts from it.
+            self.r.gate.record(
+                &correct::gate_target(*strategy, correct::ANY_KIND),
+                ErrorClass::CodeError,
+                2,
+                worked,
+            );
         }
     }
 }

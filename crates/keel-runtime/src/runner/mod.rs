@@ -188,11 +188,16 @@ impl Runner {
         if let Some(g) = self.gateway.get() {
             return Ok(g.clone());
         }
+        // Calls and decisions journaled by this runner's writer: under the agent's run
+        // for its turns, the gateway's own run for the rest.
+        let sink = keel_gateway::journal::DecisionsOnly(self.writer.sink(keel_gateway::journal::GATEWAY_RUN));
         let built = self
             .config
             .gateway_builder()
             .clock(self.clock.clone())
             .gate(self.gate.clone())
+            .sink(Arc::new(sink))
+            .journal(Arc::new(keel_gateway::WriterJournal::new(self.writer.clone())))
             .build()
             .map_err(|e| Error::Refused(format!("the model gateway cannot start: {e}")))?;
         Ok(self.gateway.get_or_init(|| Arc::new(built)).clone())

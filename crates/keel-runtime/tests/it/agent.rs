@@ -74,6 +74,11 @@ async fn a_model_calls_a_tool_reads_its_answer_and_answers() {
     assert_eq!(result["answer"], "The total is 42.");
     assert_eq!(snap.steps[0].target, "model:m");
     assert!(snap.steps[0].output.as_ref().unwrap()["charged"]["tokens"].as_u64().unwrap() > 0);
+    // Every model call is journaled under the run, as the gateway journals any call.
+    r.flush().await.unwrap();
+    let events = r.journal().events(&run, 0, 1000).await.unwrap();
+    let called = events.iter().filter(|e| e.event.kind() == "model_called").count();
+    assert_eq!(called, 2, "{events:?}");
     // Driving a finished run does nothing.
     assert_eq!(r.drive(&run).await.unwrap(), RunStatus::Completed);
     assert_eq!(model.calls(), 2);
@@ -562,4 +567,70 @@ async fn a_turn_with_too_many_calls_runs_only_its_cap_and_answers_the_rest() {
     let answers = tool_messages(&model, 1);
     assert_eq!(answers.len(), 40, "every call is answered, as the API requires");
     assert!(answers[39]["content"].as_str().unwrap().contains("not carried out"), "{}", answers[39]);
+}
+
+/// One model turn is one attempt of the run's budget, one tool call another: a run of
+/// two turns and a call fits in three (each charged once, never twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_turn_and_each_call_is_one_attempt_of_the_runs_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("calls.log");
+    let model = ScriptedModel::script(vec![Reply::call("lookup", json!({"id": 7})), Reply::text("42")]).await;
+    // The model's own policy (a timeout, no retries) changes nothing to what a turn costs.
+    let config = format!(
+        "{}policy = {{ timeout = \"600s\", retry = {{ max_attempts = 1 }} }}\n{}[run.budget]\nattempts = 3\n",
+        model.config("m"),
+        lookup_tool(&log)
+    );
+    let r = runner(dir.path(), &config).await;
+    let run = r.create_agent(&task("total of 7"), None).await.unwrap();
+    let status = r.drive(&run).await.unwrap();
+    let snap = r.snapshot(&run).await.unwrap();
+    let charged: Vec<u64> = snap
+        .steps
+        .iter()
+        .filter(|s| s.target == "model:m")
+        .filter_map(|s| s.output.as_ref().and_then(|o| o["charged"]["attempts"].as_u64()))
+        .collect();
+    assert_eq!(status, RunStatus::Completed, "charged per turn: {charged:?}");
+    assert_eq!(charged, [1, 1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regenerating_after_a_repair_takes_the_whole_failed_chain_out_of_view() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("runs.log");
+    let model = ScriptedModel::script(vec![
+        program("d = {}\nresult = d['first']"),
+        program("d = {}\nresult = d['second']"),
+        program("result = 1"),
+        Reply::text("1"),
+    ])
+    .await;
+    let r = runner(dir.path(), &format!("{}{}", model.config("m"), code_tool(&log))).await;
+    let run = r.create_agent(&task("one"), None).await.unwrap();
+    assert_eq!(r.drive(&run).await.unwrap(), RunStatus::Completed);
+    let snap = r.snapshot(&run).await.unwrap();
+    assert_eq!(turn_input(&snap, 2)["strategy"], "repair");
+    assert_eq!(turn_input(&snap, 3)["strategy"], "regenerate", "repair failed once: the other");
+    let third = model.requests()[2]["messages"].to_string();
+    assert!(
+        !third.contains("d['first']") && !third.contains("d['second']"),
+        "no failed program in view: {third}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_that_keeps_resubmitting_failed_programs_is_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("runs.log");
+    let p = "d = {}\nresult = d['x']";
+    let model = ScriptedModel::script(vec![program(p), program(p), program(p), program("never asked")]).await;
+    let config = format!("{}{}[agent]\ncorrection = \"repair\"\n", model.config("m"), code_tool(&log));
+    let r = runner(dir.path(), &config).await;
+    let run = r.create_agent(&task("x"), None).await.unwrap();
+    let status = r.drive(&run).await.unwrap();
+    let RunStatus::Failed { message, .. } = &status else { panic!("{status:?}") };
+    assert!(message.contains("keeps resubmitting"), "{message}");
+    assert_eq!((model.calls(), calls_in(&log)), (3, 1), "run once, refused twice, then stopped");
 }
