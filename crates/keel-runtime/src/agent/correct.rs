@@ -4,22 +4,24 @@
 //! Two ways on, and a stop:
 //! - **repair**: the error (class, message, traceback) goes back as the call's answer,
 //!   the failed program beside it in the history, and the model fixes it;
-//! - **regenerate**: the failed exchange is taken out of the history (a model shown its
-//!   own broken program tends to return it unchanged — measured here, 51–82% of
-//!   repair answers of small coder models were the failing program again) and the
-//!   model writes a fresh program from the task, warmer, with a one-line hint of what
-//!   failed;
-//! - **stop**: the same error twice in a row, `code_attempts` failures in a chain, or
-//!   an error kind whose corrections never succeed here (both strategies refused by the
-//!   gate: their outcomes score under its threshold) ends the run with its partial
-//!   result — spending nothing more on what the record says will not be fixed.
+//! - **regenerate**: the failed chain's exchanges are taken out of the history (a model
+//!   shown its own broken program tends to return it unchanged: small coder models'
+//!   repair answers were the failing program again 51–82% of the time elsewhere, every
+//!   time in `bench/corrections`) and the model writes a fresh program from the task,
+//!   warmer, with a one-line hint of what failed;
+//! - **stop**: the same error twice in a row, two resubmissions of failed programs in a
+//!   row, `code_attempts` failures in a chain, or an error kind whose corrections never
+//!   succeed here (both strategies refused by the gate: their outcomes score under its
+//!   threshold) ends the run with its partial result — spending nothing more on what
+//!   the record says will not be fixed.
 //!
 //! A program identical to one that already failed (ignoring whitespace and comments)
 //! is never run again: it counts as a failed attempt and the next turn switches
 //! strategy. Which strategy follows which error kind is learned: each outcome (did the
 //! next program succeed?) is recorded in the process's confidence gate under
-//! `correct:STRATEGY:KIND`, which is persisted with the rest of the gate; until there
-//! is data, a prior decides (repair for kinds a model can see in its program — a
+//! `correct:STRATEGY:KIND` and pooled under `correct:STRATEGY:*` (which judges a kind
+//! with no record of its own), persisted with the rest of the gate; until there is
+//! data, a prior decides (repair for kinds a model can see in its program — a
 //! misspelt name, a missing key — regenerate for the rest, after the published
 //! finding that self-repair works far better on some error kinds than others).
 
