@@ -634,3 +634,25 @@ async fn a_model_that_keeps_resubmitting_failed_programs_is_stopped() {
     assert!(message.contains("keeps resubmitting"), "{message}");
     assert_eq!((model.calls(), calls_in(&log)), (3, 1), "run once, refused twice, then stopped");
 }
+
+/// The run's deadline holds inside a call: a tool still running when it passes is
+/// stopped, and the run ends `timed_out` with what it had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_runs_deadline_stops_a_call_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = ScriptedModel::serve(|_, _| Reply::call("slow", json!({}))).await;
+    let config = format!(
+        "{}[tools.slow]\nkind = \"command\"\nargv = [\"sleep\", \"30\"]\npolicy = {{ timeout = {{ attempt = \"60s\" }} }}\n\
+         [run]\ndeadline = \"1s\"\n",
+        model.config("m")
+    );
+    let r = runner(dir.path(), &config).await;
+    let run = r.create_agent(&task("wait"), None).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let status = r.drive(&run).await.unwrap();
+    assert_eq!(status, RunStatus::TimedOut);
+    assert!(started.elapsed() < std::time::Duration::from_secs(20), "the 30 s call did not run out");
+    let snap = r.snapshot(&run).await.unwrap();
+    let call = snap.steps.iter().find(|s| s.name == "turn-1.call-1").unwrap();
+    assert_eq!(call.error_class.as_deref(), Some("deadline_exceeded"), "{call:?}");
+}
