@@ -54,6 +54,12 @@ pub(crate) enum Reply {
     /// An answer of this many tokens, whatever the request's `max_tokens` (an upstream
     /// that ignores the limit).
     Long(usize),
+    /// A streamed answer of exactly these bytes (SSE as the test wrote it, in the
+    /// route's dialect), then the connection closes: a cut anywhere, even inside a
+    /// frame, when the bytes are a prefix of a stream. Billed 5 tokens.
+    Raw(String),
+    /// As `Raw`, then the connection breaks (an error, not a close).
+    RawCut(String),
 }
 
 /// What the fake saw.
@@ -257,6 +263,10 @@ async fn openai(State(state): State<Arc<FakeState>>, headers: HeaderMap, body: B
     if let Reply::Status { code, retry_after, body } = reply {
         return status(code, retry_after, body);
     }
+    if let Reply::Raw(bytes) | Reply::RawCut(bytes) = &reply {
+        fake.bill(prompt, 5);
+        return raw_stream(bytes.clone(), matches!(reply, Reply::RawCut(_)));
+    }
     if !stream {
         return match reply {
             Reply::Text(tokens) => completion(
@@ -374,6 +384,10 @@ async fn anthropic(State(state): State<Arc<FakeState>>, headers: HeaderMap, body
     let model = body["model"].as_str().unwrap_or("?").to_owned();
     let stream = body["stream"].as_bool().unwrap_or(false);
     let reply = fake.next("/v1/messages", headers, body);
+    if let Reply::Raw(bytes) | Reply::RawCut(bytes) = &reply {
+        fake.bill(12, 5);
+        return raw_stream(bytes.clone(), matches!(reply, Reply::RawCut(_)));
+    }
     let (blocks, stop) = match reply {
         Reply::Text(t) => (vec![json!({"type": "text", "text": t.concat()})], "end_turn"),
         Reply::Tool { name, args } => (
@@ -423,6 +437,24 @@ async fn anthropic(State(state): State<Arc<FakeState>>, headers: HeaderMap, body
     frames.push(ev("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null}, "usage": {"output_tokens": 7}})));
     frames.push(ev("message_stop", json!({"type": "message_stop"})));
     let mut resp = Response::new(sse(frames));
+    resp.headers_mut().insert("content-type", "text/event-stream".parse().unwrap());
+    resp
+}
+
+/// A `text/event-stream` response of `bytes`, then a close (or, `cut`, a broken
+/// connection).
+fn raw_stream(bytes: String, cut: bool) -> Response {
+    let first = futures_util::stream::once(async move { Ok::<_, std::io::Error>(Bytes::from(bytes)) });
+    let body = if cut {
+        Body::from_stream(first.chain(futures_util::stream::once(async {
+            // As for `Cut`: the error a moment after the bytes, so that they are sent.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Err(std::io::Error::other("connection cut"))
+        })))
+    } else {
+        Body::from_stream(first)
+    };
+    let mut resp = Response::new(body);
     resp.headers_mut().insert("content-type", "text/event-stream".parse().unwrap());
     resp
 }
