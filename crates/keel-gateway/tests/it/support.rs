@@ -60,6 +60,8 @@ pub(crate) enum Reply {
     Raw(String),
     /// As `Raw`, then the connection breaks (an error, not a close).
     RawCut(String),
+    /// These SSE frames, one every `Duration` (a model's pace, for measurements).
+    Paced(Vec<String>, Duration),
 }
 
 /// What the fake saw.
@@ -105,7 +107,7 @@ impl Fake {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/v1", listener.local_addr().unwrap());
         let app = fake_app(state.clone());
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        tokio::spawn(async move { axum::serve(nodelay(listener), app).await.unwrap() });
         Fake { url, state }
     }
 
@@ -191,6 +193,16 @@ impl Fake {
     }
 }
 
+/// `listener` with Nagle's algorithm off on every connection, as `keel serve` has it:
+/// otherwise a stream's first small frame waits out the client's delayed ACK (40 ms).
+fn nodelay(listener: tokio::net::TcpListener) -> impl axum::serve::Listener<Addr = std::net::SocketAddr> {
+    use axum::serve::ListenerExt;
+    listener.tap_io(|tcp| {
+        // Best effort: a socket that refuses keeps Nagle, and is only slower.
+        let _ = tcp.set_nodelay(true);
+    })
+}
+
 fn sse(frames: Vec<String>) -> Body {
     Body::from_stream(futures_util::stream::iter(
         frames.into_iter().map(|f| Ok::<_, Infallible>(Bytes::from(f))),
@@ -266,6 +278,16 @@ async fn openai(State(state): State<Arc<FakeState>>, headers: HeaderMap, body: B
     if let Reply::Raw(bytes) | Reply::RawCut(bytes) = &reply {
         fake.bill(prompt, 5);
         return raw_stream(bytes.clone(), matches!(reply, Reply::RawCut(_)));
+    }
+    if let Reply::Paced(frames, pace) = reply {
+        fake.bill(prompt, frames.len() as u64);
+        let body = futures_util::stream::iter(frames).then(move |f| async move {
+            tokio::time::sleep(pace).await;
+            Ok::<_, Infallible>(Bytes::from(f))
+        });
+        let mut resp = Response::new(Body::from_stream(body));
+        resp.headers_mut().insert("content-type", "text/event-stream".parse().unwrap());
+        return resp;
     }
     if !stream {
         return match reply {
@@ -582,7 +604,7 @@ pub(crate) async fn serve_clocked(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let app = router(gateway.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    tokio::spawn(async move { axum::serve(nodelay(listener), app).await.unwrap() });
     Served { gateway, url, journal, events }
 }
 

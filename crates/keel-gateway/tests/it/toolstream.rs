@@ -322,3 +322,63 @@ async fn an_anthropic_stream_cut_inside_its_input_json_is_rescued_whole() {
     assert_eq!(got.text, "Let me check.");
     assert_eq!(served.journal.records()[0].rescue.as_deref(), Some("splice"));
 }
+
+/// Not a check: the cost of holding, measured in process over `N` streams on
+/// loopback (`cargo test -p keel-gateway --test it measure_holding -- --ignored
+/// --nocapture`; `bench/README.md` has the numbers). Times to the first byte of the
+/// tool call (and of the text), and to the end, from the request's start; upstreams
+/// that answer at once (Keel's own cost) and at a model's pace (a frame every 2 ms).
+#[tokio::test]
+#[ignore = "a measurement, not a test: run it by name"]
+#[allow(clippy::print_stdout)] // its numbers are its output
+async fn measure_holding() {
+    const N: usize = 200;
+    let (tool, _, _) = openai_stream("", ARGS);
+    let text: String =
+        (0..16).map(|i| frame(json!({"content": format!("word{i} ")}), None)).collect::<String>()
+            + &frame(json!({}), Some("stop"))
+            + "data: [DONE]\n\n";
+    let frames = |s: &str| -> Vec<String> { s.split_inclusive("\n\n").map(str::to_owned).collect() };
+    let fake = Fake::start().await;
+    let served = serve(vec![("gpt", model(&fake, "m"))]).await;
+    let client = reqwest::Client::new();
+    for (label, body, marker) in [("tool call", &tool, "tool_calls"), ("text", &text, "\"content\":\"word")] {
+        for (pace, reply) in [
+            ("instant", Reply::Raw(body.clone())),
+            ("2 ms/frame", Reply::Paced(frames(body), std::time::Duration::from_millis(2))),
+        ] {
+            fake.always(reply);
+            let (mut first, mut total) = (Vec::with_capacity(N), Vec::with_capacity(N));
+            // The first stream of each case warms the connections up and is not counted.
+            for i in 0..=N {
+                let start = tokio::time::Instant::now();
+                let mut resp = client
+                    .post(format!("{}/v1/chat/completions", served.url))
+                    .json(&ask_stream_tools("gpt"))
+                    .send()
+                    .await
+                    .unwrap();
+                let mut seen = String::new();
+                let mut at = None;
+                while let Some(chunk) = resp.chunk().await.unwrap() {
+                    seen.push_str(&String::from_utf8_lossy(&chunk));
+                    if at.is_none() && seen.contains(marker) {
+                        at = Some(start.elapsed());
+                    }
+                }
+                if i > 0 {
+                    first.push(at.unwrap());
+                    total.push(start.elapsed());
+                }
+            }
+            let stats = |v: &mut Vec<std::time::Duration>| {
+                v.sort();
+                (v[v.len() / 2].as_secs_f64() * 1e3, v[v.len() * 9 / 10].as_secs_f64() * 1e3)
+            };
+            let ((f50, f90), (t50, t90)) = (stats(&mut first), stats(&mut total));
+            println!(
+                "{label:9} {pace:10} first byte of it: p50 {f50:6.2} ms p90 {f90:6.2} ms | whole stream: p50 {t50:6.2} ms p90 {t90:6.2} ms"
+            );
+        }
+    }
+}
