@@ -60,6 +60,8 @@ pub(crate) enum Reply {
     Raw(String),
     /// As `Raw`, then the connection breaks (an error, not a close).
     RawCut(String),
+    /// As `Raw`, then the connection stays silent forever.
+    RawStall(String),
     /// These SSE frames, one every `Duration` (a model's pace, for measurements).
     Paced(Vec<String>, Duration),
 }
@@ -275,9 +277,9 @@ async fn openai(State(state): State<Arc<FakeState>>, headers: HeaderMap, body: B
     if let Reply::Status { code, retry_after, body } = reply {
         return status(code, retry_after, body);
     }
-    if let Reply::Raw(bytes) | Reply::RawCut(bytes) = &reply {
+    if let Reply::Raw(bytes) | Reply::RawCut(bytes) | Reply::RawStall(bytes) = &reply {
         fake.bill(prompt, 5);
-        return raw_stream(bytes.clone(), matches!(reply, Reply::RawCut(_)));
+        return raw_stream(bytes.clone(), &reply);
     }
     if let Reply::Paced(frames, pace) = reply {
         fake.bill(prompt, frames.len() as u64);
@@ -406,9 +408,9 @@ async fn anthropic(State(state): State<Arc<FakeState>>, headers: HeaderMap, body
     let model = body["model"].as_str().unwrap_or("?").to_owned();
     let stream = body["stream"].as_bool().unwrap_or(false);
     let reply = fake.next("/v1/messages", headers, body);
-    if let Reply::Raw(bytes) | Reply::RawCut(bytes) = &reply {
+    if let Reply::Raw(bytes) | Reply::RawCut(bytes) | Reply::RawStall(bytes) = &reply {
         fake.bill(12, 5);
-        return raw_stream(bytes.clone(), matches!(reply, Reply::RawCut(_)));
+        return raw_stream(bytes.clone(), &reply);
     }
     let (blocks, stop) = match reply {
         Reply::Text(t) => (vec![json!({"type": "text", "text": t.concat()})], "end_turn"),
@@ -463,18 +465,18 @@ async fn anthropic(State(state): State<Arc<FakeState>>, headers: HeaderMap, body
     resp
 }
 
-/// A `text/event-stream` response of `bytes`, then a close (or, `cut`, a broken
-/// connection).
-fn raw_stream(bytes: String, cut: bool) -> Response {
+/// A `text/event-stream` response of `bytes`, then what `reply` says: a close
+/// (`Raw`), a broken connection (`RawCut`) or silence (`RawStall`).
+fn raw_stream(bytes: String, reply: &Reply) -> Response {
     let first = futures_util::stream::once(async move { Ok::<_, std::io::Error>(Bytes::from(bytes)) });
-    let body = if cut {
-        Body::from_stream(first.chain(futures_util::stream::once(async {
+    let body = match reply {
+        Reply::RawCut(_) => Body::from_stream(first.chain(futures_util::stream::once(async {
             // As for `Cut`: the error a moment after the bytes, so that they are sent.
             tokio::time::sleep(Duration::from_millis(100)).await;
             Err(std::io::Error::other("connection cut"))
-        })))
-    } else {
-        Body::from_stream(first)
+        }))),
+        Reply::RawStall(_) => Body::from_stream(first.chain(futures_util::stream::pending())),
+        _ => Body::from_stream(first),
     };
     let mut resp = Response::new(body);
     resp.headers_mut().insert("content-type", "text/event-stream".parse().unwrap());

@@ -221,6 +221,30 @@ async fn a_broken_connection_inside_the_arguments_sends_nothing_of_the_call() {
     );
 }
 
+/// A stall inside a call is a timeout, rescued like a cut. Real sockets: the stall
+/// timeout is real time (small), not paused tokio time, which would auto-advance
+/// while loopback I/O is in flight.
+#[tokio::test]
+async fn a_stall_inside_the_arguments_is_a_timeout_and_sends_nothing_of_the_call() {
+    let (stream, _, _) = openai_stream("", ARGS);
+    let stall = stream.match_indices(r#""arguments":"#).nth(2).unwrap().0;
+    let primary = Fake::start().await;
+    primary.always(Reply::RawStall(stream[..stall].to_owned()));
+    let backup = Fake::start().await;
+    backup.always(Reply::Raw(stream.clone()));
+    let mut gpt = model(&primary, "m");
+    gpt.policy.stall_timeout = std::time::Duration::from_millis(200);
+    gpt.fallbacks = vec!["backup".into()];
+    let served = serve(vec![("gpt", gpt.clone()), ("backup", model(&backup, "b"))]).await;
+    received(&post_chat(&served.url, ask_stream_tools("gpt"), &[]).await).assert_one_call(ARGS, "stalled");
+    assert_eq!(served.gateway.metrics().models["gpt"].attempt_failures[&ErrorClass::Timeout], 1);
+    // No fallback: the timeout as an error event, nothing of the call.
+    gpt.fallbacks.clear();
+    let served = serve(vec![("gpt", gpt)]).await;
+    received(&post_chat(&served.url, ask_stream_tools("gpt"), &[]).await)
+        .assert_error_without_call("timeout", "stalled, no fallback");
+}
+
 #[tokio::test]
 async fn a_held_call_with_invalid_arguments_is_corrected_before_anything_of_it_is_sent() {
     let fake = Fake::start().await;
@@ -239,6 +263,17 @@ async fn a_held_call_with_invalid_arguments_is_corrected_before_anything_of_it_i
     assert!(fix[2]["content"].as_str().unwrap().contains("schema"), "{}", fix[2]);
     assert_eq!(served.journal.records()[0].corrections, 1);
     assert_eq!(served.gateway.metrics().models["gpt"].corrections, 1);
+
+    // After text: the correction's answer repeats the text before its call, and the
+    // repeat is dropped at the seam (the model is not learned to ignore prefills).
+    let (bad, _, _) = openai_stream("Checking.", r#"{"town": "Paris"}"#);
+    let (good, _, _) = openai_stream("Checking.", ARGS);
+    fake.script([Reply::Raw(bad), Reply::Raw(good)]);
+    let got = received(&post_chat(&served.url, ask_stream_tools("gpt"), &[]).await);
+    got.assert_one_call(ARGS, "corrected after text");
+    assert_eq!(got.text, "Checking.", "no text twice");
+    assert_eq!(served.gateway.takes_prefill("gpt"), Some(false), "as configured, nothing learned");
+    assert_eq!(served.gateway.metrics().models["gpt"].prefill_restarts, 0);
 
     // Without a correction round the call is never sent: a clear error instead.
     fake.always(Reply::Tool { name: "get_weather", args: r#"{"town": "Paris"}"# });
