@@ -46,7 +46,9 @@
 //!    a client that is gone (the abandoned attempt is charged its bound once its
 //!    provider answered, like any other).
 //! 6. With `buffer = true` the whole answer is read before anything is sent, so every
-//!    failure is handled as in rule 1.
+//!    failure of the upstream is handled as in rule 1. Its tool calls are then
+//!    checked as in rule 2 (after the headers: a failed check is corrected, rescued
+//!    or an error event, never a call sent).
 //!
 //! Chunks keep the first upstream's `id`; each chunk's `model` names the model that
 //! produced it. Every attempt is charged like a whole call's (see [`crate::charges`]):

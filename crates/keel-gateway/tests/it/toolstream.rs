@@ -275,6 +275,18 @@ async fn a_held_call_with_invalid_arguments_is_corrected_before_anything_of_it_i
     assert_eq!(served.gateway.takes_prefill("gpt"), Some(false), "as configured, nothing learned");
     assert_eq!(served.gateway.metrics().models["gpt"].prefill_restarts, 0);
 
+    // A buffered model's calls get the same rounds (they used to go out unchecked).
+    let mut buffered = gpt.clone();
+    buffered.buffer = true;
+    let served_buffered = serve(vec![("gpt", buffered)]).await;
+    fake.script([
+        Reply::Tool { name: "get_weather", args: r#"{"town": "Paris"}"# },
+        Reply::Tool { name: "get_weather", args: ARGS },
+    ]);
+    received(&post_chat(&served_buffered.url, ask_stream_tools("gpt"), &[]).await)
+        .assert_one_call(ARGS, "buffered, corrected");
+    assert_eq!(served_buffered.journal.records()[0].corrections, 1);
+
     // Without a correction round the call is never sent: a clear error instead.
     fake.always(Reply::Tool { name: "get_weather", args: r#"{"town": "Paris"}"# });
     gpt.correct = 0;
