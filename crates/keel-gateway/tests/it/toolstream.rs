@@ -429,3 +429,95 @@ async fn measure_holding() {
         }
     }
 }
+
+/// The Responses and Messages APIs are fed by the same held stream: a cut inside the
+/// call reaches their clients as one whole `function_call` / `tool_use`.
+#[tokio::test]
+async fn responses_and_messages_clients_get_a_cut_call_whole() {
+    let (stream, _, _) = openai_stream("", ARGS);
+    let cut = stream.match_indices(r#""arguments":"#).nth(2).unwrap().0 + 10;
+    let primary = Fake::start().await;
+    primary.always(Reply::Raw(stream[..cut].to_owned()));
+    let backup = Fake::start().await;
+    backup.always(Reply::Raw(stream.clone()));
+    let mut gpt = model(&primary, "m");
+    gpt.fallbacks = vec!["backup".into()];
+    let served = serve(vec![("gpt", gpt), ("backup", model(&backup, "b"))]).await;
+    let schema = json!({"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}, "required": ["city"]});
+
+    let a = crate::support::post(
+        &served.url,
+        "/v1/responses",
+        json!({"model": "gpt", "input": "Weather in Paris?", "stream": true,
+               "tools": [{"type": "function", "name": "get_weather", "parameters": schema}]}),
+        &[],
+    )
+    .await;
+    let events = a.named_events();
+    for (name, e) in &events {
+        if name == "response.function_call_arguments.delta" {
+            assert!(serde_json::from_str::<Value>(e["delta"].as_str().unwrap()).is_ok(), "a fragment: {e}");
+        }
+    }
+    let done: Vec<&Value> =
+        events.iter().filter(|(n, _)| n == "response.function_call_arguments.done").map(|(_, e)| e).collect();
+    assert_eq!(done.len(), 1, "{}", a.text);
+    assert_eq!(done[0]["arguments"], ARGS);
+    assert_eq!(events.last().unwrap().0, "response.completed", "{}", a.text);
+
+    let a = crate::support::post(
+        &served.url,
+        "/v1/messages",
+        json!({"model": "gpt", "max_tokens": 100, "stream": true,
+               "messages": [{"role": "user", "content": "Weather in Paris?"}],
+               "tools": [{"name": "get_weather", "input_schema": schema}]}),
+        &[],
+    )
+    .await;
+    let events = a.named_events();
+    let partials: Vec<&str> = events
+        .iter()
+        .filter_map(|(_, e)| {
+            (e.pointer("/delta/type")? == "input_json_delta").then(|| e["delta"]["partial_json"].as_str())?
+        })
+        .collect();
+    assert_eq!(partials.concat(), ARGS, "{}", a.text);
+    assert!(partials.iter().all(|p| serde_json::from_str::<Value>(p).is_ok()), "a fragment: {partials:?}");
+    let stop = events.iter().find_map(|(_, e)| e.pointer("/delta/stop_reason")).unwrap();
+    assert_eq!(stop, "tool_use");
+}
+
+/// Parallel calls are held together until the answer's finish reason: a cut in the
+/// second sends nothing of the first either, and the regenerated answer has both.
+#[tokio::test]
+async fn parallel_calls_are_released_together_and_a_cut_in_the_second_holds_back_the_first() {
+    let call = |index: u64, id: &str, args: &str| {
+        let (a, b) = args.split_at(args.len() / 2);
+        frame(
+            json!({"tool_calls": [{"index": index, "id": id, "type": "function", "function": {"name": "get_weather", "arguments": ""}}]}),
+            None,
+        ) + &frame(json!({"tool_calls": [{"index": index, "function": {"arguments": a}}]}), None)
+            + &frame(json!({"tool_calls": [{"index": index, "function": {"arguments": b}}]}), None)
+    };
+    let rome = r#"{"city": "Rome"}"#;
+    let stream = frame(json!({"role": "assistant", "content": ""}), None)
+        + &call(0, "call_1", ARGS)
+        + &call(1, "call_2", rome)
+        + &frame(json!({}), Some("tool_calls"))
+        + "data: [DONE]\n\n";
+    let cut = stream.match_indices(r#""arguments":"#).nth(4).unwrap().0 + 8;
+    let primary = Fake::start().await;
+    primary.always(Reply::Raw(stream[..cut].to_owned()));
+    let backup = Fake::start().await;
+    backup.always(Reply::Raw(stream.clone()));
+    let mut gpt = model(&primary, "m");
+    gpt.fallbacks = vec!["backup".into()];
+    let served = serve(vec![("gpt", gpt), ("backup", model(&backup, "b"))]).await;
+    let got = received(&post_chat(&served.url, ask_stream_tools("gpt"), &[]).await);
+    assert!(got.fragments.is_empty(), "{got:?}");
+    assert_eq!(got.calls.len(), 2, "{got:?}");
+    assert_eq!(got.calls[&0], ("call_1".into(), "get_weather".into(), ARGS.into()));
+    assert_eq!(got.calls[&1], ("call_2".into(), "get_weather".into(), rome.into()));
+    assert_eq!(got.finishes, ["tool_calls"]);
+    assert!(got.done && got.error.is_none());
+}
