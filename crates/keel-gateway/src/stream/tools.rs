@@ -73,8 +73,15 @@ impl HeldCalls {
             )
         })?;
         for d in deltas {
-            // A delta without an index belongs to the last call (or starts the first).
-            let index = d.index.or_else(|| self.calls.last().map(|c| c.index)).unwrap_or(0);
+            // A delta without an index (some OpenAI-compatible servers leave it out)
+            // belongs to the last call, unless it brings a new call's id.
+            let index = d.index.unwrap_or_else(|| match self.calls.last() {
+                Some(last) if d.id.as_deref().is_some_and(|id| !id.is_empty() && id != last.id) => {
+                    last.index + 1
+                }
+                Some(last) => last.index,
+                None => 0,
+            });
             let pos = match self.calls.iter().position(|c| c.index == index) {
                 Some(pos) => pos,
                 None => {
@@ -198,5 +205,16 @@ mod tests {
         assert_eq!(out[1]["index"], 1);
         assert!(held.is_empty());
         assert!(held.add(&raw(r#"{"not":"an array"}"#)).is_err());
+
+        // Without indexes: a new id starts the next call.
+        held.add(&raw(r#"[{"id":"a","function":{"name":"f","arguments":"{\"x\""}}]"#)).unwrap_or_default();
+        held.add(&raw(r#"[{"function":{"arguments":":1}"}}]"#)).unwrap_or_default();
+        held.add(&raw(r#"[{"id":"b","function":{"name":"g","arguments":"{}"}}]"#)).unwrap_or_default();
+        let calls = held.calls();
+        assert_eq!(calls.len(), 2);
+        assert_eq!(
+            (calls[0].function.arguments.as_str(), calls[1].function.name.as_str()),
+            (r#"{"x":1}"#, "g")
+        );
     }
 }
