@@ -25,8 +25,17 @@
 //!    - otherwise the stream ends with a well-formed SSE error event naming the
 //!      *original* failure (`data: {"error": {...}}`), and no `[DONE]`.
 //!
-//!    A stream with tool-call deltas already sent is not rescued (a partial call
-//!    cannot be continued safely); it ends with the error event.
+//!    Tool calls are never sent in part ([`tools`]): their deltas are held until
+//!    the answer's finish reason (or `[DONE]`), checked (arguments are JSON; with
+//!    validation, the answer's checks, tools and schemas as for whole answers) and
+//!    passed through the run's loop guard, then released whole. A stream cut
+//!    inside a tool call has sent nothing of it and is rescued like a cut text
+//!    (with no text sent, the fallback regenerates the answer unseen; after text,
+//!    it continues or splices the text and makes the call itself). A held call that
+//!    fails its checks gets the model's `correct` rounds (the error sent back, a new
+//!    stream on the same model, its text checked at the seam so none is repeated),
+//!    then is a failure of the model like a cut. A looping call ends the stream with
+//!    the `loop_detected` error event, the call unsent.
 //! 3. A cut stream never ends with `finish_reason: "stop"`: only an upstream's own
 //!    finish reason is ever forwarded.
 //! 4. A malformed chunk is skipped and counted. A stream that ends without `[DONE]`
@@ -37,7 +46,9 @@
 //!    a client that is gone (the abandoned attempt is charged its bound once its
 //!    provider answered, like any other).
 //! 6. With `buffer = true` the whole answer is read before anything is sent, so every
-//!    failure is handled as in rule 1.
+//!    failure of the upstream is handled as in rule 1. Its tool calls are then
+//!    checked as in rule 2 (after the headers: a failed check is corrected, rescued
+//!    or an error event, never a call sent).
 //!
 //! Chunks keep the first upstream's `id`; each chunk's `model` names the model that
 //! produced it. Every attempt is charged like a whole call's (see [`crate::charges`]):
@@ -51,6 +62,7 @@
 //! the client received, since the headers went out before the cut.
 
 pub(crate) mod source;
+mod tools;
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -67,8 +79,10 @@ use crate::error::GatewayError;
 use crate::gateway::{AttemptError, CallContext, Gateway, Model, Route, final_failure};
 use crate::metrics::bump;
 use crate::trace;
-use crate::wire::{ChatRequest, FunctionCall, ToolCall, Usage, error_body};
+use crate::validate;
+use crate::wire::{AnswerSummary, ChatRequest, Usage, error_body};
 use source::{Item, Piece, Source};
+use tools::HeldCalls;
 
 /// A stream that has started: which model produced the first token, and the SSE body.
 #[derive(Debug)]
@@ -178,7 +192,9 @@ impl Gateway {
             created: self.created(),
             sent_text: String::new(),
             sent_tools: false,
-            tool_calls: Vec::new(),
+            held: HeldCalls::default(),
+            corrected: None,
+            corrections: 0,
             role_sent: false,
             finish: None,
             usage: None,
@@ -322,9 +338,11 @@ pub fn seam(sent: &str, held: &str, must_decide: bool) -> Seam {
 enum Mode {
     /// Straight through.
     Direct,
-    /// A prefill continuation, held at the seam until [`seam`] can tell whether it
-    /// continues the sent text or starts over.
-    Seam { held: String },
+    /// A prefill continuation (or a correction round's answer), held at the seam
+    /// until [`seam`] can tell whether it continues the sent text or starts over;
+    /// `learn`: a restart means the model ignores prefills (not so for a
+    /// correction, which asks for a new answer).
+    Seam { held: String, learn: bool },
     /// A restarted answer, held until it has reproduced `sent_text`.
     Splice { regenerated: String },
 }
@@ -341,9 +359,12 @@ struct Pump {
     created: u64,
     sent_text: String,
     sent_tools: bool,
-    /// Streamed tool calls, assembled from their deltas (name, arguments), for the
-    /// run's loop guard.
-    tool_calls: Vec<(String, String)>,
+    /// The current attempt's tool calls, none of them sent yet.
+    held: HeldCalls,
+    /// The request of the current correction round (`req` plus the corrections).
+    corrected: Option<ChatRequest>,
+    /// Correction rounds made, for the journal.
+    corrections: u32,
     role_sent: bool,
     finish: Option<String>,
     /// The current attempt's usage, as its upstream reported it.
@@ -383,6 +404,23 @@ enum Forwarded {
     Gone,
     /// A spliced answer diverged from what the client has.
     Diverged,
+    /// The held tool calls failed their checks (nothing of them was sent).
+    Invalid(Box<(Failure, AnswerSummary)>),
+    /// The run's loop guard stopped the held calls.
+    Looping(GatewayError),
+}
+
+/// What came of the next item, before the run loop acts on it.
+enum Outcome {
+    Forwarded(Forwarded),
+    Failed(Failure),
+}
+
+/// How opening a correction round went.
+enum Corrected {
+    On(Box<Opened>, ChatRequest),
+    Failed(Failure),
+    Gone,
 }
 
 impl Pump {
@@ -396,7 +434,7 @@ impl Pump {
             &self.route.failures,
             self.route.attempts,
             Some(self.charges.spent()),
-            0,
+            self.corrections,
             self.rescue,
             error,
         );
@@ -422,6 +460,8 @@ impl Pump {
         let mut queue: VecDeque<Piece> = opened.pending.into();
         let mut mode = Mode::Direct;
         let mut original: Option<Failure> = None;
+        // Correction rounds made on the model now streaming.
+        let mut rounds = 0;
         loop {
             let stall = model.config.policy.stall_timeout;
             let next = match queue.pop_front() {
@@ -436,41 +476,87 @@ impl Pump {
             // A continuation still held at the seam must not end unjudged.
             let splicing = match &mode {
                 Mode::Splice { .. } => true,
-                Mode::Seam { held } => !held.is_empty(),
+                Mode::Seam { held, .. } => !held.is_empty(),
                 Mode::Direct => false,
             };
-            let failure = match next {
-                Err(_) => {
-                    Failure::new(ErrorClass::Timeout, format!("the upstream stalled: no chunk for {stall:?}"))
+            // Whether the stream ends well once the outcome is `Ok`.
+            let mut ending = false;
+            let outcome = match next {
+                Err(_) => Outcome::Failed(Failure::new(
+                    ErrorClass::Timeout,
+                    format!("the upstream stalled: no chunk for {stall:?}"),
+                )),
+                Ok(Err(f)) => Outcome::Failed(f),
+                Ok(Ok(Item::Piece(piece))) => {
+                    Outcome::Forwarded(self.forward(&model, piece, &mut mode).await)
                 }
-                Ok(Err(f)) => f,
-                Ok(Ok(Item::Piece(piece))) => match self.forward(&model, piece, &mut mode).await {
-                    Forwarded::Ok => continue,
-                    Forwarded::Gone => return self.finish_gone(&model, source.malformed),
-                    Forwarded::Diverged => Failure::new(
-                        ErrorClass::ServerError,
-                        "the regenerated answer diverged from the text already sent",
-                    ),
-                },
                 Ok(Ok(Item::Done)) if !splicing => {
-                    bump(&model.counters.malformed_chunks, source.malformed);
-                    return self.finish_ok(&model).await;
+                    ending = true;
+                    // `[DONE]` without a finish reason: the held calls are complete.
+                    Outcome::Forwarded(self.release_held(&model, Piece::default()).await)
                 }
                 Ok(Ok(Item::Eof)) if self.finish.is_some() && !splicing => {
-                    bump(&model.counters.malformed_chunks, source.malformed);
                     bump(&model.counters.finalised_without_done, 1);
-                    return self.finish_ok(&model).await;
+                    ending = true;
+                    Outcome::Forwarded(Forwarded::Ok)
                 }
-                Ok(Ok(Item::Done | Item::Eof)) if splicing => Failure::new(
+                Ok(Ok(Item::Done | Item::Eof)) if splicing => Outcome::Failed(Failure::new(
                     ErrorClass::ServerError,
                     "the regenerated answer ended before it reached the text already sent",
-                ),
-                Ok(Ok(Item::Done | Item::Eof)) => Failure::new(
+                )),
+                Ok(Ok(Item::Done | Item::Eof)) => Outcome::Failed(Failure::new(
                     ErrorClass::Network,
                     "the upstream closed the stream before the answer finished",
-                ),
+                )),
             };
-            // The stream failed after tokens reached the client.
+            let failure = match outcome {
+                Outcome::Failed(f) => f,
+                Outcome::Forwarded(Forwarded::Ok) if ending => {
+                    bump(&model.counters.malformed_chunks, source.malformed);
+                    return self.finish_ok(&model).await;
+                }
+                Outcome::Forwarded(Forwarded::Ok) => continue,
+                Outcome::Forwarded(Forwarded::Gone) => return self.finish_gone(&model, source.malformed),
+                Outcome::Forwarded(Forwarded::Looping(e)) => {
+                    bump(&model.counters.malformed_chunks, source.malformed);
+                    return self.finish_stopped(&model, e).await;
+                }
+                Outcome::Forwarded(Forwarded::Diverged) => Failure::new(
+                    ErrorClass::ServerError,
+                    "the regenerated answer diverged from the text already sent",
+                ),
+                Outcome::Forwarded(Forwarded::Invalid(invalid)) => {
+                    let (failure, summary) = *invalid;
+                    self.held.clear();
+                    if rounds < model.config.correct && validate::correctable(failure.class) {
+                        rounds += 1;
+                        match self.correct(&model, &failure, &summary).await {
+                            Corrected::On(opened, req) => {
+                                bump(&model.counters.malformed_chunks, source.malformed);
+                                let opened = *opened;
+                                self.corrected = Some(req);
+                                self.charge = Some(opened.charge);
+                                source = opened.source;
+                                queue = opened.pending.into();
+                                // The new answer's text must not repeat the client's.
+                                mode = if self.sent_text.is_empty() {
+                                    Mode::Direct
+                                } else {
+                                    Mode::Seam { held: String::new(), learn: false }
+                                };
+                                continue;
+                            }
+                            Corrected::Gone => return self.finish_gone(&model, source.malformed),
+                            Corrected::Failed(f) => f,
+                        }
+                    } else {
+                        failure
+                    }
+                }
+            };
+            // The stream failed after tokens reached the client; nothing of its held
+            // tool calls did.
+            self.held.clear();
             bump(&model.counters.malformed_chunks, source.malformed);
             if original.is_none() {
                 // The breaker counted this stream a success at its first token; the cut
@@ -502,6 +588,8 @@ impl Pump {
                     self.usage = None;
                     let opened = *opened;
                     self.charge = Some(opened.charge);
+                    self.corrected = None;
+                    rounds = 0;
                     model = next;
                     source = opened.source;
                     queue = opened.pending.into();
@@ -512,6 +600,36 @@ impl Pump {
                     bump(&self.route.primary.counters.rescue_failed, 1);
                     return self.finish_error(original).await;
                 }
+            }
+        }
+    }
+
+    /// A correction round on `model`: its held calls failed with `failure`, which is
+    /// sent back to it after its answer (as whole answers' rounds do), on a new
+    /// stream. The current attempt is settled first.
+    async fn correct(&mut self, model: &Arc<Model>, failure: &Failure, summary: &AnswerSummary) -> Corrected {
+        bump(&model.counters.corrections, 1);
+        self.corrections += 1;
+        self.record_usage();
+        self.settle_attempt();
+        self.usage = None;
+        let extra = validate::correction(summary, failure);
+        let req = match self.corrected.as_ref().unwrap_or(&self.req).with_appended(&extra) {
+            Ok(req) => req,
+            Err(f) => return Corrected::Failed(f),
+        };
+        let gateway = self.gateway.clone();
+        let opening =
+            self.charges.under(gateway.open_on(model, &req, &self.charges)).instrument(self.span.clone());
+        match watch_client(&self.tx, Box::pin(opening)).await {
+            None => Corrected::Gone,
+            Some(Ok((opened, attempts))) => {
+                self.route.attempts += attempts;
+                Corrected::On(Box::new(opened), req)
+            }
+            Some(Err((f, attempts))) => {
+                self.route.attempts += attempts;
+                Corrected::Failed(f)
             }
         }
     }
@@ -551,7 +669,7 @@ impl Pump {
                     trace::answered(&span, attempts);
                     self.route.attempts += attempts;
                     let (mode, how) = if prefill {
-                        (Mode::Seam { held: String::new() }, "prefill")
+                        (Mode::Seam { held: String::new(), learn: true }, "prefill")
                     } else {
                         (Mode::Splice { regenerated: String::new() }, "splice")
                     };
@@ -579,29 +697,31 @@ impl Pump {
         if let Some(usage) = piece.usage.take() {
             self.usage = Some(usage);
         }
-        if let Mode::Seam { held } = mode {
+        if let Mode::Seam { held, learn } = mode {
             if let Some(text) = piece.content.take() {
                 held.push_str(&text);
             }
             let must_decide = piece.finish_reason.is_some() || piece.tool_calls.is_some();
+            let learn = *learn;
             match seam(&self.sent_text, held, must_decide) {
                 Seam::Hold => return Forwarded::Ok,
                 Seam::Continue(text) => piece.content = Some(text),
                 Seam::Restart(rest) => {
-                    self.prefill_restarted(model);
+                    if learn {
+                        self.prefill_restarted(model);
+                    }
                     piece.content = Some(rest);
                 }
                 Seam::Diverged => {
-                    self.prefill_restarted(model);
+                    if learn {
+                        self.prefill_restarted(model);
+                    }
                     return Forwarded::Diverged;
                 }
             }
             *mode = Mode::Direct;
         }
         if let Mode::Splice { regenerated } = mode {
-            if piece.tool_calls.is_some() {
-                return Forwarded::Diverged;
-            }
             if let Some(text) = piece.content.take() {
                 regenerated.push_str(&text);
             }
@@ -611,8 +731,10 @@ impl Pump {
                     return Forwarded::Diverged;
                 }
                 if regenerated.len() < sent.len() {
-                    // Still catching up: a finish now would be a shorter answer.
-                    return if piece.finish_reason.is_some() { Forwarded::Diverged } else { Forwarded::Ok };
+                    // Still catching up: a finish or a tool call now would make a
+                    // shorter answer than the client's.
+                    let ends = piece.finish_reason.is_some() || piece.tool_calls.is_some();
+                    return if ends { Forwarded::Diverged } else { Forwarded::Ok };
                 }
             } else if !regenerated.starts_with(sent.as_str()) {
                 return Forwarded::Diverged;
@@ -622,6 +744,61 @@ impl Pump {
             piece.content = (!rest.is_empty()).then_some(rest);
             *mode = Mode::Direct;
         }
+        if piece.role && self.role_sent {
+            piece.role = false;
+        }
+        // Tool-call deltas are held, never forwarded as they come.
+        if let Some(raw) = piece.tool_calls.take() {
+            if let Err(f) = self.held.add(&raw) {
+                return Forwarded::Invalid(Box::new((f, AnswerSummary::default())));
+            }
+        }
+        if piece.finish_reason.is_some() && !self.held.is_empty() {
+            return self.release_held(model, piece).await;
+        }
+        self.send_piece(model, piece).await
+    }
+
+    /// Checks the held tool calls, complete now that `piece` (the finish reason, or
+    /// nothing at a `[DONE]`) came, runs them past the loop guard, and sends them
+    /// with `piece`.
+    async fn release_held(&mut self, model: &Model, mut piece: Piece) -> Forwarded {
+        if self.held.is_empty() {
+            return self.send_piece(model, piece).await;
+        }
+        let validate = model.config.validate;
+        let tools = !self.charges.caller_checks_tools;
+        let req = self.corrected.as_ref().unwrap_or(&self.req);
+        if let Err(invalid) =
+            self.held.check(&self.sent_text, piece.finish_reason.as_deref(), req, validate, tools)
+        {
+            return Forwarded::Invalid(invalid);
+        }
+        if let Err(e) = self.gateway.guard_tools(&self.charges, &self.held.calls()) {
+            return Forwarded::Looping(e);
+        }
+        if self.answered.last() != Some(&model.name) {
+            self.answered.push(model.name.clone());
+        }
+        // The calls in a chunk of their own and the finish reason in the next, as
+        // OpenAI sends them: the official Python client's stream helper fires its
+        // `tool_calls.function.arguments.done` only for a call already seen when the
+        // finish reason arrives.
+        let calls = Piece {
+            id: piece.id.clone(),
+            role: std::mem::take(&mut piece.role),
+            content: piece.content.take(),
+            tool_calls: Some(self.held.release()),
+            ..Piece::default()
+        };
+        match self.send_piece(model, calls).await {
+            Forwarded::Ok => self.send_piece(model, piece).await,
+            other => other,
+        }
+    }
+
+    /// Sends `piece` as it is now.
+    async fn send_piece(&mut self, model: &Model, mut piece: Piece) -> Forwarded {
         if piece.role && self.role_sent {
             piece.role = false;
         }
@@ -643,9 +820,8 @@ impl Pump {
                 self.answered.push(model.name.clone());
             }
         }
-        if let Some(raw) = &piece.tool_calls {
+        if piece.tool_calls.is_some() {
             self.sent_tools = true;
-            self.assemble_tool_calls(raw);
         }
         let frame = self.chunk(&model.name, &piece);
         if self.send(frame).await { Forwarded::Ok } else { Forwarded::Gone }
@@ -663,34 +839,6 @@ impl Pump {
         }
         bump(&model.counters.prefill_restarts, 1);
         self.rescue = Some("prefill_restarted");
-    }
-
-    fn assemble_tool_calls(&mut self, raw: &RawValue) {
-        #[derive(serde::Deserialize)]
-        struct Delta {
-            #[serde(default)]
-            index: usize,
-            #[serde(default)]
-            function: Option<FunctionDelta>,
-        }
-        #[derive(serde::Deserialize)]
-        struct FunctionDelta {
-            #[serde(default)]
-            name: Option<String>,
-            #[serde(default)]
-            arguments: Option<String>,
-        }
-        let Ok(deltas) = serde_json::from_str::<Vec<Delta>>(raw.get()) else { return };
-        for d in deltas {
-            if self.tool_calls.len() <= d.index {
-                self.tool_calls.resize(d.index + 1, (String::new(), String::new()));
-            }
-            if let Some(f) = d.function {
-                let call = &mut self.tool_calls[d.index];
-                call.0.push_str(f.name.as_deref().unwrap_or(""));
-                call.1.push_str(f.arguments.as_deref().unwrap_or(""));
-            }
-        }
     }
 
     fn chunk(&self, model: &str, piece: &Piece) -> Bytes {
@@ -720,27 +868,22 @@ impl Pump {
         ))
     }
 
+    /// The run's loop guard stopped the held tool calls: the stream ends with the
+    /// error, not `[DONE]`, and the calls unsent.
+    async fn finish_stopped(mut self, model: &Model, e: GatewayError) {
+        self.record_usage();
+        self.settle_attempt();
+        self.send(frame(&error_body(e.class, &e.message).to_string())).await;
+        self.route.primary.counters.request_failed(e.class);
+        self.journal(Some(&model.name), Some(&e));
+    }
+
     async fn finish_ok(mut self, model: &Model) {
-        let calls: Vec<ToolCall> = self
-            .tool_calls
-            .iter()
-            .map(|(name, arguments)| ToolCall {
-                id: String::new(),
-                function: FunctionCall { name: name.clone(), arguments: arguments.clone() },
-            })
-            .collect();
         self.record_usage();
         if let Some(reason) = &self.finish {
             self.span.record("gen_ai.response.finish_reasons", reason.as_str());
         }
         self.settle_attempt();
-        if let Err(e) = self.gateway.guard_tools(&self.charges, &calls) {
-            // The run repeats itself: the stream ends with the error, not `[DONE]`.
-            self.send(frame(&error_body(e.class, &e.message).to_string())).await;
-            self.route.primary.counters.request_failed(e.class);
-            self.journal(Some(&model.name), Some(&e));
-            return;
-        }
         let usage = self.charges.spent().usage;
         // A rescued answer's last chunk says which models wrote it (the headers, sent
         // before the cut, name only the first); the usage covers every attempt.

@@ -10,4 +10,5 @@ mod python;
 mod streaming;
 mod support;
 mod tls;
+mod toolstream;
 mod validation;

@@ -75,16 +75,29 @@ async fn the_official_openai_client_works_through_keel() {
     });
     let cut = Fake::start().await;
     cut.always(Reply::Cut(vec!["Hello"]));
+    // A stream that dies inside its tool call's arguments (after its first frame).
+    let tool_cut = Fake::start().await;
+    tool_cut.always(Reply::Raw(
+        concat!(
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":null}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"id\":\"call_9\",\"type\":\"function\",",
+            "\"function\":{\"name\":\"get_weather\",\"arguments\":\"{\\\"ci\"}}]},\"finish_reason\":null}]}\n\n",
+        )
+        .into(),
+    ));
 
     let mut flaky = model(&down, "flaky-upstream");
     flaky.fallbacks = vec!["gpt".into()];
     let mut cutting = model(&cut, "cut-upstream");
     cutting.fallbacks = vec!["gpt".into()];
+    let mut tool_cutting = model(&tool_cut, "tool-cut-upstream");
+    tool_cutting.fallbacks = vec!["tools".into()];
     let served = serve(vec![
         ("gpt", model(&fake, "gpt-4o-mini")),
         ("tools", model(&tools, "tools-upstream")),
         ("flaky", flaky),
         ("cut", cutting),
+        ("toolcut", tool_cutting),
     ])
     .await;
 
@@ -100,6 +113,10 @@ async fn the_official_openai_client_works_through_keel() {
     let m = served.gateway.metrics();
     assert_eq!(m.models["flaky"].fallbacks_from, 2, "both flaky calls fell back");
     assert_eq!(m.models["gpt"].rescued_splice, 1, "the cut stream was spliced");
+    assert_eq!(
+        m.models["tools"].rescued_splice, 2,
+        "both streams cut inside their tool call were regenerated"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -250,12 +250,22 @@ async fn a_buffered_model_hides_even_a_mid_stream_cut() {
     assert_eq!((a.header("x-keel-model"), a.streamed_text().as_str()), ("backup", "clean answer"));
 }
 
+/// `body` offering the `get_weather` tool (a call to a tool never offered is
+/// `unknown_tool`, streamed or not).
+fn with_weather_tool(mut body: Value) -> Value {
+    body["tools"] = serde_json::json!([{"type": "function", "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    }}]);
+    body
+}
+
 #[tokio::test]
 async fn streamed_tool_calls_are_relayed() {
     let fake = Fake::start().await;
     fake.always(Reply::Tool { name: "get_weather", args: "{\"city\":\"Paris\"}" });
     let served = serve(vec![("gpt", model(&fake, "m"))]).await;
-    let a = post_chat(&served.url, ask_stream("gpt"), &[]).await;
+    let a = post_chat(&served.url, with_weather_tool(ask_stream("gpt")), &[]).await;
     let args: String = a
         .events()
         .iter()
@@ -277,13 +287,15 @@ async fn the_loop_guard_sees_streamed_tool_calls() {
     let served = serve(vec![("gpt", model(&fake, "m"))]).await;
     let run = [("x-keel-run", "looping")];
     for _ in 0..2 {
-        let a = post_chat(&served.url, ask_stream("gpt"), &run).await;
+        let a = post_chat(&served.url, with_weather_tool(ask_stream("gpt")), &run).await;
         assert_eq!(a.events().last().unwrap(), "[DONE]");
     }
-    let a = post_chat(&served.url, ask_stream("gpt"), &run).await;
+    let a = post_chat(&served.url, with_weather_tool(ask_stream("gpt")), &run).await;
     let last: Value = serde_json::from_str(a.events().last().unwrap()).unwrap();
     assert_eq!(last["error"]["keel_class"], "loop_detected", "{}", a.text);
     assert!(!a.text.contains("[DONE]"));
+    // The looping call was held and checked before release: nothing of it was sent.
+    assert!(!a.text.contains("tool_calls"), "{}", a.text);
 }
 
 /// A shutdown can wait for the streams being pumped: it returns once they ended and

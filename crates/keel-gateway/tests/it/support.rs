@@ -54,6 +54,16 @@ pub(crate) enum Reply {
     /// An answer of this many tokens, whatever the request's `max_tokens` (an upstream
     /// that ignores the limit).
     Long(usize),
+    /// A streamed answer of exactly these bytes (SSE as the test wrote it, in the
+    /// route's dialect), then the connection closes: a cut anywhere, even inside a
+    /// frame, when the bytes are a prefix of a stream. Billed 5 tokens.
+    Raw(String),
+    /// As `Raw`, then the connection breaks (an error, not a close).
+    RawCut(String),
+    /// As `Raw`, then the connection stays silent forever.
+    RawStall(String),
+    /// These SSE frames, one every `Duration` (a model's pace, for measurements).
+    Paced(Vec<String>, Duration),
 }
 
 /// What the fake saw.
@@ -99,7 +109,7 @@ impl Fake {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/v1", listener.local_addr().unwrap());
         let app = fake_app(state.clone());
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        tokio::spawn(async move { axum::serve(nodelay(listener), app).await.unwrap() });
         Fake { url, state }
     }
 
@@ -185,6 +195,16 @@ impl Fake {
     }
 }
 
+/// `listener` with Nagle's algorithm off on every connection, as `keel serve` has it:
+/// otherwise a stream's first small frame waits out the client's delayed ACK (40 ms).
+fn nodelay(listener: tokio::net::TcpListener) -> impl axum::serve::Listener<Addr = std::net::SocketAddr> {
+    use axum::serve::ListenerExt;
+    listener.tap_io(|tcp| {
+        // Best effort: a socket that refuses keeps Nagle, and is only slower.
+        let _ = tcp.set_nodelay(true);
+    })
+}
+
 fn sse(frames: Vec<String>) -> Body {
     Body::from_stream(futures_util::stream::iter(
         frames.into_iter().map(|f| Ok::<_, Infallible>(Bytes::from(f))),
@@ -256,6 +276,20 @@ async fn openai(State(state): State<Arc<FakeState>>, headers: HeaderMap, body: B
     }
     if let Reply::Status { code, retry_after, body } = reply {
         return status(code, retry_after, body);
+    }
+    if let Reply::Raw(bytes) | Reply::RawCut(bytes) | Reply::RawStall(bytes) = &reply {
+        fake.bill(prompt, 5);
+        return raw_stream(bytes.clone(), &reply);
+    }
+    if let Reply::Paced(frames, pace) = reply {
+        fake.bill(prompt, frames.len() as u64);
+        let body = futures_util::stream::iter(frames).then(move |f| async move {
+            tokio::time::sleep(pace).await;
+            Ok::<_, Infallible>(Bytes::from(f))
+        });
+        let mut resp = Response::new(Body::from_stream(body));
+        resp.headers_mut().insert("content-type", "text/event-stream".parse().unwrap());
+        return resp;
     }
     if !stream {
         return match reply {
@@ -374,6 +408,10 @@ async fn anthropic(State(state): State<Arc<FakeState>>, headers: HeaderMap, body
     let model = body["model"].as_str().unwrap_or("?").to_owned();
     let stream = body["stream"].as_bool().unwrap_or(false);
     let reply = fake.next("/v1/messages", headers, body);
+    if let Reply::Raw(bytes) | Reply::RawCut(bytes) | Reply::RawStall(bytes) = &reply {
+        fake.bill(12, 5);
+        return raw_stream(bytes.clone(), &reply);
+    }
     let (blocks, stop) = match reply {
         Reply::Text(t) => (vec![json!({"type": "text", "text": t.concat()})], "end_turn"),
         Reply::Tool { name, args } => (
@@ -423,6 +461,24 @@ async fn anthropic(State(state): State<Arc<FakeState>>, headers: HeaderMap, body
     frames.push(ev("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null}, "usage": {"output_tokens": 7}})));
     frames.push(ev("message_stop", json!({"type": "message_stop"})));
     let mut resp = Response::new(sse(frames));
+    resp.headers_mut().insert("content-type", "text/event-stream".parse().unwrap());
+    resp
+}
+
+/// A `text/event-stream` response of `bytes`, then what `reply` says: a close
+/// (`Raw`), a broken connection (`RawCut`) or silence (`RawStall`).
+fn raw_stream(bytes: String, reply: &Reply) -> Response {
+    let first = futures_util::stream::once(async move { Ok::<_, std::io::Error>(Bytes::from(bytes)) });
+    let body = match reply {
+        Reply::RawCut(_) => Body::from_stream(first.chain(futures_util::stream::once(async {
+            // As for `Cut`: the error a moment after the bytes, so that they are sent.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Err(std::io::Error::other("connection cut"))
+        }))),
+        Reply::RawStall(_) => Body::from_stream(first.chain(futures_util::stream::pending())),
+        _ => Body::from_stream(first),
+    };
+    let mut resp = Response::new(body);
     resp.headers_mut().insert("content-type", "text/event-stream".parse().unwrap());
     resp
 }
@@ -550,7 +606,7 @@ pub(crate) async fn serve_clocked(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let app = router(gateway.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    tokio::spawn(async move { axum::serve(nodelay(listener), app).await.unwrap() });
     Served { gateway, url, journal, events }
 }
 

@@ -55,6 +55,26 @@ assert call.function.name == "get_weather", call
 assert json.loads(call.function.arguments) == {"city": "Paris"}, call
 assert answer.choices[0].finish_reason == "tool_calls"
 
+# Streamed tool calls, through the client's streaming helper: whole and valid, even
+# from a stream that died inside the call's arguments (regenerated on a fallback).
+for name in ["tools", "toolcut"]:
+    with client.chat.completions.stream(
+        model=name, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=tools
+    ) as stream:
+        done = [e for e in stream if e.type == "tool_calls.function.arguments.done"]
+        final = stream.get_final_completion()
+    assert len(done) == 1 and json.loads(done[0].arguments) == {"city": "Paris"}, (name, done)
+    call = final.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_weather" and call.id == "call_1", (name, call)
+    assert json.loads(call.function.arguments) == {"city": "Paris"}, (name, call)
+    assert final.choices[0].finish_reason == "tool_calls", (name, final)
+    # And the raw chunks of `create(stream=True)`: every arguments delta is whole JSON.
+    for chunk in client.chat.completions.create(
+        model=name, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=tools, stream=True
+    ):
+        for d in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            assert d.function.arguments is None or json.loads(d.function.arguments) == {"city": "Paris"}, d
+
 # A fallback the client never notices: the primary is down (503), whole and streamed.
 answer = client.chat.completions.create(model="flaky", messages=messages)
 assert answer.choices[0].message.content == "Hello world", answer
