@@ -10,6 +10,7 @@
 //! | `{METHOD} {route}` | server | keel-server's request log | `http.request.method`, `http.route`, `http.response.status_code`, `keel.error_class` |
 //! | `chat {model}` | client | keel-gateway, one per model tried | `gen_ai.operation.name` = `chat`, `gen_ai.provider.name`, `gen_ai.request.model` (the upstream's model), `gen_ai.response.model`, `gen_ai.usage.input_tokens`, `gen_ai.usage.output_tokens`, `gen_ai.response.finish_reasons`, `error.type` on failure, `keel.model`, `keel.attempt`, `keel.error_class`, `keel.disposition`, `keel.fallback.from`, `keel.breaker.state` |
 //! | `run` | internal | keel-runtime's `Runner::drive` | `keel.run.id`, `keel.run.status` |
+//! | `invoke_agent {model}` | internal | keel-runtime's agent drive (inside `run`; parent of its turns' `chat` and calls' `execute_tool`) | `gen_ai.operation.name` = `invoke_agent`, `gen_ai.request.model` (the `[models]` name), `gen_ai.conversation.id` (the run id) |
 //! | `execute_tool {tool}` | internal | keel-runtime's step | `gen_ai.operation.name` = `execute_tool`, `gen_ai.tool.name`, `gen_ai.tool.call.id` (`{run}/{step}`), `error.type`, `keel.attempt`, `keel.error_class`, `keel.disposition`, `keel.breaker.state` |
 //!
 //! Span events (from keel-core's decisions, inside the span of the call they belong

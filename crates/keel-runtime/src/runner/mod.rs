@@ -571,7 +571,17 @@ impl Runner {
                 self.record(run_id, JournalEvent::RunStateChanged { state: RunState::Running, reason: None })
                     .await?;
             }
-            return Box::pin(agent::drive(self, run_id, &snap, spec)).await;
+            // The agent's span (OpenTelemetry GenAI's `invoke_agent`), inside the run's.
+            let span = tracing::info_span!(
+                "invoke_agent",
+                otel.name = %format_args!("invoke_agent {}", spec.model),
+                otel.kind = "internal",
+                gen_ai.operation.name = "invoke_agent",
+                gen_ai.request.model = %spec.model,
+                gen_ai.conversation.id = run_id,
+            );
+            let drive = tracing::Instrument::instrument(agent::drive(self, run_id, &snap, spec), span);
+            return Box::pin(drive).await;
         }
         let plan: Plan = serde_json::from_value(snap.run.input["plan"].clone())
             .map_err(|e| Error::BadRun(run_id.to_owned(), e.to_string()))?;
