@@ -413,3 +413,34 @@ async fn keel_run_exports_its_run_as_one_trace() {
         assert_eq!(step.parent_span_id, root.span_id);
     }
 }
+
+/// `keel agent` exports one trace: `run` → `invoke_agent m` → the turns' `chat`
+/// spans and the call's `execute_tool`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keel_agent_exports_its_turns_and_calls_under_invoke_agent() {
+    use keel_testkit::model::{Reply, ScriptedModel};
+    let receiver = Receiver::default();
+    let collector = receiver.start().await;
+    let model = ScriptedModel::script(vec![
+        Reply::call("charge", serde_json::json!({"order": 1, "amount": 5})),
+        Reply::text("charged"),
+    ])
+    .await;
+    let config = format!("[telemetry.otlp]\nendpoint = \"{collector}\"\n\n{}", model.config("m"));
+    let bench = Bench::new(Faults::default(), &config);
+    let (out, _bench) =
+        tokio::task::spawn_blocking(move || (bench.keel(&["agent", "--tools", "charge", "charge 1"]), bench))
+            .await
+            .unwrap();
+    assert_eq!(out.code, 0, "{out:?}");
+    let spans = receiver.spans();
+    let agent = spans.iter().find(|s| s.name == "invoke_agent m").unwrap_or_else(|| panic!("{spans:?}"));
+    assert_eq!(s(agent, "gen_ai.operation.name").as_deref(), Some("invoke_agent"));
+    let run = spans.iter().find(|s| s.name == "run").unwrap();
+    assert_eq!(agent.parent_span_id, run.span_id, "inside the run");
+    let chats =
+        spans.iter().filter(|s| s.name.starts_with("chat ") && s.parent_span_id == agent.span_id).count();
+    assert_eq!(chats, 2, "each turn's model call under the agent: {spans:?}");
+    let tool = spans.iter().find(|s| s.name == "execute_tool charge").unwrap();
+    assert_eq!(tool.parent_span_id, agent.span_id);
+}
