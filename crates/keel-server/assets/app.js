@@ -59,6 +59,30 @@ async function renderApprovals() {
   }).join("");
 }
 
+// A ticket's context package as sections a person reads in a minute: what failed and
+// where, the error, what the run had done, what Keel suggests; the raw JSON folded away.
+function contextSections(c) {
+  const short = (v) => { const s = JSON.stringify(v); return s === undefined ? "" : s.length > 160 ? s.slice(0, 160) + "…" : s; };
+  const parts = [];
+  const f = c.failing_step;
+  if (f) {
+    parts.push(`<section class="ctx-failed"><h4>What failed</h4><p>step <b>${esc(f.id)}</b> calling <b>${esc(f.tool)}</b> with <code>${esc(short(f.params))}</code></p></section>`);
+  }
+  const e = c.error;
+  if (e) {
+    parts.push(`<section class="ctx-error"><h4>The error</h4><p><b>${esc(e.class)}</b>${e.attempts ? ` after ${esc(e.attempts)} attempt(s)` : ""}</p><pre>${esc(e.message || "")}</pre></section>`);
+  }
+  const done = Object.entries(c.steps_done || {});
+  if (done.length) {
+    parts.push(`<section class="ctx-done"><h4>Steps done (${done.length})</h4><ul>${done.slice(-10).map(([id, out]) => `<li><b>${esc(id)}</b>: <code>${esc(short(out))}</code></li>`).join("")}</ul></section>`);
+  }
+  if (c.suggestion) {
+    parts.push(`<section class="ctx-suggestion"><h4>Suggestion</h4><p>${esc(c.suggestion)}</p></section>`);
+  }
+  parts.push(`<details><summary>the whole context</summary><pre>${esc(JSON.stringify(c, null, 2))}</pre></details>`);
+  return parts.join("");
+}
+
 async function renderTickets() {
   const items = await api("/api/tickets");
   const open = items.filter((i) => i.ticket.status === "open");
@@ -75,10 +99,10 @@ async function renderTickets() {
           <input class="params" data-id="${esc(t.ticket_id)}" placeholder='new params for retry, e.g. {"amount": 5}' size="40">
         </div>`
       : `<p class="muted">resolved by ${esc(t.resolved_by)}: ${esc(JSON.stringify(t.resolution))}</p>`;
-    return `<div class="card ticket"><h3>${esc(t.class)} <span class="muted">— ${esc(i.run.name)} (${esc(t.run_id)})</span></h3>
+    return `<div class="card ticket" data-ticket="${esc(t.ticket_id)}" data-status="${esc(t.status)}">
+      <h3>${esc(t.class)} <span class="muted">— ${esc(i.run.name)} (${esc(t.run_id)})</span></h3>
       <div>${esc(t.summary)}</div>
-      <div class="muted">suggestion: ${esc(t.context.suggestion || "")}</div>
-      <pre>${esc(JSON.stringify(t.context, null, 2))}</pre>${actions}</div>`;
+      ${contextSections(t.context || {})}${actions}</div>`;
   }).join("");
 }
 

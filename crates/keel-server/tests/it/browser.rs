@@ -143,3 +143,39 @@ async fn the_dashboard_shows_the_budgets_balances() {
     assert!(std::fs::metadata(&shot).map(|m| m.len() > 1000).unwrap_or(false), "a screenshot was taken");
     eprintln!("dashboard screenshot: {}", shot.display());
 }
+
+/// A ticket's context reads as sections in the inbox — what failed, the error, the
+/// suggestion — and a click on Skip resolves it; the screenshot is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tickets_context_reads_as_sections_and_skip_resolves_it() {
+    let chromium = chromium();
+    tokio::task::spawn_blocking(playwright).await.unwrap();
+    let s = Server::start(Faults { notify_down: true, ..Faults::default() }, "").await;
+    let plan = json!({"plan": {"name": "notify", "steps": [{"tool": "notify", "params": {"order": 9}}]}});
+    let (status, started) = s.post(Some(AGENT), "/api/runs", Some(plan)).await;
+    assert_eq!(status, 201, "{started}");
+    let run_id = started["run_id"].as_str().unwrap().to_owned();
+    let run = s.until_run(&run_id, |r| r["state"]["run"]["state"] == "escalated").await;
+    let ticket = run["state"]["tickets"][0]["ticket_id"].as_str().unwrap().to_owned();
+
+    let shot = std::env::temp_dir().join(format!("keel-ticket-{}.png", std::process::id()));
+    let script = browser_dir().join("ticket.mjs");
+    let args = [s.base.clone(), APPROVER.to_owned(), ticket.clone(), shot.display().to_string()];
+    let out = tokio::task::spawn_blocking(move || {
+        run_node(&script, &args.iter().map(String::as_str).collect::<Vec<_>>(), &chromium)
+    })
+    .await
+    .unwrap();
+    let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "ticket.mjs: {}\n{log}", out.status);
+    // (Headings are upper-cased by the style sheet: compare without case.)
+    let lower = log.to_lowercase();
+    assert!(lower.contains("ctx-failed: what failed step step-1 calling notify with {\"order\":9}"), "{log}");
+    assert!(lower.contains("ctx-error: the error server_error after 2 attempt(s)"), "{log}");
+    assert!(lower.contains("ctx-suggestion: suggestion the target kept failing"), "{log}");
+    assert!(log.contains(&format!("ticket {ticket} resolved")), "{log}");
+    let run = s.until_run(&run_id, |r| r["state"]["tickets"][0]["status"] == "resolved").await;
+    assert_eq!(run["state"]["tickets"][0]["resolution"]["action"], "skip");
+    assert!(std::fs::metadata(&shot).map(|m| m.len() > 1000).unwrap_or(false), "a screenshot was taken");
+    eprintln!("ticket screenshot: {}", shot.display());
+}
