@@ -17,11 +17,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod support;
+use support::KEY;
+
 use keel_core::TokioClock;
 use keel_journal::JournalOptions;
 use serde_json::json;
-
-const KEY: &str = "bench-agent-key-0123456789";
 
 async fn load(url: String, body: serde_json::Value, auth: bool, conns: usize, secs: u64) -> (f64, f64, f64) {
     let http = reqwest::Client::new();
@@ -71,25 +72,12 @@ async fn main() {
          rate_limit = {{ per_second = 1000000, burst = 1000000 }}\n\
          [tools.op]\nkind = \"http\"\nurl = \"{up}/op\"\n"
     );
-    let env = |k: &str| (k == "BENCH_KEY").then(|| KEY.to_owned());
-    let config = keel_runtime::Config::parse(&text, &dir.path().join("keel.toml"), &env).unwrap();
     let clock = Arc::new(TokioClock::new());
     let journal =
         keel_journal::open(&db, JournalOptions { clock: clock.clone(), ..JournalOptions::default() })
             .await
             .unwrap();
-    let state = keel_server::state(Arc::new(config), journal, clock).await.unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let served = tokio::spawn(keel_server::serve(
-        state,
-        listener,
-        async move {
-            let _ = stopped.await;
-        },
-        Duration::from_secs(5),
-    ));
+    let support::Running { base, stop, served } = support::serve(&text, dir.path(), journal, clock).await;
     println!("| target ({secs} s each) | c | calls/s | p50 ms | p99 ms |");
     println!("|---|---:|---:|---:|---:|");
     for conns in [1, 50] {

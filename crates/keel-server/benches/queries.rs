@@ -18,11 +18,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod support;
+use support::KEY;
+
 use keel_core::{AttemptOutcome, ErrorClass, Event, TokioClock};
 use keel_journal::{JournalEvent, JournalOptions, NewEvent, RunState, StepOutcome};
 use serde_json::json;
-
-const KEY: &str = "bench-admin-key-0123456789";
 
 fn run_events(i: u64) -> Vec<NewEvent> {
     let run = format!("run-{i:012}");
@@ -123,20 +124,7 @@ async fn main() {
         "[storage]\nurl = \"{db}\"\n[server]\nkeys = [{{ name = \"root\", key_env = \"BENCH_KEY\", role = \"admin\" }}]\n\
          [tools.charge]\nkind = \"http\"\nurl = \"http://127.0.0.1:9/charge\"\n"
     );
-    let env = |k: &str| (k == "BENCH_KEY").then(|| KEY.to_owned());
-    let config = keel_runtime::Config::parse(&text, &dir.path().join("keel.toml"), &env).unwrap();
-    let state = keel_server::state(Arc::new(config), journal, clock).await.unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let served = tokio::spawn(keel_server::serve(
-        state,
-        listener,
-        async move {
-            let _ = stopped.await;
-        },
-        Duration::from_secs(5),
-    ));
+    let support::Running { base, stop, served } = support::serve(&text, dir.path(), journal, clock).await;
     let http = reqwest::Client::new();
     println!("| endpoint ({runs} runs) | median ms | slowest ms | bytes |");
     println!("|---|---:|---:|---:|");
