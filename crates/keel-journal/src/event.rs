@@ -329,17 +329,27 @@ pub struct NewEvent {
     /// that lost the run (it stalled past its lease and another took over) cannot
     /// write to it any more.
     pub fence: Option<std::sync::Arc<crate::Lease>>,
+    /// Give the fence's lease up in the transaction that appends this event (a drive's
+    /// last event): one transaction fewer, and the run is never seen ended but held.
+    pub release: bool,
 }
 
 impl NewEvent {
     /// An event of `run_id`.
     pub fn new(run_id: impl Into<String>, event: JournalEvent) -> Self {
-        Self { run_id: run_id.into(), event, fence: None }
+        Self { run_id: run_id.into(), event, fence: None, release: false }
     }
 
     /// The same event, fenced by `lease` (see [`NewEvent::fence`]).
     pub fn fenced(mut self, lease: Option<std::sync::Arc<crate::Lease>>) -> Self {
         self.fence = lease;
+        self
+    }
+
+    /// The same event, giving its fence's lease up when it is appended (see
+    /// [`NewEvent::release`]); without a fence, nothing is released.
+    pub fn releasing(mut self) -> Self {
+        self.release = true;
         self
     }
 }

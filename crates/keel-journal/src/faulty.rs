@@ -68,6 +68,16 @@ impl Journal for Faulty {
         self.write()?;
         self.inner.create_run(run_id, events).await
     }
+    async fn create_run_leased(
+        &self,
+        run_id: &str,
+        events: &[JournalEvent],
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<(bool, Option<Lease>)> {
+        self.write()?;
+        self.inner.create_run_leased(run_id, events, owner, ttl).await
+    }
     async fn events(&self, run_id: &str, after: u64, limit: u32) -> Result<Vec<RecordedEvent>> {
         self.inner.events(run_id, after, limit).await
     }

@@ -114,6 +114,23 @@ pub trait Journal: Send + Sync + fmt::Debug {
     /// one fact, so a crash cannot separate them; repeating the call is harmless.
     async fn create_run(&self, run_id: &str, events: &[JournalEvent]) -> Result<bool>;
 
+    /// Like [`create_run`](Self::create_run), and in the same transaction takes the new
+    /// run's lease for `owner` (a caller that creates a run to drive it at once saves a
+    /// transaction): whether this call created the run, and the lease if it got it (a
+    /// lease on the id may be held already).
+    async fn create_run_leased(
+        &self,
+        run_id: &str,
+        events: &[JournalEvent],
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<(bool, Option<Lease>)> {
+        if !self.create_run(run_id, events).await? {
+            return Ok((false, None));
+        }
+        Ok((true, self.acquire_lease(run_id, owner, ttl).await?))
+    }
+
     /// The events of `run_id` after sequence number `after`, at most `limit`.
     async fn events(&self, run_id: &str, after: u64, limit: u32) -> Result<Vec<RecordedEvent>>;
 

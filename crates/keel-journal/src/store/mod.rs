@@ -61,11 +61,26 @@ macro_rules! sql_journal {
                     checked.push(lease);
                 }
                 let seqs = ops::append_tx(&mut *tx, self.now(), events).await?;
+                for lease in events.iter().filter(|e| e.release).filter_map(|e| e.fence.as_deref()) {
+                    sqlx::query(crate::store::sql::RELEASE_LEASE)
+                        .bind(&lease.run_id)
+                        .bind(&lease.owner)
+                        .bind(lease.epoch as i64)
+                        .execute(&mut *tx)
+                        .await?;
+                }
                 tx.commit().await?;
                 Ok(seqs)
             }
 
-            async fn create_run_once(&self, run_id: &str, events: &[crate::NewEvent]) -> crate::Result<bool> {
+            /// Creates the run unless it exists; with `lease` (owner, ttl), takes its lease
+            /// in the same transaction. `None`: the run existed.
+            async fn create_run_once(
+                &self,
+                run_id: &str,
+                events: &[crate::NewEvent],
+                lease: Option<(&str, std::time::Duration)>,
+            ) -> crate::Result<Option<Option<crate::Lease>>> {
                 let now = self.now();
                 let mut tx = self.write.begin_with($begin).await?;
                 let fresh: Option<String> = sqlx::query_scalar(crate::store::sql::CREATE_RUN)
@@ -75,11 +90,15 @@ macro_rules! sql_journal {
                     .await?;
                 if fresh.is_none() {
                     // The run exists: nothing to write (dropping `tx` rolls back).
-                    return Ok(false);
+                    return Ok(None);
                 }
                 ops::append_tx(&mut *tx, now, events).await?;
+                let held = match lease {
+                    Some((owner, ttl)) => Self::acquire_in(&mut *tx, run_id, owner, now, ttl).await?,
+                    None => None,
+                };
                 tx.commit().await?;
-                Ok(true)
+                Ok(Some(held))
             }
 
             async fn claim_once(&self, key: &str, token: &str) -> crate::Result<crate::Claim> {
@@ -279,10 +298,33 @@ macro_rules! sql_journal {
                     events.iter().map(|e| crate::NewEvent::new(run_id, e.clone())).collect();
                 let events = &events;
                 // Safe to repeat: a first try that committed makes the second find the run.
-                crate::error::with_retry("create_run", crate::error::Repeat::Safe, || async move {
-                    self.create_run_once(run_id, events).await
+                let created = crate::error::with_retry("create_run", crate::error::Repeat::Safe, || async move {
+                    self.create_run_once(run_id, events, None).await
                 })
-                .await
+                .await?;
+                Ok(created.is_some())
+            }
+
+            async fn create_run_leased(
+                &self,
+                run_id: &str,
+                events: &[crate::JournalEvent],
+                owner: &str,
+                ttl: std::time::Duration,
+            ) -> crate::Result<(bool, Option<crate::Lease>)> {
+                let events: Vec<crate::NewEvent> =
+                    events.iter().map(|e| crate::NewEvent::new(run_id, e.clone())).collect();
+                let events = &events;
+                // Safe to repeat: a first try that committed makes the second find the run
+                // (held by `owner`, who takes it again by driving it).
+                let created = crate::error::with_retry("create_run", crate::error::Repeat::Safe, || async move {
+                    self.create_run_once(run_id, events, Some((owner, ttl))).await
+                })
+                .await?;
+                Ok(match created {
+                    Some(lease) => (true, lease),
+                    None => (false, None),
+                })
             }
 
             async fn events(
@@ -489,7 +531,7 @@ macro_rules! sql_journal {
 
             async fn release_lease(&self, lease: &crate::Lease) -> crate::Result<()> {
                 crate::error::with_retry("release_lease", crate::error::Repeat::Safe, || async move {
-                    sqlx::query("DELETE FROM leases WHERE run_id = $1 AND owner = $2 AND epoch = $3")
+                    sqlx::query(crate::store::sql::RELEASE_LEASE)
                         .bind(&lease.run_id)
                         .bind(&lease.owner)
                         .bind(lease.epoch as i64)

@@ -171,5 +171,8 @@ SELECT a.run_id AS run_id, COUNT(*) AS retries FROM attempts a \
 WHERE a.run_id IN (SELECT run_id FROM runs ORDER BY updated_at DESC LIMIT 30) AND a.attempt > 1 \
 GROUP BY a.run_id";
 
+/// Gives up lease (`$1` run, `$2` owner, `$3` epoch), if still held at that epoch.
+pub(crate) const RELEASE_LEASE: &str = "DELETE FROM leases WHERE run_id = $1 AND owner = $2 AND epoch = $3";
+
 /// The previous holder of a run's lease, before an acquisition.
 pub(crate) const LEASE_HOLDER: &str = "SELECT owner FROM leases WHERE run_id = $1";

@@ -41,6 +41,7 @@ both_backends!(
     sixty_four_claimers_one_winner,
     idempotency_keys_expire_and_release,
     leases_exclude_expire_and_fence,
+    a_run_created_leased_is_held_and_its_last_event_gives_the_lease_up,
     claim_runs_takes_only_free_unfinished_runs,
     gate_history_round_trips,
     prune_removes_old_runs_and_export_has_events_and_state,
@@ -352,6 +353,40 @@ async fn leases_exclude_expire_and_fence(s: Store) {
     assert!(j.append_fenced(&b, &[state(RunState::Running)]).await.is_err());
     j.release_lease(&b2).await.unwrap();
     assert!(j.acquire_lease("run", "a", ttl).await.unwrap().is_some());
+}
+
+async fn a_run_created_leased_is_held_and_its_last_event_gives_the_lease_up(s: Store) {
+    let j = &s.journal;
+    let ttl = Duration::from_secs(10);
+    let first = [created("k"), state(RunState::Running)];
+    let (created, lease) = j.create_run_leased("k", &first, "me", ttl).await.unwrap();
+    let lease = lease.expect("leased");
+    assert!(created);
+    assert_eq!((lease.owner.as_str(), lease.epoch, lease.taken_from.as_deref()), ("me", 1, None));
+    assert_eq!(j.create_run_leased("k", &first, "you", ttl).await.unwrap(), (false, None), "created once");
+    // An id whose lease someone holds already: created, not leased.
+    j.acquire_lease("pre", "other", ttl).await.unwrap().unwrap();
+    assert_eq!(j.create_run_leased("pre", &first, "me", ttl).await.unwrap(), (true, None));
+    assert_eq!(j.snapshot("k").await.unwrap().unwrap().run.state, RunState::Running);
+    // Held from the start: no worker can claim it, no one else can lease it.
+    assert!(j.claim_runs("worker", ttl, 10).await.unwrap().is_empty());
+    assert!(j.acquire_lease("k", "you", ttl).await.unwrap().is_none());
+    // A releasing event without a fence releases nothing; a lost lease's is refused.
+    j.append(&[ev("k", state(RunState::Running)).releasing()]).await.unwrap();
+    assert!(j.acquire_lease("k", "you", ttl).await.unwrap().is_none(), "still held");
+    let stale = keel_journal::Lease { epoch: 7, ..lease.clone() };
+    let err = j
+        .append(&[ev("k", state(RunState::Failed)).fenced(Some(Arc::new(stale))).releasing()])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::LeaseLost { .. }), "{err}");
+    assert!(j.acquire_lease("k", "you", ttl).await.unwrap().is_none(), "still held");
+    // The drive's last event goes in and gives the lease up in one transaction.
+    let last = ev("k", state(RunState::Completed)).fenced(Some(Arc::new(lease))).releasing();
+    j.append(&[last]).await.unwrap();
+    assert_eq!(j.snapshot("k").await.unwrap().unwrap().run.state, RunState::Completed);
+    let next = j.acquire_lease("k", "you", ttl).await.unwrap().expect("released at once, not on expiry");
+    assert_eq!(next.taken_from, None, "nobody held it");
 }
 
 async fn claim_runs_takes_only_free_unfinished_runs(s: Store) {

@@ -232,7 +232,8 @@ impl Invoker {
             steps: vec![PlanStep { id: Some(name.clone()), tool: name.clone(), params: params.clone() }],
         };
         let work = async {
-            let created = self.runner.create_with_id(&run_id, &plan).await?;
+            // Created with its lease in one transaction: this call drives it at once.
+            let (created, lease) = self.runner.create_leased(&run_id, &plan).await?;
             if !created {
                 let snap = self.runner.snapshot(&run_id).await?;
                 let step = &snap.run.input["plan"]["steps"][0];
@@ -242,7 +243,7 @@ impl Invoker {
                     return Err(InvokeError::Conflict);
                 }
             }
-            self.answer(&run_id, wait, bound, created).await
+            self.answer(&run_id, wait, bound, created.then_some(lease)).await
         };
         match bound {
             None => work.await,
@@ -255,19 +256,21 @@ impl Invoker {
 
     /// Answers from the invocation's run: drives it (in a task of its own) while
     /// nobody else does, and reads its state until it ends, waits for a person, or the
-    /// bound passes. `fresh`: this call created the run (drive it before reading it).
+    /// bound passes. `fresh`: this call created the run, with its lease if it got it
+    /// (drive it before reading it).
     async fn answer(
         &self,
         run_id: &str,
         wait: Duration,
         bound: Option<Instant>,
-        fresh: bool,
+        fresh: Option<Option<keel_journal::Lease>>,
     ) -> Result<Outcome, InvokeError> {
         let person_until = Instant::now() + wait;
-        let replayed = !fresh;
-        let mut drive = fresh.then(|| self.spawn_drive(run_id));
+        let replayed = fresh.is_none();
+        let fresh_run = fresh.is_some();
+        let mut drive = fresh.map(|lease| self.spawn_drive(run_id, lease));
         // Drives start at most once per POLL: a run held elsewhere is not hammered.
-        let mut next_drive = Instant::now() + if fresh { POLL } else { Duration::ZERO };
+        let mut next_drive = Instant::now() + if fresh_run { POLL } else { Duration::ZERO };
         loop {
             if let Some(handle) = drive.as_mut() {
                 // Only the drive moves the run on: nothing to read until it ends.
@@ -338,7 +341,7 @@ impl Invoker {
                         return Ok(running(RunState::Running));
                     }
                     if drive.is_none() && now >= next_drive {
-                        drive = Some(self.spawn_drive(run_id));
+                        drive = Some(self.spawn_drive(run_id, None));
                         next_drive = now + POLL;
                         continue;
                     }
@@ -354,13 +357,18 @@ impl Invoker {
 
     /// Drives `run_id` in a task of its own: a caller giving up must not stop a drive
     /// half-way (it would hold the run's lease, unworked, until the lease expired).
-    fn spawn_drive(&self, run_id: &str) -> JoinHandle<Result<RunStatus, RunnerError>> {
+    /// `held`: the run's lease, taken when this call created it.
+    fn spawn_drive(
+        &self,
+        run_id: &str,
+        held: Option<keel_journal::Lease>,
+    ) -> JoinHandle<Result<RunStatus, RunnerError>> {
         let (runner, drives, run) = (self.runner.clone(), self.drives.clone(), run_id.to_owned());
         // The caller's scope (an agent run's budget) crosses into the drive's task, and
         // the drive's spans (`execute_tool`) belong to the request that started it.
         let scope = keel_core::RunScope::current().map(|s| (*s).clone()).unwrap_or_default();
         let span = tracing::Span::current();
-        tokio::spawn(async move { scope.run(drives.drive(&runner, &run)).await }.instrument(span))
+        tokio::spawn(async move { scope.run(drives.drive_from(&runner, &run, held)).await }.instrument(span))
     }
 
     /// Whether the run's own deadline has passed (its holder, wherever it is, gives up).
@@ -408,11 +416,28 @@ impl Drives {
     /// # Cancel safety
     /// As [`Runner::drive`]'s; a dropped wait leaves nothing behind.
     pub async fn drive(&self, runner: &Runner, run_id: &str) -> Result<RunStatus, RunnerError> {
+        self.drive_from(runner, run_id, None).await
+    }
+
+    /// As [`drive`](Self::drive); with `held`, the run's lease this process already
+    /// holds ([`Runner::drive_held`]).
+    ///
+    /// # Errors
+    /// The runner's.
+    pub async fn drive_from(
+        &self,
+        runner: &Runner,
+        run_id: &str,
+        held: Option<keel_journal::Lease>,
+    ) -> Result<RunStatus, RunnerError> {
         let entry = Entry { drives: self, run_id, lock: self.lock_for(run_id) };
         let _held = entry.lock.lock().await;
         // A run's future is large; boxed, it lives on the heap, not on the task's stack
         // (debug builds overflowed a worker's 2 MiB stack).
-        Box::pin(runner.drive(run_id)).await
+        match held {
+            Some(lease) => Box::pin(runner.drive_held(run_id, lease)).await,
+            None => Box::pin(runner.drive(run_id)).await,
+        }
     }
 
     fn lock_for(&self, run_id: &str) -> Arc<tokio::sync::Mutex<()>> {

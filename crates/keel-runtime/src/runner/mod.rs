@@ -32,6 +32,7 @@ pub use observer::{NullObserver, Observer, Observers, PolicySink, SentryObserver
 pub use status::RunStatus;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -291,6 +292,32 @@ impl Runner {
         Ok(created)
     }
 
+    /// Like [`create_with_id`](Self::create_with_id), and in the same transaction takes
+    /// the new run's lease for this process: whether this call created the run, and the
+    /// lease to [`drive_held`](Self::drive_held) it with at once (none if another
+    /// process held a lease on the id already).
+    ///
+    /// # Errors
+    /// The journal's.
+    pub async fn create_leased(&self, run_id: &str, plan: &Plan) -> Result<(bool, Option<Lease>)> {
+        let events = self.creation(plan, None);
+        let (journal, id, first) = (self.journal.clone(), run_id.to_owned(), events.to_vec());
+        let (owner, ttl) = (self.owner.clone(), self.config.run.lease);
+        // On a task of its own, as in `create_with_id`.
+        let task = tokio::spawn(async move { journal.create_run_leased(&id, &first, &owner, ttl).await });
+        let (created, lease) = match task.await {
+            Ok(created) => created?,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => return Err(Error::Journal(keel_journal::Error::WriterClosed)),
+        };
+        if created {
+            for event in &events {
+                self.observer.event(run_id, event);
+            }
+        }
+        Ok((created, lease))
+    }
+
     /// A new run's first events: its plan (and the key that started it), then `running`.
     fn creation(&self, plan: &Plan, owner: Option<&str>) -> [JournalEvent; 2] {
         let name = plan.name.clone().unwrap_or_else(|| "plan".to_owned());
@@ -315,6 +342,21 @@ impl Runner {
         let seq = self.writer.submit_event(event.clone()).durable().await?;
         let event = event.event;
         self.observer.event(run_id, &event);
+        Ok(seq)
+    }
+
+    /// Records a drive's last event and gives its lease up in the same transaction;
+    /// `released` says it was (the drive then has no lease to release).
+    async fn record_last(&self, run_id: &str, event: JournalEvent, released: &AtomicBool) -> Result<u64> {
+        let fence = self.fence(run_id);
+        let releasing = fence.is_some();
+        let mut event = keel_journal::NewEvent::new(run_id, event).fenced(fence);
+        if releasing {
+            event = event.releasing();
+        }
+        let seq = self.writer.submit_event(event.clone()).durable().await?;
+        released.store(releasing, Ordering::Relaxed);
+        self.observer.event(run_id, &event.event);
         Ok(seq)
     }
 
@@ -428,6 +470,19 @@ impl Runner {
     /// Dropping the future stops at an arbitrary point; everything acknowledged is in
     /// the journal, and a later drive resumes without repeating a completed side effect.
     pub async fn drive(&self, run_id: &str) -> Result<RunStatus> {
+        self.drive_from(run_id, None).await
+    }
+
+    /// Like [`drive`](Self::drive), for a run whose lease this process took when it
+    /// created it ([`create_leased`](Self::create_leased)).
+    ///
+    /// # Errors
+    /// As [`drive`](Self::drive).
+    pub async fn drive_held(&self, run_id: &str, lease: Lease) -> Result<RunStatus> {
+        self.drive_from(run_id, Some(lease)).await
+    }
+
+    async fn drive_from(&self, run_id: &str, held: Option<Lease>) -> Result<RunStatus> {
         {
             let mut driving = self.driving.lock().unwrap_or_else(|e| e.into_inner());
             if driving.contains_key(run_id) {
@@ -440,9 +495,12 @@ impl Runner {
         }
         let _driving = Driving(self, run_id.to_owned());
         let ttl = self.config.run.lease;
-        let lease = match self.journal.acquire_lease(run_id, &self.owner, ttl).await? {
+        let lease = match held {
             Some(lease) => lease,
-            None => return Err(Error::Busy(run_id.to_owned(), "its lease is held".to_owned())),
+            None => match self.journal.acquire_lease(run_id, &self.owner, ttl).await? {
+                Some(lease) => lease,
+                None => return Err(Error::Busy(run_id.to_owned(), "its lease is held".to_owned())),
+            },
         };
         self.driving
             .lock()
@@ -462,7 +520,9 @@ impl Runner {
             keel.run.id = run_id,
             keel.run.status = tracing::field::Empty,
         );
-        let leased = tracing::Instrument::instrument(self.drive_leased(run_id, &lease), span.clone());
+        let released = AtomicBool::new(false);
+        let leased =
+            tracing::Instrument::instrument(self.drive_leased(run_id, &lease, &released), span.clone());
         let result = tokio::select! {
             r = Box::pin(leased) => r,
             Ok(()) = lost_rx => Err(Error::Busy(
@@ -484,8 +544,10 @@ impl Runner {
         // storage outage the run must not stay held until its lease expires).
         let flushed = self.writer.flush_run(run_id).await;
         self.save_gate().await;
-        if let Err(e) = self.journal.release_lease(&lease).await {
-            tracing::warn!(run = %run_id, error = %e, "the run's lease was not released; it expires by itself");
+        if !released.load(Ordering::Relaxed) {
+            if let Err(e) = self.journal.release_lease(&lease).await {
+                tracing::warn!(run = %run_id, error = %e, "the run's lease was not released; it expires by itself");
+            }
         }
         flushed?;
         result
@@ -559,7 +621,7 @@ impl Runner {
         Ok(())
     }
 
-    async fn drive_leased(&self, run_id: &str, lease: &Lease) -> Result<RunStatus> {
+    async fn drive_leased(&self, run_id: &str, lease: &Lease, released: &AtomicBool) -> Result<RunStatus> {
         let snap = self.snapshot(run_id).await?;
         if let Some(done) = final_status(&snap) {
             return Ok(done);
@@ -602,6 +664,12 @@ impl Runner {
         if budget.limit(BudgetKind::CostMicros).is_some() {
             let _ = budget.charge(BudgetKind::CostMicros, self.spent_cost(run_id, budget.name()).await?);
         }
+        // The snapshot read at the start serves the first step, if this drive has
+        // recorded nothing since (no takeover, no state change); later steps read afresh.
+        let untouched = lease.taken_from.is_none()
+            && snap.attempts.iter().all(|a| a.ended_at_ms.is_some())
+            && snap.run.state == RunState::Running;
+        let mut fresh = untouched.then(|| snap.clone());
         for (index, step) in plan.steps.iter().enumerate() {
             let id = plan.step_id(index).to_owned();
             let view = snap.steps.iter().find(|s| s.step as usize == index);
@@ -614,7 +682,10 @@ impl Runner {
                 continue;
             }
             // Someone may have cancelled the run while we worked.
-            let now = self.snapshot(run_id).await?;
+            let now = match fresh.take() {
+                Some(snap) => snap,
+                None => self.snapshot(run_id).await?,
+            };
             if now.run.state == RunState::Cancelled {
                 return Ok(RunStatus::Cancelled);
             }
@@ -644,14 +715,15 @@ impl Runner {
                 step::StepEnd::Stop(status) => {
                     let (state, reason) = state_of(&status);
                     if now.run.state != state || status.is_final() {
-                        self.record(run_id, JournalEvent::RunStateChanged { state, reason }).await?;
+                        self.record_last(run_id, JournalEvent::RunStateChanged { state, reason }, released)
+                            .await?;
                     }
                     return Ok(status);
                 }
             }
         }
-        self.record(run_id, JournalEvent::RunStateChanged { state: RunState::Completed, reason: None })
-            .await?;
+        let completed = JournalEvent::RunStateChanged { state: RunState::Completed, reason: None };
+        self.record_last(run_id, completed, released).await?;
         Ok(RunStatus::Completed)
     }
 
