@@ -93,7 +93,7 @@ async def main():
             emit("approved", status=r.status_code)
 
         http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {agent}"}, timeout=60)
-        async with Client(streamable_http_client(url, http_client=http)) as client:
+        async with Client(streamable_http_client(url, http_client=http), mode="legacy") as client:
             emit("connected", version=client.protocol_version)
             await session(client, approve)
     else:
@@ -104,7 +104,7 @@ async def main():
             emit("approved", status=r.returncode, stderr=r.stderr)
 
         params = StdioServerParameters(command=keel, args=["mcp"], env=dict(os.environ))
-        async with Client(params) as client:
+        async with Client(params, mode="legacy") as client:
             emit("connected", version=client.protocol_version)
             await session(client, approve)
 
