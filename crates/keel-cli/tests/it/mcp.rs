@@ -283,9 +283,18 @@ fn the_official_mcp_client_calls_tools_through_keel_mcp_on_stdio() {
 
 /// The official client in its default mode: it finds `server/discover`, speaks
 /// 2026-07-28 with no `initialize`, and meets approvals as input-required results.
+/// A tool whose arguments a 2026-07-28 client mirrors into `Mcp-Param-*` headers.
+const ROUTED: &str = r#"
+[tools.routed]
+kind = "command"
+argv = ["echo", "{}"]
+params = { type = "object", properties = { region = { type = "string", "x-mcp-header" = "Region" }, count = { type = "integer", "x-mcp-header" = "Count" }, deep = { type = "object", properties = { flag = { type = "boolean", "x-mcp-header" = "Flag" } } } } }
+"#;
+
 #[test]
 fn the_official_mcp_client_speaks_2026_07_28_to_keel_serve() {
-    let b = Bench::new(Faults { fail_first: 1, ..Faults::default() }, &format!("{TOOLS}\n{KEYS}"));
+    let config = format!("{TOOLS}\n{KEYS}\n{ROUTED}");
+    let b = Bench::new(Faults { fail_first: 1, ..Faults::default() }, &config);
     let (mut child, port) = serve(&b, None);
     let base = format!("http://127.0.0.1:{port}");
 
@@ -331,6 +340,9 @@ fn the_official_mcp_client_speaks_2026_07_28_to_keel_serve() {
     assert_eq!(steps["approved"]["status"], 200, "{steps:#?}");
     assert_eq!(steps["rejected"]["status"], 200, "{steps:#?}");
     check(&steps, &b, Era::Modern);
+    // The official client's Mcp-Param-* headers (one base64-wrapped) fit Keel's check.
+    let routed = &steps["routed"];
+    assert_eq!(routed["is_error"], false, "{routed}");
     // What the person declined to wait for is still pending in Keel.
     let approval = steps["charge_auto_declined"]["structured"]["approval_id"].as_str().unwrap();
     let (status, body) = api(port, "GET", &format!("/api/approvals/{approval}"));
@@ -394,10 +406,36 @@ fn rpc(port: u16, id: u64, method: &str, params: Value) -> Value {
     answer["result"].clone()
 }
 
+/// One 2026-07-28 request to `port`'s `/mcp` (the envelope in `_meta`, a client that
+/// can show a form; the headers mirroring the body): its `result`.
+fn rpc_modern(port: u16, id: u64, method: &str, mut params: Value) -> Value {
+    params["_meta"] = serde_json::json!({
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {"elicitation": {"form": {}}},
+    });
+    let name = params["name"].as_str().map(|n| format!("mcp-name: {n}\r\n")).unwrap_or_default();
+    let body =
+        serde_json::json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string();
+    let headers = format!("mcp-protocol-version: 2026-07-28\r\nmcp-method: {method}\r\n{name}");
+    let (status, answer) = raw_with(port, Some(AGENT), &headers, &body);
+    assert_eq!(status, 200, "{answer}");
+    let answer: Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(answer["id"], id, "{answer}");
+    answer["result"].clone()
+}
+
+/// Approves `approval` through `port`'s API.
+fn approve_on(port: u16, approval: &str) {
+    let (status, body) = api(port, "POST", &format!("/api/approvals/{approval}/approve"));
+    assert_eq!(status, 200, "{body}");
+}
+
 /// Two `keel serve` instances on one PostgreSQL, and one client whose consecutive
 /// requests land on either: no session lives in one instance's memory. A call
-/// waiting for approval on one is approved and answered on the other, and a retried
-/// charge is made once.
+/// waiting for approval on one is approved and answered on the other (as a
+/// 2026-07-28 input-required round trip too: the retry's `requestState` is checked
+/// against the shared journal, not against either process), and a retried charge is
+/// made once.
 #[test]
 fn two_keel_serve_instances_on_postgres_answer_one_mcp_client_in_turn() {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -419,15 +457,7 @@ fn two_keel_serve_instances_on_postgres_answer_one_mcp_client_in_turn() {
     let approval = pending["structuredContent"]["approval_id"].as_str().unwrap().to_owned();
     // An approver's key is not an agent's.
     assert_eq!(request(z, "POST", Some(APPROVER), "", "{}").0, 403);
-    let approve = format!(
-        "POST /api/approvals/{approval}/approve HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\
-         authorization: Bearer {APPROVER}\r\ncontent-length: 0\r\n\r\n"
-    );
-    let mut tcp = TcpStream::connect(("127.0.0.1", z)).unwrap();
-    tcp.write_all(approve.as_bytes()).unwrap();
-    let mut answer = String::new();
-    tcp.read_to_string(&mut answer).unwrap();
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    approve_on(z, &approval);
     let done = rpc(z, 4, "tools/call", big.clone());
     assert_eq!(done["isError"], false, "{done}");
     let again = rpc(a, 5, "tools/call", big);
@@ -440,7 +470,26 @@ fn two_keel_serve_instances_on_postgres_answer_one_mcp_client_in_turn() {
     let retried = rpc(a, 7, "tools/call", small);
     assert_eq!(first["isError"], false, "{first}");
     assert_eq!(retried["_meta"]["keel/replayed"], true, "{retried}");
-    assert_eq!(orders(&b.payments), vec![7, 8], "{:?}", b.payments.charges());
+
+    // 2026-07-28: asked on one instance, approved and retried on the other.
+    let big = serde_json::json!({"name": "charge", "arguments": {"order": 9, "amount": 150}});
+    let asked = rpc_modern(a, 8, "tools/call", big.clone());
+    assert_eq!(asked["resultType"], "input_required", "{asked}");
+    let approval = asked["_meta"]["keel/approvalId"].as_str().unwrap().to_owned();
+    let mut retry = big.clone();
+    retry["inputResponses"] = serde_json::json!({"keel.approval": {"action": "accept"}});
+    retry["requestState"] = asked["requestState"].clone();
+    let still = rpc_modern(z, 9, "tools/call", retry.clone());
+    assert_eq!(still["resultType"], "input_required", "{still}");
+    approve_on(a, &approval);
+    retry["requestState"] = still["requestState"].clone();
+    let done = rpc_modern(z, 10, "tools/call", retry);
+    assert_eq!(
+        (done["resultType"].as_str(), done["isError"].as_bool()),
+        (Some("complete"), Some(false)),
+        "{done}"
+    );
+    assert_eq!(orders(&b.payments), vec![7, 8, 9], "{:?}", b.payments.charges());
     for child in [&mut one, &mut two] {
         let _ = child.kill();
         let _ = child.wait();

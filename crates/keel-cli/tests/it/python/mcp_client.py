@@ -82,6 +82,14 @@ async def session(client, approve, modern, decide):
     emit("notify_keyed_other", **summary(keyed_other))
 
     if modern:
+        if "routed" in {t.name for t in tools.tools}:
+            # Its x-mcp-header arguments are mirrored into Mcp-Param-* headers by the
+            # client, which Keel checks against the body.
+            args = {"region": " Grüße, 世界 ", "count": 3, "deep": {"flag": True}}
+            try:
+                emit("routed", **summary(await client.call_tool("routed", args)))
+            except MCPError as e:
+                emit("routed", code=e.code, message=e.error.message)
         await input_required(client, approve, decide)
         return
     big = await client.call_tool("charge", {"order": 3, "amount": 150})
