@@ -216,13 +216,15 @@ impl McpServer {
             .get("_meta")
             .and_then(|m| m.get(IDEMPOTENCY_META_KEY))
             .and_then(Value::as_str)
+            // A blank key is no key, for the invoker too.
+            .filter(|k| !k.trim().is_empty())
             .map(str::to_owned);
         let mut key = client_key.clone();
         let mut answer = None;
+        // What the invoker digests: `null` arguments are `{}`.
+        let normalized = if arguments.is_null() { json!({}) } else { arguments.clone() };
         if modern.is_some() {
             answer = approval::answer(params)?;
-            // What the invoker digests: `null` arguments are `{}`.
-            let normalized = if arguments.is_null() { json!({}) } else { arguments.clone() };
             match params.get("requestState") {
                 None | Some(Value::Null) => {
                     // A read-only call without a key gets one of its own, so that a retry
@@ -246,12 +248,11 @@ impl McpServer {
                 Some(_) => return Err(RpcError::invalid_params("`requestState` must be a string")),
             }
         }
-        let call = Call { tool: name.to_owned(), params: arguments.clone(), key: key.clone(), wait: None };
+        let call = Call { tool: name.to_owned(), params: arguments, key: key.clone(), wait: None };
         match self.invoker.invoke(call).await {
             Ok(Outcome::WaitingApproval { run_id, approval_id, .. })
                 if modern.is_some_and(|env| env.elicit_form) && answer != Some(Answer::StopWaiting) =>
             {
-                let normalized = if arguments.is_null() { json!({}) } else { arguments };
                 let digest = keel_runtime::runner::args_digest(name, &normalized);
                 let state =
                     approval::State { run: run_id.clone(), approval: approval_id.clone(), digest, key };

@@ -474,6 +474,20 @@ async fn a_2026_call_waiting_for_approval_is_input_required_and_only_the_journal
     assert_eq!((r["resultType"].as_str(), r["isError"].as_bool()), (Some("complete"), Some(false)), "{done}");
     assert_eq!(r["_meta"]["keel/runId"], decoded.run.as_str(), "{done}");
 
+    // A blank key of the client's is no key: the retry still finds its run.
+    let blank = |extra: Value| {
+        let mut c = call("gated", json!({"x": 3}), extra, form());
+        c["params"]["_meta"][IDEMPOTENCY_META_KEY] = json!("  ");
+        c
+    };
+    let first = s.handle(blank(json!({}))).await.unwrap();
+    assert_eq!(first["result"]["resultType"], "input_required", "{first}");
+    let again = s.handle(blank(accept(&first["result"]["requestState"]))).await.unwrap();
+    assert_eq!(
+        again["result"]["_meta"]["keel/approvalId"], first["result"]["_meta"]["keel/approvalId"],
+        "{again}"
+    );
+
     // A write-like tool (its key derived), denied in Keel: `approval_denied`.
     let first = s.handle(call("gated_write", json!({"x": 5}), json!({}), form())).await.unwrap();
     assert_eq!(first["result"]["resultType"], "input_required", "{first}");
