@@ -58,7 +58,23 @@ async fn open(cli: &Cli) -> Result<Ctx> {
     Ok(Ctx { config: Arc::new(config), journal, clock, json: cli.json })
 }
 
+/// Like [`open`], with `[mcp_servers]` started and their tools added: for the
+/// commands that call tools.
+async fn open_tools(cli: &Cli) -> Result<Ctx> {
+    open(cli).await?.with_tools().await
+}
+
 impl Ctx {
+    /// This context with `[mcp_servers]` started and their tools added.
+    async fn with_tools(self) -> Result<Ctx> {
+        if self.config.mcp_servers.is_empty() {
+            return Ok(self);
+        }
+        let mut config = (*self.config).clone();
+        config.connect_mcp().await?;
+        Ok(Ctx { config: Arc::new(config), ..self })
+    }
+
     async fn runner(&self) -> Result<Runner> {
         self.runner_alerting(None, None).await
     }
@@ -91,7 +107,9 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Config { action: ConfigAction::Check } => {
-            let config = Config::load(&cli.config)?;
+            let mut config = Config::load(&cli.config)?;
+            // A server's tools are known once it is started: the check starts them.
+            config.connect_mcp().await?;
             warn_all(&config);
             // Which sandbox each code tool's programs run in on this machine.
             let sandboxes: Vec<(&String, String)> = config
@@ -124,11 +142,15 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
             // Check the config and the plan before touching anything.
             let config = Config::load(&cli.config)?;
             let p = Plan::load(plan)?;
-            p.check(&config, plan)?;
+            if config.mcp_servers.is_empty() {
+                p.check(&config, plan)?;
+            }
             // `keel run` writes no log (its output is the live view); its spans are
             // exported when `[telemetry.otlp]` is set.
             let traces = init_tracing(None, &config.telemetry)?;
-            let ctx = open(&cli).await?;
+            let ctx = open_tools(&cli).await?;
+            // With the MCP servers' tools known.
+            p.check(&ctx.config, plan)?;
             // Alerts a run's failures open are sent before `keel run` exits; their
             // resolution is a long-running process's (`keel serve`).
             let alerts = ctx
@@ -163,7 +185,7 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Agent { task, model, max_turns, tools, wait } => {
             let config = Config::load(&cli.config)?;
             let traces = init_tracing(None, &config.telemetry)?;
-            let ctx = open(&cli).await?;
+            let ctx = open_tools(&cli).await?;
             let runner = ctx.runner().await?;
             let task = keel_runtime::agent::AgentTask {
                 task: task.clone(),
@@ -272,7 +294,7 @@ async fn serve(cli: &Cli, listen: Option<&str>, log: crate::cli::LogFormat) -> R
     // The config first: the log and the exporter depend on it.
     let config = Config::load(&cli.config)?;
     let traces = init_tracing(Some(log), &config.telemetry)?;
-    let ctx = open(cli).await?;
+    let ctx = open_tools(cli).await?;
     warn_all(&ctx.config);
     if ctx.config.keys.is_empty() {
         return Err(UsageError(
@@ -301,7 +323,7 @@ async fn serve(cli: &Cli, listen: Option<&str>, log: crate::cli::LogFormat) -> R
 /// `keel mcp`: the MCP server on stdio, until stdin closes. Nothing else is written
 /// to stdout (it is the protocol's).
 async fn mcp(cli: &Cli) -> Result<ExitCode> {
-    let ctx = open(cli).await?;
+    let ctx = open_tools(cli).await?;
     let observer: Arc<dyn Observer> = Arc::new(NullObserver);
     let runner =
         Arc::new(Runner::new(ctx.config.clone(), ctx.journal.clone(), ctx.clock.clone(), observer).await?);
@@ -433,7 +455,11 @@ fn now_ms(ctx: &Ctx) -> i64 {
 }
 
 async fn runs(cli: &Cli, action: &RunsAction) -> Result<ExitCode> {
-    let ctx = open(cli).await?;
+    // Resuming and undoing call tools: those of MCP servers too.
+    let ctx = match action {
+        RunsAction::Resume { .. } | RunsAction::Undo { .. } => open_tools(cli).await?,
+        _ => open(cli).await?,
+    };
     match action {
         RunsAction::List => {
             let mut rows = Vec::new();
