@@ -328,7 +328,7 @@ async fn mcp(cli: &Cli) -> Result<ExitCode> {
     let runner =
         Arc::new(Runner::new(ctx.config.clone(), ctx.journal.clone(), ctx.clock.clone(), observer).await?);
     let invoker = keel_runtime::Invoker::new(runner.clone(), Arc::default(), ctx.clock.clone());
-    let server = keel_server::mcp::McpServer::new(invoker);
+    let server = keel_server::mcp::McpServer::new(invoker).for_caller("stdio");
     let stdin = tokio::io::BufReader::new(tokio::io::stdin());
     keel_server::mcp::serve_stdio(server, stdin, tokio::io::stdout()).await.context("MCP on stdio")?;
     runner.flush().await?;

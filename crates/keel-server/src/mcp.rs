@@ -56,13 +56,22 @@ const INVALID_PARAMS: i64 = -32602;
 pub struct McpServer {
     invoker: Invoker,
     config: Arc<Config>,
+    /// Who calls, for the loop guard (the API key's name, `stdio`).
+    caller: Option<String>,
 }
 
 impl McpServer {
     /// A server calling tools through `invoker`.
     pub fn new(invoker: Invoker) -> Self {
         let config = invoker.runner().config().clone();
-        Self { invoker, config }
+        Self { invoker, config, caller: None }
+    }
+
+    /// This server answering for `caller` (the loop guard counts each caller apart).
+    #[must_use]
+    pub fn for_caller(mut self, caller: &str) -> Self {
+        self.caller = Some(caller.to_owned());
+        self
     }
 
     /// Answers one raw message (a line on stdio, a POST body): `None` for a
@@ -148,7 +157,8 @@ impl McpServer {
             .and_then(|m| m.get(IDEMPOTENCY_META_KEY))
             .and_then(Value::as_str)
             .map(str::to_owned);
-        let call = Call { tool: name.to_owned(), params: arguments, key, wait: None };
+        let call =
+            Call { tool: name.to_owned(), params: arguments, key, wait: None, caller: self.caller.clone() };
         match self.invoker.invoke(call).await {
             Ok(outcome) => Ok(tool_result(&outcome)),
             Err(InvokeError::UnknownTool(t)) => Err((INVALID_PARAMS, format!("unknown tool: `{t}`"))),
@@ -273,7 +283,7 @@ pub async fn post(
     if let Some(refused) = check_headers(&headers) {
         return Ok(refused);
     }
-    let server = McpServer::new(s.invoker());
+    let server = McpServer::new(s.invoker()).for_caller(&caller.name);
     Ok(match server.handle_raw(&body).await {
         Some(answer) => {
             let status = if answer.get("error").is_some_and(|e| e["code"] == PARSE_ERROR) {

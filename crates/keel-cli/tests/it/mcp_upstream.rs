@@ -2,7 +2,8 @@
 //! the official Python `mcp` package (`[mcp_servers.up]`) and offers its tools on
 //! its own `/mcp` and `/api/tools`. A write-like call repeated with the same
 //! arguments is made once upstream; the upstream killed mid-session makes its tools
-//! `circuit_open`, and they answer again once Keel has started it anew.
+//! `circuit_open`, and they answer again once Keel has started it anew; a read-only
+//! call repeated too often by one caller is stopped by the loop guard.
 
 use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
@@ -110,15 +111,25 @@ fn keel_serve_proxies_an_upstream_mcp_server_under_its_policies() {
     assert_eq!(died["isError"], true, "{died}");
     let held = call(port, 7, "up_lookup", json!({"sku": "B-2"}));
     assert_eq!(held["structuredContent"]["class"], "circuit_open", "{held}");
-    let mut back = Value::Null;
+    let (mut back, mut n) = (Value::Null, 0);
     eventually("the upstream started again", Duration::from_secs(30), || {
-        back = call(port, 8, "up_lookup", json!({"sku": "B-2"}));
+        // Other arguments each time: the same call again and again is a loop.
+        n += 1;
+        back = call(port, 8, "up_lookup", json!({"sku": format!("C-{n}")}));
         if back["isError"] == true {
             assert_eq!(back["structuredContent"]["class"], "circuit_open", "{back}");
         }
         back["isError"] == false
     });
     assert_ne!(back["structuredContent"]["structured"]["pid"].as_u64().unwrap(), pid, "{back}");
+
+    // The same read-only call a third time within the caller's last ten is a loop:
+    // refused before it runs (`[run] loop_guard`, 3 repeats by default).
+    for id in [9, 10] {
+        assert_eq!(call(port, id, "up_lookup", json!({"sku": "L"}))["isError"], false);
+    }
+    let looped = call(port, 11, "up_lookup", json!({"sku": "L"}));
+    assert_eq!(looped["structuredContent"]["class"], "loop_detected", "{looped}");
     let _ = child.kill();
     let _ = child.wait();
 }
