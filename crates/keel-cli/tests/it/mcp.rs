@@ -7,6 +7,12 @@
 //! pending, then completed once approved). Two instances on one PostgreSQL answer
 //! one client's consecutive requests in turn.
 //!
+//! Both eras: pinned to the `initialize` handshake (2025-11-25), and in the client's
+//! default mode, which finds `server/discover` and speaks 2026-07-28 — where the call
+//! needing approval is an input-required round trip (a form naming the approval, a
+//! `requestState` the retry echoes), decided only in Keel's journal. Raw requests
+//! check that a 2026-07-28 request's headers must mirror its body.
+//!
 //! The interpreter is `KEEL_TEST_PYTHON` when set (`.ci/python.sh` installs `openai`
 //! and `mcp` in it); otherwise a venv with `mcp` is made once under the target dir.
 
@@ -67,16 +73,31 @@ fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/python/mcp_client.py")
 }
 
-/// Runs the client with `args`; its steps by name.
+/// How long the Python client may take (it answers in seconds).
+const CLIENT_BOUND: Duration = Duration::from_secs(180);
+
+/// Runs the client with `args` (killed past [`CLIENT_BOUND`]); its steps by name.
 fn client(b: &Bench, args: &[&str]) -> HashMap<String, Value> {
-    let out = Command::new(python())
+    let child = Command::new(python())
         .arg(script())
         .args(args)
         .current_dir(b.dir.path())
         .env("KEEL_CONFIG", b.path("keel.toml"))
         .env("USER", "tester")
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output()));
+    let out = match rx.recv_timeout(CLIENT_BOUND) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+            panic!("the client did not finish within {CLIENT_BOUND:?}");
+        }
+    };
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "the client failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     stdout
@@ -86,17 +107,34 @@ fn client(b: &Bench, args: &[&str]) -> HashMap<String, Value> {
         .collect()
 }
 
-/// What both transports must show, with the payments ledger.
-fn check(steps: &HashMap<String, Value>, b: &Bench) {
+/// Which revision the client speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Era {
+    /// `initialize`, 2025-11-25.
+    Legacy,
+    /// `server/discover`, 2026-07-28.
+    Modern,
+}
+
+/// What both transports must show in `era`, with the payments ledger.
+fn check(steps: &HashMap<String, Value>, b: &Bench, era: Era) {
     let step = |name: &str| steps.get(name).unwrap_or_else(|| panic!("no step {name} in {steps:#?}"));
-    assert_eq!(step("connected")["version"], "2025-11-25");
+    let connected = step("connected");
+    assert_eq!(connected["server"], "keel", "{connected}");
+    assert!(connected["instructions"].as_str().unwrap().contains("approval"), "{connected}");
+    if era == Era::Modern {
+        assert_eq!(connected["version"], "2026-07-28", "{connected}");
+        check_input_required(steps, b);
+    } else {
+        assert_eq!(connected["version"], "2025-11-25", "{connected}");
+        assert!(steps.contains_key("ping"));
+    }
 
     let tools = &step("list")["tools"];
     assert_eq!(tools["charge"]["schema"]["required"], serde_json::json!(["order", "amount"]), "{tools}");
     assert_eq!(tools["charge"]["read_only"], false);
     assert_eq!(tools["notify"]["read_only"], true);
     assert_eq!(tools["notify"]["schema"]["type"], "object");
-    assert!(steps.contains_key("ping"));
 
     // The upstream failed once, Keel retried it.
     let ok = step("charge");
@@ -120,16 +158,6 @@ fn check(steps: &HashMap<String, Value>, b: &Bench) {
     assert_eq!(invalid["is_error"], true, "{invalid}");
     assert_eq!(invalid["structured"]["class"], "invalid_request", "{invalid}");
 
-    // Approval: answered at once, naming the approval; the result once approved.
-    let big = step("charge_big");
-    assert_eq!(big["is_error"], true, "{big}");
-    assert_eq!(big["structured"]["status"], "waiting_approval", "{big}");
-    let approval = big["structured"]["approval_id"].as_str().unwrap();
-    assert!(big["text"].as_str().unwrap().contains(approval), "{big}");
-    assert!(big["text"].as_str().unwrap().starts_with("pending approval"), "{big}");
-    let done = step("charge_big_approved");
-    assert_eq!(done["is_error"], false, "{done}");
-
     // The client's own key in `_meta`: a repeat is replayed, the key with other
     // arguments is refused.
     let keyed = step("notify_keyed");
@@ -141,9 +169,74 @@ fn check(steps: &HashMap<String, Value>, b: &Bench) {
     let other = step("notify_keyed_other");
     assert_eq!(other["is_error"], true, "{other}");
     assert_eq!(other["structured"]["class"], "conflict", "{other}");
+    if era == Era::Modern {
+        return;
+    }
+
+    // Approval: answered at once, naming the approval; the result once approved.
+    let big = step("charge_big");
+    assert_eq!(big["is_error"], true, "{big}");
+    assert_eq!(big["structured"]["status"], "waiting_approval", "{big}");
+    let approval = big["structured"]["approval_id"].as_str().unwrap();
+    assert!(big["text"].as_str().unwrap().contains(approval), "{big}");
+    assert!(big["text"].as_str().unwrap().starts_with("pending approval"), "{big}");
+    let done = step("charge_big_approved");
+    assert_eq!(done["is_error"], false, "{done}");
 
     // Order 1 charged once (not twice), order 2 refused, order 3 once approved.
     assert_eq!(orders(&b.payments), vec![1, 3], "{:?}", b.payments.charges());
+}
+
+/// The 2026-07-28 approval round trips: by hand, then by the client's own driver with
+/// a person answering Keel's form.
+fn check_input_required(steps: &HashMap<String, Value>, b: &Bench) {
+    let step = |name: &str| steps.get(name).unwrap_or_else(|| panic!("no step {name} in {steps:#?}"));
+    let big = step("charge_big");
+    assert_eq!(big["result_type"], "input_required", "{big}");
+    assert_eq!((big["key"].as_str(), big["more"].as_u64()), (Some("keel.approval"), Some(0)), "{big}");
+    assert_eq!((big["method"].as_str(), big["mode"].as_str()), (Some("elicitation/create"), Some("form")));
+    assert_eq!(big["has_state"], true, "{big}");
+    let approval = big["approval_id"].as_str().unwrap();
+    let message = big["message"].as_str().unwrap();
+    assert!(message.contains(approval) && message.contains("`charge`"), "{message}");
+    assert!(message.contains("does not approve"), "{message}");
+    // "Accept" without a decision in Keel: asked again, the same approval.
+    let again = step("charge_big_accepted_unapproved");
+    assert_eq!(again["result_type"], "input_required", "{again}");
+    assert_eq!(again["approval_id"], approval, "{again}");
+    // A state altered, or presented with other arguments: refused.
+    for name in ["charge_big_tampered", "charge_big_other_args"] {
+        let refused = step(name);
+        assert_eq!(refused["code"], -32602, "{refused}");
+        assert!(refused["message"].as_str().unwrap().contains("requestState"), "{refused}");
+    }
+    let done = step("charge_big_approved");
+    assert_eq!(
+        (done["result_type"].as_str(), done["is_error"].as_bool()),
+        (Some("complete"), Some(false)),
+        "{done}"
+    );
+
+    // The person sees Keel's form once per call; what they do in Keel decides.
+    let approved = step("charge_auto_approved");
+    assert_eq!(approved["is_error"], false, "{approved}");
+    let rejected = step("charge_auto_rejected");
+    assert_eq!(rejected["is_error"], true, "{rejected}");
+    assert_eq!(rejected["structured"]["class"], "approval_denied", "{rejected}");
+    // Declining to wait decides nothing: the call is still pending in Keel.
+    let declined = step("charge_auto_declined");
+    assert_eq!(declined["is_error"], true, "{declined}");
+    assert_eq!(declined["structured"]["status"], "waiting_approval", "{declined}");
+    for s in [approved, rejected, declined] {
+        let seen = s["seen"].as_array().unwrap();
+        assert_eq!(seen.len(), 1, "{s}");
+        let id = seen[0]["approval_id"].as_str().unwrap();
+        assert!(seen[0]["message"].as_str().unwrap().contains(id), "{s}");
+    }
+    assert_eq!(declined["seen"][0]["approval_id"], declined["structured"]["approval_id"]);
+
+    // Orders 1 (once), 3 and 4 (approved); 2 refused, 5 rejected, 6 still waiting.
+    assert_eq!(orders(&b.payments), vec![1, 3, 4], "{:?}", b.payments.charges());
 }
 
 #[test]
@@ -173,9 +266,9 @@ fn the_official_mcp_client_calls_tools_through_keel_serve() {
     let (status, body) = raw_with(port, Some(AGENT), "origin: http://evil.example\r\n", init);
     assert_eq!(status, 403, "{body}");
 
-    let steps = client(&b, &["http", &format!("{base}/mcp"), AGENT, &base, APPROVER]);
+    let steps = client(&b, &["legacy", "http", &format!("{base}/mcp"), AGENT, &base, APPROVER]);
     assert_eq!(steps["approved"]["status"], 200, "{steps:#?}");
-    check(&steps, &b);
+    check(&steps, &b, Era::Legacy);
     let _ = child.kill();
     let _ = child.wait();
 }
@@ -183,9 +276,92 @@ fn the_official_mcp_client_calls_tools_through_keel_serve() {
 #[test]
 fn the_official_mcp_client_calls_tools_through_keel_mcp_on_stdio() {
     let b = Bench::new(Faults { fail_first: 1, ..Faults::default() }, TOOLS);
-    let steps = client(&b, &["stdio", env!("CARGO_BIN_EXE_keel")]);
+    let steps = client(&b, &["legacy", "stdio", env!("CARGO_BIN_EXE_keel")]);
     assert_eq!(steps["approved"]["status"], 0, "{steps:#?}");
-    check(&steps, &b);
+    check(&steps, &b, Era::Legacy);
+}
+
+/// The official client in its default mode: it finds `server/discover`, speaks
+/// 2026-07-28 with no `initialize`, and meets approvals as input-required results.
+#[test]
+fn the_official_mcp_client_speaks_2026_07_28_to_keel_serve() {
+    let b = Bench::new(Faults { fail_first: 1, ..Faults::default() }, &format!("{TOOLS}\n{KEYS}"));
+    let (mut child, port) = serve(&b, None);
+    let base = format!("http://127.0.0.1:{port}");
+
+    // The headers must mirror the body; a version not served is named with those that are.
+    let meta = r#""_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}"#;
+    let list = format!(r#"{{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{{{meta}}}}}"#);
+    let v = "mcp-protocol-version: 2026-07-28\r\n";
+    let (status, body) = raw_with(port, Some(AGENT), &format!("{v}mcp-method: tools/list\r\n"), &list);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""resultType":"complete""#), "{body}");
+    for extra in ["mcp-method: tools/list\r\n", v, &format!("{v}mcp-method: tools/call\r\n")] {
+        let (status, body) = raw_with(port, Some(AGENT), extra, &list);
+        assert_eq!(status, 400, "{extra}: {body}");
+        assert!(body.contains("-32020"), "{body}");
+    }
+    let call = format!(
+        r#"{{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{{"name":"notify","arguments":{{"to":"x"}},{meta}}}}}"#
+    );
+    let c = format!("{v}mcp-method: tools/call\r\n");
+    let (status, body) = raw_with(port, Some(AGENT), &format!("{c}mcp-name: charge\r\n"), &call);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("-32020"), "{body}");
+    let (status, body) = raw_with(port, Some(AGENT), &c, &call);
+    assert_eq!(status, 400, "no Mcp-Name: {body}");
+    let future = list.replace("2026-07-28", "2099-01-01");
+    let (status, body) = raw_with(
+        port,
+        Some(AGENT),
+        "mcp-protocol-version: 2099-01-01\r\nmcp-method: tools/list\r\n",
+        &future,
+    );
+    assert_eq!(status, 400, "{body}");
+    let e: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(e["error"]["code"], -32022, "{body}");
+    assert_eq!(e["error"]["data"]["supported"][0], "2026-07-28", "{body}");
+    let nope = list.replace("tools/list", "resources/list");
+    let (status, body) = raw_with(port, Some(AGENT), &format!("{v}mcp-method: resources/list\r\n"), &nope);
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(raw(port, "GET", Some(AGENT), "").0, 405);
+    assert_eq!(raw(port, "POST", Some(APPROVER), &list).0, 403);
+
+    let steps = client(&b, &["auto", "http", &format!("{base}/mcp"), AGENT, &base, APPROVER]);
+    assert_eq!(steps["approved"]["status"], 200, "{steps:#?}");
+    assert_eq!(steps["rejected"]["status"], 200, "{steps:#?}");
+    check(&steps, &b, Era::Modern);
+    // What the person declined to wait for is still pending in Keel.
+    let approval = steps["charge_auto_declined"]["structured"]["approval_id"].as_str().unwrap();
+    let (status, body) = api(port, "GET", &format!("/api/approvals/{approval}"));
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""status":"pending""#), "{body}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn the_official_mcp_client_speaks_2026_07_28_to_keel_mcp_on_stdio() {
+    let b = Bench::new(Faults { fail_first: 1, ..Faults::default() }, TOOLS);
+    let steps = client(&b, &["auto", "stdio", env!("CARGO_BIN_EXE_keel")]);
+    assert_eq!(steps["approved"]["status"], 0, "{steps:#?}");
+    assert_eq!(steps["rejected"]["status"], 0, "{steps:#?}");
+    check(&steps, &b, Era::Modern);
+}
+
+/// One request to Keel's API with the approver's key: status and body.
+fn api(port: u16, method: &str, path: &str) -> (u16, String) {
+    let mut tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\
+         authorization: Bearer {APPROVER}\r\ncontent-length: 0\r\n\r\n"
+    );
+    tcp.write_all(request.as_bytes()).unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    (head.split_whitespace().nth(1).unwrap().parse().unwrap(), body.to_owned())
 }
 
 /// Starts `keel serve` on a free loopback port (on `storage` when given); returns it

@@ -75,6 +75,9 @@ pub struct Call {
     /// Who calls (an API key's name, `"stdio"`): the loop guard counts each caller's
     /// calls apart. `None` is one anonymous caller.
     pub caller: Option<String>,
+    /// The key was minted by the adapter for this call alone (not the client's): the
+    /// call acts anew, so the loop guard counts it as it counts a call without a key.
+    pub minted: bool,
 }
 
 /// The most callers whose recent calls the loop guard remembers; past it, the
@@ -275,7 +278,7 @@ impl Invoker {
         let params = if call.params.is_null() { json!({}) } else { call.params };
         tool.check_params(&params).map_err(InvokeError::InvalidParams)?;
         let key = invocation_key(&name, tool.write, call.key.as_deref(), &params);
-        if key.is_none() {
+        if key.is_none() || call.minted {
             let guard = self
                 .callers
                 .guard(call.caller.as_deref().unwrap_or(""), &self.runner.config().run.loop_guard);

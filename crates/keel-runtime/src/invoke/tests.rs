@@ -46,7 +46,7 @@ fn calls(dir: &Path) -> usize {
 }
 
 fn call(tool: &str, params: serde_json::Value, key: Option<&str>) -> Call {
-    Call { tool: tool.into(), params, key: key.map(str::to_owned), wait: None, caller: None }
+    Call { tool: tool.into(), params, key: key.map(str::to_owned), wait: None, caller: None, minted: false }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -103,6 +103,7 @@ pub async fn invoke(
         key,
         wait: q.wait.is_some().then_some(wait),
         caller: Some(caller.name.clone()),
+        minted: false,
     };
     // A call naming the agent's run (`X-Keel-Run`) is charged to that run's budget, the
     // one its model calls draw on: a tool's cost and attempts count with them.
