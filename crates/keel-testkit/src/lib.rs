@@ -254,6 +254,12 @@ pub fn python_with_mcp() -> PathBuf {
     }
 }
 
+/// A hand-written stdio MCP server that misbehaves (`python/mcp_hostile.py`): noise
+/// on stdout, requests to the client, an oversized line, a call never answered.
+pub fn mcp_hostile_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("python/mcp_hostile.py")
+}
+
 /// An upstream MCP server written with the official `mcp` package
 /// (`python/mcp_upstream.py`): stdio by default, `--http PORT` for streamable HTTP.
 pub fn mcp_upstream_script() -> PathBuf {

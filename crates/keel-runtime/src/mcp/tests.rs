@@ -217,3 +217,70 @@ async fn a_server_that_cannot_start_is_an_error_naming_it() {
     assert_eq!(errors.0[0].key.as_deref(), Some("mcp_servers.gone"), "{errors:?}");
     assert!(errors.0[0].message.contains("cannot start"), "{errors:?}");
 }
+
+fn received(dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(dir.join("received.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_server_gets_no_panic_no_hang_and_no_wrong_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = format!(
+        "command = [{:?}, {:?}]\nenv_from = {{ STATE_DIR = \"TEST_STATE\" }}\nrequest_timeout = \"2s\"\nrestart_backoff = \"100ms\"\n",
+        keel_testkit::python_with_mcp().to_string_lossy(),
+        keel_testkit::mcp_hostile_script().to_string_lossy(),
+    );
+    // It refuses `server/discover`: the `initialize` handshake follows.
+    let config = connect(dir.path(), &server).await;
+    let got = received(dir.path());
+    let methods: Vec<&str> = got.iter().filter_map(|m| m["method"].as_str()).collect();
+    assert_eq!(methods[..3], ["server/discover", "initialize", "notifications/initialized"], "{methods:?}");
+
+    // Noise, a stray answer and a duplicate around the real answer.
+    let chatty = call(&config, "up_chatty", json!({})).await.unwrap();
+    assert_eq!(chatty["text"], "chatty answer", "{chatty}");
+    // The server's own requests are answered: `ping` with a result, what Keel does
+    // not offer with an error; only then does the server answer the call.
+    let asks = call(&config, "up_asks", json!({})).await.unwrap();
+    assert_eq!(asks["text"], "both answered", "{asks}");
+    let got = received(dir.path());
+    let reply = |prefix: &str| {
+        got.iter().find(|m| m["id"].as_str().is_some_and(|id| id.starts_with(prefix))).cloned().unwrap()
+    };
+    assert_eq!(reply("p-")["result"], json!({}));
+    assert_eq!(reply("r-")["error"]["code"], -32601);
+
+    // Never answered: a timeout, and the server is told the request is cancelled.
+    let mute = call(&config, "up_mute", json!({})).await.unwrap_err();
+    assert_eq!(mute.class, ErrorClass::Timeout, "{mute:?}");
+    // (The server records it on its own time: a bounded wait.)
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !received(dir.path()).iter().any(|m| m["method"] == "notifications/cancelled") {
+        assert!(tokio::time::Instant::now() < deadline, "never cancelled: {:?}", received(dir.path()));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The same session answers the next call.
+    assert_eq!(call(&config, "up_chatty", json!({})).await.unwrap()["text"], "chatty answer");
+
+    // A line past the bound ends the session (never read whole) ...
+    let huge = call(&config, "up_huge", json!({})).await.unwrap_err();
+    assert_eq!(huge.class, ErrorClass::Network, "{huge:?}");
+    // ... and a new one starts after the backoff (bounded wait).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match call(&config, "up_chatty", json!({})).await {
+            Ok(v) => {
+                assert_eq!(v["text"], "chatty answer");
+                break;
+            }
+            Err(f) if f.class == ErrorClass::CircuitOpen && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(f) => panic!("not restarted: {f:?}"),
+        }
+    }
+}
