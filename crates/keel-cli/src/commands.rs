@@ -238,13 +238,11 @@ fn warn_all(config: &Config) {
 /// The only tracing subscriber: `keel serve`'s log on stderr (`log`), filtered by
 /// `RUST_LOG` (default `info`), and the OTLP exporter when `[telemetry.otlp]` is set
 /// (its own filter, `info`: `RUST_LOG` quietens the log, not the traces).
-fn init_tracing(
-    log: Option<crate::cli::LogFormat>,
-    telemetry: &keel_telemetry::Telemetry,
-) -> Result<Option<keel_telemetry::TraceGuard>> {
+fn init_tracing(log: Option<crate::cli::LogFormat>, telemetry: &keel_telemetry::Telemetry) -> Result<Logs> {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::{EnvFilter, Layer};
+    let mut log_guard = None;
     let fmt = match log {
         None => None,
         Some(format) => {
@@ -254,7 +252,15 @@ fn init_tracing(
                 }
                 _ => EnvFilter::new("info"),
             };
-            let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(false);
+            // Written by a thread of its own through a bounded queue, lossy: a reader
+            // of stderr that stalls (a full pipe, a stopped log shipper) costs lines,
+            // never a request.
+            let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+                .lossy(true)
+                .thread_name("keel-log")
+                .finish(std::io::stderr());
+            log_guard = Some(guard);
+            let layer = tracing_subscriber::fmt::layer().with_writer(writer).with_ansi(false);
             Some(match format {
                 crate::cli::LogFormat::Text => layer.with_filter(filter).boxed(),
                 crate::cli::LogFormat::Json => layer.json().flatten_event(true).with_filter(filter).boxed(),
@@ -269,24 +275,36 @@ fn init_tracing(
         }
     };
     if fmt.is_none() && otel.is_none() {
-        return Ok(None);
+        return Ok(Logs::default());
     }
     tracing_subscriber::registry()
         .with(fmt)
         .with(otel)
         .try_init()
         .map_err(|e| anyhow::anyhow!("cannot install the log: {e}"))?;
-    Ok(guard)
+    Ok(Logs { traces: guard, log: log_guard })
+}
+
+/// What must outlive the command for its log and traces to be written out.
+#[derive(Default)]
+struct Logs {
+    traces: Option<keel_telemetry::TraceGuard>,
+    /// Writes out the log lines still queued when dropped (at the command's end).
+    log: Option<tracing_appender::non_blocking::WorkerGuard>,
 }
 
 /// Exports the spans still queued (bounded: a collector that is down costs at most
 /// this wait at exit).
-async fn flush_traces(guard: Option<keel_telemetry::TraceGuard>) {
-    if let Some(guard) = guard {
+async fn flush_traces(logs: Logs) {
+    let Logs { traces, log } = logs;
+    if let Some(guard) = traces {
         if let Err(e) = guard.shutdown(Duration::from_secs(5)).await {
             eprint(&format!("keel: warning: exporting traces at exit: {e}"));
         }
     }
+    // The log last, so that what the exporter said is in it (a stalled reader costs
+    // at most the worker's own bounded wait).
+    drop(log);
 }
 
 /// `keel serve`: until SIGINT or SIGTERM, then a graceful stop.
