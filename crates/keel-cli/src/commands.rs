@@ -58,7 +58,23 @@ async fn open(cli: &Cli) -> Result<Ctx> {
     Ok(Ctx { config: Arc::new(config), journal, clock, json: cli.json })
 }
 
+/// Like [`open`], with `[mcp_servers]` started and their tools added: for the
+/// commands that call tools.
+async fn open_tools(cli: &Cli) -> Result<Ctx> {
+    open(cli).await?.with_tools().await
+}
+
 impl Ctx {
+    /// This context with `[mcp_servers]` started and their tools added.
+    async fn with_tools(self) -> Result<Ctx> {
+        if self.config.mcp_servers.is_empty() {
+            return Ok(self);
+        }
+        let mut config = (*self.config).clone();
+        config.connect_mcp().await?;
+        Ok(Ctx { config: Arc::new(config), ..self })
+    }
+
     async fn runner(&self) -> Result<Runner> {
         self.runner_alerting(None, None).await
     }
@@ -91,7 +107,9 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Config { action: ConfigAction::Check } => {
-            let config = Config::load(&cli.config)?;
+            let mut config = Config::load(&cli.config)?;
+            // A server's tools are known once it is started: the check starts them.
+            config.connect_mcp().await?;
             warn_all(&config);
             // Which sandbox each code tool's programs run in on this machine.
             let sandboxes: Vec<(&String, String)> = config
@@ -124,11 +142,15 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
             // Check the config and the plan before touching anything.
             let config = Config::load(&cli.config)?;
             let p = Plan::load(plan)?;
-            p.check(&config, plan)?;
+            if config.mcp_servers.is_empty() {
+                p.check(&config, plan)?;
+            }
             // `keel run` writes no log (its output is the live view); its spans are
             // exported when `[telemetry.otlp]` is set.
             let traces = init_tracing(None, &config.telemetry)?;
-            let ctx = open(&cli).await?;
+            let ctx = open_tools(&cli).await?;
+            // With the MCP servers' tools known.
+            p.check(&ctx.config, plan)?;
             // Alerts a run's failures open are sent before `keel run` exits; their
             // resolution is a long-running process's (`keel serve`).
             let alerts = ctx
@@ -163,7 +185,7 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Agent { task, model, max_turns, tools, wait } => {
             let config = Config::load(&cli.config)?;
             let traces = init_tracing(None, &config.telemetry)?;
-            let ctx = open(&cli).await?;
+            let ctx = open_tools(&cli).await?;
             let runner = ctx.runner().await?;
             let task = keel_runtime::agent::AgentTask {
                 task: task.clone(),
@@ -216,13 +238,11 @@ fn warn_all(config: &Config) {
 /// The only tracing subscriber: `keel serve`'s log on stderr (`log`), filtered by
 /// `RUST_LOG` (default `info`), and the OTLP exporter when `[telemetry.otlp]` is set
 /// (its own filter, `info`: `RUST_LOG` quietens the log, not the traces).
-fn init_tracing(
-    log: Option<crate::cli::LogFormat>,
-    telemetry: &keel_telemetry::Telemetry,
-) -> Result<Option<keel_telemetry::TraceGuard>> {
+fn init_tracing(log: Option<crate::cli::LogFormat>, telemetry: &keel_telemetry::Telemetry) -> Result<Logs> {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::{EnvFilter, Layer};
+    let mut log_guard = None;
     let fmt = match log {
         None => None,
         Some(format) => {
@@ -232,7 +252,15 @@ fn init_tracing(
                 }
                 _ => EnvFilter::new("info"),
             };
-            let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(false);
+            // Written by a thread of its own through a bounded queue, lossy: a reader
+            // of stderr that stalls (a full pipe, a stopped log shipper) costs lines,
+            // never a request.
+            let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+                .lossy(true)
+                .thread_name("keel-log")
+                .finish(std::io::stderr());
+            log_guard = Some(guard);
+            let layer = tracing_subscriber::fmt::layer().with_writer(writer).with_ansi(false);
             Some(match format {
                 crate::cli::LogFormat::Text => layer.with_filter(filter).boxed(),
                 crate::cli::LogFormat::Json => layer.json().flatten_event(true).with_filter(filter).boxed(),
@@ -247,24 +275,36 @@ fn init_tracing(
         }
     };
     if fmt.is_none() && otel.is_none() {
-        return Ok(None);
+        return Ok(Logs::default());
     }
     tracing_subscriber::registry()
         .with(fmt)
         .with(otel)
         .try_init()
         .map_err(|e| anyhow::anyhow!("cannot install the log: {e}"))?;
-    Ok(guard)
+    Ok(Logs { traces: guard, log: log_guard })
+}
+
+/// What must outlive the command for its log and traces to be written out.
+#[derive(Default)]
+struct Logs {
+    traces: Option<keel_telemetry::TraceGuard>,
+    /// Writes out the log lines still queued when dropped (at the command's end).
+    log: Option<tracing_appender::non_blocking::WorkerGuard>,
 }
 
 /// Exports the spans still queued (bounded: a collector that is down costs at most
 /// this wait at exit).
-async fn flush_traces(guard: Option<keel_telemetry::TraceGuard>) {
-    if let Some(guard) = guard {
+async fn flush_traces(logs: Logs) {
+    let Logs { traces, log } = logs;
+    if let Some(guard) = traces {
         if let Err(e) = guard.shutdown(Duration::from_secs(5)).await {
             eprint(&format!("keel: warning: exporting traces at exit: {e}"));
         }
     }
+    // The log last, so that what the exporter said is in it (a stalled reader costs
+    // at most the worker's own bounded wait).
+    drop(log);
 }
 
 /// `keel serve`: until SIGINT or SIGTERM, then a graceful stop.
@@ -272,7 +312,7 @@ async fn serve(cli: &Cli, listen: Option<&str>, log: crate::cli::LogFormat) -> R
     // The config first: the log and the exporter depend on it.
     let config = Config::load(&cli.config)?;
     let traces = init_tracing(Some(log), &config.telemetry)?;
-    let ctx = open(cli).await?;
+    let ctx = open_tools(cli).await?;
     warn_all(&ctx.config);
     if ctx.config.keys.is_empty() {
         return Err(UsageError(
@@ -301,12 +341,12 @@ async fn serve(cli: &Cli, listen: Option<&str>, log: crate::cli::LogFormat) -> R
 /// `keel mcp`: the MCP server on stdio, until stdin closes. Nothing else is written
 /// to stdout (it is the protocol's).
 async fn mcp(cli: &Cli) -> Result<ExitCode> {
-    let ctx = open(cli).await?;
+    let ctx = open_tools(cli).await?;
     let observer: Arc<dyn Observer> = Arc::new(NullObserver);
     let runner =
         Arc::new(Runner::new(ctx.config.clone(), ctx.journal.clone(), ctx.clock.clone(), observer).await?);
     let invoker = keel_runtime::Invoker::new(runner.clone(), Arc::default(), ctx.clock.clone());
-    let server = keel_server::mcp::McpServer::new(invoker);
+    let server = keel_server::mcp::McpServer::new(invoker).for_caller("stdio");
     let stdin = tokio::io::BufReader::new(tokio::io::stdin());
     keel_server::mcp::serve_stdio(server, stdin, tokio::io::stdout()).await.context("MCP on stdio")?;
     runner.flush().await?;
@@ -433,7 +473,11 @@ fn now_ms(ctx: &Ctx) -> i64 {
 }
 
 async fn runs(cli: &Cli, action: &RunsAction) -> Result<ExitCode> {
-    let ctx = open(cli).await?;
+    // Resuming and undoing call tools: those of MCP servers too.
+    let ctx = match action {
+        RunsAction::Resume { .. } | RunsAction::Undo { .. } => open_tools(cli).await?,
+        _ => open(cli).await?,
+    };
     match action {
         RunsAction::List => {
             let mut rows = Vec::new();

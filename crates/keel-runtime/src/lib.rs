@@ -12,6 +12,7 @@ pub mod agent;
 pub mod config;
 pub mod inbox;
 pub mod invoke;
+pub mod mcp;
 pub mod plan;
 pub mod runner;
 pub mod template;

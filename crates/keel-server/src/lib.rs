@@ -111,6 +111,7 @@ pub async fn state(
         metrics,
         wake,
         drives,
+        callers: Arc::default(),
         storage,
         gateway,
         gateway_writer,

@@ -242,6 +242,30 @@ rm -rf "$D"
     Ok(stdin)
 }
 
+/// The Python interpreter with the official `mcp` package: `KEEL_TEST_PYTHON`, which
+/// the README's test command (`scripts/test`, through `.ci/python.sh`) sets.
+///
+/// # Panics
+/// When it is not set: run the tests through `scripts/test`.
+pub fn python_with_mcp() -> PathBuf {
+    match std::env::var_os("KEEL_TEST_PYTHON") {
+        Some(p) => PathBuf::from(p),
+        None => panic!("KEEL_TEST_PYTHON is not set: run the tests with scripts/test (it makes the venv)"),
+    }
+}
+
+/// A hand-written stdio MCP server that misbehaves (`python/mcp_hostile.py`): noise
+/// on stdout, requests to the client, an oversized line, a call never answered.
+pub fn mcp_hostile_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("python/mcp_hostile.py")
+}
+
+/// An upstream MCP server written with the official `mcp` package
+/// (`python/mcp_upstream.py`): stdio by default, `--http PORT` for streamable HTTP.
+pub fn mcp_upstream_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("python/mcp_upstream.py")
+}
+
 #[cfg(test)]
 mod tests {
     use super::with_database;

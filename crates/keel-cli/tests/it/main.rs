@@ -16,6 +16,7 @@ mod demo;
 mod drill;
 mod durability;
 mod mcp;
+mod mcp_upstream;
 mod policy_attacks;
 mod scope;
 mod serve_crash;

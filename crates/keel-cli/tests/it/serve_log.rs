@@ -191,3 +191,31 @@ async fn the_log_has_a_line_per_request_and_no_secret_and_neither_has_the_journa
         "{line}"
     );
 }
+
+/// A reader of the log that stops (a full pipe, a stalled log shipper) costs log
+/// lines, never requests: the log is written by a thread of its own. Before, the
+/// 225th logged request blocked on the full stderr pipe, and so did the server.
+#[test]
+fn a_log_reader_that_stops_reading_costs_lines_never_requests() {
+    use std::io::{Read as _, Write as _};
+    let b = Bench::new(
+        Faults::default(),
+        "[server]\nkeys = [{ name = \"bot\", key_env = \"T_AGENT_KEY\", role = \"agent\" }]\n",
+    );
+    let mut cmd = b.command(&["serve", "--listen", "127.0.0.1:0"]);
+    cmd.env("T_AGENT_KEY", AGENT).env("RUST_LOG", "info").stdout(Stdio::piped()).stderr(Stdio::piped());
+    let (mut child, url) = spawn_listening(&mut cmd);
+    // Held and never read: the pipe fills after a few hundred lines.
+    let _stalled = child.stderr.take().unwrap();
+    let addr = url.trim_start_matches("http://").to_owned();
+    for i in 0..2000 {
+        let mut tcp = std::net::TcpStream::connect(&addr).unwrap();
+        tcp.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+        tcp.write_all(b"GET /healthz HTTP/1.1\r\nhost: keel\r\nconnection: close\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        let read = tcp.read_to_string(&mut answer);
+        assert!(read.is_ok() && answer.starts_with("HTTP/1.1 200"), "request {i}: {read:?} {answer:?}");
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -62,6 +62,8 @@
 //! the client received, since the headers went out before the cut.
 
 pub(crate) mod source;
+// SSE framing, also read by the runtime's MCP client (streamable HTTP answers).
+pub use source::{SseEvent, SseParser};
 mod tools;
 
 use std::collections::VecDeque;

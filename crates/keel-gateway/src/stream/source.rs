@@ -19,19 +19,22 @@ use crate::wire::anthropic::{StreamTranslator, Translated};
 
 /// One server-sent event.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct SseEvent {
-    pub(crate) event: Option<String>,
-    pub(crate) data: String,
+pub struct SseEvent {
+    /// The `event:` field, if any.
+    pub event: Option<String>,
+    /// The `data:` lines, joined by newlines.
+    pub data: String,
 }
 
 /// Splits a byte stream into server-sent events (`data:` lines, blank-line separated).
 #[derive(Debug, Default)]
-pub(crate) struct SseParser {
+pub struct SseParser {
     buf: Vec<u8>,
 }
 
 impl SseParser {
-    pub(crate) fn feed(&mut self, bytes: &[u8], out: &mut Vec<SseEvent>) {
+    /// Adds `bytes` and appends every event they complete to `out`.
+    pub fn feed(&mut self, bytes: &[u8], out: &mut Vec<SseEvent>) {
         self.buf.extend_from_slice(bytes);
         while let Some((end, skip)) = find_boundary(&self.buf) {
             let block: Vec<u8> = self.buf.drain(..end + skip).take(end).collect();
@@ -42,7 +45,7 @@ impl SseParser {
     }
 
     /// What is left when the stream ends (an event without its blank line).
-    pub(crate) fn finish(&mut self) -> Option<SseEvent> {
+    pub fn finish(&mut self) -> Option<SseEvent> {
         let rest = std::mem::take(&mut self.buf);
         parse_block(&String::from_utf8_lossy(&rest))
     }

@@ -11,6 +11,7 @@
 //! file never holds one.
 
 mod error;
+mod mcp;
 pub mod raw;
 
 pub use error::{ConfigError, ConfigErrors};
@@ -75,6 +76,9 @@ pub struct Config {
     /// What is valid but dangerous (a parameter inside a `sh -c` script...): `keel
     /// config check` prints these; a config shipped as an example has none.
     pub warnings: Vec<ConfigError>,
+    /// `[mcp_servers]`, checked but not started: [`Config::connect_mcp`] starts them
+    /// and adds their tools to `tools`.
+    pub mcp_servers: BTreeMap<String, Arc<crate::mcp::McpUpstream>>,
 }
 
 impl Config {
@@ -206,14 +210,19 @@ fn raw_errors(text: &str, file: &Path, first: &toml::de::Error) -> Vec<ConfigErr
     for (section, value) in root.get_ref() {
         let name = section.get_ref().to_string();
         let parts: Vec<(String, toml::Spanned<DeValue<'_>>)> = match value.get_ref() {
-            DeValue::Table(entries) if name == "tools" || name == "models" => entries
-                .iter()
-                .map(|(k, v)| {
-                    let mut one = DeTable::new();
-                    one.insert(k.clone(), v.clone());
-                    (format!("{name}.{}", k.get_ref()), toml::Spanned::new(value.span(), DeValue::Table(one)))
-                })
-                .collect(),
+            DeValue::Table(entries) if name == "tools" || name == "models" || name == "mcp_servers" => {
+                entries
+                    .iter()
+                    .map(|(k, v)| {
+                        let mut one = DeTable::new();
+                        one.insert(k.clone(), v.clone());
+                        (
+                            format!("{name}.{}", k.get_ref()),
+                            toml::Spanned::new(value.span(), DeValue::Table(one)),
+                        )
+                    })
+                    .collect()
+            }
             _ => vec![(name.clone(), value.clone())],
         };
         for (key, part) in parts {
@@ -414,6 +423,8 @@ impl Config {
             }
         }
 
+        let mcp_servers = mcp::servers_from(&mut c, &raw, &base, &inherited, env, &proxies);
+
         // Run, approval, gateway and server values (serde read them; ranges are checked here).
         let mut run = Checks::default();
         run.positive_duration("deadline", raw.run.deadline);
@@ -442,8 +453,14 @@ impl Config {
                 );
             }
         }
+        // A server's tools are known once it is started (`connect_mcp`).
+        let from_mcp = |name: &str| {
+            mcp_servers
+                .values()
+                .any(|m| m.offer.prefix.is_empty() || name.starts_with(&format!("{}_", m.offer.prefix)))
+        };
         for name in raw.agent.tools.iter().flatten() {
-            if !raw.tools.contains_key(name) {
+            if !raw.tools.contains_key(name) && !from_mcp(name) {
                 let at = c.spans.find(&["agent", "tools"]);
                 c.error(at, "agent.tools", format!("no tool named `{name}`"));
             }
@@ -579,6 +596,7 @@ impl Config {
             telemetry,
             alerts,
             warnings: c.warnings,
+            mcp_servers,
         })
     }
 
@@ -893,35 +911,7 @@ fn tool_from(
                 c.warn(at, key(&format!("argv[{i}]")), message);
             }
             // The program's whole environment: the safe few of Keel's, then the tool's.
-            let mut vars: BTreeMap<String, String> =
-                INHERITED_ENV.iter().filter_map(|n| env(n).map(|v| ((*n).to_owned(), v))).collect();
-            for (table, names) in [("env", t.env.keys()), ("env_from", t.env_from.keys())] {
-                for var in names {
-                    if var.is_empty() || var.contains(['=', '\0']) {
-                        c.error(at, key(table), format!("`{var}` is not a valid environment variable name"));
-                    } else if var.starts_with(CALL_ENV_PREFIX) {
-                        c.error(
-                            at,
-                            key(table),
-                            format!("`{var}`: `{CALL_ENV_PREFIX}*` variables are set by Keel for each call"),
-                        );
-                    }
-                }
-            }
-            for (var, value) in &t.env {
-                if value.contains('\0') {
-                    c.error(at, key("env"), format!("the value of `{var}` holds a NUL byte"));
-                }
-                vars.insert(var.clone(), value.clone());
-            }
-            for (var, from) in &t.env_from {
-                match env(from) {
-                    Some(v) => {
-                        vars.insert(var.clone(), v);
-                    }
-                    None => c.error(at, key("env_from"), format!("environment variable `{from}` is not set")),
-                }
-            }
+            let vars = program_env(c, at, &key, (&t.env, &t.env_from), env);
             // A relative `cwd` is the config file's directory's; it must exist now.
             let cwd = t.cwd.as_ref().map(|d| {
                 let dir = c.file.parent().map_or_else(|| PathBuf::from(d), |p| p.join(d));
@@ -1030,6 +1020,48 @@ fn tool_from(
         validator: validator.map(Arc::new),
         kind: kind?,
     })
+}
+
+/// A program's whole environment: the safe few of Keel's ([`INHERITED_ENV`]), then
+/// its own `env` and `env_from` (checked: valid names, no `KEEL_*`, no NUL, every
+/// `env_from` variable set). Problems are reported at `key("env")`/`key("env_from")`.
+fn program_env(
+    c: &mut Checker<'_>,
+    at: Option<usize>,
+    key: &dyn Fn(&str) -> String,
+    (own, from): (&BTreeMap<String, String>, &BTreeMap<String, String>),
+    env: &dyn Fn(&str) -> Option<String>,
+) -> BTreeMap<String, String> {
+    let mut vars: BTreeMap<String, String> =
+        INHERITED_ENV.iter().filter_map(|n| env(n).map(|v| ((*n).to_owned(), v))).collect();
+    for (table, names) in [("env", own.keys()), ("env_from", from.keys())] {
+        for var in names {
+            if var.is_empty() || var.contains(['=', '\0']) {
+                c.error(at, key(table), format!("`{var}` is not a valid environment variable name"));
+            } else if var.starts_with(CALL_ENV_PREFIX) {
+                c.error(
+                    at,
+                    key(table),
+                    format!("`{var}`: `{CALL_ENV_PREFIX}*` variables are set by Keel for each call"),
+                );
+            }
+        }
+    }
+    for (var, value) in own {
+        if value.contains('\0') {
+            c.error(at, key("env"), format!("the value of `{var}` holds a NUL byte"));
+        }
+        vars.insert(var.clone(), value.clone());
+    }
+    for (var, name) in from {
+        match env(name) {
+            Some(v) => {
+                vars.insert(var.clone(), v);
+            }
+            None => c.error(at, key("env_from"), format!("environment variable `{name}` is not set")),
+        }
+    }
+    vars
 }
 
 /// A `kind = "code"` tool's limits, result schema and sandbox; every absurd value

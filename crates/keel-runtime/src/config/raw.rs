@@ -51,6 +51,100 @@ pub struct RawConfig {
     /// Alert routing: rules by class, target and rate; PagerDuty, Slack, webhooks.
     #[serde(default)]
     pub alerts: keel_telemetry::alert::AlertsConfig,
+    /// MCP servers whose tools Keel offers as its own, each call under Keel's policies.
+    #[serde(default)]
+    #[schemars(with = "BTreeMap<String, McpServerConfig>")]
+    pub mcp_servers: BTreeMap<String, Spanned<McpServerConfig>>,
+}
+
+/// Which of an MCP server's tools need a person's approval.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum McpApproval {
+    /// None (advisory mode still asks for write-like tools).
+    #[default]
+    Never,
+    /// Every call.
+    Always,
+    /// Calls of write-like tools (not `readOnlyHint`).
+    Writes,
+    /// Calls of write-like tools that may destroy (`destructiveHint`, true by the
+    /// protocol's default).
+    Destructive,
+}
+
+/// `[mcp_servers.NAME]`: an MCP server Keel starts (`command`) or connects to (`url`).
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct McpServerConfig {
+    /// stdio: the program and its arguments (no shell). It gets a clean environment:
+    /// PATH, HOME, LANG, LC_ALL, TZ and TMPDIR of Keel's, plus `env` and `env_from`.
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    /// stdio: the working directory, relative to keel.toml's (default: keel.toml's).
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// stdio: environment variables set for the server (not secrets).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// stdio: environment variables copied from Keel's by name (`{ TOKEN = "GH_TOKEN" }`).
+    #[serde(default)]
+    pub env_from: BTreeMap<String, String>,
+    /// HTTP: the server's streamable-HTTP endpoint (`https://host/mcp`).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// HTTP: headers with literal values (not secrets).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// HTTP: headers whose values come from environment variables, by name.
+    #[serde(default)]
+    pub headers_env: BTreeMap<String, String>,
+    /// HTTP: a PEM file of CA certificates trusted besides the built-in roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// The tools are offered as `PREFIX_TOOL`; default the server's name. `""` for none.
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// Only these of the server's tools are offered (default: all).
+    #[serde(default)]
+    pub tools: Option<Vec<String>>,
+    /// Tools treated as read-only whatever their annotations say.
+    #[serde(default)]
+    pub read_only: Vec<String>,
+    /// Tools treated as write-like whatever their annotations say.
+    #[serde(default)]
+    pub write: Vec<String>,
+    /// Which calls need approval: `never` (default), `always`, `writes`, `destructive`.
+    #[serde(default)]
+    pub approval: McpApproval,
+    /// The longest a request may go without an answer or a progress notification
+    /// ("60s" by default); each progress notification starts it again.
+    #[serde(default, with = "humantime_serde")]
+    #[schemars(with = "Option<String>")]
+    pub request_timeout: Option<Duration>,
+    /// The longest a request may take whatever its progress ("10m" by default).
+    #[serde(default, with = "humantime_serde")]
+    #[schemars(with = "Option<String>")]
+    pub max_request_time: Option<Duration>,
+    /// stdio: the first wait before a crashed server is started again ("1s"); it
+    /// doubles at each crash in a row, up to `restart_max` ("1m"). Meanwhile its tools
+    /// answer `circuit_open`.
+    #[serde(default, with = "humantime_serde")]
+    #[schemars(with = "Option<String>")]
+    pub restart_backoff: Option<Duration>,
+    /// stdio: the longest wait before a restart.
+    #[serde(default, with = "humantime_serde")]
+    #[schemars(with = "Option<String>")]
+    pub restart_max: Option<Duration>,
+    /// How error results (`isError`) map to classes, by their text (as a command's
+    /// stderr): `{ stderr = [{ pattern = "(?i)quota", class = "rate_limited" }] }`.
+    #[serde(default)]
+    pub classify: Option<CommandConfig>,
+    /// Overrides of `[defaults]` for the server's tools. Without `timeout.attempt`,
+    /// an attempt is bounded by `max_request_time` (progress keeps it alive).
+    #[serde(default)]
+    #[schemars(with = "Option<PolicyConfig>")]
+    pub policy: Option<Spanned<toml::Table>>,
 }
 
 /// What a key may do on `keel serve`.

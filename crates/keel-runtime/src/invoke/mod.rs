@@ -72,6 +72,47 @@ pub struct Call {
     /// The bound on the whole call, and how long to wait for a person. `None`: wait
     /// while the run is worked, not for a person.
     pub wait: Option<Duration>,
+    /// Who calls (an API key's name, `"stdio"`): the loop guard counts each caller's
+    /// calls apart. `None` is one anonymous caller.
+    pub caller: Option<String>,
+    /// The key was minted by the adapter for this call alone (not the client's): the
+    /// call acts anew, so the loop guard counts it as it counts a call without a key.
+    pub minted: bool,
+}
+
+/// The most callers whose recent calls the loop guard remembers; past it, the
+/// oldest-made guards are forgotten.
+const MAX_CALLERS: usize = 10_000;
+
+/// The loop guard of each caller, shared by every [`Invoker`] of a process: a call
+/// that would act anew (no idempotency key) with the same tool and arguments as too
+/// many of the caller's recent calls (`[run] loop_guard`: `max_repeats` within
+/// `window`) is refused as `loop_detected` before it runs. Calls with a key are
+/// exempt: their repeats are answered from the first call and act once anyway. Kept
+/// in the process's memory: on several instances each counts what it serves.
+#[derive(Debug, Default)]
+pub struct Callers(Mutex<HashMap<String, Arc<keel_core::LoopGuard>>>);
+
+impl Callers {
+    fn guard(&self, caller: &str, config: &keel_core::LoopGuardConfig) -> Arc<keel_core::LoopGuard> {
+        let mut map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !map.contains_key(caller) && map.len() >= MAX_CALLERS {
+            if let Some(any) = map.keys().next().cloned() {
+                map.remove(&any);
+            }
+        }
+        map.entry(caller.to_owned())
+            .or_insert_with(|| {
+                // Only repeats: an external caller has no turns.
+                let config = keel_core::LoopGuardConfig {
+                    max_calls_per_turn: None,
+                    max_turns_per_run: None,
+                    ..config.clone()
+                };
+                Arc::new(keel_core::LoopGuard::new(config, Arc::new(keel_core::NullSink)))
+            })
+            .clone()
+    }
 }
 
 /// How a call ended, or where it stands when the call returned.
@@ -173,6 +214,9 @@ pub enum InvokeError {
     /// The task driving the run died.
     #[error("the drive failed: {0}")]
     DriveFailed(String),
+    /// The caller made this call too often (see [`Callers`]); nothing ran.
+    #[error("{0}: the call was not made; change the arguments or stop repeating it")]
+    LoopDetected(keel_core::LoopDetected),
 }
 
 impl Classified for InvokeError {
@@ -181,6 +225,7 @@ impl Classified for InvokeError {
             InvokeError::UnknownTool(_) => ErrorClass::NotFound,
             InvokeError::InvalidParams(f) => f.class,
             InvokeError::Conflict => ErrorClass::Conflict,
+            InvokeError::LoopDetected(_) => ErrorClass::LoopDetected,
             InvokeError::Timeout(_) => ErrorClass::Timeout,
             InvokeError::Runner(e) => e.class(),
             InvokeError::DriveFailed(_) => ErrorClass::ServerError,
@@ -194,13 +239,22 @@ pub struct Invoker {
     runner: Arc<Runner>,
     drives: Arc<Drives>,
     clock: Arc<dyn Clock>,
+    callers: Arc<Callers>,
 }
 
 impl Invoker {
     /// An invoker driving runs with `runner`, one task per run at a time (`drives`,
     /// shared with whatever else drives runs in this process).
     pub fn new(runner: Arc<Runner>, drives: Arc<Drives>, clock: Arc<dyn Clock>) -> Self {
-        Self { runner, drives, clock }
+        Self { runner, drives, clock, callers: Arc::default() }
+    }
+
+    /// This invoker with the process's loop guards (shared by every invoker made for
+    /// a request).
+    #[must_use]
+    pub fn with_callers(mut self, callers: Arc<Callers>) -> Self {
+        self.callers = callers;
+        self
     }
 
     /// The runner.
@@ -224,6 +278,15 @@ impl Invoker {
         let params = if call.params.is_null() { json!({}) } else { call.params };
         tool.check_params(&params).map_err(InvokeError::InvalidParams)?;
         let key = invocation_key(&name, tool.write, call.key.as_deref(), &params);
+        if key.is_none() || call.minted {
+            let guard = self
+                .callers
+                .guard(call.caller.as_deref().unwrap_or(""), &self.runner.config().run.loop_guard);
+            let target: Arc<str> = Arc::from(name.as_str());
+            guard
+                .check_call(&target, keel_core::CallSignature::new(&name, &params))
+                .map_err(InvokeError::LoopDetected)?;
+        }
         let run_id = key.as_deref().map_or_else(|| new_id("run"), invocation_run_id);
         let plan = Plan {
             name: Some(format!("invoke {name}")),

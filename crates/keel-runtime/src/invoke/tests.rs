@@ -46,7 +46,7 @@ fn calls(dir: &Path) -> usize {
 }
 
 fn call(tool: &str, params: serde_json::Value, key: Option<&str>) -> Call {
-    Call { tool: tool.into(), params, key: key.map(str::to_owned), wait: None }
+    Call { tool: tool.into(), params, key: key.map(str::to_owned), wait: None, caller: None, minted: false }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -139,4 +139,30 @@ async fn a_wait_bound_answers_a_running_call_with_its_state_and_a_retry_gets_its
     c.wait = None;
     let done = inv.invoke(c).await.unwrap();
     assert!(matches!(&done, Outcome::Completed { run_id: r, replayed: true, .. } if r == run_id), "{done:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_repeating_a_call_that_acts_anew_is_stopped_and_others_are_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let inv = invoker(dir.path()).await;
+    let by = |who: &str, params: serde_json::Value, key: Option<&str>| Call {
+        caller: Some(who.into()),
+        ..call("broken", params, key)
+    };
+    // `broken` is read-only: each call acts anew. The default guard: 3 repeats in 10.
+    for _ in 0..2 {
+        let r = inv.invoke(by("bot", json!({"x": 1}), None)).await.unwrap();
+        assert!(matches!(r, Outcome::Failed { .. } | Outcome::Escalated { .. }), "{r:?}");
+    }
+    let third = inv.invoke(by("bot", json!({"x": 1}), None)).await;
+    assert!(
+        matches!(&third, Err(e @ InvokeError::LoopDetected(_)) if e.class() == ErrorClass::LoopDetected),
+        "{third:?}"
+    );
+    // Other arguments, another caller, or a keyed call (answered from its first run).
+    assert!(inv.invoke(by("bot", json!({"x": 2}), None)).await.is_ok());
+    assert!(inv.invoke(by("other", json!({"x": 1}), None)).await.is_ok());
+    for _ in 0..3 {
+        assert!(inv.invoke(by("bot", json!({"x": 1}), Some("k-9"))).await.is_ok());
+    }
 }

@@ -74,6 +74,8 @@ pub enum ToolKind {
     Http(HttpTool),
     /// Model-written Python in a sandbox.
     Code(CodeTool),
+    /// A tool of an MCP server (`[mcp_servers]`).
+    Mcp(crate::mcp::McpTool),
 }
 
 /// A validated tool from `keel.toml`.
@@ -181,6 +183,7 @@ impl Tool {
             ToolKind::Command(c) => c.run(params).await,
             ToolKind::Http(h) => Box::pin(h.send(params, clock, None)).await,
             ToolKind::Code(c) => c.run(params).await,
+            ToolKind::Mcp(m) => Box::pin(m.call(params, None)).await,
         }
     }
 
@@ -234,6 +237,8 @@ impl Tool {
             ToolKind::Http(h) => Box::pin(h.send(params, clock, Some(key))).await,
             // A program has no effect outside its sandbox: nothing to key.
             ToolKind::Code(c) => c.run(params).await,
+            // In `_meta`, where Keel's own MCP server reads it.
+            ToolKind::Mcp(m) => Box::pin(m.call(params, Some(key))).await,
         }
     }
 }

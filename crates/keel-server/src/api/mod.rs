@@ -34,6 +34,8 @@ pub struct AppState {
     pub wake: Arc<Notify>,
     /// The runs this process is driving (a request's and a worker's never overlap).
     pub drives: Arc<crate::workers::Drives>,
+    /// Each caller's loop guard for tool invocations.
+    pub callers: Arc<keel_runtime::invoke::Callers>,
     /// Whether the journal could be written at the last readiness check.
     pub storage: Arc<crate::ops::StorageHealth>,
     /// The model gateway, when keel.toml has `[models]`.
@@ -65,6 +67,7 @@ impl AppState {
     /// process's workers.
     pub fn invoker(&self) -> keel_runtime::Invoker {
         keel_runtime::Invoker::new(self.runner.clone(), self.drives.clone(), self.clock.clone())
+            .with_callers(self.callers.clone())
     }
 }
 

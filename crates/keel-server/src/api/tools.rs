@@ -97,7 +97,14 @@ pub async fn invoke(
     caller.require(&[Role::Agent])?;
     let wait = q.duration()?;
     let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let call = Call { tool: name, params: body.params, key, wait: q.wait.is_some().then_some(wait) };
+    let call = Call {
+        tool: name,
+        params: body.params,
+        key,
+        wait: q.wait.is_some().then_some(wait),
+        caller: Some(caller.name.clone()),
+        minted: false,
+    };
     // A call naming the agent's run (`X-Keel-Run`) is charged to that run's budget, the
     // one its model calls draw on: a tool's cost and attempts count with them.
     let scope = match headers.get(keel_gateway::RUN_HEADER) {

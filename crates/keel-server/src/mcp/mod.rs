@@ -80,13 +80,22 @@ const INSTRUCTIONS: &str = "Tools called through Keel run under its policies (ti
 pub struct McpServer {
     invoker: Invoker,
     config: Arc<Config>,
+    /// Who calls, for the loop guard (the API key's name, `stdio`).
+    caller: Option<String>,
 }
 
 impl McpServer {
     /// A server calling tools through `invoker`.
     pub fn new(invoker: Invoker) -> Self {
         let config = invoker.runner().config().clone();
-        Self { invoker, config }
+        Self { invoker, config, caller: None }
+    }
+
+    /// This server answering for `caller` (the loop guard counts each caller apart).
+    #[must_use]
+    pub fn for_caller(mut self, caller: &str) -> Self {
+        self.caller = Some(caller.to_owned());
+        self
     }
 
     /// Answers one raw message (a line on stdio, a POST body): `None` for a
@@ -220,6 +229,7 @@ impl McpServer {
             .filter(|k| !k.trim().is_empty())
             .map(str::to_owned);
         let mut key = client_key.clone();
+        let mut minted = false;
         let mut answer = None;
         // What the invoker digests: `null` arguments are `{}`.
         let normalized = if arguments.is_null() { json!({}) } else { arguments.clone() };
@@ -231,6 +241,7 @@ impl McpServer {
                     // carrying its state finds its run (and its approval) again.
                     if key.is_none() && !tool.write {
                         key = Some(new_id("mcp"));
+                        minted = true;
                     }
                 }
                 Some(Value::String(text)) => {
@@ -248,7 +259,14 @@ impl McpServer {
                 Some(_) => return Err(RpcError::invalid_params("`requestState` must be a string")),
             }
         }
-        let call = Call { tool: name.to_owned(), params: arguments, key: key.clone(), wait: None };
+        let call = Call {
+            tool: name.to_owned(),
+            params: arguments,
+            key: key.clone(),
+            wait: None,
+            caller: self.caller.clone(),
+            minted,
+        };
         match self.invoker.invoke(call).await {
             Ok(Outcome::WaitingApproval { run_id, approval_id, .. })
                 if modern.is_some_and(|env| env.elicit_form) && answer != Some(Answer::StopWaiting) =>
@@ -403,7 +421,7 @@ pub async fn post(
     if let Some(refused) = check_origin(&headers) {
         return Ok(refused);
     }
-    let server = McpServer::new(s.invoker());
+    let server = McpServer::new(s.invoker()).for_caller(&caller.name);
     let (status, answer) = server.answer_http(&headers, &body).await;
     Ok(match answer {
         Some(answer) => (status, Json(answer)).into_response(),

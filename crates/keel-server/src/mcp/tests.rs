@@ -217,13 +217,17 @@ async fn an_unknown_version_or_a_malformed_envelope_is_refused_never_a_panic() {
     m["params"]["_meta"][envelope::CLIENT_INFO_META] = json!("x".repeat(1 << 16));
     assert_eq!(code(&s.handle(m).await), INVALID_PARAMS);
     // Elicitation of the wrong shape is simply not declared.
-    for caps in [
+    // (Other arguments each time: the same call a third time would be a loop.)
+    for (x, caps) in [
         json!({"elicitation": 5}),
         json!({"elicitation": {"form": "yes"}}),
         json!({"elicitation": {"url": {}}}),
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let answer =
-            s.handle(modern("tools/call", json!({"name": "gated", "arguments": {"x": 1}}), caps)).await;
+            s.handle(modern("tools/call", json!({"name": "gated", "arguments": {"x": x}}), caps)).await;
         assert_eq!(
             answer.as_ref().unwrap()["result"]["structuredContent"]["status"],
             "waiting_approval",
