@@ -107,13 +107,6 @@ impl Conn {
     ) -> Result<Value, RpcError> {
         let tool =
             params.get("name").and_then(Value::as_str).filter(|_| method == "tools/call").map(str::to_owned);
-        let mut params = params;
-        if let Some(obj) = params.as_object_mut() {
-            let meta = obj.entry("_meta").or_insert_with(|| json!({}));
-            if let Some(meta) = meta.as_object_mut() {
-                meta.insert("progressToken".into(), json!(id));
-            }
-        }
         let msg = json!({ "jsonrpc": "2.0", "id": id, "method": method, "params": params });
         let req = self.request_of(&msg, method, tool.as_deref()).map_err(RpcError::Transport)?;
         let uri = req.uri().clone();

@@ -197,7 +197,14 @@ impl Session {
         }
     }
 
+    /// One request, its id its progress token (both transports route progress by it).
     async fn request(&self, id: u64, method: &str, params: Value, t: Timeouts) -> Result<Value, RpcError> {
+        let mut params = params;
+        if let Some(meta) = params.as_object_mut().map(|o| o.entry("_meta").or_insert_with(|| json!({}))) {
+            if let Some(meta) = meta.as_object_mut() {
+                meta.insert("progressToken".into(), json!(id));
+            }
+        }
         match self {
             Session::Stdio(c) => c.request(id, method, params, t).await,
             Session::Http(c) => Box::pin(c.request(id, method, params, t)).await,

@@ -172,13 +172,6 @@ impl Conn {
         if !self.alive() {
             return Err(RpcError::Transport(self.gone()));
         }
-        let mut params = params;
-        if let Some(obj) = params.as_object_mut() {
-            let meta = obj.entry("_meta").or_insert_with(|| json!({}));
-            if let Some(meta) = meta.as_object_mut() {
-                meta.insert("progressToken".into(), json!(id));
-            }
-        }
         let (tx, mut rx) = oneshot::channel();
         let progress = Arc::new(Notify::new());
         if let Ok(mut p) = self.pending.lock() {
