@@ -168,6 +168,9 @@ impl Observer for Live {
                     Event::FallbackTaken { from, to, class } => {
                         Some(format!("  fallback {from} → {to} ({class})"))
                     }
+                    Event::CorrectionRound { target, round, class } => {
+                        Some(format!("  {target}: correction {round} ({class} sent back)"))
+                    }
                     Event::LoopDetected { reason, .. } => Some(format!("  loop detected: {reason}")),
                     Event::FaultInjected { target, attempt, fault } => Some(format!(
                         "  {target} attempt {attempt}: injected {fault:?} (a drill, not an incident)"
@@ -259,6 +262,9 @@ pub(crate) fn describe(event: &JournalEvent) -> Option<String> {
                 format!("  breaker {target}: {} → {}", from.as_str(), to.as_str())
             }
             Event::FallbackTaken { from, to, class } => format!("  fallback {from} → {to} ({class})"),
+            Event::CorrectionRound { target, round, class } => {
+                format!("  {target}: correction {round} ({class} sent back)")
+            }
             Event::BudgetExceeded { budget, kind, .. } => {
                 format!("  budget {budget} exceeded ({})", kind.as_str())
             }

@@ -185,6 +185,16 @@ pub enum Event {
         /// The failure that caused it.
         class: ErrorClass,
     },
+    /// An answer with a mistake the target can see was sent back to it to correct
+    /// (see [`crate::correct`]).
+    CorrectionRound {
+        /// The target asked again.
+        target: Arc<str>,
+        /// 1 for the first correction.
+        round: u32,
+        /// The mistake's class.
+        class: ErrorClass,
+    },
     /// A budget was charged.
     BudgetCharged {
         /// The budget's name (run, step, API key...).
@@ -228,6 +238,7 @@ impl Event {
             Event::RetryRefused { .. } => "retry_refused",
             Event::BreakerTransition { .. } => "breaker_transition",
             Event::FallbackTaken { .. } => "fallback_taken",
+            Event::CorrectionRound { .. } => "correction_round",
             Event::BudgetCharged { .. } => "budget_charged",
             Event::BudgetExceeded { .. } => "budget_exceeded",
             Event::LoopDetected { .. } => "loop_detected",
@@ -326,6 +337,10 @@ fn trace_event(event: &Event) {
         Event::FallbackTaken { from, to, class } => tracing::warn!(
             keel.target = %from, fallback = %to, keel.fallback.from = %from, keel.fallback.to = %to,
             keel.error_class = %class, "fallback taken"
+        ),
+        Event::CorrectionRound { target, round, class } => tracing::info!(
+            keel.target = %target, keel.correction.round = i64::from(*round), keel.error_class = %class,
+            "correction round: the mistake is sent back"
         ),
         Event::BudgetCharged { budget, kind, amount, remaining } => tracing::trace!(
             budget = %budget, kind = ?kind, amount, remaining = ?remaining, "budget charged"

@@ -13,7 +13,10 @@ use keel_journal::{JournalEvent, JournalWriter, NewEvent};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::wire::Usage;
+use crate::charges::Spent;
+use crate::error::GatewayError;
+use crate::gateway::{CallContext, Model};
+use crate::wire::{ChatRequest, Usage};
 
 /// The run gateway calls without `X-Keel-Run` are journaled under.
 pub const GATEWAY_RUN: &str = "gateway";
@@ -175,7 +178,7 @@ impl CallJournal for MemoryJournal {
 }
 
 /// Passes on only the events that are decisions (retries, refusals, breaker
-/// transitions, fallbacks, budgets exceeded, loops), not the per-attempt start/end and
+/// transitions, fallbacks, corrections, budgets exceeded, loops), not the per-attempt start/end and
 /// budget-charge events a [`CallRecord`] already sums up: at thousands of calls a
 /// second, those would be most of the journal's writes.
 #[derive(Debug)]
@@ -192,10 +195,80 @@ impl<S: keel_core::EventSink> keel_core::EventSink for DecisionsOnly<S> {
             | E::RetryRefused { .. }
             | E::BreakerTransition { .. }
             | E::FallbackTaken { .. }
+            | E::CorrectionRound { .. }
             | E::BudgetExceeded { .. }
             | E::FaultInjected { .. }
             | E::SchemaDrift { .. }
             | E::LoopDetected { .. } => self.0.record(event),
         }
+    }
+}
+
+/// The record of one call, written where every kind of call (whole, streamed,
+/// embeddings, the edge APIs) ends.
+impl crate::gateway::Gateway {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn journal_call(
+        &self,
+        ctx: &CallContext,
+        primary: &Model,
+        req: &ChatRequest,
+        answered_by: Option<&str>,
+        failures: &[ModelFailure],
+        attempts: u32,
+        spent: Option<Spent>,
+        corrections: u32,
+        rescue: Option<&str>,
+        error: Option<&GatewayError>,
+    ) {
+        let call = (Some(req), req.messages_raw());
+        self.journal_prompt(
+            ctx,
+            primary,
+            call,
+            answered_by,
+            failures,
+            attempts,
+            spent,
+            corrections,
+            rescue,
+            error,
+        );
+    }
+
+    /// As [`journal_call`](Self::journal_call) for any prompt: a chat request's
+    /// messages, or an embeddings request's `input` (with no request).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn journal_prompt(
+        &self,
+        ctx: &CallContext,
+        primary: &Model,
+        (req, prompt): (Option<&ChatRequest>, &str),
+        answered_by: Option<&str>,
+        failures: &[ModelFailure],
+        attempts: u32,
+        spent: Option<Spent>,
+        corrections: u32,
+        rescue: Option<&str>,
+        error: Option<&GatewayError>,
+    ) {
+        let Some(journal) = &self.journal else { return };
+        let usage = spent.map(|s| s.usage);
+        let cost = spent.map_or(0, |s| s.cost_micros);
+        journal.record(CallRecord {
+            run: ctx.run.clone(),
+            api_key: ctx.api_key.clone(),
+            model: primary.name.to_string(),
+            answered_by: answered_by.map(str::to_owned),
+            stream: req.is_some_and(|r| r.stream),
+            prompt: Prompt::new(prompt, primary.config.hash_prompts),
+            attempts,
+            corrections,
+            failures: failures.to_vec(),
+            usage,
+            cost_micros: cost,
+            rescue: rescue.map(str::to_owned),
+            error: error.map(|e| (e.class, e.message.clone())),
+        });
     }
 }

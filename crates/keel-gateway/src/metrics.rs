@@ -2,16 +2,17 @@
 //!
 //! Counting must cost nothing on the hot path: each model has a fixed set of atomic
 //! counters, incremented without a lock. [`Gateway::metrics`](crate::Gateway::metrics)
-//! takes a [`MetricsSnapshot`], which the server renders with
-//! [`MetricsSnapshot::render_prometheus`].
+//! takes a [`MetricsSnapshot`], which [`MetricsSnapshot::record`] writes into the
+//! server's one `metrics` registry at scrape time: one exposition, one encoder, for
+//! the server's series and the gateway's.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use keel_core::event::{Event, EventSink};
 use keel_core::{BreakerState, ErrorClass};
+use metrics::{Key, Label, Recorder};
 use serde::Serialize;
 
 const CLASSES: usize = ErrorClass::ALL.len();
@@ -173,136 +174,127 @@ impl ModelCounters {
     }
 }
 
-/// A budget gauge's name, help and reader.
-type BudgetGauge = (&'static str, &'static str, fn(&BudgetMetrics) -> &BTreeMap<&'static str, u64>);
-
 /// A counter's name, help and reader.
 type Counter = (&'static str, &'static str, fn(&ModelMetrics) -> u64);
 
+/// The per-model counters, by series name.
+const COUNTERS: [Counter; 14] = [
+    ("keel_gateway_requests_total", "Requests that named the model.", |m| m.requests),
+    ("keel_gateway_answers_total", "Answers the model gave.", |m| m.answered),
+    ("keel_gateway_attempts_total", "Attempts made on the model.", |m| m.attempts),
+    ("keel_gateway_retries_total", "Retries scheduled on the model.", |m| m.retries),
+    ("keel_gateway_fallbacks_total", "Calls that left the model for a fallback.", |m| m.fallbacks_from),
+    ("keel_gateway_corrections_total", "Invalid answers sent back to the model.", |m| m.corrections),
+    ("keel_gateway_prompt_tokens_total", "Prompt tokens of the model's answers.", |m| m.prompt_tokens),
+    ("keel_gateway_completion_tokens_total", "Completion tokens of the model's answers.", |m| {
+        m.completion_tokens
+    }),
+    ("keel_gateway_malformed_chunks_total", "Malformed stream chunks skipped.", |m| m.malformed_chunks),
+    ("keel_gateway_streams_finalised_total", "Streams that ended without [DONE], finalised.", |m| {
+        m.finalised_without_done
+    }),
+    ("keel_gateway_stream_rescues_prefill_total", "Cut streams continued here with a prefill.", |m| {
+        m.rescued_prefill
+    }),
+    ("keel_gateway_stream_rescues_splice_total", "Cut streams regenerated here and spliced.", |m| {
+        m.rescued_splice
+    }),
+    (
+        "keel_gateway_stream_prefill_restarts_total",
+        "Prefill continuations here that restarted the answer.",
+        |m| m.prefill_restarts,
+    ),
+    ("keel_gateway_stream_rescues_failed_total", "Cut streams that ended with an error event.", |m| {
+        m.rescue_failed
+    }),
+];
+
+/// A per-class counter's name, help and reader.
+type ClassCounter = (&'static str, &'static str, fn(&ModelMetrics) -> &BTreeMap<ErrorClass, u64>);
+
+const CLASS_COUNTERS: [ClassCounter; 2] = [
+    ("keel_gateway_attempt_failures_total", "Failed attempts by class.", |m| &m.attempt_failures),
+    ("keel_gateway_request_failures_total", "Failed requests by class.", |m| &m.request_failures),
+];
+
+/// A budget gauge's name, help and reader.
+type BudgetGauge = (&'static str, &'static str, fn(&BudgetMetrics) -> &BTreeMap<&'static str, u64>);
+
+const BUDGET_GAUGES: [BudgetGauge; 3] = [
+    ("keel_gateway_budget_used", "Charged on the budget, reservations in flight included.", |b| &b.used),
+    ("keel_gateway_budget_limit", "The budget's limit.", |b| &b.limit),
+    ("keel_gateway_budget_reserved", "Reserved on the budget by calls in flight.", |b| &b.reserved),
+];
+
+const COST: &str = "keel_gateway_cost_dollars";
+const BREAKER: &str = "keel_gateway_breaker_state";
+const REFUSALS: &str = "keel_gateway_budget_refusals_total";
+const HELD: &str = "keel_gateway_budget_held";
+
+const META: metrics::Metadata<'static> = metrics::Metadata::new(module_path!(), metrics::Level::INFO, None);
+
+fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
+    Key::from_parts(name, labels.iter().map(|(k, v)| Label::new(*k, v.to_string())).collect::<Vec<_>>())
+}
+
 impl MetricsSnapshot {
-    /// The snapshot in Prometheus' text format, metric names prefixed `keel_gateway_`.
-    pub fn render_prometheus(&self) -> String {
-        let mut out = String::new();
-        let simple: [Counter; 14] = [
-            ("requests_total", "Requests that named the model.", |m| m.requests),
-            ("answers_total", "Answers the model gave.", |m| m.answered),
-            ("attempts_total", "Attempts made on the model.", |m| m.attempts),
-            ("retries_total", "Retries scheduled on the model.", |m| m.retries),
-            ("fallbacks_total", "Calls that left the model for a fallback.", |m| m.fallbacks_from),
-            ("corrections_total", "Invalid answers sent back to the model.", |m| m.corrections),
-            ("prompt_tokens_total", "Prompt tokens of the model's answers.", |m| m.prompt_tokens),
-            ("completion_tokens_total", "Completion tokens of the model's answers.", |m| m.completion_tokens),
-            ("malformed_chunks_total", "Malformed stream chunks skipped.", |m| m.malformed_chunks),
-            ("streams_finalised_total", "Streams that ended without [DONE], finalised.", |m| {
-                m.finalised_without_done
-            }),
-            ("stream_rescues_prefill_total", "Cut streams continued here with a prefill.", |m| {
-                m.rescued_prefill
-            }),
-            ("stream_rescues_splice_total", "Cut streams regenerated here and spliced.", |m| {
-                m.rescued_splice
-            }),
-            ("stream_prefill_restarts_total", "Prefill continuations here that restarted the answer.", |m| {
-                m.prefill_restarts
-            }),
-            ("stream_rescues_failed_total", "Cut streams that ended with an error event.", |m| {
-                m.rescue_failed
-            }),
-        ];
-        for (name, help, get) in simple {
-            let _ = writeln!(out, "# HELP keel_gateway_{name} {help}\n# TYPE keel_gateway_{name} counter");
-            for (model, m) in &self.models {
-                let _ = writeln!(out, "keel_gateway_{name}{{model=\"{model}\"}} {}", get(m));
-            }
+    /// Describes the gateway's series (`# HELP`) to `recorder`.
+    pub fn describe(recorder: &dyn Recorder) {
+        let counters =
+            COUNTERS.iter().map(|(n, h, _)| (*n, *h)).chain(CLASS_COUNTERS.iter().map(|(n, h, _)| (*n, *h)));
+        for (name, help) in counters.chain([(REFUSALS, "Calls and attempts the budget refused.")]) {
+            recorder.describe_counter(name.into(), None, help.into());
         }
-        // Base units: dollars, not the micro-dollars budgets count in.
-        let _ = writeln!(
-            out,
-            "# HELP keel_gateway_cost_dollars_total Cost of the model's answers in US dollars.\n# TYPE keel_gateway_cost_dollars_total counter"
-        );
+        let gauges = BUDGET_GAUGES.iter().map(|(n, h, _)| (*n, *h)).chain([
+            (COST, "Cost charged for the model's attempts so far, in US dollars."),
+            (BREAKER, "The model's breaker: 0 closed, 1 half-open, 2 open."),
+            (HELD, "Whether the budget admits nothing until its calls in flight settle (1)."),
+        ]);
+        for (name, help) in gauges {
+            recorder.describe_gauge(name.into(), None, help.into());
+        }
+    }
+
+    /// Writes the snapshot into `recorder` — the server's one Prometheus registry,
+    /// which renders it with the server's own series: counters set to their totals,
+    /// gauges to their values, costs in dollars (budgets count micro-dollars), the
+    /// breaker encoded as everywhere (`keel_breaker_state`).
+    pub fn record(&self, recorder: &dyn Recorder) {
         for (model, m) in &self.models {
-            let _ = writeln!(
-                out,
-                "keel_gateway_cost_dollars_total{{model=\"{model}\"}} {}",
-                dollars(m.cost_micros)
-            );
-        }
-        for (name, help, get) in [
-            (
-                "attempt_failures_total",
-                "Failed attempts by class.",
-                (|m| &m.attempt_failures) as fn(&ModelMetrics) -> &BTreeMap<ErrorClass, u64>,
-            ),
-            ("request_failures_total", "Failed requests by class.", |m| &m.request_failures),
-        ] {
-            let _ = writeln!(out, "# HELP keel_gateway_{name} {help}\n# TYPE keel_gateway_{name} counter");
-            for (model, m) in &self.models {
+            let labels = [("model", model.as_str())];
+            for (name, _, get) in COUNTERS {
+                recorder.register_counter(&key(name, &labels), &META).absolute(get(m));
+            }
+            for (name, _, get) in CLASS_COUNTERS {
                 for (class, n) in get(m) {
-                    let _ = writeln!(out, "keel_gateway_{name}{{model=\"{model}\",class=\"{class}\"}} {n}");
+                    let labels = [("model", model.as_str()), ("class", class.as_str())];
+                    recorder.register_counter(&key(name, &labels), &META).absolute(*n);
                 }
             }
-        }
-        // One encoding of breaker state everywhere (as `keel_breaker_state`).
-        let _ = writeln!(
-            out,
-            "# HELP keel_gateway_breaker_state The model's breaker: 0 closed, 1 half-open, 2 open.\n# TYPE keel_gateway_breaker_state gauge"
-        );
-        for (model, m) in &self.models {
-            let v = match m.breaker {
-                Some(BreakerState::Open) => "2",
-                Some(BreakerState::HalfOpen) => "1",
-                Some(BreakerState::Closed) | None => "0",
+            recorder.register_gauge(&key(COST, &labels), &META).set(dollars(m.cost_micros));
+            let breaker = match m.breaker {
+                Some(BreakerState::Open) => 2.0,
+                Some(BreakerState::HalfOpen) => 1.0,
+                Some(BreakerState::Closed) | None => 0.0,
             };
-            let _ = writeln!(out, "keel_gateway_breaker_state{{model=\"{model}\"}} {v}");
+            recorder.register_gauge(&key(BREAKER, &labels), &META).set(breaker);
         }
-        let gauges: [BudgetGauge; 3] = [
-            ("budget_used", "Charged on the budget, reservations in flight included.", |b| &b.used),
-            ("budget_limit", "The budget's limit.", |b| &b.limit),
-            ("budget_reserved", "Reserved on the budget by calls in flight.", |b| &b.reserved),
-        ];
-        for (name, help, get) in gauges {
-            let _ = writeln!(out, "# HELP keel_gateway_{name} {help}\n# TYPE keel_gateway_{name} gauge");
-            for (budget, b) in &self.budgets {
-                let budget = escape(budget);
+        for (budget, b) in &self.budgets {
+            for (name, _, get) in BUDGET_GAUGES {
                 for (kind, v) in get(b) {
-                    if *kind == keel_core::BudgetKind::CostMicros.as_str() {
-                        let _ = writeln!(
-                            out,
-                            "keel_gateway_{name}{{budget=\"{budget}\",kind=\"cost_dollars\"}} {}",
-                            dollars(*v)
-                        );
+                    let (kind, value) = if *kind == keel_core::BudgetKind::CostMicros.as_str() {
+                        ("cost_dollars", dollars(*v))
                     } else {
-                        let _ =
-                            writeln!(out, "keel_gateway_{name}{{budget=\"{budget}\",kind=\"{kind}\"}} {v}");
-                    }
+                        (*kind, *v as f64)
+                    };
+                    let labels = [("budget", budget.as_str()), ("kind", kind)];
+                    recorder.register_gauge(&key(name, &labels), &META).set(value);
                 }
             }
+            let labels = [("budget", budget.as_str())];
+            recorder.register_counter(&key(REFUSALS, &labels), &META).absolute(b.refusals);
+            recorder.register_gauge(&key(HELD, &labels), &META).set(f64::from(u8::from(b.held)));
         }
-        let _ = writeln!(
-            out,
-            "# HELP keel_gateway_budget_refusals_total Calls and attempts the budget refused.\n# TYPE keel_gateway_budget_refusals_total counter"
-        );
-        for (budget, b) in &self.budgets {
-            let _ = writeln!(
-                out,
-                "keel_gateway_budget_refusals_total{{budget=\"{}\"}} {}",
-                escape(budget),
-                b.refusals
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP keel_gateway_budget_held Whether the budget admits nothing until its calls in flight settle (1).\n# TYPE keel_gateway_budget_held gauge"
-        );
-        for (budget, b) in &self.budgets {
-            let _ = writeln!(
-                out,
-                "keel_gateway_budget_held{{budget=\"{}\"}} {}",
-                escape(budget),
-                u8::from(b.held)
-            );
-        }
-        out
     }
 }
 
@@ -310,11 +302,6 @@ impl MetricsSnapshot {
 fn dollars(micros: u64) -> f64 {
     // Exact below 2^53 micro-dollars (9 billion dollars).
     micros as f64 / 1e6
-}
-
-/// A label value with `\\`, `"` and newlines escaped (key names come from config).
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 /// Counts the pipeline's events (attempts, retries, failures) and passes them on.
@@ -340,6 +327,11 @@ impl EventSink for CountingSink {
             Event::RetryScheduled { target, .. } => {
                 if let Some(c) = self.counters.get(target) {
                     bump(&c.retries, 1);
+                }
+            }
+            Event::CorrectionRound { target, .. } => {
+                if let Some(c) = self.counters.get(target) {
+                    bump(&c.corrections, 1);
                 }
             }
             _ => {}

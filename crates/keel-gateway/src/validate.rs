@@ -79,17 +79,6 @@ pub fn check(answer: &AnswerSummary, req: &ChatRequest, tools: bool) -> Result<(
     Ok(())
 }
 
-/// Whether a correction retry can fix `class`: the model made a mistake it can see.
-pub fn correctable(class: ErrorClass) -> bool {
-    matches!(
-        class,
-        ErrorClass::EmptyOutput
-            | ErrorClass::TruncatedOutput
-            | ErrorClass::InvalidToolCall
-            | ErrorClass::UnknownTool
-    )
-}
-
 /// The messages that send `failure` back to the model after its `answer`.
 ///
 /// A bad tool call is answered in the conversation's own terms: the assistant message

@@ -310,6 +310,7 @@ fn policy_kind(event: &Event) -> &'static str {
         Event::RetryRefused { .. } => "policy.retry_refused",
         Event::BreakerTransition { .. } => "policy.breaker_transition",
         Event::FallbackTaken { .. } => "policy.fallback_taken",
+        Event::CorrectionRound { .. } => "policy.correction_round",
         Event::BudgetCharged { .. } => "policy.budget_charged",
         Event::BudgetExceeded { .. } => "policy.budget_exceeded",
         Event::LoopDetected { .. } => "policy.loop_detected",

@@ -41,6 +41,7 @@ impl Metrics {
             .map(PrometheusBuilder::build_recorder)
             .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
         describe(&recorder);
+        keel_gateway::MetricsSnapshot::describe(&recorder);
         let handle = recorder.handle();
         let (changes, _) = broadcast::channel(256);
         Self { recorder, handle, started: Mutex::default(), changes }
@@ -54,6 +55,12 @@ impl Metrics {
     /// Sets a gauge.
     pub fn gauge(&self, name: &'static str, labels: &[(&'static str, String)], value: f64) {
         self.recorder.register_gauge(&key(name, labels), &META).set(value);
+    }
+
+    /// The registry, for series counted elsewhere and written in at scrape time
+    /// (the gateway's).
+    pub fn recorder(&self) -> &PrometheusRecorder {
+        &self.recorder
     }
 
     /// The text exposition.
@@ -82,6 +89,9 @@ pub const SERIES: &[(&str, &str)] = &[
     ("keel_breaker_state", "The target's circuit breaker: 0 closed, 1 half-open, 2 open."),
     ("keel_fallbacks_total", "Fallbacks taken, by the alternative left and the one tried."),
     ("keel_loops_total", "Calls stopped by the loop guard, by target."),
+    ("keel_faults_injected_total", "Faults injected on purpose (drills), by target and fault."),
+    ("keel_schema_drift_total", "Answers in a shape unlike the target's usual ones, by target."),
+    ("keel_corrections_total", "Answers sent back to their target to correct, by target and class."),
     ("keel_budget_exceeded_total", "Charges a budget refused, by budget."),
     ("keel_run_duration_seconds", "Wall time from a run's start to its end, in seconds."),
     ("keel_runs_total", "Runs that ended, by final state."),
@@ -158,6 +168,10 @@ impl Observer for Metrics {
                 Event::LoopDetected { target, .. } => {
                     self.count("keel_loops_total", &[("target", target.to_string())])
                 }
+                Event::CorrectionRound { target, class, .. } => self.count(
+                    "keel_corrections_total",
+                    &[("target", target.to_string()), ("class", class.to_string())],
+                ),
                 Event::BudgetExceeded { budget, .. } => {
                     self.count("keel_budget_exceeded_total", &[("budget", budget.to_string())]);
                 }

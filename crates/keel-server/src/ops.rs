@@ -93,9 +93,9 @@ pub async fn metrics(State(s): State<AppState>) -> Result<impl IntoResponse, Api
         s.metrics.gauge("keel_incidents_open", &[], a.router.open_incidents() as f64);
         s.metrics.gauge("keel_alert_failures_dropped", &[], a.router.dropped() as f64);
     }
-    let mut text = s.metrics.render();
     if let Some(gw) = &s.gateway {
-        text.push_str(&gw.metrics().render_prometheus());
+        gw.metrics().record(s.metrics.recorder());
     }
+    let text = s.metrics.render();
     Ok((StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text))
 }

@@ -149,6 +149,7 @@ impl EventSink for Reporter {
             | Event::RetryScheduled { .. }
             | Event::BreakerTransition { .. }
             | Event::FallbackTaken { .. }
+            | Event::CorrectionRound { .. }
             | Event::BudgetCharged { .. }
             | Event::BudgetExceeded { .. }
             | Event::FaultInjected { .. }

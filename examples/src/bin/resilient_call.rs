@@ -37,6 +37,9 @@ impl EventSink for Printer {
                 format!("  breaker of {target}: {} -> {}", from.as_str(), to.as_str())
             }
             Event::FallbackTaken { from, to, class } => format!("  fallback {from} -> {to} ({class})"),
+            Event::CorrectionRound { target, round, class } => {
+                format!("  {target}: correction {round} ({class} sent back to it)")
+            }
             Event::BudgetExceeded { budget, kind, .. } => {
                 format!("  budget {budget} exceeded ({})", kind.as_str())
             }

@@ -71,7 +71,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use keel_core::{Disposition, ErrorClass, Failure};
+use keel_core::{Disposition, ErrorClass, Failure, Rounds};
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tracing::Instrument;
@@ -463,7 +463,7 @@ impl Pump {
         let mut mode = Mode::Direct;
         let mut original: Option<Failure> = None;
         // Correction rounds made on the model now streaming.
-        let mut rounds = 0;
+        let mut rounds = Rounds::new(model.name.clone(), model.config.correct);
         loop {
             let stall = model.config.policy.stall_timeout;
             let next = match queue.pop_front() {
@@ -530,8 +530,8 @@ impl Pump {
                 Outcome::Forwarded(Forwarded::Invalid(invalid)) => {
                     let (failure, summary) = *invalid;
                     self.held.clear();
-                    if rounds < model.config.correct && validate::correctable(failure.class) {
-                        rounds += 1;
+                    if rounds.due(failure.class) {
+                        rounds.take(failure.class, &*self.gateway.sink);
                         match self.correct(&model, &failure, &summary).await {
                             Corrected::On(opened, req) => {
                                 bump(&model.counters.malformed_chunks, source.malformed);
@@ -591,7 +591,7 @@ impl Pump {
                     let opened = *opened;
                     self.charge = Some(opened.charge);
                     self.corrected = None;
-                    rounds = 0;
+                    rounds = Rounds::new(next.name.clone(), next.config.correct);
                     model = next;
                     source = opened.source;
                     queue = opened.pending.into();
@@ -610,7 +610,6 @@ impl Pump {
     /// sent back to it after its answer (as whole answers' rounds do), on a new
     /// stream. The current attempt is settled first.
     async fn correct(&mut self, model: &Arc<Model>, failure: &Failure, summary: &AnswerSummary) -> Corrected {
-        bump(&model.counters.corrections, 1);
         self.corrections += 1;
         self.record_usage();
         self.settle_attempt();

@@ -264,7 +264,7 @@ async fn budgets_are_visible_in_metrics_while_calls_are_in_flight() {
     // A second call does not fit beside it: refused, and counted.
     let a = post_chat(&served.url, body.clone(), &[("x-keel-run", RUN)]).await;
     assert_eq!(a.status, 429, "{}", a.text);
-    let text = served.gateway.metrics().render_prometheus();
+    let text = crate::support::prometheus(&served.gateway);
     for line in [
         "keel_gateway_budget_refusals_total{budget=\"runs\"} 1",
         "keel_gateway_budget_limit{budget=\"runs\",kind=\"tokens\"} 100",

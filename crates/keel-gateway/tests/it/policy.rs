@@ -405,7 +405,7 @@ async fn metrics_render_for_prometheus() {
     fake.script([Reply::Status { code: 500, retry_after: None, body: "x" }]);
     let served = serve(vec![("gpt", model(&fake, "m"))]).await;
     post_chat(&served.url, ask("gpt"), &[]).await;
-    let text = served.gateway.metrics().render_prometheus();
+    let text = crate::support::prometheus(&served.gateway);
     assert!(text.contains("keel_gateway_requests_total{model=\"gpt\"} 1"), "{text}");
     assert!(text.contains("keel_gateway_attempts_total{model=\"gpt\"} 2"), "{text}");
     assert!(
@@ -441,4 +441,26 @@ async fn absurd_model_policies_are_refused_by_key() {
         ],
         "{e}"
     );
+}
+
+/// Every gateway series has its `# HELP`, costs are in dollars, and label values from
+/// config are escaped by the one encoder.
+#[tokio::test]
+async fn gateway_series_have_help_and_base_units() {
+    let fake = Fake::start().await;
+    let served = serve(vec![("gpt", model(&fake, "m"))]).await;
+    post_chat(&served.url, ask("gpt"), &[]).await;
+    let text = crate::support::prometheus(&served.gateway);
+    let names: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| l.split(['{', ' ']).next().unwrap_or(""))
+        .collect();
+    assert!(names.len() > 10, "{text}");
+    for name in names {
+        assert!(text.contains(&format!("# HELP {name} ")), "{name} has no help:\n{text}");
+        assert!(!name.contains("micro"), "{name}: base units only");
+    }
+    assert!(text.contains("keel_gateway_cost_dollars{model=\"gpt\"}"), "{text}");
+    assert!(text.contains("keel_gateway_breaker_state{model=\"gpt\"} 0"), "{text}");
 }

@@ -711,3 +711,12 @@ pub(crate) fn ask_stream(model: &str) -> Value {
     json!({"model": model, "stream": true, "stream_options": {"include_usage": true},
            "messages": [{"role": "user", "content": "Say hello"}]})
 }
+
+/// The gateway's series as `/metrics` renders them: written into a Prometheus
+/// registry of the `metrics` stack, the server's one encoder.
+pub(crate) fn prometheus(gateway: &keel_gateway::Gateway) -> String {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    keel_gateway::MetricsSnapshot::describe(&recorder);
+    gateway.metrics().record(&recorder);
+    recorder.handle().render()
+}

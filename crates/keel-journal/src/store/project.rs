@@ -393,6 +393,7 @@ macro_rules! projection_ops {
                         | Event::RetryRefused { .. }
                         | Event::BreakerTransition { .. }
                         | Event::FallbackTaken { .. }
+                        | Event::CorrectionRound { .. }
                         | Event::BudgetCharged { .. }
                         | Event::BudgetExceeded { .. }
                         | Event::FaultInjected { .. }

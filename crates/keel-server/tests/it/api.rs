@@ -253,7 +253,7 @@ async fn every_metric_series_is_described_in_base_units() {
     }
     assert!(series.contains("keel_run_duration_seconds"), "{series:?}");
     // 1000 tokens at $1/M in and 1000 at $2/M out: $0.003.
-    assert!(text.contains("keel_gateway_cost_dollars_total{model=\"small\"} 0.003"), "{text}");
+    assert!(text.contains("keel_gateway_cost_dollars{model=\"small\"} 0.003"), "{text}");
     assert!(
         text.lines().any(|l| l.starts_with("keel_gateway_budget_used{budget=\"key:")
             && l.ends_with("kind=\"cost_dollars\"} 0.003")),

@@ -135,6 +135,7 @@ pub fn failure_of(event: &Event) -> Option<(ErrorClass, &Arc<str>)> {
         | Event::RetryRefused { .. }
         | Event::BreakerTransition { .. }
         | Event::FallbackTaken { .. }
+        | Event::CorrectionRound { .. }
         | Event::BudgetCharged { .. }
         | Event::SchemaDrift { .. }
         | Event::FaultInjected { .. } => None,
