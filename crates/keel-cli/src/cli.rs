@@ -63,6 +63,40 @@ pub enum Command {
     /// Serve keel.toml's tools over MCP on stdin/stdout (for an MCP client that starts
     /// Keel as a subprocess); every call runs under its policies and is journaled.
     Mcp,
+    /// A failure-injection drill: N synthetic calls per target (http tools and
+    /// OpenAI-wire models) with timeouts, 5xx, latency, empty and malformed answers,
+    /// cut and stalled streams, and lost responses injected on the wire; reports how
+    /// every call ended and checks the invariants (every call ended, no side effect
+    /// repeated, retries within policy, answers well-formed). Models are answered by
+    /// a synthetic upstream (no provider is called); tools' services are called for
+    /// real. On a journal of its own. Exit 1 when an invariant broke.
+    Drill {
+        /// Calls per target.
+        #[arg(long, default_value_t = 20)]
+        calls: usize,
+        /// The share of requests that get a fault (0–1).
+        #[arg(long, default_value_t = 0.3)]
+        rate: f64,
+        /// The faults drawn from, comma-separated (default: all of timeout,
+        /// server_error, latency, empty, malformed, cut, stall, lost_response).
+        #[arg(long, value_delimiter = ',')]
+        faults: Vec<String>,
+        /// Only these tools and models, comma-separated (default: all).
+        #[arg(long, value_delimiter = ',')]
+        targets: Vec<String>,
+        /// The seed of the draws: the same seed, the same faults.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Calls in flight at once.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// How late a `latency` fault answers, e.g. "200ms".
+        #[arg(long, default_value = "200ms")]
+        latency: String,
+        /// Also write the report as an HTML page with plots.
+        #[arg(long)]
+        html: Option<std::path::PathBuf>,
+    },
     /// Runs: list, show, resume, cancel.
     Runs {
         /// What to do.

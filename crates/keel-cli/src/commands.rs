@@ -2,6 +2,7 @@
 //! single report path in `lib.rs`.
 
 use std::io::IsTerminal;
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -222,6 +223,28 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Serve { listen, log_format } => serve(&cli, listen.as_deref(), *log_format).await,
         Command::Mcp => mcp(&cli).await,
+        Command::Drill { calls, rate, faults, targets, seed, concurrency, latency, html } => {
+            let mut opts = keel_server::drill::DrillOptions {
+                calls: *calls,
+                rate: *rate,
+                targets: (!targets.is_empty()).then(|| targets.clone()),
+                seed: *seed,
+                concurrency: *concurrency,
+                ..Default::default()
+            };
+            if !faults.is_empty() {
+                opts.faults = faults
+                    .iter()
+                    .map(|f| {
+                        keel_server::drill::DrillFault::parse(f.trim())
+                            .ok_or_else(|| anyhow::anyhow!("--faults: no fault named `{f}`"))
+                    })
+                    .collect::<Result<_>>()?;
+            }
+            opts.latency = humantime::parse_duration(latency)
+                .map_err(|e| anyhow::anyhow!("--latency `{latency}`: {e}"))?;
+            drill(&cli, opts, html.as_deref()).await
+        }
         Command::Runs { action } => runs(&cli, action).await,
         Command::Approvals { action } => approvals(&cli, action).await,
         Command::Tickets { action } => tickets(&cli, action).await,
@@ -336,6 +359,36 @@ async fn serve(cli: &Cli, listen: Option<&str>, log: crate::cli::LogFormat) -> R
     flush_traces(traces).await;
     print("keel serve stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// `keel drill`: the drill on keel.toml's targets, a progress bar on stderr, the
+/// report as a table (or `--json`), and as HTML when asked.
+async fn drill(cli: &Cli, opts: keel_server::drill::DrillOptions, html: Option<&Path>) -> Result<ExitCode> {
+    let config = Config::load(&cli.config)?;
+    let total = (opts.calls * (config.tools.len() + config.models.len())) as u64;
+    let bar = if cli.json || !std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let bar = indicatif::ProgressBar::new(total);
+        if let Ok(style) = indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} calls {elapsed}") {
+            bar.set_style(style);
+        }
+        bar
+    };
+    let report = keel_server::drill::run(&config, &opts, &|| bar.inc(1)).await?;
+    bar.finish_and_clear();
+    if let Some(path) = html {
+        std::fs::write(path, report.html()).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if cli.json {
+        emit_json(&serde_json::to_value(&report)?);
+    } else {
+        print(&report.table());
+        if let Some(path) = html {
+            print(&format!("report: {}", path.display()));
+        }
+    }
+    Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 /// `keel mcp`: the MCP server on stdio, until stdin closes. Nothing else is written

@@ -11,6 +11,7 @@ pub mod api;
 pub mod auth;
 pub mod conn;
 pub mod dashboard;
+pub mod drill;
 pub mod error;
 pub mod inbox;
 pub mod log;

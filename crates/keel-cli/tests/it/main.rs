@@ -15,6 +15,7 @@ mod crash;
 mod demo;
 mod drill;
 mod durability;
+mod fault_drill;
 mod mcp;
 mod mcp_upstream;
 mod policy_attacks;
