@@ -93,11 +93,7 @@ impl Incidents {
                 continue;
             }
             let windows = &mut self.windows[i];
-            let mut key = match rule.per {
-                IncidentKey::Target => target.to_owned(),
-                IncidentKey::TargetClass => format!("{target}/{class}"),
-                IncidentKey::Rule => "*".to_owned(),
-            };
+            let mut key = key_of(rule, class, target);
             if !windows.contains_key(&key) && windows.len() >= MAX_KEYS {
                 key = "(other)".to_owned();
             }
@@ -122,6 +118,18 @@ impl Incidents {
         changes
     }
 
+    /// Whether a failure of `class` on `target` belongs to an incident open now (of
+    /// any rule): such a failure is already told, and a digest leaves it out.
+    pub fn covers(&self, class: ErrorClass, target: &str) -> bool {
+        self.rules.iter().zip(&self.windows).any(|(rule, windows)| {
+            rule.matches(class, target)
+                && windows
+                    .get(&key_of(rule, class, target))
+                    .or_else(|| windows.get("(other)"))
+                    .is_some_and(|w| w.open)
+        })
+    }
+
     /// Time passed: the incidents whose condition cleared by `now` resolve; idle
     /// windows are forgotten.
     pub fn tick(&mut self, now: Instant) -> Vec<Change> {
@@ -144,6 +152,14 @@ impl Incidents {
     }
 }
 
+fn key_of(rule: &Rule, class: ErrorClass, target: &str) -> String {
+    match rule.per {
+        IncidentKey::Target => target.to_owned(),
+        IncidentKey::TargetClass => format!("{target}/{class}"),
+        IncidentKey::Rule => "*".to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -162,6 +178,7 @@ mod tests {
             resolve_below: 1,
             per,
             sinks: vec![0],
+            quiet: None,
         }
     }
 
@@ -193,6 +210,9 @@ mod tests {
         }
         // Other classes and targets of other keys do not count here.
         assert!(inc.observe(s(50), ErrorClass::Network, "pay").is_empty());
+        assert!(inc.covers(ErrorClass::Timeout, "pay"));
+        assert!(!inc.covers(ErrorClass::Network, "pay"));
+        assert!(!inc.covers(ErrorClass::Timeout, "refund"));
         assert_eq!(inc.open(), 1);
         // Still failures in the window: open.
         assert!(inc.tick(s(100)).is_empty());
