@@ -50,7 +50,8 @@ pub async fn state(
 ) -> Result<AppState, keel_runtime::runner::Error> {
     let metrics = Arc::new(metrics::Metrics::new());
     let alerts = config.alerts.is_enabled().then(|| {
-        let (router, tasks) = keel_telemetry::alert::spawn(config.alerts.clone(), clock.clone());
+        let log = Arc::new(api::incidents::JournalLog(journal.clone()));
+        let (router, tasks) = keel_telemetry::alert::spawn_logged(config.alerts.clone(), clock.clone(), log);
         Arc::new(api::Alerting { router, tasks: std::sync::Mutex::new(Some(tasks)) })
     });
     let sentry = match &config.telemetry.sentry {
@@ -138,6 +139,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/tickets", get(api::tickets::list))
         .route("/api/tickets/{id}", get(api::tickets::show))
         .route("/api/tickets/{id}/resolve", post(api::tickets::resolve))
+        .route("/api/incidents", get(api::incidents::list))
         .route("/api/tools/{name}/invoke", post(api::tools::invoke))
         .route("/api/dashboard", get(dashboard::dashboard))
         .route("/api/budgets", get(ops::budgets))

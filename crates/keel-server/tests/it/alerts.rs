@@ -14,14 +14,15 @@ use tokio::sync::Notify;
 
 use crate::support::{AGENT, Server};
 
+/// A webhook receiver on loopback: what it got.
 #[derive(Clone, Default)]
-struct Hook {
-    got: Arc<Mutex<Vec<Value>>>,
+pub(crate) struct Hook {
+    pub(crate) got: Arc<Mutex<Vec<Value>>>,
     changed: Arc<Notify>,
 }
 
 impl Hook {
-    async fn start(&self) -> String {
+    pub(crate) async fn start(&self) -> String {
         let me = self.clone();
         let app = axum::Router::new().route(
             "/hook",
@@ -40,7 +41,7 @@ impl Hook {
         format!("http://{addr}/hook")
     }
 
-    async fn wait_for(&self, n: usize) {
+    pub(crate) async fn wait_for(&self, n: usize) {
         let wait = async {
             loop {
                 let changed = self.changed.notified();
@@ -133,11 +134,38 @@ window = "5m"
         assert!(status >= 400, "{status} {body}");
     }
     hook.wait_for(2).await;
+    // The record, in the journal: both incidents open, each trigger delivered.
+    let incidents = s
+        .until_incidents(|list| {
+            list.len() == 2
+                && list.iter().all(|i| i["timeline"].to_string().contains(r#""kind":"delivered""#))
+        })
+        .await;
+    for i in &incidents {
+        assert_eq!(i["state"], "open", "{i:#}");
+        let kinds: Vec<&str> =
+            i["timeline"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
+        assert_eq!(kinds, ["triggered", "delivered"], "{i:#}");
+        assert_eq!(i["timeline"][1]["sink"], "hook");
+        assert_eq!(i["timeline"][1]["action"], "trigger");
+    }
+    let rules: std::collections::BTreeSet<&str> =
+        incidents.iter().map(|i| i["rule"].as_str().unwrap()).collect();
+    assert_eq!(rules, ["auth", "notify-down"].into());
+    let (status, _) = s.get(None, "/api/incidents").await;
+    assert_eq!(status, 401, "the record needs a key");
     let (_, metrics) = s.get(Some(AGENT), "/metrics").await;
     let metrics = metrics.as_str().unwrap_or("").to_owned();
     assert!(metrics.contains("keel_incidents_open 2"), "{metrics}");
     assert!(metrics.contains("# HELP keel_incidents_open "), "{metrics}");
     s.shutdown().await;
+    // After the server is gone, the record is in its journal.
+    let db = format!("sqlite://{}", s.dir.path().join("keel.db").display());
+    let journal = keel_journal::open(&db, keel_journal::JournalOptions::default()).await.unwrap();
+    let kept = journal.incidents(10).await.unwrap();
+    assert_eq!(kept.len(), 2, "{kept:#?}");
+    assert!(kept.iter().all(|i| i.is_open() && i.timeline.len() == 2), "{kept:#?}");
+    journal.close().await;
     let got = hook.got.lock().unwrap().clone();
     assert_eq!(got.len(), 2, "one trigger per incident: {got:#?}");
     let of =
