@@ -645,3 +645,23 @@ async fn a_dropped_delivery_is_recorded() {
     assert!(count("dropped") >= 3, "{lines:#?}");
     assert_eq!(count("dropped") + count("failed"), 5, "every delivery has one outcome: {lines:#?}");
 }
+
+/// The README's `[alerts]` example is a valid config (quiet hours and digest included).
+#[test]
+fn the_readmes_alerts_example_resolves() {
+    let readme = include_str!("../../../../README.md");
+    let section = &readme[readme.find("## Traces and alerts").unwrap()..];
+    let block = section.split("```toml").nth(1).unwrap().split("```").next().unwrap();
+    let whole: toml::Table = toml::from_str(block).unwrap();
+    let config: AlertsConfig = whole["alerts"].clone().try_into().unwrap();
+    let env = |var: &str| match var {
+        "PD_ROUTING_KEY" => Some("key".to_owned()),
+        "SLACK_WEBHOOK_URL" => Some("https://hooks.slack.invalid/T0/B0/x".to_owned()),
+        _ => None,
+    };
+    let alerts = config.resolve(&env).unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(alerts.rules.len(), 2);
+    assert!(alerts.rules.iter().all(|r| r.quiet.is_some()), "the default applies where none is set");
+    assert_eq!(alerts.rules[1].quiet.unwrap().offset, 60);
+    assert_eq!(alerts.digest.as_ref().map(|d| d.every), Some(Duration::from_secs(3600)));
+}
