@@ -123,6 +123,7 @@ function incidentLine(e) {
     delivered: `${esc(e.action)} delivered${to}`,
     failed: `${esc(e.action)} not delivered${to}`,
     dropped: `${esc(e.action)} dropped (queue full)${to}`,
+    adopted: "taken over by a restarted server",
   }[e.kind] || esc(e.kind);
   return `<li class="ev-${esc(e.kind)}"><time>${when(e.at_ms)}</time> ${what}${e.detail ? ` <span class="muted">(${esc(e.detail)})</span>` : ""}</li>`;
 }

@@ -49,11 +49,15 @@ pub async fn state(
     clock: Arc<dyn Clock>,
 ) -> Result<AppState, keel_runtime::runner::Error> {
     let metrics = Arc::new(metrics::Metrics::new());
-    let alerts = config.alerts.is_enabled().then(|| {
+    let alerts = if config.alerts.is_enabled() {
         let log = Arc::new(api::incidents::JournalLog(journal.clone()));
-        let (router, tasks) = keel_telemetry::alert::spawn_logged(config.alerts.clone(), clock.clone(), log);
-        Arc::new(api::Alerting { router, tasks: std::sync::Mutex::new(Some(tasks)) })
-    });
+        let open = api::incidents::open_before(&*journal).await;
+        let (router, tasks) =
+            keel_telemetry::alert::spawn_logged(config.alerts.clone(), clock.clone(), log, open);
+        Some(Arc::new(api::Alerting { router, tasks: std::sync::Mutex::new(Some(tasks)) }))
+    } else {
+        None
+    };
     let sentry = match &config.telemetry.sentry {
         None => None,
         Some(s) => Some(

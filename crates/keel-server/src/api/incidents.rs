@@ -7,7 +7,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::{Query, State};
 use keel_journal::{AlertRecord, IncidentView, Journal};
-use keel_telemetry::alert::{AlertEntry, AlertLog};
+use keel_telemetry::alert::{AlertEntry, AlertLog, OpenIncident};
 use serde::{Deserialize, Serialize};
 
 use super::{AppState, ms};
@@ -42,6 +42,41 @@ impl AlertLog for JournalLog {
         let records: Vec<AlertRecord> = entries.iter().map(record).collect();
         self.0.record_alerts(&records).await.map_err(|e| e.to_string())
     }
+}
+
+/// Incidents the journal holds open, for a starting router to take over (an earlier
+/// process opened them). A journal that cannot be read gives none, with a warning: the
+/// router starts anyway.
+pub async fn open_before(journal: &dyn Journal) -> Vec<OpenIncident> {
+    let listed = match journal.incidents(500).await {
+        Ok(listed) => listed,
+        Err(e) => {
+            tracing::warn!(target: "keel::alert", error = %e, "open incidents not read: none taken over");
+            return Vec::new();
+        }
+    };
+    listed
+        .into_iter()
+        .filter(IncidentView::is_open)
+        .map(|i| {
+            // Still held: a `held` line with no `released` after it.
+            let held = i
+                .timeline
+                .iter()
+                .rev()
+                .find(|e| e.kind == "held" || e.kind == "released")
+                .is_some_and(|e| e.kind == "held");
+            OpenIncident {
+                class: i.class.as_deref().and_then(|c| c.parse().ok()),
+                id: i.id,
+                rule: i.rule,
+                key: i.key,
+                target: i.target,
+                count: i.count,
+                held,
+            }
+        })
+        .collect()
 }
 
 /// `GET /api/incidents?limit=50`.

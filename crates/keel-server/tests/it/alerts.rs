@@ -12,7 +12,7 @@ use keel_examples::payments::Faults;
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 
-use crate::support::{AGENT, Server};
+use crate::support::{AGENT, Server, Storage};
 
 /// A webhook receiver on loopback: what it got.
 #[derive(Clone, Default)]
@@ -191,4 +191,71 @@ window = "5m"
             && envelopes.contains(r#""keel.target":"notify""#)
     );
     assert!(!envelopes.contains("a private prompt"));
+}
+
+/// A restart (issue 17): an incident the journal holds open is taken over by the new
+/// server's router — not triggered again — and resolved, with a resolve to its sink
+/// under its dedup key, once a window passes without failures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_server_takes_over_an_open_incident_and_resolves_it() {
+    let hook = Hook::default();
+    let url = hook.start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("before.db").display());
+    // The record as an earlier process left it: one incident open, its trigger sent.
+    let before = keel_journal::open(&db, keel_journal::JournalOptions::default()).await.unwrap();
+    let line = |kind: &str, sink: Option<&str>| keel_journal::AlertRecord {
+        at_ms: 1_700_000_000_000,
+        incident: "keel/notify-down/notify@1700000000000".into(),
+        kind: kind.into(),
+        rule: "notify-down".into(),
+        key: "notify".into(),
+        severity: "error".into(),
+        class: Some("server_error".into()),
+        target: Some("notify".into()),
+        count: 2,
+        sink: sink.map(Into::into),
+        action: sink.map(|_| "trigger".into()),
+        detail: None,
+    };
+    before.record_alerts(&[line("triggered", None), line("delivered", Some("hook"))]).await.unwrap();
+    before.close().await;
+    let extra = format!(
+        r#"
+[alerts]
+check_every = "100ms"
+
+[alerts.sinks.hook]
+kind = "webhook"
+url = "{url}"
+
+[[alerts.rules]]
+name = "notify-down"
+classes = ["server_error"]
+targets = ["notify"]
+threshold = 2
+window = "1s"
+"#
+    );
+    let storage = Storage { url: Some(db), ..Storage::default() };
+    let mut s = Server::start_with(Faults::default(), &extra, storage).await;
+    let list = s
+        .until_incidents(|l| {
+            l.len() == 1
+                && l[0]["state"] == "resolved"
+                && l[0]["timeline"].as_array().is_some_and(|t| t.len() == 5)
+        })
+        .await;
+    let kinds: Vec<&str> =
+        list[0]["timeline"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["triggered", "delivered", "adopted", "resolved", "delivered"], "{list:#?}");
+    assert_eq!(list[0]["timeline"][4]["action"], "resolve");
+    hook.wait_for(1).await;
+    s.shutdown().await;
+    let got = hook.got.lock().unwrap().clone();
+    assert_eq!(got.len(), 1, "a resolve, and no second trigger: {got:#?}");
+    assert_eq!(
+        (got[0]["action"].as_str(), got[0]["dedup_key"].as_str()),
+        (Some("resolve"), Some("keel/notify-down/notify"))
+    );
 }

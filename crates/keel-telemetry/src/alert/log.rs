@@ -46,6 +46,8 @@ pub enum EntryKind {
     Failed,
     /// A delivery was dropped: its sink's queue was full.
     Dropped,
+    /// A restarted router took the incident over (it was open before the restart).
+    Adopted,
 }
 
 impl EntryKind {
@@ -60,6 +62,7 @@ impl EntryKind {
             EntryKind::Delivered => "delivered",
             EntryKind::Failed => "failed",
             EntryKind::Dropped => "dropped",
+            EntryKind::Adopted => "adopted",
         }
     }
 }

@@ -230,25 +230,52 @@ async fn futures_join(handles: Vec<JoinHandle<()>>) {
 /// Starts the router and one worker per sink on the current tokio runtime, with no
 /// record kept ([`spawn_logged`] keeps one).
 pub fn spawn(alerts: Alerts, clock: Arc<dyn Clock>) -> (Arc<AlertRouter>, AlertTasks) {
-    start(alerts, clock, None)
+    start(alerts, clock, None, Vec::new())
+}
+
+/// An incident the record says is open (a process before this one opened it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpenIncident {
+    /// Its id in the record.
+    pub id: String,
+    /// Its rule's name.
+    pub rule: String,
+    /// Its key.
+    pub key: String,
+    /// The class that opened it.
+    pub class: Option<ErrorClass>,
+    /// Its target.
+    pub target: Option<String>,
+    /// Failures in the window when it opened.
+    pub count: u32,
+    /// Whether its trigger was still held for quiet hours (never sent).
+    pub held: bool,
 }
 
 /// Starts the router and one worker per sink on the current tokio runtime; every
 /// incident change and delivery outcome goes to `log`, through a writer task of its
 /// own. Windows, quiet hours and digests are measured on `clock`; deliveries'
 /// timeouts and backoff on tokio's.
+///
+/// `open` are the incidents the record holds open (from before a restart): each is
+/// taken over (`adopted` in the record) as open from now, so it resolves — with a
+/// resolve to its sinks — after a whole window without failures, and a trigger still
+/// held stays held until its quiet hours end. One whose rule is gone is closed in the
+/// record (`resolved`), sending nothing.
 pub fn spawn_logged(
     alerts: Alerts,
     clock: Arc<dyn Clock>,
     log: Arc<dyn AlertLog>,
+    open: Vec<OpenIncident>,
 ) -> (Arc<AlertRouter>, AlertTasks) {
-    start(alerts, clock, Some(log))
+    start(alerts, clock, Some(log), open)
 }
 
 fn start(
     alerts: Alerts,
     clock: Arc<dyn Clock>,
     log: Option<Arc<dyn AlertLog>>,
+    adopted: Vec<OpenIncident>,
 ) -> (Arc<AlertRouter>, AlertTasks) {
     let (tx, rx) = mpsc::channel(CHANNEL);
     let log = log.map(log::start);
@@ -272,7 +299,7 @@ fn start(
         .collect();
     let open = Arc::new(AtomicUsize::new(0));
     let digest = alerts.digest.is_some();
-    let state = Routing {
+    let mut state = Routing {
         sinks: queues.clone(),
         tally: alerts.digest.map(|d| (d, Tally::new(clock.wall()), clock.now())),
         incidents: Incidents::new(alerts.rules),
@@ -282,6 +309,9 @@ fn start(
         open: open.clone(),
         log: log_tx,
     };
+    for incident in adopted {
+        state.adopt(incident);
+    }
     let router = tokio::spawn(route(state, rx, alerts.check_every));
     let handle = Arc::new(AlertRouter {
         tx: tx.clone(),
@@ -344,6 +374,44 @@ fn wall_ms(t: SystemTime) -> u128 {
 }
 
 impl Routing {
+    /// Takes over an incident open before a restart (see [`spawn_logged`]).
+    fn adopt(&mut self, o: OpenIncident) {
+        let wall = self.clock.wall();
+        let Some(rule) = self.incidents.rules().iter().position(|r| r.name == o.rule) else {
+            tracing::warn!(
+                target: "keel::alert", rule = %o.rule, key = %o.key,
+                "an open incident's rule is no longer configured: closed without a resolve"
+            );
+            self.log.send(AlertEntry {
+                at: wall,
+                incident: o.id,
+                kind: EntryKind::Resolved,
+                rule: o.rule,
+                key: o.key,
+                severity: Severity::Info,
+                class: o.class,
+                target: o.target,
+                count: o.count,
+                sink: None,
+                action: None,
+                detail: Some("its rule is no longer configured; nothing sent".to_owned()),
+            });
+            return;
+        };
+        self.incidents.adopt(self.clock.now(), rule, &o.key);
+        self.open.store(self.incidents.open(), Ordering::Relaxed);
+        let r = &self.incidents.rules()[rule];
+        let d = delivery(r, Action::Trigger, o.key.clone(), o.class, o.target, o.count, o.id.clone());
+        let detail = if o.held { "after a restart; its trigger is still held" } else { "after a restart" };
+        self.record(&d, EntryKind::Adopted, Some(detail.to_owned()));
+        if o.held {
+            // Held until its quiet hours end: now, if they are over (or it is critical now).
+            let until = r.held_until(wall).unwrap_or(wall);
+            self.held.insert((rule, o.key.clone()), Held { until, delivery: d });
+        }
+        self.ids.insert((rule, o.key), o.id);
+    }
+
     fn failure(&mut self, at: Instant, class: ErrorClass, target: &str) {
         let changes = self.incidents.observe(at, class, target);
         if changes.is_empty() && !self.incidents.covers(class, target) {

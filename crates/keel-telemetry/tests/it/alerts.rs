@@ -206,7 +206,7 @@ window = "60s"
     let alerts = config.resolve(&env).unwrap_or_else(|e| panic!("{e:?}"));
     let clock = ManualClock::new();
     let log = Arc::new(MemoryLog::default());
-    let (router, tasks) = alert::spawn_logged(alerts, clock.clone(), log.clone());
+    let (router, tasks) = alert::spawn_logged(alerts, clock.clone(), log.clone(), Vec::new());
 
     // The burst: 6 timeouts of `pay` one second apart, with noise that no rule counts.
     for _ in 0..6 {
@@ -445,7 +445,7 @@ severity = "critical"
     let alerts = config.resolve(&|_| None).unwrap_or_else(|e| panic!("{e:?}"));
     let clock = ManualClock::at(utc(23, 0));
     let log = Arc::new(MemoryLog::default());
-    let (router, tasks) = alert::spawn_logged(alerts, clock.clone(), log.clone());
+    let (router, tasks) = alert::spawn_logged(alerts, clock.clone(), log.clone(), Vec::new());
     (hook, clock, log, tasks, router)
 }
 
@@ -633,7 +633,7 @@ async fn a_dropped_delivery_is_recorded() {
     let config: AlertsConfig = toml::from_str(&text).unwrap();
     let alerts = config.resolve(&|_| None).unwrap();
     let log = Arc::new(MemoryLog::default());
-    let (router, tasks) = alert::spawn_logged(alerts, ManualClock::new(), log.clone());
+    let (router, tasks) = alert::spawn_logged(alerts, ManualClock::new(), log.clone(), Vec::new());
     for n in 0..5 {
         router.record(&failed(&format!("t{n}"), ErrorClass::Timeout));
     }
@@ -644,6 +644,86 @@ async fn a_dropped_delivery_is_recorded() {
     assert_eq!(count("triggered"), 5);
     assert!(count("dropped") >= 3, "{lines:#?}");
     assert_eq!(count("dropped") + count("failed"), 5, "every delivery has one outcome: {lines:#?}");
+}
+
+/// After a restart (issue 17): the incidents the record holds open are taken over —
+/// no second trigger, a resolve under the old id once a window is quiet, a trigger
+/// that was held stays unsent (and is cancelled by the resolve), an incident of a rule
+/// that is gone is closed in the record without a delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incidents_open_before_a_restart_are_taken_over() {
+    let hook = Fake::default();
+    let url = hook.start(StatusCode::OK, 0).await;
+    let text = format!(
+        r#"
+quiet_hours = {{ from = "22:00", to = "07:00" }}
+
+[sinks.hook]
+kind = "webhook"
+url = "{url}"
+
+[[rules]]
+name = "slow"
+classes = ["timeout"]
+window = "60s"
+
+[[rules]]
+name = "down"
+classes = ["server_error"]
+severity = "critical"
+window = "60s"
+"#
+    );
+    let config: AlertsConfig = toml::from_str(&text).unwrap();
+    let alerts = config.resolve(&|_| None).unwrap_or_else(|e| panic!("{e:?}"));
+    let open = |id: &str, rule: &str, key: &str, class: ErrorClass, held: bool| alert::OpenIncident {
+        id: id.into(),
+        rule: rule.into(),
+        key: key.into(),
+        class: Some(class),
+        target: Some(key.into()),
+        count: 1,
+        held,
+    };
+    let before = vec![
+        open("keel/slow/pay@1", "slow", "pay", ErrorClass::Timeout, true),
+        open("keel/down/crm@1", "down", "crm", ErrorClass::ServerError, false),
+        open("keel/gone/x@1", "gone", "x", ErrorClass::Network, false),
+    ];
+    let clock = ManualClock::at(utc(23, 0));
+    let log = Arc::new(MemoryLog::default());
+    let (router, tasks) = alert::spawn_logged(alerts, clock.clone(), log.clone(), before);
+    assert_eq!(router.check().await, Some(2), "two taken over; the third's rule is gone");
+    // Failures of an adopted incident: no second trigger.
+    router.record(&failed("crm", ErrorClass::ServerError));
+    router.record(&failed("pay", ErrorClass::Timeout));
+    assert_eq!(router.check().await, Some(2));
+    clock.advance(Duration::from_secs(61));
+    assert_eq!(router.check().await, Some(0));
+    barrier(&router, &hook, 1).await;
+    tasks.shutdown(Duration::from_secs(5)).await;
+    let got = hook.accepted();
+    let sent: Vec<String> = got
+        .iter()
+        .map(|g| {
+            format!(
+                "{}:{}:{}",
+                g["action"].as_str().unwrap(),
+                g["rule"].as_str().unwrap(),
+                g["key"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(sent, ["resolve:down:crm", "trigger:down:barrier-1"], "{got:#?}");
+    assert_eq!(got[0]["dedup_key"], "keel/down/crm");
+    let entries = log.0.lock().unwrap().clone();
+    let of = |id: &str| -> Vec<&str> {
+        entries.iter().filter(|e| e.incident == id && e.sink.is_none()).map(|e| e.kind.as_str()).collect()
+    };
+    assert_eq!(of("keel/down/crm@1"), ["adopted", "resolved"], "{entries:#?}");
+    assert_eq!(of("keel/slow/pay@1"), ["adopted", "cancelled"], "{entries:#?}");
+    assert_eq!(of("keel/gone/x@1"), ["resolved"], "{entries:#?}");
+    assert!(entries.iter().any(|e| e.incident == "keel/down/crm@1" && e.kind.as_str() == "delivered"));
 }
 
 /// The README's `[alerts]` example is a valid config (quiet hours and digest included).
