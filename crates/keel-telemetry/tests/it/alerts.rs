@@ -745,3 +745,48 @@ fn the_readmes_alerts_example_resolves() {
     assert_eq!(alerts.rules[1].quiet.unwrap().offset, 60);
     assert_eq!(alerts.digest.as_ref().map(|d| d.every), Some(Duration::from_secs(3600)));
 }
+
+/// A digest for Slack is one message: the totals, a line per entry (escaped), and how
+/// many more there were past the first 50.
+#[test]
+fn a_slack_digest_is_one_message_with_a_line_per_entry() {
+    use alert::digest::{DigestEntry, DigestReport};
+    use alert::sink::{Action, Delivery, payload};
+    let config: AlertsConfig =
+        toml::from_str("[sinks.chat]\nkind = \"slack\"\nurl = \"http://127.0.0.1:1/hook\"\n").unwrap();
+    let alerts = config.resolve(&|_| None).unwrap();
+    let t0 = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    let mut entries =
+        vec![DigestEntry { class: ErrorClass::Timeout, target: "<pay>".into(), failures: 7, exhausted: 2 }];
+    entries.extend((0..60).map(|n| DigestEntry {
+        class: ErrorClass::Network,
+        target: format!("t{n}"),
+        failures: 1,
+        exhausted: 0,
+    }));
+    let report = DigestReport { from: t0, to: t0 + Duration::from_secs(3600), entries };
+    let d = Delivery {
+        action: Action::Digest,
+        rule: "digest".into(),
+        key: "1h".into(),
+        dedup_key: "keel/digest/1".into(),
+        class: None,
+        target: None,
+        severity: alert::Severity::Info,
+        count: 69,
+        window: Duration::from_secs(3600),
+        incident: "digest@1".into(),
+        digest: Some(Arc::new(report)),
+    };
+    let body = payload(&alerts.sinks[0], &d);
+    let text = body["text"].as_str().unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines[0],
+        ":bar_chart: keel: 67 failures outside incidents and 2 exhausted retries from \
+         2027-01-15T08:00:00Z to 2027-01-15T09:00:00Z"
+    );
+    assert_eq!(lines[1], "• `timeout` of `&lt;pay&gt;`: 7 failed, 2 exhausted");
+    assert_eq!(lines.len(), 1 + 50 + 1, "{text}");
+    assert_eq!(*lines.last().unwrap(), "… and 11 more");
+}
