@@ -180,4 +180,13 @@ impl Journal for Faulty {
     async fn close(&self) {
         self.inner.close().await;
     }
+
+    async fn record_alerts(&self, records: &[crate::AlertRecord]) -> Result<()> {
+        self.write()?;
+        self.inner.record_alerts(records).await
+    }
+
+    async fn incidents(&self, limit: u32) -> Result<Vec<crate::IncidentView>> {
+        self.inner.incidents(limit).await
+    }
 }

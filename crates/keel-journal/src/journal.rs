@@ -225,6 +225,15 @@ pub trait Journal: Send + Sync + fmt::Debug {
     /// Closes the connections.
     async fn close(&self);
 
+    /// Stores alerting's record, in order, in one transaction: each line in its
+    /// incident's timeline; a `triggered` line makes the incident's row (once), a
+    /// `resolved` or `cancelled` line closes it.
+    async fn record_alerts(&self, records: &[crate::AlertRecord]) -> Result<()>;
+
+    /// Incidents with their timelines: the open ones, latest first, then up to
+    /// `limit` resolved ones, latest resolved first (at most `limit` open ones too).
+    async fn incidents(&self, limit: u32) -> Result<Vec<crate::IncidentView>>;
+
     /// One run's events and state, for `keel runs show --json` and support bundles.
     async fn export_run(&self, run_id: &str) -> Result<Option<RunExport>> {
         let Some(state) = self.snapshot(run_id).await? else { return Ok(None) };

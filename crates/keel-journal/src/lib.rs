@@ -27,6 +27,7 @@
 //! # journal.close().await; let _ = std::fs::remove_dir_all(dir); Ok(()) }
 //! ```
 
+pub mod alert;
 pub mod error;
 pub mod event;
 pub mod faulty;
@@ -37,6 +38,7 @@ pub mod state;
 mod store;
 pub mod writer;
 
+pub use alert::{AlertRecord, IncidentEntry, IncidentView};
 pub use error::{Error, Result};
 pub use event::{
     ApprovalDecision, JournalEvent, NewEvent, ProgramOutcome, RecordedEvent, RunState, SCHEMA_VERSION,

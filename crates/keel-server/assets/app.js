@@ -1,4 +1,4 @@
-// Keel's web inbox: approvals, tickets, runs and a dashboard over /api.
+// Keel's web inbox: approvals, tickets, incidents, runs and a dashboard over /api.
 // The API key is kept in this tab's sessionStorage only (gone when the tab closes,
 // never written to disk by localStorage, never in a URL) and sent as a bearer token.
 "use strict";
@@ -106,6 +106,48 @@ async function renderTickets() {
   }).join("");
 }
 
+// A time as UTC, to the second: incidents are compared with PagerDuty's and Slack's.
+function when(ms) {
+  return ms === null || ms === undefined ? "" : new Date(ms).toISOString().replace("T", " ").slice(0, 19) + "Z";
+}
+
+// One line of an incident's timeline, in words.
+function incidentLine(e) {
+  const to = e.sink ? ` → ${esc(e.sink)}` : "";
+  const what = {
+    triggered: "incident opened",
+    held: "trigger held for quiet hours",
+    released: "quiet hours over: trigger sent",
+    resolved: "resolved",
+    cancelled: "resolved during quiet hours: nothing sent",
+    delivered: `${esc(e.action)} delivered${to}`,
+    failed: `${esc(e.action)} not delivered${to}`,
+    dropped: `${esc(e.action)} dropped (queue full)${to}`,
+    adopted: "taken over by a restarted server",
+  }[e.kind] || esc(e.kind);
+  return `<li class="ev-${esc(e.kind)}"><time>${when(e.at_ms)}</time> ${what}${e.detail ? ` <span class="muted">(${esc(e.detail)})</span>` : ""}</li>`;
+}
+
+// Incidents, open first, each with its timeline: when it opened and how many failures
+// did it, every delivery and its outcome, when it resolved.
+async function renderIncidents() {
+  const items = await api("/api/incidents");
+  const open = items.filter((i) => i.state === "open");
+  $("#count-incidents").textContent = open.length || "";
+  const el = $("#incidents");
+  if (!items.length) { el.innerHTML = `<p class="muted">No incidents.</p>`; return; }
+  el.innerHTML = items.map((i) => {
+    const what = i.class && i.target ? `${esc(i.count)} × <b>${esc(i.class)}</b> on <b>${esc(i.target)}</b>` : `key ${esc(i.key)}`;
+    const closed = i.state === "open"
+      ? `<span class="incident-open">open</span> for ${ago(i.triggered_at_ms).replace(" ago", "")}`
+      : `resolved ${when(i.resolved_at_ms)}`;
+    return `<div class="card incident" data-incident="${esc(i.id)}" data-state="${esc(i.state)}">
+      <h3><span class="sev sev-${esc(i.severity)}">${esc(i.severity)}</span> ${esc(i.rule)} <span class="muted">— ${esc(i.key)}</span></h3>
+      <div>${what} · triggered ${when(i.triggered_at_ms)} · ${closed}</div>
+      <ol class="timeline">${(i.timeline || []).map(incidentLine).join("")}</ol></div>`;
+  }).join("");
+}
+
 async function renderRuns() {
   const runs = await api("/api/runs");
   let html = `<table><tr><th>run</th><th>name</th><th>state</th><th>updated</th></tr>` + runs.map((r) =>
@@ -187,7 +229,7 @@ async function renderDashboard() {
 async function refresh() {
   if (!state.key) { status("Enter an API key to see the inbox."); return; }
   try {
-    await Promise.all([renderApprovals(), renderTickets()]);
+    await Promise.all([renderApprovals(), renderTickets(), renderIncidents()]);
     if (state.tab === "runs") await renderRuns();
     if (state.tab === "dashboard") await renderDashboard();
     status(`updated ${new Date().toLocaleTimeString()}`);

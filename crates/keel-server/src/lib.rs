@@ -50,10 +50,15 @@ pub async fn state(
     clock: Arc<dyn Clock>,
 ) -> Result<AppState, keel_runtime::runner::Error> {
     let metrics = Arc::new(metrics::Metrics::new());
-    let alerts = config.alerts.is_enabled().then(|| {
-        let (router, tasks) = keel_telemetry::alert::spawn(config.alerts.clone(), clock.clone());
-        Arc::new(api::Alerting { router, tasks: std::sync::Mutex::new(Some(tasks)) })
-    });
+    let alerts = if config.alerts.is_enabled() {
+        let log = Arc::new(api::incidents::JournalLog(journal.clone()));
+        let open = api::incidents::open_before(&*journal).await;
+        let (router, tasks) =
+            keel_telemetry::alert::spawn_logged(config.alerts.clone(), clock.clone(), log, open);
+        Some(Arc::new(api::Alerting { router, tasks: std::sync::Mutex::new(Some(tasks)) }))
+    } else {
+        None
+    };
     let sentry = match &config.telemetry.sentry {
         None => None,
         Some(s) => Some(
@@ -139,6 +144,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/tickets", get(api::tickets::list))
         .route("/api/tickets/{id}", get(api::tickets::show))
         .route("/api/tickets/{id}/resolve", post(api::tickets::resolve))
+        .route("/api/incidents", get(api::incidents::list))
         .route("/api/tools/{name}/invoke", post(api::tools::invoke))
         .route("/api/dashboard", get(dashboard::dashboard))
         .route("/api/budgets", get(ops::budgets))

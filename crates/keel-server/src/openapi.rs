@@ -164,6 +164,14 @@ pub const ROUTES: &[RouteDoc] = &[
         response: (200, None),
     },
     RouteDoc {
+        method: "get",
+        path: "/api/incidents",
+        summary: "Alert incidents, open first, each with its timeline (triggered, held, resolved, deliveries per sink); ?limit=50",
+        roles: "",
+        request: None,
+        response: (200, None),
+    },
+    RouteDoc {
         method: "post",
         path: "/api/tools/{name}/invoke",
         summary: "Invoke a tool under its policy, idempotency (Idempotency-Key: a retry answers from the key's run; other arguments: 422 conflict) and approval rule; 202 with the run's state when not done; ?wait=30s bounds the request",

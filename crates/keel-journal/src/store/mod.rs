@@ -7,6 +7,7 @@
 //! Projections live in [`project`](self::project) and run inside the append's
 //! transaction, which is what makes a crash leave events and state in agreement.
 
+pub(crate) mod incidents;
 pub(crate) mod project;
 pub(crate) mod sql;
 
@@ -25,6 +26,7 @@ macro_rules! sql_journal {
         mod ops {
             use super::*;
             crate::store::project::projection_ops!($db, $conn);
+            crate::store::incidents::incident_ops!($db, $conn);
         }
 
         #[allow(unused_imports)]
@@ -249,6 +251,7 @@ macro_rules! sql_journal {
                 }
                 sqlx::query("DELETE FROM runs WHERE updated_at < $1").bind(cutoff).execute(&mut *tx).await?;
                 sqlx::query("DELETE FROM attempt_hours WHERE hour < $1").bind(cutoff).execute(&mut *tx).await?;
+                ops::prune_incidents(&mut *tx, cutoff).await?;
                 let keys = sqlx::query("DELETE FROM idempotency_keys WHERE expires_at <= $1")
                     .bind(now)
                     .execute(&mut *tx)
@@ -591,6 +594,28 @@ macro_rules! sql_journal {
             async fn close(&self) {
                 self.write.close().await;
                 self.read.close().await;
+            }
+
+            async fn record_alerts(&self, records: &[crate::AlertRecord]) -> crate::Result<()> {
+                if records.is_empty() {
+                    return Ok(());
+                }
+                // Not `Safe`: a lost commit repeated would write the timeline twice.
+                crate::error::with_retry("record_alerts", crate::error::Repeat::OnlyIfNotApplied, || async move {
+                    let mut tx = self.write.begin_with($begin).await?;
+                    ops::record_alerts(&mut *tx, records).await?;
+                    tx.commit().await?;
+                    Ok(())
+                })
+                .await
+            }
+
+            async fn incidents(&self, limit: u32) -> crate::Result<Vec<crate::IncidentView>> {
+                crate::error::with_retry("incidents", crate::error::Repeat::Safe, || async move {
+                    let mut conn = self.read.acquire().await?;
+                    ops::incidents(&mut *conn, limit).await
+                })
+                .await
             }
         }
     };

@@ -48,6 +48,7 @@ both_backends!(
     writer_acks_only_committed_events,
     runs_created_under_one_id_are_created_once,
     indexed_queries_page_filter_and_aggregate,
+    alert_record_keeps_incidents_and_timelines_across_a_reopen,
 );
 
 fn ev(run: &str, event: JournalEvent) -> NewEvent {
@@ -617,4 +618,95 @@ async fn indexed_queries_page_filter_and_aggregate(s: Store) {
     assert!(stats.retries_by_run.is_empty(), "every attempt was a first one");
     let later = j.attempt_stats(i64::MAX).await.unwrap();
     assert!(later.by_target.is_empty(), "the window excludes older attempts");
+}
+
+fn alert(
+    at_s: i64,
+    incident: &str,
+    kind: &str,
+    sink: Option<&str>,
+    action: Option<&str>,
+) -> keel_journal::AlertRecord {
+    keel_journal::AlertRecord {
+        at_ms: (1_700_000_000 + at_s) * 1000,
+        incident: incident.into(),
+        kind: kind.into(),
+        rule: incident.split('@').next().unwrap().into(),
+        key: "pay".into(),
+        severity: "error".into(),
+        class: Some("timeout".into()),
+        target: Some("pay".into()),
+        count: 3,
+        sink: sink.map(Into::into),
+        action: action.map(Into::into),
+        detail: (kind == "failed").then(|| "timeout after 8 attempts".into()),
+    }
+}
+
+/// Alerting's record (issue 17): incidents open first, then by resolve time, each
+/// with its whole timeline; kept across a reopen; a repeated trigger makes no second
+/// incident; prune drops what resolved before its cutoff.
+async fn alert_record_keeps_incidents_and_timelines_across_a_reopen(s: Store) {
+    let j = &s.journal;
+    assert!(j.incidents(10).await.unwrap().is_empty());
+    j.record_alerts(&[
+        alert(0, "a@1", "triggered", None, None),
+        alert(1, "a@1", "delivered", Some("pager"), Some("trigger")),
+        alert(9, "a@1", "failed", Some("chat"), Some("trigger")),
+        alert(10, "b@2", "triggered", None, None),
+        alert(10, "b@2", "held", None, None),
+        alert(20, "c@3", "triggered", None, None),
+        alert(20, "c@3", "held", None, None),
+    ])
+    .await
+    .unwrap();
+    j.record_alerts(&[
+        alert(30, "c@3", "cancelled", None, None),
+        alert(60, "a@1", "resolved", None, None),
+        alert(61, "a@1", "delivered", Some("pager"), Some("resolve")),
+        alert(62, "digest@4", "delivered", Some("chat"), Some("digest")),
+        alert(63, "a@1", "triggered", None, None),
+    ])
+    .await
+    .unwrap();
+    j.record_alerts(&[]).await.unwrap();
+
+    let other = keel_journal::open(&s.url, keel_journal::JournalOptions::default()).await.unwrap();
+    let all = other.incidents(10).await.unwrap();
+    let ids: Vec<&str> = all.iter().map(|i| i.id.as_str()).collect();
+    assert_eq!(ids, ["b@2", "a@1", "c@3"], "open first, then the latest resolved");
+    let (b, a, c) = (&all[0], &all[1], &all[2]);
+    assert!(b.is_open() && !a.is_open() && !c.is_open());
+    assert_eq!((a.rule.as_str(), a.key.as_str(), a.severity.as_str()), ("a", "pay", "error"));
+    assert_eq!((a.class.as_deref(), a.target.as_deref(), a.count), (Some("timeout"), Some("pay"), 3));
+    assert_eq!(a.triggered_at_ms, 1_700_000_000_000);
+    assert_eq!(a.resolved_at_ms, Some(1_700_000_060_000));
+    assert_eq!(c.resolved_at_ms, Some(1_700_000_030_000), "cancelled closes it");
+    let timeline: Vec<(&str, Option<&str>, Option<&str>)> =
+        a.timeline.iter().map(|e| (e.kind.as_str(), e.sink.as_deref(), e.action.as_deref())).collect();
+    assert_eq!(
+        timeline,
+        [
+            ("triggered", None, None),
+            ("delivered", Some("pager"), Some("trigger")),
+            ("failed", Some("chat"), Some("trigger")),
+            ("resolved", None, None),
+            ("delivered", Some("pager"), Some("resolve")),
+            ("triggered", None, None),
+        ]
+    );
+    assert_eq!(a.timeline[2].detail.as_deref(), Some("timeout after 8 attempts"));
+    assert_eq!(b.timeline.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(), ["triggered", "held"]);
+    let value = serde_json::to_value(a).unwrap();
+    assert_eq!(value["timeline"][1]["sink"], "pager");
+    // At most `limit` of each.
+    let few = other.incidents(1).await.unwrap();
+    assert_eq!(few.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["b@2", "a@1"]);
+    other.close().await;
+
+    s.clock.advance(Duration::from_secs(2 * 3600));
+    j.prune(Duration::from_secs(3600)).await.unwrap();
+    let left = j.incidents(10).await.unwrap();
+    assert_eq!(left.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["b@2"], "the open one stays");
+    assert_eq!(left[0].timeline.len(), 2);
 }

@@ -1,7 +1,8 @@
-//! `/api`: runs, approvals, tickets and tool invocation. Handlers are thin: the
+//! `/api`: runs, approvals, tickets, incidents and tool invocation. Handlers are thin: the
 //! decisions live in keel-runtime (`Runner`, `inbox`), shared with the CLI.
 
 pub mod approvals;
+pub mod incidents;
 pub mod runs;
 pub mod tickets;
 pub mod tools;

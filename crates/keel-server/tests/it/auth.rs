@@ -15,6 +15,7 @@ async fn every_route_but_healthz_needs_a_valid_key() {
         "/api/runs",
         "/api/approvals",
         "/api/tickets",
+        "/api/incidents",
         "/api/openapi.json",
         "/api/dashboard",
     ] {

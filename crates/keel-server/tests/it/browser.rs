@@ -179,3 +179,103 @@ async fn a_tickets_context_reads_as_sections_and_skip_resolves_it() {
     assert!(std::fs::metadata(&shot).map(|m| m.len() > 1000).unwrap_or(false), "a screenshot was taken");
     eprintln!("ticket screenshot: {}", shot.display());
 }
+
+/// The incidents tab after a scripted burst (issue 17): `notify` fails, which opens a
+/// critical incident that stays open and one that resolves once its 2-second window is
+/// quiet; one sink takes every delivery, the other refuses connections. Each card
+/// shows the rule, the failures and the timeline with every delivery's outcome; the
+/// screenshot is kept in the target dir.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_incidents_tab_shows_each_incident_with_its_timeline() {
+    let chromium = chromium();
+    tokio::task::spawn_blocking(playwright).await.unwrap();
+    let hook = crate::alerts::Hook::default();
+    let url = hook.start().await;
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let extra = format!(
+        r#"
+[alerts]
+check_every = "100ms"
+
+[alerts.sinks.hook]
+kind = "webhook"
+url = "{url}"
+
+[alerts.sinks.down]
+kind = "webhook"
+url = "http://{closed}/hook"
+retry = {{ max_attempts = 2, base_delay = "10ms" }}
+
+[[alerts.rules]]
+name = "notify-down"
+classes = ["server_error"]
+targets = ["notify"]
+severity = "critical"
+window = "1h"
+
+[[alerts.rules]]
+name = "notify-flaky"
+classes = ["server_error"]
+targets = ["notify"]
+threshold = 2
+window = "2s"
+sinks = ["hook"]
+"#
+    );
+    let s = Server::start(Faults { notify_down: true, ..Faults::default() }, &extra).await;
+    let (status, body) =
+        s.post(Some(AGENT), "/api/tools/notify/invoke", Some(json!({"params": {"order": 7}}))).await;
+    assert!(status >= 400, "{status} {body}");
+    // Both incidents recorded, the flaky one resolved and its resolve delivered.
+    let list = s
+        .until_incidents(|l| {
+            l.len() == 2
+                && l.iter().any(|i| {
+                    i["state"] == "resolved" && i["timeline"].as_array().is_some_and(|t| t.len() == 4)
+                })
+                && l.iter()
+                    .any(|i| i["state"] == "open" && i["timeline"].as_array().is_some_and(|t| t.len() == 3))
+        })
+        .await;
+    assert_eq!(list[0]["rule"], "notify-down", "open first: {list:#?}");
+    assert_eq!(list[1]["rule"], "notify-flaky", "{list:#?}");
+
+    let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("keel-incidents.png");
+    let script = browser_dir().join("incidents.mjs");
+    let args = [s.base.clone(), AGENT.to_owned(), shot.display().to_string()];
+    let out = tokio::task::spawn_blocking(move || {
+        run_node(&script, &args.iter().map(String::as_str).collect::<Vec<_>>(), &chromium)
+    })
+    .await
+    .unwrap();
+    let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "incidents.mjs: {}\n{log}", out.status);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let cards: Vec<Vec<&str>> =
+        stdout.lines().filter(|l| l.starts_with("keel/")).map(|l| l.split('\t').collect()).collect();
+    assert_eq!(cards.len(), 2, "{log}");
+    assert!(stdout.contains("badge\t1"), "one open: {log}");
+    let (open, resolved) = (&cards[0], &cards[1]);
+    assert_eq!(open[1], "open", "{log}");
+    // (The severity label is upper-cased by the style sheet.)
+    assert!(open[2].to_lowercase().starts_with("critical notify-down — notify"), "{log}");
+    assert!(open[3].starts_with("1 × server_error on notify · triggered "), "{log}");
+    assert!(open[4].contains("incident opened"), "{log}");
+    assert!(open[4].contains("trigger delivered → hook"), "{log}");
+    assert!(open[4].contains("trigger not delivered → down (network after 2 attempts)"), "{log}");
+    assert_eq!(resolved[1], "resolved", "{log}");
+    assert!(resolved[3].starts_with("2 × server_error on notify"), "{log}");
+    let steps: Vec<&str> = resolved[4].split(" | ").collect();
+    assert_eq!(steps.len(), 4, "{log}");
+    assert!(steps[0].ends_with("incident opened"), "{log}");
+    assert!(steps[1].ends_with("trigger delivered → hook"), "{log}");
+    assert!(steps[2].ends_with("resolved"), "{log}");
+    assert!(steps[3].ends_with("resolve delivered → hook"), "{log}");
+    assert!(std::fs::metadata(&shot).map(|m| m.len() > 1000).unwrap_or(false), "a screenshot was taken");
+    eprintln!("incidents screenshot: {}", shot.display());
+    let got = hook.got.lock().unwrap().len();
+    assert_eq!(got, 3, "two triggers and one resolve reached the hook");
+}

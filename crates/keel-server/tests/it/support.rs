@@ -206,4 +206,20 @@ impl Server {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+
+    /// Polls `GET /api/incidents` until `done` says so, with a bound (the alert
+    /// record is written off the call path, by its own task).
+    pub(crate) async fn until_incidents(&self, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+        let start = Instant::now();
+        loop {
+            let (status, body) = self.get(Some(AGENT), "/api/incidents").await;
+            assert_eq!(status, 200, "{body}");
+            let list = body.as_array().cloned().unwrap_or_default();
+            if done(&list) {
+                return list;
+            }
+            assert!(start.elapsed() < Duration::from_secs(20), "the incidents never got there: {body:#}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }

@@ -10,6 +10,8 @@ use keel_core::{ErrorClass, PolicyError, RetryConfig};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use super::quiet::{QuietHours, QuietHoursConfig};
+
 /// `[alerts]`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
@@ -24,6 +26,35 @@ pub struct AlertsConfig {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "Option<String>")]
     pub check_every: Option<Duration>,
+    /// Quiet hours for every rule that sets none of its own: incidents below
+    /// `critical` are held until the period ends, e.g.
+    /// `{ from = "22:00", to = "07:00", tz = "+01:00" }`.
+    pub quiet_hours: Option<QuietHoursConfig>,
+    /// `[alerts.digest]`: a periodic summary of the failures that opened no incident.
+    pub digest: Option<DigestConfig>,
+}
+
+/// `[alerts.digest]`: every `every`, one delivery to `sink` counting the failures
+/// (by class and target) that opened or joined no incident, and the retries
+/// exhausted; nothing is sent for a period without any.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DigestConfig {
+    /// The period, e.g. "1h" or "1d".
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub every: Duration,
+    /// The sink it goes to (a Slack or webhook sink; a digest pages nobody).
+    pub sink: String,
+}
+
+/// `[alerts.digest]` checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Digest {
+    /// The period.
+    pub every: Duration,
+    /// The index of its sink in [`Alerts::sinks`].
+    pub sink: usize,
 }
 
 /// One sink: PagerDuty Events v2, a Slack incoming webhook, or a generic webhook.
@@ -154,6 +185,10 @@ pub struct RuleConfig {
     /// The sinks it goes to; empty: every sink.
     #[serde(default)]
     pub sinks: Vec<String>,
+    /// Quiet hours (default: `[alerts].quiet_hours`); ignored for `critical`, which
+    /// always pages.
+    #[serde(default)]
+    pub quiet_hours: Option<QuietHoursConfig>,
 }
 
 fn default_severity() -> Severity {
@@ -214,6 +249,8 @@ pub struct Rule {
     pub per: IncidentKey,
     /// Indexes into [`Alerts::sinks`].
     pub sinks: Vec<usize>,
+    /// When its triggers are held (never for `critical`).
+    pub quiet: Option<QuietHours>,
 }
 
 impl Rule {
@@ -221,6 +258,13 @@ impl Rule {
     pub fn matches(&self, class: ErrorClass, target: &str) -> bool {
         (self.classes.is_empty() || self.classes.contains(&class))
             && (self.targets.is_empty() || self.targets.iter().any(|t| t == target))
+    }
+
+    /// Until when a trigger at `wall` is held: `None` when it pages now (no quiet
+    /// hours, outside them, or `critical`).
+    pub fn held_until(&self, wall: std::time::SystemTime) -> Option<std::time::SystemTime> {
+        let quiet = self.quiet.as_ref()?;
+        (self.severity < Severity::Critical && quiet.contains(wall)).then(|| quiet.end_after(wall))
     }
 }
 
@@ -233,6 +277,8 @@ pub struct Alerts {
     pub rules: Vec<Rule>,
     /// How often open incidents are checked.
     pub check_every: Duration,
+    /// The digest, when configured.
+    pub digest: Option<Digest>,
 }
 
 impl Alerts {
@@ -244,7 +290,7 @@ impl Alerts {
 
 /// The default rules: each class whose `alerts()` is true, per target; at the first
 /// failure when the class needs a person (credentials), else at 5 in 5 minutes.
-pub fn default_rules(sinks: usize) -> Vec<Rule> {
+pub fn default_rules(sinks: usize, quiet: Option<QuietHours>) -> Vec<Rule> {
     ErrorClass::ALL
         .into_iter()
         .filter(|c| c.alerts())
@@ -261,6 +307,7 @@ pub fn default_rules(sinks: usize) -> Vec<Rule> {
                 resolve_below: 1,
                 per: IncidentKey::Target,
                 sinks: (0..sinks).collect(),
+                quiet,
             }
         })
         .collect()
@@ -281,6 +328,7 @@ impl AlertsConfig {
             }
         }
         let names: Vec<&String> = self.sinks.keys().collect();
+        let quiet_default = self.quiet_hours.as_ref().and_then(|q| quiet(q, "quiet_hours", &mut c));
         let mut rules = Vec::new();
         for (i, r) in self.rules.iter().enumerate() {
             let key = |k: &str| format!("rules[{i}].{k}");
@@ -311,6 +359,10 @@ impl AlertsConfig {
             if r.sinks.is_empty() {
                 indexes = (0..names.len()).collect();
             }
+            let quiet_hours = match &r.quiet_hours {
+                Some(q) => quiet(q, &key("quiet_hours"), &mut c),
+                None => quiet_default,
+            };
             rules.push(Rule {
                 name: r.name.clone(),
                 classes: r.classes.clone(),
@@ -321,6 +373,7 @@ impl AlertsConfig {
                 resolve_below: r.resolve_below,
                 per: r.per,
                 sinks: indexes,
+                quiet: quiet_hours,
             });
         }
         if !self.rules.is_empty() && self.sinks.is_empty() {
@@ -330,11 +383,39 @@ impl AlertsConfig {
         if check_every < Duration::from_millis(10) || check_every > Duration::from_secs(3600) {
             c.fail("check_every", "must be from \"10ms\" to \"1h\"");
         }
+        let digest = self.digest.as_ref().and_then(|d| {
+            if d.every < Duration::from_secs(60) || d.every > Duration::from_secs(7 * 86_400) {
+                c.fail("digest.every", "must be from \"1m\" to \"7d\"");
+            }
+            let at = names.iter().position(|n| **n == d.sink);
+            match at.map(|i| (i, self.sinks[&d.sink].kind)) {
+                None => c.fail("digest.sink", format!("no sink `{}` in [alerts.sinks]", d.sink)),
+                Some((_, SinkKind::Pagerduty)) => c.fail(
+                    "digest.sink",
+                    format!("`{}` is a PagerDuty sink; a digest goes to a Slack or webhook sink", d.sink),
+                ),
+                Some((_, SinkKind::Slack | SinkKind::Webhook)) => {}
+            }
+            Some(Digest { every: d.every, sink: at? })
+        });
         c.finish()?;
         if rules.is_empty() {
-            rules = default_rules(sinks.len());
+            rules = default_rules(sinks.len(), quiet_default);
         }
-        Ok(Alerts { sinks, rules, check_every })
+        Ok(Alerts { sinks, rules, check_every, digest })
+    }
+}
+
+/// Checks a `quiet_hours` table at `key`.
+fn quiet(q: &QuietHoursConfig, key: &str, c: &mut Checks) -> Option<QuietHours> {
+    match q.resolve() {
+        Ok(q) => Some(q),
+        Err(problems) => {
+            for (k, message) in problems {
+                c.fail(format!("{key}.{k}"), message);
+            }
+            None
+        }
     }
 }
 

@@ -93,11 +93,7 @@ impl Incidents {
                 continue;
             }
             let windows = &mut self.windows[i];
-            let mut key = match rule.per {
-                IncidentKey::Target => target.to_owned(),
-                IncidentKey::TargetClass => format!("{target}/{class}"),
-                IncidentKey::Rule => "*".to_owned(),
-            };
+            let mut key = key_of(rule, class, target);
             if !windows.contains_key(&key) && windows.len() >= MAX_KEYS {
                 key = "(other)".to_owned();
             }
@@ -122,6 +118,29 @@ impl Incidents {
         changes
     }
 
+    /// Takes over an incident of rule `rule` open before a restart: open from `now`,
+    /// as if its failures had just been counted, so it resolves after a whole quiet
+    /// window, or stays open while failures go on. No trigger is due for it.
+    pub fn adopt(&mut self, now: Instant, rule: usize, key: &str) {
+        let (Some(r), Some(windows)) = (self.rules.get(rule), self.windows.get_mut(rule)) else { return };
+        let n = usize::try_from(r.resolve_below).unwrap_or(1).clamp(1, 10_000);
+        let window = windows.entry(key.to_owned()).or_default();
+        window.open = true;
+        window.hits = std::iter::repeat_n(now, n).collect();
+    }
+
+    /// Whether a failure of `class` on `target` belongs to an incident open now (of
+    /// any rule): such a failure is already told, and a digest leaves it out.
+    pub fn covers(&self, class: ErrorClass, target: &str) -> bool {
+        self.rules.iter().zip(&self.windows).any(|(rule, windows)| {
+            rule.matches(class, target)
+                && windows
+                    .get(&key_of(rule, class, target))
+                    .or_else(|| windows.get("(other)"))
+                    .is_some_and(|w| w.open)
+        })
+    }
+
     /// Time passed: the incidents whose condition cleared by `now` resolve; idle
     /// windows are forgotten.
     pub fn tick(&mut self, now: Instant) -> Vec<Change> {
@@ -144,6 +163,14 @@ impl Incidents {
     }
 }
 
+fn key_of(rule: &Rule, class: ErrorClass, target: &str) -> String {
+    match rule.per {
+        IncidentKey::Target => target.to_owned(),
+        IncidentKey::TargetClass => format!("{target}/{class}"),
+        IncidentKey::Rule => "*".to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -162,6 +189,7 @@ mod tests {
             resolve_below: 1,
             per,
             sinks: vec![0],
+            quiet: None,
         }
     }
 
@@ -193,6 +221,9 @@ mod tests {
         }
         // Other classes and targets of other keys do not count here.
         assert!(inc.observe(s(50), ErrorClass::Network, "pay").is_empty());
+        assert!(inc.covers(ErrorClass::Timeout, "pay"));
+        assert!(!inc.covers(ErrorClass::Network, "pay"));
+        assert!(!inc.covers(ErrorClass::Timeout, "refund"));
         assert_eq!(inc.open(), 1);
         // Still failures in the window: open.
         assert!(inc.tick(s(100)).is_empty());
@@ -231,6 +262,16 @@ mod tests {
         let mut whole = Incidents::new(vec![rule(1, 10, IncidentKey::Rule)]);
         assert_eq!(triggers(&whole.observe(t0, ErrorClass::Timeout, "a")), 1);
         assert_eq!(triggers(&whole.observe(t0, ErrorClass::Timeout, "b")), 0);
+        // An adopted incident is open, counts as told, and resolves a window later.
+        let mut adopted = Incidents::new(vec![rule(3, 10, IncidentKey::Target)]);
+        adopted.adopt(t0, 0, "pay");
+        assert_eq!(adopted.open(), 1);
+        assert!(adopted.observe(t0, ErrorClass::Timeout, "pay").is_empty(), "no second trigger");
+        assert!(adopted.tick(t0 + Duration::from_secs(9)).is_empty());
+        assert_eq!(
+            adopted.tick(t0 + Duration::from_secs(10)),
+            [Change::Resolve { rule: 0, key: "pay".into() }]
+        );
         // Everything forgotten once resolved and idle.
         inc.tick(t0 + Duration::from_secs(11));
         assert_eq!(inc.open(), 0);

@@ -19,6 +19,8 @@ use serde_json::json;
 use tokio::sync::Notify;
 
 use super::config::{Severity, Sink, SinkKind};
+use super::digest::DigestReport;
+use super::log::{AlertEntry, EntryKind, LogTx};
 use crate::http::{SendError, send};
 
 /// Trigger or resolve.
@@ -28,14 +30,17 @@ pub enum Action {
     Trigger,
     /// It resolved.
     Resolve,
+    /// A period's digest.
+    Digest,
 }
 
 impl Action {
-    /// `trigger` or `resolve` (PagerDuty's `event_action`).
+    /// `trigger`, `resolve` (PagerDuty's `event_action`) or `digest`.
     pub const fn as_str(self) -> &'static str {
         match self {
             Action::Trigger => "trigger",
             Action::Resolve => "resolve",
+            Action::Digest => "digest",
         }
     }
 }
@@ -59,8 +64,12 @@ pub struct Delivery {
     pub severity: Severity,
     /// Failures in the window when it opened.
     pub count: u32,
-    /// The rule's window.
+    /// The rule's window (a digest's period).
     pub window: Duration,
+    /// The incident's id, as the alert log knows it.
+    pub incident: String,
+    /// The digest (digests).
+    pub digest: Option<Arc<DigestReport>>,
 }
 
 /// A bounded queue that drops its oldest item when full.
@@ -84,16 +93,18 @@ impl Queue {
         })
     }
 
-    /// Never blocks.
-    pub(crate) fn push(&self, d: Delivery) {
+    /// Never blocks; answers the delivery dropped to make room, if one was.
+    pub(crate) fn push(&self, d: Delivery) -> Option<Delivery> {
         let mut items = self.items.lock().unwrap_or_else(|e| e.into_inner());
+        let mut gone = None;
         if items.len() >= self.cap {
-            items.pop_front();
+            gone = items.pop_front();
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
         items.push_back(d);
         drop(items);
         self.notify.notify_one();
+        gone
     }
 
     /// No more pushes: the worker stops once the queue is empty.
@@ -120,8 +131,39 @@ impl Queue {
     }
 }
 
-/// Empties `queue` into `sink`, in order, each delivery under the sink's retries.
-pub(crate) async fn worker(sink: Sink, queue: Arc<Queue>, clock: Arc<dyn Clock>) {
+/// The log's entry for `d` at `sink`: `kind` with `detail`, at `wall`.
+pub(crate) fn entry(
+    d: &Delivery,
+    sink: &str,
+    kind: EntryKind,
+    detail: Option<String>,
+    at: std::time::SystemTime,
+) -> AlertEntry {
+    AlertEntry {
+        at,
+        incident: d.incident.clone(),
+        kind,
+        rule: d.rule.clone(),
+        key: d.key.clone(),
+        severity: d.severity,
+        class: d.class,
+        target: d.target.clone(),
+        count: d.count,
+        sink: Some(sink.to_owned()),
+        action: Some(d.action),
+        detail,
+    }
+}
+
+/// Empties `queue` into `sink`, in order, each delivery under the sink's retries;
+/// each outcome goes to `log`, stamped by `wall`.
+pub(crate) async fn worker(
+    sink: Sink,
+    queue: Arc<Queue>,
+    clock: Arc<dyn Clock>,
+    wall: Arc<dyn Clock>,
+    log: LogTx,
+) {
     let policy = PolicyConfig {
         timeout: TimeoutConfig { attempt: Some(sink.timeout), step: None },
         retry: sink.retry.clone(),
@@ -136,15 +178,27 @@ pub(crate) async fn worker(sink: Sink, queue: Arc<Queue>, clock: Arc<dyn Clock>)
         let body = Bytes::from(payload(&sink, &d).to_string());
         let result = pipeline.call(|_| deliver(&sink, body.clone(), &*clock)).await;
         match result {
-            Ok(()) => tracing::info!(
-                target: "keel::alert", sink = %sink.name, rule = %d.rule, key = %d.key,
-                action = d.action.as_str(), "alert delivered"
-            ),
-            Err(e) => tracing::warn!(
-                target: "keel::alert", sink = %sink.name, rule = %d.rule, key = %d.key,
-                action = d.action.as_str(), keel.error_class = %e.class, attempts = e.attempts,
-                "alert not delivered; dropped"
-            ),
+            Ok(()) => {
+                tracing::info!(
+                    target: "keel::alert", sink = %sink.name, rule = %d.rule, key = %d.key,
+                    action = d.action.as_str(), "alert delivered"
+                );
+                log.send(entry(&d, &sink.name, EntryKind::Delivered, None, wall.wall()));
+            }
+            Err(e) => {
+                tracing::warn!(
+                    target: "keel::alert", sink = %sink.name, rule = %d.rule, key = %d.key,
+                    action = d.action.as_str(), keel.error_class = %e.class, attempts = e.attempts,
+                    "alert not delivered; dropped"
+                );
+                let detail = format!(
+                    "{} after {} attempt{}",
+                    e.class,
+                    e.attempts,
+                    if e.attempts == 1 { "" } else { "s" }
+                );
+                log.send(entry(&d, &sink.name, EntryKind::Failed, Some(detail), wall.wall()));
+            }
         }
     }
 }
@@ -176,6 +230,9 @@ async fn deliver(sink: &Sink, body: Bytes, clock: &dyn Clock) -> Result<(), Fail
 /// What `sink` is sent for `d`. Names come from the config (rules, targets) and the
 /// taxonomy; no prompt, argument or upstream body is ever part of an alert.
 pub fn payload(sink: &Sink, d: &Delivery) -> serde_json::Value {
+    if let Some(report) = &d.digest {
+        return digest_payload(sink, d, report);
+    }
     let class = d.class.map(|c| c.as_str());
     let window = humantime_window(d.window);
     let summary = match (d.action, class, &d.target) {
@@ -187,12 +244,13 @@ pub fn payload(sink: &Sink, d: &Delivery) -> serde_json::Value {
         ),
         (Action::Trigger, _, _) => format!("keel: rule {} fired for {}", d.rule, d.key),
         (Action::Resolve, _, _) => format!("keel: resolved: rule {} for {}", d.rule, d.key),
+        (Action::Digest, _, _) => format!("keel: digest for {}", d.key),
     };
     match sink.kind {
         SinkKind::Pagerduty => {
             let routing_key = sink.routing_key.as_deref().unwrap_or("");
             match d.action {
-                Action::Trigger => json!({
+                Action::Trigger | Action::Digest => json!({
                     "routing_key": routing_key,
                     "event_action": "trigger",
                     "dedup_key": d.dedup_key,
@@ -216,6 +274,7 @@ pub fn payload(sink: &Sink, d: &Delivery) -> serde_json::Value {
             let icon = match d.action {
                 Action::Trigger => ":rotating_light:",
                 Action::Resolve => ":white_check_mark:",
+                Action::Digest => ":bar_chart:",
             };
             json!({ "text": format!("{icon} [{}] {}", d.severity.as_str(), slack_escape(&summary)) })
         }
@@ -229,6 +288,56 @@ pub fn payload(sink: &Sink, d: &Delivery) -> serde_json::Value {
             "severity": d.severity.as_str(),
             "count": d.count,
             "window": window,
+            "summary": summary,
+        }),
+    }
+}
+
+/// Lines a digest names at most (the totals count them all).
+const DIGEST_LINES: usize = 50;
+
+/// A digest: one Slack message, or Keel's JSON for a webhook
+/// (`{action: "digest", from, to, period, failures, exhausted, entries, summary}`).
+fn digest_payload(sink: &Sink, d: &Delivery, report: &DigestReport) -> serde_json::Value {
+    let from = humantime::format_rfc3339_seconds(report.from).to_string();
+    let to = humantime::format_rfc3339_seconds(report.to).to_string();
+    let summary = format!(
+        "keel: {} failure{} outside incidents and {} exhausted retr{} from {from} to {to}",
+        report.failures(),
+        if report.failures() == 1 { "" } else { "s" },
+        report.exhausted(),
+        if report.exhausted() == 1 { "y" } else { "ies" },
+    );
+    let shown = report.entries.iter().take(DIGEST_LINES);
+    match sink.kind {
+        SinkKind::Slack => {
+            let mut text = format!(":bar_chart: {}", slack_escape(&summary));
+            for e in shown {
+                text.push_str(&slack_escape(&format!(
+                    "\n• `{}` of `{}`: {} failed, {} exhausted",
+                    e.class, e.target, e.failures, e.exhausted
+                )));
+            }
+            if report.entries.len() > DIGEST_LINES {
+                text.push_str(&format!("\n… and {} more", report.entries.len() - DIGEST_LINES));
+            }
+            json!({ "text": text })
+        }
+        // A digest is refused for PagerDuty by the config check; Keel's JSON otherwise.
+        SinkKind::Webhook | SinkKind::Pagerduty => json!({
+            "action": "digest",
+            "from": from,
+            "to": to,
+            "period": humantime_window(d.window),
+            "failures": report.failures(),
+            "exhausted": report.exhausted(),
+            "entries": shown.map(|e| json!({
+                "class": e.class.as_str(),
+                "target": e.target,
+                "failures": e.failures,
+                "exhausted": e.exhausted,
+            })).collect::<Vec<_>>(),
+            "more": report.entries.len().saturating_sub(DIGEST_LINES),
             "summary": summary,
         }),
     }
