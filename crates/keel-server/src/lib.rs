@@ -152,6 +152,7 @@ pub fn app(state: AppState) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(keys.clone(), auth::require_key));
     let gateway = state.gateway.clone();
     let issued = Arc::new(api::runs::IssuedRuns::new(state.journal.clone()));
+    let metrics = state.metrics.clone();
     let main = Router::new()
         .route("/healthz", get(ops::healthz))
         .route("/", get(inbox::index))
@@ -173,7 +174,7 @@ pub fn app(state: AppState) -> Router {
         ),
         None => main,
     };
-    all.layer(axum::middleware::from_fn(log::requests))
+    all.layer(axum::middleware::from_fn_with_state(metrics, log::requests))
 }
 
 /// An unknown route: under `/v1` in the model APIs' shape (an SDK calling an endpoint

@@ -24,8 +24,13 @@ use tracing::field::Empty;
 
 use crate::auth::Caller;
 
-/// The middleware.
-pub async fn requests(req: Request, next: Next) -> Response {
+/// The middleware: the log line, the span, the reference, and the request's count
+/// and latency in `/metrics` (by route pattern, method and status).
+pub async fn requests(
+    axum::extract::State(metrics): axum::extract::State<std::sync::Arc<crate::metrics::Metrics>>,
+    req: Request,
+    next: Next,
+) -> Response {
     let started = Instant::now();
     let method = req.method().clone();
     let route = req.extensions().get::<MatchedPath>().map_or("(no route)", MatchedPath::as_str).to_owned();
@@ -51,7 +56,9 @@ pub async fn requests(req: Request, next: Next) -> Response {
         .unwrap_or("-")
         .to_owned();
     let key = resp.extensions().get::<Caller>().map_or("-", |c| c.name.as_str()).to_owned();
-    let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let elapsed = started.elapsed();
+    metrics.request(method.as_str(), &route, status, elapsed);
+    let ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
     span.record("http.response.status_code", i64::from(status));
     if class != "-" {
         span.record("keel.error_class", class.as_str());

@@ -38,6 +38,15 @@ impl Metrics {
     pub fn new() -> Self {
         let recorder = PrometheusBuilder::new()
             .set_buckets(&[0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0])
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full(HTTP_DURATION.into()),
+                    &[
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                        30.0, 60.0,
+                    ],
+                )
+            })
             .map(PrometheusBuilder::build_recorder)
             .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
         describe(&recorder);
@@ -50,6 +59,17 @@ impl Metrics {
     /// Adds 1 to a counter.
     pub fn count(&self, name: &'static str, labels: &[(&'static str, String)]) {
         self.recorder.register_counter(&key(name, labels), &META).increment(1);
+    }
+
+    /// Counts one HTTP request and records its latency, by route pattern (never the
+    /// path: ids stay out, and the series stay few), method and status.
+    pub fn request(&self, method: &str, route: &str, status: u16, elapsed: std::time::Duration) {
+        let labels =
+            [("method", method.to_owned()), ("route", route.to_owned()), ("status", status.to_string())];
+        self.recorder.register_counter(&key("keel_http_requests_total", &labels), &META).increment(1);
+        self.recorder
+            .register_histogram(&key(HTTP_DURATION, &labels[1..2]), &META)
+            .record(elapsed.as_secs_f64());
     }
 
     /// Sets a gauge.
@@ -80,6 +100,10 @@ impl Default for Metrics {
     }
 }
 
+/// The HTTP request latency histogram (buckets of its own: requests take
+/// milliseconds, runs minutes).
+const HTTP_DURATION: &str = "keel_http_request_duration_seconds";
+
 /// Every series' `# HELP` (and unit): a series without one is a bug
 /// (`tests/it/api.rs` checks the exposition).
 pub const SERIES: &[(&str, &str)] = &[
@@ -93,6 +117,8 @@ pub const SERIES: &[(&str, &str)] = &[
     ("keel_schema_drift_total", "Answers in a shape unlike the target's usual ones, by target."),
     ("keel_corrections_total", "Answers sent back to their target to correct, by target and class."),
     ("keel_budget_exceeded_total", "Charges a budget refused, by budget."),
+    ("keel_http_requests_total", "HTTP requests served, by route pattern, method and status."),
+    (HTTP_DURATION, "HTTP request latency by route pattern, in seconds."),
     ("keel_run_duration_seconds", "Wall time from a run's start to its end, in seconds."),
     ("keel_runs_total", "Runs that ended, by final state."),
     ("keel_run_takeovers_total", "Runs taken over from a holder whose lease expired."),

@@ -266,4 +266,23 @@ async fn every_metric_series_is_described_in_base_units() {
     );
     assert!(text.contains("keel_breaker_state{target=\"notify\"} 2"), "{text}");
     assert!(text.contains("keel_gateway_breaker_state{model=\"small\"} 0"), "{text}");
+    // Requests by route pattern (never the path: the tool's name stays a pattern).
+    assert!(
+        text.contains(
+            "keel_http_requests_total{method=\"POST\",route=\"/api/tools/{name}/invoke\",status=\"200\"} 1"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "keel_http_requests_total{method=\"POST\",route=\"/v1/chat/completions\",status=\"200\"} 1"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "keel_http_request_duration_seconds_bucket{route=\"/v1/chat/completions\",le=\"0.0005\"}"
+        ),
+        "sub-millisecond buckets: {text}"
+    );
 }
