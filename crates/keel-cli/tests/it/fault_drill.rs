@@ -208,3 +208,26 @@ fn absurd_drill_options_are_refused_clearly() {
         assert!(!run.stderr.contains("panicked"), "{run:?}");
     }
 }
+
+/// The drill runs `[alerts]`' rules over its failures, calling no sink: a service
+/// that answers 503 to everything would have opened the default `server_error`
+/// incident, and the report says so.
+#[test]
+fn the_report_names_the_alerts_the_drill_would_have_fired() {
+    let (base, _payments) = spawn(Faults::default());
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[defaults]\nretry = {{ max_attempts = 2, base_delay = \"5ms\", max_delay = \"10ms\" }}\n\
+         breaker = {{ enabled = false }}\n\n[tools.notify]\nkind = \"http\"\nurl = \"{base}/notify\"\n"
+    );
+    let run = keel(
+        dir.path(),
+        &config,
+        &["--json", "drill", "--calls", "6", "--rate", "1", "--faults", "server_error"],
+    );
+    assert_eq!(run.code, 0, "failures are not broken invariants: {run:?}");
+    let report = json(&run);
+    let fired = report["alerts_fired"].as_object().unwrap();
+    assert!(fired.keys().any(|k| k.contains("server_error") && k.contains("notify")), "{report:#}");
+    assert_eq!(target(&report, "notify")["failed"]["server_error"], 6, "{report:#}");
+}

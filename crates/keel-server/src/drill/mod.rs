@@ -88,13 +88,42 @@ pub enum DrillError {
 }
 
 /// Counts the policy events of the drilled targets, from the gateway's sink and the
-/// runner's observer alike.
-#[derive(Debug, Default)]
-struct Counts(Mutex<HashMap<String, report::Policy>>);
+/// runner's observer alike; and runs `[alerts]`' rules over the failures (pure: no
+/// sink is called), so the report says which incidents the drill would have opened.
+#[derive(Debug)]
+struct Counts {
+    policy: Mutex<HashMap<String, report::Policy>>,
+    rules: Mutex<keel_telemetry::alert::rules::Incidents>,
+    fired: Mutex<std::collections::BTreeMap<String, u64>>,
+}
+
+impl Counts {
+    fn new(rules: Vec<keel_telemetry::alert::Rule>) -> Self {
+        Self {
+            policy: Mutex::default(),
+            rules: Mutex::new(keel_telemetry::alert::rules::Incidents::new(rules)),
+            fired: Mutex::default(),
+        }
+    }
+}
 
 impl EventSink for Counts {
     fn record(&self, event: &Event) {
-        let mut map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((class, target)) = keel_telemetry::alert::failure_of(event) {
+            let mut incidents = self.rules.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for change in incidents.observe(Instant::now(), class, target) {
+                if let keel_telemetry::alert::rules::Change::Trigger { rule, key, .. } = change {
+                    let name = incidents.rules().get(rule).map_or("?", |r| r.name.as_str());
+                    *self
+                        .fired
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .entry(format!("{name} ({key})"))
+                        .or_default() += 1;
+                }
+            }
+        }
+        let mut map = self.policy.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match event {
             Event::AttemptStarted { target, .. } => map.entry(target.to_string()).or_default().attempts += 1,
             Event::RetryScheduled { target, .. } => map.entry(target.to_string()).or_default().retries += 1,
@@ -246,7 +275,7 @@ pub async fn run(
     let journal = keel_journal::open(&config.storage_url, config.journal_options(clock.clone()))
         .await
         .map_err(|e| DrillError::Setup(e.to_string()))?;
-    let counts = Arc::new(Counts::default());
+    let counts = Arc::new(Counts::new(config.alerts.rules.clone()));
     let config = Arc::new(config);
     let runner = Arc::new(
         Runner::new(config.clone(), journal, clock.clone(), counts.clone())
@@ -293,9 +322,10 @@ pub async fn run(
         collect(done, &mut ends, progress);
     }
     let _ = runner.flush().await;
-    let policy = counts.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    let policy = counts.policy.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
     let metrics = gateway.as_ref().map(|g| g.metrics());
-    let report = report::build(opts, &drilled_view(&drilled), ends, &policy, metrics.as_ref(), skipped);
+    let mut report = report::build(opts, &drilled_view(&drilled), ends, &policy, metrics.as_ref(), skipped);
+    report.alerts_fired = counts.fired.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
     let _ = std::fs::remove_dir_all(&dir);
     Ok(report)
 }

@@ -136,6 +136,9 @@ pub struct Report {
     pub invariants: Vec<Invariant>,
     /// Targets not drilled, and why.
     pub skipped: BTreeMap<String, String>,
+    /// The incidents `[alerts]`' rules would have opened (rule and key: times), had the
+    /// drill's failures been real. No sink is called.
+    pub alerts_fired: BTreeMap<String, u64>,
     /// Every invariant held.
     pub ok: bool,
 }
@@ -291,6 +294,7 @@ pub(super) fn build(
         targets: reports,
         invariants,
         skipped: skipped.into_iter().collect(),
+        alerts_fired: BTreeMap::new(),
         ok,
     }
 }
@@ -342,6 +346,12 @@ impl Report {
         }
         for (name, why) in &self.skipped {
             let _ = writeln!(out, "skipped {name}: {why}");
+        }
+        if self.alerts_fired.is_empty() {
+            let _ = writeln!(out, "alerts: no rule of [alerts] would have fired");
+        }
+        for (rule, n) in &self.alerts_fired {
+            let _ = writeln!(out, "alert would have fired: {rule} ×{n}");
         }
         let _ = writeln!(out);
         for i in &self.invariants {
@@ -406,6 +416,14 @@ impl Report {
             let injected: Vec<(String, u64)> = t.injected.iter().map(|(k, n)| (k.clone(), *n)).collect();
             out.push_str(&bars("faults injected", &injected, "#c74"));
         }
+        out.push_str("<h2>Alerts that would have fired</h2><ul>");
+        if self.alerts_fired.is_empty() {
+            out.push_str("<li>none</li>");
+        }
+        for (rule, n) in &self.alerts_fired {
+            let _ = write!(out, "<li>{} ×{n}</li>", esc(rule));
+        }
+        out.push_str("</ul>");
         if !self.skipped.is_empty() {
             out.push_str("<h2>Not drilled</h2><ul>");
             for (name, why) in &self.skipped {
