@@ -145,6 +145,8 @@ pub fn app(state: AppState) -> Router {
         .route("/api/tickets/{id}", get(api::tickets::show))
         .route("/api/tickets/{id}/resolve", post(api::tickets::resolve))
         .route("/api/incidents", get(api::incidents::list))
+        .route("/api/faults", get(api::faults::list))
+        .route("/api/faults/{tool}", axum::routing::put(api::faults::set).delete(api::faults::clear))
         .route("/api/tools/{name}/invoke", post(api::tools::invoke))
         .route("/api/dashboard", get(dashboard::dashboard))
         .route("/api/budgets", get(ops::budgets))

@@ -101,6 +101,9 @@ pub struct Runner {
     gateway: std::sync::OnceLock<Arc<keel_gateway::Gateway>>,
     /// The answer shapes each tool was seen to give in this process (agent runs).
     shapes: crate::agent::shape::Seen,
+    /// Fault injection set on this running process (`PUT /api/faults/{tool}`), in
+    /// place of the tool's configured `fault`, for the calls that start from then on.
+    faults: Mutex<HashMap<String, keel_core::FaultConfig>>,
 }
 
 /// Where events that belong to no run go (a tool breaker's transitions): the journal,
@@ -175,6 +178,7 @@ impl Runner {
             results: crate::tool::ResultCache::default(),
             gateway: std::sync::OnceLock::new(),
             shapes: crate::agent::shape::Seen::default(),
+            faults: Mutex::default(),
         })
     }
 
@@ -390,10 +394,57 @@ impl Runner {
         }
     }
 
-    /// The policy pipeline of one call of `tool`: its policy, this process's breaker of
-    /// the tool (unless the tool's policy turns breakers off) and the shared gate.
+    /// Sets (or with `None` clears) the fault injection of `tool` on this running
+    /// process: calls that start from now on draw faults from `fault` instead of the
+    /// tool's configured policy. Injected faults are marked in their events (a drill is
+    /// not an incident: no alert, no page).
+    ///
+    /// # Errors
+    /// The tool is unknown, or a value is out of range (by key).
+    pub fn set_fault(&self, tool: &str, fault: Option<keel_core::FaultConfig>) -> Result<(), Error> {
+        if !self.config.tools.contains_key(tool) {
+            return Err(Error::Refused(format!("no tool named `{tool}`")));
+        }
+        let mut faults = self.faults.lock().unwrap_or_else(|e| e.into_inner());
+        match fault {
+            Some(f) => {
+                f.validate().map_err(|errors| {
+                    Error::Refused(
+                        errors
+                            .iter()
+                            .map(|e| format!("{}: {}", e.key, e.message))
+                            .collect::<Vec<_>>()
+                            .join("; "),
+                    )
+                })?;
+                faults.insert(tool.to_owned(), f);
+            }
+            None => {
+                faults.remove(tool);
+            }
+        }
+        Ok(())
+    }
+
+    /// The fault injection set on this process, by tool.
+    pub fn faults(&self) -> std::collections::BTreeMap<String, keel_core::FaultConfig> {
+        self.faults
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// The policy pipeline of one call of `tool`: its policy (with the fault
+    /// injection set on this process, if any), this process's breaker of the tool
+    /// (unless the tool's policy turns breakers off) and the shared gate.
     fn pipeline(&self, tool: &crate::tool::Tool, sink: Arc<dyn keel_core::EventSink>) -> keel_core::Pipeline {
-        let builder = keel_core::Pipeline::builder(tool.name.clone(), tool.policy.clone())
+        let mut policy = tool.policy.clone();
+        if let Some(f) = self.faults.lock().unwrap_or_else(|e| e.into_inner()).get(&*tool.name) {
+            policy.fault = f.clone();
+        }
+        let builder = keel_core::Pipeline::builder(tool.name.clone(), policy)
             .clock(self.clock.clone())
             .sink(sink)
             .gate(self.gate.clone());

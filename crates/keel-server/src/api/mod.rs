@@ -2,6 +2,7 @@
 //! decisions live in keel-runtime (`Runner`, `inbox`), shared with the CLI.
 
 pub mod approvals;
+pub mod faults;
 pub mod incidents;
 pub mod runs;
 pub mod tickets;

@@ -28,9 +28,11 @@ async fn the_openapi_document_covers_every_route_and_every_route_exists() {
     assert_eq!(doc["openapi"], "3.1.0");
     for r in keel_server::openapi::ROUTES {
         assert!(doc["paths"][r.path][r.method].is_object(), "{} {} documented", r.method, r.path);
-        let path = r.path.replace("{id}", "x").replace("{name}", "notify");
+        let path = r.path.replace("{id}", "x").replace("{name}", "notify").replace("{tool}", "notify");
         let resp = match r.method {
             "get" => s.http.get(s.url(&path)),
+            "put" => s.http.put(s.url(&path)).json(&json!({})),
+            "delete" => s.http.delete(s.url(&path)),
             _ => s.http.post(s.url(&path)).json(&json!({})),
         }
         .bearer_auth(ADMIN)
@@ -285,4 +287,44 @@ async fn every_metric_series_is_described_in_base_units() {
         ),
         "sub-millisecond buckets: {text}"
     );
+}
+
+/// Fault injection on a running server (drills): admin only, checked by key, in force
+/// for the calls that start after it, marked injected in the run's events, cleared
+/// without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_are_set_and_cleared_on_a_running_server_by_an_admin() {
+    let s = Server::start(Faults::default(), "").await;
+    let put = |key: &'static str, tool: &'static str, body: serde_json::Value| {
+        let req = s.http.put(s.url(&format!("/api/faults/{tool}"))).bearer_auth(key).json(&body);
+        async move {
+            let resp = req.send().await.unwrap();
+            (resp.status().as_u16(), resp.json::<serde_json::Value>().await.unwrap_or_default())
+        }
+    };
+    let always = json!({"rate": 1.0, "kinds": ["server_error"], "seed": 1});
+    assert_eq!(put(AGENT, "charge", always.clone()).await.0, 403, "an agent cannot drill");
+    let (status, body) = put(ADMIN, "charge", json!({"rate": 2.0})).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("rate"), "{body}");
+    assert_eq!(put(ADMIN, "ghost", always.clone()).await.0, 404);
+    assert_eq!(put(ADMIN, "charge", always).await.0, 200);
+    let (_, set) = s.get(Some(ADMIN), "/api/faults").await;
+    assert_eq!(set["charge"]["rate"], 1.0, "{set}");
+
+    let (status, failed) = s
+        .post(Some(AGENT), "/api/tools/charge/invoke", Some(json!({"params": {"order": 1, "amount": 5}})))
+        .await;
+    assert_ne!(status, 200, "{failed}");
+    assert_eq!(failed["class"], "server_error", "{failed}");
+    assert!(s.payments.charges().is_empty(), "an injected fault never reaches the service");
+    assert!(failed["message"].as_str().unwrap().contains("injected fault"), "said to be a drill: {failed}");
+
+    let resp = s.http.delete(s.url("/api/faults/charge")).bearer_auth(ADMIN).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let (status, ok) = s
+        .post(Some(AGENT), "/api/tools/charge/invoke", Some(json!({"params": {"order": 2, "amount": 5}})))
+        .await;
+    assert_eq!(status, 200, "{ok}");
+    assert_eq!(s.payments.charges().len(), 1);
 }
