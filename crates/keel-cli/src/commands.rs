@@ -152,13 +152,17 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
             let ctx = open_tools(&cli).await?;
             // With the MCP servers' tools known.
             p.check(&ctx.config, plan)?;
-            // Alerts a run's failures open are sent before `keel run` exits; their
-            // resolution is a long-running process's (`keel serve`).
-            let alerts = ctx
-                .config
-                .alerts
-                .is_enabled()
-                .then(|| keel_telemetry::alert::spawn(ctx.config.alerts.clone(), ctx.clock.clone()));
+            // Alerts a run's failures open are sent before `keel run` exits, and
+            // recorded in the journal (the inbox's incidents); an incident already
+            // open there is not paged again. Their resolution is a long-running
+            // process's (`keel serve`).
+            let alerts = if ctx.config.alerts.is_enabled() {
+                let log = Arc::new(keel_server::api::incidents::JournalLog(ctx.journal.clone()));
+                let open = keel_server::api::incidents::open_before(&*ctx.journal).await;
+                Some(keel_telemetry::alert::spawn_logged(ctx.config.alerts.clone(), ctx.clock.clone(), log, open))
+            } else {
+                None
+            };
             let sink = alerts.as_ref().map(|(router, _)| router.clone() as Arc<dyn keel_core::EventSink>);
             let sentry = match &ctx.config.telemetry.sentry {
                 Some(s) => Some(keel_telemetry::sentry::Reporter::start(s)?),

@@ -1,0 +1,307 @@
+"""Keel for Python: keel-core's failure handling in-process.
+
+    import keel
+
+    @keel.step(target="payments", policy=keel.Policy(max_attempts=4, base_delay="100ms"))
+    def charge(order, amount):
+        return payments.post("/charge", json={"order": order, "amount": amount})
+
+Each call runs under the target's policies — retry with backoff (honouring
+`Retry-After`), circuit breaker, attempt budget — decided by keel-core, the engine
+`keel serve` runs. An exception is retried only when its class says retrying can help
+(`classify`): a `ConnectionError` is, a `TypeError` (a bug) is not. A call that fails
+for good raises `StepFailed` with the class and the attempts, the last exception as its
+`__cause__`; a call refused by an open breaker raises `CircuitOpen` without calling
+the function.
+
+Policies are plain values, written in Python or read from the `keel.toml` a server
+uses (`Policy.from_toml("keel.toml", tool="charge")`).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Type, TypeVar, Union
+
+from . import _keel
+
+__all__ = [
+    "CLASSES",
+    "CircuitOpen",
+    "Policy",
+    "StepFailed",
+    "classify",
+    "step",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Every error class Keel knows, with its default disposition (`retry`, `correct`,
+#: `fallback`, `escalate`, `terminal`).
+CLASSES: Dict[str, str] = dict(_keel.classes())
+
+
+class StepFailed(Exception):
+    """A step failed for good: its class, the attempts made, what went wrong.
+
+    The last exception the function raised is the `__cause__`.
+    """
+
+    def __init__(self, target: str, error_class: str, attempts: int, message: str) -> None:
+        super().__init__(f"{target}: {error_class} after {attempts} attempt(s): {message}")
+        self.target = target
+        self.error_class = error_class
+        self.attempts = attempts
+        self.message = message
+
+
+class CircuitOpen(StepFailed):
+    """The target's breaker is open: the function was not called."""
+
+
+_HTTP_CLASSES = {
+    400: "invalid_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    408: "timeout",
+    409: "conflict",
+    413: "invalid_request",
+    422: "invalid_request",
+    429: "rate_limited",
+}
+
+#: Exception types by class, checked in order (subclasses match). Extend it per step
+#: with `step(..., classes={MyError: "rate_limited"})`.
+DEFAULT_TABLE: Tuple[Tuple[Type[BaseException], str], ...] = (
+    (TimeoutError, "timeout"),
+    (ConnectionError, "network"),
+    (KeyError, "code_error"),
+    (IndexError, "code_error"),
+    (AttributeError, "code_error"),
+    (TypeError, "code_error"),
+    (NameError, "code_error"),
+    (ZeroDivisionError, "code_error"),
+    (ValueError, "invalid_request"),
+    (PermissionError, "forbidden"),
+    (FileNotFoundError, "not_found"),
+)
+
+# Names of well-known client libraries' exceptions (openai, anthropic, httpx, requests),
+# matched by name so that none of them is a dependency.
+_BY_NAME = {
+    "RateLimitError": "rate_limited",
+    "APITimeoutError": "timeout",
+    "ReadTimeout": "timeout",
+    "ConnectTimeout": "timeout",
+    "Timeout": "timeout",
+    "APIConnectionError": "network",
+    "ConnectError": "network",
+    "InternalServerError": "server_error",
+    "AuthenticationError": "unauthorized",
+    "PermissionDeniedError": "forbidden",
+    "NotFoundError": "not_found",
+    "BadRequestError": "invalid_request",
+    "UnprocessableEntityError": "invalid_request",
+    "ConflictError": "conflict",
+}
+
+
+def _status_and_headers(exc: BaseException) -> Tuple[Optional[int], Mapping[str, str]]:
+    status = getattr(exc, "status_code", None)
+    response = getattr(exc, "response", None)
+    if status is None and response is not None:
+        status = getattr(response, "status_code", None) or getattr(response, "status", None)
+    headers = getattr(exc, "headers", None) or getattr(response, "headers", None) or {}
+    try:
+        status = int(status) if status is not None else None
+    except (TypeError, ValueError):
+        status = None
+    return status, headers
+
+
+def _retry_after(headers: Mapping[str, str]) -> Optional[float]:
+    try:
+        value = headers.get("retry-after") or headers.get("Retry-After")
+    except AttributeError:
+        return None
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return None  # an HTTP date: left to the policy's backoff
+    return seconds if seconds >= 0 else None
+
+
+def classify(
+    exc: BaseException, table: Optional[Mapping[Type[BaseException], str]] = None
+) -> Tuple[str, Optional[float]]:
+    """The error class of `exc`, and its `Retry-After` in seconds if it carries one.
+
+    In order: the caller's `table`, an HTTP status (`status_code` or
+    `response.status_code`: 429 `rate_limited`, 5xx `server_error`, 401
+    `unauthorized`...), well-known client exceptions by name, `DEFAULT_TABLE`; anything
+    else is `code_error`, which is not retried (a bug does not heal by itself).
+    """
+    for kind, name in (table or {}).items():
+        if isinstance(exc, kind):
+            return name, None
+    status, headers = _status_and_headers(exc)
+    after = _retry_after(headers)
+    if status is not None:
+        if status in _HTTP_CLASSES:
+            return _HTTP_CLASSES[status], after
+        if status >= 500:
+            return "server_error", after
+    for kind in type(exc).__mro__:
+        if kind.__name__ in _BY_NAME:
+            return _BY_NAME[kind.__name__], after
+    for kind, name in DEFAULT_TABLE:
+        if isinstance(exc, kind):
+            return name, None
+    return "code_error", None
+
+
+class Policy:
+    """A target's policy: keel-core's `PolicyConfig`, as keel.toml writes it.
+
+    `Policy(max_attempts=4, base_delay="100ms", max_delay="5s", attempt_timeout="2s",
+    breaker={"min_calls": 5, "failure_ratio": 0.5}, retry_on=["timeout", "network"])`,
+    or any table of keel.toml's `[defaults]` as keyword dicts (`retry={...}`).
+    Durations are keel.toml's strings ("250ms", "5s") or seconds as numbers.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_attempts: Optional[int] = None,
+        base_delay: Union[str, float, None] = None,
+        max_delay: Union[str, float, None] = None,
+        jitter: Optional[str] = None,
+        retry_on: Optional[list] = None,
+        attempt_timeout: Union[str, float, None] = None,
+        retry: Optional[dict] = None,
+        breaker: Optional[dict] = None,
+        timeout: Optional[dict] = None,
+        **tables: Any,
+    ) -> None:
+        config: Dict[str, Any] = json.loads(_keel.default_policy())
+        for name, table in (("retry", retry), ("breaker", breaker), ("timeout", timeout), *tables.items()):
+            if table is not None:
+                if not isinstance(table, dict):
+                    raise TypeError(f"policy `{name}` must be a dict, not {type(table).__name__}")
+                config.setdefault(name, {}).update(_durations(table))
+        shorthand = {
+            "max_attempts": max_attempts,
+            "base_delay": _duration(base_delay),
+            "max_delay": _duration(max_delay),
+            "jitter": jitter,
+            "retry_on": retry_on,
+        }
+        for key, value in shorthand.items():
+            if value is not None:
+                config["retry"][key] = value
+        if attempt_timeout is not None:
+            config.setdefault("timeout", {})["attempt"] = _duration(attempt_timeout)
+        self._json = json.dumps(config)
+        # Checked now, by key, as keel.toml is: a bad value never waits for a call.
+        _keel.Step("policy-check", self._json)
+
+    @classmethod
+    def from_toml(cls, path: str, tool: Optional[str] = None) -> "Policy":
+        """The policy keel.toml gives `tool` (`[defaults]` under its `policy`)."""
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        policy = cls.__new__(cls)
+        policy._json = _keel.policy_from_toml(text, tool)
+        return policy
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The policy as keel-core reads it."""
+        return json.loads(self._json)
+
+    def __repr__(self) -> str:
+        return f"keel.Policy({self._json})"
+
+
+def _duration(value: Union[str, float, None]) -> Optional[str]:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"a duration is a string like '250ms' or seconds, not {value!r}")
+    return f"{int(round(value * 1000))}ms"
+
+
+def _durations(table: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: (_duration(v) if k.endswith(("delay", "timeout", "attempt", "step", "open_for")) and isinstance(v, (int, float)) and not isinstance(v, bool) else v) for k, v in table.items()}
+
+
+def step(
+    target: Optional[str] = None,
+    *,
+    policy: Optional[Policy] = None,
+    classes: Optional[Mapping[Type[BaseException], str]] = None,
+    virtual_time: bool = False,
+) -> Callable[[F], F]:
+    """Runs the decorated function under `policy` as the target `target` (default: the
+    function's qualified name). `classes` maps exception types to error classes first.
+    `virtual_time`: backoffs take no real time (tests); `fn.keel.elapsed()` says how
+    much policy time passed.
+
+    The decorated function gets `.keel`, the step: `.events()`, `.breaker_state()`.
+    """
+
+    def wrap(fn: F) -> F:
+        if inspect.iscoroutinefunction(fn):
+            raise TypeError(
+                "keel.step: async functions are not supported yet (their attempts must be awaited "
+                "on your event loop); decorate a sync function"
+            )
+        name = target or getattr(fn, "__qualname__", "step")
+        inner_step = _Step(name, policy or Policy(), classes, virtual_time)
+
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return inner_step(fn, args, kwargs)
+
+        call.keel = inner_step  # type: ignore[attr-defined]
+        return call  # type: ignore[return-value]
+
+    return wrap
+
+
+class _Step:
+    def __init__(
+        self,
+        target: str,
+        policy: Policy,
+        classes: Optional[Mapping[Type[BaseException], str]],
+        virtual_time: bool,
+    ) -> None:
+        self._step = _keel.Step(target, policy._json, virtual_time)
+        table = dict(classes or {})
+        self._classify = lambda exc: classify(exc, table)
+        self.target = target
+
+    def __call__(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        answer = self._step.call(fn, args, kwargs or None, self._classify)
+        if answer[0]:
+            return answer[1]
+        _, error_class, attempts, message, last = answer
+        kind = CircuitOpen if error_class == "circuit_open" else StepFailed
+        raise kind(self.target, error_class, attempts, message) from last
+
+    def events(self) -> list:
+        """The policy events so far, as `keel serve` journals them."""
+        return json.loads(self._step.events_json())
+
+    def breaker_state(self) -> Optional[str]:
+        """`closed`, `half_open`, `open`; None when the policy has no breaker."""
+        return self._step.breaker_state()
+
+    def elapsed(self) -> float:
+        """Policy time since the step was made, in seconds (virtual with `virtual_time`)."""
+        return self._step.elapsed()

@@ -1,0 +1,222 @@
+//! `keel._keel`: keel-core's policy engine for the `keel` Python package.
+//!
+//! One [`Step`] is one target's keel-core [`Pipeline`] (timeout, retry with backoff and
+//! `Retry-After`, breaker, budget), on a tokio runtime of its own: a call releases the
+//! GIL while the pipeline waits (backoffs, `Retry-After`) and takes it to call the
+//! Python function once per attempt. Python owns what is Python's — exceptions and how
+//! they map to an [`ErrorClass`] (`keel/__init__.py`'s `classify`) — and Rust owns the
+//! decisions, so a step behaves exactly as the same policy does in `keel serve`.
+//!
+//! With `virtual_time`, the runtime's clock is paused and advances only when every
+//! task waits: backoffs are instant, and `elapsed()` says how much policy time passed
+//! (tests on a fake clock).
+
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use keel_core::{ErrorClass, ErrorKind, Failure, MemorySink, Pipeline, PolicyConfig};
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyTuple};
+
+/// One target's policies, ready to call functions under.
+#[pyclass(module = "keel._keel", frozen)]
+struct Step {
+    target: Arc<str>,
+    pipeline: Pipeline,
+    runtime: tokio::runtime::Runtime,
+    events: Arc<MemorySink>,
+    started: tokio::time::Instant,
+}
+
+fn policy_error(errors: &[keel_core::PolicyError]) -> PyErr {
+    let message = errors.iter().map(|e| format!("{}: {}", e.key, e.message)).collect::<Vec<_>>().join("; ");
+    PyValueError::new_err(message)
+}
+
+/// What `classify(exc)` answered: a class name and an optional `Retry-After` in seconds.
+fn failure_of(py: Python<'_>, classify: &Py<PyAny>, err: &PyErr) -> Failure {
+    let message = err.value(py).str().map(|s| s.to_string()).unwrap_or_default();
+    let kind = err.get_type(py).name().map(|n| n.to_string()).unwrap_or_else(|_| "Exception".into());
+    let answered = classify.call1(py, (err.value(py),)).and_then(|v| v.extract::<(String, Option<f64>)>(py));
+    let (class, retry_after) = match answered {
+        Ok((name, after)) => (ErrorClass::from_str(&name).unwrap_or(ErrorClass::CodeError), after),
+        // A classifier that cannot say fails closed: not retried.
+        Err(_) => (ErrorClass::CodeError, None),
+    };
+    let mut failure = Failure::new(class, format!("{kind}: {message}"));
+    failure.retry_after = retry_after.filter(|s| s.is_finite() && *s >= 0.0).map(Duration::from_secs_f64);
+    failure
+}
+
+#[pymethods]
+impl Step {
+    /// A step named `target` under `policy` (keel-core's `PolicyConfig` as JSON, the
+    /// `[defaults]`/`policy` tables of keel.toml).
+    #[new]
+    #[pyo3(signature = (target, policy_json, virtual_time = false))]
+    fn new(target: &str, policy_json: &str, virtual_time: bool) -> PyResult<Self> {
+        let policy: PolicyConfig =
+            serde_json::from_str(policy_json).map_err(|e| PyValueError::new_err(format!("policy: {e}")))?;
+        policy.validate().map_err(|e| policy_error(&e))?;
+        let mut builder = tokio::runtime::Builder::new_current_thread();
+        builder.enable_time();
+        if virtual_time {
+            builder.start_paused(true);
+        }
+        let runtime = builder.build().map_err(|e| PyRuntimeError::new_err(format!("a runtime: {e}")))?;
+        let events = MemorySink::new();
+        let target: Arc<str> = Arc::from(target);
+        let (pipeline, started) = {
+            let _in = runtime.enter();
+            let pipeline = Pipeline::builder(target.clone(), policy).sink(events.clone()).build();
+            (pipeline, tokio::time::Instant::now())
+        };
+        Ok(Step { target, pipeline, runtime, events, started })
+    }
+
+    /// Calls `func(*args, **kwargs)` under the policies. `classify(exc)` names each
+    /// exception's class. `(True, value)`, or `(False, class, attempts, message,
+    /// last_exception)` for the Python side to raise.
+    #[pyo3(signature = (func, args, kwargs, classify))]
+    fn call(
+        &self,
+        py: Python<'_>,
+        func: Py<PyAny>,
+        args: Py<PyTuple>,
+        kwargs: Option<Py<PyDict>>,
+        classify: Py<PyAny>,
+    ) -> PyResult<Py<PyTuple>> {
+        let last: Mutex<Option<PyErr>> = Mutex::new(None);
+        let outcome = py.allow_threads(|| {
+            self.runtime.block_on(self.pipeline.call(|_attempt| {
+                let answer = Python::with_gil(|py| {
+                    let kwargs = kwargs.as_ref().map(|k| k.bind(py));
+                    match func.bind(py).call(args.bind(py), kwargs) {
+                        Ok(v) => Ok(v.unbind()),
+                        Err(e) => {
+                            let failure = failure_of(py, &classify, &e);
+                            *last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
+                            Err(failure)
+                        }
+                    }
+                });
+                std::future::ready(answer)
+            }))
+        });
+        let last = last.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match outcome {
+            Ok(value) => Ok(PyTuple::new(py, [true.into_pyobject(py)?.to_owned().into_any(), value.into_bound(py)])?
+                .unbind()),
+            Err(e) => {
+                let message = match &e.kind {
+                    ErrorKind::Target(f) => f.message.clone(),
+                    other => other.to_string(),
+                };
+                let message = match &e.refusal {
+                    Some(reason) => format!("{message} (not retried: {reason})"),
+                    None => message,
+                };
+                let exc: Py<PyAny> = match (&e.kind, last) {
+                    (ErrorKind::Target(_), Some(err)) => err.into_value(py).into_any(),
+                    _ => py.None(),
+                };
+                let items: Vec<Py<PyAny>> = vec![
+                    false.into_pyobject(py)?.to_owned().into_any().unbind(),
+                    e.class.as_str().into_pyobject(py)?.into_any().unbind(),
+                    e.attempts.into_pyobject(py)?.into_any().unbind(),
+                    message.into_pyobject(py)?.into_any().unbind(),
+                    exc,
+                ];
+                Ok(PyTuple::new(py, items)?.unbind())
+            }
+        }
+    }
+
+    /// The target's name.
+    #[getter]
+    fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// The breaker's state (`closed`, `half_open`, `open`), or None without one.
+    fn breaker_state(&self) -> Option<&'static str> {
+        self.pipeline.breaker().map(|b| b.state().as_str())
+    }
+
+    /// The policy events so far (attempts, retries with their delay and reason,
+    /// refusals, breaker transitions), as JSON: the same events `keel serve` journals.
+    fn events_json(&self) -> PyResult<String> {
+        serde_json::to_string(&self.events.events()).map_err(|e| PyRuntimeError::new_err(e.to_string()))
+    }
+
+    /// The policy time passed since the step was made, in seconds (virtual with
+    /// `virtual_time`).
+    fn elapsed(&self) -> f64 {
+        let _in = self.runtime.enter();
+        self.started.elapsed().as_secs_f64()
+    }
+}
+
+/// Merges `over` into `base`, tables recursively, other values replaced: how
+/// keel.toml's `[tools.NAME].policy` overrides `[defaults]` (keel-runtime's
+/// `config::merge` is the reference; this crate does not link the runtime).
+fn merge(base: &mut toml::Table, over: &toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            _ => {
+                base.insert(k.clone(), v.clone());
+            }
+        }
+    }
+}
+
+/// The policy of `tool` in keel.toml's `text` (`[defaults]` with the tool's `policy`
+/// over it; without a tool, `[defaults]`), checked, as JSON.
+#[pyfunction]
+#[pyo3(signature = (text, tool = None))]
+fn policy_from_toml(text: &str, tool: Option<&str>) -> PyResult<String> {
+    let doc: toml::Table = text.parse().map_err(|e| PyValueError::new_err(format!("keel.toml: {e}")))?;
+    let mut merged = match doc.get("defaults") {
+        Some(toml::Value::Table(t)) => t.clone(),
+        _ => toml::Table::new(),
+    };
+    if let Some(name) = tool {
+        let t = doc
+            .get("tools")
+            .and_then(|t| t.get(name))
+            .ok_or_else(|| PyValueError::new_err(format!("keel.toml has no tool `{name}`")))?;
+        if let Some(toml::Value::Table(own)) = t.get("policy") {
+            merge(&mut merged, own);
+        }
+    }
+    let policy: PolicyConfig = toml::Value::Table(merged)
+        .try_into()
+        .map_err(|e: toml::de::Error| PyValueError::new_err(format!("policy: {e}")))?;
+    policy.validate().map_err(|e| policy_error(&e))?;
+    serde_json::to_string(&policy).map_err(|e| PyRuntimeError::new_err(e.to_string()))
+}
+
+/// The policy keel-core uses when none is written, as JSON.
+#[pyfunction]
+fn default_policy() -> PyResult<String> {
+    serde_json::to_string(&PolicyConfig::default()).map_err(|e| PyRuntimeError::new_err(e.to_string()))
+}
+
+/// Every error class's name and default disposition (`retry`, `correct`, ...).
+#[pyfunction]
+fn classes() -> Vec<(&'static str, &'static str)> {
+    ErrorClass::ALL.iter().map(|c| (c.as_str(), c.default_disposition().as_str())).collect()
+}
+
+/// The `keel._keel` module.
+#[pymodule]
+fn _keel(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Step>()?;
+    m.add_function(wrap_pyfunction!(policy_from_toml, m)?)?;
+    m.add_function(wrap_pyfunction!(default_policy, m)?)?;
+    m.add_function(wrap_pyfunction!(classes, m)?)?;
+    Ok(())
+}
