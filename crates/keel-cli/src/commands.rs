@@ -159,7 +159,12 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
             let alerts = if ctx.config.alerts.is_enabled() {
                 let log = Arc::new(keel_server::api::incidents::JournalLog(ctx.journal.clone()));
                 let open = keel_server::api::incidents::open_before(&*ctx.journal).await;
-                Some(keel_telemetry::alert::spawn_logged(ctx.config.alerts.clone(), ctx.clock.clone(), log, open))
+                Some(keel_telemetry::alert::spawn_logged(
+                    ctx.config.alerts.clone(),
+                    ctx.clock.clone(),
+                    log,
+                    open,
+                ))
             } else {
                 None
             };

@@ -107,8 +107,10 @@ impl Step {
         });
         let last = last.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
         match outcome {
-            Ok(value) => Ok(PyTuple::new(py, [true.into_pyobject(py)?.to_owned().into_any(), value.into_bound(py)])?
-                .unbind()),
+            Ok(value) => {
+                Ok(PyTuple::new(py, [true.into_pyobject(py)?.to_owned().into_any(), value.into_bound(py)])?
+                    .unbind())
+            }
             Err(e) => {
                 let message = match &e.kind {
                     ErrorKind::Target(f) => f.message.clone(),
