@@ -444,3 +444,60 @@ async fn keel_agent_exports_its_turns_and_calls_under_invoke_agent() {
     let tool = spans.iter().find(|s| s.name == "execute_tool charge").unwrap();
     assert_eq!(tool.parent_span_id, agent.span_id);
 }
+
+/// `keel run` records the incidents its run opens in the journal, as `keel serve` does:
+/// the inbox of a server on the same journal shows them, and a run that follows does
+/// not page for an incident already open.
+#[test]
+fn keel_run_records_the_incidents_it_opens_in_the_journal() {
+    // A webhook receiver that answers every delivery 200.
+    let hook = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hook_url = format!("http://{}/hook", hook.local_addr().unwrap());
+    let deliveries = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = deliveries.clone();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for conn in hook.incoming() {
+            let Ok(mut conn) = conn else { break };
+            let mut buf = [0u8; 65536];
+            let _ = conn.read(&mut buf);
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+        }
+    });
+    let b = crate::support::Bench::new(
+        keel_examples::payments::Faults { notify_down: true, ..Default::default() },
+        &format!(
+            "[defaults]\nretry = {{ max_attempts = 3, base_delay = \"5ms\", max_delay = \"10ms\" }}\n\
+             breaker = {{ enabled = false }}\n\n[alerts.sinks.hook]\nkind = \"webhook\"\nurl = \"{hook_url}\"\n\n\
+             [[alerts.rules]]\nname = \"mail\"\nclasses = [\"server_error\"]\nthreshold = 2\nwindow = \"5m\"\n"
+        ),
+    );
+    let plan = b.write("plan.toml", "[[steps]]\ntool = \"notify\"\nparams = {}\n");
+    let run = b.keel(&["run", plan.to_str().unwrap()]);
+    assert_ne!(run.code, 0, "notify is down: {run:?}");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let url = format!("sqlite://{}", b.path("keel.db").display());
+    let incidents = rt.block_on(async {
+        let journal = keel_journal::open(&url, keel_journal::JournalOptions::default()).await.unwrap();
+        journal.incidents(10).await.unwrap()
+    });
+    assert_eq!(incidents.len(), 1, "{incidents:?}");
+    assert_eq!(incidents[0].rule, "mail");
+    let trail = format!("{incidents:?}");
+    assert!(trail.contains("delivered"), "the delivery is on the incident's timeline: {trail}");
+    assert_eq!(deliveries.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // Another run, the incident still open in the journal: no second page.
+    let again = b.keel(&["run", plan.to_str().unwrap()]);
+    assert_ne!(again.code, 0);
+    let incidents = rt.block_on(async {
+        let journal = keel_journal::open(&url, keel_journal::JournalOptions::default()).await.unwrap();
+        journal.incidents(10).await.unwrap()
+    });
+    assert_eq!(incidents.len(), 1, "{incidents:?}");
+    assert_eq!(
+        deliveries.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "an open incident is not paged again"
+    );
+}
