@@ -1,9 +1,12 @@
 //! `keel._keel`: keel-core's policy engine for the `keel` Python package.
 //!
 //! One [`Step`] is one target's keel-core [`Pipeline`] (timeout, retry with backoff and
-//! `Retry-After`, breaker, budget), on a tokio runtime of its own: a call releases the
-//! GIL while the pipeline waits (backoffs, `Retry-After`) and takes it to call the
-//! Python function once per attempt. Python owns what is Python's — exceptions and how
+//! `Retry-After`, breaker, budget), on a tokio runtime of its own whose thread drives
+//! its timers: a sync call releases the GIL while the pipeline waits (backoffs,
+//! `Retry-After`) and takes it to call the Python function once per attempt; an async
+//! call runs the pipeline on that thread and each attempt's coroutine on the caller's
+//! event loop (`asyncio.run_coroutine_threadsafe`), so the loop is never blocked and an
+//! attempt timeout cancels the coroutine. Python owns what is Python's — exceptions and how
 //! they map to an [`ErrorClass`] (`keel/__init__.py`'s `classify`) — and Rust owns the
 //! decisions, so a step behaves exactly as the same policy does in `keel serve`.
 //!
@@ -25,9 +28,75 @@ use pyo3::types::{PyDict, PyTuple};
 struct Step {
     target: Arc<str>,
     pipeline: Pipeline,
-    runtime: tokio::runtime::Runtime,
+    runtime: tokio::runtime::Handle,
     events: Arc<MemorySink>,
     started: tokio::time::Instant,
+}
+
+/// A current-thread runtime driven by a thread of its own (paused: virtual time).
+fn runtime(virtual_time: bool) -> PyResult<tokio::runtime::Handle> {
+    let mut builder = tokio::runtime::Builder::new_current_thread();
+    builder.enable_time();
+    if virtual_time {
+        builder.start_paused(true);
+    }
+    let rt = builder.build().map_err(|e| PyRuntimeError::new_err(format!("a runtime: {e}")))?;
+    let handle = rt.handle().clone();
+    std::thread::Builder::new()
+        .name("keel-step".into())
+        .spawn(move || rt.block_on(std::future::pending::<()>()))
+        .map_err(|e| PyRuntimeError::new_err(format!("a runtime thread: {e}")))?;
+    Ok(handle)
+}
+
+/// Cancels an attempt's coroutine when the attempt is abandoned (its timeout fired).
+struct CancelOnDrop(Option<Py<PyAny>>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(cf) = self.0.take() {
+            Python::with_gil(|py| {
+                let _ = cf.call_method0(py, "cancel");
+            });
+        }
+    }
+}
+
+/// The answer tuple for the Python side: `(True, value)` or `(False, class, attempts,
+/// message, last_exception)`.
+fn answer(
+    py: Python<'_>,
+    outcome: Result<Py<PyAny>, keel_core::CallError<Failure>>,
+    last: Option<PyErr>,
+) -> PyResult<Py<PyTuple>> {
+    match outcome {
+        Ok(value) => {
+            Ok(PyTuple::new(py, [true.into_pyobject(py)?.to_owned().into_any(), value.into_bound(py)])?
+                .unbind())
+        }
+        Err(e) => {
+            let message = match &e.kind {
+                ErrorKind::Target(f) => f.message.clone(),
+                other => other.to_string(),
+            };
+            let message = match &e.refusal {
+                Some(reason) => format!("{message} (not retried: {reason})"),
+                None => message,
+            };
+            let exc: Py<PyAny> = match (&e.kind, last) {
+                (ErrorKind::Target(_), Some(err)) => err.into_value(py).into_any(),
+                _ => py.None(),
+            };
+            let items: Vec<Py<PyAny>> = vec![
+                false.into_pyobject(py)?.to_owned().into_any().unbind(),
+                e.class.as_str().into_pyobject(py)?.into_any().unbind(),
+                e.attempts.into_pyobject(py)?.into_any().unbind(),
+                message.into_pyobject(py)?.into_any().unbind(),
+                exc,
+            ];
+            Ok(PyTuple::new(py, items)?.unbind())
+        }
+    }
 }
 
 fn policy_error(errors: &[keel_core::PolicyError]) -> PyErr {
@@ -60,12 +129,7 @@ impl Step {
         let policy: PolicyConfig =
             serde_json::from_str(policy_json).map_err(|e| PyValueError::new_err(format!("policy: {e}")))?;
         policy.validate().map_err(|e| policy_error(&e))?;
-        let mut builder = tokio::runtime::Builder::new_current_thread();
-        builder.enable_time();
-        if virtual_time {
-            builder.start_paused(true);
-        }
-        let runtime = builder.build().map_err(|e| PyRuntimeError::new_err(format!("a runtime: {e}")))?;
+        let runtime = runtime(virtual_time)?;
         let events = MemorySink::new();
         let target: Arc<str> = Arc::from(target);
         let (pipeline, started) = {
@@ -90,7 +154,7 @@ impl Step {
     ) -> PyResult<Py<PyTuple>> {
         let last: Mutex<Option<PyErr>> = Mutex::new(None);
         let outcome = py.allow_threads(|| {
-            self.runtime.block_on(self.pipeline.call(|_attempt| {
+            self.block_on(self.pipeline.call(|_attempt| {
                 let answer = Python::with_gil(|py| {
                     let kwargs = kwargs.as_ref().map(|k| k.bind(py));
                     match func.bind(py).call(args.bind(py), kwargs) {
@@ -106,34 +170,80 @@ impl Step {
             }))
         });
         let last = last.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
-        match outcome {
-            Ok(value) => {
-                Ok(PyTuple::new(py, [true.into_pyobject(py)?.to_owned().into_any(), value.into_bound(py)])?
-                    .unbind())
-            }
-            Err(e) => {
-                let message = match &e.kind {
-                    ErrorKind::Target(f) => f.message.clone(),
-                    other => other.to_string(),
-                };
-                let message = match &e.refusal {
-                    Some(reason) => format!("{message} (not retried: {reason})"),
-                    None => message,
-                };
-                let exc: Py<PyAny> = match (&e.kind, last) {
-                    (ErrorKind::Target(_), Some(err)) => err.into_value(py).into_any(),
-                    _ => py.None(),
-                };
-                let items: Vec<Py<PyAny>> = vec![
-                    false.into_pyobject(py)?.to_owned().into_any().unbind(),
-                    e.class.as_str().into_pyobject(py)?.into_any().unbind(),
-                    e.attempts.into_pyobject(py)?.into_any().unbind(),
-                    message.into_pyobject(py)?.into_any().unbind(),
-                    exc,
-                ];
-                Ok(PyTuple::new(py, items)?.unbind())
-            }
-        }
+        answer(py, outcome, last)
+    }
+
+    /// Calls the coroutine function `func(*args, **kwargs)` under the policies: the
+    /// pipeline runs on the step's thread, each attempt's coroutine on `event_loop`.
+    /// Returns at once; `resolve(answer)` is called on the loop with the answer tuple
+    /// of [`call`](Self::call).
+    #[pyo3(signature = (func, args, kwargs, classify, event_loop, resolve))]
+    #[allow(clippy::too_many_arguments)]
+    fn call_async(
+        &self,
+        func: Py<PyAny>,
+        args: Py<PyTuple>,
+        kwargs: Option<Py<PyDict>>,
+        classify: Py<PyAny>,
+        event_loop: Py<PyAny>,
+        resolve: Py<PyAny>,
+    ) {
+        let pipeline = self.pipeline.clone();
+        let (func, args, kwargs, classify, event_loop) =
+            (Arc::new(func), Arc::new(args), Arc::new(kwargs), Arc::new(classify), Arc::new(event_loop));
+        self.runtime.spawn(async move {
+            let last: Arc<Mutex<Option<PyErr>>> = Arc::default();
+            let outcome = pipeline
+                .call(|_attempt| {
+                    let (func, args, kwargs, classify, event_loop, last) = (
+                        func.clone(),
+                        args.clone(),
+                        kwargs.clone(),
+                        classify.clone(),
+                        event_loop.clone(),
+                        last.clone(),
+                    );
+                    async move {
+                        let failed = |py: Python<'_>, e: PyErr| {
+                            let failure = failure_of(py, &classify, &e);
+                            *last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
+                            failure
+                        };
+                        let submitted = Python::with_gil(|py| {
+                            let kwargs = kwargs.as_ref().as_ref().map(|k| k.bind(py));
+                            let started = func.bind(py).call(args.bind(py), kwargs).and_then(|coro| {
+                                py.import("asyncio")?
+                                    .call_method1("run_coroutine_threadsafe", (coro, event_loop.bind(py)))
+                                    .map(Bound::unbind)
+                            });
+                            started.map_err(|e| failed(py, e))
+                        })?;
+                        let mut guard = CancelOnDrop(Some(Python::with_gil(|py| submitted.clone_ref(py))));
+                        let waited = tokio::task::spawn_blocking(move || {
+                            Python::with_gil(|py| submitted.call_method0(py, "result"))
+                        })
+                        .await;
+                        guard.0 = None;
+                        match waited {
+                            Ok(Ok(value)) => Ok(value),
+                            Ok(Err(e)) => Err(Python::with_gil(|py| failed(py, e))),
+                            Err(e) => {
+                                Err(Failure::new(ErrorClass::CodeError, format!("the attempt's waiter: {e}")))
+                            }
+                        }
+                    }
+                })
+                .await;
+            let last = last.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+            Python::with_gil(|py| {
+                let delivered = answer(py, outcome, last)
+                    .and_then(|tuple| event_loop.call_method1(py, "call_soon_threadsafe", (resolve, tuple)));
+                if let Err(e) = delivered {
+                    // The loop is closed: nobody is waiting for the answer.
+                    e.print(py);
+                }
+            });
+        });
     }
 
     /// The target's name.
@@ -158,6 +268,12 @@ impl Step {
     fn elapsed(&self) -> f64 {
         let _in = self.runtime.enter();
         self.started.elapsed().as_secs_f64()
+    }
+}
+
+impl Step {
+    fn block_on<F: std::future::Future>(&self, fut: F) -> F::Output {
+        self.runtime.block_on(fut)
     }
 }
 

@@ -143,12 +143,94 @@ def test_policies_come_from_the_same_keel_toml():
         keel.Policy.from_toml(str(path), tool="ghost")
 
 
-def test_async_functions_are_refused_clearly():
-    async def fetch():
-        return 1
+def test_async_steps_retry_without_blocking_the_event_loop():
+    import asyncio
 
-    with pytest.raises(TypeError, match="async"):
-        keel.step("x")(fetch)
+    calls = []
+
+    @keel.step("search", policy=keel.Policy(max_attempts=3, base_delay="100ms", jitter="none"))
+    async def search(q):
+        calls.append(q)
+        if len(calls) < 3:
+            raise ConnectionError("reset")
+        await asyncio.sleep(0)
+        return f"results for {q}"
+
+    async def main():
+        ticks = 0
+        done = asyncio.Event()
+
+        async def ticker():
+            nonlocal ticks
+            while not done.is_set():
+                ticks += 1
+                await asyncio.sleep(0.005)
+
+        t = asyncio.create_task(ticker())
+        answer = await search("keel")
+        done.set()
+        await t
+        return answer, ticks
+
+    answer, ticks = asyncio.run(main())
+    assert answer == "results for keel"
+    assert calls == ["keel"] * 3
+    assert ticks > 5, "the loop ran other tasks through 300 ms of backoff"
+    assert [e["class"] for e in search.keel.events() if e["type"] == "retry_scheduled"] == ["network"] * 2
+
+
+def test_an_async_attempt_timeout_cancels_the_coroutine():
+    import asyncio
+
+    cancelled = []
+    calls = []
+
+    @keel.step("slow", policy=keel.Policy(max_attempts=2, base_delay="10ms", attempt_timeout="200ms"))
+    async def slow():
+        calls.append(1)
+        if len(calls) == 1:
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancelled.append(True)
+                raise
+        return "second attempt"
+
+    assert asyncio.run(slow()) == "second attempt"
+    assert cancelled == [True], "the timed-out attempt's coroutine was cancelled, not left running"
+    ended = [e for e in slow.keel.events() if e["type"] == "attempt_ended"]
+    assert [e["outcome"] for e in ended] == [{"failed": "timeout"}, "ok"]
+
+
+def test_async_backoffs_run_on_virtual_time_too():
+    import asyncio
+
+    calls = []
+
+    @keel.step("v", policy=keel.Policy(max_attempts=3, base_delay="10s", jitter="none"), virtual_time=True)
+    async def flaky():
+        calls.append(1)
+        await asyncio.sleep(0.01)  # real work on the loop, while the step's clock stands still
+        if len(calls) < 3:
+            raise ConnectionError("reset")
+        return "ok"
+
+    assert asyncio.run(flaky()) == "ok"
+    assert flaky.keel.elapsed() == pytest.approx(20.0, abs=0.5), "two 10 s backoffs, and no attempt timed out"
+
+
+def test_an_async_step_that_fails_raises_with_the_cause():
+    import asyncio
+
+    @keel.step("broken", policy=keel.Policy(max_attempts=3))
+    async def broken():
+        raise KeyError("missing")
+
+    with pytest.raises(keel.StepFailed) as failed:
+        asyncio.run(broken())
+    assert failed.value.error_class == "code_error"
+    assert failed.value.attempts == 1
+    assert isinstance(failed.value.__cause__, KeyError)
 
 
 def test_the_gil_is_released_while_a_step_backs_off():

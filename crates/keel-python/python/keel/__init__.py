@@ -6,7 +6,9 @@
     def charge(order, amount):
         return payments.post("/charge", json={"order": order, "amount": amount})
 
-Each call runs under the target's policies — retry with backoff (honouring
+Sync and async functions alike (an async step's attempts run on your event loop,
+which it never blocks; an attempt timeout cancels the coroutine). Each call runs
+under the target's policies — retry with backoff (honouring
 `Retry-After`), circuit breaker, attempt budget — decided by keel-core, the engine
 `keel serve` runs. An exception is retried only when its class says retrying can help
 (`classify`): a `ConnectionError` is, a `TypeError` (a bug) is not. A call that fails
@@ -20,6 +22,7 @@ uses (`Policy.from_toml("keel.toml", tool="charge")`).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import json
@@ -255,13 +258,16 @@ def step(
     """
 
     def wrap(fn: F) -> F:
-        if inspect.iscoroutinefunction(fn):
-            raise TypeError(
-                "keel.step: async functions are not supported yet (their attempts must be awaited "
-                "on your event loop); decorate a sync function"
-            )
         name = target or getattr(fn, "__qualname__", "step")
         inner_step = _Step(name, policy or Policy(), classes, virtual_time)
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def acall(*args: Any, **kwargs: Any) -> Any:
+                return await inner_step.acall(fn, args, kwargs)
+
+            acall.keel = inner_step  # type: ignore[attr-defined]
+            return acall  # type: ignore[return-value]
 
         @functools.wraps(fn)
         def call(*args: Any, **kwargs: Any) -> Any:
@@ -287,7 +293,22 @@ class _Step:
         self.target = target
 
     def __call__(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-        answer = self._step.call(fn, args, kwargs or None, self._classify)
+        return self._unwrap(self._step.call(fn, args, kwargs or None, self._classify))
+
+    async def acall(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        # The pipeline waits on the step's own thread; each attempt's coroutine runs
+        # here, on this loop, which is never blocked.
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+
+        def resolve(answer: tuple) -> None:
+            if not fut.done():
+                fut.set_result(answer)
+
+        self._step.call_async(fn, args, kwargs or None, self._classify, loop, resolve)
+        return self._unwrap(await fut)
+
+    def _unwrap(self, answer: tuple) -> Any:
         if answer[0]:
             return answer[1]
         _, error_class, attempts, message, last = answer
