@@ -18,10 +18,28 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keel_core::{ErrorClass, ErrorKind, Failure, MemorySink, Pipeline, PolicyConfig};
+use keel_core::{ErrorClass, ErrorKind, Event, EventSink, Failure, Pipeline, PolicyConfig};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
+
+/// The most recent events a step keeps (`events()`): a long-lived step's memory stays
+/// bounded.
+const RECENT: usize = 1024;
+
+/// The step's last [`RECENT`] policy events.
+#[derive(Debug, Default)]
+struct Recent(Mutex<std::collections::VecDeque<Event>>);
+
+impl EventSink for Recent {
+    fn record(&self, event: &Event) {
+        let mut events = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if events.len() == RECENT {
+            events.pop_front();
+        }
+        events.push_back(event.clone());
+    }
+}
 
 /// One target's policies, ready to call functions under.
 #[pyclass(module = "keel._keel", frozen)]
@@ -29,7 +47,7 @@ struct Step {
     target: Arc<str>,
     pipeline: Pipeline,
     runtime: tokio::runtime::Handle,
-    events: Arc<MemorySink>,
+    events: Arc<Recent>,
     started: tokio::time::Instant,
 }
 
@@ -130,7 +148,7 @@ impl Step {
             serde_json::from_str(policy_json).map_err(|e| PyValueError::new_err(format!("policy: {e}")))?;
         policy.validate().map_err(|e| policy_error(&e))?;
         let runtime = runtime(virtual_time)?;
-        let events = MemorySink::new();
+        let events = Arc::new(Recent::default());
         let target: Arc<str> = Arc::from(target);
         let (pipeline, started) = {
             let _in = runtime.enter();
@@ -257,10 +275,12 @@ impl Step {
         self.pipeline.breaker().map(|b| b.state().as_str())
     }
 
-    /// The policy events so far (attempts, retries with their delay and reason,
-    /// refusals, breaker transitions), as JSON: the same events `keel serve` journals.
+    /// The recent policy events (attempts, retries with their delay and reason,
+    /// refusals, breaker transitions; the last 1024), as JSON: the same events `keel
+    /// serve` journals.
     fn events_json(&self) -> PyResult<String> {
-        serde_json::to_string(&self.events.events()).map_err(|e| PyRuntimeError::new_err(e.to_string()))
+        let events = self.events.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        serde_json::to_string(&*events).map_err(|e| PyRuntimeError::new_err(e.to_string()))
     }
 
     /// The policy time passed since the step was made, in seconds (virtual with
