@@ -297,6 +297,109 @@ impl Step {
     }
 }
 
+/// Self-correction for one decorated function: the confidence gate that learns, per
+/// error kind, whether corrections pay off (shared by its calls), and the events.
+#[pyclass(module = "keel._keel", frozen)]
+struct Corrector {
+    name: Arc<str>,
+    max_rounds: u32,
+    token_budget: Option<u64>,
+    gate: Arc<keel_core::ConfidenceGate>,
+    events: Arc<Recent>,
+}
+
+/// One call's correction rounds and token budget (keel-core's `Rounds` and `Budget`).
+#[pyclass(module = "keel._keel")]
+struct Rounds {
+    rounds: keel_core::Rounds,
+    budget: keel_core::Budget,
+    events: Arc<Recent>,
+}
+
+#[pymethods]
+impl Corrector {
+    /// Corrections of `name`: at most `max_rounds` per call, `token_budget` tokens per
+    /// call for the corrections (None: unbounded).
+    #[new]
+    #[pyo3(signature = (name, max_rounds, token_budget = None))]
+    fn new(name: &str, max_rounds: u32, token_budget: Option<u64>) -> Self {
+        Corrector {
+            name: Arc::from(name),
+            max_rounds,
+            token_budget,
+            gate: Arc::new(keel_core::ConfidenceGate::new(keel_core::GateConfig::default())),
+            events: Arc::new(Recent::default()),
+        }
+    }
+
+    /// A call's rounds and budget.
+    fn begin(&self) -> Rounds {
+        let config =
+            keel_core::BudgetConfig { tokens: self.token_budget, ..keel_core::BudgetConfig::default() };
+        Rounds {
+            rounds: keel_core::Rounds::new(self.name.clone(), self.max_rounds),
+            budget: keel_core::Budget::new(format!("correct:{}", self.name), &config, self.events.clone()),
+            events: self.events.clone(),
+        }
+    }
+
+    /// Whether the gate lets a correction of an error of `kind` go ahead, and its score:
+    /// refused once corrections of this kind kept failing.
+    fn allowed(&self, kind: &str) -> (bool, f64) {
+        let v = self.gate.check(&self.gate_target(kind), ErrorClass::CodeError, 2);
+        (v.allowed, v.score)
+    }
+
+    /// Records whether a correction of an error of `kind` worked.
+    fn record(&self, kind: &str, succeeded: bool) {
+        self.gate.record(&Arc::from(self.gate_target(kind)), ErrorClass::CodeError, 2, succeeded);
+    }
+
+    /// The recent events (correction rounds, budget refusals), as JSON.
+    fn events_json(&self) -> PyResult<String> {
+        let events = self.events.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        serde_json::to_string(&*events).map_err(|e| PyRuntimeError::new_err(e.to_string()))
+    }
+}
+
+impl Corrector {
+    fn gate_target(&self, kind: &str) -> String {
+        format!("correct:{}:{kind}", self.name)
+    }
+}
+
+#[pymethods]
+impl Rounds {
+    /// Whether a failure of `class` may get a correction: its disposition is to
+    /// correct (`code_error`, `invalid_tool_call`, ...) and a round is left.
+    fn due(&self, class: &str) -> bool {
+        ErrorClass::from_str(class).is_ok_and(|c| self.rounds.due(c))
+    }
+
+    /// Counts a round taken for `class` (an event).
+    fn take(&mut self, class: &str) {
+        if let Ok(c) = ErrorClass::from_str(class) {
+            self.rounds.take(c, &*self.events);
+        }
+    }
+
+    /// Charges `tokens` a correction spent; False (nothing charged) past the budget.
+    fn charge(&self, tokens: u64) -> bool {
+        self.budget.charge(keel_core::BudgetKind::Tokens, tokens).is_ok()
+    }
+
+    /// Tokens left, or None without a budget.
+    fn remaining(&self) -> Option<u64> {
+        self.budget.remaining(keel_core::BudgetKind::Tokens)
+    }
+
+    /// Rounds taken so far.
+    #[getter]
+    fn used(&self) -> u32 {
+        self.rounds.used()
+    }
+}
+
 /// Merges `over` into `base`, tables recursively, other values replaced: how
 /// keel.toml's `[tools.NAME].policy` overrides `[defaults]` (keel-runtime's
 /// `config::merge` is the reference; this crate does not link the runtime).
@@ -353,6 +456,8 @@ fn classes() -> Vec<(&'static str, &'static str)> {
 #[pymodule]
 fn _keel(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Step>()?;
+    m.add_class::<Corrector>()?;
+    m.add_class::<Rounds>()?;
     m.add_function(wrap_pyfunction!(policy_from_toml, m)?)?;
     m.add_function(wrap_pyfunction!(default_policy, m)?)?;
     m.add_function(wrap_pyfunction!(classes, m)?)?;

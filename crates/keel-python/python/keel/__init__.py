@@ -33,9 +33,13 @@ from . import _keel
 __all__ = [
     "CLASSES",
     "CircuitOpen",
+    "Correction",
+    "CorrectionContext",
+    "CorrectionStopped",
     "Policy",
     "StepFailed",
     "classify",
+    "self_correct",
     "step",
 ]
 
@@ -326,3 +330,146 @@ class _Step:
     def elapsed(self) -> float:
         """Policy time since the step was made, in seconds (virtual with `virtual_time`)."""
         return self._step.elapsed()
+
+
+class Correction:
+    """What a correction callback returns: the new program, and the tokens it spent
+    (the provider's `usage`, e.g. `resp.usage.total_tokens`). A plain string is a
+    program whose tokens are estimated — over, never under: bytes / 3 of the context
+    and the program."""
+
+    def __init__(self, program: str, tokens: Optional[int] = None) -> None:
+        self.program = program
+        self.tokens = tokens
+
+
+class CorrectionContext:
+    """What a correction callback is told about the failure it is asked to fix."""
+
+    def __init__(self, error_class: str, error: BaseException, traceback: str, attempt: int,
+                 program: str, history: list) -> None:
+        #: The failure's class (`code_error`, `invalid_tool_call`, ...).
+        self.error_class = error_class
+        #: The exception, its type's name and message.
+        self.error = error
+        self.kind = type(error).__name__
+        self.message = str(error)
+        #: The formatted traceback.
+        self.traceback = traceback
+        #: 1 for the first program.
+        self.attempt = attempt
+        #: The program that failed.
+        self.program = program
+        #: Earlier (program, class, message) of this call, oldest first.
+        self.history = history
+
+    def __repr__(self) -> str:
+        return f"CorrectionContext({self.kind}: {self.message!r}, attempt {self.attempt})"
+
+
+class CorrectionStopped(Exception):
+    """Self-correction stopped without a working program: why (`reason`: `not_correctable`,
+    `rounds_exhausted`, `low_confidence`, `budget_exceeded`, `repeated_program`), and the
+    partial result — every program tried with its failure (`history`), the last program
+    and the tokens spent. The last failure is the `__cause__`."""
+
+    def __init__(self, reason: str, context: CorrectionContext, tokens_spent: int) -> None:
+        super().__init__(f"self-correction stopped ({reason}) after {context.attempt} attempt(s): "
+                         f"{context.kind}: {context.message}")
+        self.reason = reason
+        self.context = context
+        self.history = context.history + [(context.program, context.error_class, context.message)]
+        self.last_program = context.program
+        self.tokens_spent = tokens_spent
+
+
+def _normalized(program: str) -> str:
+    """The program without blank lines, trailing spaces and `#` comment lines: two
+    programs that differ only there are the same program."""
+    lines = (line.rstrip() for line in program.splitlines())
+    return "\n".join(line for line in lines if line and not line.lstrip().startswith("#"))
+
+
+def self_correct(
+    *,
+    correct: Callable[[CorrectionContext], Union[str, Correction]],
+    max_attempts: int = 3,
+    token_budget: Optional[int] = None,
+    classes: Optional[Mapping[Type[BaseException], str]] = None,
+    name: Optional[str] = None,
+) -> Callable[[F], F]:
+    """Runs the decorated `fn(program, *args, **kwargs)`; when it raises an error the
+    program can fix (its class's disposition is `correct`: `code_error` and the model
+    output classes), `correct(context)` is asked for a replacement, which is run in
+    its place — bounded by `max_attempts` programs in all, by `token_budget` tokens of
+    corrections per call, and by keel-core's confidence gate, which learns per error
+    kind whether corrections pay off and stops asking when they do not. A replacement
+    identical to a program already tried is not run. Anything else stops with
+    `CorrectionStopped`, which carries the partial result.
+    """
+    if not isinstance(max_attempts, int) or isinstance(max_attempts, bool) or max_attempts < 1:
+        raise ValueError(f"max_attempts: {max_attempts!r} is not a whole number of at least 1")
+    if token_budget is not None and (not isinstance(token_budget, int) or token_budget < 0):
+        raise ValueError(f"token_budget: {token_budget!r} is not a whole number of tokens")
+
+    def wrap(fn: F) -> F:
+        corrector = _keel.Corrector(name or getattr(fn, "__qualname__", "program"), max_attempts - 1, token_budget)
+        table = dict(classes or {})
+
+        @functools.wraps(fn)
+        def call(program: str, *args: Any, **kwargs: Any) -> Any:
+            import traceback as tb
+
+            rounds = corrector.begin()
+            tried = {_normalized(program)}
+            history: list = []
+            spent = 0
+            fixing: Optional[str] = None  # the kind the current program was written to fix
+            attempt = 1
+            while True:
+                try:
+                    result = fn(program, *args, **kwargs)
+                except Exception as exc:  # noqa: BLE001 - every failure is classified
+                    error_class, _ = classify(exc, table)
+                    ctx = CorrectionContext(error_class, exc, tb.format_exc(), attempt, program, list(history))
+                    if fixing is not None:
+                        corrector.record(fixing, False)
+                    reason = None
+                    if not rounds.due(error_class):
+                        reason = "not_correctable" if CLASSES.get(error_class) != "correct" else "rounds_exhausted"
+                    elif rounds.remaining() == 0:
+                        reason = "budget_exceeded"
+                    elif not corrector.allowed(ctx.kind)[0]:
+                        reason = "low_confidence"
+                    if reason:
+                        raise CorrectionStopped(reason, ctx, spent) from exc
+                    fix = correct(ctx)
+                    fix = fix if isinstance(fix, Correction) else Correction(str(fix))
+                    tokens = fix.tokens
+                    if tokens is None:
+                        tokens = (len(repr(ctx.message)) + len(ctx.traceback) + len(program) + len(fix.program)) // 3 + 1
+                    rounds.take(error_class)
+                    if not rounds.charge(int(tokens)):
+                        # Spent all the same: the budget is used up, and this program is
+                        # the last one run.
+                        left = rounds.remaining() or 0
+                        rounds.charge(left)
+                    spent += int(tokens)
+                    history.append((program, error_class, ctx.message))
+                    if _normalized(fix.program) in tried:
+                        corrector.record(ctx.kind, False)
+                        stopped = CorrectionContext(error_class, exc, ctx.traceback, attempt, fix.program, history[:-1])
+                        raise CorrectionStopped("repeated_program", stopped, spent) from exc
+                    tried.add(_normalized(fix.program))
+                    program = fix.program
+                    fixing = ctx.kind
+                    attempt += 1
+                    continue
+                if fixing is not None:
+                    corrector.record(fixing, True)
+                return result
+
+        call.keel = corrector  # type: ignore[attr-defined]
+        return call  # type: ignore[return-value]
+
+    return wrap
