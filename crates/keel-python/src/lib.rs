@@ -400,6 +400,87 @@ impl Rounds {
     }
 }
 
+/// Keel's journal (the embedded SQLite file, or PostgreSQL by URL): the idempotency
+/// store a journaled step claims its key in, the same store `keel serve` uses.
+#[pyclass(module = "keel._keel", frozen)]
+struct Journal {
+    journal: Arc<dyn keel_journal::Journal>,
+    runtime: tokio::runtime::Runtime,
+}
+
+fn journal_error(e: keel_journal::Error) -> PyErr {
+    PyRuntimeError::new_err(format!("the journal: {e}"))
+}
+
+/// A claim's answer for Python: `("won", token)`, `("done", result_json)` or
+/// `("in_progress", expires_at_ms)`.
+fn claim_tuple(claim: keel_journal::Claim) -> (&'static str, String) {
+    match claim {
+        keel_journal::Claim::Won(t) => ("won", t.token),
+        keel_journal::Claim::Done(v) => ("done", v.to_string()),
+        keel_journal::Claim::InProgress { expires_at_ms } => ("in_progress", expires_at_ms.to_string()),
+    }
+}
+
+#[pymethods]
+impl Journal {
+    /// Opens the journal at `url` (`sqlite:PATH`, a plain path, or `postgres://...`);
+    /// a claim not completed within `claim_ttl` seconds may be taken over (its holder
+    /// is presumed dead).
+    #[new]
+    #[pyo3(signature = (url, claim_ttl = 300.0))]
+    fn new(py: Python<'_>, url: &str, claim_ttl: f64) -> PyResult<Self> {
+        if !(claim_ttl.is_finite() && (1.0..=86_400.0).contains(&claim_ttl)) {
+            return Err(PyValueError::new_err(format!(
+                "claim_ttl: {claim_ttl} is not between 1 and 86400 seconds"
+            )));
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .map_err(|e| PyRuntimeError::new_err(format!("a runtime: {e}")))?;
+        let options = keel_journal::JournalOptions {
+            claim_ttl: Duration::from_secs_f64(claim_ttl),
+            ..keel_journal::JournalOptions::default()
+        };
+        let url = url.to_owned();
+        let journal = py
+            .allow_threads(|| runtime.block_on(keel_journal::open(&url, options)))
+            .map_err(journal_error)?;
+        Ok(Journal { journal, runtime })
+    }
+
+    /// Claims `key` (see [`claim_tuple`]).
+    fn claim(&self, py: Python<'_>, key: &str) -> PyResult<(&'static str, String)> {
+        py.allow_threads(|| self.runtime.block_on(self.journal.claim(key)))
+            .map(claim_tuple)
+            .map_err(journal_error)
+    }
+
+    /// Takes over `key` from a holder whose claim expired.
+    fn take_over(&self, py: Python<'_>, key: &str) -> PyResult<(&'static str, String)> {
+        py.allow_threads(|| self.runtime.block_on(self.journal.take_over_claim(key)))
+            .map(claim_tuple)
+            .map_err(journal_error)
+    }
+
+    /// Stores `result_json` under the key `token` holds: later claims get it.
+    fn complete(&self, py: Python<'_>, key: &str, token: &str, result_json: &str) -> PyResult<()> {
+        let result: serde_json::Value = serde_json::from_str(result_json)
+            .map_err(|e| PyValueError::new_err(format!("the result: {e}")))?;
+        let token = keel_journal::ClaimToken { key: key.to_owned(), token: token.to_owned() };
+        py.allow_threads(|| self.runtime.block_on(self.journal.complete(&token, &result)))
+            .map_err(journal_error)
+    }
+
+    /// Gives the key back (the call failed before acting for good): a later call acts.
+    fn release(&self, py: Python<'_>, key: &str, token: &str) -> PyResult<()> {
+        let token = keel_journal::ClaimToken { key: key.to_owned(), token: token.to_owned() };
+        py.allow_threads(|| self.runtime.block_on(self.journal.release_claim(&token))).map_err(journal_error)
+    }
+}
+
 /// Merges `over` into `base`, tables recursively, other values replaced: how
 /// keel.toml's `[tools.NAME].policy` overrides `[defaults]` (keel-runtime's
 /// `config::merge` is the reference; this crate does not link the runtime).
@@ -458,6 +539,7 @@ fn _keel(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Step>()?;
     m.add_class::<Corrector>()?;
     m.add_class::<Rounds>()?;
+    m.add_class::<Journal>()?;
     m.add_function(wrap_pyfunction!(policy_from_toml, m)?)?;
     m.add_function(wrap_pyfunction!(default_policy, m)?)?;
     m.add_function(wrap_pyfunction!(classes, m)?)?;

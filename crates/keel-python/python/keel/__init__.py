@@ -23,9 +23,12 @@ uses (`Policy.from_toml("keel.toml", tool="charge")`).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
+import hashlib
 import inspect
 import json
+import time
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Type, TypeVar, Union
 
 from . import _keel
@@ -36,9 +39,11 @@ __all__ = [
     "Correction",
     "CorrectionContext",
     "CorrectionStopped",
+    "Journal",
     "Policy",
     "StepFailed",
     "classify",
+    "current_key",
     "self_correct",
     "step",
 ]
@@ -246,24 +251,84 @@ def _durations(table: Dict[str, Any]) -> Dict[str, Any]:
     return {k: (_duration(v) if k.endswith(("delay", "timeout", "attempt", "step", "open_for")) and isinstance(v, (int, float)) and not isinstance(v, bool) else v) for k, v in table.items()}
 
 
+class Journal:
+    """Keel's journal: the SQLite file `keel serve` and `keel run` use (`sqlite:PATH`, or
+    a plain path), or PostgreSQL by URL. A journaled step claims an idempotency key in
+    it before acting and stores its result after: a call made again — retried by the
+    agent, or by a process resumed after a crash — gets the stored result instead of
+    acting twice. A claim whose holder died is taken over after `claim_ttl` seconds;
+    the function then runs again with the same `keel.current_key()`, which it passes to
+    its service (as `Idempotency-Key`) so that the effect still happens once."""
+
+    def __init__(self, url: str, claim_ttl: float = 300.0) -> None:
+        self._journal = _keel.Journal(url, float(claim_ttl))
+        self.claim_ttl = float(claim_ttl)
+
+
+_KEY: "contextvars.ContextVar[Optional[str]]" = contextvars.ContextVar("keel_key", default=None)
+
+
+def current_key() -> Optional[str]:
+    """The idempotency key of the journaled step running now (None outside one): pass
+    it to the service the step calls, so that a call taken over after a crash is
+    deduplicated there."""
+    return _KEY.get()
+
+
+def _derived_key(target: str, args: tuple, kwargs: dict) -> str:
+    canonical = json.dumps([list(args), kwargs], sort_keys=True, default=repr, separators=(",", ":"))
+    digest = hashlib.sha256(f"{target}\n{canonical}".encode()).hexdigest()[:32]
+    return f"py/{target}/{digest}"
+
+
+def _with_key(fn: Callable[..., Any], k: str) -> Callable[..., Any]:
+    """`fn`, seeing `k` as `current_key()` while it runs (on whichever thread or task)."""
+    if inspect.iscoroutinefunction(fn):
+
+        async def keyed_async(*args: Any, **kwargs: Any) -> Any:
+            reset = _KEY.set(k)
+            try:
+                return await fn(*args, **kwargs)
+            finally:
+                _KEY.reset(reset)
+
+        return keyed_async
+
+    def keyed(*args: Any, **kwargs: Any) -> Any:
+        reset = _KEY.set(k)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _KEY.reset(reset)
+
+    return keyed
+
+
 def step(
     target: Optional[str] = None,
     *,
     policy: Optional[Policy] = None,
     classes: Optional[Mapping[Type[BaseException], str]] = None,
     virtual_time: bool = False,
+    journal: Optional[Journal] = None,
+    key: Optional[Callable[..., str]] = None,
 ) -> Callable[[F], F]:
     """Runs the decorated function under `policy` as the target `target` (default: the
     function's qualified name). `classes` maps exception types to error classes first.
     `virtual_time`: backoffs take no real time (tests); `fn.keel.elapsed()` says how
     much policy time passed.
 
+    With `journal`, the step is idempotent: its key is `key(*args, **kwargs)` (default:
+    derived from the target and the arguments), claimed before the function runs; the
+    result (JSON) is stored, and a call with the same key returns it without running
+    the function. A call that fails gives the key back.
+
     The decorated function gets `.keel`, the step: `.events()`, `.breaker_state()`.
     """
 
     def wrap(fn: F) -> F:
         name = target or getattr(fn, "__qualname__", "step")
-        inner_step = _Step(name, policy or Policy(), classes, virtual_time)
+        inner_step = _Step(name, policy or Policy(), classes, virtual_time, journal, key)
         if inspect.iscoroutinefunction(fn):
 
             @functools.wraps(fn)
@@ -290,16 +355,83 @@ class _Step:
         policy: Policy,
         classes: Optional[Mapping[Type[BaseException], str]],
         virtual_time: bool,
+        journal: Optional[Journal] = None,
+        key: Optional[Callable[..., str]] = None,
     ) -> None:
         self._step = _keel.Step(target, policy._json, virtual_time)
+        self._journal = journal
+        self._key = key
         table = dict(classes or {})
         self._classify = lambda exc: classify(exc, table)
         self.target = target
 
     def __call__(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-        return self._unwrap(self._step.call(fn, args, kwargs or None, self._classify))
+        if self._journal is None:
+            return self._unwrap(self._step.call(fn, args, kwargs or None, self._classify))
+        k = self._key(*args, **kwargs) if self._key else _derived_key(self.target, args, kwargs)
+        claimed = self._claim(k)
+        if claimed[0] == "done":
+            return json.loads(claimed[1])
+        token = claimed[1]
+        try:
+            answer = self._step.call(_with_key(fn, k), args, kwargs or None, self._classify)
+        except BaseException:
+            self._journal._journal.release(k, token)
+            raise
+        return self._record(k, token, answer)
+
+    def _claim(self, k: str) -> Tuple[str, str]:
+        """Claims `k`: ("won", token) or ("done", result). Waits while another caller
+        holds it, up to its claim's expiry, then takes it over."""
+        journal = self._journal._journal  # type: ignore[union-attr]
+        delay = 0.002
+        give_up = time.monotonic() + self._journal.claim_ttl * 2 + 5  # type: ignore[union-attr]
+        while True:
+            state, value = journal.claim(k)
+            if state != "in_progress":
+                return state, value
+            if time.time() * 1000 >= int(value):
+                state, value = journal.take_over(k)
+                if state != "in_progress":
+                    return state, value
+            if time.monotonic() > give_up:
+                raise StepFailed(self.target, "conflict", 0, f"the key {k} stays claimed by another caller")
+            time.sleep(delay)  # polling the journal, as its claim_or_wait does
+            delay = min(delay * 2, 0.1)
+
+    def _record(self, k: str, token: str, answer: tuple) -> Any:
+        journal = self._journal._journal  # type: ignore[union-attr]
+        if not answer[0]:
+            journal.release(k, token)
+            return self._unwrap(answer)
+        try:
+            payload = json.dumps(answer[1])
+        except (TypeError, ValueError) as e:
+            journal.release(k, token)
+            raise TypeError(f"a journaled step's result is stored as JSON: {e}") from e
+        journal.complete(k, token, payload)
+        return answer[1]
 
     async def acall(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        if self._journal is None:
+            return await self._acall(fn, args, kwargs)
+        loop = asyncio.get_running_loop()
+        k = self._key(*args, **kwargs) if self._key else _derived_key(self.target, args, kwargs)
+        claimed = await loop.run_in_executor(None, self._claim, k)
+        if claimed[0] == "done":
+            return json.loads(claimed[1])
+        token = claimed[1]
+        try:
+            answer = await self._answer(_with_key(fn, k), args, kwargs)
+        except BaseException:
+            await loop.run_in_executor(None, self._journal._journal.release, k, token)
+            raise
+        return await loop.run_in_executor(None, self._record, k, token, answer)
+
+    async def _acall(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        return self._unwrap(await self._answer(fn, args, kwargs))
+
+    async def _answer(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> tuple:
         # The pipeline waits on the step's own thread; each attempt's coroutine runs
         # here, on this loop, which is never blocked.
         loop = asyncio.get_running_loop()
@@ -310,7 +442,7 @@ class _Step:
                 fut.set_result(answer)
 
         self._step.call_async(fn, args, kwargs or None, self._classify, loop, resolve)
-        return self._unwrap(await fut)
+        return await fut
 
     def _unwrap(self, answer: tuple) -> Any:
         if answer[0]:
