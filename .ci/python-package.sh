@@ -21,5 +21,7 @@ FRESH="$TARGET/keel-py-fresh-venv"
 rm -rf "$FRESH"
 python3 -m venv "$FRESH"
 "$FRESH/bin/pip" install --quiet --disable-pip-version-check "$WHEELS"/keel-*.whl pytest
+# The approval test decides from the real CLI (built by cargo test before this).
+export KEEL_BIN="${KEEL_BIN:-$TARGET/debug/keel}"
 echo "== pytest crates/keel-python/tests"
 "$FRESH/bin/python" -m pytest -q -p no:cacheprovider crates/keel-python/tests

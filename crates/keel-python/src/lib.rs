@@ -474,6 +474,91 @@ impl Journal {
             .map_err(journal_error)
     }
 
+    /// The approval the call under `key` of `tool` needs (its arguments `args_json`, as
+    /// the person is shown them): asked on first use — a run of its own, waiting, that
+    /// `keel approvals`, the API and the inbox list and decide — then read back.
+    /// `(status, approval_id, decided_by)`: `pending`, `approved`, `denied` or
+    /// `expired` (a pending one past its expiry is marked so).
+    #[pyo3(signature = (key, tool, args_json, expires_after))]
+    fn approval(
+        &self,
+        py: Python<'_>,
+        key: &str,
+        tool: &str,
+        args_json: &str,
+        expires_after: f64,
+    ) -> PyResult<(String, String, Option<String>)> {
+        use keel_journal::{ApprovalDecision, JournalEvent, NewEvent, RunState};
+        use sha2::Digest as _;
+        if !(expires_after.is_finite() && expires_after > 0.0 && expires_after <= 366.0 * 86_400.0) {
+            return Err(PyValueError::new_err(format!("approval expiry: {expires_after} s is out of range")));
+        }
+        let args: serde_json::Value = serde_json::from_str(args_json)
+            .map_err(|e| PyValueError::new_err(format!("the arguments: {e}")))?;
+        let hex = |s: &str| -> String {
+            sha2::Sha256::digest(s.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+        };
+        let name = hex(key);
+        let (run_id, approval_id) = (format!("py-{}", &name[..24]), format!("apr-py-{}", &name[..20]));
+        let digest = hex(&keel_core::canonical_json(&args));
+        let now_ms = keel_core::Clock::wall(&keel_core::TokioClock::new())
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let journal = &self.journal;
+        py.allow_threads(|| {
+            self.runtime.block_on(async {
+                if let Some((a, _, _)) = journal.approval(&approval_id).await? {
+                    if a.status == "pending" && a.expires_at_ms <= now_ms {
+                        let expired = JournalEvent::ApprovalDecided {
+                            approval_id: approval_id.clone(),
+                            decision: ApprovalDecision::Expired,
+                            by: "keel".into(),
+                        };
+                        journal.append(&[NewEvent::new(&run_id, expired)]).await?;
+                        return Ok(("expired".to_owned(), approval_id, Some("keel".to_owned())));
+                    }
+                    return Ok((a.status, approval_id, a.decided_by));
+                }
+                let expires_at_ms = now_ms.saturating_add((expires_after * 1000.0) as i64);
+                // No name: a run no worker claims (nothing in it to drive).
+                let events = [
+                    JournalEvent::RunCreated {
+                        name: String::new(),
+                        input: serde_json::json!({"python_step": tool, "key": key}),
+                    },
+                    JournalEvent::RunStateChanged {
+                        state: RunState::WaitingApproval,
+                        reason: Some(format!("`{tool}` needs a person's approval")),
+                    },
+                    JournalEvent::ApprovalRequested {
+                        approval_id: approval_id.clone(),
+                        step: 0,
+                        tool: tool.to_owned(),
+                        args_digest: digest,
+                        expires_at_ms,
+                        args,
+                    },
+                ];
+                journal.create_run(&run_id, &events).await?;
+                Ok(("pending".to_owned(), approval_id, None))
+            })
+        })
+        .map_err(journal_error)
+    }
+
+    /// Ends the run of an approved call under `key`: `completed` or `failed`.
+    fn finish_approved(&self, py: Python<'_>, key: &str, completed: bool) -> PyResult<()> {
+        use keel_journal::{JournalEvent, NewEvent, RunState};
+        use sha2::Digest as _;
+        let name: String = sha2::Sha256::digest(key.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+        let run_id = format!("py-{}", &name[..24]);
+        let state = if completed { RunState::Completed } else { RunState::Failed };
+        let event = NewEvent::new(run_id, JournalEvent::RunStateChanged { state, reason: None });
+        py.allow_threads(|| self.runtime.block_on(self.journal.append(&[event])))
+            .map(|_| ())
+            .map_err(journal_error)
+    }
+
     /// Gives the key back (the call failed before acting for good): a later call acts.
     fn release(&self, py: Python<'_>, key: &str, token: &str) -> PyResult<()> {
         let token = keel_journal::ClaimToken { key: key.to_owned(), token: token.to_owned() };

@@ -129,3 +129,65 @@ def test_a_process_killed_at_a_random_moment_never_charges_twice(tmp_path):
         assert len(ledger_rows(ledger, "tries")) == tries, "replayed, not run"
     charged = sorted(o for (o,) in ledger_rows(ledger, "charges"))
     assert charged == [1, 2, 3], "every order charged exactly once"
+
+
+def keel_cli(tmp_path, *args):
+    """The real `keel` binary on the same journal file (KEEL_BIN, set by scripts/test)."""
+    binary = os.environ.get("KEEL_BIN")
+    assert binary and os.path.exists(binary), "KEEL_BIN names the keel binary"
+    config = tmp_path / "keel.toml"
+    config.write_text(f'[storage]\nurl = "sqlite://{tmp_path / "keel.db"}"\n')
+    out = subprocess.run([binary, "--config", str(config), *args], capture_output=True, text=True,
+                         env={**os.environ, "USER": "ops"}, timeout=60)
+    return out
+
+
+def test_an_approval_is_decided_by_keel_approvals_in_another_process(tmp_path):
+    journal = keel.Journal(f"sqlite:{tmp_path / 'keel.db'}")
+    acted = []
+
+    @keel.step("charge", journal=journal, approval=lambda order, amount: amount > 100)
+    def charge(order, amount):
+        acted.append(order)
+        return {"charged": order, "amount": amount}
+
+    assert charge(1, 20) == {"charged": 1, "amount": 20}, "under the rule: no approval"
+    with pytest.raises(keel.ApprovalPending) as pending:
+        charge(2, 500)
+    approval_id = pending.value.approval_id
+    with pytest.raises(keel.ApprovalPending) as again:
+        charge(2, 500)
+    assert again.value.approval_id == approval_id, "the same call waits on the same approval"
+    assert acted == [1], "nothing acted while it waits"
+
+    listed = keel_cli(tmp_path, "--json", "approvals", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert approval_id in listed.stdout and "charge" in listed.stdout
+    approved = keel_cli(tmp_path, "approvals", "approve", approval_id)
+    assert approved.returncode == 0, approved.stderr + approved.stdout
+
+    assert charge(2, 500) == {"charged": 2, "amount": 500}
+    assert charge(2, 500) == {"charged": 2, "amount": 500}, "replayed"
+    assert acted == [1, 2], "approved, it acted once"
+
+    with pytest.raises(keel.ApprovalPending) as big:
+        charge(3, 900)
+    rejected = keel_cli(tmp_path, "approvals", "reject", big.value.approval_id)
+    assert rejected.returncode == 0, rejected.stderr + rejected.stdout
+    with pytest.raises(keel.ApprovalDenied) as denied:
+        charge(3, 900)
+    assert "denied by ops" in str(denied.value)
+    assert acted == [1, 2]
+
+
+def test_a_rule_that_cannot_evaluate_asks_a_person(tmp_path):
+    journal = keel.Journal(f"sqlite:{tmp_path / 'keel.db'}")
+
+    @keel.step("charge", journal=journal, approval=lambda order, amount: amount > 100)
+    def charge(order, amount):
+        return order
+
+    with pytest.raises(keel.ApprovalPending):
+        charge(1, "5000")  # a string cannot be compared with 100: fail closed
+    with pytest.raises(TypeError, match="journal"):
+        keel.step("x", approval=lambda: True)

@@ -35,6 +35,8 @@ from . import _keel
 
 __all__ = [
     "CLASSES",
+    "ApprovalDenied",
+    "ApprovalPending",
     "CircuitOpen",
     "Correction",
     "CorrectionContext",
@@ -71,6 +73,20 @@ class StepFailed(Exception):
 
 class CircuitOpen(StepFailed):
     """The target's breaker is open: the function was not called."""
+
+
+class ApprovalPending(Exception):
+    """The call waits for a person: decide `approval_id` with `keel approvals approve
+    ID` (or reject), the API or the inbox, then make the call again."""
+
+    def __init__(self, target: str, approval_id: str) -> None:
+        super().__init__(f"{target} waits for approval {approval_id} (keel approvals approve {approval_id})")
+        self.target = target
+        self.approval_id = approval_id
+
+
+class ApprovalDenied(StepFailed):
+    """A person denied the call (or its approval expired): the function was not called."""
 
 
 _HTTP_CLASSES = {
@@ -312,6 +328,8 @@ def step(
     virtual_time: bool = False,
     journal: Optional[Journal] = None,
     key: Optional[Callable[..., str]] = None,
+    approval: Optional[Callable[..., bool]] = None,
+    approval_expires: float = 3600.0,
 ) -> Callable[[F], F]:
     """Runs the decorated function under `policy` as the target `target` (default: the
     function's qualified name). `classes` maps exception types to error classes first.
@@ -323,12 +341,23 @@ def step(
     result (JSON) is stored, and a call with the same key returns it without running
     the function. A call that fails gives the key back.
 
+    `approval(*args, **kwargs)` says whether a call needs a person's approval (a
+    predicate that raises is taken as yes: a rule that cannot evaluate fails closed).
+    Such a call raises `ApprovalPending` with the approval's id until a person approves
+    it in the journal (`keel approvals approve ID`, the API, the inbox); then it acts,
+    once. A denied or expired one raises `ApprovalDenied`. Needs `journal`.
+
     The decorated function gets `.keel`, the step: `.events()`, `.breaker_state()`.
     """
+
+    if approval is not None and journal is None:
+        raise TypeError("keel.step: an approval is asked and decided in the journal: pass journal=keel.Journal(...)")
 
     def wrap(fn: F) -> F:
         name = target or getattr(fn, "__qualname__", "step")
         inner_step = _Step(name, policy or Policy(), classes, virtual_time, journal, key)
+        inner_step._approval = approval
+        inner_step._approval_expires = float(approval_expires)
         if inspect.iscoroutinefunction(fn):
 
             @functools.wraps(fn)
@@ -369,6 +398,7 @@ class _Step:
         if self._journal is None:
             return self._unwrap(self._step.call(fn, args, kwargs or None, self._classify))
         k = self._key(*args, **kwargs) if self._key else _derived_key(self.target, args, kwargs)
+        approved = self._approved(k, args, kwargs)
         claimed = self._claim(k)
         if claimed[0] == "done":
             return json.loads(claimed[1])
@@ -378,7 +408,34 @@ class _Step:
         except BaseException:
             self._journal._journal.release(k, token)
             raise
-        return self._record(k, token, answer)
+        try:
+            return self._record(k, token, answer)
+        finally:
+            if approved:
+                self._journal._journal.finish_approved(k, bool(answer[0]))
+
+    def _approved(self, k: str, args: tuple, kwargs: dict) -> bool:
+        """Whether the call was approved (False: it needs no approval); raises while it
+        waits or when it was denied."""
+        rule = getattr(self, "_approval", None)
+        if rule is None:
+            return False
+        try:
+            needed = bool(rule(*args, **kwargs))
+        except Exception:  # noqa: BLE001 - a rule that cannot evaluate fails closed
+            needed = True
+        if not needed:
+            return False
+        shown = json.dumps({"args": list(args), "kwargs": kwargs}, default=repr)
+        status, approval_id, by = self._journal._journal.approval(  # type: ignore[union-attr]
+            k, self.target, shown, self._approval_expires
+        )
+        if status == "pending":
+            raise ApprovalPending(self.target, approval_id)
+        if status != "approved":
+            who = f"denied by {by}" if status == "denied" else "expired before it was decided"
+            raise ApprovalDenied(self.target, "approval_denied", 0, f"approval {approval_id} {who}")
+        return True
 
     def _claim(self, k: str) -> Tuple[str, str]:
         """Claims `k`: ("won", token) or ("done", result). Waits while another caller
