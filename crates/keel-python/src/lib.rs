@@ -489,18 +489,14 @@ impl Journal {
         expires_after: f64,
     ) -> PyResult<(String, String, Option<String>)> {
         use keel_journal::{ApprovalDecision, JournalEvent, NewEvent, RunState};
-        use sha2::Digest as _;
         if !(expires_after.is_finite() && expires_after > 0.0 && expires_after <= 366.0 * 86_400.0) {
             return Err(PyValueError::new_err(format!("approval expiry: {expires_after} s is out of range")));
         }
         let args: serde_json::Value = serde_json::from_str(args_json)
             .map_err(|e| PyValueError::new_err(format!("the arguments: {e}")))?;
-        let hex = |s: &str| -> String {
-            sha2::Sha256::digest(s.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
-        };
-        let name = hex(key);
-        let (run_id, approval_id) = (format!("py-{}", &name[..24]), format!("apr-py-{}", &name[..20]));
-        let digest = hex(&keel_core::canonical_json(&args));
+        let name = sha256_hex(key);
+        let (run_id, approval_id) = (approval_run(key), format!("apr-py-{}", &name[..20]));
+        let digest = sha256_hex(&keel_core::canonical_json(&args));
         let now_ms = keel_core::Clock::wall(&keel_core::TokioClock::new())
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
@@ -549,9 +545,7 @@ impl Journal {
     /// Ends the run of an approved call under `key`: `completed` or `failed`.
     fn finish_approved(&self, py: Python<'_>, key: &str, completed: bool) -> PyResult<()> {
         use keel_journal::{JournalEvent, NewEvent, RunState};
-        use sha2::Digest as _;
-        let name: String = sha2::Sha256::digest(key.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
-        let run_id = format!("py-{}", &name[..24]);
+        let run_id = approval_run(key);
         let state = if completed { RunState::Completed } else { RunState::Failed };
         let event = NewEvent::new(run_id, JournalEvent::RunStateChanged { state, reason: None });
         py.allow_threads(|| self.runtime.block_on(self.journal.append(&[event])))
@@ -564,6 +558,17 @@ impl Journal {
         let token = keel_journal::ClaimToken { key: key.to_owned(), token: token.to_owned() };
         py.allow_threads(|| self.runtime.block_on(self.journal.release_claim(&token))).map_err(journal_error)
     }
+}
+
+/// The SHA-256 of `s`, in hex.
+fn sha256_hex(s: &str) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(s.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The run that holds the approval of the call under `key`.
+fn approval_run(key: &str) -> String {
+    format!("py-{}", &sha256_hex(key)[..24])
 }
 
 /// Merges `over` into `base`, tables recursively, other values replaced: how

@@ -191,3 +191,22 @@ def test_a_rule_that_cannot_evaluate_asks_a_person(tmp_path):
         charge(1, "5000")  # a string cannot be compared with 100: fail closed
     with pytest.raises(TypeError, match="journal"):
         keel.step("x", approval=lambda: True)
+
+
+def test_the_journal_on_postgresql_replays_as_sqlite_does(postgres_url):
+    journal = keel.Journal(postgres_url)
+    acted = []
+    tag = f"{os.getpid()}-{time.time_ns()}"
+
+    @keel.step("pg-charge", journal=journal, key=lambda order: f"{tag}/{order}")
+    def charge(order):
+        acted.append(order)
+        return {"charged": order}
+
+    assert charge(1) == {"charged": 1}
+    # Another connection, as another process would have.
+    other = keel.step("pg-charge", journal=keel.Journal(postgres_url), key=lambda order: f"{tag}/{order}")(
+        lambda order: pytest.fail("acted twice")
+    )
+    assert other(1) == {"charged": 1}
+    assert acted == [1]
