@@ -662,3 +662,8 @@ def self_correct(
         return call  # type: ignore[return-value]
 
     return wrap
+
+
+from .client import Client  # noqa: E402 - it uses the exceptions above
+
+__all__.append("Client")
