@@ -24,6 +24,8 @@ use keel_core::TokioClock;
 use keel_journal::JournalOptions;
 use serde_json::json;
 
+static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 async fn load(url: String, body: serde_json::Value, auth: bool, conns: usize, secs: u64) -> (f64, f64, f64) {
     let http = reqwest::Client::new();
     let until = Instant::now() + Duration::from_secs(secs);
@@ -34,6 +36,12 @@ async fn load(url: String, body: serde_json::Value, auth: bool, conns: usize, se
             let mut lat = Vec::new();
             while Instant::now() < until {
                 let t = Instant::now();
+                // Each call its own arguments: an agent repeating one call is what the
+                // loop guard stops (`[run] loop_guard`), not what this measures.
+                let mut body = body.clone();
+                if auth {
+                    body["params"]["n"] = json!(N.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+                }
                 let mut req = http.post(&url).json(&body);
                 if auth {
                     req = req.bearer_auth(KEY);
