@@ -51,8 +51,25 @@ struct Step {
     started: tokio::time::Instant,
 }
 
-/// A current-thread runtime driven by a thread of its own (paused: virtual time).
+/// The runtime of every step on real time: one thread for the process, however many
+/// functions are decorated.
+static SHARED: std::sync::OnceLock<tokio::runtime::Handle> = std::sync::OnceLock::new();
+
+/// The runtime a step runs on: the process's shared one, or (virtual time) a paused
+/// one of its own, so that one step's clock never moves another's.
 fn runtime(virtual_time: bool) -> PyResult<tokio::runtime::Handle> {
+    if virtual_time {
+        return new_runtime(true);
+    }
+    if let Some(h) = SHARED.get() {
+        return Ok(h.clone());
+    }
+    let made = new_runtime(false)?;
+    Ok(SHARED.get_or_init(|| made).clone())
+}
+
+/// A current-thread runtime driven by a thread of its own (paused: virtual time).
+fn new_runtime(virtual_time: bool) -> PyResult<tokio::runtime::Handle> {
     let mut builder = tokio::runtime::Builder::new_current_thread();
     builder.enable_time();
     if virtual_time {
@@ -611,6 +628,14 @@ fn policy_from_toml(text: &str, tool: Option<&str>) -> PyResult<String> {
     serde_json::to_string(&policy).map_err(|e| PyRuntimeError::new_err(e.to_string()))
 }
 
+/// Checks a policy (JSON): every value in its documented range, named by key.
+#[pyfunction]
+fn check_policy(policy_json: &str) -> PyResult<()> {
+    let policy: PolicyConfig =
+        serde_json::from_str(policy_json).map_err(|e| PyValueError::new_err(format!("policy: {e}")))?;
+    policy.validate().map_err(|e| policy_error(&e))
+}
+
 /// The policy keel-core uses when none is written, as JSON.
 #[pyfunction]
 fn default_policy() -> PyResult<String> {
@@ -632,6 +657,7 @@ fn _keel(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Journal>()?;
     m.add_function(wrap_pyfunction!(policy_from_toml, m)?)?;
     m.add_function(wrap_pyfunction!(default_policy, m)?)?;
+    m.add_function(wrap_pyfunction!(check_policy, m)?)?;
     m.add_function(wrap_pyfunction!(classes, m)?)?;
     Ok(())
 }

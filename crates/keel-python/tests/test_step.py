@@ -258,3 +258,27 @@ def test_the_gil_is_released_while_a_step_backs_off():
 
 if os.environ.get("KEEL_PY_SHOW"):
     print(keel.__doc__)
+
+
+def test_many_steps_and_threads_share_one_runtime():
+    import threading
+
+    before = len(os.listdir("/proc/self/task"))
+    steps = []
+    for i in range(50):
+        flaky = Flaky([ConnectionError("reset")])
+        steps.append(keel.step(f"svc-{i}", policy=keel.Policy(max_attempts=2, base_delay="20ms", jitter="none"))(flaky))
+    results = []
+
+    def worker(fns):
+        for fn in fns:
+            results.append(fn()[0])
+
+    threads = [threading.Thread(target=worker, args=(steps[i::8],)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert results == ["ok"] * 50, "every step retried once and answered, from 8 threads at once"
+    os_threads = len(os.listdir("/proc/self/task"))
+    assert os_threads - before < 10, f"{before} -> {os_threads} OS threads: none per decorated function (50)"

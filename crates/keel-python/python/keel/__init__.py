@@ -236,7 +236,7 @@ class Policy:
             config.setdefault("timeout", {})["attempt"] = _duration(attempt_timeout)
         self._json = json.dumps(config)
         # Checked now, by key, as keel.toml is: a bad value never waits for a call.
-        _keel.Step("policy-check", self._json)
+        _keel.check_policy(self._json)
 
     @classmethod
     def from_toml(cls, path: str, tool: Optional[str] = None) -> "Policy":
