@@ -33,12 +33,30 @@ struct Recent(Mutex<std::collections::VecDeque<Event>>);
 
 impl EventSink for Recent {
     fn record(&self, event: &Event) {
-        let mut events = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if events.len() == RECENT {
-            events.pop_front();
+        {
+            let mut events = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if events.len() == RECENT {
+                events.pop_front();
+            }
+            events.push_back(event.clone());
         }
-        events.push_back(event.clone());
+        // The call being made collects its own (a sync call's pipeline runs on the
+        // caller's thread, an async call's in a task of its own).
+        CALL_EVENTS.with(|c| {
+            if let Some(v) = c.borrow_mut().as_mut() {
+                v.push(event.clone());
+            }
+        });
+        let _ = TASK_EVENTS.try_with(|v| v.borrow_mut().push(event.clone()));
     }
+}
+
+thread_local! {
+    static CALL_EVENTS: std::cell::RefCell<Option<Vec<Event>>> = const { std::cell::RefCell::new(None) };
+}
+
+tokio::task_local! {
+    static TASK_EVENTS: std::cell::RefCell<Vec<Event>>;
 }
 
 /// One target's policies, ready to call functions under.
@@ -97,18 +115,22 @@ impl Drop for CancelOnDrop {
     }
 }
 
-/// The answer tuple for the Python side: `(True, value)` or `(False, class, attempts,
-/// message, last_exception)`.
+/// The answer tuple for the Python side: `(True, value, events_json)` or `(False,
+/// class, attempts, message, last_exception, events_json)`, the events the call's own.
 fn answer(
     py: Python<'_>,
     outcome: Result<Py<PyAny>, keel_core::CallError<Failure>>,
     last: Option<PyErr>,
+    events: &[Event],
 ) -> PyResult<Py<PyTuple>> {
+    let events = serde_json::to_string(events).map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+    let events = events.into_pyobject(py)?.into_any();
     match outcome {
-        Ok(value) => {
-            Ok(PyTuple::new(py, [true.into_pyobject(py)?.to_owned().into_any(), value.into_bound(py)])?
-                .unbind())
-        }
+        Ok(value) => Ok(PyTuple::new(
+            py,
+            [true.into_pyobject(py)?.to_owned().into_any(), value.into_bound(py), events],
+        )?
+        .unbind()),
         Err(e) => {
             let message = match &e.kind {
                 ErrorKind::Target(f) => f.message.clone(),
@@ -128,6 +150,7 @@ fn answer(
                 e.attempts.into_pyobject(py)?.into_any().unbind(),
                 message.into_pyobject(py)?.into_any().unbind(),
                 exc,
+                events.unbind(),
             ];
             Ok(PyTuple::new(py, items)?.unbind())
         }
@@ -188,8 +211,9 @@ impl Step {
         classify: Py<PyAny>,
     ) -> PyResult<Py<PyTuple>> {
         let last: Mutex<Option<PyErr>> = Mutex::new(None);
-        let outcome = py.allow_threads(|| {
-            self.block_on(self.pipeline.call(|_attempt| {
+        let (outcome, events) = py.allow_threads(|| {
+            CALL_EVENTS.with(|c| *c.borrow_mut() = Some(Vec::new()));
+            let outcome = self.block_on(self.pipeline.call(|_attempt| {
                 let answer = Python::with_gil(|py| {
                     let kwargs = kwargs.as_ref().map(|k| k.bind(py));
                     match func.bind(py).call(args.bind(py), kwargs) {
@@ -202,10 +226,11 @@ impl Step {
                     }
                 });
                 std::future::ready(answer)
-            }))
+            }));
+            (outcome, CALL_EVENTS.with(|c| c.borrow_mut().take()).unwrap_or_default())
         });
         let last = last.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
-        answer(py, outcome, last)
+        answer(py, outcome, last, &events)
     }
 
     /// Calls the coroutine function `func(*args, **kwargs)` under the policies: the
@@ -226,7 +251,7 @@ impl Step {
         let pipeline = self.pipeline.clone();
         let (func, args, kwargs, classify, event_loop) =
             (Arc::new(func), Arc::new(args), Arc::new(kwargs), Arc::new(classify), Arc::new(event_loop));
-        self.runtime.spawn(async move {
+        self.runtime.spawn(TASK_EVENTS.scope(std::cell::RefCell::new(Vec::new()), async move {
             let last: Arc<Mutex<Option<PyErr>>> = Arc::default();
             let outcome = pipeline
                 .call(|_attempt| {
@@ -270,15 +295,16 @@ impl Step {
                 })
                 .await;
             let last = last.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+            let events = TASK_EVENTS.with(|v| v.take());
             Python::with_gil(|py| {
-                let delivered = answer(py, outcome, last)
+                let delivered = answer(py, outcome, last, &events)
                     .and_then(|tuple| event_loop.call_method1(py, "call_soon_threadsafe", (resolve, tuple)));
                 if let Err(e) = delivered {
                     // The loop is closed: nobody is waiting for the answer.
                     e.print(py);
                 }
             });
-        });
+        }));
     }
 
     /// The target's name.
@@ -559,15 +585,73 @@ impl Journal {
         .map_err(journal_error)
     }
 
-    /// Ends the run of an approved call under `key`: `completed` or `failed`.
-    fn finish_approved(&self, py: Python<'_>, key: &str, completed: bool) -> PyResult<()> {
-        use keel_journal::{JournalEvent, NewEvent, RunState};
+    /// Journals a call of `tool` under `key` as a one-step run (`keel runs list` and
+    /// `show` see it): the arguments, the call's policy events (`events_json`, every
+    /// attempt and retry), and how it ended — `output_json`, or `error_class` and
+    /// `message`.
+    #[pyo3(signature = (key, tool, args_json, events_json, output_json = None, error_class = None, message = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn record_call(
+        &self,
+        py: Python<'_>,
+        key: &str,
+        tool: &str,
+        args_json: &str,
+        events_json: &str,
+        output_json: Option<&str>,
+        error_class: Option<&str>,
+        message: Option<&str>,
+    ) -> PyResult<()> {
+        use keel_journal::{JournalEvent, NewEvent, RunState, StepOutcome};
+        let bad = |what: &str, e: serde_json::Error| PyValueError::new_err(format!("{what}: {e}"));
+        let args: serde_json::Value = serde_json::from_str(args_json).map_err(|e| bad("the arguments", e))?;
+        let policy: Vec<Event> = serde_json::from_str(events_json).map_err(|e| bad("the events", e))?;
+        let outcome = match output_json {
+            Some(o) => {
+                StepOutcome::Succeeded { output: serde_json::from_str(o).map_err(|e| bad("the output", e))? }
+            }
+            None => StepOutcome::Failed {
+                class: error_class
+                    .and_then(|c| ErrorClass::from_str(c).ok())
+                    .unwrap_or(ErrorClass::ServerError),
+                message: message.unwrap_or_default().to_owned(),
+            },
+        };
+        let done = matches!(outcome, StepOutcome::Succeeded { .. });
+        let mut events = vec![
+            JournalEvent::RunStateChanged { state: RunState::Running, reason: None },
+            JournalEvent::StepStarted {
+                step: 0,
+                name: tool.to_owned(),
+                target: tool.to_owned(),
+                input: args.clone(),
+            },
+        ];
+        events.extend(policy.into_iter().map(|event| JournalEvent::Policy { step: Some(0), event }));
+        events.push(JournalEvent::StepFinished { step: 0, outcome });
+        events.push(JournalEvent::RunStateChanged {
+            state: if done { RunState::Completed } else { RunState::Failed },
+            reason: None,
+        });
         let run_id = approval_run(key);
-        let state = if completed { RunState::Completed } else { RunState::Failed };
-        let event = NewEvent::new(run_id, JournalEvent::RunStateChanged { state, reason: None });
-        py.allow_threads(|| self.runtime.block_on(self.journal.append(&[event])))
-            .map(|_| ())
-            .map_err(journal_error)
+        let created = JournalEvent::RunCreated {
+            name: String::new(),
+            input: serde_json::json!({"python_step": tool, "key": key, "args": args}),
+        };
+        let journal = &self.journal;
+        py.allow_threads(|| {
+            self.runtime.block_on(async {
+                let mut all = vec![created];
+                all.extend(events.iter().cloned());
+                if !journal.create_run(&run_id, &all).await? {
+                    // The run exists (its approval was asked in it): the call goes on there.
+                    let more: Vec<NewEvent> = events.into_iter().map(|e| NewEvent::new(&run_id, e)).collect();
+                    journal.append(&more).await?;
+                }
+                Ok(())
+            })
+        })
+        .map_err(journal_error)
     }
 
     /// Gives the key back (the call failed before acting for good): a later call acts.

@@ -210,3 +210,27 @@ def test_the_journal_on_postgresql_replays_as_sqlite_does(postgres_url):
     )
     assert other(1) == {"charged": 1}
     assert acted == [1]
+
+
+def test_journaled_calls_are_runs_that_keel_runs_shows_with_their_retries(tmp_path):
+    journal = keel.Journal(f"sqlite:{tmp_path / 'keel.db'}")
+    tries = []
+
+    @keel.step("charge", journal=journal, policy=keel.Policy(max_attempts=3, base_delay="1ms"))
+    def charge(order):
+        tries.append(order)
+        if len(tries) == 1:
+            raise ConnectionError("reset")
+        return {"charged": order}
+
+    assert charge(9) == {"charged": 9}
+    listed = keel_cli(tmp_path, "--json", "runs", "list")
+    assert listed.returncode == 0, listed.stderr
+    runs = json.loads(listed.stdout)
+    runs = runs.get("runs", runs) if isinstance(runs, dict) else runs
+    ids = [r["run_id"] for r in runs if str(r.get("run_id", "")).startswith("py-")]
+    assert len(ids) == 1, listed.stdout
+    shown = keel_cli(tmp_path, "--json", "runs", "show", ids[0])
+    assert shown.returncode == 0, shown.stderr
+    assert '"completed"' in shown.stdout
+    assert "retry_scheduled" in shown.stdout and "network" in shown.stdout, "the attempts are in the run"

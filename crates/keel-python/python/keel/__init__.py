@@ -28,6 +28,7 @@ import functools
 import hashlib
 import inspect
 import json
+import logging
 import time
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Type, TypeVar, Union
 
@@ -411,8 +412,22 @@ class _Step:
         try:
             return self._record(k, token, answer)
         finally:
-            if approved:
-                self._journal._journal.finish_approved(k, bool(answer[0]))
+            self._journal_run(k, args, kwargs, answer)
+
+    def _journal_run(self, k: str, args: tuple, kwargs: dict, answer: tuple) -> None:
+        """The call as a one-step run in the journal, its attempts and retries in it
+        (`keel runs list`/`show`). A journal that cannot take it loses the record, not
+        the call: the result is stored already."""
+        journal = self._journal._journal  # type: ignore[union-attr]
+        shown = json.dumps({"args": list(args), "kwargs": kwargs}, default=repr)
+        try:
+            if answer[0]:
+                journal.record_call(k, self.target, shown, answer[-1], output_json=json.dumps(answer[1], default=repr))
+            else:
+                _, error_class, _attempts, message = answer[:4]
+                journal.record_call(k, self.target, shown, answer[-1], None, error_class, message)
+        except Exception as e:  # noqa: BLE001 - observability, never the call's outcome
+            logging.getLogger("keel").warning("the journal did not take the record of %s: %s", k, e)
 
     def _approved(self, k: str, args: tuple, kwargs: dict) -> bool:
         """Whether the call was approved (False: it needs no approval); raises while it
@@ -483,7 +498,10 @@ class _Step:
         except BaseException:
             await loop.run_in_executor(None, self._journal._journal.release, k, token)
             raise
-        return await loop.run_in_executor(None, self._record, k, token, answer)
+        try:
+            return await loop.run_in_executor(None, self._record, k, token, answer)
+        finally:
+            await loop.run_in_executor(None, self._journal_run, k, args, kwargs, answer)
 
     async def _acall(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         return self._unwrap(await self._answer(fn, args, kwargs))
@@ -504,7 +522,7 @@ class _Step:
     def _unwrap(self, answer: tuple) -> Any:
         if answer[0]:
             return answer[1]
-        _, error_class, attempts, message, last = answer
+        _, error_class, attempts, message, last, _events = answer
         kind = CircuitOpen if error_class == "circuit_open" else StepFailed
         raise kind(self.target, error_class, attempts, message) from last
 

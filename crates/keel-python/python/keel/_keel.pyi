@@ -49,7 +49,16 @@ class Journal:
     def approval(
         self, key: str, tool: str, args_json: str, expires_after: float
     ) -> Tuple[str, str, Optional[str]]: ...
-    def finish_approved(self, key: str, completed: bool) -> None: ...
+    def record_call(
+        self,
+        key: str,
+        tool: str,
+        args_json: str,
+        events_json: str,
+        output_json: Optional[str] = None,
+        error_class: Optional[str] = None,
+        message: Optional[str] = None,
+    ) -> None: ...
 
 def policy_from_toml(text: str, tool: Optional[str] = None) -> str: ...
 def default_policy() -> str: ...
