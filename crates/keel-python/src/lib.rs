@@ -587,9 +587,10 @@ impl Journal {
 
     /// Journals a call of `tool` under `key` as a one-step run (`keel runs list` and
     /// `show` see it): the arguments, the call's policy events (`events_json`, every
-    /// attempt and retry), and how it ended — `output_json`, or `error_class` and
-    /// `message`.
-    #[pyo3(signature = (key, tool, args_json, events_json, output_json = None, error_class = None, message = None))]
+    /// attempt and retry), a self-correcting call's programs (`programs_json`: each
+    /// `{program, result}` or `{program, error_class, message}`), and how it ended —
+    /// `output_json`, or `error_class` and `message`.
+    #[pyo3(signature = (key, tool, args_json, events_json, output_json = None, error_class = None, message = None, programs_json = None))]
     #[allow(clippy::too_many_arguments)]
     fn record_call(
         &self,
@@ -601,8 +602,9 @@ impl Journal {
         output_json: Option<&str>,
         error_class: Option<&str>,
         message: Option<&str>,
+        programs_json: Option<&str>,
     ) -> PyResult<()> {
-        use keel_journal::{JournalEvent, NewEvent, RunState, StepOutcome};
+        use keel_journal::{JournalEvent, NewEvent, ProgramOutcome, RunState, StepOutcome};
         let bad = |what: &str, e: serde_json::Error| PyValueError::new_err(format!("{what}: {e}"));
         let args: serde_json::Value = serde_json::from_str(args_json).map_err(|e| bad("the arguments", e))?;
         let policy: Vec<Event> = serde_json::from_str(events_json).map_err(|e| bad("the events", e))?;
@@ -627,6 +629,30 @@ impl Journal {
                 input: args.clone(),
             },
         ];
+        // A self-correcting call's programs, each with how it ended.
+        let programs: Vec<serde_json::Value> = match programs_json {
+            Some(p) => serde_json::from_str(p).map_err(|e| bad("the programs", e))?,
+            None => Vec::new(),
+        };
+        for (i, p) in programs.iter().enumerate() {
+            let outcome = match p.get("error_class").and_then(serde_json::Value::as_str) {
+                None => ProgramOutcome::Succeeded { result: p.get("result").cloned().unwrap_or_default() },
+                Some(c) => ProgramOutcome::Failed {
+                    class: ErrorClass::from_str(c).unwrap_or(ErrorClass::CodeError),
+                    message: p
+                        .get("message")
+                        .and_then(serde_json::Value::as_str)
+                        .unwrap_or_default()
+                        .to_owned(),
+                },
+            };
+            events.push(JournalEvent::ProgramRecorded {
+                step: 0,
+                attempt: u32::try_from(i + 1).unwrap_or(u32::MAX),
+                program: p.get("program").and_then(serde_json::Value::as_str).unwrap_or_default().to_owned(),
+                outcome,
+            });
+        }
         events.extend(policy.into_iter().map(|event| JournalEvent::Policy { step: Some(0), event }));
         events.push(JournalEvent::StepFinished { step: 0, outcome });
         events.push(JournalEvent::RunStateChanged {

@@ -2,6 +2,8 @@
 its replacement run, gated by the error's class, the attempts, the token budget and
 the confidence gate; a scripted callback stands in for the model."""
 
+import json
+
 import pytest
 
 import keel
@@ -109,3 +111,23 @@ def test_absurd_settings_are_refused():
         keel.self_correct(correct=lambda c: "", max_attempts=0)
     with pytest.raises(ValueError, match="token_budget"):
         keel.self_correct(correct=lambda c: "", token_budget=-1)
+
+
+def test_with_a_journal_every_program_tried_is_in_the_run(tmp_path):
+    import os
+    import subprocess
+
+    journal = keel.Journal(f"sqlite:{tmp_path / 'keel.db'}")
+    fix = Script("data = {'a': 1}\nresult = data['a']")
+    solve = keel.self_correct(correct=fix, journal=journal, name="solve")(run)
+    assert solve("data = {'a': 1}\nresult = data['zz']") == 1
+    config = tmp_path / "keel.toml"
+    config.write_text(f'[storage]\nurl = "sqlite://{tmp_path / "keel.db"}"\n')
+    binary = os.environ["KEEL_BIN"]
+    listed = subprocess.run([binary, "--config", str(config), "--json", "runs", "list"], capture_output=True,
+                            text=True, check=True)
+    run_id = next(r["run_id"] for r in json.loads(listed.stdout) if r["run_id"].startswith("py-"))
+    shown = subprocess.run([binary, "--config", str(config), "--json", "runs", "show", run_id],
+                           capture_output=True, text=True, check=True).stdout
+    assert shown.count("program_recorded") == 2, shown
+    assert "KeyError" in shown and "data['zz']" in shown and '"completed"' in shown

@@ -604,6 +604,7 @@ def self_correct(
     token_budget: Optional[int] = None,
     classes: Optional[Mapping[Type[BaseException], str]] = None,
     name: Optional[str] = None,
+    journal: Optional[Journal] = None,
 ) -> Callable[[F], F]:
     """Runs the decorated `fn(program, *args, **kwargs)`; when it raises an error the
     program can fix (its class's disposition is `correct`: `code_error` and the model
@@ -613,6 +614,9 @@ def self_correct(
     kind whether corrections pay off and stops asking when they do not. A replacement
     identical to a program already tried is not run. Anything else stops with
     `CorrectionStopped`, which carries the partial result.
+
+    With `journal`, every call is a run in it: each program tried and how it ended,
+    the correction rounds, the outcome (`keel runs show`).
     """
     if not isinstance(max_attempts, int) or isinstance(max_attempts, bool) or max_attempts < 1:
         raise ValueError(f"max_attempts: {max_attempts!r} is not a whole number of at least 1")
@@ -623,8 +627,40 @@ def self_correct(
         corrector = _keel.Corrector(name or getattr(fn, "__qualname__", "program"), max_attempts - 1, token_budget)
         table = dict(classes or {})
 
+        target = name or getattr(fn, "__qualname__", "program")
+
+        def journal_call(programs: list, outcome: Any, stopped: Optional["CorrectionStopped"]) -> None:
+            if journal is None:
+                return
+            import uuid
+
+            key = f"py-correct/{target}/{uuid.uuid4().hex}"
+            events = "[]"  # the programs below are the call's attempts
+            try:
+                if stopped is None:
+                    journal._journal.record_call(key, target, json.dumps({"program": programs[0]["program"]}),
+                                                 events, json.dumps(outcome, default=repr), None, None,
+                                                 json.dumps(programs, default=repr))
+                else:
+                    journal._journal.record_call(key, target, json.dumps({"program": programs[0]["program"]}),
+                                                 events, None, stopped.context.error_class,
+                                                 f"{stopped.reason}: {stopped.context.message}",
+                                                 json.dumps(programs, default=repr))
+            except Exception as e:  # noqa: BLE001 - observability, never the call's outcome
+                logging.getLogger("keel").warning("the journal did not take the record of %s: %s", target, e)
+
         @functools.wraps(fn)
         def call(program: str, *args: Any, **kwargs: Any) -> Any:
+            programs: list = []
+            try:
+                result = run_correcting(program, programs, *args, **kwargs)
+            except CorrectionStopped as stopped:
+                journal_call(programs, None, stopped)
+                raise
+            journal_call(programs, result, None)
+            return result
+
+        def run_correcting(program: str, programs: list, *args: Any, **kwargs: Any) -> Any:
             import traceback as tb
 
             rounds = corrector.begin()
@@ -638,6 +674,8 @@ def self_correct(
                     result = fn(program, *args, **kwargs)
                 except Exception as exc:  # noqa: BLE001 - every failure is classified
                     error_class, _ = classify(exc, table)
+                    programs.append({"program": program, "error_class": error_class,
+                                     "message": f"{type(exc).__name__}: {exc}"})
                     ctx = CorrectionContext(error_class, exc, tb.format_exc(), attempt, program, list(history))
                     if fixing is not None:
                         corrector.record(fixing, False)
@@ -674,6 +712,7 @@ def self_correct(
                     continue
                 if fixing is not None:
                     corrector.record(fixing, True)
+                programs.append({"program": program, "result": result})
                 return result
 
         call.keel = corrector  # type: ignore[attr-defined]

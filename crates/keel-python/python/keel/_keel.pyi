@@ -58,6 +58,7 @@ class Journal:
         output_json: Optional[str] = None,
         error_class: Optional[str] = None,
         message: Optional[str] = None,
+        programs_json: Optional[str] = None,
     ) -> None: ...
 
 def policy_from_toml(text: str, tool: Optional[str] = None) -> str: ...
