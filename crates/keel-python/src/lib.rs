@@ -687,6 +687,83 @@ impl Journal {
     }
 }
 
+/// `[alerts]` of a keel.toml, running: the alert router `keel serve` runs (rules by
+/// class, target and rate, incidents, PagerDuty/Slack/webhook sinks with retries),
+/// fed by steps' and self-corrections' failures. Recording never waits for a sink.
+#[pyclass(module = "keel._keel")]
+struct Alerts {
+    router: Arc<keel_telemetry::alert::AlertRouter>,
+    tasks: Option<keel_telemetry::alert::AlertTasks>,
+    runtime: tokio::runtime::Runtime,
+}
+
+#[pymethods]
+impl Alerts {
+    /// Starts the router of keel.toml's `text` (its `[alerts]`; secrets from the
+    /// environment, as `keel serve` reads them).
+    #[staticmethod]
+    fn from_toml(text: &str) -> PyResult<Alerts> {
+        let doc: toml::Table = text.parse().map_err(|e| PyValueError::new_err(format!("keel.toml: {e}")))?;
+        let table = doc.get("alerts").cloned().unwrap_or(toml::Value::Table(toml::Table::new()));
+        let config: keel_telemetry::alert::AlertsConfig =
+            table.try_into().map_err(|e: toml::de::Error| PyValueError::new_err(format!("alerts: {e}")))?;
+        let alerts = config.resolve(&|k| std::env::var(k).ok()).map_err(|e| policy_error(&e))?;
+        if !alerts.is_enabled() {
+            return Err(PyValueError::new_err("alerts: no sink is configured"));
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .map_err(|e| PyRuntimeError::new_err(format!("a runtime: {e}")))?;
+        let clock: Arc<dyn keel_core::Clock> = Arc::new(keel_core::TokioClock::new());
+        let (router, tasks) = {
+            let _in = runtime.enter();
+            keel_telemetry::alert::spawn(alerts, clock)
+        };
+        Ok(Alerts { router, tasks: Some(tasks), runtime })
+    }
+
+    /// Feeds policy events (JSON, as steps report them) to the rules.
+    fn record_json(&self, events_json: &str) -> PyResult<()> {
+        let events: Vec<Event> =
+            serde_json::from_str(events_json).map_err(|e| PyValueError::new_err(format!("events: {e}")))?;
+        let _in = self.runtime.enter();
+        for e in &events {
+            self.router.record(e);
+        }
+        Ok(())
+    }
+
+    /// A failure of `error_class` on `target` that no policy event says (a
+    /// self-correction that stopped).
+    fn failure(&self, target: &str, error_class: &str) -> PyResult<()> {
+        let class = ErrorClass::from_str(error_class).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let _in = self.runtime.enter();
+        self.router.record(&Event::AttemptEnded {
+            target: Arc::from(target),
+            attempt: 1,
+            outcome: keel_core::AttemptOutcome::Failed(class),
+            latency: Duration::ZERO,
+        });
+        Ok(())
+    }
+
+    /// Incidents open now (after the router has seen everything recorded so far).
+    fn open_incidents(&self, py: Python<'_>) -> Option<usize> {
+        py.allow_threads(|| self.runtime.block_on(self.router.check()))
+    }
+
+    /// Stops the router, delivering what is queued within `grace` seconds.
+    #[pyo3(signature = (grace = 5.0))]
+    fn close(&mut self, py: Python<'_>, grace: f64) {
+        if let Some(tasks) = self.tasks.take() {
+            let grace = Duration::from_secs_f64(grace.clamp(0.0, 300.0));
+            py.allow_threads(|| self.runtime.block_on(tasks.shutdown(grace)));
+        }
+    }
+}
+
 /// The SHA-256 of `s`, in hex.
 fn sha256_hex(s: &str) -> String {
     use sha2::Digest as _;
@@ -765,6 +842,7 @@ fn _keel(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Corrector>()?;
     m.add_class::<Rounds>()?;
     m.add_class::<Journal>()?;
+    m.add_class::<Alerts>()?;
     m.add_function(wrap_pyfunction!(policy_from_toml, m)?)?;
     m.add_function(wrap_pyfunction!(default_policy, m)?)?;
     m.add_function(wrap_pyfunction!(check_policy, m)?)?;

@@ -36,6 +36,7 @@ from . import _keel
 
 __all__ = [
     "CLASSES",
+    "Alerts",
     "ApprovalDenied",
     "ApprovalPending",
     "CircuitOpen",
@@ -282,6 +283,28 @@ class Journal:
         self.claim_ttl = float(claim_ttl)
 
 
+class Alerts:
+    """keel.toml's `[alerts]`, running in this process: the rules `keel serve` runs
+    (by class, target and rate; one incident per rule and key; PagerDuty, Slack and
+    webhook sinks with retries), fed by the steps and self-corrections given
+    `alerts=`. Recording never waits for a sink. `close()` delivers what is queued."""
+
+    def __init__(self, handle: Any) -> None:
+        self._alerts = handle
+
+    @classmethod
+    def from_toml(cls, path: str) -> "Alerts":
+        with open(path, encoding="utf-8") as f:
+            return cls(_keel.Alerts.from_toml(f.read()))
+
+    def open_incidents(self) -> Optional[int]:
+        """Incidents open, once everything recorded so far was counted."""
+        return self._alerts.open_incidents()
+
+    def close(self, grace: float = 5.0) -> None:
+        self._alerts.close(grace)
+
+
 _KEY: "contextvars.ContextVar[Optional[str]]" = contextvars.ContextVar("keel_key", default=None)
 
 
@@ -331,6 +354,7 @@ def step(
     key: Optional[Callable[..., str]] = None,
     approval: Optional[Callable[..., bool]] = None,
     approval_expires: float = 3600.0,
+    alerts: Optional[Alerts] = None,
 ) -> Callable[[F], F]:
     """Runs the decorated function under `policy` as the target `target` (default: the
     function's qualified name). `classes` maps exception types to error classes first.
@@ -359,6 +383,7 @@ def step(
         inner_step = _Step(name, policy or Policy(), classes, virtual_time, journal, key)
         inner_step._approval = approval
         inner_step._approval_expires = float(approval_expires)
+        inner_step._alerts = alerts
         if inspect.iscoroutinefunction(fn):
 
             @functools.wraps(fn)
@@ -482,7 +507,7 @@ class _Step:
             journal.release(k, token)
             raise TypeError(f"a journaled step's result is stored as JSON: {e}") from e
         journal.complete(k, token, payload)
-        return answer[1]
+        return self._unwrap(answer)
 
     async def acall(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         if self._journal is None:
@@ -520,6 +545,9 @@ class _Step:
         return await fut
 
     def _unwrap(self, answer: tuple) -> Any:
+        alerts = getattr(self, "_alerts", None)
+        if alerts is not None:
+            alerts._alerts.record_json(answer[-1])
         if answer[0]:
             return answer[1]
         _, error_class, attempts, message, last, _events = answer
@@ -605,6 +633,7 @@ def self_correct(
     classes: Optional[Mapping[Type[BaseException], str]] = None,
     name: Optional[str] = None,
     journal: Optional[Journal] = None,
+    alerts: Optional[Alerts] = None,
 ) -> Callable[[F], F]:
     """Runs the decorated `fn(program, *args, **kwargs)`; when it raises an error the
     program can fix (its class's disposition is `correct`: `code_error` and the model
@@ -616,7 +645,8 @@ def self_correct(
     `CorrectionStopped`, which carries the partial result.
 
     With `journal`, every call is a run in it: each program tried and how it ended,
-    the correction rounds, the outcome (`keel runs show`).
+    the correction rounds, the outcome (`keel runs show`). With `alerts`, every stop is
+    a failure of its class on the target for `[alerts]`' rules.
     """
     if not isinstance(max_attempts, int) or isinstance(max_attempts, bool) or max_attempts < 1:
         raise ValueError(f"max_attempts: {max_attempts!r} is not a whole number of at least 1")
@@ -656,6 +686,9 @@ def self_correct(
                 result = run_correcting(program, programs, *args, **kwargs)
             except CorrectionStopped as stopped:
                 journal_call(programs, None, stopped)
+                if alerts is not None:
+                    # A correction that stopped is a failure a person may need to see.
+                    alerts._alerts.failure(target, stopped.context.error_class)
                 raise
             journal_call(programs, result, None)
             return result
