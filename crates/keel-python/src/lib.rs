@@ -680,6 +680,70 @@ impl Journal {
         .map_err(journal_error)
     }
 
+    /// The latest ticket of the call under `key`, if one was opened: `(status,
+    /// ticket_id, resolution_json, resolved_by)`; the resolution is a person's guidance
+    /// (`{"action": "retry" | "skip" | "abort"}`).
+    fn ticket(&self, py: Python<'_>, key: &str) -> PyResult<Option<TicketState>> {
+        let run_id = approval_run(key);
+        let snap = py
+            .allow_threads(|| self.runtime.block_on(self.journal.snapshot(&run_id)))
+            .map_err(journal_error)?;
+        Ok(snap
+            .and_then(|s| s.tickets.into_iter().last())
+            .map(|t| (t.status, t.ticket_id, t.resolution.map(|r| r.to_string()), t.resolved_by)))
+    }
+
+    /// Hands the failed call under `key` to a person: a ticket in its run (`keel
+    /// tickets`, the API and the inbox list and resolve it), with `context_json` as its
+    /// context package. The ticket's id.
+    fn open_ticket(
+        &self,
+        py: Python<'_>,
+        key: &str,
+        tool: &str,
+        error_class: &str,
+        summary: &str,
+        context_json: &str,
+    ) -> PyResult<String> {
+        use keel_journal::{JournalEvent, NewEvent, RunState};
+        let class = ErrorClass::from_str(error_class).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let context: serde_json::Value = serde_json::from_str(context_json)
+            .map_err(|e| PyValueError::new_err(format!("the context: {e}")))?;
+        let run_id = approval_run(key);
+        let journal = &self.journal;
+        py.allow_threads(|| {
+            self.runtime.block_on(async {
+                let opened = journal.snapshot(&run_id).await?.map_or(0, |s| s.tickets.len());
+                let ticket_id = format!("tkt-py-{}-{}", &sha256_hex(key)[..16], opened + 1);
+                let events = [
+                    JournalEvent::RunStateChanged {
+                        state: RunState::Escalated,
+                        reason: Some(format!("`{tool}` failed with {class}: a person is asked")),
+                    },
+                    JournalEvent::TicketOpened {
+                        ticket_id: ticket_id.clone(),
+                        step: Some(0),
+                        class,
+                        summary: summary.to_owned(),
+                        context,
+                    },
+                ];
+                let created = JournalEvent::RunCreated {
+                    name: String::new(),
+                    input: serde_json::json!({"python_step": tool, "key": key}),
+                };
+                let mut all = vec![created];
+                all.extend(events.iter().cloned());
+                if !journal.create_run(&run_id, &all).await? {
+                    let more: Vec<NewEvent> = events.into_iter().map(|e| NewEvent::new(&run_id, e)).collect();
+                    journal.append(&more).await?;
+                }
+                Ok(ticket_id)
+            })
+        })
+        .map_err(journal_error)
+    }
+
     /// Gives the key back (the call failed before acting for good): a later call acts.
     fn release(&self, py: Python<'_>, key: &str, token: &str) -> PyResult<()> {
         let token = keel_journal::ClaimToken { key: key.to_owned(), token: token.to_owned() };
@@ -763,6 +827,9 @@ impl Alerts {
         }
     }
 }
+
+/// A ticket as Python reads it: status, id, resolution (JSON), who resolved it.
+type TicketState = (String, String, Option<String>, Option<String>);
 
 /// The SHA-256 of `s`, in hex.
 fn sha256_hex(s: &str) -> String {

@@ -234,3 +234,46 @@ def test_journaled_calls_are_runs_that_keel_runs_shows_with_their_retries(tmp_pa
     assert shown.returncode == 0, shown.stderr
     assert '"completed"' in shown.stdout
     assert "retry_scheduled" in shown.stdout and "network" in shown.stdout, "the attempts are in the run"
+
+
+def test_a_failure_handed_to_a_person_is_resolved_with_keel_tickets(tmp_path):
+    journal = keel.Journal(f"sqlite:{tmp_path / 'keel.db'}")
+    tries = []
+    failing = [True]
+
+    class Unauthorized(Exception):
+        status_code = 401
+
+    @keel.step("crm", journal=journal, escalate=True, policy=keel.Policy(max_attempts=2))
+    def sync_contact(cid):
+        tries.append(cid)
+        if failing[0]:
+            raise Unauthorized("token expired")
+        return {"synced": cid}
+
+    with pytest.raises(keel.Escalated) as escalated:
+        sync_contact(7)
+    ticket_id = escalated.value.ticket_id
+    assert tries == [7], "unauthorized is not retried"
+    with pytest.raises(keel.Escalated):
+        sync_contact(7)
+    assert tries == [7], "nothing acts while the ticket is open"
+
+    listed = keel_cli(tmp_path, "--json", "tickets", "list")
+    assert listed.returncode == 0 and ticket_id in listed.stdout, listed.stdout + listed.stderr
+    failing[0] = False  # the person fixed the token
+    resolved = keel_cli(tmp_path, "tickets", "resolve", ticket_id, "--action", "retry")
+    assert resolved.returncode == 0, resolved.stdout + resolved.stderr
+    assert sync_contact(7) == {"synced": 7}
+    assert sync_contact(7) == {"synced": 7}
+    assert tries == [7, 7], "retried once, then replayed"
+
+    # Skip: the call returns None without acting.
+    failing[0] = True
+    with pytest.raises(keel.Escalated) as second:
+        sync_contact(8)
+    assert keel_cli(tmp_path, "tickets", "resolve", second.value.ticket_id, "--action", "skip").returncode == 0
+    assert sync_contact(8) is None
+    assert tries == [7, 7, 8]
+    with pytest.raises(TypeError, match="journal"):
+        keel.step("x", escalate=True)

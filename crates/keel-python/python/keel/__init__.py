@@ -43,6 +43,7 @@ __all__ = [
     "Correction",
     "CorrectionContext",
     "CorrectionStopped",
+    "Escalated",
     "Journal",
     "Policy",
     "StepFailed",
@@ -85,6 +86,17 @@ class ApprovalPending(Exception):
         super().__init__(f"{target} waits for approval {approval_id} (keel approvals approve {approval_id})")
         self.target = target
         self.approval_id = approval_id
+
+
+class Escalated(StepFailed):
+    """The call failed and was handed to a person: `ticket_id` is open in the journal
+    (`keel tickets resolve ID --action retry|skip|abort`, the API, the inbox). The call
+    made again raises this while it is open, then acts (retry), returns None (skip)
+    or raises `StepFailed` (abort)."""
+
+    def __init__(self, target: str, ticket_id: str, message: str) -> None:
+        super().__init__(target, "escalated", 0, f"ticket {ticket_id}: {message}")
+        self.ticket_id = ticket_id
 
 
 class ApprovalDenied(StepFailed):
@@ -355,6 +367,7 @@ def step(
     approval: Optional[Callable[..., bool]] = None,
     approval_expires: float = 3600.0,
     alerts: Optional[Alerts] = None,
+    escalate: Union[bool, Tuple[str, ...], list] = False,
 ) -> Callable[[F], F]:
     """Runs the decorated function under `policy` as the target `target` (default: the
     function's qualified name). `classes` maps exception types to error classes first.
@@ -372,9 +385,15 @@ def step(
     it in the journal (`keel approvals approve ID`, the API, the inbox); then it acts,
     once. A denied or expired one raises `ApprovalDenied`. Needs `journal`.
 
+    `escalate=True` (or a list of classes) hands a call that failed for good to a
+    person: a ticket in the journal, `Escalated` raised until it is resolved. Needs
+    `journal`.
+
     The decorated function gets `.keel`, the step: `.events()`, `.breaker_state()`.
     """
 
+    if escalate and journal is None:
+        raise TypeError("keel.step: a ticket is opened and resolved in the journal: pass journal=keel.Journal(...)")
     if approval is not None and journal is None:
         raise TypeError("keel.step: an approval is asked and decided in the journal: pass journal=keel.Journal(...)")
 
@@ -384,6 +403,7 @@ def step(
         inner_step._approval = approval
         inner_step._approval_expires = float(approval_expires)
         inner_step._alerts = alerts
+        inner_step._escalate = escalate if escalate is True or not escalate else tuple(escalate)
         if inspect.iscoroutinefunction(fn):
 
             @functools.wraps(fn)
@@ -424,7 +444,10 @@ class _Step:
         if self._journal is None:
             return self._unwrap(self._step.call(fn, args, kwargs or None, self._classify))
         k = self._key(*args, **kwargs) if self._key else _derived_key(self.target, args, kwargs)
-        approved = self._approved(k, args, kwargs)
+        guided = self._guidance(k)
+        if guided is not None:
+            return guided[0]
+        self._approved(k, args, kwargs)
         claimed = self._claim(k)
         if claimed[0] == "done":
             return json.loads(claimed[1])
@@ -435,9 +458,51 @@ class _Step:
             self._journal._journal.release(k, token)
             raise
         try:
-            return self._record(k, token, answer)
-        finally:
+            result = self._record(k, token, answer)
+        except StepFailed as failed:
             self._journal_run(k, args, kwargs, answer)
+            self._escalate_if_asked(k, failed, args, kwargs)
+            raise
+        self._journal_run(k, args, kwargs, answer)
+        return result
+
+    def _guidance(self, k: str) -> Optional[Tuple[Any]]:
+        """What a person said about this call's latest ticket, if it matters now: raises
+        while it is open or when they aborted; `(None,)` when they skipped it; None to
+        act (no ticket, or "retry")."""
+        if not getattr(self, "_escalate", False):
+            return None
+        t = self._journal._journal.ticket(k)  # type: ignore[union-attr]
+        if t is None:
+            return None
+        status, ticket_id, resolution, by = t
+        if status == "open":
+            raise Escalated(self.target, ticket_id, "the call waits for a person")
+        action = json.loads(resolution or "{}").get("action")
+        if action == "skip":
+            return (None,)
+        if action == "abort":
+            raise StepFailed(self.target, "cancelled", 0, f"{by} aborted the call (ticket {ticket_id})")
+        return None
+
+    def _escalate_if_asked(self, k: str, failed: "StepFailed", args: tuple, kwargs: dict) -> None:
+        escalate = getattr(self, "_escalate", False)
+        if not escalate or failed.error_class == "circuit_open":
+            return
+        if escalate is not True and failed.error_class not in escalate:
+            return
+        context = {
+            "what_failed": self.target,
+            "error": {"class": failed.error_class, "message": failed.message},
+            "attempts": failed.attempts,
+            "arguments": {"args": list(args), "kwargs": kwargs},
+            "suggested_actions": ["retry", "skip", "abort"],
+        }
+        summary = f"{self.target}: {failed.error_class} after {failed.attempts} attempt(s)"
+        ticket_id = self._journal._journal.open_ticket(  # type: ignore[union-attr]
+            k, self.target, failed.error_class, summary, json.dumps(context, default=repr)
+        )
+        raise Escalated(self.target, ticket_id, failed.message) from failed
 
     def _journal_run(self, k: str, args: tuple, kwargs: dict, answer: tuple) -> None:
         """The call as a one-step run in the journal, its attempts and retries in it
@@ -514,6 +579,10 @@ class _Step:
             return await self._acall(fn, args, kwargs)
         loop = asyncio.get_running_loop()
         k = self._key(*args, **kwargs) if self._key else _derived_key(self.target, args, kwargs)
+        guided = await loop.run_in_executor(None, self._guidance, k)
+        if guided is not None:
+            return guided[0]
+        await loop.run_in_executor(None, self._approved, k, args, kwargs)
         claimed = await loop.run_in_executor(None, self._claim, k)
         if claimed[0] == "done":
             return json.loads(claimed[1])
@@ -524,9 +593,13 @@ class _Step:
             await loop.run_in_executor(None, self._journal._journal.release, k, token)
             raise
         try:
-            return await loop.run_in_executor(None, self._record, k, token, answer)
-        finally:
+            result = await loop.run_in_executor(None, self._record, k, token, answer)
+        except StepFailed as failed:
             await loop.run_in_executor(None, self._journal_run, k, args, kwargs, answer)
+            await loop.run_in_executor(None, self._escalate_if_asked, k, failed, args, kwargs)
+            raise
+        await loop.run_in_executor(None, self._journal_run, k, args, kwargs, answer)
+        return result
 
     async def _acall(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         return self._unwrap(await self._answer(fn, args, kwargs))
