@@ -201,7 +201,7 @@ impl Step {
     /// Calls `func(*args, **kwargs)` under the policies. `classify(exc)` names each
     /// exception's class. `(True, value)`, or `(False, class, attempts, message,
     /// last_exception)` for the Python side to raise.
-    #[pyo3(signature = (func, args, kwargs, classify))]
+    #[pyo3(signature = (func, args, kwargs, classify, collect = false))]
     fn call(
         &self,
         py: Python<'_>,
@@ -209,10 +209,15 @@ impl Step {
         args: Py<PyTuple>,
         kwargs: Option<Py<PyDict>>,
         classify: Py<PyAny>,
+        collect: bool,
     ) -> PyResult<Py<PyTuple>> {
         let last: Mutex<Option<PyErr>> = Mutex::new(None);
         let (outcome, events) = py.allow_threads(|| {
-            CALL_EVENTS.with(|c| *c.borrow_mut() = Some(Vec::new()));
+            // Collected only when asked (a journal or alerts read them): the plain call
+            // pays nothing for them.
+            if collect {
+                CALL_EVENTS.with(|c| *c.borrow_mut() = Some(Vec::new()));
+            }
             let outcome = self.block_on(self.pipeline.call(|_attempt| {
                 let answer = Python::with_gil(|py| {
                     let kwargs = kwargs.as_ref().map(|k| k.bind(py));
@@ -237,7 +242,7 @@ impl Step {
     /// pipeline runs on the step's thread, each attempt's coroutine on `event_loop`.
     /// Returns at once; `resolve(answer)` is called on the loop with the answer tuple
     /// of [`call`](Self::call).
-    #[pyo3(signature = (func, args, kwargs, classify, event_loop, resolve))]
+    #[pyo3(signature = (func, args, kwargs, classify, event_loop, resolve, collect = false))]
     #[allow(clippy::too_many_arguments)]
     fn call_async(
         &self,
@@ -247,6 +252,7 @@ impl Step {
         classify: Py<PyAny>,
         event_loop: Py<PyAny>,
         resolve: Py<PyAny>,
+        collect: bool,
     ) {
         let pipeline = self.pipeline.clone();
         let (func, args, kwargs, classify, event_loop) =
@@ -295,7 +301,7 @@ impl Step {
                 })
                 .await;
             let last = last.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
-            let events = TASK_EVENTS.with(|v| v.take());
+            let events = if collect { TASK_EVENTS.with(|v| v.take()) } else { Vec::new() };
             Python::with_gil(|py| {
                 let delivered = answer(py, outcome, last, &events)
                     .and_then(|tuple| event_loop.call_method1(py, "call_soon_threadsafe", (resolve, tuple)));

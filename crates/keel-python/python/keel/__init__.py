@@ -442,7 +442,7 @@ class _Step:
 
     def __call__(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         if self._journal is None:
-            return self._unwrap(self._step.call(fn, args, kwargs or None, self._classify))
+            return self._unwrap(self._step.call(fn, args, kwargs or None, self._classify, self._collects()))
         k = self._key(*args, **kwargs) if self._key else _derived_key(self.target, args, kwargs)
         guided = self._guidance(k)
         if guided is not None:
@@ -453,7 +453,7 @@ class _Step:
             return json.loads(claimed[1])
         token = claimed[1]
         try:
-            answer = self._step.call(_with_key(fn, k), args, kwargs or None, self._classify)
+            answer = self._step.call(_with_key(fn, k), args, kwargs or None, self._classify, True)
         except BaseException:
             self._journal._journal.release(k, token)
             raise
@@ -614,8 +614,12 @@ class _Step:
             if not fut.done():
                 fut.set_result(answer)
 
-        self._step.call_async(fn, args, kwargs or None, self._classify, loop, resolve)
+        self._step.call_async(fn, args, kwargs or None, self._classify, loop, resolve, self._collects())
         return await fut
+
+    def _collects(self) -> bool:
+        """Whether the call's own events are read (by the journal or the alerts)."""
+        return self._journal is not None or getattr(self, "_alerts", None) is not None
 
     def _unwrap(self, answer: tuple) -> Any:
         alerts = getattr(self, "_alerts", None)

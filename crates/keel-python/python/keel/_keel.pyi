@@ -12,6 +12,7 @@ class Step:
         args: Tuple[Any, ...],
         kwargs: Optional[Dict[str, Any]],
         classify: Callable[[BaseException], Tuple[str, Optional[float]]],
+        collect: bool = False,
     ) -> Tuple[Any, ...]: ...
     def call_async(
         self,
@@ -21,6 +22,7 @@ class Step:
         classify: Callable[[BaseException], Tuple[str, Optional[float]]],
         event_loop: Any,
         resolve: Callable[[Tuple[Any, ...]], None],
+        collect: bool = False,
     ) -> None: ...
     def breaker_state(self) -> Optional[str]: ...
     def events_json(self) -> str: ...
