@@ -374,7 +374,7 @@ async fn serve(cli: &Cli, listen: Option<&str>, log: crate::cli::LogFormat) -> R
 /// report as a table (or `--json`), and as HTML when asked.
 async fn drill(cli: &Cli, opts: keel_server::drill::DrillOptions, html: Option<&Path>) -> Result<ExitCode> {
     let config = Config::load(&cli.config)?;
-    let total = (opts.calls * (config.tools.len() + config.models.len())) as u64;
+    let total = (opts.calls * keel_server::drill::drillable(&config, &opts)) as u64;
     let bar = if cli.json || !std::io::stderr().is_terminal() {
         indicatif::ProgressBar::hidden()
     } else {

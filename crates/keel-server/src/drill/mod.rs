@@ -165,6 +165,20 @@ fn origin(url: &str) -> Option<(String, String)> {
     Some((format!("{scheme}://{authority}"), rest[end..].to_owned()))
 }
 
+/// How many targets of `config` the drill calls (http tools with a fixed host,
+/// OpenAI-wire models, of `opts.targets` when named): the progress bar's length is
+/// this times `opts.calls`.
+pub fn drillable(config: &Config, opts: &DrillOptions) -> usize {
+    let wanted = |name: &str| opts.targets.as_ref().is_none_or(|t| t.iter().any(|n| n == name));
+    let tools = config
+        .tools
+        .iter()
+        .filter(|(n, t)| wanted(n) && matches!(&t.kind, ToolKind::Http(h) if origin(&h.url).is_some()))
+        .count();
+    let models = config.models.iter().filter(|(n, m)| wanted(n) && m.provider == Provider::Openai).count();
+    tools + models
+}
+
 /// Runs the drill on `config` (its tools and models; its journal is not touched).
 /// `progress` is told each call that ended.
 ///
