@@ -610,7 +610,7 @@ impl Journal {
         message: Option<&str>,
         programs_json: Option<&str>,
     ) -> PyResult<()> {
-        use keel_journal::{JournalEvent, NewEvent, ProgramOutcome, RunState, StepOutcome};
+        use keel_journal::{JournalEvent, ProgramOutcome, RunState, StepOutcome};
         let bad = |what: &str, e: serde_json::Error| PyValueError::new_err(format!("{what}: {e}"));
         let args: serde_json::Value = serde_json::from_str(args_json).map_err(|e| bad("the arguments", e))?;
         let policy: Vec<Event> = serde_json::from_str(events_json).map_err(|e| bad("the events", e))?;
@@ -672,16 +672,7 @@ impl Journal {
         };
         let journal = &self.journal;
         py.allow_threads(|| {
-            self.runtime.block_on(async {
-                let mut all = vec![created];
-                all.extend(events.iter().cloned());
-                if !journal.create_run(&run_id, &all).await? {
-                    // The run exists (its approval was asked in it): the call goes on there.
-                    let more: Vec<NewEvent> = events.into_iter().map(|e| NewEvent::new(&run_id, e)).collect();
-                    journal.append(&more).await?;
-                }
-                Ok(())
-            })
+            self.runtime.block_on(async { create_or_append(&**journal, &run_id, created, events).await })
         })
         .map_err(journal_error)
     }
@@ -711,7 +702,7 @@ impl Journal {
         summary: &str,
         context_json: &str,
     ) -> PyResult<String> {
-        use keel_journal::{JournalEvent, NewEvent, RunState};
+        use keel_journal::{JournalEvent, RunState};
         let class = ErrorClass::from_str(error_class).map_err(|e| PyValueError::new_err(e.to_string()))?;
         let context: serde_json::Value = serde_json::from_str(context_json)
             .map_err(|e| PyValueError::new_err(format!("the context: {e}")))?;
@@ -738,12 +729,7 @@ impl Journal {
                     name: String::new(),
                     input: serde_json::json!({"python_step": tool, "key": key}),
                 };
-                let mut all = vec![created];
-                all.extend(events.iter().cloned());
-                if !journal.create_run(&run_id, &all).await? {
-                    let more: Vec<NewEvent> = events.into_iter().map(|e| NewEvent::new(&run_id, e)).collect();
-                    journal.append(&more).await?;
-                }
+                create_or_append(&**journal, &run_id, created, events.into()).await?;
                 Ok(ticket_id)
             })
         })
@@ -834,6 +820,24 @@ impl Alerts {
     }
 }
 
+/// Writes `events` into the call's run: created with `created` first when it is new,
+/// appended when it exists (its approval or an earlier ticket was asked in it).
+async fn create_or_append(
+    journal: &dyn keel_journal::Journal,
+    run_id: &str,
+    created: keel_journal::JournalEvent,
+    events: Vec<keel_journal::JournalEvent>,
+) -> keel_journal::Result<()> {
+    let mut all = vec![created];
+    all.extend(events.iter().cloned());
+    if !journal.create_run(run_id, &all).await? {
+        let more: Vec<keel_journal::NewEvent> =
+            events.into_iter().map(|e| keel_journal::NewEvent::new(run_id, e)).collect();
+        journal.append(&more).await?;
+    }
+    Ok(())
+}
+
 /// A ticket as Python reads it: status, id, resolution (JSON), who resolved it.
 type TicketState = (String, String, Option<String>, Option<String>);
 
@@ -896,6 +900,29 @@ fn check_policy(policy_json: &str) -> PyResult<()> {
     policy.validate().map_err(|e| policy_error(&e))
 }
 
+/// The class of an HTTP status as keel-core reads a response's (429 `rate_limited`,
+/// 5xx `server_error`, 401 `unauthorized`...), and the `Retry-After` it carries, in
+/// seconds (a number of seconds or an HTTP date); None for a success.
+#[pyfunction]
+#[pyo3(signature = (status, retry_after = None))]
+fn classify_http(status: u16, retry_after: Option<&str>) -> Option<(&'static str, Option<f64>)> {
+    let status = http::StatusCode::from_u16(status).ok()?;
+    let mut headers = http::HeaderMap::new();
+    if let Some(v) = retry_after.and_then(|v| http::HeaderValue::from_str(v).ok()) {
+        headers.insert(http::header::RETRY_AFTER, v);
+    }
+    let now = keel_core::Clock::wall(&keel_core::TokioClock::new());
+    let failure = keel_core::classify::http_response(status, &headers, b"", now)?;
+    Some((failure.class.as_str(), failure.retry_after.map(|d| d.as_secs_f64())))
+}
+
+/// A program with its comments and whitespace taken out (keel-core's, as agent runs
+/// compare programs): two that differ only there are the same program.
+#[pyfunction]
+fn normalize_program(program: &str) -> String {
+    keel_core::correct::normalize_program(program)
+}
+
 /// The policy keel-core uses when none is written, as JSON.
 #[pyfunction]
 fn default_policy() -> PyResult<String> {
@@ -919,6 +946,8 @@ fn _keel(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(policy_from_toml, m)?)?;
     m.add_function(wrap_pyfunction!(default_policy, m)?)?;
     m.add_function(wrap_pyfunction!(check_policy, m)?)?;
+    m.add_function(wrap_pyfunction!(classify_http, m)?)?;
+    m.add_function(wrap_pyfunction!(normalize_program, m)?)?;
     m.add_function(wrap_pyfunction!(classes, m)?)?;
     Ok(())
 }

@@ -103,18 +103,6 @@ class ApprovalDenied(StepFailed):
     """A person denied the call (or its approval expired): the function was not called."""
 
 
-_HTTP_CLASSES = {
-    400: "invalid_request",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    408: "timeout",
-    409: "conflict",
-    413: "invalid_request",
-    422: "invalid_request",
-    429: "rate_limited",
-}
-
 #: Exception types by class, checked in order (subclasses match). Extend it per step
 #: with `step(..., classes={MyError: "rate_limited"})`.
 DEFAULT_TABLE: Tuple[Tuple[Type[BaseException], str], ...] = (
@@ -164,18 +152,12 @@ def _status_and_headers(exc: BaseException) -> Tuple[Optional[int], Mapping[str,
     return status, headers
 
 
-def _retry_after(headers: Mapping[str, str]) -> Optional[float]:
+def _retry_after_header(headers: Mapping[str, str]) -> Optional[str]:
     try:
         value = headers.get("retry-after") or headers.get("Retry-After")
     except AttributeError:
         return None
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        return None  # an HTTP date: left to the policy's backoff
-    return seconds if seconds >= 0 else None
+    return None if value is None else str(value)
 
 
 def classify(
@@ -192,15 +174,15 @@ def classify(
         if isinstance(exc, kind):
             return name, None
     status, headers = _status_and_headers(exc)
-    after = _retry_after(headers)
-    if status is not None:
-        if status in _HTTP_CLASSES:
-            return _HTTP_CLASSES[status], after
-        if status >= 500:
-            return "server_error", after
+    header = _retry_after_header(headers)
+    if status is not None and 100 <= status <= 999:
+        # keel-core's reading of a status and its Retry-After, as for every response.
+        by_status = _keel.classify_http(status, header)
+        if by_status is not None:
+            return by_status
     for kind in type(exc).__mro__:
         if kind.__name__ in _BY_NAME:
-            return _BY_NAME[kind.__name__], after
+            return _BY_NAME[kind.__name__], None
     for kind, name in DEFAULT_TABLE:
         if isinstance(exc, kind):
             return name, None
@@ -696,10 +678,9 @@ class CorrectionStopped(Exception):
 
 
 def _normalized(program: str) -> str:
-    """The program without blank lines, trailing spaces and `#` comment lines: two
-    programs that differ only there are the same program."""
-    lines = (line.rstrip() for line in program.splitlines())
-    return "\n".join(line for line in lines if line and not line.lstrip().startswith("#"))
+    """The program without comments and whitespace (keel-core's, as agent runs compare
+    programs): two that differ only there are the same program."""
+    return _keel.normalize_program(program)
 
 
 def self_correct(

@@ -81,39 +81,9 @@ pub enum CorrectionMode {
     Regenerate,
 }
 
-/// A program with its comments and whitespace taken out: two programs that differ only
-/// there are the same program.
-pub fn normalize(program: &str) -> String {
-    let mut out = String::with_capacity(program.len());
-    for line in program.lines() {
-        let code = strip_comment(line);
-        out.extend(code.chars().filter(|c| !c.is_whitespace()));
-        if !code.trim().is_empty() {
-            out.push('\n');
-        }
-    }
-    out
-}
-
-/// A line without its `#` comment (a `#` inside a string literal is kept).
-fn strip_comment(line: &str) -> &str {
-    let mut quote: Option<char> = None;
-    let mut escaped = false;
-    for (i, c) in line.char_indices() {
-        match (quote, c) {
-            (Some(_), '\\') if !escaped => {
-                escaped = true;
-                continue;
-            }
-            (Some(q), c) if c == q && !escaped => quote = None,
-            (None, '"' | '\'') => quote = Some(c),
-            (None, '#') => return &line[..i],
-            _ => {}
-        }
-        escaped = false;
-    }
-    line
-}
+/// A program with its comments and whitespace taken out (keel-core's, shared with the
+/// Python package's `self_correct`).
+pub use keel_core::correct::normalize_program as normalize;
 
 /// The kind of a code error from its message: its first line's leading name
 /// (`KeyError: 'total'` → `KeyError`, `CPUTimeExceeded: ...`), or, after a prefix such

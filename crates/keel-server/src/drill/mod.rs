@@ -165,11 +165,16 @@ fn origin(url: &str) -> Option<(String, String)> {
     Some((format!("{scheme}://{authority}"), rest[end..].to_owned()))
 }
 
+/// Whether `--targets` (when given) names `name`.
+fn selects(opts: &DrillOptions, name: &str) -> bool {
+    opts.targets.as_ref().is_none_or(|t| t.iter().any(|n| n == name))
+}
+
 /// How many targets of `config` the drill calls (http tools with a fixed host,
 /// OpenAI-wire models, of `opts.targets` when named): the progress bar's length is
 /// this times `opts.calls`.
 pub fn drillable(config: &Config, opts: &DrillOptions) -> usize {
-    let wanted = |name: &str| opts.targets.as_ref().is_none_or(|t| t.iter().any(|n| n == name));
+    let wanted = |name: &str| selects(opts, name);
     let tools = config
         .tools
         .iter()
@@ -209,7 +214,7 @@ pub async fn run(
             }
         }
     }
-    let wanted = |name: &str| opts.targets.as_ref().is_none_or(|t| t.iter().any(|n| n == name));
+    let wanted = |name: &str| selects(opts, name);
     let plan = |applies: fn(DrillFault) -> bool| FaultPlan {
         rate: opts.rate,
         faults: opts.faults.iter().copied().filter(|f| applies(*f)).collect(),
