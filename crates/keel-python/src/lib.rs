@@ -23,6 +23,8 @@ use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 
+mod telemetry;
+
 /// The most recent events a step keeps (`events()`): a long-lived step's memory stays
 /// bounded.
 const RECENT: usize = 1024;
@@ -40,8 +42,18 @@ impl EventSink for Recent {
             }
             events.push_back(event.clone());
         }
-        // The call being made collects its own (a sync call's pipeline runs on the
-        // caller's thread, an async call's in a task of its own).
+        ToCall.record(event);
+    }
+}
+
+/// The call being made collects its own events (a sync call's pipeline runs on the
+/// caller's thread, an async call's in a task of its own): the loop guard's refusals
+/// join the call they refused.
+#[derive(Debug)]
+struct ToCall;
+
+impl EventSink for ToCall {
+    fn record(&self, event: &Event) {
         CALL_EVENTS.with(|c| {
             if let Some(v) = c.borrow_mut().as_mut() {
                 v.push(event.clone());
@@ -67,6 +79,10 @@ struct Step {
     runtime: tokio::runtime::Handle,
     events: Arc<Recent>,
     started: tokio::time::Instant,
+    /// Calls are signed for the loop guard (the step was given one).
+    guarded: bool,
+    /// Each call is an `execute_tool` span (the step was given telemetry).
+    traced: bool,
 }
 
 /// The runtime of every step on real time: one thread for the process, however many
@@ -181,27 +197,40 @@ fn failure_of(py: Python<'_>, classify: &Py<PyAny>, err: &PyErr) -> Failure {
 impl Step {
     /// A step named `target` under `policy` (keel-core's `PolicyConfig` as JSON, the
     /// `[defaults]`/`policy` tables of keel.toml).
+    /// `loop_guard`: the guard its calls are checked by (each call signed by
+    /// `signature`, its canonical arguments). `traced`: each call is a span.
     #[new]
-    #[pyo3(signature = (target, policy_json, virtual_time = false))]
-    fn new(target: &str, policy_json: &str, virtual_time: bool) -> PyResult<Self> {
+    #[pyo3(signature = (target, policy_json, virtual_time = false, loop_guard = None, traced = false))]
+    fn new(
+        target: &str,
+        policy_json: &str,
+        virtual_time: bool,
+        loop_guard: Option<PyRef<'_, LoopGuard>>,
+        traced: bool,
+    ) -> PyResult<Self> {
         let policy: PolicyConfig =
             serde_json::from_str(policy_json).map_err(|e| PyValueError::new_err(format!("policy: {e}")))?;
         policy.validate().map_err(|e| policy_error(&e))?;
         let runtime = runtime(virtual_time)?;
         let events = Arc::new(Recent::default());
         let target: Arc<str> = Arc::from(target);
+        let guarded = loop_guard.is_some();
         let (pipeline, started) = {
             let _in = runtime.enter();
-            let pipeline = Pipeline::builder(target.clone(), policy).sink(events.clone()).build();
-            (pipeline, tokio::time::Instant::now())
+            let mut builder = Pipeline::builder(target.clone(), policy).sink(events.clone());
+            if let Some(guard) = &loop_guard {
+                builder = builder.loop_guard(guard.0.clone());
+            }
+            (builder.build(), tokio::time::Instant::now())
         };
-        Ok(Step { target, pipeline, runtime, events, started })
+        Ok(Step { target, pipeline, runtime, events, started, guarded, traced })
     }
 
     /// Calls `func(*args, **kwargs)` under the policies. `classify(exc)` names each
     /// exception's class. `(True, value)`, or `(False, class, attempts, message,
     /// last_exception)` for the Python side to raise.
-    #[pyo3(signature = (func, args, kwargs, classify, collect = false))]
+    #[pyo3(signature = (func, args, kwargs, classify, collect = false, signature = None))]
+    #[allow(clippy::too_many_arguments)]
     fn call(
         &self,
         py: Python<'_>,
@@ -210,7 +239,9 @@ impl Step {
         kwargs: Option<Py<PyDict>>,
         classify: Py<PyAny>,
         collect: bool,
+        signature: Option<&str>,
     ) -> PyResult<Py<PyTuple>> {
+        let signature = self.signature(signature);
         let last: Mutex<Option<PyErr>> = Mutex::new(None);
         let (outcome, events) = py.allow_threads(|| {
             // Collected only when asked (a journal or alerts read them): the plain call
@@ -218,20 +249,21 @@ impl Step {
             if collect {
                 CALL_EVENTS.with(|c| *c.borrow_mut() = Some(Vec::new()));
             }
-            let outcome = self.block_on(self.pipeline.call(|_attempt| {
-                let answer = Python::with_gil(|py| {
-                    let kwargs = kwargs.as_ref().map(|k| k.bind(py));
-                    match func.bind(py).call(args.bind(py), kwargs) {
-                        Ok(v) => Ok(v.unbind()),
-                        Err(e) => {
-                            let failure = failure_of(py, &classify, &e);
-                            *last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
-                            Err(failure)
+            let outcome =
+                self.block_on(self.under_span(self.pipeline.call_with_signature(signature, |_attempt| {
+                    let answer = Python::with_gil(|py| {
+                        let kwargs = kwargs.as_ref().map(|k| k.bind(py));
+                        match func.bind(py).call(args.bind(py), kwargs) {
+                            Ok(v) => Ok(v.unbind()),
+                            Err(e) => {
+                                let failure = failure_of(py, &classify, &e);
+                                *last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
+                                Err(failure)
+                            }
                         }
-                    }
-                });
-                std::future::ready(answer)
-            }));
+                    });
+                    std::future::ready(answer)
+                })));
             (outcome, CALL_EVENTS.with(|c| c.borrow_mut().take()).unwrap_or_default())
         });
         let last = last.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -242,7 +274,7 @@ impl Step {
     /// pipeline runs on the step's thread, each attempt's coroutine on `event_loop`.
     /// Returns at once; `resolve(answer)` is called on the loop with the answer tuple
     /// of [`call`](Self::call).
-    #[pyo3(signature = (func, args, kwargs, classify, event_loop, resolve, collect = false))]
+    #[pyo3(signature = (func, args, kwargs, classify, event_loop, resolve, collect = false, signature = None))]
     #[allow(clippy::too_many_arguments)]
     fn call_async(
         &self,
@@ -253,53 +285,62 @@ impl Step {
         event_loop: Py<PyAny>,
         resolve: Py<PyAny>,
         collect: bool,
+        signature: Option<&str>,
     ) {
+        let signature = self.signature(signature);
+        let span = self.traced.then(|| telemetry::step_span(&self.target));
         let pipeline = self.pipeline.clone();
         let (func, args, kwargs, classify, event_loop) =
             (Arc::new(func), Arc::new(args), Arc::new(kwargs), Arc::new(classify), Arc::new(event_loop));
         self.runtime.spawn(TASK_EVENTS.scope(std::cell::RefCell::new(Vec::new()), async move {
             let last: Arc<Mutex<Option<PyErr>>> = Arc::default();
-            let outcome = pipeline
-                .call(|_attempt| {
-                    let (func, args, kwargs, classify, event_loop, last) = (
-                        func.clone(),
-                        args.clone(),
-                        kwargs.clone(),
-                        classify.clone(),
-                        event_loop.clone(),
-                        last.clone(),
-                    );
-                    async move {
-                        let failed = |py: Python<'_>, e: PyErr| {
-                            let failure = failure_of(py, &classify, &e);
-                            *last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
-                            failure
-                        };
-                        let submitted = Python::with_gil(|py| {
-                            let kwargs = kwargs.as_ref().as_ref().map(|k| k.bind(py));
-                            let started = func.bind(py).call(args.bind(py), kwargs).and_then(|coro| {
-                                py.import("asyncio")?
-                                    .call_method1("run_coroutine_threadsafe", (coro, event_loop.bind(py)))
-                                    .map(Bound::unbind)
-                            });
-                            started.map_err(|e| failed(py, e))
-                        })?;
-                        let mut guard = CancelOnDrop(Some(Python::with_gil(|py| submitted.clone_ref(py))));
-                        let waited = tokio::task::spawn_blocking(move || {
-                            Python::with_gil(|py| submitted.call_method0(py, "result"))
-                        })
-                        .await;
-                        guard.0 = None;
-                        match waited {
-                            Ok(Ok(value)) => Ok(value),
-                            Ok(Err(e)) => Err(Python::with_gil(|py| failed(py, e))),
-                            Err(e) => {
-                                Err(Failure::new(ErrorClass::CodeError, format!("the attempt's waiter: {e}")))
-                            }
+            let called = pipeline.call_with_signature(signature, |_attempt| {
+                let (func, args, kwargs, classify, event_loop, last) = (
+                    func.clone(),
+                    args.clone(),
+                    kwargs.clone(),
+                    classify.clone(),
+                    event_loop.clone(),
+                    last.clone(),
+                );
+                async move {
+                    let failed = |py: Python<'_>, e: PyErr| {
+                        let failure = failure_of(py, &classify, &e);
+                        *last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
+                        failure
+                    };
+                    let submitted = Python::with_gil(|py| {
+                        let kwargs = kwargs.as_ref().as_ref().map(|k| k.bind(py));
+                        let started = func.bind(py).call(args.bind(py), kwargs).and_then(|coro| {
+                            py.import("asyncio")?
+                                .call_method1("run_coroutine_threadsafe", (coro, event_loop.bind(py)))
+                                .map(Bound::unbind)
+                        });
+                        started.map_err(|e| failed(py, e))
+                    })?;
+                    let mut guard = CancelOnDrop(Some(Python::with_gil(|py| submitted.clone_ref(py))));
+                    let waited = tokio::task::spawn_blocking(move || {
+                        Python::with_gil(|py| submitted.call_method0(py, "result"))
+                    })
+                    .await;
+                    guard.0 = None;
+                    match waited {
+                        Ok(Ok(value)) => Ok(value),
+                        Ok(Err(e)) => Err(Python::with_gil(|py| failed(py, e))),
+                        Err(e) => {
+                            Err(Failure::new(ErrorClass::CodeError, format!("the attempt's waiter: {e}")))
                         }
                     }
-                })
-                .await;
+                }
+            });
+            let outcome = match span {
+                Some(span) => {
+                    let outcome = tracing::Instrument::instrument(called, span.clone()).await;
+                    telemetry::end_span(&span, &outcome);
+                    outcome
+                }
+                None => called.await,
+            };
             let last = last.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
             let events = if collect { TASK_EVENTS.with(|v| v.take()) } else { Vec::new() };
             Python::with_gil(|py| {
@@ -343,6 +384,61 @@ impl Step {
 impl Step {
     fn block_on<F: std::future::Future>(&self, fut: F) -> F::Output {
         self.runtime.block_on(fut)
+    }
+
+    /// The call's signature for the loop guard, when the step has one.
+    fn signature(&self, canonical: Option<&str>) -> Option<keel_core::CallSignature> {
+        match (self.guarded, canonical) {
+            (true, Some(c)) => Some(keel_core::CallSignature::new(&self.target, &serde_json::Value::from(c))),
+            _ => None,
+        }
+    }
+
+    /// `call` inside the step's `execute_tool` span, when the step is traced.
+    async fn under_span<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, keel_core::CallError<Failure>>>,
+    ) -> Result<T, keel_core::CallError<Failure>> {
+        if !self.traced {
+            return call.await;
+        }
+        let span = telemetry::step_span(&self.target);
+        let outcome = tracing::Instrument::instrument(call, span.clone()).await;
+        telemetry::end_span(&span, &outcome);
+        outcome
+    }
+}
+
+/// The loop guard of keel-core, for the steps of one agent session: a call repeated
+/// too often with the same arguments, too many calls in a turn, too many turns, are
+/// refused as `loop_detected` before they run.
+#[pyclass(module = "keel._keel", frozen)]
+struct LoopGuard(Arc<keel_core::LoopGuard>);
+
+#[pymethods]
+impl LoopGuard {
+    /// A guard with keel-core's `loop_guard` values (JSON; checked).
+    #[new]
+    fn new(config_json: &str) -> PyResult<Self> {
+        let config: keel_core::LoopGuardConfig = serde_json::from_str(config_json)
+            .map_err(|e| PyValueError::new_err(format!("loop_guard: {e}")))?;
+        config.validate().map_err(|e| {
+            let prefixed: Vec<_> = e
+                .into_iter()
+                .map(|mut p| {
+                    p.key = format!("loop_guard.{}", p.key);
+                    p
+                })
+                .collect();
+            policy_error(&prefixed)
+        })?;
+        Ok(LoopGuard(Arc::new(keel_core::LoopGuard::new(config, Arc::new(ToCall)))))
+    }
+
+    /// Starts the agent's next turn: None, or the refusal's message when the run
+    /// would pass its turn cap.
+    fn begin_turn(&self) -> Option<String> {
+        self.0.begin_turn().err().map(|e| e.to_string())
     }
 }
 
@@ -943,6 +1039,8 @@ fn _keel(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Rounds>()?;
     m.add_class::<Journal>()?;
     m.add_class::<Alerts>()?;
+    m.add_class::<LoopGuard>()?;
+    m.add_class::<telemetry::Telemetry>()?;
     m.add_function(wrap_pyfunction!(policy_from_toml, m)?)?;
     m.add_function(wrap_pyfunction!(default_policy, m)?)?;
     m.add_function(wrap_pyfunction!(check_policy, m)?)?;

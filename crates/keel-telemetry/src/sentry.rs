@@ -114,6 +114,17 @@ impl Reporter {
         self.client.capture_event(event, None);
     }
 
+    /// A self-correcting call of `target` stopped for `reason` (rounds or tokens
+    /// exhausted, low confidence, a repeated program, a class no correction can fix)
+    /// after `attempts` programs, its last failure of `class`.
+    pub fn correction_stopped(&self, target: &str, class: ErrorClass, reason: &str, attempts: u32) {
+        let mut event = base_event(class, target, class.default_disposition());
+        event.message = Some(format!("{target}: {class}, correction stopped: {}", clean(reason)));
+        event.tags.insert("keel.attempt".into(), attempts.to_string());
+        event.tags.insert("keel.correction.stopped".into(), clean(reason));
+        self.client.capture_event(event, None);
+    }
+
     /// Stops taking events and sends what is queued, within `grace`.
     pub async fn shutdown(&self, grace: Duration) {
         self.transport.close();

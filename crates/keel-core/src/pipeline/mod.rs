@@ -334,6 +334,24 @@ impl Pipeline {
         self.run(Some(signature), Resume::default(), op).await
     }
 
+    /// [`call_signed`](Self::call_signed) when `signature` is given, else
+    /// [`call`](Self::call): for callers whose calls are guarded only sometimes.
+    ///
+    /// # Errors
+    /// As [`call_signed`](Self::call_signed).
+    pub async fn call_with_signature<T, E, F, Fut>(
+        &self,
+        signature: Option<CallSignature>,
+        op: F,
+    ) -> Result<T, CallError<E>>
+    where
+        F: FnMut(Attempt) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        E: Classified,
+    {
+        self.run(signature, Resume::default(), op).await
+    }
+
     async fn run<T, E, F, Fut>(
         &self,
         signature: Option<CallSignature>,

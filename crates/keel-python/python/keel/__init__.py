@@ -45,8 +45,11 @@ __all__ = [
     "CorrectionStopped",
     "Escalated",
     "Journal",
+    "LoopDetected",
+    "LoopGuard",
     "Policy",
     "StepFailed",
+    "Telemetry",
     "classify",
     "current_key",
     "self_correct",
@@ -76,6 +79,11 @@ class StepFailed(Exception):
 
 class CircuitOpen(StepFailed):
     """The target's breaker is open: the function was not called."""
+
+
+class LoopDetected(StepFailed):
+    """The loop guard refused the call (the same call repeated too often, too many
+    calls in a turn, too many turns): the function was not called."""
 
 
 class ApprovalPending(Exception):
@@ -302,6 +310,60 @@ class Alerts:
 _KEY: "contextvars.ContextVar[Optional[str]]" = contextvars.ContextVar("keel_key", default=None)
 
 
+class LoopGuard:
+    """Stops an agent that repeats itself or never ends (keel-core's loop guard, the one
+    `keel serve` runs): give one guard to the steps of one agent session
+    (`step(loop_guard=guard)`). A call whose target and arguments already appear
+    `max_repeats - 1` times among the last `window` calls, or past `max_calls_per_turn`
+    in the current turn, raises `LoopDetected` before the function runs;
+    `begin_turn()` starts the next turn, and raises past `max_turns_per_run`.
+
+    Only successful checks are counted: a refused call does not push the others out
+    of the window."""
+
+    def __init__(self, max_repeats: int = 3, window: int = 10, max_calls_per_turn: Optional[int] = None,
+                 max_turns_per_run: Optional[int] = None) -> None:
+        config = {"max_repeats": max_repeats, "window": window, "max_calls_per_turn": max_calls_per_turn,
+                  "max_turns_per_run": max_turns_per_run}
+        self._guard = _keel.LoopGuard(json.dumps(config))
+
+    def begin_turn(self) -> None:
+        refused = self._guard.begin_turn()
+        if refused is not None:
+            raise LoopDetected("run", "loop_detected", 0, refused)
+
+
+class Telemetry:
+    """keel.toml's `[telemetry]`, in this process: traces over OTLP and Sentry events, as
+    `keel serve` sends them. A step given `telemetry=` is an `execute_tool {target}` span
+    per call (OpenTelemetry GenAI names; `error.type`, `keel.error_class`,
+    `keel.attempt` on failure; retries are span events), and its terminal failures,
+    refused retries and escalations, and a self-correction's stops, are Sentry events
+    tagged `keel.class`, `keel.target`, `keel.attempt`. Nothing is sent from the call's
+    path: a collector or Sentry that is down costs dropped batches, never a slower
+    call. One telemetry with `[telemetry.otlp]` per process. `close()` sends what is
+    queued."""
+
+    def __init__(self, handle: Any) -> None:
+        self._telemetry = handle
+
+    @classmethod
+    def from_toml(cls, path: str) -> "Telemetry":
+        with open(path, encoding="utf-8") as f:
+            return cls(_keel.Telemetry.from_toml(f.read()))
+
+    def flush(self) -> None:
+        """Exports the finished spans still queued."""
+        self._telemetry.flush()
+
+    def close(self, grace: float = 5.0) -> None:
+        self._telemetry.close(grace)
+
+
+def _canonical(args: tuple, kwargs: dict) -> str:
+    return json.dumps([list(args), kwargs], sort_keys=True, default=repr, separators=(",", ":"))
+
+
 def current_key() -> Optional[str]:
     """The idempotency key of the journaled step running now (None outside one): pass
     it to the service the step calls, so that a call taken over after a crash is
@@ -310,7 +372,7 @@ def current_key() -> Optional[str]:
 
 
 def _derived_key(target: str, args: tuple, kwargs: dict) -> str:
-    canonical = json.dumps([list(args), kwargs], sort_keys=True, default=repr, separators=(",", ":"))
+    canonical = _canonical(args, kwargs)
     digest = hashlib.sha256(f"{target}\n{canonical}".encode()).hexdigest()[:32]
     return f"py/{target}/{digest}"
 
@@ -350,6 +412,8 @@ def step(
     approval_expires: float = 3600.0,
     alerts: Optional[Alerts] = None,
     escalate: Union[bool, Tuple[str, ...], list] = False,
+    loop_guard: Optional[LoopGuard] = None,
+    telemetry: Optional[Telemetry] = None,
 ) -> Callable[[F], F]:
     """Runs the decorated function under `policy` as the target `target` (default: the
     function's qualified name). `classes` maps exception types to error classes first.
@@ -371,6 +435,10 @@ def step(
     person: a ticket in the journal, `Escalated` raised until it is resolved. Needs
     `journal`.
 
+    `loop_guard`: the session's `LoopGuard` checks each call (target and arguments)
+    before it runs. `telemetry`: each call is a span, its failures Sentry events
+    (`Telemetry`).
+
     The decorated function gets `.keel`, the step: `.events()`, `.breaker_state()`.
     """
 
@@ -381,7 +449,7 @@ def step(
 
     def wrap(fn: F) -> F:
         name = target or getattr(fn, "__qualname__", "step")
-        inner_step = _Step(name, policy or Policy(), classes, virtual_time, journal, key)
+        inner_step = _Step(name, policy or Policy(), classes, virtual_time, journal, key, loop_guard, telemetry)
         inner_step._approval = approval
         inner_step._approval_expires = float(approval_expires)
         inner_step._alerts = alerts
@@ -414,8 +482,13 @@ class _Step:
         virtual_time: bool,
         journal: Optional[Journal] = None,
         key: Optional[Callable[..., str]] = None,
+        loop_guard: Optional[LoopGuard] = None,
+        telemetry: Optional[Telemetry] = None,
     ) -> None:
-        self._step = _keel.Step(target, policy._json, virtual_time)
+        guard = loop_guard._guard if loop_guard is not None else None
+        self._step = _keel.Step(target, policy._json, virtual_time, guard, telemetry is not None)
+        self._guarded = loop_guard is not None
+        self._telemetry = telemetry
         self._journal = journal
         self._key = key
         table = dict(classes or {})
@@ -424,7 +497,8 @@ class _Step:
 
     def __call__(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         if self._journal is None:
-            return self._unwrap(self._step.call(fn, args, kwargs or None, self._classify, self._collects()))
+            return self._unwrap(self._step.call(fn, args, kwargs or None, self._classify, self._collects(),
+                                                self._signature(args, kwargs)))
         k = self._key(*args, **kwargs) if self._key else _derived_key(self.target, args, kwargs)
         guided = self._guidance(k)
         if guided is not None:
@@ -435,7 +509,8 @@ class _Step:
             return json.loads(claimed[1])
         token = claimed[1]
         try:
-            answer = self._step.call(_with_key(fn, k), args, kwargs or None, self._classify, True)
+            answer = self._step.call(_with_key(fn, k), args, kwargs or None, self._classify, True,
+                                     self._signature(args, kwargs))
         except BaseException:
             self._journal._journal.release(k, token)
             raise
@@ -484,6 +559,8 @@ class _Step:
         ticket_id = self._journal._journal.open_ticket(  # type: ignore[union-attr]
             k, self.target, failed.error_class, summary, json.dumps(context, default=repr)
         )
+        if self._telemetry is not None:
+            self._telemetry._telemetry.escalated(k, ticket_id, failed.error_class)
         raise Escalated(self.target, ticket_id, failed.message) from failed
 
     def _journal_run(self, k: str, args: tuple, kwargs: dict, answer: tuple) -> None:
@@ -596,21 +673,29 @@ class _Step:
             if not fut.done():
                 fut.set_result(answer)
 
-        self._step.call_async(fn, args, kwargs or None, self._classify, loop, resolve, self._collects())
+        self._step.call_async(fn, args, kwargs or None, self._classify, loop, resolve, self._collects(),
+                              self._signature(args, kwargs))
         return await fut
 
+    def _signature(self, args: tuple, kwargs: dict) -> Optional[str]:
+        """The call's arguments for the loop guard (canonical JSON), when it has one."""
+        return _canonical(args, kwargs) if self._guarded else None
+
     def _collects(self) -> bool:
-        """Whether the call's own events are read (by the journal or the alerts)."""
-        return self._journal is not None or getattr(self, "_alerts", None) is not None
+        """Whether the call's own events are read (by the journal, alerts, Sentry)."""
+        return (self._journal is not None or getattr(self, "_alerts", None) is not None
+                or self._telemetry is not None)
 
     def _unwrap(self, answer: tuple) -> Any:
         alerts = getattr(self, "_alerts", None)
         if alerts is not None:
             alerts._alerts.record_json(answer[-1])
+        if self._telemetry is not None:
+            self._telemetry._telemetry.record_json(answer[-1])
         if answer[0]:
             return answer[1]
         _, error_class, attempts, message, last, _events = answer
-        kind = CircuitOpen if error_class == "circuit_open" else StepFailed
+        kind = {"circuit_open": CircuitOpen, "loop_detected": LoopDetected}.get(error_class, StepFailed)
         raise kind(self.target, error_class, attempts, message) from last
 
     def events(self) -> list:
@@ -692,6 +777,7 @@ def self_correct(
     name: Optional[str] = None,
     journal: Optional[Journal] = None,
     alerts: Optional[Alerts] = None,
+    telemetry: Optional[Telemetry] = None,
 ) -> Callable[[F], F]:
     """Runs the decorated `fn(program, *args, **kwargs)`; when it raises an error the
     program can fix (its class's disposition is `correct`: `code_error` and the model
@@ -704,7 +790,9 @@ def self_correct(
 
     With `journal`, every call is a run in it: each program tried and how it ended,
     the correction rounds, the outcome (`keel runs show`). With `alerts`, every stop is
-    a failure of its class on the target for `[alerts]`' rules.
+    a failure of its class on the target for `[alerts]`' rules; with `telemetry`, a
+    Sentry event tagged with the class, the reason (`keel.correction.stopped`) and the
+    programs tried.
     """
     if not isinstance(max_attempts, int) or isinstance(max_attempts, bool) or max_attempts < 1:
         raise ValueError(f"max_attempts: {max_attempts!r} is not a whole number of at least 1")
@@ -747,6 +835,9 @@ def self_correct(
                 if alerts is not None:
                     # A correction that stopped is a failure a person may need to see.
                     alerts._alerts.failure(target, stopped.context.error_class)
+                if telemetry is not None:
+                    telemetry._telemetry.correction_stopped(target, stopped.context.error_class, stopped.reason,
+                                                            len(programs))
                 raise
             journal_call(programs, result, None)
             return result
