@@ -30,7 +30,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keel_core::{Budget, BudgetKind, ErrorClass, NullSink, RunScope};
+use keel_core::{Budget, BudgetKind, ErrorClass, RunScope};
 use keel_gateway::{CallContext, ChatRequest, Gateway};
 use keel_journal::{JournalEvent, RunSnapshot, RunState, StepOutcome};
 use serde_json::{Value, json};
@@ -62,7 +62,7 @@ pub(super) async fn drive(
     let deadline_at_ms =
         snap.run.created_at_ms.saturating_add(i64::try_from(deadline_ms).unwrap_or(i64::MAX));
     let gateway = r.gateway()?;
-    let budget = Arc::new(Budget::new(format!("run:{run_id}"), &r.config.run.budget, Arc::new(NullSink)));
+    let budget = r.run_budget(run_id);
     // What earlier drives spent still counts: tool attempts and costs from the
     // journal's attempts and charges, model turns from what each turn recorded.
     let history = History::replay(snap, &HashSet::new(), &spec);

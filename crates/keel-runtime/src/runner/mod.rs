@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keel_core::{Breaker, Budget, BudgetKind, Clock, ConfidenceGate, ErrorClass, NullSink};
+use keel_core::{Breaker, Budget, BudgetKind, Clock, ConfidenceGate, ErrorClass};
 use keel_journal::{Journal, JournalEvent, JournalWriter, Lease, RunSnapshot, RunState, StepOutcome};
 use serde_json::{Value, json};
 
@@ -126,6 +126,31 @@ impl keel_core::EventSink for ProcessSink {
             keel_gateway::journal::GATEWAY_RUN,
             &JournalEvent::Policy { step: None, event: event.clone() },
         );
+    }
+}
+
+/// Where a run budget's refusals go: the run's journal (fenced by the drive's lease)
+/// and the observers (live view, /metrics, alerts). Its charges are not passed on:
+/// each is already in the step's events (tool costs) or the turn's record (tokens),
+/// and they would be most of a run's writes.
+struct RunBudgetSink {
+    journal: keel_journal::RunSink,
+    observer: Arc<dyn Observer>,
+    run_id: String,
+}
+
+impl std::fmt::Debug for RunBudgetSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunBudgetSink").field("run_id", &self.run_id).finish_non_exhaustive()
+    }
+}
+
+impl keel_core::EventSink for RunBudgetSink {
+    fn record(&self, event: &keel_core::Event) {
+        if matches!(event, keel_core::Event::BudgetExceeded { .. }) {
+            keel_core::EventSink::record(&self.journal, event);
+            self.observer.event(&self.run_id, &JournalEvent::Policy { step: None, event: event.clone() });
+        }
     }
 }
 
@@ -367,6 +392,16 @@ impl Runner {
     /// The lease this process drives `run_id` under, if it does.
     fn fence(&self, run_id: &str) -> Option<Arc<Lease>> {
         self.driving.lock().unwrap_or_else(|e| e.into_inner()).get(run_id).cloned().flatten()
+    }
+
+    /// The budget of run `run_id` (`[run].budget`), its refusals journaled in the run.
+    fn run_budget(&self, run_id: &str) -> Arc<Budget> {
+        let sink = RunBudgetSink {
+            journal: self.sink(run_id),
+            observer: self.observer.clone(),
+            run_id: run_id.to_owned(),
+        };
+        Arc::new(Budget::new(format!("run:{run_id}"), &self.config.run.budget, Arc::new(sink)))
     }
 
     /// A sink for `run_id`'s policy events, fenced like [`record`](Self::record).
@@ -707,8 +742,7 @@ impl Runner {
         }
         let mut outputs: BTreeMap<String, Value> = BTreeMap::new();
         let failures = Arc::new(Mutex::new(HashMap::new()));
-        let budget =
-            Arc::new(Budget::new(format!("run:{run_id}"), &self.config.run.budget, Arc::new(NullSink)));
+        let budget = self.run_budget(run_id);
         // Attempts made before a crash or a pause still count against the run.
         let _ = budget.charge(BudgetKind::Attempts, snap.attempts.len() as u64);
         // So do the tool costs it spent (journaled as the run budget's charges).

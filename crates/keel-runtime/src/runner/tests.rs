@@ -167,6 +167,19 @@ async fn a_runs_cost_budget_stops_it_before_a_tool_call_that_would_pass_it() {
     let snap = r.snapshot(&run_id).await.unwrap();
     let done = snap.steps.iter().filter(|s| s.status == "succeeded").count();
     assert_eq!(done, 2, "the partial result is kept: {:?}", snap.steps);
+    // The refusal is in the run's journal, where the live view, /metrics and alerts
+    // see it.
+    let events = r.journal().events(&run_id, 0, 1000).await.unwrap();
+    let refused: Vec<_> = events
+        .iter()
+        .filter_map(|e| match &e.event {
+            JournalEvent::Policy { event: keel_core::Event::BudgetExceeded { budget, kind, .. }, .. } => {
+                Some((budget.to_string(), *kind))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(refused, [(format!("run:{run_id}"), keel_core::BudgetKind::CostMicros)]);
 }
 
 /// A cost read from the answer; an answer without it is charged the bound, never zero.

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use keel_core::{ErrorClass, TokioClock};
-use keel_journal::JournalOptions;
+use keel_journal::{JournalEvent, JournalOptions};
 use keel_runtime::agent::AgentTask;
 use keel_runtime::runner::{NullObserver, RunStatus};
 use keel_runtime::{Config, Runner};
@@ -156,6 +156,16 @@ async fn the_run_budget_stops_a_run_mid_flight_and_keeps_its_partial_result() {
     assert_eq!(out["class"], "budget_exceeded");
     assert!(!out["tool_outputs"].as_object().unwrap().is_empty(), "the partial result is kept: {out}");
     assert_eq!(calls_in(&log), turns.len() - 1, "every answered turn's call ran once");
+    // The refusal itself is in the run's journal (the live view, /metrics, alerts).
+    let events = r.journal().events(&run, 0, 10_000).await.unwrap();
+    let refusals = events
+        .iter()
+        .filter(|e| {
+            matches!(&e.event, JournalEvent::Policy { event: keel_core::Event::BudgetExceeded { budget, .. }, .. }
+                if **budget == *format!("run:{run}"))
+        })
+        .count();
+    assert_eq!(refusals, 1, "one refusal of the run's budget, journaled");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
