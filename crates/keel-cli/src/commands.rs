@@ -541,17 +541,23 @@ async fn runs(cli: &Cli, action: &RunsAction) -> Result<ExitCode> {
         _ => open(cli).await?,
     };
     match action {
-        RunsAction::List => {
-            let mut rows = Vec::new();
-            for id in ctx.journal.run_ids().await? {
-                if keel_server::api::runs::is_internal(&id) {
-                    continue;
-                }
-                if let Some(s) = ctx.journal.snapshot(&id).await? {
-                    rows.push(s.run);
-                }
-            }
-            rows.sort_by_key(|r| std::cmp::Reverse(r.updated_at_ms));
+        RunsAction::List { limit, state } => {
+            let state = match state.as_deref() {
+                None => None,
+                Some(st) => Some(
+                    keel_journal::RunState::parse(st)
+                        .ok_or_else(|| UsageError(format!("--state: no run state `{st}`")))?,
+                ),
+            };
+            // One row more than asked: the gateway's own record is not a run.
+            let page = keel_journal::RunPage {
+                state,
+                before: None,
+                limit: limit.saturating_add(1).min(keel_journal::RunPage::MAX),
+            };
+            let mut rows = ctx.journal.list_runs(&page).await?;
+            rows.retain(|r| !keel_server::api::runs::is_internal(&r.run_id));
+            rows.truncate(*limit as usize);
             if ctx.json {
                 emit_json(&serde_json::to_value(&rows)?);
             } else {

@@ -19,6 +19,7 @@ mod fault_drill;
 mod mcp;
 mod mcp_upstream;
 mod policy_attacks;
+mod runs;
 mod scope;
 mod serve_crash;
 mod serve_log;

@@ -221,6 +221,18 @@ fn check_journal(url: &str) -> usize {
     })
 }
 
+/// The drill's counts, printed (`--nocapture`) before they are asserted: keys never
+/// charged (lost) and charges past one per key (duplicated). `charged` is sorted.
+fn tally(label: &str, keys: &[i64], kills: u32, charged: &[i64]) {
+    let lost = keys.iter().filter(|k| charged.binary_search(k).is_err()).count();
+    let duplicated = charged.windows(2).filter(|w| w[0] == w[1]).count();
+    println!(
+        "{label}: keys {}, kills {kills}, charges {}, lost {lost}, duplicated {duplicated}",
+        keys.len(),
+        charged.len()
+    );
+}
+
 #[test]
 fn keel_serve_sigkilled_under_load_charges_every_key_exactly_once() {
     // A charge is recorded, then answered 30 ms later: kills land mid-charge too.
@@ -248,6 +260,7 @@ fn keel_serve_sigkilled_under_load_charges_every_key_exactly_once() {
     assert_eq!(d.kills, KILLS);
     let mut charged = orders(&b.payments);
     charged.sort_unstable();
+    tally("serve drill (SQLite)", &(0..keys as i64).collect::<Vec<_>>(), d.kills, &charged);
     assert_eq!(charged, (0..keys as i64).collect::<Vec<_>>(), "every key charged exactly once");
     // Retried once more after everything: the key's one charge, replayed.
     let (again, _) = charge_until_answered(&[port], "crash-3", 3, Instant::now() + Duration::from_secs(30));
@@ -316,6 +329,7 @@ fn two_instances_on_postgres_one_sigkilled_under_load_the_other_takes_over() {
     charged.sort_unstable();
     let mut expected: Vec<i64> = (0..keys as i64).collect();
     expected.push(1000);
+    tally("serve drill (PostgreSQL, two instances)", &expected, d.kills, &charged);
     assert_eq!(charged, expected, "every key charged exactly once, the approved one included");
     drop(other);
     drop(a);

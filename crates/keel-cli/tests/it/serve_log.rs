@@ -62,12 +62,17 @@ async fn upstream() -> String {
 
 /// Starts `keel serve` with `args`, its stderr into `log`; returns it and its URL.
 fn serve(bench: &Bench, args: &[&str], log: &std::path::Path) -> (Child, String) {
+    serve_filtered(bench, args, log, "info")
+}
+
+/// [`serve`] with `RUST_LOG` set to `filter`.
+fn serve_filtered(bench: &Bench, args: &[&str], log: &std::path::Path, filter: &str) -> (Child, String) {
     let mut cmd = bench.command(&[&["serve"], args].concat());
     cmd.env("T_AGENT_KEY", AGENT)
         .env("T_APPROVER_KEY", APPROVER)
         .env("T_MODEL_KEY", MODEL_KEY)
         .env("T_TOOL_TOKEN", TOOL_TOKEN)
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", filter)
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(log).unwrap());
     let (child, url) = spawn_listening(&mut cmd);
@@ -190,6 +195,14 @@ async fn the_log_has_a_line_per_request_and_no_secret_and_neither_has_the_journa
         line.contains("INFO") && line.contains("route=/api/runs") && line.contains("status=401"),
         "{line}"
     );
+
+    // RUST_LOG filters: the request lines off (the same request was logged above).
+    let log = bench.path("serve-filtered.log");
+    let (child, url) = serve_filtered(&bench, &[], &log, "info,keel::request=off");
+    assert_eq!(reqwest::get(format!("{url}/api/runs")).await.unwrap().status(), 401);
+    stop_gracefully(child);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("keel::request"), "the request lines are filtered out: {text}");
 }
 
 /// A reader of the log that stops (a full pipe, a stalled log shipper) costs log
