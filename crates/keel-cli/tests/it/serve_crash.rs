@@ -226,7 +226,7 @@ fn check_journal(url: &str) -> usize {
 fn tally(label: &str, keys: &[i64], kills: u32, charged: &[i64]) {
     let lost = keys.iter().filter(|k| charged.binary_search(k).is_err()).count();
     let duplicated = charged.windows(2).filter(|w| w[0] == w[1]).count();
-    println!(
+    eprintln!(
         "{label}: keys {}, kills {kills}, charges {}, lost {lost}, duplicated {duplicated}",
         keys.len(),
         charged.len()
