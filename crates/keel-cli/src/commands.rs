@@ -356,7 +356,8 @@ async fn serve(cli: &Cli, listen: Option<&str>, log: crate::cli::LogFormat) -> R
     let state = keel_server::state(ctx.config.clone(), ctx.journal.clone(), ctx.clock.clone()).await?;
     let listener =
         tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr}"))?;
-    print(&format!("keel serve listening on http://{}", listener.local_addr()?));
+    let scheme = if ctx.config.server_tls.is_some() { "https" } else { "http" };
+    print(&format!("keel serve listening on {scheme}://{}", listener.local_addr()?));
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {

@@ -45,7 +45,7 @@ use std::sync::Arc;
 pub use classify::{Stage, transport_failure};
 pub use client::{Client, read_body};
 pub use proxy::Proxies;
-pub use tls::{TlsConfig, TlsError};
+pub use tls::{ServerTls, TlsConfig, TlsError};
 
 /// The request body every client sends: bytes, whole.
 pub type Body = http_body_util::Full<bytes::Bytes>;

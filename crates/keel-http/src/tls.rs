@@ -154,36 +154,9 @@ impl TlsFiles {
         }
         let mut identity = None;
         if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
-            let cert_file = shown(&config.client_cert_file);
-            let key_file = shown(&config.client_key_file);
-            let chain = match certificates(cert) {
-                Err(e) => {
-                    problems
-                        .push(problem("client_cert_file", format!("`{cert_file}` is not valid PEM: {e}")));
-                    None
-                }
-                Ok(c) if c.is_empty() => {
-                    problems.push(problem(
-                        "client_cert_file",
-                        format!("`{cert_file}` holds no `BEGIN CERTIFICATE` block"),
-                    ));
-                    None
-                }
-                Ok(c) => Some(c),
-            };
-            let key = match PrivateKeyDer::from_pem_slice(key) {
-                Ok(k) => Some(k),
-                Err(e) => {
-                    problems.push(problem(
-                        "client_key_file",
-                        format!("`{key_file}` holds no usable private key (PKCS#8, PKCS#1 or SEC1 PEM): {e}"),
-                    ));
-                    None
-                }
-            };
-            if let (Some(chain), Some(key)) = (chain, key) {
-                identity = Some((chain, key));
-            }
+            let files = (shown(&config.client_cert_file), shown(&config.client_key_file));
+            identity =
+                read_identity((cert, key), ("client_cert_file", "client_key_file"), files, &mut problems);
         }
         if !problems.is_empty() {
             return Err(problems);
@@ -207,6 +180,102 @@ impl TlsFiles {
         };
         tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Arc::new(tls))
+    }
+}
+
+/// A certificate chain and its private key from their PEM files' bytes; problems
+/// named by `keys` and the files' names.
+fn read_identity(
+    (cert, key): (&[u8], &[u8]),
+    keys: (&'static str, &'static str),
+    (cert_file, key_file): (String, String),
+    problems: &mut Vec<TlsError>,
+) -> Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+    let chain = match certificates(cert) {
+        Err(e) => {
+            problems.push(problem(keys.0, format!("`{cert_file}` is not valid PEM: {e}")));
+            None
+        }
+        Ok(c) if c.is_empty() => {
+            problems.push(problem(keys.0, format!("`{cert_file}` holds no `BEGIN CERTIFICATE` block")));
+            None
+        }
+        Ok(c) => Some(c),
+    };
+    let key = match PrivateKeyDer::from_pem_slice(key) {
+        Ok(k) => Some(k),
+        Err(e) => {
+            problems.push(problem(
+                keys.1,
+                format!("`{key_file}` holds no usable private key (PKCS#8, PKCS#1 or SEC1 PEM): {e}"),
+            ));
+            None
+        }
+    };
+    chain.zip(key)
+}
+
+/// `keel serve`'s own TLS: its certificate (with its chain) and private key, read from
+/// PEM files. HTTP/1.1 over TLS 1.2 or 1.3.
+#[derive(Clone)]
+pub struct ServerTls {
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ServerTls")
+    }
+}
+
+impl ServerTls {
+    /// Reads `cert_file` and `key_file`.
+    ///
+    /// # Errors
+    /// Every file that cannot be read or holds no usable PEM item, and a key that does
+    /// not match its certificate, named `cert_file` or `key_file`.
+    pub fn from_files(cert_file: &Path, key_file: &Path) -> Result<ServerTls, Vec<TlsError>> {
+        let mut problems = Vec::new();
+        let cert = read("cert_file", cert_file).map_err(|e| problems.push(e)).ok();
+        let key = read("key_file", key_file).map_err(|e| problems.push(e)).ok();
+        let identity = match (&cert, &key) {
+            (Some(cert), Some(key)) => read_identity(
+                (cert, key),
+                ("cert_file", "key_file"),
+                (cert_file.display().to_string(), key_file.display().to_string()),
+                &mut problems,
+            ),
+            _ => None,
+        };
+        let Some((chain, key)) = identity else { return Err(problems) };
+        let mut config = rustls::ServerConfig::builder_with_provider(crate::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| vec![problem("cert_file", format!("no TLS version available: {e}"))])?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .map_err(|e| {
+                vec![problem(
+                    "key_file",
+                    format!("`{}` cannot be used with `{}`: {e}", key_file.display(), cert_file.display()),
+                )]
+            })?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(ServerTls { acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)) })
+    }
+
+    /// The TLS handshake of a connection accepted on `io`: the stream to serve HTTP
+    /// on. Bound it with a timeout: a client that never finishes holds a task.
+    ///
+    /// # Errors
+    /// The handshake failed (a client that does not speak TLS, an alert).
+    pub async fn accept<IO>(
+        &self,
+        io: IO,
+    ) -> std::io::Result<impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + use<IO>>
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+    {
+        self.acceptor.accept(io).await
     }
 }
 

@@ -254,6 +254,7 @@ pub async fn accept_loop(
     listener: TcpListener,
     app: Router,
     limits: Limits,
+    tls: Option<keel_http::ServerTls>,
     stop: CancellationToken,
     tracker: &TaskTracker,
 ) {
@@ -280,23 +281,34 @@ pub async fn accept_loop(
             tracker.spawn(refuse(tcp, limits.max_connections));
             continue;
         };
-        let (app, stop, registry) = (app.clone(), stop.clone(), registry.clone());
+        let (app, stop, registry, tls) = (app.clone(), stop.clone(), registry.clone(), tls.clone());
         tracker.spawn(async move {
-            serve_conn(tcp, addr, conn, app, limits, stop).await;
+            let io = Counted { inner: tcp, conn: conn.clone() };
+            match tls {
+                None => serve_conn(TokioIo::new(io), addr, conn, app, limits, stop).await,
+                // The handshake is bounded like a request's headers: a client that
+                // opens a connection and says nothing holds it no longer.
+                Some(tls) => match tokio::time::timeout(limits.header_read_timeout, tls.accept(io)).await {
+                    Ok(Ok(stream)) => serve_conn(TokioIo::new(stream), addr, conn, app, limits, stop).await,
+                    Ok(Err(e)) => tracing::debug!(client = %addr, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(client = %addr, "TLS handshake timed out"),
+                },
+            }
             registry.remove(id);
         });
     }
 }
 
-async fn serve_conn(
-    tcp: TcpStream,
+async fn serve_conn<I>(
+    io: I,
     addr: SocketAddr,
     conn: Arc<Conn>,
     app: Router,
     limits: Limits,
     stop: CancellationToken,
-) {
-    let io = TokioIo::new(Counted { inner: tcp, conn: conn.clone() });
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
     let svc_conn = conn.clone();
     let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
         let guard = svc_conn.begin();

@@ -243,7 +243,8 @@ pub async fn serve(
         shutdown.await;
         stop_on_signal.cancel();
     });
-    conn::accept_loop(listener, app(state), limits, stop.clone(), &tracker).await;
+    let tls = state.config.server_tls.clone();
+    conn::accept_loop(listener, app(state), limits, tls, stop.clone(), &tracker).await;
     stop.cancel();
     tracker.close();
     let deadline = tokio::time::Instant::now() + grace;

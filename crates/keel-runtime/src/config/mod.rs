@@ -17,7 +17,7 @@ pub mod raw;
 pub use error::{ConfigError, ConfigErrors};
 pub use raw::{
     AgentConfig, ApprovalRule, ApprovalsConfig, ExpiryOutcome, FixedApproval, Mode, RateLimitConfig, Role,
-    RunConfig, ServerConfig,
+    RunConfig, ServerConfig, ServerTlsConfig,
 };
 
 use std::collections::BTreeMap;
@@ -57,6 +57,8 @@ pub struct Config {
     pub tools: BTreeMap<String, Arc<Tool>>,
     /// `keel serve`'s settings.
     pub server: ServerConfig,
+    /// `[server] tls` read and checked: the certificate `keel serve` shows.
+    pub server_tls: Option<keel_http::ServerTls>,
     /// API keys with their secrets read from the environment (never logged).
     pub keys: Vec<ApiKey>,
     /// The models of the gateway, by name.
@@ -509,6 +511,20 @@ impl Config {
         }
 
         check_server(&mut c, &raw.server);
+        let server_tls = raw.server.tls.as_ref().and_then(|t| {
+            let dir = config_dir(file);
+            match keel_http::ServerTls::from_files(&dir.join(&t.cert_file), &dir.join(&t.key_file)) {
+                Ok(tls) => Some(tls),
+                Err(problems) => {
+                    for p in problems {
+                        let key = format!("server.tls.{}", p.key);
+                        let at = c.spans.find_key(&key).or_else(|| c.spans.find_key("server.tls"));
+                        c.error(at, key, p.message);
+                    }
+                    None
+                }
+            }
+        });
 
         // Models: the gateway checks them; its problems name `models.NAME.field`.
         // TLS files are keel.toml's directory's when relative.
@@ -588,6 +604,7 @@ impl Config {
             agent: raw.agent,
             tools,
             server: raw.server,
+            server_tls,
             keys,
             models,
             gateway: raw.gateway,

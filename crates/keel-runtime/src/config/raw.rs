@@ -224,6 +224,20 @@ pub struct ServerConfig {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub body_read_timeout: Duration,
+    /// Serve HTTPS instead of HTTP: `{ cert_file, key_file }`, PEM files (relative to
+    /// keel.toml); the certificate may carry its chain. Absent: plain HTTP (put a
+    /// TLS-terminating proxy in front, or listen on loopback only).
+    pub tls: Option<ServerTlsConfig>,
+}
+
+/// `[server] tls`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTlsConfig {
+    /// The server's certificate, with its chain, in PEM.
+    pub cert_file: std::path::PathBuf,
+    /// Its private key in PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: std::path::PathBuf,
 }
 
 impl Default for ServerConfig {
@@ -238,6 +252,7 @@ impl Default for ServerConfig {
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             body_read_timeout: Duration::from_secs(60),
+            tls: None,
         }
     }
 }

@@ -19,3 +19,4 @@ mod idempotency;
 mod reference;
 mod shutdown;
 mod storage;
+mod tls;
