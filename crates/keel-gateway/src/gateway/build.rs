@@ -170,7 +170,11 @@ impl GatewayBuilder {
                 }),
                 chain_on: config::chain_classes(&config.policy),
                 counters: counters.get(&name).cloned().unwrap_or_default(),
-                prefill_ignored: std::sync::atomic::AtomicBool::new(false),
+                prefill_ignored: std::sync::atomic::AtomicBool::new({
+                    let (class, attempt) = super::PREFILL_LESSON;
+                    gate.outcomes(&super::prefill_target(&name), class, attempt).failures > 0
+                }),
+                gate: gate.clone(),
                 endpoint,
                 name: name.clone(),
                 config,

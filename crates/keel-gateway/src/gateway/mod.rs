@@ -109,13 +109,37 @@ pub(crate) struct Model {
     pub(crate) counters: Arc<ModelCounters>,
     /// Learned: this model restarted its answer when given a prefill, whatever
     /// `accepts_prefill` says, so rescues on it splice instead (see `stream::seam`).
+    /// Loaded from, and kept in, the process's confidence gate (whose history the
+    /// journal keeps): the lesson survives a restart.
     pub(crate) prefill_ignored: std::sync::atomic::AtomicBool,
+    /// The process's confidence gate, where the lesson is recorded.
+    pub(crate) gate: Arc<keel_core::ConfidenceGate>,
 }
+
+/// The gate's record of a model's prefill continuations: a failure is a continuation
+/// that restarted its answer. No pipeline calls a target by this name.
+pub(crate) fn prefill_target(model: &str) -> Arc<str> {
+    Arc::from(format!("prefill:{model}"))
+}
+
+/// The class and attempt under which [`prefill_target`]'s outcomes are kept.
+pub(crate) const PREFILL_LESSON: (ErrorClass, u32) = (ErrorClass::TruncatedOutput, 2);
 
 impl Model {
     /// Whether a rescue on this model may continue the partial answer as a prefill.
     pub(crate) fn takes_prefill(&self) -> bool {
         self.config.accepts_prefill && !self.prefill_ignored.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Learns that this model restarts its answer when given a prefill: true the
+    /// first time (in this process or in the gate's history it was not known yet).
+    pub(crate) fn learn_prefill_ignored(&self) -> bool {
+        let first = !self.prefill_ignored.swap(true, std::sync::atomic::Ordering::Relaxed);
+        if first {
+            let (class, attempt) = PREFILL_LESSON;
+            self.gate.record(&prefill_target(&self.name), class, attempt, false);
+        }
+        first
     }
 }
 

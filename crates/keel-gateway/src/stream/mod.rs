@@ -831,11 +831,12 @@ impl Pump {
     /// `model` restarted its answer instead of continuing the prefill: learned (later
     /// rescues on it splice), counted and journaled.
     fn prefill_restarted(&mut self, model: &Model) {
-        if !model.prefill_ignored.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        if model.learn_prefill_ignored() {
             tracing::warn!(
                 model = %model.name,
                 "the model restarted its answer instead of continuing the prefill: later rescues on it \
-                 splice (learned in memory; set `accepts_prefill = false` for it in keel.toml)"
+                 splice (kept in the confidence gate's history; `accepts_prefill = false` in keel.toml \
+                 says it for good)"
             );
         }
         bump(&model.counters.prefill_restarts, 1);

@@ -1,6 +1,7 @@
 //! Streams: invisible failover before the first token, rescue after it, and never a
 //! cut answer presented as complete.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use keel_core::ErrorClass;
@@ -122,6 +123,51 @@ async fn a_prefill_fallback_that_restarts_its_answer_sends_no_text_twice_and_is_
     assert_eq!(last_messages.last().unwrap()["role"], "user", "no prefill the second time");
     assert_eq!(served.journal.records()[1].rescue.as_deref(), Some("splice"));
     assert_eq!(served.gateway.metrics().models["backup"].rescued_splice, 1);
+}
+
+/// The lesson is kept in the process's confidence gate, whose history the journal
+/// keeps: a gateway built again on it (a restarted server) sends the model no
+/// prefill, and the gate has the outcome to save.
+#[tokio::test]
+async fn a_learned_prefill_restart_survives_a_restart_through_the_gate() {
+    let primary = Fake::start().await;
+    primary.always(Reply::Cut(vec!["The capital", " of France"]));
+    let backup = Fake::start().await;
+    backup.always(Reply::Text(vec!["The capital of", " France is", " Paris."]));
+    let mut gpt = model(&primary, "m");
+    gpt.fallbacks = vec!["backup".into()];
+    let mut b = model(&backup, "b");
+    b.accepts_prefill = true;
+    let models: std::collections::BTreeMap<String, keel_gateway::ModelConfig> =
+        [("gpt".to_owned(), gpt), ("backup".to_owned(), b)].into();
+    let gate = Arc::new(keel_core::ConfidenceGate::new(keel_core::GateConfig::default()));
+    let build = || {
+        Arc::new(
+            keel_gateway::Gateway::builder(models.clone())
+                .env(|k| (k == "FAKE_KEY").then(|| "sk-test".to_owned()))
+                .gate(gate.clone())
+                .proxies(keel_http::Proxies::none())
+                .build()
+                .unwrap(),
+        )
+    };
+    let first = build();
+    assert_eq!(first.takes_prefill("backup"), Some(true));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let app = keel_gateway::router(first.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let a = post_chat(&url, ask_stream("gpt"), &[]).await;
+    assert_eq!(a.streamed_text(), "The capital of France is Paris.");
+    assert_eq!(first.takes_prefill("backup"), Some(false));
+    let unsaved = gate.take_unsaved();
+    assert!(
+        unsaved.iter().any(|r| r.target == "prefill:backup" && r.outcomes.failures == 1),
+        "the lesson is what the runner saves: {unsaved:?}"
+    );
+    gate.restore_unsaved(unsaved);
+    // Built again on the same history (loaded from the journal after a restart).
+    assert_eq!(build().takes_prefill("backup"), Some(false), "learned before the restart");
 }
 
 #[tokio::test]
