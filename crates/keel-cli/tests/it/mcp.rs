@@ -169,6 +169,15 @@ fn check(steps: &HashMap<String, Value>, b: &Bench, era: Era) {
     let other = step("notify_keyed_other");
     assert_eq!(other["is_error"], true, "{other}");
     assert_eq!(other["structured"]["class"], "conflict", "{other}");
+
+    // The same call that acts anew, a third time within the window: stopped by the
+    // loop guard before it runs.
+    let loops = step("notify_loop")["calls"].as_array().unwrap().clone();
+    assert_eq!(
+        loops.iter().map(|c| c["is_error"].as_bool().unwrap()).collect::<Vec<_>>(),
+        [false, false, true]
+    );
+    assert_eq!(loops[2]["structured"]["class"], "loop_detected", "{:?}", loops[2]);
     if era == Era::Modern {
         return;
     }

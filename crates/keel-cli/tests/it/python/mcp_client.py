@@ -8,7 +8,8 @@ default: it probes `server/discover` and, finding it, speaks 2026-07-28).
 
 Lists the tools; calls `charge` (succeeds, its upstream failing once first), calls it
 again with the same arguments (must be replayed, not charged twice), calls `notify`
-under a key of its own in `_meta` (replayed; refused with other arguments), calls it with a
+under a key of its own in `_meta` (replayed; refused with other arguments), repeats one
+call with no key until the loop guard stops it, calls `charge` with a
 negative amount (a classified failure), and with an amount above the approval limit
 (pending approval at once), approves that and calls again (completed). Prints one JSON
 object per step on stdout for the Rust test to check.
@@ -80,6 +81,10 @@ async def session(client, approve, modern, decide):
     emit("notify_keyed_again", **summary(keyed_again))
     keyed_other = await client.call_tool("notify", {"to": "b"}, meta=meta)
     emit("notify_keyed_other", **summary(keyed_other))
+
+    # An agent looping on one call that acts anew: Keel's loop guard stops the third.
+    loops = [summary(await client.call_tool("notify", {"to": "loop"})) for _ in range(3)]
+    emit("notify_loop", calls=loops)
 
     if modern:
         if "routed" in {t.name for t in tools.tools}:
