@@ -2,6 +2,7 @@
 client tests: Keel starts it (stdio) or connects to it (`--http PORT`).
 
 Tools: `lookup` (read-only; reports its pid and the names of its environment),
+`whoami` (the `X-Upstream-Token` header it was called with, over HTTP),
 `charge` (write-like; appends to $STATE_DIR/charges.log), `fail` (an error result
 with the given text), `die` (the process exits mid-call), `slow` (reports progress
 every `every` seconds, `steps` times), `quiet` (waits `seconds` without progress).
@@ -42,6 +43,14 @@ def charge(order: str, amount: int, ctx: Context) -> dict:
     with open(os.path.join(os.environ["STATE_DIR"], "charges.log"), "a") as f:
         f.write(f"{order} {amount} {key}\n")
     return {"charged": order, "amount": amount}
+
+
+@server.tool(annotations=READ)
+def whoami(ctx: Context) -> dict:
+    """The `X-Upstream-Token` header of the HTTP request that called it (None on stdio)."""
+    request = getattr(ctx.request_context, "request", None)
+    headers = getattr(request, "headers", None)
+    return {"token": headers.get("x-upstream-token") if headers is not None else None}
 
 
 @server.tool(annotations=READ)

@@ -23,6 +23,7 @@ async fn connect(dir: &Path, server: &str) -> Config {
         "HOME" => Some("/nonexistent".into()),
         "KEEL_ADMIN_KEY" => Some(SECRET.into()),
         "TEST_STATE" => Some(state.clone()),
+        "UP_TOKEN" => Some("up-token-4f2a".into()),
         _ => None,
     };
     let mut config = Config::parse(&text, &dir.join("keel.toml"), &env).expect("the config is valid");
@@ -53,7 +54,7 @@ async fn a_stdio_servers_tools_are_offered_with_their_hints_and_a_clean_environm
     let dir = tempfile::tempdir().unwrap();
     let config = connect(dir.path(), &stdio("approval = \"writes\"\n")).await;
     let names: Vec<&String> = config.tools.keys().collect();
-    assert_eq!(names, ["up_charge", "up_die", "up_fail", "up_lookup", "up_quiet", "up_slow"]);
+    assert_eq!(names, ["up_charge", "up_die", "up_fail", "up_lookup", "up_quiet", "up_slow", "up_whoami"]);
     // Annotations decide what is write-like, and `approval = "writes"` asks for those.
     let charge = tool(&config, "up_charge");
     assert!(charge.write);
@@ -160,7 +161,13 @@ async fn a_streamable_http_server_is_reached_through_keels_http_stack() {
         assert!(tokio::time::Instant::now() < deadline, "the HTTP server did not start");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let config = connect(dir.path(), &format!("url = \"http://127.0.0.1:{port}/mcp\"\n")).await;
+    let server_entry = format!(
+        "url = \"http://127.0.0.1:{port}/mcp\"\nheaders_env = {{ \"X-Upstream-Token\" = \"UP_TOKEN\" }}\n"
+    );
+    let config = connect(dir.path(), &server_entry).await;
+    // The header declared with its value from the environment reaches the upstream.
+    let who = call(&config, "up_whoami", json!({})).await.unwrap();
+    assert_eq!(who["structured"]["token"], "up-token-4f2a", "{who}");
     let found = call(&config, "up_lookup", json!({"sku": "h"})).await.unwrap();
     assert_eq!(found["structured"]["sku"], "h", "{found}");
     let done = call(&config, "up_slow", json!({"steps": 2, "every": 0.05})).await.unwrap();
