@@ -143,6 +143,19 @@ async fn progress_keeps_a_request_alive_and_silence_times_it_out() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_never_keeps_a_request_past_its_maximum() {
+    let dir = tempfile::tempdir().unwrap();
+    let config =
+        connect(dir.path(), &stdio("request_timeout = \"1s\"\nmax_request_time = \"1500ms\"\n")).await;
+    // Progress every 0.2 s for 10 s: never silent for a second, but past the maximum.
+    let started = std::time::Instant::now();
+    let capped = call(&config, "up_slow", json!({"steps": 50, "every": 0.2})).await.unwrap_err();
+    assert_eq!(capped.class, ErrorClass::Timeout, "{capped:?}");
+    assert!(started.elapsed() < Duration::from_secs(8), "stopped at the maximum, not at the end");
+    call(&config, "up_lookup", json!({"sku": "c"})).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streamable_http_server_is_reached_through_keels_http_stack() {
     let dir = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
