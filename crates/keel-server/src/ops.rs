@@ -21,13 +21,20 @@ pub async fn healthz() -> impl IntoResponse {
 /// The gateway's budgets: each API key's, and every run's summed as `runs` (empty
 /// without a gateway).
 pub async fn budgets(State(s): State<AppState>) -> Json<BudgetsView> {
-    Json(BudgetsView { budgets: s.gateway.as_ref().map(|g| g.budgets()).unwrap_or_default() })
+    let mut budgets = s.gateway.as_ref().map(|g| g.budgets()).unwrap_or_default();
+    // The runs driven here now, each under its `[run].budget` (`run:ID`): their
+    // model calls and paid tools draw on it.
+    for budget in s.runner.run_budgets() {
+        budgets.entry(budget.name().to_string()).or_default().add(&budget);
+    }
+    Json(BudgetsView { budgets })
 }
 
 /// `GET /api/budgets`.
 #[derive(Debug, serde::Serialize, schemars::JsonSchema)]
 pub struct BudgetsView {
-    /// By budget name (`key:NAME`, `runs`).
+    /// By budget name (`key:NAME`, `runs` — every agent run's gateway account
+    /// together —, and `run:ID` for each run driven by this server now).
     pub budgets: std::collections::BTreeMap<String, keel_gateway::BudgetMetrics>,
 }
 

@@ -94,6 +94,8 @@ pub struct Runner {
     /// lease keeps other processes out, this keeps a second task of the same process
     /// (same lease owner) out, and every event appended to the run is fenced by it.
     driving: Mutex<HashMap<String, Option<Arc<Lease>>>>,
+    /// The budgets (`[run].budget`) of the runs this process drives now, by run.
+    run_budgets: Mutex<HashMap<String, Arc<Budget>>>,
     /// The last good result of tools with a cached fallback.
     results: crate::tool::ResultCache,
     /// The model gateway agent runs ask: the server's (one gate, one journal), or one
@@ -160,6 +162,7 @@ struct Driving<'a>(&'a Runner, String);
 impl Drop for Driving<'_> {
     fn drop(&mut self) {
         self.0.driving.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.1);
+        self.0.run_budgets.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.1);
     }
 }
 
@@ -200,6 +203,7 @@ impl Runner {
             gate,
             observer,
             driving: Mutex::default(),
+            run_budgets: Mutex::default(),
             results: crate::tool::ResultCache::default(),
             gateway: std::sync::OnceLock::new(),
             shapes: crate::agent::shape::Seen::default(),
@@ -401,7 +405,15 @@ impl Runner {
             observer: self.observer.clone(),
             run_id: run_id.to_owned(),
         };
-        Arc::new(Budget::new(format!("run:{run_id}"), &self.config.run.budget, Arc::new(sink)))
+        let budget = Arc::new(Budget::new(format!("run:{run_id}"), &self.config.run.budget, Arc::new(sink)));
+        self.run_budgets.lock().unwrap_or_else(|e| e.into_inner()).insert(run_id.to_owned(), budget.clone());
+        budget
+    }
+
+    /// The budgets of the runs this process drives now (`[run].budget`: balance, in
+    /// flight, refusals), while their drive lasts.
+    pub fn run_budgets(&self) -> Vec<Arc<Budget>> {
+        self.run_budgets.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
     }
 
     /// A sink for `run_id`'s policy events, fenced like [`record`](Self::record).

@@ -122,6 +122,45 @@ async fn budgets_are_listed_under_api_budgets() {
     assert_eq!((key["reserved"]["tokens"].as_u64(), key["refusals"].as_u64()), (Some(0), Some(0)));
 }
 
+/// A run driven by the server is listed under its own budget (`run:ID`, `[run].budget`)
+/// while it runs, with what it has spent; gone once it ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runs_own_budget_is_listed_while_it_runs() {
+    // Each charge takes 400 ms: the run is in flight while it is looked at.
+    let s =
+        Server::start(Faults { charge_delay_ms: 400, ..Faults::default() }, "[run.budget]\nattempts = 50\n")
+            .await;
+    let plan = json!({"plan": {"steps": [
+        {"tool": "charge", "params": {"order": 21, "amount": 10}},
+        {"tool": "charge", "params": {"order": 22, "amount": 10}},
+        {"tool": "charge", "params": {"order": 23, "amount": 10}}
+    ]}});
+    let (status, started) = s.post(Some(AGENT), "/api/runs", Some(plan)).await;
+    assert_eq!(status, 201, "{started}");
+    let run_id = started["run_id"].as_str().unwrap().to_owned();
+    let name = format!("run:{run_id}");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let seen = loop {
+        let (_, view) = s.get(Some(AGENT), "/api/budgets").await;
+        if let Some(b) = view["budgets"].get(&name).filter(|b| b["used"]["attempts"].as_u64() >= Some(1)) {
+            break b.clone();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the run's budget never showed: {view}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(seen["limit"]["attempts"], 50, "{seen}");
+    s.until_run(&run_id, |r| r["state"]["run"]["state"] == "completed").await;
+    // Unlisted when its drive ends (just after its last event).
+    loop {
+        let (_, view) = s.get(Some(AGENT), "/api/budgets").await;
+        if view["budgets"].get(&name).is_none() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "an ended run's budget stays listed: {view}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// An agent's run has one budget: the tools it calls through Keel (`X-Keel-Run` on
 /// `/api/tools/.../invoke`) draw on the budget its model calls do, and a call that
 /// would pass it is refused before the tool runs.
