@@ -44,9 +44,12 @@ pub struct SentryConfig {
 #[serde(deny_unknown_fields)]
 pub struct OtlpConfig {
     /// The collector, e.g. "http://127.0.0.1:4318". A URL with no path gets the
-    /// signal's path (`/v1/traces`); a URL with a path is used as written.
+    /// signal's path (`/v1/traces`); a URL with a path is used as written. For
+    /// "grpc", the collector's address ("http://127.0.0.1:4317"; `https://` for TLS):
+    /// the path is the trace service's.
     pub endpoint: String,
-    /// The wire protocol: "http/protobuf" (the only one built in).
+    /// The wire protocol: "http/protobuf" (default, port 4318) or "grpc" (port 4317;
+    /// HTTP/2, cleartext for `http://`).
     #[serde(default)]
     pub protocol: Protocol,
     /// How long one export may take (default "10s").
@@ -70,7 +73,7 @@ pub enum Protocol {
     #[default]
     #[serde(rename = "http/protobuf")]
     HttpProtobuf,
-    /// gRPC: accepted by the parser so that the error can say it is not built in.
+    /// gRPC (`TraceService/Export` over HTTP/2).
     #[serde(rename = "grpc")]
     Grpc,
 }
@@ -95,7 +98,12 @@ pub struct Otlp {
     pub timeout: Duration,
     /// Extra headers (secrets: never logged).
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Spans go over gRPC (`endpoint` is the trace service's method).
+    pub grpc: bool,
 }
+
+/// The gRPC method spans are exported to.
+pub const GRPC_TRACE_EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 
 impl std::fmt::Debug for Otlp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -104,6 +112,7 @@ impl std::fmt::Debug for Otlp {
             .field("endpoint", &self.endpoint)
             .field("timeout", &self.timeout)
             .field("headers", &names)
+            .field("grpc", &self.grpc)
             .finish()
     }
 }
@@ -132,13 +141,25 @@ impl TelemetryConfig {
 
 impl OtlpConfig {
     fn resolve(&self, c: &mut Checks, env: &dyn Fn(&str) -> Option<String>) -> Option<Otlp> {
-        if self.protocol == Protocol::Grpc {
-            c.fail(
-                "otlp.protocol",
-                "\"grpc\" is not built into this Keel; use \"http/protobuf\" (port 4318)",
-            );
-        }
+        let grpc = self.protocol == Protocol::Grpc;
         let endpoint = match http_url(&self.endpoint, "/v1/traces") {
+            // gRPC names its method in the path: the URL gives the collector only.
+            Ok(uri) if grpc => match uri.authority() {
+                Some(authority) => {
+                    let scheme = uri.scheme_str().unwrap_or("http");
+                    match format!("{scheme}://{authority}{GRPC_TRACE_EXPORT}").parse() {
+                        Ok(uri) => Some(uri),
+                        Err(e) => {
+                            c.fail("otlp.endpoint", format!("`{}`: {e}", self.endpoint));
+                            None
+                        }
+                    }
+                }
+                None => {
+                    c.fail("otlp.endpoint", format!("`{}` has no host", self.endpoint));
+                    None
+                }
+            },
             Ok(uri) => Some(uri),
             Err(problem) => {
                 c.fail("otlp.endpoint", problem);
@@ -166,7 +187,7 @@ impl OtlpConfig {
                 },
             }
         }
-        Some(Otlp { endpoint: endpoint?, timeout: self.timeout, headers })
+        Some(Otlp { endpoint: endpoint?, timeout: self.timeout, headers, grpc })
     }
 }
 
@@ -260,6 +281,12 @@ mod tests {
         assert_eq!(t.service_name, "keel");
         let t = parse(r#"endpoint = "http://c:4318/custom/path""#).unwrap_or_else(|e| panic!("{e:?}"));
         assert_eq!(t.otlp.map(|o| o.endpoint.to_string()).as_deref(), Some("http://c:4318/custom/path"));
+        // gRPC: the collector's address; the path is the trace service's method.
+        let t = parse("endpoint = \"http://c:4317/ignored\"\nprotocol = \"grpc\"")
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        let otlp = t.otlp.unwrap_or_else(|| panic!("no otlp"));
+        assert!(otlp.grpc);
+        assert_eq!(otlp.endpoint.to_string(), format!("http://c:4317{GRPC_TRACE_EXPORT}"));
     }
 
     #[test]
@@ -268,7 +295,6 @@ mod tests {
             (r#"endpoint = "ftp://x""#, "otlp.endpoint"),
             (r#"endpoint = "not a url""#, "otlp.endpoint"),
             (r#"endpoint = "http://""#, "otlp.endpoint"),
-            ("endpoint = \"http://x\"\nprotocol = \"grpc\"", "otlp.protocol"),
             ("endpoint = \"http://x\"\ntimeout = \"0s\"", "otlp.timeout"),
             ("endpoint = \"http://x\"\ntimeout = \"10000d\"", "otlp.timeout"),
             ("endpoint = \"http://x\"\nheaders_env = {\"a b\": \"AUTH\"}", "otlp.headers_env.a b"),

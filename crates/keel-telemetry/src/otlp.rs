@@ -1,5 +1,6 @@
-//! Traces over OTLP/HTTP (protobuf): the `tracing` layer that turns Keel's spans into
-//! OpenTelemetry spans, and the exporter behind it.
+//! Traces over OTLP — HTTP/protobuf, or gRPC (the same protobuf message framed for
+//! `TraceService/Export` over HTTP/2): the `tracing` layer that turns Keel's spans
+//! into OpenTelemetry spans, and the exporter behind it.
 //!
 //! Spans are made with plain `tracing` where the work happens (the gateway's
 //! `chat {model}`, the runner's `execute_tool {tool}`, the server's request span);
@@ -89,7 +90,7 @@ where
         .collect();
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
-        .with_http_client(Sender { runtime, timeout: otlp.timeout })
+        .with_http_client(Sender { runtime, timeout: otlp.timeout, grpc: otlp.grpc })
         .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
         .with_endpoint(otlp.endpoint.to_string())
         .with_timeout(otlp.timeout)
@@ -118,13 +119,19 @@ where
 struct Sender {
     runtime: tokio::runtime::Handle,
     timeout: Duration,
+    /// The SDK's protobuf body goes as a gRPC message instead (the same bytes, framed).
+    grpc: bool,
 }
 
 #[async_trait::async_trait]
 impl HttpClient for Sender {
     async fn send_bytes(&self, request: Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
         let timeout = self.timeout;
-        let sent = self.runtime.spawn(crate::http::send(request, timeout));
+        let sent = if self.grpc {
+            self.runtime.spawn(crate::http::send_grpc(request, timeout))
+        } else {
+            self.runtime.spawn(crate::http::send(request, timeout))
+        };
         Ok(sent.await??)
     }
 }
