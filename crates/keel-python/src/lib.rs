@@ -118,6 +118,41 @@ fn new_runtime(virtual_time: bool) -> PyResult<tokio::runtime::Handle> {
     Ok(handle)
 }
 
+/// A runtime owned by a Python object. Python frees objects wherever it runs — also
+/// on a step's runtime thread, inside an attempt, where dropping a runtime the plain
+/// way panics — so it is shut down in the background, waiting for nothing.
+pub(crate) struct OwnRuntime(Option<tokio::runtime::Runtime>);
+
+impl OwnRuntime {
+    /// A multi-thread runtime of one worker named `name`, with I/O and time.
+    pub(crate) fn new(name: &str) -> PyResult<Self> {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name(name)
+            .enable_all()
+            .build()
+            .map(|rt| OwnRuntime(Some(rt)))
+            .map_err(|e| PyRuntimeError::new_err(format!("a runtime: {e}")))
+    }
+}
+
+impl std::ops::Deref for OwnRuntime {
+    type Target = tokio::runtime::Runtime;
+
+    fn deref(&self) -> &tokio::runtime::Runtime {
+        // Taken only in `drop`.
+        self.0.as_ref().unwrap_or_else(|| unreachable!("the runtime is taken only when dropped"))
+    }
+}
+
+impl Drop for OwnRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 /// Cancels an attempt's coroutine when the attempt is abandoned (its timeout fired).
 struct CancelOnDrop(Option<Py<PyAny>>);
 
@@ -176,6 +211,18 @@ fn answer(
 fn policy_error(errors: &[keel_core::PolicyError]) -> PyErr {
     let message = errors.iter().map(|e| format!("{}: {}", e.key, e.message)).collect::<Vec<_>>().join("; ");
     PyValueError::new_err(message)
+}
+
+/// [`policy_error`] with every key under `prefix` (`loop_guard.max_repeats`).
+fn policy_error_under(prefix: &str, errors: Vec<keel_core::PolicyError>) -> PyErr {
+    let prefixed: Vec<_> = errors
+        .into_iter()
+        .map(|mut p| {
+            p.key = format!("{prefix}.{}", p.key);
+            p
+        })
+        .collect();
+    policy_error(&prefixed)
 }
 
 /// What `classify(exc)` answered: a class name and an optional `Retry-After` in seconds.
@@ -422,16 +469,7 @@ impl LoopGuard {
     fn new(config_json: &str) -> PyResult<Self> {
         let config: keel_core::LoopGuardConfig = serde_json::from_str(config_json)
             .map_err(|e| PyValueError::new_err(format!("loop_guard: {e}")))?;
-        config.validate().map_err(|e| {
-            let prefixed: Vec<_> = e
-                .into_iter()
-                .map(|mut p| {
-                    p.key = format!("loop_guard.{}", p.key);
-                    p
-                })
-                .collect();
-            policy_error(&prefixed)
-        })?;
+        config.validate().map_err(|e| policy_error_under("loop_guard", e))?;
         Ok(LoopGuard(Arc::new(keel_core::LoopGuard::new(config, Arc::new(ToCall)))))
     }
 
@@ -550,7 +588,7 @@ impl Rounds {
 #[pyclass(module = "keel._keel", frozen)]
 struct Journal {
     journal: Arc<dyn keel_journal::Journal>,
-    runtime: tokio::runtime::Runtime,
+    runtime: OwnRuntime,
 }
 
 fn journal_error(e: keel_journal::Error) -> PyErr {
@@ -580,11 +618,7 @@ impl Journal {
                 "claim_ttl: {claim_ttl} is not between 1 and 86400 seconds"
             )));
         }
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .map_err(|e| PyRuntimeError::new_err(format!("a runtime: {e}")))?;
+        let runtime = OwnRuntime::new("keel-journal")?;
         let options = keel_journal::JournalOptions {
             claim_ttl: Duration::from_secs_f64(claim_ttl),
             ..keel_journal::JournalOptions::default()
@@ -846,7 +880,7 @@ impl Journal {
 struct Alerts {
     router: Arc<keel_telemetry::alert::AlertRouter>,
     tasks: Option<keel_telemetry::alert::AlertTasks>,
-    runtime: tokio::runtime::Runtime,
+    runtime: OwnRuntime,
 }
 
 #[pymethods]
@@ -863,11 +897,7 @@ impl Alerts {
         if !alerts.is_enabled() {
             return Err(PyValueError::new_err("alerts: no sink is configured"));
         }
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .map_err(|e| PyRuntimeError::new_err(format!("a runtime: {e}")))?;
+        let runtime = OwnRuntime::new("keel-alerts")?;
         let clock: Arc<dyn keel_core::Clock> = Arc::new(keel_core::TokioClock::new());
         let (router, tasks) = {
             let _in = runtime.enter();

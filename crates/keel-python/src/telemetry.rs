@@ -18,14 +18,14 @@ use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use tracing_subscriber::layer::SubscriberExt as _;
 
-use crate::{approval_run, policy_error};
+use crate::{approval_run, policy_error_under};
 
 /// `[telemetry]`, running in this process.
 #[pyclass(module = "keel._keel")]
 pub(crate) struct Telemetry {
     reporter: Option<Arc<Reporter>>,
     traces: Option<keel_telemetry::TraceGuard>,
-    runtime: tokio::runtime::Runtime,
+    runtime: crate::OwnRuntime,
 }
 
 #[pymethods]
@@ -40,27 +40,14 @@ impl Telemetry {
         let config: keel_telemetry::TelemetryConfig = table
             .try_into()
             .map_err(|e: toml::de::Error| PyValueError::new_err(format!("telemetry: {e}")))?;
-        let telemetry = config.resolve(&|k| std::env::var(k).ok()).map_err(|e| {
-            let prefixed: Vec<_> = e
-                .into_iter()
-                .map(|mut p| {
-                    p.key = format!("telemetry.{}", p.key);
-                    p
-                })
-                .collect();
-            policy_error(&prefixed)
-        })?;
+        let telemetry =
+            config.resolve(&|k| std::env::var(k).ok()).map_err(|e| policy_error_under("telemetry", e))?;
         if telemetry.otlp.is_none() && telemetry.sentry.is_none() {
             return Err(PyValueError::new_err(
                 "telemetry: neither [telemetry.otlp] nor [telemetry.sentry] is configured",
             ));
         }
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("keel-telemetry")
-            .enable_all()
-            .build()
-            .map_err(|e| PyRuntimeError::new_err(format!("a runtime: {e}")))?;
+        let runtime = crate::OwnRuntime::new("keel-telemetry")?;
         let _in = runtime.enter();
         let traces = match &telemetry.otlp {
             None => None,
@@ -167,21 +154,10 @@ impl Telemetry {
     }
 }
 
-/// The `execute_tool {target}` span of one call of a Python step (the names the
-/// runner's steps use: keel-telemetry's `names` table).
+/// The `execute_tool {target}` span of one call of a Python step (keel-telemetry's,
+/// as the runner's steps make it; no call id: a Python call has no run step).
 pub(crate) fn step_span(target: &str) -> tracing::Span {
-    tracing::info_span!(
-        "execute_tool",
-        otel.name = %format_args!("execute_tool {target}"),
-        otel.kind = "internal",
-        otel.status_code = tracing::field::Empty,
-        gen_ai.operation.name = "execute_tool",
-        gen_ai.tool.name = target,
-        error.type = tracing::field::Empty,
-        keel.error_class = tracing::field::Empty,
-        keel.disposition = tracing::field::Empty,
-        keel.attempt = tracing::field::Empty,
-    )
+    keel_telemetry::names::execute_tool_span(target, None)
 }
 
 /// Writes how the call ended into its span.

@@ -2,6 +2,7 @@
 with SIGKILL at a random moment and run again. Real SQLite files, real processes."""
 
 import asyncio
+import gc
 import json
 import os
 import random
@@ -277,3 +278,25 @@ def test_a_failure_handed_to_a_person_is_resolved_with_keel_tickets(tmp_path):
     assert tries == [7, 7, 8]
     with pytest.raises(TypeError, match="journal"):
         keel.step("x", escalate=True)
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_a_journal_freed_on_keels_thread_during_an_attempt_is_dropped_safely(tmp_path):
+    # Python frees an object wherever it runs: here the journal's last reference goes
+    # while Keel's step thread formats an attempt's exception (its __str__).
+    held = [keel.Journal(str(tmp_path / "freed.db"))]
+
+    class Freeing(Exception):
+        def __str__(self):
+            held.clear()
+            gc.collect()
+            return "freed"
+
+    @keel.step("free", policy=keel.Policy(max_attempts=1))
+    async def fails():
+        raise Freeing()
+
+    with pytest.raises(keel.StepFailed, match="freed"):
+        asyncio.run(fails())
+    assert held == []
+    gc.collect()

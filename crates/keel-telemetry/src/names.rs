@@ -58,3 +58,27 @@ pub const BREAKER_STATE: &str = "keel.breaker.state";
 /// Attributes the conventions type as string arrays. `tracing` fields cannot hold
 /// arrays, so they are recorded comma-joined and split by the exporter.
 pub const ARRAY_ATTRIBUTES: &[&str] = &[FINISH_REASONS];
+
+/// The `execute_tool {tool}` span of one tool call (the conventions' name and
+/// attributes; `error.type`, `keel.*` left to record when it ends). `call_id`:
+/// `gen_ai.tool.call.id`, when the call has one (`{run}/{step}`).
+pub fn execute_tool_span(tool: &str, call_id: Option<&str>) -> tracing::Span {
+    let span = tracing::info_span!(
+        "execute_tool",
+        otel.name = %format_args!("execute_tool {tool}"),
+        otel.kind = "internal",
+        otel.status_code = tracing::field::Empty,
+        gen_ai.operation.name = "execute_tool",
+        gen_ai.tool.name = tool,
+        gen_ai.tool.call.id = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+        keel.error_class = tracing::field::Empty,
+        keel.disposition = tracing::field::Empty,
+        keel.attempt = tracing::field::Empty,
+        keel.breaker.state = tracing::field::Empty,
+    );
+    if let Some(id) = call_id {
+        span.record(TOOL_CALL_ID, id);
+    }
+    span
+}

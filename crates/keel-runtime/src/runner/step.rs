@@ -515,23 +515,10 @@ async fn fall_back(
     Some(output)
 }
 
-/// The `execute_tool {tool}` span of one call of a step's tool (OpenTelemetry GenAI
-/// names; keel-telemetry's `names` has the table). The call id is `{run}/{step}`.
+/// The `execute_tool {tool}` span of one call of a step's tool (keel-telemetry's
+/// `names` has the table). The call id is `{run}/{step}`.
 fn tool_span(tool: &str, run_id: &str, step: u32) -> tracing::Span {
-    tracing::info_span!(
-        "execute_tool",
-        otel.name = %format_args!("execute_tool {tool}"),
-        otel.kind = "internal",
-        otel.status_code = tracing::field::Empty,
-        gen_ai.operation.name = "execute_tool",
-        gen_ai.tool.name = tool,
-        gen_ai.tool.call.id = %format_args!("{run_id}/{step}"),
-        error.type = tracing::field::Empty,
-        keel.error_class = tracing::field::Empty,
-        keel.disposition = tracing::field::Empty,
-        keel.attempt = tracing::field::Empty,
-        keel.breaker.state = tracing::field::Empty,
-    )
+    keel_telemetry::names::execute_tool_span(tool, Some(&format!("{run_id}/{step}")))
 }
 
 /// Where the call in progress of this step stands in the journal, if an earlier drive
