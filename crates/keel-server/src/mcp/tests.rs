@@ -35,9 +35,14 @@ params = { type = "object", properties = { region = { type = "string", "x-mcp-he
 "#;
 
 async fn server(dir: &std::path::Path) -> McpServer {
+    server_with(dir, "").await
+}
+
+/// [`server`]'s tools and `extra`.
+async fn server_with(dir: &std::path::Path, extra: &str) -> McpServer {
     let text = format!(
         "[tools.echo]\nkind = \"command\"\nargv = [\"echo\", \"{{}}\"]\n\
-                        params = {{ type = \"object\", properties = {{ x = {{ type = \"integer\" }} }} }}\n{MORE_TOOLS}"
+                        params = {{ type = \"object\", properties = {{ x = {{ type = \"integer\" }} }} }}\n{MORE_TOOLS}{extra}"
     );
     let config = Config::parse(&text, &dir.join("keel.toml"), &|_| None).unwrap();
     let clock = Arc::new(TokioClock::new());
@@ -534,4 +539,36 @@ fn base64_round_trips_and_refuses_what_it_would_not_write() {
     }
     assert_eq!(envelope::decode_header_value("plain"), Some("plain".into()));
     assert_eq!(envelope::decode_header_value("=?base64?/w==?="), None, "not UTF-8");
+}
+
+/// The sandboxed code tool is offered over MCP with its fixed schema; a program's
+/// `result` comes back as the call's result, and a program that fails is a tool
+/// error with class `code_error`, as for any other caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_code_tool_is_offered_and_called_over_mcp() {
+    let dir = tempfile::tempdir().unwrap();
+    // The system's interpreter: as root the program runs as nobody, who may not read
+    // a user's (pyenv) Python.
+    let s = server_with(dir.path(), "[tools.py]\nkind = \"code\"\npython = \"/usr/bin/python3\"\n").await;
+    let listed = s.handle(modern("tools/list", json!({}), json!({}))).await.unwrap();
+    let tools = listed["result"]["tools"].as_array().unwrap();
+    let py = tools.iter().find(|t| t["name"] == "py").unwrap_or_else(|| panic!("{listed}"));
+    let props = &py["inputSchema"]["properties"];
+    assert!(props.get("program").is_some() && props.get("input").is_some(), "{py}");
+
+    let call = |program: &str, n: i64| {
+        modern(
+            "tools/call",
+            json!({"name": "py", "arguments": {"program": program, "input": {"n": n}}}),
+            json!({}),
+        )
+    };
+    let done = s.handle(call("result = {'twice': input['n'] * 2}", 21)).await.unwrap();
+    let r = &done["result"];
+    assert_eq!(r["isError"], false, "{done}");
+    assert_eq!(r["structuredContent"]["result"]["twice"], 42, "{done}");
+    let failed = s.handle(call("result = input['missing']", 1)).await.unwrap();
+    let r = &failed["result"];
+    assert_eq!(r["isError"], true, "{failed}");
+    assert_eq!(r["structuredContent"]["class"], "code_error", "{failed}");
 }
