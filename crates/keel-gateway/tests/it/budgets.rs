@@ -117,20 +117,28 @@ async fn a_huge_tools_array_counts_in_the_prompt_estimate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_ignoring_max_tokens_overshoots_by_at_most_the_calls_in_flight() {
-    let fake = Fake::start().await;
-    fake.always(Reply::Long(500));
-    let served = serve_with(vec![("gpt", model(&fake, "m"))], run_budget(1000)).await;
-    let mut body = ask("gpt");
-    body["max_tokens"] = json!(10);
-    let workers = 4;
-    let calls = (0..workers).map(|_| sequential(&served, &body, 10));
-    let statuses: Vec<u16> = futures_util::future::join_all(calls).await.into_iter().flatten().collect();
-    let charged = counted(&served);
-    // Each call in flight can spend what the upstream sends beyond its reservation.
-    let bound = workers * 510;
-    report("ignores max_tokens, 4 in flight", fake.billed_tokens(), 1000, bound);
-    assert_eq!(charged, fake.billed_tokens());
-    assert!(statuses.iter().filter(|s| **s == 429).count() >= 30, "{statuses:?}");
+    // Whole answers and streams alike: a stream's usage comes in its last chunk.
+    for stream in [false, true] {
+        let fake = Fake::start().await;
+        fake.always(Reply::Long(500));
+        let served = serve_with(vec![("gpt", model(&fake, "m"))], run_budget(1000)).await;
+        let mut body = if stream { ask_stream("gpt") } else { ask("gpt") };
+        body["max_tokens"] = json!(10);
+        let workers = 4;
+        let calls = (0..workers).map(|_| sequential(&served, &body, 10));
+        let statuses: Vec<u16> = futures_util::future::join_all(calls).await.into_iter().flatten().collect();
+        let charged = counted(&served);
+        // Each call in flight can spend what the upstream sends beyond its reservation.
+        let bound = workers * 510;
+        let what = if stream {
+            "ignores max_tokens, streamed, 4 in flight"
+        } else {
+            "ignores max_tokens, 4 in flight"
+        };
+        report(what, fake.billed_tokens(), 1000, bound);
+        assert_eq!(charged, fake.billed_tokens(), "{what}");
+        assert!(statuses.iter().filter(|s| **s == 429).count() >= 30, "{what}: {statuses:?}");
+    }
 }
 
 #[tokio::test]
