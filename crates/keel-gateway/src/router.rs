@@ -14,7 +14,10 @@
 //! into each request, whose budget the call is charged to. The header `X-Keel-Run`
 //! names the run whose budget and loop guard apply. Every answer says who answered:
 //! `x-keel-model`, `x-keel-attempts`, `x-keel-fallback` (`true` when a model other
-//! than the one named answered); errors add `x-keel-error-class`.
+//! than the one named answered); a whole answer adds `x-keel-corrections` and what
+//! the call was charged, every attempt included (`x-keel-charged-tokens`,
+//! `x-keel-charged-cost-micros`; a stream says it in its last chunk's `usage`);
+//! errors add `x-keel-error-class`.
 
 use std::sync::Arc;
 
@@ -130,6 +133,10 @@ fn json_response(done: &Completion, body: impl Into<Body>) -> Response {
     h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     keel_headers(h, &done.model, done.attempts, done.fallback);
     h.insert("x-keel-corrections", HeaderValue::from(done.corrections));
+    // What the budgets were charged for this call, every attempt included; the body's
+    // `usage` is the answering provider's own.
+    h.insert("x-keel-charged-tokens", HeaderValue::from(done.charged_tokens));
+    h.insert("x-keel-charged-cost-micros", HeaderValue::from(done.charged_cost_micros));
     resp
 }
 

@@ -84,6 +84,11 @@ pub struct Completion {
     pub fallback: bool,
     /// Correction retries made.
     pub corrections: u32,
+    /// What the call was charged, every attempt that reached a provider included
+    /// (corrections, fallbacks, answers without usage at their bound): the tokens.
+    pub charged_tokens: u64,
+    /// The same, in micro-dollars.
+    pub charged_cost_micros: u64,
 }
 
 impl Completion {

@@ -188,6 +188,8 @@ impl Gateway {
                             attempts: route.attempts,
                             fallback,
                             corrections,
+                            charged_tokens: charges.spent().usage.total_tokens,
+                            charged_cost_micros: charges.spent().cost_micros,
                         },
                         route,
                     ));
@@ -218,6 +220,8 @@ impl Gateway {
                                         usage,
                                         attempts: route.attempts,
                                         corrections: 0,
+                                        charged_tokens: charges.spent().usage.total_tokens,
+                                        charged_cost_micros: charges.spent().cost_micros,
                                     },
                                     route,
                                 ));

@@ -94,6 +94,37 @@ async fn every_attempt_that_reached_the_provider_is_charged_corrections_included
     assert!(statuses.contains(&502) && statuses.last() == Some(&429), "{statuses:?}");
 }
 
+/// A correction that works: the rejected attempt and the answer are both charged, and
+/// the client is told the whole charge (`x-keel-charged-*`) beside the answering
+/// provider's own `usage`.
+#[tokio::test]
+async fn a_corrected_answer_charges_every_attempt_and_says_so() {
+    let fake = Fake::start().await;
+    fake.script([Reply::Tool { name: "get_weather", args: "{\"city\": " }])
+        .always(Reply::Tool { name: "get_weather", args: "{\"city\": \"Paris\"}" });
+    let mut gpt = model(&fake, "m");
+    gpt.correct = 2;
+    gpt.prices = Prices { input_per_mtok: 1.0, output_per_mtok: 2.0 };
+    let served = serve_with(vec![("gpt", gpt)], run_budget(1000)).await;
+    let body = json!({
+        "model": "gpt", "max_tokens": 20,
+        "messages": [{"role": "user", "content": "Weather in Paris?"}],
+        "tools": [{"type": "function", "function": {"name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}],
+    });
+    let a = post_chat(&served.url, body, &[("x-keel-run", RUN)]).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.header("x-keel-corrections"), "1");
+    assert_eq!(fake.hits(), 2);
+    let charged = counted(&served);
+    assert_eq!(charged, fake.billed_tokens(), "both attempts charged");
+    assert_eq!(a.header("x-keel-charged-tokens"), charged.to_string(), "the client is told the whole charge");
+    let cost = served.gateway.run_budget(RUN).unwrap().used(BudgetKind::CostMicros);
+    assert_eq!(a.header("x-keel-charged-cost-micros"), cost.to_string());
+    let own = a.json()["usage"]["total_tokens"].as_u64().unwrap();
+    assert!(own < charged, "the body's usage is the last attempt's: {own} of {charged}");
+}
+
 #[tokio::test]
 async fn a_huge_tools_array_counts_in_the_prompt_estimate() {
     let fake = Fake::start().await;
