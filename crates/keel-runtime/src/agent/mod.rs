@@ -62,6 +62,11 @@ pub struct AgentTask {
     /// The system prompt.
     #[serde(default)]
     pub system: Option<String>,
+    /// The task's own check: a JSON Schema the `result` of every program the model
+    /// writes must match (besides its tool's `result_schema`); a program whose result
+    /// does not is a `code_error`, corrected like any other.
+    #[serde(default)]
+    pub result_schema: Option<Value>,
 }
 
 /// An agent run as recorded in its first event: every value resolved, so a resume
@@ -97,6 +102,9 @@ pub struct AgentSpec {
     /// The most tool calls of one turn carried out.
     #[serde(default = "default_calls_per_turn")]
     pub max_calls_per_turn: u32,
+    /// The task's check of every program's `result` (a JSON Schema), if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result_schema: Option<Value>,
 }
 
 fn default_calls_per_turn() -> u32 {
@@ -154,6 +162,10 @@ impl AgentSpec {
         if let Some(unknown) = tools.iter().find(|t| !config.tools.contains_key(*t)) {
             return Err(format!("no tool named `{unknown}`"));
         }
+        if let Some(schema) = &task.result_schema {
+            crate::tool::code::compile_result_schema(schema)
+                .map_err(|e| format!("the result_schema is {e}"))?;
+        }
         Ok(AgentSpec {
             task: task.task.clone(),
             model,
@@ -167,6 +179,7 @@ impl AgentSpec {
             stop_on_repeat: a.stop_on_repeat,
             on_schema_drift: a.on_schema_drift,
             max_calls_per_turn: a.max_calls_per_turn,
+            result_schema: task.result_schema.clone(),
         })
     }
 
@@ -238,6 +251,12 @@ pub const RESUBMITTED: &str = "the program is identical to one that already fail
 /// The `program` of a code call's arguments, if it is one.
 pub fn program_of(args: &Value) -> Option<&str> {
     args.get("program").and_then(Value::as_str)
+}
+
+/// The `result` in a code call's answer: the code tool's `result`, or a command tool's
+/// JSON answer's (`json.result`); `None` when the answer holds none.
+pub fn program_result(output: &Value) -> Option<&Value> {
+    output.get("result").or_else(|| output.pointer("/json/result"))
 }
 
 /// The conversation of an agent run, rebuilt from its journal.

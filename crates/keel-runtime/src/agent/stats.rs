@@ -12,7 +12,7 @@ use keel_journal::{Journal, RunSnapshot};
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use super::{MODEL_TARGET_PREFIX, program_of};
+use super::{MODEL_TARGET_PREFIX, program_of, program_result};
 
 /// One strategy's record after one error kind.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -97,7 +97,7 @@ fn scan_run(snap: &RunSnapshot, pairs: &mut Vec<Value>, stats: &mut CorrectionSt
                     "failed": {"program": failed, "error": error},
                     // The program's `result`: the code tool's, or a command tool's JSON answer's.
                     "fixed": {"program": program, "result": s.output.as_ref().map(|o| {
-                        o.get("result").or_else(|| o.pointer("/json/result")).unwrap_or(o)
+                        program_result(o).unwrap_or(o)
                     })},
                     "failed_attempts": chain.len(),
                     "correction_tokens": chain_tokens,

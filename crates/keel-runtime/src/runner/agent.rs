@@ -76,6 +76,14 @@ pub(super) async fn drive(
     };
     let _ = budget.charge(BudgetKind::CostMicros, cost.saturating_add(tool_cost));
 
+    // The task's own check of every program's result, as journaled with the task.
+    let task_schema = match &spec.result_schema {
+        Some(schema) => Some(
+            crate::tool::code::compile_result_schema(schema)
+                .map_err(|e| Error::Refused(format!("the task's result_schema is {e}")))?,
+        ),
+        None => None,
+    };
     let failures = Arc::new(Mutex::new(HashMap::new()));
     let mut handled = HashSet::new();
     loop {
@@ -95,6 +103,7 @@ pub(super) async fn drive(
                 deadline_at_ms,
                 budget: &budget,
                 failures: &failures,
+                task_schema: task_schema.as_deref(),
             };
             let (index, pass) = Box::pin(call_tool(ctx, call)).await?;
             handled.insert(index);
@@ -284,6 +293,8 @@ struct CallCtx<'a> {
     deadline_at_ms: i64,
     budget: &'a Arc<Budget>,
     failures: &'a Arc<Mutex<HashMap<ErrorClass, u32>>>,
+    /// The task's `result_schema`, compiled.
+    task_schema: Option<&'a jsonschema::Validator>,
 }
 
 impl CallCtx<'_> {
@@ -368,7 +379,17 @@ async fn call_tool(c: CallCtx<'_>, call: &PendingCall) -> Result<(u32, Pass)> {
     let usual = c.r.shapes.usual(&call.name, c.history.shapes.get(&call.name));
     let sink = c.r.sink(c.run_id).step(index);
     let policy = c.spec.on_schema_drift;
+    let is_code = agent::program_of(&args).is_some();
     let check = |out: &Value| {
+        // A program that ran but fails the task's check is a `code_error`, as one that
+        // fails its tool's `result_schema` is (the same check).
+        if let Some(schema) = c.task_schema.filter(|_| is_code) {
+            let result = agent::program_result(out).unwrap_or(&Value::Null);
+            let printed = if out.get("result").is_some() { out["stdout"].as_str().unwrap_or("") } else { "" };
+            if let Err(f) = crate::tool::code::check_result(schema, "the task's", result, printed) {
+                return OutputVerdict::Correct(f);
+            }
+        }
         let fp = agent::shape::fingerprint(out);
         c.r.shapes.note(&call.name, &fp);
         if !agent::shape::is_drift(&fp, &usual) {
@@ -392,7 +413,9 @@ async fn call_tool(c: CallCtx<'_>, call: &PendingCall) -> Result<(u32, Pass)> {
         );
         match policy {
             agent::shape::DriftPolicy::Flag => OutputVerdict::Ok,
-            agent::shape::DriftPolicy::Correct => OutputVerdict::Correct(message),
+            agent::shape::DriftPolicy::Correct => {
+                OutputVerdict::Correct(keel_core::Failure::new(ErrorClass::InvalidToolCall, message))
+            }
             agent::shape::DriftPolicy::Escalate => OutputVerdict::Escalate(message),
         }
     };
@@ -430,7 +453,6 @@ async fn call_tool(c: CallCtx<'_>, call: &PendingCall) -> Result<(u32, Pass)> {
         let end = ctx.escalate(&tool, &args, ErrorClass::LoopDetected, &message, 0).await?;
         return Ok((index, end_pass(c.r, c.run_id, end).await?));
     }
-    let is_code = agent::program_of(&args).is_some();
     let end = step::run_step(ctx).await?;
     if is_code {
         match &end {

@@ -44,8 +44,8 @@ pub(super) struct StepCtx<'a> {
 pub(super) enum OutputVerdict {
     /// Feed it forward.
     Ok,
-    /// Not as expected: the step fails with this message, for the model to correct.
-    Correct(String),
+    /// Not as expected: the step fails with this failure, for the model to correct.
+    Correct(Failure),
     /// Not as expected: a person looks first.
     Escalate(String),
 }
@@ -449,7 +449,7 @@ async fn call_once(
             r.journal.complete(&token, &output).await?;
             match ctx.check_output.map_or(OutputVerdict::Ok, |check| check(&output)) {
                 OutputVerdict::Ok => Ok(Ok(output)),
-                OutputVerdict::Correct(m) => ctx.fail(ErrorClass::InvalidToolCall, m).await.map(Err),
+                OutputVerdict::Correct(f) => ctx.fail(f.class, f.message).await.map(Err),
                 OutputVerdict::Escalate(m) => {
                     ctx.escalate(tool, params, ErrorClass::InvalidToolCall, &m, 0).await.map(Err)
                 }

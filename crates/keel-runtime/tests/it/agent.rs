@@ -265,6 +265,7 @@ async fn a_bad_task_is_refused_before_anything_is_recorded() {
         (AgentTask { model: Some("nope".into()), ..task("x") }, "no model `nope`"),
         (AgentTask { tools: Some(vec!["rm".into()]), ..task("x") }, "no tool named `rm`"),
         (AgentTask { max_turns: Some(0), ..task("x") }, "out of range"),
+        (AgentTask { result_schema: Some(json!({"type": 7})), ..task("x") }, "not a valid JSON Schema"),
     ] {
         let e = r.create_agent(&t, None).await.unwrap_err().to_string();
         assert!(e.contains(why), "{e}");
@@ -349,6 +350,54 @@ async fn an_identical_resubmitted_program_is_not_run_again_and_the_strategy_swit
     let sent = second["messages"].to_string();
     assert!(!sent.contains("assert x == 3"), "the failed program is not shown: {sent}");
     assert!(sent.contains("x is not 3") && sent.contains("fresh program"), "{sent}");
+}
+
+/// The task's own check: a program that runs but whose `result` does not match the
+/// task's schema is a `code_error` whose message the model gets, corrected like any;
+/// the schema is journaled with the task, so another process driving the run keeps it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_failing_the_tasks_schema_is_a_code_error_corrected_in_the_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("runs.log");
+    let model = ScriptedModel::script(vec![
+        program("result = {'total': 'three'}"),
+        program("result = {'total': 3}"),
+        Reply::text("3"),
+    ])
+    .await;
+    let config = format!("{}{}", model.config("m"), code_tool(&log));
+    let schema =
+        json!({"type": "object", "required": ["total"], "properties": {"total": {"type": "number"}}});
+    let r = runner(dir.path(), &config).await;
+    let t = AgentTask { result_schema: Some(schema.clone()), ..task("the total, as a number") };
+    let run = r.create_agent(&t, None).await.unwrap();
+    // Driven by another process: it knows the schema from the journal alone.
+    let r2 = runner(dir.path(), &config).await;
+    assert_eq!(r2.drive(&run).await.unwrap(), RunStatus::Completed);
+    let snap = r2.snapshot(&run).await.unwrap();
+    assert_eq!(snap.run.input["agent"]["result_schema"], schema, "journaled with the task");
+    let failed = snap.steps.iter().find(|s| s.name == "turn-1.call-1").unwrap();
+    assert_eq!(failed.error_class.as_deref(), Some("code_error"), "{failed:?}");
+    let message = failed.message.as_deref().unwrap();
+    assert!(
+        message.starts_with("ResultSchemaError: `result` does not match the task's result_schema"),
+        "{message}"
+    );
+    assert!(message.contains("/total"), "the path of the problem: {message}");
+    assert_eq!(turn_input(&snap, 2)["after_kind"], "ResultSchemaError", "a correction followed");
+    // Regenerated (the prior for a kind it cannot see in its program): the hint says why.
+    let sent = model.requests()[1]["messages"].to_string();
+    assert!(sent.contains("task's result_schema"), "the model was told: {sent}");
+    let fixed = snap.steps.iter().find(|s| s.name == "turn-2.call-1").unwrap();
+    assert_eq!(fixed.status, "succeeded", "a matching result goes through: {fixed:?}");
+    assert_eq!(calls_in(&log), 2);
+    // Without the task's schema the same first program is a result like any other.
+    let model =
+        ScriptedModel::script(vec![program("result = {'total': 'three'}"), Reply::text("three")]).await;
+    let r = runner(dir.path(), &format!("{}{}", model.config("m"), code_tool(&log))).await;
+    let run = r.create_agent(&task("the total"), None).await.unwrap();
+    assert_eq!(r.drive(&run).await.unwrap(), RunStatus::Completed);
+    assert_eq!(model.calls(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
