@@ -81,6 +81,20 @@ pub enum CorrectionMode {
     Regenerate,
 }
 
+/// `[agent] on_unsolved`: what a correction loop that gives up does (the same error
+/// twice, resubmissions, `code_attempts` spent, a kind the gate says does not pay).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Unsolved {
+    /// The run fails with its partial result.
+    #[default]
+    Fail,
+    /// A ticket with the context (the task, the last program, its error, the strategies
+    /// tried): `retry` gives one more correction round, `skip` finishes the run with its
+    /// partial result, `abort` ends it.
+    Escalate,
+}
+
 /// A program with its comments and whitespace taken out (keel-core's, shared with the
 /// Python package's `self_correct`).
 pub use keel_core::correct::normalize_program as normalize;

@@ -102,6 +102,9 @@ pub struct AgentSpec {
     /// The most tool calls of one turn carried out.
     #[serde(default = "default_calls_per_turn")]
     pub max_calls_per_turn: u32,
+    /// What a correction loop that gives up does.
+    #[serde(default)]
+    pub on_unsolved: correct::Unsolved,
     /// The task's check of every program's `result` (a JSON Schema), if it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result_schema: Option<Value>,
@@ -179,6 +182,7 @@ impl AgentSpec {
             stop_on_repeat: a.stop_on_repeat,
             on_schema_drift: a.on_schema_drift,
             max_calls_per_turn: a.max_calls_per_turn,
+            on_unsolved: a.on_unsolved,
             result_schema: task.result_schema.clone(),
         })
     }
@@ -243,6 +247,12 @@ pub struct CodeFailure {
     pub first_line: String,
     /// It was a program that had failed before, not run again.
     pub resubmitted: bool,
+    /// The tool it was written for.
+    pub tool: String,
+    /// The program.
+    pub program: String,
+    /// The error's whole message.
+    pub message: String,
 }
 
 /// The prefix of the error of a program not run because it failed before.
@@ -289,6 +299,8 @@ pub struct History {
     pub failed_programs: BTreeMap<String, String>,
     /// The correction strategy of the latest finished turn, and the kind it answered.
     pub last_strategy: Option<(Strategy, String)>,
+    /// The strategies of the turns since the current chain of failed programs began.
+    pub chain_strategies: Vec<Strategy>,
     /// The input of the turn that never finished, if one did not.
     pub unfinished_input: Option<Value>,
     /// The exchange where the current chain of failed programs began.
@@ -397,6 +409,9 @@ impl History {
                 .as_str()
                 .and_then(Strategy::parse)
                 .map(|s| (s, view.input["after_kind"].as_str().unwrap_or("error").to_owned()));
+            if let Some((s, _)) = &h.last_strategy {
+                h.chain_strategies.push(*s);
+            }
             // A regenerating turn took the failed chain before it out of view.
             if h.last_strategy.as_ref().is_some_and(|(s, _)| *s == Strategy::Regenerate) {
                 h.elide_chain(view.input["hint"].as_str().unwrap_or(""));
@@ -477,6 +492,7 @@ impl History {
         match view.status.as_str() {
             "succeeded" => {
                 self.code_chain.clear();
+                self.chain_strategies.clear();
                 self.code_failed_last = false;
                 self.chain_start = None;
             }
@@ -498,6 +514,9 @@ impl History {
                     kind: correct::error_kind(basis),
                     first_line,
                     resubmitted,
+                    tool: view.target.clone(),
+                    program: program.to_owned(),
+                    message,
                 });
                 self.code_failed_last = true;
             }

@@ -19,6 +19,7 @@ fn spec(history_tokens: u64) -> AgentSpec {
         stop_on_repeat: true,
         on_schema_drift: shape::DriftPolicy::Flag,
         max_calls_per_turn: 32,
+        on_unsolved: correct::Unsolved::Fail,
         result_schema: None,
     }
 }

@@ -120,7 +120,7 @@ pub(super) async fn drive(
         } else {
             let left =
                 Duration::from_millis(u64::try_from(deadline_at_ms.saturating_sub(now_ms)).unwrap_or(0));
-            Box::pin(turn(r, run_id, &spec, &history, &gateway, &budget, left)).await?
+            Box::pin(turn(r, run_id, &snap, &spec, &history, &gateway, &budget, left)).await?
         };
         if let Pass::Stop(status) = pass {
             return Ok(status);
@@ -129,9 +129,11 @@ pub(super) async fn drive(
 }
 
 /// Asks the model for the next turn and journals its answer (or the run's end).
+#[allow(clippy::too_many_arguments)]
 async fn turn(
     r: &Runner,
     run_id: &str,
+    snap: &RunSnapshot,
     spec: &AgentSpec,
     history: &History,
     gateway: &Gateway,
@@ -143,6 +145,30 @@ async fn turn(
     // After a failed program: stop, or choose how the model corrects it.
     let mut correction = None;
     if let Some(last) = history.code_failed_last.then(|| history.code_chain.last()).flatten() {
+        // A person's answer to the ticket of a correction loop that gave up here
+        // (`on_unsolved = "escalate"`): `retry` is one more round, whatever the checks
+        // below would say.
+        let mut retried = false;
+        if let Some(ticket) = history.unfinished_turn.and_then(|i| step::latest_ticket(snap, i)) {
+            if ticket.status == "open" {
+                let ticket_id = ticket.ticket_id.clone();
+                return end_pass(r, run_id, StepEnd::Stop(RunStatus::Escalated { ticket_id })).await;
+            }
+            let by = ticket.resolved_by.as_deref().unwrap_or("a person");
+            let why = format!("{} (ticket {} answered by {by})", ticket.summary, ticket.ticket_id);
+            match ticket.resolution.as_ref().and_then(|r| r["action"].as_str()).unwrap_or("") {
+                "skip" => {
+                    let mut result = partial(history, ErrorClass::CodeError, &why);
+                    result["status"] = json!("partial");
+                    return finish(r, run_id, history.next_step, result, RunStatus::Completed).await;
+                }
+                "abort" => {
+                    return stop(r, run_id, history, history.next_step, ErrorClass::CodeError, why).await;
+                }
+                _ => retried = true,
+            }
+        }
+        let give_up = |why: String| give_up(r, run_id, spec, history, index, number, why);
         let chain = &history.code_chain;
         let real: Vec<&agent::CodeFailure> = chain.iter().filter(|f| !f.resubmitted).collect();
         let repeated = real.len() >= 2 && {
@@ -152,28 +178,31 @@ async fn turn(
         // The model resubmitting programs that already failed, twice in a row, whatever
         // it was told: it is stuck.
         let stuck = chain.len() >= 2 && chain[chain.len() - 2].resubmitted && last.resubmitted;
-        if stuck && spec.stop_on_repeat {
+        if stuck && spec.stop_on_repeat && !retried {
             let why =
                 format!("the model keeps resubmitting programs that already failed: {}", last.first_line);
-            return stop(r, run_id, history, index, ErrorClass::CodeError, why).await;
+            return give_up(why).await;
         }
-        if repeated && spec.stop_on_repeat {
+        if repeated && spec.stop_on_repeat && !retried {
             let why = format!(
                 "the same error twice in a row, the correction is not converging: {}",
                 last.first_line
             );
-            return stop(r, run_id, history, index, ErrorClass::CodeError, why).await;
+            return give_up(why).await;
         }
-        if chain.len() >= spec.code_attempts as usize {
+        if chain.len() >= spec.code_attempts as usize && !retried {
             let why = format!("{} programs failed in a row; the last: {}", chain.len(), last.first_line);
-            return stop(r, run_id, history, index, ErrorClass::CodeError, why).await;
+            return give_up(why).await;
         }
-        if recorded_strategy(history).is_none() && correct::hopeless(spec.correction, &r.gate, &last.kind) {
+        if !retried
+            && recorded_strategy(history).is_none()
+            && correct::hopeless(spec.correction, &r.gate, &last.kind)
+        {
             let why = format!(
                 "corrections of {} never succeeded here (the confidence gate refuses both strategies): {}",
                 last.kind, last.first_line
             );
-            return stop(r, run_id, history, index, ErrorClass::CodeError, why).await;
+            return give_up(why).await;
         }
         let recorded = recorded_strategy(history);
         let last_strategy = history.last_strategy.as_ref().map(|(s, _)| *s);
@@ -504,6 +533,82 @@ async fn finish(r: &Runner, run_id: &str, at: u32, result: Value, status: RunSta
     Ok(Pass::Stop(status))
 }
 
+/// What a run that stops has: its last text and latest tool outputs, and why it stopped.
+fn partial(history: &History, class: ErrorClass, why: &str) -> Value {
+    json!({
+        "status": "stopped",
+        "class": class,
+        "reason": why,
+        "turns": history.turns,
+        "last_text": history.last_text,
+        "tool_outputs": history.outputs.iter().rev().take(20).collect::<BTreeMap<_, _>>(),
+    })
+}
+
+/// The correction loop gives up on the chain of failed programs: the run fails with
+/// its partial result, or (`on_unsolved = "escalate"`) turn `number`'s step at `at`
+/// fails with `why` and a ticket on it carries the context for a person, whose answer
+/// the next drive carries out (see [`turn`]).
+async fn give_up(
+    r: &Runner,
+    run_id: &str,
+    spec: &AgentSpec,
+    history: &History,
+    at: u32,
+    number: u32,
+    why: String,
+) -> Result<Pass> {
+    let Some(last) = history.code_chain.last().filter(|_| spec.on_unsolved == correct::Unsolved::Escalate)
+    else {
+        return stop(r, run_id, history, at, ErrorClass::CodeError, why).await;
+    };
+    r.record(
+        run_id,
+        JournalEvent::StepStarted {
+            step: at,
+            name: format!("turn-{number}"),
+            target: format!("{}{}", agent::MODEL_TARGET_PREFIX, spec.model),
+            input: json!({"turn": number, "unsolved": why}),
+        },
+    )
+    .await?;
+    r.record(
+        run_id,
+        JournalEvent::StepFinished {
+            step: at,
+            outcome: StepOutcome::Failed { class: ErrorClass::CodeError, message: why.clone() },
+        },
+    )
+    .await?;
+    let strategies: Vec<&str> = history.chain_strategies.iter().map(|s| s.as_str()).collect();
+    let context = json!({
+        "input": {"task": spec.task},
+        "task": spec.task,
+        "failing_step": {"id": last.step_name, "tool": last.tool, "params": {"program": last.program}},
+        "last_program": last.program,
+        "error": {"class": ErrorClass::CodeError, "message": last.message, "attempts": history.code_chain.len()},
+        "why": why,
+        "strategies_tried": strategies,
+        "steps_done": history.outputs,
+        "suggestion": "the model could not correct its program: retry for one more correction round, \
+                       skip to finish the run with its partial result, or abort",
+        "actions": ["retry", "skip", "abort"],
+    });
+    let ticket_id = super::new_id("tkt");
+    r.record(
+        run_id,
+        JournalEvent::TicketOpened {
+            ticket_id: ticket_id.clone(),
+            step: Some(at),
+            class: ErrorClass::CodeError,
+            summary: format!("the correction of a failed program gave up: {why}"),
+            context,
+        },
+    )
+    .await?;
+    end_pass(r, run_id, StepEnd::Stop(RunStatus::Escalated { ticket_id })).await
+}
+
 /// Stops the run cleanly: the partial result kept, the reason said.
 async fn stop(
     r: &Runner,
@@ -513,14 +618,7 @@ async fn stop(
     class: ErrorClass,
     why: String,
 ) -> Result<Pass> {
-    let partial = json!({
-        "status": "stopped",
-        "class": class,
-        "reason": why,
-        "turns": history.turns,
-        "last_text": history.last_text,
-        "tool_outputs": history.outputs.iter().rev().take(20).collect::<BTreeMap<_, _>>(),
-    });
+    let partial = partial(history, class, &why);
     let status = if class == ErrorClass::DeadlineExceeded {
         RunStatus::TimedOut
     } else {

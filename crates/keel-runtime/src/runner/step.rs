@@ -93,7 +93,7 @@ pub(super) fn wall_ms(t: SystemTime) -> i64 {
 }
 
 /// The latest ticket about step `index`.
-fn latest_ticket(snap: &RunSnapshot, index: u32) -> Option<&TicketView> {
+pub(super) fn latest_ticket(snap: &RunSnapshot, index: u32) -> Option<&TicketView> {
     snap.tickets.iter().filter(|t| t.step == Some(index)).max_by_key(|t| t.opened_at_ms)
 }
 

@@ -421,6 +421,87 @@ async fn the_same_error_twice_in_a_row_stops_the_run_with_its_partial_result() {
     assert_eq!(snap.steps.last().unwrap().output.as_ref().unwrap()["status"], "stopped");
 }
 
+/// `on_unsolved = "escalate"`: a correction loop that gives up opens a ticket with the
+/// context instead of failing the run; `retry` is one more correction round, `skip`
+/// finishes with the partial result, `abort` ends the run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_correction_that_gives_up_escalates_and_the_persons_answer_is_carried_out() {
+    use keel_runtime::inbox::{Guidance, resolve};
+    for action in ["retry", "skip", "abort"] {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("runs.log");
+        let model = ScriptedModel::script(vec![
+            program("result = y + 1"),
+            program("z = 1\nresult = y + z"),
+            program("y = 1\nresult = y + 1"),
+            Reply::text("2"),
+        ])
+        .await;
+        let config = format!("{}{}[agent]\non_unsolved = \"escalate\"\n", model.config("m"), code_tool(&log));
+        let r = runner(dir.path(), &config).await;
+        let run = r.create_agent(&task("add one to y"), None).await.unwrap();
+        let status = r.drive(&run).await.unwrap();
+        let RunStatus::Escalated { ticket_id } = &status else { panic!("{action}: {status:?}") };
+        assert_eq!(model.calls(), 2, "the same error twice: no third program asked for yet");
+        let snap = r.snapshot(&run).await.unwrap();
+        assert_eq!(snap.run.state, keel_journal::RunState::Escalated);
+        let ticket = snap.tickets.iter().find(|t| &t.ticket_id == ticket_id).unwrap();
+        assert_eq!(ticket.class, "code_error");
+        assert!(ticket.summary.contains("same error twice"), "{}", ticket.summary);
+        let c = &ticket.context;
+        assert_eq!(c["task"], "add one to y");
+        assert_eq!(c["last_program"], "z = 1\nresult = y + z");
+        assert!(
+            c["error"]["message"].as_str().unwrap().contains("NameError: name 'y' is not defined"),
+            "{c}"
+        );
+        assert_eq!(c["strategies_tried"], json!(["repair"]), "{c}");
+        assert_eq!(c["actions"], json!(["retry", "skip", "abort"]));
+        // Waiting: a drive changes nothing while the ticket is open.
+        assert!(matches!(r.drive(&run).await.unwrap(), RunStatus::Escalated { .. }));
+        assert_eq!(model.calls(), 2);
+        let guidance = match action {
+            "retry" => Guidance::Retry { params: None },
+            "skip" => Guidance::Skip,
+            _ => Guidance::Abort,
+        };
+        resolve(&**r.journal(), ticket_id, &guidance, "alice").await.unwrap();
+        let status = r.drive(&run).await.unwrap();
+        let snap = r.snapshot(&run).await.unwrap();
+        let result = snap.steps.iter().find(|s| s.name == "result").and_then(|s| s.output.clone());
+        match action {
+            "retry" => {
+                assert_eq!(status, RunStatus::Completed, "one more round fixed it");
+                assert_eq!(model.calls(), 4);
+                assert_eq!(calls_in(&log), 3);
+                assert_eq!(result.unwrap()["answer"], "2");
+                let t3 = turn_input(&snap, 3);
+                assert!(t3["strategy"].is_string(), "the extra turn is a correction round: {t3}");
+            }
+            "skip" => {
+                assert_eq!(status, RunStatus::Completed);
+                assert_eq!(model.calls(), 2, "nothing more asked");
+                let result = result.unwrap();
+                assert_eq!(result["status"], "partial", "{result}");
+                assert!(result["reason"].as_str().unwrap().contains("alice"), "{result}");
+            }
+            _ => {
+                assert_eq!(status, RunStatus::Cancelled, "abort ends the run, as every ticket's abort does");
+                assert_eq!(model.calls(), 2);
+            }
+        }
+    }
+    // The default: the run fails with its partial result, no ticket.
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("runs.log");
+    let model =
+        ScriptedModel::script(vec![program("result = y + 1"), program("z = 1\nresult = y + z")]).await;
+    let r = runner(dir.path(), &format!("{}{}", model.config("m"), code_tool(&log))).await;
+    let run = r.create_agent(&task("add one to y"), None).await.unwrap();
+    assert!(matches!(r.drive(&run).await.unwrap(), RunStatus::Failed { class: ErrorClass::CodeError, .. }));
+    assert!(r.snapshot(&run).await.unwrap().tickets.is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gate_learns_which_strategy_fixes_which_error_kind_and_keeps_it() {
     let dir = tempfile::tempdir().unwrap();
