@@ -381,11 +381,9 @@ impl History {
                 *h.signatures.entry(sig).or_default() += 1;
                 if view.status == "succeeded" {
                     let output = view.output.clone().unwrap_or(Value::Null);
-                    *h.shapes
-                        .entry(tool.clone())
-                        .or_default()
-                        .entry(shape::fingerprint(&output))
-                        .or_default() += 1;
+                    // The hash journaled beside the answer; recomputed for older journals.
+                    let fp = view.shape.clone().unwrap_or_else(|| shape::fingerprint(&output));
+                    *h.shapes.entry(tool.clone()).or_default().entry(fp).or_default() += 1;
                     h.outputs.insert(view.name.clone(), output);
                 }
                 if let Some(program) = program_of(&view.input) {

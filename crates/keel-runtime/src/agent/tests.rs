@@ -36,6 +36,7 @@ fn step(step: u32, name: &str, target: &str, status: &str, input: Value, output:
         message: (status == "failed").then(|| "boom".into()),
         started_at_ms: i64::from(step),
         finished_at_ms: (status != "running").then_some(i64::from(step) + 1),
+        shape: None,
     }
 }
 

@@ -286,7 +286,10 @@ async fn turn(
             });
             r.record(
                 run_id,
-                JournalEvent::StepFinished { step: index, outcome: StepOutcome::Succeeded { output } },
+                JournalEvent::StepFinished {
+                    step: index,
+                    outcome: StepOutcome::Succeeded { output, shape: None },
+                },
             )
             .await?;
             Ok(Pass::Next)
@@ -462,6 +465,7 @@ async fn call_tool(c: CallCtx<'_>, call: &PendingCall) -> Result<(u32, Pass)> {
         budget: c.budget,
         failures: c.failures,
         check_output: Some(&check),
+        journal_shape: true,
     };
     // The repeat guard: this call would be the `max_repeats`-th identical one. A
     // person who answered the ticket with `retry` lets it run.
@@ -525,7 +529,10 @@ async fn finish(r: &Runner, run_id: &str, at: u32, result: Value, status: RunSta
     .await?;
     r.record(
         run_id,
-        JournalEvent::StepFinished { step: at, outcome: StepOutcome::Succeeded { output: result } },
+        JournalEvent::StepFinished {
+            step: at,
+            outcome: StepOutcome::Succeeded { output: result, shape: None },
+        },
     )
     .await?;
     let (state, reason) = state_of(&status);

@@ -788,6 +788,7 @@ impl Runner {
                 budget: &budget,
                 failures: &failures,
                 check_output: None,
+                journal_shape: false,
             };
             // Boxed: a step's future (pipeline, tool transport, spans) is large for a 2 MiB stack.
             match Box::pin(step::run_step(ctx)).await? {
@@ -969,7 +970,7 @@ impl Runner {
                 }
             };
             let finished = match &outcome {
-                Ok(v) => StepOutcome::Succeeded { output: v.clone() },
+                Ok(v) => StepOutcome::Succeeded { output: v.clone(), shape: None },
                 Err((class, message)) => StepOutcome::Failed { class: *class, message: message.clone() },
             };
             self.record(run_id, JournalEvent::StepFinished { step: index, outcome: finished }).await?;

@@ -38,6 +38,9 @@ pub(super) struct StepCtx<'a> {
     pub(super) failures: &'a Arc<Mutex<HashMap<ErrorClass, u32>>>,
     /// A check of the tool's answer before it is fed forward (an agent's shape check).
     pub(super) check_output: Option<&'a (dyn Fn(&Value) -> OutputVerdict + Sync)>,
+    /// Journal the structure hash of the step's output beside it (an agent's call: its
+    /// replay reads the usual shapes from the journal instead of recomputing them).
+    pub(super) journal_shape: bool,
 }
 
 /// What a step's output check says.
@@ -590,7 +593,10 @@ async fn resume_point(ctx: &StepCtx<'_>, now_ms: i64) -> Result<Resume> {
 async fn finish_ok(ctx: &StepCtx<'_>, output: Value) -> Result<StepEnd> {
     ctx.record(JournalEvent::StepFinished {
         step: ctx.index as u32,
-        outcome: StepOutcome::Succeeded { output: output.clone() },
+        outcome: StepOutcome::Succeeded {
+            output: output.clone(),
+            shape: ctx.journal_shape.then(|| crate::agent::shape::fingerprint(&output)),
+        },
     })
     .await?;
     Ok(StepEnd::Done(output))

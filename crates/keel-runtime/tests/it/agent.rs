@@ -590,6 +590,90 @@ async fn an_answer_in_an_unusual_shape_is_flagged_and_can_be_sent_back_for_corre
     }
 }
 
+/// Each tool answer's structure hash is journaled beside it, and a run driven later
+/// (another process) reads the usual shapes from those hashes, not from recomputing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shape_hash_is_journaled_with_each_answer_and_a_resumed_run_uses_it() {
+    use keel_journal::{NewEvent, StepOutcome};
+    use keel_runtime::agent::shape::fingerprint;
+    // In the journal: every call's answer carries its hash; turns and the result do not.
+    let dir = tempfile::tempdir().unwrap();
+    let model =
+        ScriptedModel::script(vec![Reply::call("orders", json!({"id": 1})), Reply::text("done")]).await;
+    let r = runner(dir.path(), &format!("{}{}", model.config("m"), orders_tool())).await;
+    let run = r.create_agent(&task("order 1"), None).await.unwrap();
+    assert_eq!(r.drive(&run).await.unwrap(), RunStatus::Completed);
+    let snap = r.snapshot(&run).await.unwrap();
+    let call = snap.steps.iter().find(|s| s.name == "turn-1.call-1").unwrap();
+    assert_eq!(call.shape.as_deref(), Some(fingerprint(call.output.as_ref().unwrap()).as_str()));
+    assert!(snap.steps.iter().filter(|s| s.name != "turn-1.call-1").all(|s| s.shape.is_none()));
+    let events = r.journal().events(&run, 0, 1000).await.unwrap();
+    let journaled = events.iter().find_map(|e| match &e.event {
+        JournalEvent::StepFinished { step, outcome: StepOutcome::Succeeded { shape: Some(h), .. } }
+            if *step == call.step =>
+        {
+            Some(h.clone())
+        }
+        _ => None,
+    });
+    assert_eq!(journaled, call.shape, "the hash is in the step's finished record");
+
+    // Resumed: three answers journaled (by an earlier process) as lists, under the hash
+    // of the flat shape. The fourth, flat, answer is usual by the journaled hashes —
+    // recomputed from the outputs it would be drift, and be sent back for correction.
+    let dir = tempfile::tempdir().unwrap();
+    let model =
+        ScriptedModel::script(vec![Reply::call("orders", json!({"id": 4})), Reply::text("done")]).await;
+    let config = format!("{}{}[agent]\non_schema_drift = \"correct\"\n", model.config("m"), orders_tool());
+    let r = runner(dir.path(), &config).await;
+    let run = r.create_agent(&task("orders 1 to 4"), None).await.unwrap();
+    let flat = fingerprint(
+        &json!({"json": {"id": 4, "total": 5}, "stdout": "", "stderr": "", "exit_code": 0, "truncated": false}),
+    );
+    let mut events = Vec::new();
+    for n in 1..=3u32 {
+        let (turn, call) = (2 * (n - 1), 2 * (n - 1) + 1);
+        let message = json!({"role": "assistant", "content": null, "tool_calls": [{"id": format!("c{n}"),
+            "type": "function", "function": {"name": "orders", "arguments": json!({"id": n}).to_string()}}]});
+        let output = json!({"message": message, "charged": {"tokens": 10, "cost_micros": 0, "attempts": 1}});
+        let answer = json!({"json": [{"id": n, "total": 5}], "stdout": "", "stderr": "", "exit_code": 0, "truncated": false});
+        assert_ne!(fingerprint(&answer), flat);
+        for event in [
+            JournalEvent::StepStarted {
+                step: turn,
+                name: format!("turn-{n}"),
+                target: "model:m".into(),
+                input: json!({"turn": n}),
+            },
+            JournalEvent::StepFinished {
+                step: turn,
+                outcome: StepOutcome::Succeeded { output, shape: None },
+            },
+            JournalEvent::StepStarted {
+                step: call,
+                name: format!("turn-{n}.call-1"),
+                target: "orders".into(),
+                input: json!({"id": n}),
+            },
+            JournalEvent::StepFinished {
+                step: call,
+                outcome: StepOutcome::Succeeded { output: answer, shape: Some(flat.clone()) },
+            },
+        ] {
+            events.push(NewEvent::new(&run, event));
+        }
+    }
+    r.journal().append(&events).await.unwrap();
+    let r2 = runner(dir.path(), &config).await;
+    assert_eq!(r2.drive(&run).await.unwrap(), RunStatus::Completed);
+    assert_eq!(model.calls(), 2, "the journaled turns were not asked again");
+    let snap = r2.snapshot(&run).await.unwrap();
+    let fourth = snap.steps.iter().find(|s| s.name == "turn-4.call-1").unwrap();
+    assert_eq!(fourth.status, "succeeded", "usual by the journaled hashes: {fourth:?}");
+    assert_eq!(fourth.shape.as_deref(), Some(flat.as_str()));
+    assert!(drift_events(&r2, &run).await.is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gate_stops_an_error_kind_whose_corrections_never_succeed() {
     use keel_runtime::agent::correct::{Strategy, gate_target};
