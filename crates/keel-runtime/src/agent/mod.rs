@@ -301,6 +301,10 @@ pub struct History {
     pub last_strategy: Option<(Strategy, String)>,
     /// The strategies of the turns since the current chain of failed programs began.
     pub chain_strategies: Vec<Strategy>,
+    /// The tokens the latest finished turn was charged.
+    pub last_turn_tokens: u64,
+    /// The programs that ended (ran or were refused) since the latest finished turn.
+    pub programs_since_turn: u32,
     /// The input of the turn that never finished, if one did not.
     pub unfinished_input: Option<Value>,
     /// The exchange where the current chain of failed programs began.
@@ -416,6 +420,8 @@ impl History {
             }
             let out = view.output.clone().unwrap_or(Value::Null);
             let charged = &out["charged"];
+            h.last_turn_tokens = charged["tokens"].as_u64().unwrap_or(0);
+            h.programs_since_turn = 0;
             h.charged.0 = h.charged.0.saturating_add(charged["tokens"].as_u64().unwrap_or(0));
             h.charged.1 = h.charged.1.saturating_add(charged["cost_micros"].as_u64().unwrap_or(0));
             h.charged.2 = h.charged.2.saturating_add(charged["attempts"].as_u64().unwrap_or(0));
@@ -487,6 +493,9 @@ impl History {
 
     /// Notes a code call's step (its outcome in the chain of failed programs).
     fn code_step(&mut self, view: &StepView, program: &str) {
+        if view.status == "succeeded" || view.status == "failed" {
+            self.programs_since_turn += 1;
+        }
         match view.status.as_str() {
             "succeeded" => {
                 self.code_chain.clear();

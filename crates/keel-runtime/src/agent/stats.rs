@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use keel_journal::{Journal, RunSnapshot};
+use keel_journal::{Journal, RunPage, RunSnapshot};
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -53,6 +53,26 @@ pub async fn scan(journal: &dyn Journal) -> keel_journal::Result<(Vec<Value>, Co
         scan_run(&snap, &mut pairs, &mut stats);
     }
     Ok((pairs, stats))
+}
+
+/// [`scan`]'s record over the latest `limit` runs by activity only (one indexed page of
+/// at most [`RunPage::MAX`]): the history a process weighs correction strategies' token
+/// costs by, read without going through the whole journal.
+///
+/// # Errors
+/// The journal's.
+pub async fn scan_recent(journal: &dyn Journal, limit: u32) -> keel_journal::Result<CorrectionStats> {
+    let page = RunPage { state: None, before: None, limit: limit.clamp(1, RunPage::MAX) };
+    let mut pairs = Vec::new();
+    let mut stats = CorrectionStats::default();
+    for run in journal.list_runs(&page).await? {
+        if run.input.get("agent").is_none() {
+            continue;
+        }
+        let Some(snap) = journal.snapshot(&run.run_id).await? else { continue };
+        scan_run(&snap, &mut pairs, &mut stats);
+    }
+    Ok(stats)
 }
 
 fn scan_run(snap: &RunSnapshot, pairs: &mut Vec<Value>, stats: &mut CorrectionStats) {

@@ -206,9 +206,13 @@ async fn turn(
         }
         let recorded = recorded_strategy(history);
         let last_strategy = history.last_strategy.as_ref().map(|(s, _)| *s);
-        let strategy = recorded.unwrap_or_else(|| {
-            correct::choose(spec.correction, &r.gate, &last.kind, last_strategy, last.resubmitted)
-        });
+        let strategy = match recorded {
+            Some(s) => s,
+            None => {
+                let costs = r.correction_costs().await?;
+                correct::choose(spec.correction, &r.gate, costs, &last.kind, last_strategy, last.resubmitted)
+            }
+        };
         correction = Some((strategy, last));
     }
     let mut input = json!({"turn": number});
@@ -334,6 +338,10 @@ impl CallCtx<'_> {
     /// worked: the gate learns which strategy pays off after which error kind.
     fn learn(&self, worked: bool) {
         if let Some((strategy, kind)) = &self.history.last_strategy {
+            // What the turn cost, once per turn (as the journal's reader counts it).
+            if self.history.programs_since_turn == 0 {
+                self.r.costs.add(*strategy, kind, self.history.last_turn_tokens);
+            }
             self.r.gate.record(&correct::gate_target(*strategy, kind), ErrorClass::CodeError, 2, worked);
             // Pooled over kinds too: a kind seen for the first time starts from it.
             self.r.gate.record(

@@ -527,10 +527,27 @@ async fn the_gate_learns_which_strategy_fixes_which_error_kind_and_keeps_it() {
     assert!(repair.failures >= 1 && repair.successes == 0, "{repair:?}");
     assert!(regenerate.successes >= 1, "{regenerate:?}");
     // The prior says repair for a NameError; what happened here says regenerate.
-    assert_eq!(choose(CorrectionMode::Adaptive, r.gate(), "NameError", None, false), Strategy::Regenerate);
-    // Persisted with the gate: a new process starts from it.
+    let costs = r.correction_costs().await.unwrap();
+    assert!(costs.mean(Strategy::Repair, "NameError").is_some(), "the turns' tokens were counted");
+    assert_eq!(
+        choose(CorrectionMode::Adaptive, r.gate(), costs, "NameError", None, false),
+        Strategy::Regenerate
+    );
+    // Persisted with the gate, and the tokens read from the journal: a new process
+    // starts from both.
     let r2 = runner(dir.path(), &config).await;
-    assert_eq!(choose(CorrectionMode::Adaptive, r2.gate(), "NameError", None, false), Strategy::Regenerate);
+    let costs2 = r2.correction_costs().await.unwrap();
+    for s in [Strategy::Repair, Strategy::Regenerate] {
+        assert_eq!(
+            costs2.mean(s, "NameError"),
+            costs.mean(s, "NameError"),
+            "{s:?}: the journal says the same"
+        );
+    }
+    assert_eq!(
+        choose(CorrectionMode::Adaptive, r2.gate(), costs2, "NameError", None, false),
+        Strategy::Regenerate
+    );
 }
 
 /// A tool that answers a list of orders for ids 1–3 and, for id 4, one flat order.
