@@ -45,6 +45,10 @@ pub enum Command {
         /// The tools offered, comma-separated (default: `[agent] tools`, else all).
         #[arg(long, value_delimiter = ',')]
         tools: Option<Vec<String>>,
+        /// The task's check: a JSON Schema file every program's `result` must match (a
+        /// result that does not is a `code_error` the model corrects).
+        #[arg(long, value_name = "FILE.json")]
+        result_schema: Option<std::path::PathBuf>,
         /// Block while a call waits for an approval decided elsewhere.
         #[arg(long)]
         wait: bool,

@@ -192,8 +192,19 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
             flush_traces(traces).await;
             code
         }
-        Command::Agent { task, model, max_turns, tools, wait } => {
+        Command::Agent { task, model, max_turns, tools, result_schema, wait } => {
             let config = Config::load(&cli.config)?;
+            let result_schema = match result_schema {
+                Some(path) => {
+                    let text = std::fs::read_to_string(path)
+                        .map_err(|e| UsageError(format!("--result-schema {}: {e}", path.display())))?;
+                    let schema: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+                        UsageError(format!("--result-schema {}: not JSON: {e}", path.display()))
+                    })?;
+                    Some(schema)
+                }
+                None => None,
+            };
             let traces = init_tracing(None, &config.telemetry)?;
             let ctx = open_tools(&cli).await?;
             let runner = ctx.runner().await?;
@@ -203,6 +214,7 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
                 max_turns: *max_turns,
                 tools: tools.clone(),
                 system: None,
+                result_schema,
             };
             let run_id = runner.create_agent(&task, None).await.map_err(|e| UsageError(e.to_string()))?;
             if !ctx.json {

@@ -113,12 +113,12 @@ impl Observer for Live {
                 let name = s.names.get(step).cloned().unwrap_or_else(|| format!("step {step}"));
                 let text = match outcome {
                     // An agent's turn: what the model decided, and what it cost.
-                    StepOutcome::Succeeded { output }
+                    StepOutcome::Succeeded { output, .. }
                         if output.get("message").is_some() && output.get("charged").is_some() =>
                     {
                         format!("✓ {name}: {}", turn_summary(output))
                     }
-                    StepOutcome::Succeeded { output }
+                    StepOutcome::Succeeded { output, .. }
                         if name == "result" && output.get("status").is_some() =>
                     {
                         format!("✓ {name}: {}", output["status"].as_str().unwrap_or(""))

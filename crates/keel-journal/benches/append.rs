@@ -45,7 +45,7 @@ fn step_event(i: u64) -> JournalEvent {
         },
         _ => JournalEvent::StepFinished {
             step,
-            outcome: StepOutcome::Succeeded { output: json!({"hits": 3}) },
+            outcome: StepOutcome::Succeeded { output: json!({"hits": 3}), shape: None },
         },
     }
 }

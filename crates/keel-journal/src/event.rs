@@ -85,6 +85,10 @@ pub enum StepOutcome {
     Succeeded {
         /// The step's result.
         output: Value,
+        /// The structure hash (keys and types, not values) of `output`, journaled beside
+        /// it by agent runs; absent in older journals and for other steps.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        shape: Option<String>,
     },
     /// The step failed.
     Failed {
@@ -391,5 +395,28 @@ mod tests {
         };
         let back: JournalEvent = serde_json::from_str(&serde_json::to_string(&new).unwrap()).unwrap();
         assert_eq!(back, new);
+    }
+
+    #[test]
+    fn a_step_finished_before_shapes_were_recorded_still_reads() {
+        let old = r#"{"type":"step_finished","step":1,"outcome":{"status":"succeeded","output":[1]}}"#;
+        let JournalEvent::StepFinished { outcome: StepOutcome::Succeeded { output, shape }, .. } =
+            serde_json::from_str(old).unwrap()
+        else {
+            panic!("not a succeeded step_finished")
+        };
+        assert_eq!((output, shape), (serde_json::json!([1]), None));
+        let plain = JournalEvent::StepFinished {
+            step: 1,
+            outcome: StepOutcome::Succeeded { output: serde_json::json!([1]), shape: None },
+        };
+        assert_eq!(serde_json::to_string(&plain).unwrap(), old, "no shape: the record as before");
+        let new = JournalEvent::StepFinished {
+            step: 1,
+            outcome: StepOutcome::Succeeded { output: serde_json::json!([1]), shape: Some("0f1e".into()) },
+        };
+        let text = serde_json::to_string(&new).unwrap();
+        assert!(text.contains(r#""shape":"0f1e""#), "{text}");
+        assert_eq!(serde_json::from_str::<JournalEvent>(&text).unwrap(), new);
     }
 }

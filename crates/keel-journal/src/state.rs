@@ -54,6 +54,10 @@ pub struct StepView {
     pub started_at_ms: i64,
     /// When it finished.
     pub finished_at_ms: Option<i64>,
+    /// The structure hash of its output, when one was journaled beside it (agent runs'
+    /// tool steps; `None` for other steps and in older journals).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shape: Option<String>,
 }
 
 /// An attempt, as the `attempts` projection holds it.

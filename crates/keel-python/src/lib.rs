@@ -745,9 +745,10 @@ impl Journal {
         let args: serde_json::Value = serde_json::from_str(args_json).map_err(|e| bad("the arguments", e))?;
         let policy: Vec<Event> = serde_json::from_str(events_json).map_err(|e| bad("the events", e))?;
         let outcome = match output_json {
-            Some(o) => {
-                StepOutcome::Succeeded { output: serde_json::from_str(o).map_err(|e| bad("the output", e))? }
-            }
+            Some(o) => StepOutcome::Succeeded {
+                output: serde_json::from_str(o).map_err(|e| bad("the output", e))?,
+                shape: None,
+            },
             None => StepOutcome::Failed {
                 class: error_class
                     .and_then(|c| ErrorClass::from_str(c).ok())

@@ -89,7 +89,7 @@ fn run_events(i: u64) -> Vec<NewEvent> {
     } else {
         e.push(JournalEvent::StepFinished {
             step: 0,
-            outcome: StepOutcome::Succeeded { output: json!({"ok": true}) },
+            outcome: StepOutcome::Succeeded { output: json!({"ok": true}), shape: None },
         });
         e.push(JournalEvent::RunStateChanged { state: RunState::Completed, reason: None });
     }

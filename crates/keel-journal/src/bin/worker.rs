@@ -68,7 +68,10 @@ fn step_events(step: u32) -> [JournalEvent; 4] {
                 latency: Duration::from_millis(3),
             },
         },
-        JournalEvent::StepFinished { step, outcome: StepOutcome::Succeeded { output: json!(step * 2) } },
+        JournalEvent::StepFinished {
+            step,
+            outcome: StepOutcome::Succeeded { output: json!(step * 2), shape: None },
+        },
     ]
 }
 
@@ -187,7 +190,10 @@ async fn work(args: &[String]) -> Res<ExitCode> {
         journal
             .append_fenced(
                 &lease,
-                &[JournalEvent::StepFinished { step, outcome: StepOutcome::Succeeded { output } }],
+                &[JournalEvent::StepFinished {
+                    step,
+                    outcome: StepOutcome::Succeeded { output, shape: None },
+                }],
             )
             .await?;
         println!("finished {step}");

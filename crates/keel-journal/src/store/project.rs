@@ -135,7 +135,7 @@ macro_rules! projection_ops {
                         });
                     }
                     (JournalEvent::StepStarted { step, name, target, input }, Some(outcome)) => {
-                        let (status, output, class, message) = step_outcome(outcome)?;
+                        let (status, output, class, message, shape) = step_outcome(outcome)?;
                         sqlx::query(sql::STEP_ROW)
                             .bind(&e.run_id)
                             .bind(i64::from(*step))
@@ -147,6 +147,7 @@ macro_rules! projection_ops {
                             .bind(class)
                             .bind(message)
                             .bind(now)
+                            .bind(shape)
                             .execute(&mut *conn)
                             .await?;
                     }
@@ -217,13 +218,19 @@ macro_rules! projection_ops {
             }
         }
 
-        type StepColumns<'a> = (&'static str, Option<String>, Option<&'static str>, Option<&'a str>);
+        /// Status, output, error class, message and the output's shape hash.
+        type StepColumns<'a> =
+            (&'static str, Option<String>, Option<&'static str>, Option<&'a str>, Option<&'a str>);
 
         fn step_outcome(outcome: &StepOutcome) -> Result<StepColumns<'_>> {
             Ok(match outcome {
-                StepOutcome::Succeeded { output } => ("succeeded", Some(json(output)?), None, None),
-                StepOutcome::Failed { class, message } => ("failed", None, Some(class.as_str()), Some(message.as_str())),
-                StepOutcome::Skipped { reason } => ("skipped", None, None, Some(reason.as_str())),
+                StepOutcome::Succeeded { output, shape } => {
+                    ("succeeded", Some(json(output)?), None, None, shape.as_deref())
+                }
+                StepOutcome::Failed { class, message } => {
+                    ("failed", None, Some(class.as_str()), Some(message.as_str()), None)
+                }
+                StepOutcome::Skipped { reason } => ("skipped", None, None, Some(reason.as_str()), None),
             })
         }
 
@@ -278,7 +285,7 @@ macro_rules! projection_ops {
                         .await?;
                 }
                 JournalEvent::StepFinished { step, outcome } => {
-                    let (status, output, class, message) = step_outcome(outcome)?;
+                    let (status, output, class, message, shape) = step_outcome(outcome)?;
                     sqlx::query(sql::STEP_FINISHED)
                         .bind(run_id)
                         .bind(i64::from(*step))
@@ -287,6 +294,7 @@ macro_rules! projection_ops {
                         .bind(class)
                         .bind(message)
                         .bind(at)
+                        .bind(shape)
                         .execute(&mut *conn)
                         .await?;
                 }
@@ -493,6 +501,7 @@ macro_rules! projection_ops {
                 message: s.try_get("message")?,
                 started_at_ms: s.try_get("started_at")?,
                 finished_at_ms: s.try_get("finished_at")?,
+                shape: s.try_get("shape")?,
             })
         }
 

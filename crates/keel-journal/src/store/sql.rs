@@ -37,22 +37,23 @@ pub(crate) const STEP_STARTED: &str = "\
 INSERT INTO steps (run_id, step, name, target, status, input, output, error_class, message, started_at, finished_at) \
 VALUES ($1, $2, $3, $4, 'running', $5, NULL, NULL, NULL, $6, NULL) \
 ON CONFLICT (run_id, step) DO UPDATE SET name = excluded.name, target = excluded.target, status = 'running', \
-input = excluded.input, output = NULL, error_class = NULL, message = NULL, started_at = excluded.started_at, \
-finished_at = NULL";
+input = excluded.input, output = NULL, error_class = NULL, message = NULL, shape = NULL, \
+started_at = excluded.started_at, finished_at = NULL";
 
 pub(crate) const STEP_FINISHED: &str = "\
-INSERT INTO steps (run_id, step, name, target, status, input, output, error_class, message, started_at, finished_at) \
-VALUES ($1, $2, '', '', $3, 'null', $4, $5, $6, $7, $7) \
+INSERT INTO steps (run_id, step, name, target, status, input, output, error_class, message, started_at, finished_at, shape) \
+VALUES ($1, $2, '', '', $3, 'null', $4, $5, $6, $7, $7, $8) \
 ON CONFLICT (run_id, step) DO UPDATE SET status = excluded.status, output = excluded.output, \
-error_class = excluded.error_class, message = excluded.message, finished_at = excluded.finished_at";
+error_class = excluded.error_class, message = excluded.message, finished_at = excluded.finished_at, \
+shape = excluded.shape";
 
 /// A step that started and finished within one batch, written once.
 pub(crate) const STEP_ROW: &str = "\
-INSERT INTO steps (run_id, step, name, target, status, input, output, error_class, message, started_at, finished_at) \
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10) \
+INSERT INTO steps (run_id, step, name, target, status, input, output, error_class, message, started_at, finished_at, shape) \
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11) \
 ON CONFLICT (run_id, step) DO UPDATE SET name = excluded.name, target = excluded.target, status = excluded.status, \
 input = excluded.input, output = excluded.output, error_class = excluded.error_class, message = excluded.message, \
-started_at = excluded.started_at, finished_at = excluded.finished_at";
+started_at = excluded.started_at, finished_at = excluded.finished_at, shape = excluded.shape";
 
 /// Closes an attempt that never ended (its process died) as `abandoned`.
 pub(crate) const ATTEMPT_ABANDONED: &str = "\

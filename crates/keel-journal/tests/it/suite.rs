@@ -156,7 +156,7 @@ async fn projections_follow_events_and_rebuild_to_the_same_state(s: Store) {
             run,
             JournalEvent::StepFinished {
                 step: 1,
-                outcome: StepOutcome::Succeeded { output: json!(["hit"]) },
+                outcome: StepOutcome::Succeeded { output: json!(["hit"]), shape: Some("a1b2".into()) },
             },
         ),
         ev(
@@ -258,7 +258,9 @@ async fn projections_follow_events_and_rebuild_to_the_same_state(s: Store) {
         (snap.steps[0].status.as_str(), snap.steps[0].output.clone()),
         ("succeeded", Some(json!(["hit"])))
     );
+    assert_eq!(snap.steps[0].shape.as_deref(), Some("a1b2"), "the hash journaled beside the output");
     assert_eq!(snap.steps[1].status, "failed");
+    assert_eq!(snap.steps[1].shape, None);
     assert_eq!(snap.steps[1].error_class.as_deref(), Some("code_error"));
     let outcomes: Vec<_> = snap.attempts.iter().map(|a| (a.step, a.attempt, a.outcome.clone())).collect();
     assert_eq!(

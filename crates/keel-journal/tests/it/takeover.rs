@@ -73,11 +73,10 @@ async fn postgres_lease_takeover_after_owner_is_killed() {
         let outputs: Vec<&serde_json::Value> = events
             .iter()
             .filter_map(|e| match &e.event {
-                JournalEvent::StepFinished { step: s, outcome: StepOutcome::Succeeded { output } }
-                    if *s == step =>
-                {
-                    Some(output)
-                }
+                JournalEvent::StepFinished {
+                    step: s,
+                    outcome: StepOutcome::Succeeded { output, shape: None },
+                } if *s == step => Some(output),
                 _ => None,
             })
             .collect();

@@ -62,6 +62,11 @@ pub struct AgentTask {
     /// The system prompt.
     #[serde(default)]
     pub system: Option<String>,
+    /// The task's own check: a JSON Schema the `result` of every program the model
+    /// writes must match (besides its tool's `result_schema`); a program whose result
+    /// does not is a `code_error`, corrected like any other.
+    #[serde(default)]
+    pub result_schema: Option<Value>,
 }
 
 /// An agent run as recorded in its first event: every value resolved, so a resume
@@ -97,6 +102,12 @@ pub struct AgentSpec {
     /// The most tool calls of one turn carried out.
     #[serde(default = "default_calls_per_turn")]
     pub max_calls_per_turn: u32,
+    /// What a correction loop that gives up does.
+    #[serde(default)]
+    pub on_unsolved: correct::Unsolved,
+    /// The task's check of every program's `result` (a JSON Schema), if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result_schema: Option<Value>,
 }
 
 fn default_calls_per_turn() -> u32 {
@@ -154,6 +165,10 @@ impl AgentSpec {
         if let Some(unknown) = tools.iter().find(|t| !config.tools.contains_key(*t)) {
             return Err(format!("no tool named `{unknown}`"));
         }
+        if let Some(schema) = &task.result_schema {
+            crate::tool::code::compile_result_schema(schema)
+                .map_err(|e| format!("the result_schema is {e}"))?;
+        }
         Ok(AgentSpec {
             task: task.task.clone(),
             model,
@@ -167,6 +182,8 @@ impl AgentSpec {
             stop_on_repeat: a.stop_on_repeat,
             on_schema_drift: a.on_schema_drift,
             max_calls_per_turn: a.max_calls_per_turn,
+            on_unsolved: a.on_unsolved,
+            result_schema: task.result_schema.clone(),
         })
     }
 
@@ -230,6 +247,12 @@ pub struct CodeFailure {
     pub first_line: String,
     /// It was a program that had failed before, not run again.
     pub resubmitted: bool,
+    /// The tool it was written for.
+    pub tool: String,
+    /// The program.
+    pub program: String,
+    /// The error's whole message.
+    pub message: String,
 }
 
 /// The prefix of the error of a program not run because it failed before.
@@ -238,6 +261,12 @@ pub const RESUBMITTED: &str = "the program is identical to one that already fail
 /// The `program` of a code call's arguments, if it is one.
 pub fn program_of(args: &Value) -> Option<&str> {
     args.get("program").and_then(Value::as_str)
+}
+
+/// The `result` in a code call's answer: the code tool's `result`, or a command tool's
+/// JSON answer's (`json.result`); `None` when the answer holds none.
+pub fn program_result(output: &Value) -> Option<&Value> {
+    output.get("result").or_else(|| output.pointer("/json/result"))
 }
 
 /// The conversation of an agent run, rebuilt from its journal.
@@ -270,6 +299,12 @@ pub struct History {
     pub failed_programs: BTreeMap<String, String>,
     /// The correction strategy of the latest finished turn, and the kind it answered.
     pub last_strategy: Option<(Strategy, String)>,
+    /// The strategies of the turns since the current chain of failed programs began.
+    pub chain_strategies: Vec<Strategy>,
+    /// The tokens the latest finished turn was charged.
+    pub last_turn_tokens: u64,
+    /// The programs that ended (ran or were refused) since the latest finished turn.
+    pub programs_since_turn: u32,
     /// The input of the turn that never finished, if one did not.
     pub unfinished_input: Option<Value>,
     /// The exchange where the current chain of failed programs began.
@@ -350,11 +385,9 @@ impl History {
                 *h.signatures.entry(sig).or_default() += 1;
                 if view.status == "succeeded" {
                     let output = view.output.clone().unwrap_or(Value::Null);
-                    *h.shapes
-                        .entry(tool.clone())
-                        .or_default()
-                        .entry(shape::fingerprint(&output))
-                        .or_default() += 1;
+                    // The hash journaled beside the answer; recomputed for older journals.
+                    let fp = view.shape.clone().unwrap_or_else(|| shape::fingerprint(&output));
+                    *h.shapes.entry(tool.clone()).or_default().entry(fp).or_default() += 1;
                     h.outputs.insert(view.name.clone(), output);
                 }
                 if let Some(program) = program_of(&view.input) {
@@ -378,12 +411,17 @@ impl History {
                 .as_str()
                 .and_then(Strategy::parse)
                 .map(|s| (s, view.input["after_kind"].as_str().unwrap_or("error").to_owned()));
+            if let Some((s, _)) = &h.last_strategy {
+                h.chain_strategies.push(*s);
+            }
             // A regenerating turn took the failed chain before it out of view.
             if h.last_strategy.as_ref().is_some_and(|(s, _)| *s == Strategy::Regenerate) {
                 h.elide_chain(view.input["hint"].as_str().unwrap_or(""));
             }
             let out = view.output.clone().unwrap_or(Value::Null);
             let charged = &out["charged"];
+            h.last_turn_tokens = charged["tokens"].as_u64().unwrap_or(0);
+            h.programs_since_turn = 0;
             h.charged.0 = h.charged.0.saturating_add(charged["tokens"].as_u64().unwrap_or(0));
             h.charged.1 = h.charged.1.saturating_add(charged["cost_micros"].as_u64().unwrap_or(0));
             h.charged.2 = h.charged.2.saturating_add(charged["attempts"].as_u64().unwrap_or(0));
@@ -455,9 +493,13 @@ impl History {
 
     /// Notes a code call's step (its outcome in the chain of failed programs).
     fn code_step(&mut self, view: &StepView, program: &str) {
+        if view.status == "succeeded" || view.status == "failed" {
+            self.programs_since_turn += 1;
+        }
         match view.status.as_str() {
             "succeeded" => {
                 self.code_chain.clear();
+                self.chain_strategies.clear();
                 self.code_failed_last = false;
                 self.chain_start = None;
             }
@@ -479,6 +521,9 @@ impl History {
                     kind: correct::error_kind(basis),
                     first_line,
                     resubmitted,
+                    tool: view.target.clone(),
+                    program: program.to_owned(),
+                    message,
                 });
                 self.code_failed_last = true;
             }

@@ -8,11 +8,11 @@
 
 use std::collections::BTreeMap;
 
-use keel_journal::{Journal, RunSnapshot};
+use keel_journal::{Journal, RunPage, RunSnapshot};
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use super::{MODEL_TARGET_PREFIX, program_of};
+use super::{MODEL_TARGET_PREFIX, program_of, program_result};
 
 /// One strategy's record after one error kind.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -53,6 +53,26 @@ pub async fn scan(journal: &dyn Journal) -> keel_journal::Result<(Vec<Value>, Co
         scan_run(&snap, &mut pairs, &mut stats);
     }
     Ok((pairs, stats))
+}
+
+/// [`scan`]'s record over the latest `limit` runs by activity only (one indexed page of
+/// at most [`RunPage::MAX`]): the history a process weighs correction strategies' token
+/// costs by, read without going through the whole journal.
+///
+/// # Errors
+/// The journal's.
+pub async fn scan_recent(journal: &dyn Journal, limit: u32) -> keel_journal::Result<CorrectionStats> {
+    let page = RunPage { state: None, before: None, limit: limit.clamp(1, RunPage::MAX) };
+    let mut pairs = Vec::new();
+    let mut stats = CorrectionStats::default();
+    for run in journal.list_runs(&page).await? {
+        if run.input.get("agent").is_none() {
+            continue;
+        }
+        let Some(snap) = journal.snapshot(&run.run_id).await? else { continue };
+        scan_run(&snap, &mut pairs, &mut stats);
+    }
+    Ok(stats)
 }
 
 fn scan_run(snap: &RunSnapshot, pairs: &mut Vec<Value>, stats: &mut CorrectionStats) {
@@ -97,7 +117,7 @@ fn scan_run(snap: &RunSnapshot, pairs: &mut Vec<Value>, stats: &mut CorrectionSt
                     "failed": {"program": failed, "error": error},
                     // The program's `result`: the code tool's, or a command tool's JSON answer's.
                     "fixed": {"program": program, "result": s.output.as_ref().map(|o| {
-                        o.get("result").or_else(|| o.pointer("/json/result")).unwrap_or(o)
+                        program_result(o).unwrap_or(o)
                     })},
                     "failed_attempts": chain.len(),
                     "correction_tokens": chain_tokens,

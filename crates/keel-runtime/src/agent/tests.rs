@@ -19,6 +19,8 @@ fn spec(history_tokens: u64) -> AgentSpec {
         stop_on_repeat: true,
         on_schema_drift: shape::DriftPolicy::Flag,
         max_calls_per_turn: 32,
+        on_unsolved: correct::Unsolved::Fail,
+        result_schema: None,
     }
 }
 
@@ -34,6 +36,7 @@ fn step(step: u32, name: &str, target: &str, status: &str, input: Value, output:
         message: (status == "failed").then(|| "boom".into()),
         started_at_ms: i64::from(step),
         finished_at_ms: (status != "running").then_some(i64::from(step) + 1),
+        shape: None,
     }
 }
 

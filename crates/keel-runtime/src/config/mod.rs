@@ -1131,14 +1131,15 @@ fn code_tool(
             ),
         );
     }
-    let result_schema = t.result_schema.as_ref().and_then(|schema| match jsonschema::validator_for(schema) {
-        Ok(v) => Some(Arc::new(v)),
-        Err(e) => {
-            let line = c.spans.find_key(&key("result_schema")).or(at);
-            c.error(line, key("result_schema"), format!("not a valid JSON Schema: {e}"));
-            None
-        }
-    });
+    let result_schema =
+        t.result_schema.as_ref().and_then(|schema| match crate::tool::code::compile_result_schema(schema) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let line = c.spans.find_key(&key("result_schema")).or(at);
+                c.error(line, key("result_schema"), e);
+                None
+            }
+        });
     let python = t.python.clone().unwrap_or_else(|| "python3".to_owned());
     if python.trim().is_empty() || python.contains('\0') {
         c.error(at, key("python"), "must name an interpreter (\"python3\" or a path)");

@@ -321,6 +321,11 @@ pub struct AgentConfig {
     /// `schema_drift` event), `correct` (the call fails, for the model to check) or
     /// `escalate` (a ticket before the answer is fed forward).
     pub on_schema_drift: crate::agent::shape::DriftPolicy,
+    /// When the correction of a failed program gives up (the same error twice,
+    /// resubmissions, `code_attempts` spent, the gate's refusal): `fail` (the run fails
+    /// with its partial result) or `escalate` (a ticket: retry one more round, skip to
+    /// finish with the partial result, or abort).
+    pub on_unsolved: crate::agent::correct::Unsolved,
 }
 
 impl Default for AgentConfig {
@@ -337,6 +342,7 @@ impl Default for AgentConfig {
             code_attempts: 4,
             stop_on_repeat: true,
             on_schema_drift: crate::agent::shape::DriftPolicy::Flag,
+            on_unsolved: crate::agent::correct::Unsolved::Fail,
         }
     }
 }

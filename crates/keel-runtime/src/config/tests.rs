@@ -495,3 +495,17 @@ sinks = ["nope"]
     assert!(!format!("{:?}", c.telemetry).contains("s3cret"));
     assert!(!c.alerts.is_enabled(), "no sinks, no alerts");
 }
+
+#[test]
+fn agent_choices_are_checked_with_their_key_and_line() {
+    let c = parse("[agent]\non_unsolved = \"escalate\"\n").unwrap();
+    assert_eq!(c.agent.on_unsolved, crate::agent::correct::Unsolved::Escalate);
+    assert_eq!(parse("").unwrap().agent.on_unsolved, crate::agent::correct::Unsolved::Fail, "the default");
+    let e = parse("[agent]\nmax_turns = 5\non_unsolved = \"maybe\"\n").unwrap_err();
+    assert_eq!(problems("[agent]\nmax_turns = 5\non_unsolved = \"maybe\"\n"), ["3: agent"]);
+    let text = e.to_string();
+    assert!(
+        text.contains("conf/keel.toml:3: agent: unknown variant `maybe`, expected `fail` or `escalate`"),
+        "{text}"
+    );
+}

@@ -76,6 +76,14 @@ pub(super) async fn drive(
     };
     let _ = budget.charge(BudgetKind::CostMicros, cost.saturating_add(tool_cost));
 
+    // The task's own check of every program's result, as journaled with the task.
+    let task_schema = match &spec.result_schema {
+        Some(schema) => Some(
+            crate::tool::code::compile_result_schema(schema)
+                .map_err(|e| Error::Refused(format!("the task's result_schema is {e}")))?,
+        ),
+        None => None,
+    };
     let failures = Arc::new(Mutex::new(HashMap::new()));
     let mut handled = HashSet::new();
     loop {
@@ -95,6 +103,7 @@ pub(super) async fn drive(
                 deadline_at_ms,
                 budget: &budget,
                 failures: &failures,
+                task_schema: task_schema.as_deref(),
             };
             let (index, pass) = Box::pin(call_tool(ctx, call)).await?;
             handled.insert(index);
@@ -111,7 +120,7 @@ pub(super) async fn drive(
         } else {
             let left =
                 Duration::from_millis(u64::try_from(deadline_at_ms.saturating_sub(now_ms)).unwrap_or(0));
-            Box::pin(turn(r, run_id, &spec, &history, &gateway, &budget, left)).await?
+            Box::pin(turn(r, run_id, &snap, &spec, &history, &gateway, &budget, left)).await?
         };
         if let Pass::Stop(status) = pass {
             return Ok(status);
@@ -120,9 +129,11 @@ pub(super) async fn drive(
 }
 
 /// Asks the model for the next turn and journals its answer (or the run's end).
+#[allow(clippy::too_many_arguments)]
 async fn turn(
     r: &Runner,
     run_id: &str,
+    snap: &RunSnapshot,
     spec: &AgentSpec,
     history: &History,
     gateway: &Gateway,
@@ -134,6 +145,30 @@ async fn turn(
     // After a failed program: stop, or choose how the model corrects it.
     let mut correction = None;
     if let Some(last) = history.code_failed_last.then(|| history.code_chain.last()).flatten() {
+        // A person's answer to the ticket of a correction loop that gave up here
+        // (`on_unsolved = "escalate"`): `retry` is one more round, whatever the checks
+        // below would say.
+        let mut retried = false;
+        if let Some(ticket) = history.unfinished_turn.and_then(|i| step::latest_ticket(snap, i)) {
+            if ticket.status == "open" {
+                let ticket_id = ticket.ticket_id.clone();
+                return end_pass(r, run_id, StepEnd::Stop(RunStatus::Escalated { ticket_id })).await;
+            }
+            let by = ticket.resolved_by.as_deref().unwrap_or("a person");
+            let why = format!("{} (ticket {} answered by {by})", ticket.summary, ticket.ticket_id);
+            match ticket.resolution.as_ref().and_then(|r| r["action"].as_str()).unwrap_or("") {
+                "skip" => {
+                    let mut result = partial(history, ErrorClass::CodeError, &why);
+                    result["status"] = json!("partial");
+                    return finish(r, run_id, history.next_step, result, RunStatus::Completed).await;
+                }
+                "abort" => {
+                    return stop(r, run_id, history, history.next_step, ErrorClass::CodeError, why).await;
+                }
+                _ => retried = true,
+            }
+        }
+        let give_up = |why: String| give_up(r, run_id, spec, history, index, number, why);
         let chain = &history.code_chain;
         let real: Vec<&agent::CodeFailure> = chain.iter().filter(|f| !f.resubmitted).collect();
         let repeated = real.len() >= 2 && {
@@ -143,34 +178,41 @@ async fn turn(
         // The model resubmitting programs that already failed, twice in a row, whatever
         // it was told: it is stuck.
         let stuck = chain.len() >= 2 && chain[chain.len() - 2].resubmitted && last.resubmitted;
-        if stuck && spec.stop_on_repeat {
+        if stuck && spec.stop_on_repeat && !retried {
             let why =
                 format!("the model keeps resubmitting programs that already failed: {}", last.first_line);
-            return stop(r, run_id, history, index, ErrorClass::CodeError, why).await;
+            return give_up(why).await;
         }
-        if repeated && spec.stop_on_repeat {
+        if repeated && spec.stop_on_repeat && !retried {
             let why = format!(
                 "the same error twice in a row, the correction is not converging: {}",
                 last.first_line
             );
-            return stop(r, run_id, history, index, ErrorClass::CodeError, why).await;
+            return give_up(why).await;
         }
-        if chain.len() >= spec.code_attempts as usize {
+        if chain.len() >= spec.code_attempts as usize && !retried {
             let why = format!("{} programs failed in a row; the last: {}", chain.len(), last.first_line);
-            return stop(r, run_id, history, index, ErrorClass::CodeError, why).await;
+            return give_up(why).await;
         }
-        if recorded_strategy(history).is_none() && correct::hopeless(spec.correction, &r.gate, &last.kind) {
+        if !retried
+            && recorded_strategy(history).is_none()
+            && correct::hopeless(spec.correction, &r.gate, &last.kind)
+        {
             let why = format!(
                 "corrections of {} never succeeded here (the confidence gate refuses both strategies): {}",
                 last.kind, last.first_line
             );
-            return stop(r, run_id, history, index, ErrorClass::CodeError, why).await;
+            return give_up(why).await;
         }
         let recorded = recorded_strategy(history);
         let last_strategy = history.last_strategy.as_ref().map(|(s, _)| *s);
-        let strategy = recorded.unwrap_or_else(|| {
-            correct::choose(spec.correction, &r.gate, &last.kind, last_strategy, last.resubmitted)
-        });
+        let strategy = match recorded {
+            Some(s) => s,
+            None => {
+                let costs = r.correction_costs().await?;
+                correct::choose(spec.correction, &r.gate, costs, &last.kind, last_strategy, last.resubmitted)
+            }
+        };
         correction = Some((strategy, last));
     }
     let mut input = json!({"turn": number});
@@ -248,7 +290,10 @@ async fn turn(
             });
             r.record(
                 run_id,
-                JournalEvent::StepFinished { step: index, outcome: StepOutcome::Succeeded { output } },
+                JournalEvent::StepFinished {
+                    step: index,
+                    outcome: StepOutcome::Succeeded { output, shape: None },
+                },
             )
             .await?;
             Ok(Pass::Next)
@@ -284,6 +329,8 @@ struct CallCtx<'a> {
     deadline_at_ms: i64,
     budget: &'a Arc<Budget>,
     failures: &'a Arc<Mutex<HashMap<ErrorClass, u32>>>,
+    /// The task's `result_schema`, compiled.
+    task_schema: Option<&'a jsonschema::Validator>,
 }
 
 impl CallCtx<'_> {
@@ -291,6 +338,10 @@ impl CallCtx<'_> {
     /// worked: the gate learns which strategy pays off after which error kind.
     fn learn(&self, worked: bool) {
         if let Some((strategy, kind)) = &self.history.last_strategy {
+            // What the turn cost, once per turn (as the journal's reader counts it).
+            if self.history.programs_since_turn == 0 {
+                self.r.costs.add(*strategy, kind, self.history.last_turn_tokens);
+            }
             self.r.gate.record(&correct::gate_target(*strategy, kind), ErrorClass::CodeError, 2, worked);
             // Pooled over kinds too: a kind seen for the first time starts from it.
             self.r.gate.record(
@@ -368,7 +419,17 @@ async fn call_tool(c: CallCtx<'_>, call: &PendingCall) -> Result<(u32, Pass)> {
     let usual = c.r.shapes.usual(&call.name, c.history.shapes.get(&call.name));
     let sink = c.r.sink(c.run_id).step(index);
     let policy = c.spec.on_schema_drift;
+    let is_code = agent::program_of(&args).is_some();
     let check = |out: &Value| {
+        // A program that ran but fails the task's check is a `code_error`, as one that
+        // fails its tool's `result_schema` is (the same check).
+        if let Some(schema) = c.task_schema.filter(|_| is_code) {
+            let result = agent::program_result(out).unwrap_or(&Value::Null);
+            let printed = if out.get("result").is_some() { out["stdout"].as_str().unwrap_or("") } else { "" };
+            if let Err(f) = crate::tool::code::check_result(schema, "the task's", result, printed) {
+                return OutputVerdict::Correct(f);
+            }
+        }
         let fp = agent::shape::fingerprint(out);
         c.r.shapes.note(&call.name, &fp);
         if !agent::shape::is_drift(&fp, &usual) {
@@ -392,7 +453,9 @@ async fn call_tool(c: CallCtx<'_>, call: &PendingCall) -> Result<(u32, Pass)> {
         );
         match policy {
             agent::shape::DriftPolicy::Flag => OutputVerdict::Ok,
-            agent::shape::DriftPolicy::Correct => OutputVerdict::Correct(message),
+            agent::shape::DriftPolicy::Correct => {
+                OutputVerdict::Correct(keel_core::Failure::new(ErrorClass::InvalidToolCall, message))
+            }
             agent::shape::DriftPolicy::Escalate => OutputVerdict::Escalate(message),
         }
     };
@@ -410,6 +473,7 @@ async fn call_tool(c: CallCtx<'_>, call: &PendingCall) -> Result<(u32, Pass)> {
         budget: c.budget,
         failures: c.failures,
         check_output: Some(&check),
+        journal_shape: true,
     };
     // The repeat guard: this call would be the `max_repeats`-th identical one. A
     // person who answered the ticket with `retry` lets it run.
@@ -430,7 +494,6 @@ async fn call_tool(c: CallCtx<'_>, call: &PendingCall) -> Result<(u32, Pass)> {
         let end = ctx.escalate(&tool, &args, ErrorClass::LoopDetected, &message, 0).await?;
         return Ok((index, end_pass(c.r, c.run_id, end).await?));
     }
-    let is_code = agent::program_of(&args).is_some();
     let end = step::run_step(ctx).await?;
     if is_code {
         match &end {
@@ -474,12 +537,91 @@ async fn finish(r: &Runner, run_id: &str, at: u32, result: Value, status: RunSta
     .await?;
     r.record(
         run_id,
-        JournalEvent::StepFinished { step: at, outcome: StepOutcome::Succeeded { output: result } },
+        JournalEvent::StepFinished {
+            step: at,
+            outcome: StepOutcome::Succeeded { output: result, shape: None },
+        },
     )
     .await?;
     let (state, reason) = state_of(&status);
     r.record(run_id, JournalEvent::RunStateChanged { state, reason }).await?;
     Ok(Pass::Stop(status))
+}
+
+/// What a run that stops has: its last text and latest tool outputs, and why it stopped.
+fn partial(history: &History, class: ErrorClass, why: &str) -> Value {
+    json!({
+        "status": "stopped",
+        "class": class,
+        "reason": why,
+        "turns": history.turns,
+        "last_text": history.last_text,
+        "tool_outputs": history.outputs.iter().rev().take(20).collect::<BTreeMap<_, _>>(),
+    })
+}
+
+/// The correction loop gives up on the chain of failed programs: the run fails with
+/// its partial result, or (`on_unsolved = "escalate"`) turn `number`'s step at `at`
+/// fails with `why` and a ticket on it carries the context for a person, whose answer
+/// the next drive carries out (see [`turn`]).
+async fn give_up(
+    r: &Runner,
+    run_id: &str,
+    spec: &AgentSpec,
+    history: &History,
+    at: u32,
+    number: u32,
+    why: String,
+) -> Result<Pass> {
+    let Some(last) = history.code_chain.last().filter(|_| spec.on_unsolved == correct::Unsolved::Escalate)
+    else {
+        return stop(r, run_id, history, at, ErrorClass::CodeError, why).await;
+    };
+    r.record(
+        run_id,
+        JournalEvent::StepStarted {
+            step: at,
+            name: format!("turn-{number}"),
+            target: format!("{}{}", agent::MODEL_TARGET_PREFIX, spec.model),
+            input: json!({"turn": number, "unsolved": why}),
+        },
+    )
+    .await?;
+    r.record(
+        run_id,
+        JournalEvent::StepFinished {
+            step: at,
+            outcome: StepOutcome::Failed { class: ErrorClass::CodeError, message: why.clone() },
+        },
+    )
+    .await?;
+    let strategies: Vec<&str> = history.chain_strategies.iter().map(|s| s.as_str()).collect();
+    let context = json!({
+        "input": {"task": spec.task},
+        "task": spec.task,
+        "failing_step": {"id": last.step_name, "tool": last.tool, "params": {"program": last.program}},
+        "last_program": last.program,
+        "error": {"class": ErrorClass::CodeError, "message": last.message, "attempts": history.code_chain.len()},
+        "why": why,
+        "strategies_tried": strategies,
+        "steps_done": history.outputs,
+        "suggestion": "the model could not correct its program: retry for one more correction round, \
+                       skip to finish the run with its partial result, or abort",
+        "actions": ["retry", "skip", "abort"],
+    });
+    let ticket_id = super::new_id("tkt");
+    r.record(
+        run_id,
+        JournalEvent::TicketOpened {
+            ticket_id: ticket_id.clone(),
+            step: Some(at),
+            class: ErrorClass::CodeError,
+            summary: format!("the correction of a failed program gave up: {why}"),
+            context,
+        },
+    )
+    .await?;
+    end_pass(r, run_id, StepEnd::Stop(RunStatus::Escalated { ticket_id })).await
 }
 
 /// Stops the run cleanly: the partial result kept, the reason said.
@@ -491,14 +633,7 @@ async fn stop(
     class: ErrorClass,
     why: String,
 ) -> Result<Pass> {
-    let partial = json!({
-        "status": "stopped",
-        "class": class,
-        "reason": why,
-        "turns": history.turns,
-        "last_text": history.last_text,
-        "tool_outputs": history.outputs.iter().rev().take(20).collect::<BTreeMap<_, _>>(),
-    });
+    let partial = partial(history, class, &why);
     let status = if class == ErrorClass::DeadlineExceeded {
         RunStatus::TimedOut
     } else {

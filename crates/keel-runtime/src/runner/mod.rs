@@ -103,6 +103,8 @@ pub struct Runner {
     gateway: std::sync::OnceLock<Arc<keel_gateway::Gateway>>,
     /// The answer shapes each tool was seen to give in this process (agent runs).
     shapes: crate::agent::shape::Seen,
+    /// The tokens correction turns cost, per strategy and error kind (agent runs).
+    costs: crate::agent::correct::TokenCosts,
     /// Fault injection set on this running process (`PUT /api/faults/{tool}`), in
     /// place of the tool's configured `fault`, for the calls that start from then on.
     faults: Mutex<HashMap<String, keel_core::FaultConfig>>,
@@ -207,6 +209,7 @@ impl Runner {
             results: crate::tool::ResultCache::default(),
             gateway: std::sync::OnceLock::new(),
             shapes: crate::agent::shape::Seen::default(),
+            costs: crate::agent::correct::TokenCosts::default(),
             faults: Mutex::default(),
         })
     }
@@ -425,6 +428,22 @@ impl Runner {
     /// to every pipeline of the process, so that one gate learns and is saved.
     pub fn gate(&self) -> &Arc<ConfidenceGate> {
         &self.gate
+    }
+
+    /// What correction turns cost in tokens, per strategy and error kind: the journal's
+    /// latest agent runs, read once per process ([`crate::agent::stats::scan_recent`]),
+    /// then what this process sees.
+    ///
+    /// # Errors
+    /// The journal's, reading its history the first time.
+    pub async fn correction_costs(&self) -> Result<&crate::agent::correct::TokenCosts> {
+        if !self.costs.is_seeded() {
+            let stats =
+                crate::agent::stats::scan_recent(&*self.journal, crate::agent::correct::COST_HISTORY_RUNS)
+                    .await?;
+            self.costs.seed(&stats);
+        }
+        Ok(&self.costs)
     }
 
     /// Saves what the gate learned since the last save; on failure keeps it for the
@@ -800,6 +819,7 @@ impl Runner {
                 budget: &budget,
                 failures: &failures,
                 check_output: None,
+                journal_shape: false,
             };
             // Boxed: a step's future (pipeline, tool transport, spans) is large for a 2 MiB stack.
             match Box::pin(step::run_step(ctx)).await? {
@@ -981,7 +1001,7 @@ impl Runner {
                 }
             };
             let finished = match &outcome {
-                Ok(v) => StepOutcome::Succeeded { output: v.clone() },
+                Ok(v) => StepOutcome::Succeeded { output: v.clone(), shape: None },
                 Err((class, message)) => StepOutcome::Failed { class: *class, message: message.clone() },
             };
             self.record(run_id, JournalEvent::StepFinished { step: index, outcome: finished }).await?;

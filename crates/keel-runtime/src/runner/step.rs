@@ -38,14 +38,17 @@ pub(super) struct StepCtx<'a> {
     pub(super) failures: &'a Arc<Mutex<HashMap<ErrorClass, u32>>>,
     /// A check of the tool's answer before it is fed forward (an agent's shape check).
     pub(super) check_output: Option<&'a (dyn Fn(&Value) -> OutputVerdict + Sync)>,
+    /// Journal the structure hash of the step's output beside it (an agent's call: its
+    /// replay reads the usual shapes from the journal instead of recomputing them).
+    pub(super) journal_shape: bool,
 }
 
 /// What a step's output check says.
 pub(super) enum OutputVerdict {
     /// Feed it forward.
     Ok,
-    /// Not as expected: the step fails with this message, for the model to correct.
-    Correct(String),
+    /// Not as expected: the step fails with this failure, for the model to correct.
+    Correct(Failure),
     /// Not as expected: a person looks first.
     Escalate(String),
 }
@@ -93,7 +96,7 @@ pub(super) fn wall_ms(t: SystemTime) -> i64 {
 }
 
 /// The latest ticket about step `index`.
-fn latest_ticket(snap: &RunSnapshot, index: u32) -> Option<&TicketView> {
+pub(super) fn latest_ticket(snap: &RunSnapshot, index: u32) -> Option<&TicketView> {
     snap.tickets.iter().filter(|t| t.step == Some(index)).max_by_key(|t| t.opened_at_ms)
 }
 
@@ -449,7 +452,7 @@ async fn call_once(
             r.journal.complete(&token, &output).await?;
             match ctx.check_output.map_or(OutputVerdict::Ok, |check| check(&output)) {
                 OutputVerdict::Ok => Ok(Ok(output)),
-                OutputVerdict::Correct(m) => ctx.fail(ErrorClass::InvalidToolCall, m).await.map(Err),
+                OutputVerdict::Correct(f) => ctx.fail(f.class, f.message).await.map(Err),
                 OutputVerdict::Escalate(m) => {
                     ctx.escalate(tool, params, ErrorClass::InvalidToolCall, &m, 0).await.map(Err)
                 }
@@ -577,7 +580,10 @@ async fn resume_point(ctx: &StepCtx<'_>, now_ms: i64) -> Result<Resume> {
 async fn finish_ok(ctx: &StepCtx<'_>, output: Value) -> Result<StepEnd> {
     ctx.record(JournalEvent::StepFinished {
         step: ctx.index as u32,
-        outcome: StepOutcome::Succeeded { output: output.clone() },
+        outcome: StepOutcome::Succeeded {
+            output: output.clone(),
+            shape: ctx.journal_shape.then(|| crate::agent::shape::fingerprint(&output)),
+        },
     })
     .await?;
     Ok(StepEnd::Done(output))

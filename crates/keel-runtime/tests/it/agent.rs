@@ -265,6 +265,7 @@ async fn a_bad_task_is_refused_before_anything_is_recorded() {
         (AgentTask { model: Some("nope".into()), ..task("x") }, "no model `nope`"),
         (AgentTask { tools: Some(vec!["rm".into()]), ..task("x") }, "no tool named `rm`"),
         (AgentTask { max_turns: Some(0), ..task("x") }, "out of range"),
+        (AgentTask { result_schema: Some(json!({"type": 7})), ..task("x") }, "not a valid JSON Schema"),
     ] {
         let e = r.create_agent(&t, None).await.unwrap_err().to_string();
         assert!(e.contains(why), "{e}");
@@ -351,6 +352,54 @@ async fn an_identical_resubmitted_program_is_not_run_again_and_the_strategy_swit
     assert!(sent.contains("x is not 3") && sent.contains("fresh program"), "{sent}");
 }
 
+/// The task's own check: a program that runs but whose `result` does not match the
+/// task's schema is a `code_error` whose message the model gets, corrected like any;
+/// the schema is journaled with the task, so another process driving the run keeps it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_failing_the_tasks_schema_is_a_code_error_corrected_in_the_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("runs.log");
+    let model = ScriptedModel::script(vec![
+        program("result = {'total': 'three'}"),
+        program("result = {'total': 3}"),
+        Reply::text("3"),
+    ])
+    .await;
+    let config = format!("{}{}", model.config("m"), code_tool(&log));
+    let schema =
+        json!({"type": "object", "required": ["total"], "properties": {"total": {"type": "number"}}});
+    let r = runner(dir.path(), &config).await;
+    let t = AgentTask { result_schema: Some(schema.clone()), ..task("the total, as a number") };
+    let run = r.create_agent(&t, None).await.unwrap();
+    // Driven by another process: it knows the schema from the journal alone.
+    let r2 = runner(dir.path(), &config).await;
+    assert_eq!(r2.drive(&run).await.unwrap(), RunStatus::Completed);
+    let snap = r2.snapshot(&run).await.unwrap();
+    assert_eq!(snap.run.input["agent"]["result_schema"], schema, "journaled with the task");
+    let failed = snap.steps.iter().find(|s| s.name == "turn-1.call-1").unwrap();
+    assert_eq!(failed.error_class.as_deref(), Some("code_error"), "{failed:?}");
+    let message = failed.message.as_deref().unwrap();
+    assert!(
+        message.starts_with("ResultSchemaError: `result` does not match the task's result_schema"),
+        "{message}"
+    );
+    assert!(message.contains("/total"), "the path of the problem: {message}");
+    assert_eq!(turn_input(&snap, 2)["after_kind"], "ResultSchemaError", "a correction followed");
+    // Regenerated (the prior for a kind it cannot see in its program): the hint says why.
+    let sent = model.requests()[1]["messages"].to_string();
+    assert!(sent.contains("task's result_schema"), "the model was told: {sent}");
+    let fixed = snap.steps.iter().find(|s| s.name == "turn-2.call-1").unwrap();
+    assert_eq!(fixed.status, "succeeded", "a matching result goes through: {fixed:?}");
+    assert_eq!(calls_in(&log), 2);
+    // Without the task's schema the same first program is a result like any other.
+    let model =
+        ScriptedModel::script(vec![program("result = {'total': 'three'}"), Reply::text("three")]).await;
+    let r = runner(dir.path(), &format!("{}{}", model.config("m"), code_tool(&log))).await;
+    let run = r.create_agent(&task("the total"), None).await.unwrap();
+    assert_eq!(r.drive(&run).await.unwrap(), RunStatus::Completed);
+    assert_eq!(model.calls(), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_error_twice_in_a_row_stops_the_run_with_its_partial_result() {
     let dir = tempfile::tempdir().unwrap();
@@ -370,6 +419,87 @@ async fn the_same_error_twice_in_a_row_stops_the_run_with_its_partial_result() {
     assert_eq!(model.calls(), 2, "no third program was asked for");
     let snap = r.snapshot(&run).await.unwrap();
     assert_eq!(snap.steps.last().unwrap().output.as_ref().unwrap()["status"], "stopped");
+}
+
+/// `on_unsolved = "escalate"`: a correction loop that gives up opens a ticket with the
+/// context instead of failing the run; `retry` is one more correction round, `skip`
+/// finishes with the partial result, `abort` ends the run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_correction_that_gives_up_escalates_and_the_persons_answer_is_carried_out() {
+    use keel_runtime::inbox::{Guidance, resolve};
+    for action in ["retry", "skip", "abort"] {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("runs.log");
+        let model = ScriptedModel::script(vec![
+            program("result = y + 1"),
+            program("z = 1\nresult = y + z"),
+            program("y = 1\nresult = y + 1"),
+            Reply::text("2"),
+        ])
+        .await;
+        let config = format!("{}{}[agent]\non_unsolved = \"escalate\"\n", model.config("m"), code_tool(&log));
+        let r = runner(dir.path(), &config).await;
+        let run = r.create_agent(&task("add one to y"), None).await.unwrap();
+        let status = r.drive(&run).await.unwrap();
+        let RunStatus::Escalated { ticket_id } = &status else { panic!("{action}: {status:?}") };
+        assert_eq!(model.calls(), 2, "the same error twice: no third program asked for yet");
+        let snap = r.snapshot(&run).await.unwrap();
+        assert_eq!(snap.run.state, keel_journal::RunState::Escalated);
+        let ticket = snap.tickets.iter().find(|t| &t.ticket_id == ticket_id).unwrap();
+        assert_eq!(ticket.class, "code_error");
+        assert!(ticket.summary.contains("same error twice"), "{}", ticket.summary);
+        let c = &ticket.context;
+        assert_eq!(c["task"], "add one to y");
+        assert_eq!(c["last_program"], "z = 1\nresult = y + z");
+        assert!(
+            c["error"]["message"].as_str().unwrap().contains("NameError: name 'y' is not defined"),
+            "{c}"
+        );
+        assert_eq!(c["strategies_tried"], json!(["repair"]), "{c}");
+        assert_eq!(c["actions"], json!(["retry", "skip", "abort"]));
+        // Waiting: a drive changes nothing while the ticket is open.
+        assert!(matches!(r.drive(&run).await.unwrap(), RunStatus::Escalated { .. }));
+        assert_eq!(model.calls(), 2);
+        let guidance = match action {
+            "retry" => Guidance::Retry { params: None },
+            "skip" => Guidance::Skip,
+            _ => Guidance::Abort,
+        };
+        resolve(&**r.journal(), ticket_id, &guidance, "alice").await.unwrap();
+        let status = r.drive(&run).await.unwrap();
+        let snap = r.snapshot(&run).await.unwrap();
+        let result = snap.steps.iter().find(|s| s.name == "result").and_then(|s| s.output.clone());
+        match action {
+            "retry" => {
+                assert_eq!(status, RunStatus::Completed, "one more round fixed it");
+                assert_eq!(model.calls(), 4);
+                assert_eq!(calls_in(&log), 3);
+                assert_eq!(result.unwrap()["answer"], "2");
+                let t3 = turn_input(&snap, 3);
+                assert!(t3["strategy"].is_string(), "the extra turn is a correction round: {t3}");
+            }
+            "skip" => {
+                assert_eq!(status, RunStatus::Completed);
+                assert_eq!(model.calls(), 2, "nothing more asked");
+                let result = result.unwrap();
+                assert_eq!(result["status"], "partial", "{result}");
+                assert!(result["reason"].as_str().unwrap().contains("alice"), "{result}");
+            }
+            _ => {
+                assert_eq!(status, RunStatus::Cancelled, "abort ends the run, as every ticket's abort does");
+                assert_eq!(model.calls(), 2);
+            }
+        }
+    }
+    // The default: the run fails with its partial result, no ticket.
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("runs.log");
+    let model =
+        ScriptedModel::script(vec![program("result = y + 1"), program("z = 1\nresult = y + z")]).await;
+    let r = runner(dir.path(), &format!("{}{}", model.config("m"), code_tool(&log))).await;
+    let run = r.create_agent(&task("add one to y"), None).await.unwrap();
+    assert!(matches!(r.drive(&run).await.unwrap(), RunStatus::Failed { class: ErrorClass::CodeError, .. }));
+    assert!(r.snapshot(&run).await.unwrap().tickets.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -397,10 +527,27 @@ async fn the_gate_learns_which_strategy_fixes_which_error_kind_and_keeps_it() {
     assert!(repair.failures >= 1 && repair.successes == 0, "{repair:?}");
     assert!(regenerate.successes >= 1, "{regenerate:?}");
     // The prior says repair for a NameError; what happened here says regenerate.
-    assert_eq!(choose(CorrectionMode::Adaptive, r.gate(), "NameError", None, false), Strategy::Regenerate);
-    // Persisted with the gate: a new process starts from it.
+    let costs = r.correction_costs().await.unwrap();
+    assert!(costs.mean(Strategy::Repair, "NameError").is_some(), "the turns' tokens were counted");
+    assert_eq!(
+        choose(CorrectionMode::Adaptive, r.gate(), costs, "NameError", None, false),
+        Strategy::Regenerate
+    );
+    // Persisted with the gate, and the tokens read from the journal: a new process
+    // starts from both.
     let r2 = runner(dir.path(), &config).await;
-    assert_eq!(choose(CorrectionMode::Adaptive, r2.gate(), "NameError", None, false), Strategy::Regenerate);
+    let costs2 = r2.correction_costs().await.unwrap();
+    for s in [Strategy::Repair, Strategy::Regenerate] {
+        assert_eq!(
+            costs2.mean(s, "NameError"),
+            costs.mean(s, "NameError"),
+            "{s:?}: the journal says the same"
+        );
+    }
+    assert_eq!(
+        choose(CorrectionMode::Adaptive, r2.gate(), costs2, "NameError", None, false),
+        Strategy::Regenerate
+    );
 }
 
 /// A tool that answers a list of orders for ids 1–3 and, for id 4, one flat order.
@@ -458,6 +605,90 @@ async fn an_answer_in_an_unusual_shape_is_flagged_and_can_be_sent_back_for_corre
             }
         }
     }
+}
+
+/// Each tool answer's structure hash is journaled beside it, and a run driven later
+/// (another process) reads the usual shapes from those hashes, not from recomputing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shape_hash_is_journaled_with_each_answer_and_a_resumed_run_uses_it() {
+    use keel_journal::{NewEvent, StepOutcome};
+    use keel_runtime::agent::shape::fingerprint;
+    // In the journal: every call's answer carries its hash; turns and the result do not.
+    let dir = tempfile::tempdir().unwrap();
+    let model =
+        ScriptedModel::script(vec![Reply::call("orders", json!({"id": 1})), Reply::text("done")]).await;
+    let r = runner(dir.path(), &format!("{}{}", model.config("m"), orders_tool())).await;
+    let run = r.create_agent(&task("order 1"), None).await.unwrap();
+    assert_eq!(r.drive(&run).await.unwrap(), RunStatus::Completed);
+    let snap = r.snapshot(&run).await.unwrap();
+    let call = snap.steps.iter().find(|s| s.name == "turn-1.call-1").unwrap();
+    assert_eq!(call.shape.as_deref(), Some(fingerprint(call.output.as_ref().unwrap()).as_str()));
+    assert!(snap.steps.iter().filter(|s| s.name != "turn-1.call-1").all(|s| s.shape.is_none()));
+    let events = r.journal().events(&run, 0, 1000).await.unwrap();
+    let journaled = events.iter().find_map(|e| match &e.event {
+        JournalEvent::StepFinished { step, outcome: StepOutcome::Succeeded { shape: Some(h), .. } }
+            if *step == call.step =>
+        {
+            Some(h.clone())
+        }
+        _ => None,
+    });
+    assert_eq!(journaled, call.shape, "the hash is in the step's finished record");
+
+    // Resumed: three answers journaled (by an earlier process) as lists, under the hash
+    // of the flat shape. The fourth, flat, answer is usual by the journaled hashes —
+    // recomputed from the outputs it would be drift, and be sent back for correction.
+    let dir = tempfile::tempdir().unwrap();
+    let model =
+        ScriptedModel::script(vec![Reply::call("orders", json!({"id": 4})), Reply::text("done")]).await;
+    let config = format!("{}{}[agent]\non_schema_drift = \"correct\"\n", model.config("m"), orders_tool());
+    let r = runner(dir.path(), &config).await;
+    let run = r.create_agent(&task("orders 1 to 4"), None).await.unwrap();
+    let flat = fingerprint(
+        &json!({"json": {"id": 4, "total": 5}, "stdout": "", "stderr": "", "exit_code": 0, "truncated": false}),
+    );
+    let mut events = Vec::new();
+    for n in 1..=3u32 {
+        let (turn, call) = (2 * (n - 1), 2 * (n - 1) + 1);
+        let message = json!({"role": "assistant", "content": null, "tool_calls": [{"id": format!("c{n}"),
+            "type": "function", "function": {"name": "orders", "arguments": json!({"id": n}).to_string()}}]});
+        let output = json!({"message": message, "charged": {"tokens": 10, "cost_micros": 0, "attempts": 1}});
+        let answer = json!({"json": [{"id": n, "total": 5}], "stdout": "", "stderr": "", "exit_code": 0, "truncated": false});
+        assert_ne!(fingerprint(&answer), flat);
+        for event in [
+            JournalEvent::StepStarted {
+                step: turn,
+                name: format!("turn-{n}"),
+                target: "model:m".into(),
+                input: json!({"turn": n}),
+            },
+            JournalEvent::StepFinished {
+                step: turn,
+                outcome: StepOutcome::Succeeded { output, shape: None },
+            },
+            JournalEvent::StepStarted {
+                step: call,
+                name: format!("turn-{n}.call-1"),
+                target: "orders".into(),
+                input: json!({"id": n}),
+            },
+            JournalEvent::StepFinished {
+                step: call,
+                outcome: StepOutcome::Succeeded { output: answer, shape: Some(flat.clone()) },
+            },
+        ] {
+            events.push(NewEvent::new(&run, event));
+        }
+    }
+    r.journal().append(&events).await.unwrap();
+    let r2 = runner(dir.path(), &config).await;
+    assert_eq!(r2.drive(&run).await.unwrap(), RunStatus::Completed);
+    assert_eq!(model.calls(), 2, "the journaled turns were not asked again");
+    let snap = r2.snapshot(&run).await.unwrap();
+    let fourth = snap.steps.iter().find(|s| s.name == "turn-4.call-1").unwrap();
+    assert_eq!(fourth.status, "succeeded", "usual by the journaled hashes: {fourth:?}");
+    assert_eq!(fourth.shape.as_deref(), Some(flat.as_str()));
+    assert!(drift_events(&r2, &run).await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

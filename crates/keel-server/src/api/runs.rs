@@ -44,6 +44,10 @@ pub struct StartRun {
     /// The tools the agent is offered (default `[agent] tools`, else all).
     #[serde(default)]
     pub tools: Option<Vec<String>>,
+    /// The task's check: a JSON Schema every program's `result` must match (a result
+    /// that does not is a `code_error` the agent corrects).
+    #[serde(default)]
+    pub result_schema: Option<Value>,
 }
 
 /// The kind of an agent's run in its `input` (a run with no plan, not driven by Keel).
@@ -97,6 +101,7 @@ pub async fn start(
             max_turns: body.max_turns,
             tools: body.tools,
             system: None,
+            result_schema: body.result_schema,
         };
         let run_id = s.runner.create_agent(&task, Some(&caller.name)).await?;
         s.wake.notify_waiters();
@@ -104,10 +109,14 @@ pub async fn start(
         let url = format!("/api/runs/{run_id}");
         return Ok((StatusCode::CREATED, Json(Started { run_id, url })));
     }
-    if body.model.is_some() || body.max_turns.is_some() || body.tools.is_some() {
+    if body.model.is_some()
+        || body.max_turns.is_some()
+        || body.tools.is_some()
+        || body.result_schema.is_some()
+    {
         return Err(ApiError::new(
             ErrorClass::InvalidRequest,
-            "`model`, `max_turns` and `tools` go with a `task`",
+            "`model`, `max_turns`, `tools` and `result_schema` go with a `task`",
         ));
     }
     let Some(mut plan) = body.plan else {

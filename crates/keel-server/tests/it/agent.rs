@@ -35,3 +35,26 @@ async fn a_task_posted_to_api_runs_is_carried_out_by_the_agent() {
     assert_eq!(charges.len(), 1);
     assert_eq!(charges[0]["order"], 5);
 }
+
+/// The task's own check comes with the task: a schema that does not compile is a 400
+/// saying so, before anything is recorded; a good one is journaled with the run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tasks_result_schema_is_checked_up_front_and_journaled_with_the_run() {
+    let model = ScriptedModel::script(vec![Reply::text("nothing to compute")]).await;
+    let s = Server::start(Faults::default(), &model.config("m")).await;
+    let bad = json!({"task": "x", "result_schema": {"type": 7}});
+    let (status, e) = s.post(Some(AGENT), "/api/runs", Some(bad)).await;
+    assert_eq!(status, 400, "{e}");
+    assert_eq!(e["class"], "invalid_request", "{e}");
+    assert!(e["message"].as_str().unwrap().contains("result_schema is not a valid JSON Schema"), "{e}");
+    let (status, e) = s.post(Some(AGENT), "/api/runs", Some(json!({"result_schema": {}}))).await;
+    assert_eq!(status, 400, "a schema without a task: {e}");
+
+    let schema = json!({"type": "object", "required": ["total"]});
+    let (status, started) =
+        s.post(Some(AGENT), "/api/runs", Some(json!({"task": "the total", "result_schema": schema}))).await;
+    assert_eq!(status, 201, "{started}");
+    let run_id = started["run_id"].as_str().unwrap();
+    let run = s.until_run(run_id, |r| r["state"]["run"]["state"] == "completed").await;
+    assert_eq!(run["state"]["run"]["input"]["agent"]["result_schema"], schema);
+}

@@ -165,6 +165,42 @@ fn code_error(kind: &str, message: &str, frames: &[Value], output: &str) -> Fail
     Failure::new(ErrorClass::CodeError, m)
 }
 
+/// Compiles a `result_schema` (a code tool's, or an agent task's).
+///
+/// # Errors
+/// Why it is not a JSON Schema, in words.
+pub fn compile_result_schema(schema: &Value) -> Result<Arc<jsonschema::Validator>, String> {
+    jsonschema::validator_for(schema).map(Arc::new).map_err(|e| format!("not a valid JSON Schema: {e}"))
+}
+
+/// A program's `result` against a `result_schema` — the code tool's own (`whose`: "the
+/// tool's") or the agent task's ("the task's"): the one home of that check. A mismatch
+/// is a `code_error` of kind `ResultSchemaError` naming the first problems at their
+/// paths, then the program's `output`, for the model to correct.
+///
+/// # Errors
+/// That `code_error`.
+pub fn check_result(
+    schema: &jsonschema::Validator,
+    whose: &str,
+    result: &Value,
+    output: &str,
+) -> Result<(), Failure> {
+    let problems: Vec<String> = schema
+        .iter_errors(result)
+        .take(5)
+        .map(|e| {
+            let path = e.instance_path().to_string();
+            if path.is_empty() { e.to_string() } else { format!("{path}: {e}") }
+        })
+        .collect();
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let message = format!("`result` does not match {whose} result_schema: {}", problems.join("; "));
+    Err(code_error("ResultSchemaError", &message, &[], output))
+}
+
 impl CodeTool {
     /// Which isolation its programs run in.
     pub fn isolation(&self) -> Isolation {
@@ -238,19 +274,7 @@ impl CodeTool {
         }
         let result = doc.get("result").cloned().unwrap_or(Value::Null);
         if let Some(schema) = &self.result_schema {
-            let problems: Vec<String> = schema
-                .iter_errors(&result)
-                .take(5)
-                .map(|e| {
-                    let path = e.instance_path().to_string();
-                    if path.is_empty() { e.to_string() } else { format!("{path}: {e}") }
-                })
-                .collect();
-            if !problems.is_empty() {
-                let message =
-                    format!("`result` does not match the tool's result_schema: {}", problems.join("; "));
-                return Err(code_error("ResultSchemaError", &message, &[], &output));
-            }
+            check_result(schema, "the tool's", &result, &output)?;
         }
         let mut answer = json!({
             "result": result,
