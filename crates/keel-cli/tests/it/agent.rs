@@ -48,6 +48,43 @@ fn keel_agent_prints_the_models_answer_after_its_tool_calls() {
     assert!(bad.stderr.contains("no model `nope`"), "{}", bad.stderr);
 }
 
+/// `--result-schema FILE`: a file that is not JSON, or a schema that does not
+/// compile, is bad input (exit code 2) and starts no run; a good one is journaled
+/// with the task.
+#[test]
+fn keel_agent_checks_the_tasks_result_schema_before_it_starts() {
+    let (_rt, m) = model(vec![Reply::text("nothing to compute")]);
+    let b = Bench::new(Faults::default(), &format!("{TOOLS}\n{}", m.config("m")));
+    let write = |name: &str, text: &str| {
+        let path = b.dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let (not_json, not_schema) = (write("a.json", "{type: object"), write("b.json", r#"{"type": 7}"#));
+    for (file, why) in [
+        (not_json.as_str(), "not JSON"),
+        (not_schema.as_str(), "result_schema is not a valid JSON Schema"),
+        ("/nonexistent/schema.json", "--result-schema /nonexistent/schema.json"),
+    ] {
+        let run = b.keel(&["agent", "--result-schema", file, "the total"]);
+        assert_eq!(run.code, 2, "bad input: {run:?}");
+        assert!(run.stderr.contains(why), "{why}: {}", run.stderr);
+    }
+    assert_eq!(m.calls(), 0, "no run started");
+    let good = write("c.json", r#"{"type": "object", "required": ["total"]}"#);
+    let run = b.keel(&["--json", "agent", "--result-schema", &good, "the total"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    let v: Value = serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{e}: {run:?}"));
+    let id = v["run_id"].as_str().unwrap_or_else(|| panic!("no run_id: {v}"));
+    let shown = b.keel(&["--json", "runs", "show", id]);
+    let shown: Value = serde_json::from_str(&shown.stdout).unwrap_or_else(|e| panic!("{e}: {shown:?}"));
+    assert_eq!(
+        shown.pointer("/state/run/input/agent/result_schema"),
+        Some(&json!({"type": "object", "required": ["total"]})),
+        "{shown}"
+    );
+}
+
 #[test]
 fn an_agent_killed_mid_charge_resumes_without_asking_again_or_charging_twice() {
     let (_rt, m) = model(vec![

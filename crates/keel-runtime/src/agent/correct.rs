@@ -20,10 +20,16 @@
 //! strategy. Which strategy follows which error kind is learned: each outcome (did the
 //! next program succeed?) is recorded in the process's confidence gate under
 //! `correct:STRATEGY:KIND` and pooled under `correct:STRATEGY:*` (which judges a kind
-//! with no record of its own), persisted with the rest of the gate; until there is
-//! data, a prior decides (repair for kinds a model can see in its program — a
-//! misspelt name, a missing key — regenerate for the rest, after the published
-//! finding that self-repair works far better on some error kinds than others).
+//! with no record of its own), persisted with the rest of the gate, and weighed by what
+//! each strategy's turns cost in tokens ([`TokenCosts`]: the higher expected fixes per
+//! token wins, so a strategy as good at a third of the price is taken, and a much
+//! better one is worth its price); until there is data, a prior decides (repair for
+//! kinds a model can see in its program — a misspelt name, a missing key — regenerate
+//! for the rest, after the published finding that self-repair works far better on
+//! some error kinds than others).
+//!
+//! When the loop stops, `[agent] on_unsolved` ([`Unsolved`]) says whether the run
+//! fails with its partial result or a person is asked.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
