@@ -20,6 +20,7 @@ use tracing::Instrument;
 use crate::charges::{Charges, prompt_estimate};
 use crate::error::GatewayError;
 use crate::gateway::{Admit, AttemptError, CallContext, Gateway, Model, final_failure};
+use crate::journal::{CallEnd, Prompted};
 use crate::metrics::bump;
 use crate::trace;
 use crate::upstream;
@@ -135,18 +136,15 @@ impl Gateway {
         let journal = |e: Option<&GatewayError>, attempts: u32, spent| {
             let answered = e.is_none().then_some(&*model.name);
             let failures: Vec<_> = e.map(|e| e.failures.clone()).unwrap_or_default();
-            self.journal_prompt(
-                ctx,
-                &model,
-                (None, req.input_raw()),
-                answered,
-                &failures,
+            let end = CallEnd {
+                answered_by: answered,
+                failures: &failures,
                 attempts,
                 spent,
-                0,
-                None,
-                e,
-            );
+                error: e,
+                ..CallEnd::default()
+            };
+            self.journal_call(ctx, &model, Prompted::Input(req.input_raw()), end);
         };
         let Some(uri) = model.endpoint.embeddings_uri.clone() else {
             let e = GatewayError::new(

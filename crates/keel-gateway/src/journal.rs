@@ -204,54 +204,51 @@ impl<S: keel_core::EventSink> keel_core::EventSink for DecisionsOnly<S> {
     }
 }
 
+/// What a call's record names as its prompt: a chat request's messages, or an
+/// embeddings request's `input`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Prompted<'a> {
+    /// A chat request (whole or streamed, from any of the edge APIs).
+    Chat(&'a ChatRequest),
+    /// An embeddings request's raw `input`.
+    Input(&'a str),
+}
+
+/// How a call ended, as its record says it. The default: nobody answered, no failure,
+/// no attempt, nothing spent.
+#[derive(Debug, Default)]
+pub(crate) struct CallEnd<'a> {
+    /// The model that answered.
+    pub(crate) answered_by: Option<&'a str>,
+    /// The models that failed on the way, in order.
+    pub(crate) failures: &'a [ModelFailure],
+    /// Attempts made on every model.
+    pub(crate) attempts: u32,
+    /// What the attempts charged, if any reached a provider.
+    pub(crate) spent: Option<Spent>,
+    /// Correction rounds.
+    pub(crate) corrections: u32,
+    /// How a stream was rescued.
+    pub(crate) rescue: Option<&'a str>,
+    /// The error the client got.
+    pub(crate) error: Option<&'a GatewayError>,
+}
+
 /// The record of one call, written where every kind of call (whole, streamed,
 /// embeddings, the edge APIs) ends.
 impl crate::gateway::Gateway {
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn journal_call(
         &self,
         ctx: &CallContext,
         primary: &Model,
-        req: &ChatRequest,
-        answered_by: Option<&str>,
-        failures: &[ModelFailure],
-        attempts: u32,
-        spent: Option<Spent>,
-        corrections: u32,
-        rescue: Option<&str>,
-        error: Option<&GatewayError>,
+        prompt: Prompted<'_>,
+        end: CallEnd<'_>,
     ) {
-        let call = (Some(req), req.messages_raw());
-        self.journal_prompt(
-            ctx,
-            primary,
-            call,
-            answered_by,
-            failures,
-            attempts,
-            spent,
-            corrections,
-            rescue,
-            error,
-        );
-    }
-
-    /// As [`journal_call`](Self::journal_call) for any prompt: a chat request's
-    /// messages, or an embeddings request's `input` (with no request).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn journal_prompt(
-        &self,
-        ctx: &CallContext,
-        primary: &Model,
-        (req, prompt): (Option<&ChatRequest>, &str),
-        answered_by: Option<&str>,
-        failures: &[ModelFailure],
-        attempts: u32,
-        spent: Option<Spent>,
-        corrections: u32,
-        rescue: Option<&str>,
-        error: Option<&GatewayError>,
-    ) {
+        let CallEnd { answered_by, failures, attempts, spent, corrections, rescue, error } = end;
+        let (stream, prompt) = match prompt {
+            Prompted::Chat(req) => (req.stream, req.messages_raw()),
+            Prompted::Input(input) => (false, input),
+        };
         let Some(journal) = &self.journal else { return };
         let usage = spent.map(|s| s.usage);
         let cost = spent.map_or(0, |s| s.cost_micros);
@@ -260,7 +257,7 @@ impl crate::gateway::Gateway {
             api_key: ctx.api_key.clone(),
             model: primary.name.to_string(),
             answered_by: answered_by.map(str::to_owned),
-            stream: req.is_some_and(|r| r.stream),
+            stream,
             prompt: Prompt::new(prompt, primary.config.hash_prompts),
             attempts,
             corrections,

@@ -47,7 +47,7 @@ pub(crate) use route::{AttemptError, Route, final_failure};
 
 use crate::config::{GatewayConfig, ModelConfig};
 use crate::error::GatewayError;
-use crate::journal::CallJournal;
+use crate::journal::{CallEnd, CallJournal, Prompted};
 use crate::metrics::{MetricsSnapshot, ModelCounters, bump};
 use crate::upstream::Endpoint;
 use crate::wire::{AnswerSummary, ChatRequest, Usage};
@@ -272,7 +272,8 @@ impl Gateway {
             Ok(c) => c,
             Err(e) => {
                 primary.counters.request_failed(e.class);
-                self.journal_call(ctx, &primary, req, None, &e.failures, 0, None, 0, None, Some(&e));
+                let end = CallEnd { failures: &e.failures, error: Some(&e), ..CallEnd::default() };
+                self.journal_call(ctx, &primary, Prompted::Chat(req), end);
                 return Err(e);
             }
         };
@@ -284,35 +285,28 @@ impl Gateway {
         match result {
             Ok((done, route)) => {
                 bump(&self.models[&done.model].counters.answered, 1);
-                self.journal_call(
-                    ctx,
-                    &primary,
-                    req,
-                    Some(&done.model),
-                    &route.failures,
-                    done.attempts,
-                    Some(spent),
-                    done.corrections,
-                    None,
-                    None,
-                );
+                let end = CallEnd {
+                    answered_by: Some(&done.model),
+                    failures: &route.failures,
+                    attempts: done.attempts,
+                    spent: Some(spent),
+                    corrections: done.corrections,
+                    ..CallEnd::default()
+                };
+                self.journal_call(ctx, &primary, Prompted::Chat(req), end);
                 Ok(done)
             }
             Err(e) => {
                 primary.counters.request_failed(e.class);
                 let spent = (spent.attempts > 0).then_some(spent);
-                self.journal_call(
-                    ctx,
-                    &primary,
-                    req,
-                    None,
-                    &e.failures,
-                    e.attempts,
+                let end = CallEnd {
+                    failures: &e.failures,
+                    attempts: e.attempts,
                     spent,
-                    0,
-                    None,
-                    Some(&e),
-                );
+                    error: Some(&e),
+                    ..CallEnd::default()
+                };
+                self.journal_call(ctx, &primary, Prompted::Chat(req), end);
                 Err(e)
             }
         }

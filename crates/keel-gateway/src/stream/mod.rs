@@ -79,6 +79,7 @@ use tracing::Instrument;
 use crate::charges::{AttemptCharge, Charges};
 use crate::error::GatewayError;
 use crate::gateway::{AttemptError, CallContext, Gateway, Model, Route, final_failure};
+use crate::journal::{CallEnd, Prompted};
 use crate::metrics::bump;
 use crate::trace;
 use crate::validate;
@@ -131,7 +132,8 @@ impl Gateway {
             Ok(c) => c,
             Err(e) => {
                 primary.counters.request_failed(e.class);
-                self.journal_call(&ctx, &primary, &req, None, &[], 0, None, 0, None, Some(&e));
+                let end = CallEnd { error: Some(&e), ..CallEnd::default() };
+                self.journal_call(&ctx, &primary, Prompted::Chat(&req), end);
                 return Err(e);
             }
         };
@@ -160,18 +162,13 @@ impl Gateway {
                     }
                     let e = route.error();
                     primary.counters.request_failed(e.class);
-                    self.journal_call(
-                        &ctx,
-                        &primary,
-                        &req,
-                        None,
-                        &e.failures,
-                        e.attempts,
-                        None,
-                        0,
-                        None,
-                        Some(&e),
-                    );
+                    let end = CallEnd {
+                        failures: &e.failures,
+                        attempts: e.attempts,
+                        error: Some(&e),
+                        ..CallEnd::default()
+                    };
+                    self.journal_call(&ctx, &primary, Prompted::Chat(&req), end);
                     return Err(e);
                 }
             }
@@ -428,18 +425,16 @@ enum Corrected {
 impl Pump {
     /// Journals the call as it ended (the route's failures and attempts, the rescue).
     fn journal(&self, answered_by: Option<&str>, error: Option<&GatewayError>) {
-        self.gateway.journal_call(
-            &self.ctx,
-            &self.route.primary,
-            &self.req,
+        let end = CallEnd {
             answered_by,
-            &self.route.failures,
-            self.route.attempts,
-            Some(self.charges.spent()),
-            self.corrections,
-            self.rescue,
+            failures: &self.route.failures,
+            attempts: self.route.attempts,
+            spent: Some(self.charges.spent()),
+            corrections: self.corrections,
+            rescue: self.rescue,
             error,
-        );
+        };
+        self.gateway.journal_call(&self.ctx, &self.route.primary, Prompted::Chat(&self.req), end);
     }
 
     /// Settles the current attempt from its usage (its bound, when it gave none).
