@@ -73,6 +73,16 @@ async fn an_answer_without_usage_is_charged_its_upper_bound() {
     }
 }
 
+/// A chat request offering one tool, `get_weather(city)`.
+fn weather_request() -> Value {
+    json!({
+        "model": "gpt", "max_tokens": 20,
+        "messages": [{"role": "user", "content": "Weather in Paris?"}],
+        "tools": [{"type": "function", "function": {"name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}],
+    })
+}
+
 #[tokio::test]
 async fn every_attempt_that_reached_the_provider_is_charged_corrections_included() {
     let fake = Fake::start().await;
@@ -81,12 +91,7 @@ async fn every_attempt_that_reached_the_provider_is_charged_corrections_included
     let mut gpt = model(&fake, "m");
     gpt.correct = 2;
     let served = serve_with(vec![("gpt", gpt)], run_budget(1000)).await;
-    let body = json!({
-        "model": "gpt", "max_tokens": 20,
-        "messages": [{"role": "user", "content": "Weather in Paris?"}],
-        "tools": [{"type": "function", "function": {"name": "get_weather",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}],
-    });
+    let body = weather_request();
     let statuses = sequential(&served, &body, 30).await;
     let charged = counted(&served);
     report("invalid tool arguments, correct = 2", fake.billed_tokens(), 1000, 0);
@@ -106,12 +111,7 @@ async fn a_corrected_answer_charges_every_attempt_and_says_so() {
     gpt.correct = 2;
     gpt.prices = Prices { input_per_mtok: 1.0, output_per_mtok: 2.0 };
     let served = serve_with(vec![("gpt", gpt)], run_budget(1000)).await;
-    let body = json!({
-        "model": "gpt", "max_tokens": 20,
-        "messages": [{"role": "user", "content": "Weather in Paris?"}],
-        "tools": [{"type": "function", "function": {"name": "get_weather",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}],
-    });
+    let body = weather_request();
     let a = post_chat(&served.url, body, &[("x-keel-run", RUN)]).await;
     assert_eq!(a.status, 200, "{}", a.text);
     assert_eq!(a.header("x-keel-corrections"), "1");

@@ -95,18 +95,24 @@ async fn a_cut_stream_continues_on_a_fallback_that_accepts_prefill() {
     assert!(charged.completion_tokens > 2, "the primary's cut attempt is in it too: {charged:?}");
 }
 
-#[tokio::test]
-async fn a_prefill_fallback_that_restarts_its_answer_sends_no_text_twice_and_is_spliced_onto_next_time() {
+/// `gpt`, whose stream is cut after "The capital of France", falling back to `backup`,
+/// which says it takes a prefill but answers from the start whatever it is given.
+async fn cut_then_a_backup_that_restarts() -> (Fake, Fake, Vec<(&'static str, keel_gateway::ModelConfig)>) {
     let primary = Fake::start().await;
     primary.always(Reply::Cut(vec!["The capital", " of France"]));
     let backup = Fake::start().await;
-    // Says it takes a prefill, but answers from the start whatever it is given.
     backup.always(Reply::Text(vec!["The capital of", " France is", " Paris."]));
     let mut gpt = model(&primary, "m");
     gpt.fallbacks = vec!["backup".into()];
     let mut b = model(&backup, "b");
     b.accepts_prefill = true;
-    let served = serve(vec![("gpt", gpt), ("backup", b)]).await;
+    (primary, backup, vec![("gpt", gpt), ("backup", b)])
+}
+
+#[tokio::test]
+async fn a_prefill_fallback_that_restarts_its_answer_sends_no_text_twice_and_is_spliced_onto_next_time() {
+    let (_primary, backup, models) = cut_then_a_backup_that_restarts().await;
+    let served = serve(models).await;
     assert_eq!(served.gateway.takes_prefill("backup"), Some(true));
     let a = post_chat(&served.url, ask_stream("gpt"), &[]).await;
     assert_eq!(a.streamed_text(), "The capital of France is Paris.", "the repeat was dropped at the seam");
@@ -130,16 +136,9 @@ async fn a_prefill_fallback_that_restarts_its_answer_sends_no_text_twice_and_is_
 /// prefill, and the gate has the outcome to save.
 #[tokio::test]
 async fn a_learned_prefill_restart_survives_a_restart_through_the_gate() {
-    let primary = Fake::start().await;
-    primary.always(Reply::Cut(vec!["The capital", " of France"]));
-    let backup = Fake::start().await;
-    backup.always(Reply::Text(vec!["The capital of", " France is", " Paris."]));
-    let mut gpt = model(&primary, "m");
-    gpt.fallbacks = vec!["backup".into()];
-    let mut b = model(&backup, "b");
-    b.accepts_prefill = true;
+    let (_primary, _backup, models) = cut_then_a_backup_that_restarts().await;
     let models: std::collections::BTreeMap<String, keel_gateway::ModelConfig> =
-        [("gpt".to_owned(), gpt), ("backup".to_owned(), b)].into();
+        models.into_iter().map(|(n, m)| (n.to_owned(), m)).collect();
     let gate = Arc::new(keel_core::ConfidenceGate::new(keel_core::GateConfig::default()));
     let build = || {
         Arc::new(
