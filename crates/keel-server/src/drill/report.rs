@@ -121,6 +121,21 @@ pub struct Invariant {
     pub detail: String,
 }
 
+impl Invariant {
+    /// `name` held when no `breaches` were found: then `detail` says what was checked,
+    /// else `broken(breaches)` says what broke it.
+    fn check(
+        name: &'static str,
+        breaches: &[String],
+        checked: impl Into<String>,
+        broken: impl FnOnce(&[String]) -> String,
+    ) -> Invariant {
+        let held = breaches.is_empty();
+        let detail = if held { checked.into() } else { broken(breaches) };
+        Invariant { name, held, detail }
+    }
+}
+
 /// The whole report.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Report {
@@ -246,45 +261,33 @@ pub(super) fn build(
     }
     let total = ends.len();
     let invariants = vec![
-        Invariant {
-            name: "every call ended",
-            held: unended.is_empty(),
-            detail: if unended.is_empty() {
-                format!(
-                    "{total} calls answered, failed cleanly or handed to a person within {:?}",
-                    opts.call_bound
-                )
-            } else {
-                format!("{} call(s) still going at the bound: {}", unended.len(), unended.join(", "))
-            },
-        },
-        Invariant {
-            name: "no side effect repeated",
-            held: duplicates.is_empty(),
-            detail: if duplicates.is_empty() {
-                "no effect (a POST, PUT, PATCH or DELETE answered) happened twice under different keys".into()
-            } else {
-                duplicates.join("; ")
-            },
-        },
-        Invariant {
-            name: "retries within policy",
-            held: over_policy.is_empty(),
-            detail: if over_policy.is_empty() {
-                "no call's attempts exceeded its tool's policy".into()
-            } else {
-                over_policy.join("; ")
-            },
-        },
-        Invariant {
-            name: "every answer well-formed",
-            held: malformed.is_empty(),
-            detail: if malformed.is_empty() {
-                "whole answers non-empty, streams ended with [DONE] or an error event".into()
-            } else {
-                format!("malformed answers from: {}", malformed.join(", "))
-            },
-        },
+        Invariant::check(
+            "every call ended",
+            &unended,
+            format!(
+                "{total} calls answered, failed cleanly or handed to a person within {:?}",
+                opts.call_bound
+            ),
+            |u| format!("{} call(s) still going at the bound: {}", u.len(), u.join(", ")),
+        ),
+        Invariant::check(
+            "no side effect repeated",
+            &duplicates,
+            "no effect (a POST, PUT, PATCH or DELETE answered) happened twice under different keys",
+            |d| d.join("; "),
+        ),
+        Invariant::check(
+            "retries within policy",
+            &over_policy,
+            "no call's attempts exceeded its tool's policy",
+            |o| o.join("; "),
+        ),
+        Invariant::check(
+            "every answer well-formed",
+            &malformed,
+            "whole answers non-empty, streams ended with [DONE] or an error event",
+            |m| format!("malformed answers from: {}", m.join(", ")),
+        ),
     ];
     let ok = invariants.iter().all(|i| i.held);
     Report {
