@@ -179,6 +179,7 @@ impl Gateway {
                     route.attempts += attempts;
                     let usage = answer.summary.usage.unwrap_or_default();
                     let fallback = route.primary.name != model.name;
+                    let spent = charges.spent();
                     return Ok((
                         Completion {
                             model: model.name.clone(),
@@ -188,8 +189,8 @@ impl Gateway {
                             attempts: route.attempts,
                             fallback,
                             corrections,
-                            charged_tokens: charges.spent().usage.total_tokens,
-                            charged_cost_micros: charges.spent().cost_micros,
+                            charged_tokens: spent.usage.total_tokens,
+                            charged_cost_micros: spent.cost_micros,
                         },
                         route,
                     ));
@@ -211,6 +212,7 @@ impl Gateway {
                             // answer (with its reason) goes to the agent unchanged.
                             if let (ErrorClass::Refusal, Some(answer)) = (failure.class, rejected) {
                                 let usage = answer.summary.usage.unwrap_or_default();
+                                let spent = charges.spent();
                                 return Ok((
                                     Completion {
                                         fallback: route.primary.name != model.name,
@@ -220,8 +222,8 @@ impl Gateway {
                                         usage,
                                         attempts: route.attempts,
                                         corrections: 0,
-                                        charged_tokens: charges.spent().usage.total_tokens,
-                                        charged_cost_micros: charges.spent().cost_micros,
+                                        charged_tokens: spent.usage.total_tokens,
+                                        charged_cost_micros: spent.cost_micros,
                                     },
                                     route,
                                 ));
