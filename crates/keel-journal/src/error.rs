@@ -69,6 +69,9 @@ pub enum Error {
     /// The background writer stopped; events handed to it were not written.
     #[error("the journal writer has stopped")]
     WriterClosed,
+    /// A bug in the journal itself (an invariant of its own code did not hold).
+    #[error("journal bug: {0}")]
+    Internal(&'static str),
     /// A batch written by the background writer failed; every event in it is lost.
     #[error("a batch of journal events could not be written")]
     Batch(#[source] Arc<Error>),
@@ -87,6 +90,7 @@ impl Error {
             | Error::Migrate(_)
             | Error::Codec(_)
             | Error::UnsupportedSchema { .. }
+            | Error::Internal(_)
             | Error::WriterClosed => true,
             Error::Url(_) | Error::LeaseLost { .. } | Error::ClaimLost(_) | Error::InProgress(_) => false,
             Error::Batch(inner) => inner.is_storage(),
@@ -100,7 +104,9 @@ impl Classified for Error {
             Error::DiskFull(_) => ErrorClass::ServerError,
             Error::Busy(_) => ErrorClass::Timeout,
             Error::Connection(_) => ErrorClass::Network,
-            Error::Database(_) | Error::Migrate(_) | Error::WriterClosed => ErrorClass::ServerError,
+            Error::Database(_) | Error::Migrate(_) | Error::WriterClosed | Error::Internal(_) => {
+                ErrorClass::ServerError
+            }
             Error::Codec(_) | Error::UnsupportedSchema { .. } | Error::Url(_) => ErrorClass::InvalidRequest,
             Error::LeaseLost { .. } | Error::ClaimLost(_) => ErrorClass::Conflict,
             Error::InProgress(_) => ErrorClass::Timeout,
@@ -124,6 +130,7 @@ impl Error {
             | Error::LeaseLost { .. }
             | Error::ClaimLost(_)
             | Error::InProgress(_)
+            | Error::Internal(_)
             | Error::WriterClosed => false,
         }
     }
@@ -136,6 +143,24 @@ impl From<sqlx::Error> for Error {
             Kind::Busy => Error::Busy(e),
             Kind::Connection => Error::Connection(e),
             Kind::Other => Error::Database(e),
+        }
+    }
+}
+
+/// SQLite's own errors on the write path ([`crate::sqlite`]'s handle), classified by
+/// their result code as sqlx's are; the message is kept as the source.
+impl From<rusqlite::Error> for Error {
+    fn from(e: rusqlite::Error) -> Self {
+        let code = match &e {
+            rusqlite::Error::SqliteFailure(f, _) => f.extended_code,
+            _ => 0,
+        };
+        let cause = sqlx::Error::Protocol(format!("sqlite: {e}"));
+        match sqlite_kind(code) {
+            Kind::DiskFull => Error::DiskFull(cause),
+            Kind::Busy => Error::Busy(cause),
+            Kind::Connection => Error::Connection(cause),
+            Kind::Other => Error::Database(cause),
         }
     }
 }

@@ -47,12 +47,36 @@ impl PostgresJournal {
     }
 }
 
+crate::store::exec::sqlx_exec!(PgConnection, Postgres);
+
+/// Runs `$body` (a `Result<T>` using `$conn: &mut dyn Exec`) on a pooled connection:
+/// `tx` in a transaction (committed when it is `Ok`; an early `return` or `?` rolls it
+/// back), `auto` statement by statement.
+macro_rules! pg_write {
+    ($self:ident, tx, $conn:ident => $body:expr) => {{
+        let mut tx = $self.write.begin().await?;
+        let value: crate::Result<_> = {
+            let $conn: &mut dyn crate::store::exec::Exec = &mut *tx;
+            $body
+        };
+        let value = value?;
+        tx.commit().await?;
+        Ok(value)
+    }};
+    ($self:ident, auto, $conn:ident => $body:expr) => {{
+        let mut pooled = $self.write.acquire().await?;
+        let $conn: &mut dyn crate::store::exec::Exec = &mut *pooled;
+        $body
+    }};
+}
+
 crate::store::sql_journal!(
     PostgresJournal,
     Postgres,
     PgConnection,
     backend = crate::Backend::Postgres,
     begin = "BEGIN",
+    write = pg_write,
     lock_lease = " FOR SHARE",
     claim_candidates = "\
 SELECT r.run_id FROM runs r LEFT JOIN leases l ON l.run_id = r.run_id \

@@ -24,7 +24,13 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 /// A journal in one SQLite file.
 #[derive(Debug)]
 pub struct SqliteJournal {
+    /// The hot writes' connection (appends, runs, leases, claims).
+    writer: tokio::sync::Mutex<rusqlite::Connection>,
+    /// The other writes' (rebuild, prune, gate history, alerts, claiming runs), and
+    /// the checkpoints.
     write: SqlitePool,
+    /// Writes on `writer` so far, and whether a checkpoint is running.
+    checkpoints: std::sync::Arc<(std::sync::atomic::AtomicU64, std::sync::atomic::AtomicBool)>,
     read: SqlitePool,
     options: JournalOptions,
 }
@@ -45,22 +51,48 @@ impl SqliteJournal {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(5))
+            .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(false);
         // Processes opening one new file at once would race to switch it to WAL and
         // to create its tables: one at a time opens it, under a lock on a file beside it.
         let _opening = open_lock(path).await?;
+        // A file's connection does not go stale as a network one does: no ping (a round
+        // trip to the connection's thread) before each use.
         let write = SqlitePoolOptions::new()
             .max_connections(1)
+            .test_before_acquire(false)
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(connect.clone())
             .await?;
         MIGRATOR.run(&write).await?;
         let read = SqlitePoolOptions::new()
+            .test_before_acquire(false)
             .max_connections(options.max_connections.max(1))
             .connect_with(connect)
             .await?;
-        Ok(Self { write, read, options })
+        let writer = tokio::sync::Mutex::new(open_writer(path)?);
+        Ok(Self { writer, write, read, options, checkpoints: Default::default() })
+    }
+}
+
+impl SqliteJournal {
+    /// Counts a write on the write connection; every [`CHECKPOINT_EVERY`] writes,
+    /// checkpoints the WAL in the background (`PASSIVE`: writers go on meanwhile).
+    fn wrote(&self) {
+        use std::sync::atomic::Ordering;
+        let (count, running) = &*self.checkpoints;
+        if count.fetch_add(1, Ordering::Relaxed) % CHECKPOINT_EVERY != CHECKPOINT_EVERY - 1
+            || running.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let (pool, flags) = (self.write.clone(), self.checkpoints.clone());
+        tokio::spawn(async move {
+            if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool).await {
+                tracing::debug!(error = %e, "journal checkpoint failed; the next one retries");
+            }
+            flags.1.store(false, Ordering::Release);
+        });
     }
 }
 
@@ -97,12 +129,161 @@ async fn open_lock(path: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
     }
 }
 
+crate::store::exec::sqlx_exec!(SqliteConnection, Sqlite);
+
+/// How long a write on the write connection waits for another *process* holding the
+/// file's write lock before it fails as busy (and is retried with backoff by
+/// `with_retry`, off the thread): it runs on a tokio worker, which must not sleep long.
+const RAW_BUSY_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// The sqlx connections' busy timeout (their waits are on sqlx's own threads).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Statements kept prepared on the write connection: the journal's writes, and the
+/// multi-row inserts of the batch sizes seen lately.
+const STATEMENT_CACHE: usize = 128;
+
+/// Writes on the write connection between two checkpoints.
+const CHECKPOINT_EVERY: u64 = 200;
+
+/// Opens the write connection the journal's hot writes run on ([`Raw`]).
+fn open_writer(path: &Path) -> Result<rusqlite::Connection> {
+    let conn = rusqlite::Connection::open(path)?;
+    conn.busy_timeout(RAW_BUSY_TIMEOUT)?;
+    // WAL is the file's (set by the first open); durability is per connection.
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    // Checkpoints (the WAL copied into the file, with an fsync: milliseconds) run on
+    // sqlx's thread, every CHECKPOINT_EVERY writes, never inside a call's write.
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    Ok(conn)
+}
+
+/// One write on the journal's write connection: statements run on the calling thread,
+/// prepared once per connection ([`Exec`] for SQLite). A statement on sqlx's SQLite
+/// driver is two thread switches (to its connection's thread and back); a durable
+/// tool call is a dozen statements, and those switches were most of its time.
+///
+/// [`Exec`]: crate::store::exec::Exec
+pub(crate) struct Raw<'c> {
+    conn: &'c mut rusqlite::Connection,
+    tx: bool,
+}
+
+impl<'c> Raw<'c> {
+    /// Starts a write: `BEGIN IMMEDIATE` when `tx`, else each statement commits itself.
+    pub(crate) fn begin(conn: &'c mut rusqlite::Connection, tx: bool) -> Result<Self> {
+        if tx {
+            conn.execute_batch("BEGIN IMMEDIATE")?;
+        }
+        Ok(Self { conn, tx })
+    }
+
+    /// Commits `result`'s write (or rolls it back when it failed): no transaction is
+    /// left open.
+    pub(crate) fn finish<T>(self, result: Result<T>) -> Result<T> {
+        let result = match result {
+            Ok(v) if self.tx => self.conn.execute_batch("COMMIT").map(|()| v).map_err(crate::Error::from),
+            other => other,
+        };
+        if !self.conn.is_autocommit() {
+            // Failed, or its COMMIT did: nothing of it stays.
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+        result
+    }
+
+    fn statement(
+        &self,
+        sql: &str,
+        args: &[crate::store::exec::Arg<'_>],
+    ) -> Result<rusqlite::CachedStatement<'_>> {
+        use crate::store::exec::Arg;
+        use rusqlite::types::Null;
+        let mut stmt = self.conn.prepare_cached(sql)?;
+        for i in 1..=stmt.parameter_count() {
+            // `$N` is the N-th argument wherever it appears (SQLite numbers named
+            // parameters by first appearance).
+            let n = stmt
+                .parameter_name(i)
+                .and_then(|name| name.strip_prefix('$'))
+                .and_then(|n| n.parse::<usize>().ok())
+                .ok_or(crate::Error::Internal("a journal statement has a parameter that is not $N"))?;
+            match args
+                .get(n.wrapping_sub(1))
+                .ok_or(crate::Error::Internal("a journal statement lacks an argument"))?
+            {
+                Arg::Int(v) => stmt.raw_bind_parameter(i, v)?,
+                Arg::Text(s) => stmt.raw_bind_parameter(i, s)?,
+                Arg::NullInt | Arg::NullText => stmt.raw_bind_parameter(i, Null)?,
+            }
+        }
+        Ok(stmt)
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::store::exec::Exec for Raw<'_> {
+    async fn execute(&mut self, sql: &str, args: &[crate::store::exec::Arg<'_>]) -> Result<u64> {
+        let mut stmt = self.statement(sql, args)?;
+        let n = stmt.raw_execute()?;
+        Ok(n as u64)
+    }
+
+    async fn fetch_row(
+        &mut self,
+        sql: &str,
+        args: &[crate::store::exec::Arg<'_>],
+    ) -> Result<Option<Vec<crate::store::exec::Col>>> {
+        use crate::store::exec::Col;
+        use rusqlite::types::ValueRef;
+        let mut stmt = self.statement(sql, args)?;
+        let width = stmt.column_count();
+        let mut rows = stmt.raw_query();
+        let Some(row) = rows.next()? else { return Ok(None) };
+        let mut cols = Vec::with_capacity(width);
+        for i in 0..width {
+            cols.push(match row.get_ref(i)? {
+                ValueRef::Integer(v) => Col::Int(v),
+                ValueRef::Text(t) => Col::Text(String::from_utf8_lossy(t).into_owned()),
+                ValueRef::Null => Col::Null,
+                ValueRef::Real(f) => Col::Int(f as i64),
+                ValueRef::Blob(b) => Col::Text(String::from_utf8_lossy(b).into_owned()),
+            });
+        }
+        // The rest of the rows (a RETURNING of many) run to their end on drop.
+        while rows.next()?.is_some() {}
+        Ok(Some(cols))
+    }
+}
+
+/// Runs `$body` (an expression of type `Result<T>` using `$conn: &mut dyn Exec`) on the
+/// journal's write connection: `tx` in one `BEGIN IMMEDIATE` transaction, `auto`
+/// statement by statement. Only `Exec` calls may be awaited in it.
+macro_rules! sqlite_write {
+    ($self:ident, $mode:ident, $conn:ident => $body:expr) => {{
+        let mut writer = $self.writer.lock().await;
+        let mut raw = crate::sqlite::Raw::begin(&mut writer, sqlite_write!(@tx $mode))?;
+        let result = {
+            let $conn: &mut dyn crate::store::exec::Exec = &mut raw;
+            crate::store::exec::ready(async { $body })
+        };
+        let result = raw.finish(result);
+        drop(writer);
+        $self.wrote();
+        result
+    }};
+    (@tx tx) => { true };
+    (@tx auto) => { false };
+}
+
 crate::store::sql_journal!(
     SqliteJournal,
     Sqlite,
     SqliteConnection,
     backend = crate::Backend::Sqlite,
     begin = "BEGIN IMMEDIATE",
+    write = sqlite_write,
     lock_lease = "",
     claim_candidates = crate::store::sql::CLAIM_CANDIDATES,
 );

@@ -7,9 +7,11 @@
 //! Projections live in [`project`](self::project) and run inside the append's
 //! transaction, which is what makes a crash leave events and state in agreement.
 
+pub(crate) mod exec;
 pub(crate) mod incidents;
 pub(crate) mod project;
 pub(crate) mod sql;
+pub(crate) mod write;
 
 /// Expands the [`Journal`](crate::Journal) implementation for one sqlx driver.
 ///
@@ -20,6 +22,7 @@ macro_rules! sql_journal {
         $journal:ident, $db:ty, $conn:ty,
         backend = $backend:expr,
         begin = $begin:expr,
+        write = $write:ident,
         lock_lease = $lock_lease:literal,
         claim_candidates = $candidates:expr $(,)?
     ) => {
@@ -38,41 +41,39 @@ macro_rules! sql_journal {
             }
 
             async fn append_once(&self, events: &[crate::NewEvent]) -> crate::Result<Vec<u64>> {
-                let mut tx = self.write.begin_with($begin).await?;
-                // Fenced events go in only while their lease is held at their epoch.
-                let mut checked: Vec<&crate::Lease> = Vec::new();
-                for lease in events.iter().filter_map(|e| e.fence.as_deref()) {
-                    if checked.contains(&lease) {
-                        continue;
+                use crate::store::exec::args;
+                let now = self.now();
+                $write!(self, tx, conn => {
+                    // Fenced events go in only while their lease is held at their epoch.
+                    let mut checked: Vec<&crate::Lease> = Vec::new();
+                    for lease in events.iter().filter_map(|e| e.fence.as_deref()) {
+                        if checked.contains(&lease) {
+                            continue;
+                        }
+                        let held = conn
+                            .fetch_i64(
+                                concat!(
+                                    "SELECT epoch FROM leases WHERE run_id = $1 AND owner = $2 AND epoch = $3",
+                                    $lock_lease
+                                ),
+                                args![lease.run_id, lease.owner, lease.epoch as i64],
+                            )
+                            .await?;
+                        if held.is_none() {
+                            return Err(crate::Error::LeaseLost {
+                                run_id: lease.run_id.clone(),
+                                owner: lease.owner.clone(),
+                            });
+                        }
+                        checked.push(lease);
                     }
-                    let held: Option<i64> = sqlx::query_scalar(concat!(
-                        "SELECT epoch FROM leases WHERE run_id = $1 AND owner = $2 AND epoch = $3",
-                        $lock_lease
-                    ))
-                    .bind(&lease.run_id)
-                    .bind(&lease.owner)
-                    .bind(lease.epoch as i64)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                    if held.is_none() {
-                        return Err(crate::Error::LeaseLost {
-                            run_id: lease.run_id.clone(),
-                            owner: lease.owner.clone(),
-                        });
+                    let seqs = crate::store::write::append_tx(&mut *conn, now, events).await?;
+                    for lease in events.iter().filter(|e| e.release).filter_map(|e| e.fence.as_deref()) {
+                        conn.execute(crate::store::sql::RELEASE_LEASE, args![lease.run_id, lease.owner, lease.epoch as i64])
+                            .await?;
                     }
-                    checked.push(lease);
-                }
-                let seqs = ops::append_tx(&mut *tx, self.now(), events).await?;
-                for lease in events.iter().filter(|e| e.release).filter_map(|e| e.fence.as_deref()) {
-                    sqlx::query(crate::store::sql::RELEASE_LEASE)
-                        .bind(&lease.run_id)
-                        .bind(&lease.owner)
-                        .bind(lease.epoch as i64)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                tx.commit().await?;
-                Ok(seqs)
+                    Ok(seqs)
+                })
             }
 
             /// Creates the run unless it exists; with `lease` (owner, ttl), takes its lease
@@ -83,48 +84,48 @@ macro_rules! sql_journal {
                 events: &[crate::NewEvent],
                 lease: Option<(&str, std::time::Duration)>,
             ) -> crate::Result<Option<Option<crate::Lease>>> {
+                use crate::store::exec::args;
                 let now = self.now();
-                let mut tx = self.write.begin_with($begin).await?;
-                let fresh: Option<String> = sqlx::query_scalar(crate::store::sql::CREATE_RUN)
-                    .bind(run_id)
-                    .bind(now)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                if fresh.is_none() {
-                    // The run exists: nothing to write (dropping `tx` rolls back).
-                    return Ok(None);
-                }
-                ops::append_tx(&mut *tx, now, events).await?;
-                let held = match lease {
-                    Some((owner, ttl)) => Self::acquire_in(&mut *tx, run_id, owner, now, ttl).await?,
-                    None => None,
-                };
-                tx.commit().await?;
-                Ok(Some(held))
+                $write!(self, tx, conn => {
+                    let fresh = conn.fetch_text(crate::store::sql::CREATE_RUN, args![run_id, now]).await?;
+                    if fresh.is_none() {
+                        // The run exists: nothing was written.
+                        return Ok(None);
+                    }
+                    crate::store::write::append_tx(&mut *conn, now, events).await?;
+                    let held = match lease {
+                        Some((owner, ttl)) => Self::acquire_in(&mut *conn, run_id, owner, now, ttl).await?,
+                        None => None,
+                    };
+                    Ok(Some(held))
+                })
             }
 
             async fn claim_once(&self, key: &str, token: &str) -> crate::Result<crate::Claim> {
-                let now = self.now();
-                let expires = now + crate::journal::ms(self.options.claim_ttl);
-                let mut conn = self.write.acquire().await?;
-                let won: Option<String> = sqlx::query_scalar(crate::store::sql::CLAIM)
-                    .bind(key)
-                    .bind(token)
-                    .bind(now)
-                    .bind(expires)
-                    .fetch_optional(&mut *conn)
-                    .await?;
+                $write!(self, auto, conn => Self::claim_in(&mut *conn, key, token, self.now(), self.options.claim_ttl).await)
+            }
+
+            async fn claim_in(
+                conn: &mut dyn crate::store::exec::Exec,
+                key: &str,
+                token: &str,
+                now: i64,
+                ttl: std::time::Duration,
+            ) -> crate::Result<crate::Claim> {
+                use crate::store::exec::args;
+                let expires = now + crate::journal::ms(ttl);
+                let won = conn.fetch_text(crate::store::sql::CLAIM, args![key, token, now, expires]).await?;
                 if won.is_some() {
                     return Ok(crate::Claim::Won(crate::ClaimToken { key: key.to_owned(), token: token.to_owned() }));
                 }
-                let row = sqlx::query(crate::store::sql::CLAIM_LOOKUP).bind(key).fetch_optional(&mut *conn).await?;
-                let Some(row) = row else {
+                let Some(row) = conn.fetch_row(crate::store::sql::CLAIM_LOOKUP, args![key]).await? else {
                     // Deleted between the two statements (released): claim again.
                     return Ok(crate::Claim::InProgress { expires_at_ms: now });
                 };
-                let state: String = row.try_get("state")?;
-                let result: Option<String> = row.try_get("result")?;
-                let expires_at_ms: i64 = row.try_get("expires_at")?;
+                let mut row = row.into_iter();
+                let state = row.next().and_then(crate::store::exec::Col::text).unwrap_or_default();
+                let result = row.next().and_then(crate::store::exec::Col::text);
+                let expires_at_ms = row.next().and_then(|c| c.int()).unwrap_or(now);
                 match (state.as_str(), result) {
                     ("done", Some(result)) => Ok(crate::Claim::Done(serde_json::from_str::<serde_json::Value>(&result)?)),
                     _ => Ok(crate::Claim::InProgress { expires_at_ms }),
@@ -132,24 +133,16 @@ macro_rules! sql_journal {
             }
 
             async fn acquire_in(
-                conn: &mut $conn,
+                conn: &mut dyn crate::store::exec::Exec,
                 run_id: &str,
                 owner: &str,
                 now: i64,
                 ttl: std::time::Duration,
             ) -> crate::Result<Option<crate::Lease>> {
+                use crate::store::exec::args;
                 let expires = now + crate::journal::ms(ttl);
-                let previous: Option<String> = sqlx::query_scalar(crate::store::sql::LEASE_HOLDER)
-                    .bind(run_id)
-                    .fetch_optional(&mut *conn)
-                    .await?;
-                let epoch: Option<i64> = sqlx::query_scalar(crate::store::sql::ACQUIRE_LEASE)
-                    .bind(run_id)
-                    .bind(owner)
-                    .bind(expires)
-                    .bind(now)
-                    .fetch_optional(&mut *conn)
-                    .await?;
+                let previous = conn.fetch_text(crate::store::sql::LEASE_HOLDER, args![run_id]).await?;
+                let epoch = conn.fetch_i64(crate::store::sql::ACQUIRE_LEASE, args![run_id, owner, expires, now]).await?;
                 Ok(epoch.map(|epoch| crate::Lease {
                     run_id: run_id.to_owned(),
                     owner: owner.to_owned(),
@@ -196,8 +189,8 @@ macro_rules! sql_journal {
                     }
                     for row in rows {
                         let event = ops::decode_event(&row)?;
-                        ops::touch_absolute(&mut *tx, &event.run_id, event.seq, event.recorded_at_ms).await?;
-                        ops::project(&mut *tx, &event.run_id, event.seq, event.recorded_at_ms, &event.event).await?;
+                        crate::store::write::touch_absolute(&mut *tx, &event.run_id, event.seq, event.recorded_at_ms).await?;
+                        crate::store::write::project(&mut *tx, &event.run_id, event.seq, event.recorded_at_ms, &event.event).await?;
                         run = event.run_id;
                         seq = event.seq as i64;
                     }
@@ -449,20 +442,19 @@ macro_rules! sql_journal {
                 let token = format!("{:032x}", fastrand::u128(..));
                 let token = token.as_str();
                 crate::error::with_retry("take_over_claim", crate::error::Repeat::Safe, || async move {
-                    let now = self.now();
-                    let expires = now + crate::journal::ms(self.options.claim_ttl);
-                    let won: Option<String> = sqlx::query_scalar(crate::store::sql::TAKE_OVER_CLAIM)
-                        .bind(key)
-                        .bind(token)
-                        .bind(now)
-                        .bind(expires)
-                        .fetch_optional(&self.write)
-                        .await?;
-                    if won.is_some() {
-                        return Ok(crate::Claim::Won(crate::ClaimToken { key: key.to_owned(), token: token.to_owned() }));
-                    }
-                    // Completed (answer with its result) or absent (claim it afresh).
-                    self.claim_once(key, token).await
+                    let (claim_ttl, now) = (self.options.claim_ttl, self.now());
+                    $write!(self, auto, conn => {
+                        use crate::store::exec::args;
+                        let expires = now + crate::journal::ms(claim_ttl);
+                        let won = conn
+                            .fetch_text(crate::store::sql::TAKE_OVER_CLAIM, args![key, token, now, expires])
+                            .await?;
+                        if won.is_some() {
+                            return Ok(crate::Claim::Won(crate::ClaimToken { key: key.to_owned(), token: token.to_owned() }));
+                        }
+                        // Completed (answer with its result) or absent (claim it afresh).
+                        Self::claim_in(&mut *conn, key, token, now, claim_ttl).await
+                    })
                 })
                 .await
             }
@@ -472,14 +464,14 @@ macro_rules! sql_journal {
                 let result = result.as_str();
                 crate::error::with_retry("complete", crate::error::Repeat::Safe, || async move {
                     let expires = self.now() + crate::journal::ms(self.options.idempotency_ttl);
-                    let done = sqlx::query(crate::store::sql::COMPLETE_CLAIM)
-                        .bind(&token.key)
-                        .bind(&token.token)
-                        .bind(result)
-                        .bind(expires)
-                        .execute(&self.write)
-                        .await?;
-                    if done.rows_affected() == 0 {
+                    let done = $write!(self, auto, conn => {
+                        conn.execute(
+                            crate::store::sql::COMPLETE_CLAIM,
+                            crate::store::exec::args![token.key, token.token, result, expires],
+                        )
+                        .await
+                    })?;
+                    if done == 0 {
                         return Err(crate::Error::ClaimLost(token.key.clone()));
                     }
                     Ok(())
@@ -489,11 +481,13 @@ macro_rules! sql_journal {
 
             async fn release_claim(&self, token: &crate::ClaimToken) -> crate::Result<()> {
                 crate::error::with_retry("release_claim", crate::error::Repeat::Safe, || async move {
-                    sqlx::query("DELETE FROM idempotency_keys WHERE key = $1 AND token = $2 AND state = 'in_progress'")
-                        .bind(&token.key)
-                        .bind(&token.token)
-                        .execute(&self.write)
-                        .await?;
+                    $write!(self, auto, conn => {
+                        conn.execute(
+                            "DELETE FROM idempotency_keys WHERE key = $1 AND token = $2 AND state = 'in_progress'",
+                            crate::store::exec::args![token.key, token.token],
+                        )
+                        .await
+                    })?;
                     Ok(())
                 })
                 .await
@@ -506,8 +500,8 @@ macro_rules! sql_journal {
                 ttl: std::time::Duration,
             ) -> crate::Result<Option<crate::Lease>> {
                 crate::error::with_retry("acquire_lease", crate::error::Repeat::Safe, || async move {
-                    let mut conn = self.write.acquire().await?;
-                    Self::acquire_in(&mut *conn, run_id, owner, self.now(), ttl).await
+                    let now = self.now();
+                    $write!(self, auto, conn => Self::acquire_in(&mut *conn, run_id, owner, now, ttl).await)
                 })
                 .await
             }
@@ -515,16 +509,14 @@ macro_rules! sql_journal {
             async fn renew_lease(&self, lease: &crate::Lease, ttl: std::time::Duration) -> crate::Result<crate::Lease> {
                 crate::error::with_retry("renew_lease", crate::error::Repeat::Safe, || async move {
                     let expires = self.now() + crate::journal::ms(ttl);
-                    let done = sqlx::query(
-                        "UPDATE leases SET expires_at = $4 WHERE run_id = $1 AND owner = $2 AND epoch = $3",
-                    )
-                    .bind(&lease.run_id)
-                    .bind(&lease.owner)
-                    .bind(lease.epoch as i64)
-                    .bind(expires)
-                    .execute(&self.write)
-                    .await?;
-                    if done.rows_affected() == 0 {
+                    let done = $write!(self, auto, conn => {
+                        conn.execute(
+                            "UPDATE leases SET expires_at = $4 WHERE run_id = $1 AND owner = $2 AND epoch = $3",
+                            crate::store::exec::args![lease.run_id, lease.owner, lease.epoch as i64, expires],
+                        )
+                        .await
+                    })?;
+                    if done == 0 {
                         return Err(crate::Error::LeaseLost { run_id: lease.run_id.clone(), owner: lease.owner.clone() });
                     }
                     Ok(crate::Lease { expires_at_ms: expires, ..lease.clone() })
@@ -534,12 +526,13 @@ macro_rules! sql_journal {
 
             async fn release_lease(&self, lease: &crate::Lease) -> crate::Result<()> {
                 crate::error::with_retry("release_lease", crate::error::Repeat::Safe, || async move {
-                    sqlx::query(crate::store::sql::RELEASE_LEASE)
-                        .bind(&lease.run_id)
-                        .bind(&lease.owner)
-                        .bind(lease.epoch as i64)
-                        .execute(&self.write)
-                        .await?;
+                    $write!(self, auto, conn => {
+                        conn.execute(
+                            crate::store::sql::RELEASE_LEASE,
+                            crate::store::exec::args![lease.run_id, lease.owner, lease.epoch as i64],
+                        )
+                        .await
+                    })?;
                     Ok(())
                 })
                 .await

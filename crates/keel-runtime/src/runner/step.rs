@@ -357,23 +357,29 @@ async fn call_once(
 ) -> Result<Result<Value, StepEnd>> {
     let r = ctx.runner;
     let index = ctx.index as u32;
-    // Idempotency: a completed key answers without acting again.
-    let token = match r.journal.claim(key).await? {
-        Claim::Done(result) => return Ok(Ok(result)),
-        Claim::Won(token) => token,
-        // We hold the run's lease, so the claimer was an earlier holder of this run
-        // that died mid-call: take its claim over. The tool sees the same
-        // Idempotency-Key, so a call that did reach it is not repeated there either.
-        Claim::InProgress { .. } => match r.journal.take_over_claim(key).await? {
+    // Idempotency: a completed key answers without acting again. Only a write-like
+    // tool's call is claimed: a read-only one has no effect to keep from repeating (a
+    // resumed drive asks it again), and its claim was two more writes per call.
+    let token = if tool.write {
+        Some(match r.journal.claim(key).await? {
             Claim::Done(result) => return Ok(Ok(result)),
             Claim::Won(token) => token,
-            Claim::InProgress { .. } => {
-                return ctx
-                    .fail(ErrorClass::Conflict, format!("idempotency key `{key}` is held"))
-                    .await
-                    .map(Err);
-            }
-        },
+            // We hold the run's lease, so the claimer was an earlier holder of this run
+            // that died mid-call: take its claim over. The tool sees the same
+            // Idempotency-Key, so a call that did reach it is not repeated there either.
+            Claim::InProgress { .. } => match r.journal.take_over_claim(key).await? {
+                Claim::Done(result) => return Ok(Ok(result)),
+                Claim::Won(token) => token,
+                Claim::InProgress { .. } => {
+                    return ctx
+                        .fail(ErrorClass::Conflict, format!("idempotency key `{key}` is held"))
+                        .await
+                        .map(Err);
+                }
+            },
+        })
+    } else {
+        None
     };
 
     // Where an earlier drive left this call: its attempts and what is left of its
@@ -449,7 +455,9 @@ async fn call_once(
     };
     match result {
         Ok(output) => {
-            r.journal.complete(&token, &output).await?;
+            if let Some(token) = &token {
+                r.journal.complete(token, &output).await?;
+            }
             match ctx.check_output.map_or(OutputVerdict::Ok, |check| check(&output)) {
                 OutputVerdict::Ok => Ok(Ok(output)),
                 OutputVerdict::Correct(f) => ctx.fail(f.class, f.message).await.map(Err),
@@ -459,7 +467,9 @@ async fn call_once(
             }
         }
         Err(e) => {
-            r.journal.release_claim(&token).await?;
+            if let Some(token) = &token {
+                r.journal.release_claim(token).await?;
+            }
             finish_err(ctx, tool, params, e).await.map(Err)
         }
     }
