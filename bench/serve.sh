@@ -6,6 +6,7 @@
 #
 # usage: bench/serve.sh
 # env: CONNS="1 50"  DURATION=10  WARMUP=3  ROUNDS=2  SHARED_BENCH=../shared/bench
+#      KEEL_BIN (another build of keel, e.g. the commit before a change), KEEL_BENCH_DB
 # Needs Debian's nginx and wrk (apt-get install -y nginx wrk). Prints a markdown table
 # (median over rounds); raw wrk logs under $OUT.
 set -euo pipefail
@@ -19,7 +20,7 @@ OUT="${OUT:-$WORK}"
 mkdir -p "$OUT"
 
 cargo build --release -q -p keel-cli
-BIN="${CARGO_TARGET_DIR:-target}/release/keel"
+BIN="${KEEL_BIN:-${CARGO_TARGET_DIR:-target}/release/keel}"
 
 # The fake upstream, unless already running (then it is left running).
 NGINX_PIDFILE=""
@@ -30,7 +31,8 @@ if ! curl -sf -o /dev/null -XPOST -H 'Content-Type: application/json' \
 fi
 
 export KEEL_BENCH_KEY="bench-key-$RANDOM$RANDOM$RANDOM"
-export KEEL_BENCH_DB="sqlite://$WORK/keel.db"
+# KEEL_BENCH_DB=postgres://... measures the PostgreSQL journal instead.
+export KEEL_BENCH_DB="${KEEL_BENCH_DB:-sqlite://$WORK/keel.db}"
 "$BIN" --config bench/serve.toml serve > "$WORK/keel.log" 2>&1 &
 KEEL_PID=$!
 cleanup() {
@@ -47,14 +49,18 @@ done
 # Keel's request body: the upstream's body as the tool's parameters.
 printf '{"params":%s}' "$(cat "$SHARED_BENCH/body.json")" > "$WORK/invoke.json"
 code=$(curl -s -o "$WORK/check.json" -w '%{http_code}' -XPOST -H 'Content-Type: application/json' \
+  -H "Idempotency-Key: check-$RANDOM$RANDOM" \
   -H "Authorization: Bearer $KEEL_BENCH_KEY" --data @"$WORK/invoke.json" "$KEEL")
 [ "$code" = 200 ] || { echo "keel answered HTTP $code: $(cat "$WORK/check.json")" >&2; exit 1; }
 
 load() {  # $1 conns, $2 seconds, $3 target, $4 log
   local body="$SHARED_BENCH/body.json" url="$UPSTREAM" auth=""
   if [ "$3" = keel ]; then body="$WORK/invoke.json"; url="$KEEL"; auth="$KEEL_BENCH_KEY"; fi
-  BODY_FILE="$body" AUTH="$auth" MODEL="" \
-    wrk -t1 -c"$1" -d"${2}s" --timeout 10s --latency -s "$SHARED_BENCH/chat.lua" "$url" > "$4" 2>&1
+  local script="$SHARED_BENCH/chat.lua"
+  # Keel's calls each carry a fresh Idempotency-Key, as an agent's new calls do.
+  if [ "$3" = keel ]; then script="bench/invoke.lua"; fi
+  BODY_FILE="$body" AUTH="$auth" MODEL="" SHARED_BENCH="$SHARED_BENCH" KEY_PREFIX="k$RANDOM$RANDOM-$1-$3" \
+    wrk -t1 -c"$1" -d"${2}s" --timeout 10s --latency -s "$script" "$url" > "$4" 2>&1
 }
 
 echo "# $(date -Is) $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg); $(wrk -v 2>&1 | head -1)"

@@ -53,6 +53,9 @@ crate::store::exec::sqlx_exec!(PgConnection, Postgres);
 /// `tx` in a transaction (committed when it is `Ok`; an early `return` or `?` rolls it
 /// back), `auto` statement by statement.
 macro_rules! pg_write {
+    ($self:ident, batch($n:expr), $conn:ident => $body:expr) => {
+        pg_write!($self, tx, $conn => $body)
+    };
     ($self:ident, tx, $conn:ident => $body:expr) => {{
         let mut tx = $self.write.begin().await?;
         let value: crate::Result<_> = {

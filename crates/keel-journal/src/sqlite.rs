@@ -75,6 +75,20 @@ impl SqliteJournal {
     }
 }
 
+/// Events in a batch from which its write is run under `block_in_place`.
+pub(crate) const HEAVY_BATCH: usize = 32;
+
+/// Runs a write on the calling thread. A heavy one (a batch of the writer's: up to
+/// thousands of events, milliseconds) on a multi-thread runtime's worker is run under
+/// `block_in_place`, so that the worker's other tasks (requests) move to another
+/// thread meanwhile instead of waiting behind it; a small one (a durable tool call's
+/// few events) is cheaper than handing the worker over.
+pub(crate) fn on_this_thread<T>(heavy: bool, write: impl FnOnce() -> T) -> T {
+    let multi = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if heavy && multi { tokio::task::block_in_place(write) } else { write() }
+}
+
 impl SqliteJournal {
     /// Counts a write on the write connection; every [`CHECKPOINT_EVERY`] writes,
     /// checkpoints the WAL in the background (`PASSIVE`: writers go on meanwhile).
@@ -261,14 +275,23 @@ impl crate::store::exec::Exec for Raw<'_> {
 /// journal's write connection: `tx` in one `BEGIN IMMEDIATE` transaction, `auto`
 /// statement by statement. Only `Exec` calls may be awaited in it.
 macro_rules! sqlite_write {
-    ($self:ident, $mode:ident, $conn:ident => $body:expr) => {{
+    ($self:ident, batch($n:expr), $conn:ident => $body:expr) => {
+        sqlite_write!(@run $self, tx, $n >= crate::sqlite::HEAVY_BATCH, $conn => $body)
+    };
+    ($self:ident, $mode:ident, $conn:ident => $body:expr) => {
+        sqlite_write!(@run $self, $mode, false, $conn => $body)
+    };
+    (@run $self:ident, $mode:ident, $heavy:expr, $conn:ident => $body:expr) => {{
         let mut writer = $self.writer.lock().await;
-        let mut raw = crate::sqlite::Raw::begin(&mut writer, sqlite_write!(@tx $mode))?;
-        let result = {
-            let $conn: &mut dyn crate::store::exec::Exec = &mut raw;
-            crate::store::exec::ready(async { $body })
+        let write = || {
+            let mut raw = crate::sqlite::Raw::begin(&mut writer, sqlite_write!(@tx $mode))?;
+            let result = {
+                let $conn: &mut dyn crate::store::exec::Exec = &mut raw;
+                crate::store::exec::ready(async { $body })
+            };
+            raw.finish(result)
         };
-        let result = raw.finish(result);
+        let result = crate::sqlite::on_this_thread($heavy, write);
         drop(writer);
         $self.wrote();
         result

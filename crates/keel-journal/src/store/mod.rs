@@ -43,7 +43,7 @@ macro_rules! sql_journal {
             async fn append_once(&self, events: &[crate::NewEvent]) -> crate::Result<Vec<u64>> {
                 use crate::store::exec::args;
                 let now = self.now();
-                $write!(self, tx, conn => {
+                $write!(self, batch(events.len()), conn => {
                     // Fenced events go in only while their lease is held at their epoch.
                     let mut checked: Vec<&crate::Lease> = Vec::new();
                     for lease in events.iter().filter_map(|e| e.fence.as_deref()) {

@@ -338,3 +338,27 @@ async fn a_tool_falls_back_to_its_read_only_twin() {
     let status = r.drive(&run).await.unwrap();
     assert!(matches!(status, RunStatus::Failed { class: ErrorClass::Timeout, .. }), "{status:?}");
 }
+
+/// A write-like call is claimed under its idempotency key (a repeat answers from the
+/// stored result); a read-only call is not (nothing to keep from repeating), so its
+/// key is free after the run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_write_like_calls_are_claimed() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = "[tools.look]\nkind = \"command\"\nargv = [\"echo\", \"seen\"]\n\n\
+                  [tools.pay]\nkind = \"command\"\nargv = [\"echo\", \"paid\"]\nwrite = true\n";
+    let r = runner(dir.path(), config).await;
+    let plan = Plan::parse(
+        "[[steps]]\nid = \"a\"\ntool = \"look\"\nparams = { q = 1 }\n\n\
+         [[steps]]\nid = \"b\"\ntool = \"pay\"\nparams = { q = 1 }\n",
+        "toml",
+    )
+    .unwrap();
+    let run_id = r.create(&plan).await.unwrap();
+    assert_eq!(r.drive(&run_id).await.unwrap(), RunStatus::Completed);
+    let params = serde_json::json!({ "q": 1 });
+    let paid = r.journal().claim(&idempotency_key(&run_id, "b", "pay", &params)).await.unwrap();
+    assert!(matches!(paid, keel_journal::Claim::Done(_)), "the write's result is stored: {paid:?}");
+    let looked = r.journal().claim(&idempotency_key(&run_id, "a", "look", &params)).await.unwrap();
+    assert!(matches!(looked, keel_journal::Claim::Won(_)), "the read was never claimed: {looked:?}");
+}
