@@ -3,11 +3,13 @@
 //! Durability: WAL with `synchronous = NORMAL`. A commit is in the WAL file before it
 //! is acknowledged, so a killed *process* loses nothing it acknowledged; only a power
 //! loss or OS crash can roll back the last few commits (`synchronous = FULL` closes
-//! that window at the cost of an fsync per commit). Writes go through one connection
-//! (SQLite has one writer anyway) and begin with `BEGIN IMMEDIATE`, so a transaction
-//! never fails half-way to upgrade its lock; other processes' locks wait out a busy
-//! timeout and are then retried with backoff. Opening (WAL switch and migrations) is
-//! serialized between processes by an advisory lock on `PATH.lock`.
+//! that window at the cost of an fsync per commit). The hot writes go through one
+//! rusqlite connection ([`Raw`]; SQLite has one writer anyway), the rare ones (rebuild,
+//! prune, gate, alerts) and the checkpoints through one sqlx connection; a transaction
+//! begins with `BEGIN IMMEDIATE`, so it never fails half-way to upgrade its lock; a
+//! lock held elsewhere is waited out for a busy timeout and then retried with backoff.
+//! Opening (WAL switch and migrations) is serialized between processes by an advisory
+//! lock on `PATH.lock`.
 
 use std::path::Path;
 use std::str::FromStr as _;
@@ -29,8 +31,7 @@ pub struct SqliteJournal {
     /// The other writes' (rebuild, prune, gate history, alerts, claiming runs), and
     /// the checkpoints.
     write: SqlitePool,
-    /// Writes on `writer` so far, and whether a checkpoint is running.
-    checkpoints: std::sync::Arc<(std::sync::atomic::AtomicU64, std::sync::atomic::AtomicBool)>,
+    checkpoints: std::sync::Arc<Checkpoints>,
     read: SqlitePool,
     options: JournalOptions,
 }
@@ -89,23 +90,30 @@ pub(crate) fn on_this_thread<T>(heavy: bool, write: impl FnOnce() -> T) -> T {
     if heavy && multi { tokio::task::block_in_place(write) } else { write() }
 }
 
+/// Writes on the write connection so far, and whether a checkpoint is running.
+#[derive(Debug, Default)]
+struct Checkpoints {
+    writes: std::sync::atomic::AtomicU64,
+    running: std::sync::atomic::AtomicBool,
+}
+
 impl SqliteJournal {
     /// Counts a write on the write connection; every [`CHECKPOINT_EVERY`] writes,
     /// checkpoints the WAL in the background (`PASSIVE`: writers go on meanwhile).
     fn wrote(&self) {
         use std::sync::atomic::Ordering;
-        let (count, running) = &*self.checkpoints;
-        if count.fetch_add(1, Ordering::Relaxed) % CHECKPOINT_EVERY != CHECKPOINT_EVERY - 1
-            || running.swap(true, Ordering::AcqRel)
+        let c = &*self.checkpoints;
+        if c.writes.fetch_add(1, Ordering::Relaxed) % CHECKPOINT_EVERY != CHECKPOINT_EVERY - 1
+            || c.running.swap(true, Ordering::AcqRel)
         {
             return;
         }
-        let (pool, flags) = (self.write.clone(), self.checkpoints.clone());
+        let (pool, c) = (self.write.clone(), self.checkpoints.clone());
         tokio::spawn(async move {
             if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool).await {
                 tracing::debug!(error = %e, "journal checkpoint failed; the next one retries");
             }
-            flags.1.store(false, Ordering::Release);
+            c.running.store(false, Ordering::Release);
         });
     }
 }
@@ -176,7 +184,7 @@ fn open_writer(path: &Path) -> Result<rusqlite::Connection> {
 /// One write on the journal's write connection: statements run on the calling thread,
 /// prepared once per connection ([`Exec`] for SQLite). A statement on sqlx's SQLite
 /// driver is two thread switches (to its connection's thread and back); a durable
-/// tool call is a dozen statements, and those switches were most of its time.
+/// tool call is some forty statements, and those switches were most of its time.
 ///
 /// [`Exec`]: crate::store::exec::Exec
 pub(crate) struct Raw<'c> {
@@ -265,7 +273,7 @@ impl crate::store::exec::Exec for Raw<'_> {
                 ValueRef::Blob(b) => Col::Text(String::from_utf8_lossy(b).into_owned()),
             });
         }
-        // The rest of the rows (a RETURNING of many) run to their end on drop.
+        // A statement returning more rows (a RETURNING of many) is run to its end.
         while rows.next()?.is_some() {}
         Ok(Some(cols))
     }

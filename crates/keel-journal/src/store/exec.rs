@@ -2,10 +2,10 @@
 //!
 //! The writes (appends with their projections, run creation, leases, idempotency
 //! claims) are written once against `&mut dyn Exec` and run on PostgreSQL through
-//! sqlx, and on SQLite directly on the write connection's handle
-//! ([`crate::sqlite`]'s `Raw`): a whole transaction then costs one hand-over of the
-//! connection instead of two thread switches per statement, which is what bounded a
-//! durable tool call on SQLite (see `bench/README.md`, "Durable tool invocations").
+//! sqlx, and on SQLite on a rusqlite connection of the journal's own
+//! ([`crate::sqlite`]'s `Raw`), each statement on the calling thread instead of two
+//! thread switches to sqlx's connection thread and back — what bounded a durable tool
+//! call on SQLite (see `bench/README.md`, "Durable tool invocations").
 //! Every statement uses `$N` parameters, which both databases accept.
 
 use async_trait::async_trait;

@@ -15,6 +15,8 @@ use crate::store::sql;
 /// below both databases' parameter limits.
 pub(crate) const INSERT_CHUNK: usize = 128;
 
+/// Appends `events` (numbered per run) and applies them to the projections, inside
+/// the caller's transaction; each event's sequence number in its run.
 pub(crate) async fn append_tx(conn: &mut dyn Exec, now: i64, events: &[NewEvent]) -> Result<Vec<u64>> {
     // Number the events per run: one counter bump per run per batch.
     let mut runs: Vec<(&str, u64)> = Vec::new();
@@ -47,18 +49,17 @@ pub(crate) async fn append_tx(conn: &mut dyn Exec, now: i64, events: &[NewEvent]
     let rows: Vec<(&NewEvent, u64, &String)> =
         events.iter().zip(seqs.iter().copied()).zip(payloads.iter()).map(|((e, s), p)| (e, s, p)).collect();
     let version = i64::from(SCHEMA_VERSION);
-    let seq_ints: Vec<i64> = rows.iter().map(|(_, seq, _)| *seq as i64).collect();
-    for (chunk, seq_chunk) in rows.chunks(INSERT_CHUNK).zip(seq_ints.chunks(INSERT_CHUNK)) {
+    for chunk in rows.chunks(INSERT_CHUNK) {
         let sql = multi_row_insert(
             "INSERT INTO journal_events (run_id, seq, schema_version, kind, payload, recorded_at)",
             chunk.len(),
             6,
         );
         let mut a = Vec::with_capacity(chunk.len() * 6);
-        for ((e, _, payload), seq) in chunk.iter().zip(seq_chunk) {
+        for (e, seq, payload) in chunk {
             a.extend([
                 Arg::Text(&e.run_id),
-                Arg::Int(*seq),
+                Arg::Int(*seq as i64),
                 Arg::Int(version),
                 Arg::Text(e.event.kind()),
                 Arg::Text(payload),
