@@ -318,3 +318,43 @@ crate::store::sql_journal!(
     lock_lease = "",
     claim_candidates = crate::store::sql::CLAIM_CANDIDATES,
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Journal as _, JournalEvent, NewEvent, RunState};
+
+    /// A database that runs out of room in the middle of a write (SQLite's
+    /// `max_page_count`, the file's own "disk full") fails that write as `DiskFull`,
+    /// keeps none of it, leaves no transaction open, and takes writes again once
+    /// there is room.
+    #[tokio::test]
+    async fn a_full_database_fails_the_write_whole_and_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = SqliteJournal::open(&dir.path().join("j.db"), JournalOptions::default()).await.unwrap();
+        let created = |run: &str| {
+            NewEvent::new(run, JournalEvent::RunCreated { name: "t".into(), input: serde_json::Value::Null })
+        };
+        journal.append(&[created("small")]).await.unwrap();
+        let pages: i64 =
+            journal.writer.lock().await.query_row("PRAGMA page_count", [], |r| r.get(0)).unwrap();
+        journal.writer.lock().await.pragma_update(None, "max_page_count", pages + 2).unwrap();
+        // Far more than two pages of events, in one transaction.
+        let big = "x".repeat(4096);
+        let batch: Vec<NewEvent> = (0..64)
+            .map(|_| {
+                NewEvent::new(
+                    "big",
+                    JournalEvent::RunStateChanged { state: RunState::Running, reason: Some(big.clone()) },
+                )
+            })
+            .collect();
+        let err = journal.append(&batch).await.unwrap_err();
+        assert!(matches!(err, crate::Error::DiskFull(_)), "{err:?}");
+        assert!(journal.writer.lock().await.is_autocommit(), "no transaction is left open");
+        assert!(journal.snapshot("big").await.unwrap().is_none(), "none of the failed write stays");
+        journal.writer.lock().await.pragma_update(None, "max_page_count", 1_000_000).unwrap();
+        assert_eq!(journal.append(&batch).await.unwrap().len(), 64, "room again: the write goes in");
+        assert_eq!(journal.snapshot("big").await.unwrap().unwrap().run.state, RunState::Running);
+    }
+}
