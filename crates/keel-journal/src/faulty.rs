@@ -74,7 +74,7 @@ impl Journal for Faulty {
         events: &[JournalEvent],
         owner: &str,
         ttl: Duration,
-    ) -> Result<(bool, Option<Lease>)> {
+    ) -> Result<Option<crate::NewRun>> {
         self.write()?;
         self.inner.create_run_leased(run_id, events, owner, ttl).await
     }

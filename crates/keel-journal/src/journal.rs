@@ -14,7 +14,7 @@ use keel_core::{Clock, TokioClock};
 
 use crate::error::{Error, Result};
 use crate::event::{JournalEvent, NewEvent, RecordedEvent, SCHEMA_VERSION};
-use crate::state::{Claim, Lease, PruneReport, RunExport, RunSnapshot};
+use crate::state::{Claim, Lease, NewRun, PruneReport, RunExport, RunSnapshot};
 
 /// Which database a journal is on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,19 +116,22 @@ pub trait Journal: Send + Sync + fmt::Debug {
 
     /// Like [`create_run`](Self::create_run), and in the same transaction takes the new
     /// run's lease for `owner` (a caller that creates a run to drive it at once saves a
-    /// transaction): whether this call created the run, and the lease if it got it (a
-    /// lease on the id may be held already).
+    /// transaction): the run if this call created it, with the lease if it got it (a
+    /// lease on the id may be held already) and its snapshot (`None`: the run existed).
     async fn create_run_leased(
         &self,
         run_id: &str,
         events: &[JournalEvent],
         owner: &str,
         ttl: Duration,
-    ) -> Result<(bool, Option<Lease>)> {
+    ) -> Result<Option<NewRun>> {
         if !self.create_run(run_id, events).await? {
-            return Ok((false, None));
+            return Ok(None);
         }
-        Ok((true, self.acquire_lease(run_id, owner, ttl).await?))
+        let lease = self.acquire_lease(run_id, owner, ttl).await?;
+        let snapshot =
+            self.snapshot(run_id).await?.ok_or(Error::Internal("a created run has no snapshot"))?;
+        Ok(Some(NewRun { lease, snapshot }))
     }
 
     /// The events of `run_id` after sequence number `after`, at most `limit`.

@@ -49,7 +49,7 @@ pub use journal::{Backend, Journal, JournalOptions, open};
 pub use postgres::PostgresJournal;
 pub use sqlite::SqliteJournal;
 pub use state::{
-    ApprovalView, AttemptStats, AttemptView, Claim, ClaimToken, Lease, PruneReport, RunExport, RunPage,
-    RunSnapshot, RunView, StepView, TicketView,
+    ApprovalView, AttemptStats, AttemptView, Claim, ClaimToken, Lease, NewRun, PruneReport, RunExport,
+    RunPage, RunSnapshot, RunView, StepView, TicketView,
 };
 pub use writer::{Ack, JournalWriter, RunSink};

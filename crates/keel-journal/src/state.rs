@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::event::{RecordedEvent, RunState};
+use crate::event::{JournalEvent, RecordedEvent, RunState};
 
 /// A run, as the `runs` projection holds it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -183,6 +183,56 @@ pub struct RunSnapshot {
     pub approvals: Vec<ApprovalView>,
     /// Its tickets, by opening time.
     pub tickets: Vec<TicketView>,
+}
+
+impl RunSnapshot {
+    /// What the projections hold for a run just created at `at_ms` with `events`, its
+    /// first events, folded here instead of read back: `None` unless they are only
+    /// `run_created` and `run_state_changed` (the events a run is created with).
+    pub fn of_created(run_id: &str, events: &[JournalEvent], at_ms: i64) -> Option<RunSnapshot> {
+        let mut run = RunView {
+            run_id: run_id.to_owned(),
+            name: String::new(),
+            state: RunState::Created,
+            input: Value::Null,
+            reason: None,
+            created_at_ms: at_ms,
+            updated_at_ms: at_ms,
+            last_seq: 0,
+        };
+        for event in events {
+            match event {
+                JournalEvent::RunCreated { name, input } => {
+                    run.name.clone_from(name);
+                    run.input = input.clone();
+                }
+                JournalEvent::RunStateChanged { state, reason } => {
+                    run.state = *state;
+                    run.reason.clone_from(reason);
+                }
+                _ => return None,
+            }
+            run.last_seq += 1;
+        }
+        Some(RunSnapshot {
+            run,
+            steps: Vec::new(),
+            attempts: Vec::new(),
+            approvals: Vec::new(),
+            tickets: Vec::new(),
+        })
+    }
+}
+
+/// A run that [`create_run_leased`](crate::Journal::create_run_leased) created.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewRun {
+    /// The run's lease for the owner that created it; `None` when a lease on the id
+    /// was held already.
+    pub lease: Option<Lease>,
+    /// What the projections hold for it now, as [`snapshot`](crate::Journal::snapshot)
+    /// would read it (so that a drive starting at once need not read it back).
+    pub snapshot: RunSnapshot,
 }
 
 /// One run exported: its events and its state.

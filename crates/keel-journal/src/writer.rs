@@ -43,8 +43,20 @@ struct Failures {
     failing: u64,
 }
 
+/// Who learns how a queued event fared.
+enum Waiter {
+    /// Nobody waits: a failure is reported by the next flush (the [`EventSink`] path).
+    Flush,
+    /// An [`Ack`].
+    Ack(oneshot::Sender<Result<u64>>),
+    /// An event of a group whose last event's ack answers for it.
+    Group,
+}
+
 enum Item {
     Event(NewEvent, Option<oneshot::Sender<Result<u64>>>),
+    /// Events committed in one transaction, acked once (with the last one's seq).
+    Events(Vec<NewEvent>, oneshot::Sender<Result<u64>>),
     Flush(Option<String>, oneshot::Sender<Result<()>>),
     Close(oneshot::Sender<Result<()>>),
 }
@@ -87,7 +99,8 @@ impl Ack {
 
 impl JournalWriter {
     /// Starts the writer task on the current tokio runtime, appending to `journal`
-    /// at most `max_batch` events per transaction.
+    /// at most `max_batch` submissions per transaction (a group from
+    /// [`submit_all`](Self::submit_all) is one).
     pub fn spawn(journal: Arc<dyn Journal>, max_batch: usize) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let failed = Arc::new(Mutex::new(Failures::default()));
@@ -113,6 +126,23 @@ impl JournalWriter {
         // A closed writer drops `ack`, which resolves the Ack with WriterClosed.
         if self.tx.send(Item::Event(event, Some(ack))).is_err() {
             self.pending.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ack(rx)
+    }
+
+    /// Queues `events` to be committed in one transaction (all or none: they are never
+    /// split across batches) and returns at once; the ack answers with the last one's
+    /// sequence number. An empty list is refused ([`Error::Internal`]).
+    pub fn submit_all(&self, events: Vec<NewEvent>) -> Ack {
+        let (ack, rx) = oneshot::channel();
+        if events.is_empty() {
+            let _ = ack.send(Err(Error::Internal("no events to submit")));
+            return Ack(rx);
+        }
+        let n = events.len();
+        self.pending.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        if self.tx.send(Item::Events(events, ack)).is_err() {
+            self.pending.fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
         }
         Ack(rx)
     }
@@ -213,7 +243,13 @@ async fn run(
             match item {
                 Item::Event(e, ack) => {
                     events.push(e);
-                    acks.push(ack);
+                    acks.push(ack.map_or(Waiter::Flush, Waiter::Ack));
+                }
+                Item::Events(group, ack) => {
+                    let last = group.len() - 1;
+                    acks.extend((0..last).map(|_| Waiter::Group));
+                    acks.push(Waiter::Ack(ack));
+                    events.extend(group);
                 }
                 Item::Flush(run, done) => waiters.push((run, done)),
                 Item::Close(done) => {
@@ -234,7 +270,7 @@ async fn run(
                 for (event, ack) in events.drain(..).zip(acks.drain(..)) {
                     if lost(&event) {
                         dropped += 1;
-                        if let Some(ack) = ack {
+                        if let Waiter::Ack(ack) = ack {
                             let _ = ack
                                 .send(Err(Error::LeaseLost { run_id: run_id.clone(), owner: owner.clone() }));
                         }
@@ -262,7 +298,7 @@ async fn run(
                         }
                     }
                     for (ack, seq) in acks.drain(..).zip(seqs) {
-                        if let Some(ack) = ack {
+                        if let Waiter::Ack(ack) = ack {
                             let _ = ack.send(Ok(seq));
                         }
                     }
@@ -278,15 +314,16 @@ async fn run(
                     f.since_flush.get_or_insert_with(|| e.clone());
                     for (event, ack) in events.iter().zip(acks.drain(..)) {
                         match ack {
-                            Some(ack) => {
+                            Waiter::Ack(ack) => {
                                 let _ = ack.send(Err(Error::Batch(e.clone())));
                             }
-                            None if f.lost_runs.len() < MAX_LOST_RUNS
-                                || f.lost_runs.contains_key(&event.run_id) =>
+                            Waiter::Flush
+                                if f.lost_runs.len() < MAX_LOST_RUNS
+                                    || f.lost_runs.contains_key(&event.run_id) =>
                             {
                                 f.lost_runs.entry(event.run_id.clone()).or_insert_with(|| e.clone());
                             }
-                            None => {}
+                            Waiter::Flush | Waiter::Group => {}
                         }
                     }
                 }

@@ -83,7 +83,7 @@ macro_rules! sql_journal {
                 run_id: &str,
                 events: &[crate::NewEvent],
                 lease: Option<(&str, std::time::Duration)>,
-            ) -> crate::Result<Option<Option<crate::Lease>>> {
+            ) -> crate::Result<Option<(Option<crate::Lease>, i64)>> {
                 use crate::store::exec::args;
                 let now = self.now();
                 $write!(self, tx, conn => {
@@ -97,7 +97,7 @@ macro_rules! sql_journal {
                         Some((owner, ttl)) => Self::acquire_in(&mut *conn, run_id, owner, now, ttl).await?,
                         None => None,
                     };
-                    Ok(Some(held))
+                    Ok(Some((held, now)))
                 })
             }
 
@@ -307,20 +307,24 @@ macro_rules! sql_journal {
                 events: &[crate::JournalEvent],
                 owner: &str,
                 ttl: std::time::Duration,
-            ) -> crate::Result<(bool, Option<crate::Lease>)> {
-                let events: Vec<crate::NewEvent> =
+            ) -> crate::Result<Option<crate::NewRun>> {
+                let news: Vec<crate::NewEvent> =
                     events.iter().map(|e| crate::NewEvent::new(run_id, e.clone())).collect();
-                let events = &events;
+                let news = &news;
                 // Safe to repeat: a first try that committed makes the second find the run
                 // (held by `owner`, who takes it again by driving it).
                 let created = crate::error::with_retry("create_run", crate::error::Repeat::Safe, || async move {
-                    self.create_run_once(run_id, events, Some((owner, ttl))).await
+                    self.create_run_once(run_id, news, Some((owner, ttl))).await
                 })
                 .await?;
-                Ok(match created {
-                    Some(lease) => (true, lease),
-                    None => (false, None),
-                })
+                let Some((lease, at_ms)) = created else { return Ok(None) };
+                let snapshot = match crate::RunSnapshot::of_created(run_id, events, at_ms) {
+                    Some(snapshot) => snapshot,
+                    None => crate::Journal::snapshot(self, run_id)
+                        .await?
+                        .ok_or(crate::Error::Internal("a created run has no snapshot"))?,
+                };
+                Ok(Some(crate::NewRun { lease, snapshot }))
             }
 
             async fn events(

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keel_core::{Classified as _, ErrorClass, Event, EventSink as _};
-use keel_journal::{Error, Faulty, Journal, JournalEvent, JournalOptions, JournalWriter, RunState};
+use keel_journal::{Error, Faulty, Journal, JournalEvent, JournalOptions, JournalWriter, NewEvent, RunState};
 use serde_json::json;
 
 fn created(name: &str) -> JournalEvent {
@@ -30,6 +30,9 @@ async fn a_writer_recovers_when_its_storage_does() {
     faulty.fail_writes(true);
     let lost = writer.append("a", running()).await.unwrap_err();
     assert_eq!(lost.class(), ErrorClass::ServerError, "the failed batch's caller gets its error: {lost}");
+    // A group fails whole, answered by its one ack.
+    let group = || vec![NewEvent::new("a", running()), NewEvent::new("a", running())];
+    assert!(matches!(writer.submit_all(group()).durable().await, Err(Error::Batch(_))));
     // An event with no ack (the policy sink's path) is reported to its run's flush.
     writer.sink("b").record(&Event::AttemptStarted { target: Arc::from("t"), attempt: 1 });
     assert!(matches!(writer.flush_run("b").await, Err(Error::Batch(_))), "b's lost event is reported");
@@ -42,11 +45,17 @@ async fn a_writer_recovers_when_its_storage_does() {
     // The storage is back: the next batch is tried afresh and commits.
     assert_eq!(writer.append("a", running()).await.unwrap(), 2);
     assert!(writer.healthy());
+    assert_eq!(writer.submit_all(group()).durable().await.unwrap(), 4, "the last one's seq");
+    assert!(writer.submit_all(Vec::new()).durable().await.is_err(), "an empty group is refused");
     assert!(matches!(writer.flush().await, Err(Error::Batch(_))), "the global flush reports the outage once");
     writer.flush().await.unwrap();
     faulty.check_writable().await.unwrap();
     let events = real.events("a", 0, 10).await.unwrap();
-    assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2], "contiguous, nothing half-written");
+    assert_eq!(
+        events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        [1, 2, 3, 4],
+        "contiguous, nothing half-written"
+    );
     assert!(faulty.refused() >= 2);
 }
 

@@ -362,14 +362,22 @@ async fn a_run_created_leased_is_held_and_its_last_event_gives_the_lease_up(s: S
     let j = &s.journal;
     let ttl = Duration::from_secs(10);
     let first = [created("k"), state(RunState::Running)];
-    let (created, lease) = j.create_run_leased("k", &first, "me", ttl).await.unwrap();
-    let lease = lease.expect("leased");
-    assert!(created);
+    let new = j.create_run_leased("k", &first, "me", ttl).await.unwrap().expect("created");
+    let lease = new.lease.expect("leased");
     assert_eq!((lease.owner.as_str(), lease.epoch, lease.taken_from.as_deref()), ("me", 1, None));
-    assert_eq!(j.create_run_leased("k", &first, "you", ttl).await.unwrap(), (false, None), "created once");
+    // The snapshot it answers with (folded, not read) is what the projections hold.
+    assert_eq!(Some(new.snapshot), j.snapshot("k").await.unwrap(), "folded as projected");
+    assert_eq!(j.create_run_leased("k", &first, "you", ttl).await.unwrap(), None, "created once");
     // An id whose lease someone holds already: created, not leased.
     j.acquire_lease("pre", "other", ttl).await.unwrap().unwrap();
-    assert_eq!(j.create_run_leased("pre", &first, "me", ttl).await.unwrap(), (true, None));
+    let pre = j.create_run_leased("pre", &first, "me", ttl).await.unwrap().expect("created");
+    assert_eq!(pre.lease, None);
+    // Creation events beyond the usual two are read back, not folded.
+    let step = JournalEvent::StepStarted { step: 0, name: "s".into(), target: "t".into(), input: json!({}) };
+    let more = [created("m"), state(RunState::Running), step];
+    let m = j.create_run_leased("m", &more, "me", ttl).await.unwrap().expect("created");
+    assert_eq!((m.snapshot.steps.len(), m.snapshot.run.last_seq), (1, 3));
+    assert_eq!(Some(m.snapshot), j.snapshot("m").await.unwrap());
     assert_eq!(j.snapshot("k").await.unwrap().unwrap().run.state, RunState::Running);
     // Held from the start: no worker can claim it, no one else can lease it.
     assert!(j.claim_runs("worker", ttl, 10).await.unwrap().is_empty());

@@ -31,6 +31,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use crate::runner::Drove;
 use crate::runner::{Error as RunnerError, args_digest, new_id};
 use crate::{Plan, PlanStep, RunStatus, Runner};
 
@@ -296,8 +297,8 @@ impl Invoker {
         };
         let work = async {
             // Created with its lease in one transaction: this call drives it at once.
-            let (created, lease) = self.runner.create_leased(&run_id, &plan).await?;
-            if !created {
+            let created = self.runner.create_leased(&run_id, &plan).await?;
+            if created.is_none() {
                 let snap = self.runner.snapshot(&run_id).await?;
                 let step = &snap.run.input["plan"]["steps"][0];
                 let same = step["tool"] == name.as_str()
@@ -306,7 +307,7 @@ impl Invoker {
                     return Err(InvokeError::Conflict);
                 }
             }
-            self.answer(&run_id, wait, bound, created.then_some(lease)).await
+            self.answer(&run_id, wait, bound, created).await
         };
         match bound {
             None => work.await,
@@ -320,18 +321,21 @@ impl Invoker {
     /// Answers from the invocation's run: drives it (in a task of its own) while
     /// nobody else does, and reads its state until it ends, waits for a person, or the
     /// bound passes. `fresh`: this call created the run, with its lease if it got it
-    /// (drive it before reading it).
+    /// (drive it before reading it; a completed drive of it answers without a read).
     async fn answer(
         &self,
         run_id: &str,
         wait: Duration,
         bound: Option<Instant>,
-        fresh: Option<Option<keel_journal::Lease>>,
+        fresh: Option<keel_journal::NewRun>,
     ) -> Result<Outcome, InvokeError> {
         let person_until = Instant::now() + wait;
         let replayed = fresh.is_none();
         let fresh_run = fresh.is_some();
-        let mut drive = fresh.map(|lease| self.spawn_drive(run_id, lease));
+        let held = fresh.and_then(|new| new.lease.map(|lease| (lease, new.snapshot)));
+        // The drive that began with the run: it saw all of it, so its end is the answer.
+        let mut whole = held.is_some();
+        let mut drive = fresh_run.then(|| self.spawn_drive(run_id, held));
         // Drives start at most once per POLL: a run held elsewhere is not hammered.
         let mut next_drive = Instant::now() + if fresh_run { POLL } else { Duration::ZERO };
         loop {
@@ -344,7 +348,12 @@ impl Invoker {
                 if let Some(joined) = joined {
                     drive = None;
                     match joined {
-                        Ok(Ok(_)) => {}
+                        Ok(Ok(drove)) => {
+                            if let (true, Some((output, attempts))) = (whole, drove.completed) {
+                                let run_id = run_id.to_owned();
+                                return Ok(Outcome::Completed { run_id, output, attempts, replayed });
+                            }
+                        }
                         // Another task or process holds the run (or took it over from
                         // this one): read it, and try again later (that holder may die too).
                         Ok(Err(e)) if held_elsewhere(&e) => {}
@@ -404,6 +413,7 @@ impl Invoker {
                         return Ok(running(RunState::Running));
                     }
                     if drive.is_none() && now >= next_drive {
+                        whole = false;
                         drive = Some(self.spawn_drive(run_id, None));
                         next_drive = now + POLL;
                         continue;
@@ -424,8 +434,8 @@ impl Invoker {
     fn spawn_drive(
         &self,
         run_id: &str,
-        held: Option<keel_journal::Lease>,
-    ) -> JoinHandle<Result<RunStatus, RunnerError>> {
+        held: Option<(keel_journal::Lease, RunSnapshot)>,
+    ) -> JoinHandle<Result<Drove, RunnerError>> {
         let (runner, drives, run) = (self.runner.clone(), self.drives.clone(), run_id.to_owned());
         // The caller's scope (an agent run's budget) crosses into the drive's task, and
         // the drive's spans (`execute_tool`) belong to the request that started it.
@@ -479,11 +489,11 @@ impl Drives {
     /// # Cancel safety
     /// As [`Runner::drive`]'s; a dropped wait leaves nothing behind.
     pub async fn drive(&self, runner: &Runner, run_id: &str) -> Result<RunStatus, RunnerError> {
-        self.drive_from(runner, run_id, None).await
+        Ok(self.drive_from(runner, run_id, None).await?.status)
     }
 
-    /// As [`drive`](Self::drive); with `held`, the run's lease this process already
-    /// holds ([`Runner::drive_held`]).
+    /// As [`drive`](Self::drive); with `held`, the lease this process took creating
+    /// the run, and the run as created ([`Runner::drive_held`]).
     ///
     /// # Errors
     /// The runner's.
@@ -491,15 +501,15 @@ impl Drives {
         &self,
         runner: &Runner,
         run_id: &str,
-        held: Option<keel_journal::Lease>,
-    ) -> Result<RunStatus, RunnerError> {
+        held: Option<(keel_journal::Lease, RunSnapshot)>,
+    ) -> Result<Drove, RunnerError> {
         let entry = Entry { drives: self, run_id, lock: self.lock_for(run_id) };
         let _held = entry.lock.lock().await;
         // A run's future is large; boxed, it lives on the heap, not on the task's stack
         // (debug builds overflowed a worker's 2 MiB stack).
         match held {
-            Some(lease) => Box::pin(runner.drive_held(run_id, lease)).await,
-            None => Box::pin(runner.drive(run_id)).await,
+            Some((lease, snapshot)) => Box::pin(runner.drive_held(run_id, lease, snapshot)).await,
+            None => Ok(Box::pin(runner.drive(run_id)).await?.into()),
         }
     }
 

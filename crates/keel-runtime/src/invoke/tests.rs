@@ -23,9 +23,12 @@ async fn invoker(dir: &Path) -> Invoker {
          params = {{ type = \"object\", required = [\"n\"], properties = {{ n = {{ type = \"integer\" }} }} }}\n\
          argv = [\"sh\", \"-c\", \"echo call >> {log}; echo '{{\\\"paid\\\": true}}'\"]\n\n\
          [tools.hold]\nkind = \"command\"\nargv = [\"sh\", \"-c\", \"while [ ! -e {gate} ]; do sleep 0.02; done\"]\n\n\
-         [tools.broken]\nkind = \"command\"\nargv = [\"sh\", \"-c\", \"echo nope >&2; exit 3\"]\n",
+         [tools.broken]\nkind = \"command\"\nargv = [\"sh\", \"-c\", \"echo nope >&2; exit 3\"]\n\n\
+         [tools.flaky]\nkind = \"command\"\n\
+         argv = [\"sh\", \"-c\", \"if [ -e {once} ]; then echo '{{\\\"ok\\\": 1}}'; else touch {once}; exit 124; fi\"]\n",
         log = log.display(),
-        gate = dir.join("gate").display()
+        gate = dir.join("gate").display(),
+        once = dir.join("once").display()
     );
     let config = Config::parse(&text, &dir.join("keel.toml"), &|_| None).unwrap();
     let clock = Arc::new(TokioClock::new());
@@ -165,4 +168,30 @@ async fn a_caller_repeating_a_call_that_acts_anew_is_stopped_and_others_are_not(
     for _ in 0..3 {
         assert!(inv.invoke(by("bot", json!({"x": 1}), Some("k-9"))).await.is_ok());
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_call_is_answered_by_its_drive_as_the_journal_then_holds_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let inv = invoker(dir.path()).await;
+    // Read-only and retried once: its start is committed while it runs.
+    let first = inv.invoke(call("flaky", json!({}), Some("f-1"))).await.unwrap();
+    let Outcome::Completed { run_id, output, attempts: 2, replayed: false } = &first else {
+        panic!("{first:?}")
+    };
+    assert_eq!(output["json"]["ok"], 1, "{output}");
+    // The answer read back from the journal is the same one.
+    let again = inv.invoke(call("flaky", json!({}), Some("f-1"))).await.unwrap();
+    let replay =
+        Outcome::Completed { run_id: run_id.clone(), output: output.clone(), attempts: 2, replayed: true };
+    assert_eq!(again, replay);
+    let journal = inv.runner().journal();
+    let kinds: Vec<&str> =
+        journal.events(run_id, 0, 100).await.unwrap().iter().map(|e| e.event.kind()).collect();
+    let first_of = |k: &str| kinds.iter().position(|x| x.starts_with(k)).unwrap();
+    assert_eq!(kinds.first(), Some(&"run_created"), "{kinds:?}");
+    assert!(first_of("step_started") < first_of("policy."), "the start precedes the attempts: {kinds:?}");
+    assert_eq!(&kinds[kinds.len() - 2..], ["step_finished", "run_state_changed"], "{kinds:?}");
+    // The last event gave the lease up: another process can take the run at once.
+    assert!(journal.acquire_lease(run_id, "other", Duration::from_secs(5)).await.unwrap().is_some());
 }

@@ -26,7 +26,7 @@
 //! front of it. Escalation still applies: `escalate_after` failures of one class in the
 //! run, or one a person must see, open a ticket.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -84,7 +84,7 @@ pub(super) async fn drive(
         ),
         None => None,
     };
-    let failures = Arc::new(Mutex::new(HashMap::new()));
+    let tally = Arc::new(Mutex::new(super::step::Tally::default()));
     let mut handled = HashSet::new();
     loop {
         let snap = r.snapshot(run_id).await?;
@@ -102,7 +102,7 @@ pub(super) async fn drive(
                 history: &history,
                 deadline_at_ms,
                 budget: &budget,
-                failures: &failures,
+                tally: &tally,
                 task_schema: task_schema.as_deref(),
             };
             let (index, pass) = Box::pin(call_tool(ctx, call)).await?;
@@ -328,7 +328,7 @@ struct CallCtx<'a> {
     history: &'a History,
     deadline_at_ms: i64,
     budget: &'a Arc<Budget>,
-    failures: &'a Arc<Mutex<HashMap<ErrorClass, u32>>>,
+    tally: &'a Arc<Mutex<super::step::Tally>>,
     /// The task's `result_schema`, compiled.
     task_schema: Option<&'a jsonschema::Validator>,
 }
@@ -471,7 +471,9 @@ async fn call_tool(c: CallCtx<'_>, call: &PendingCall) -> Result<(u32, Pass)> {
         outputs: &c.history.outputs,
         deadline_at_ms: c.deadline_at_ms,
         budget: c.budget,
-        failures: c.failures,
+        tally: c.tally,
+        fresh: false,
+        defer_end: false,
         check_output: Some(&check),
         journal_shape: true,
     };
@@ -497,13 +499,13 @@ async fn call_tool(c: CallCtx<'_>, call: &PendingCall) -> Result<(u32, Pass)> {
     let end = step::run_step(ctx).await?;
     if is_code {
         match &end {
-            StepEnd::Done(_) => c.learn(true),
+            StepEnd::Done(..) => c.learn(true),
             StepEnd::Stop(RunStatus::Failed { class: ErrorClass::CodeError, .. }) => c.learn(false),
             _ => {}
         }
     }
     let pass = match end {
-        StepEnd::Done(_) | StepEnd::Skipped => Pass::Next,
+        StepEnd::Done(..) | StepEnd::Skipped => Pass::Next,
         // A tool's failure is an answer for the model, unless the run must stop.
         StepEnd::Stop(RunStatus::Failed { .. }) => Pass::Next,
         other => end_pass(c.r, c.run_id, other).await?,
@@ -514,7 +516,7 @@ async fn call_tool(c: CallCtx<'_>, call: &PendingCall) -> Result<(u32, Pass)> {
 /// Journals the run's state for a step's end that stops it.
 async fn end_pass(r: &Runner, run_id: &str, end: StepEnd) -> Result<Pass> {
     match end {
-        StepEnd::Done(_) | StepEnd::Skipped => Ok(Pass::Next),
+        StepEnd::Done(..) | StepEnd::Skipped => Ok(Pass::Next),
         StepEnd::Stop(status) => {
             let (state, reason) = state_of(&status);
             r.record(run_id, JournalEvent::RunStateChanged { state, reason }).await?;

@@ -37,7 +37,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use keel_core::{Breaker, Budget, BudgetKind, Clock, ConfidenceGate, ErrorClass};
-use keel_journal::{Journal, JournalEvent, JournalWriter, Lease, RunSnapshot, RunState, StepOutcome};
+use keel_journal::{Journal, JournalEvent, JournalWriter, Lease, NewRun, RunSnapshot, RunState, StepOutcome};
 use serde_json::{Value, json};
 
 use crate::config::Config;
@@ -160,6 +160,72 @@ impl keel_core::EventSink for RunBudgetSink {
 
 /// Marks a run as driven by this process until dropped.
 struct Driving<'a>(&'a Runner, String);
+
+/// An event of a run handed to the journal's writer, not yet known to be durable.
+struct Pending<'a> {
+    runner: &'a Runner,
+    run_id: &'a str,
+    event: JournalEvent,
+    ack: keel_journal::Ack,
+}
+
+impl Pending<'_> {
+    /// Waits until the event is committed, then shows it to the observer (what is
+    /// shown is already in the journal).
+    ///
+    /// # Errors
+    /// The journal's.
+    async fn durable(self) -> Result<u64> {
+        let seq = self.ack.durable().await?;
+        self.runner.observer.event(self.run_id, &self.event);
+        Ok(seq)
+    }
+
+    /// Waits for the event in a task of its own, and shows it to the observer as soon
+    /// as it is durable (a step's start is shown while the step runs, not after).
+    fn committing(self) -> Committing {
+        let (observer, run_id, event, ack) =
+            (self.runner.observer.clone(), self.run_id.to_owned(), self.event, self.ack);
+        Committing(tokio::spawn(async move {
+            let seq = ack.durable().await?;
+            observer.event(&run_id, &event);
+            Ok(seq)
+        }))
+    }
+}
+
+/// A [`Pending`] event being waited for in the background.
+struct Committing(tokio::task::JoinHandle<Result<u64>>);
+
+impl Committing {
+    /// Waits until the event is committed (and shown).
+    ///
+    /// # Errors
+    /// The journal's.
+    async fn durable(self) -> Result<u64> {
+        match self.0.await {
+            Ok(committed) => committed,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Err(Error::Journal(keel_journal::Error::WriterClosed)),
+        }
+    }
+}
+
+/// How a drive ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Drove {
+    /// Where the run stands.
+    pub status: RunStatus,
+    /// For a plan's run that this drive completed: its last step's output and the
+    /// attempts this drive made.
+    pub completed: Option<(Value, u32)>,
+}
+
+impl From<RunStatus> for Drove {
+    fn from(status: RunStatus) -> Self {
+        Drove { status, completed: None }
+    }
+}
 
 impl Drop for Driving<'_> {
     fn drop(&mut self) {
@@ -329,29 +395,29 @@ impl Runner {
     }
 
     /// Like [`create_with_id`](Self::create_with_id), and in the same transaction takes
-    /// the new run's lease for this process: whether this call created the run, and the
-    /// lease to [`drive_held`](Self::drive_held) it with at once (none if another
-    /// process held a lease on the id already).
+    /// the new run's lease for this process: the run if this call created it (`None`:
+    /// it existed), with the lease to [`drive_held`](Self::drive_held) it with at once
+    /// (none if another process held a lease on the id already) and its snapshot.
     ///
     /// # Errors
     /// The journal's.
-    pub async fn create_leased(&self, run_id: &str, plan: &Plan) -> Result<(bool, Option<Lease>)> {
+    pub async fn create_leased(&self, run_id: &str, plan: &Plan) -> Result<Option<NewRun>> {
         let events = self.creation(plan, None);
         let (journal, id, first) = (self.journal.clone(), run_id.to_owned(), events.to_vec());
         let (owner, ttl) = (self.owner.clone(), self.config.run.lease);
         // On a task of its own, as in `create_with_id`.
         let task = tokio::spawn(async move { journal.create_run_leased(&id, &first, &owner, ttl).await });
-        let (created, lease) = match task.await {
+        let created = match task.await {
             Ok(created) => created?,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(_) => return Err(Error::Journal(keel_journal::Error::WriterClosed)),
         };
-        if created {
+        if created.is_some() {
             for event in &events {
                 self.observer.event(run_id, event);
             }
         }
-        Ok((created, lease))
+        Ok(created)
     }
 
     /// A new run's first events: its plan (and the key that started it), then `running`.
@@ -374,25 +440,42 @@ impl Runner {
     /// Appends one event durably, then shows it to the observer (what is shown is
     /// already in the journal).
     async fn record(&self, run_id: &str, event: JournalEvent) -> Result<u64> {
-        let event = keel_journal::NewEvent::new(run_id, event).fenced(self.fence(run_id));
-        let seq = self.writer.submit_event(event.clone()).durable().await?;
-        let event = event.event;
-        self.observer.event(run_id, &event);
-        Ok(seq)
+        self.submit(run_id, event).durable().await
     }
 
-    /// Records a drive's last event and gives its lease up in the same transaction;
-    /// `released` says it was (the drive then has no lease to release).
-    async fn record_last(&self, run_id: &str, event: JournalEvent, released: &AtomicBool) -> Result<u64> {
+    /// Hands one event to the writer and returns at once: [`Pending::durable`] waits
+    /// for it, then shows it to the observer.
+    fn submit<'a>(&'a self, run_id: &'a str, event: JournalEvent) -> Pending<'a> {
+        let new = keel_journal::NewEvent::new(run_id, event.clone()).fenced(self.fence(run_id));
+        Pending { runner: self, run_id, event, ack: self.writer.submit_event(new) }
+    }
+
+    /// Records a drive's last events (`before`, then `last`) and gives its lease up, in
+    /// one transaction; `released` says it was (the drive then has no lease to release).
+    async fn record_last(
+        &self,
+        run_id: &str,
+        before: Vec<JournalEvent>,
+        last: JournalEvent,
+        released: &AtomicBool,
+    ) -> Result<u64> {
         let fence = self.fence(run_id);
         let releasing = fence.is_some();
-        let mut event = keel_journal::NewEvent::new(run_id, event).fenced(fence);
-        if releasing {
-            event = event.releasing();
-        }
-        let seq = self.writer.submit_event(event.clone()).durable().await?;
+        let events: Vec<JournalEvent> = before.into_iter().chain([last]).collect();
+        let n = events.len();
+        let group = events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let event = keel_journal::NewEvent::new(run_id, e.clone()).fenced(fence.clone());
+                if releasing && i + 1 == n { event.releasing() } else { event }
+            })
+            .collect();
+        let seq = self.writer.submit_all(group).durable().await?;
         released.store(releasing, Ordering::Relaxed);
-        self.observer.event(run_id, &event.event);
+        for event in &events {
+            self.observer.event(run_id, event);
+        }
         Ok(seq)
     }
 
@@ -587,19 +670,22 @@ impl Runner {
     /// Dropping the future stops at an arbitrary point; everything acknowledged is in
     /// the journal, and a later drive resumes without repeating a completed side effect.
     pub async fn drive(&self, run_id: &str) -> Result<RunStatus> {
-        self.drive_from(run_id, None).await
+        Ok(self.drive_from(run_id, None).await?.status)
     }
 
-    /// Like [`drive`](Self::drive), for a run whose lease this process took when it
-    /// created it ([`create_leased`](Self::create_leased)).
+    /// Like [`drive`](Self::drive), for a run this process created with its lease
+    /// ([`create_leased`](Self::create_leased)): `snapshot` is the run as created, and
+    /// the drive starts from it without reading the journal. Nothing of the run has
+    /// happened, so its write-like calls are not claimed first (the lease keeps every
+    /// other driver out, and a redrive after a crash claims them).
     ///
     /// # Errors
     /// As [`drive`](Self::drive).
-    pub async fn drive_held(&self, run_id: &str, lease: Lease) -> Result<RunStatus> {
-        self.drive_from(run_id, Some(lease)).await
+    pub async fn drive_held(&self, run_id: &str, lease: Lease, snapshot: RunSnapshot) -> Result<Drove> {
+        self.drive_from(run_id, Some((lease, snapshot))).await
     }
 
-    async fn drive_from(&self, run_id: &str, held: Option<Lease>) -> Result<RunStatus> {
+    async fn drive_from(&self, run_id: &str, held: Option<(Lease, RunSnapshot)>) -> Result<Drove> {
         {
             let mut driving = self.driving.lock().unwrap_or_else(|e| e.into_inner());
             if driving.contains_key(run_id) {
@@ -612,10 +698,10 @@ impl Runner {
         }
         let _driving = Driving(self, run_id.to_owned());
         let ttl = self.config.run.lease;
-        let lease = match held {
-            Some(lease) => lease,
+        let (lease, created) = match held {
+            Some((lease, snapshot)) => (lease, Some(snapshot)),
             None => match self.journal.acquire_lease(run_id, &self.owner, ttl).await? {
-                Some(lease) => lease,
+                Some(lease) => (lease, None),
                 None => return Err(Error::Busy(run_id.to_owned(), "its lease is held".to_owned())),
             },
         };
@@ -638,8 +724,10 @@ impl Runner {
             keel.run.status = tracing::field::Empty,
         );
         let released = AtomicBool::new(false);
-        let leased =
-            tracing::Instrument::instrument(self.drive_leased(run_id, &lease, &released), span.clone());
+        let leased = tracing::Instrument::instrument(
+            self.drive_leased(run_id, &lease, &released, created),
+            span.clone(),
+        );
         let result = tokio::select! {
             r = Box::pin(leased) => r,
             Ok(()) = lost_rx => Err(Error::Busy(
@@ -649,8 +737,8 @@ impl Runner {
         };
         renew.abort();
         match &result {
-            Ok(status) => {
-                span.record("keel.run.status", tracing::field::debug(status));
+            Ok(drove) => {
+                span.record("keel.run.status", tracing::field::debug(&drove.status));
             }
             Err(_) => {
                 span.record("otel.status_code", "ERROR");
@@ -738,10 +826,21 @@ impl Runner {
         Ok(())
     }
 
-    async fn drive_leased(&self, run_id: &str, lease: &Lease, released: &AtomicBool) -> Result<RunStatus> {
-        let snap = self.snapshot(run_id).await?;
+    /// `created`: the run as this process created it (nothing to read back).
+    async fn drive_leased(
+        &self,
+        run_id: &str,
+        lease: &Lease,
+        released: &AtomicBool,
+        created: Option<RunSnapshot>,
+    ) -> Result<Drove> {
+        let fresh = created.is_some();
+        let snap = match created {
+            Some(snap) => snap,
+            None => self.snapshot(run_id).await?,
+        };
         if let Some(done) = final_status(&snap) {
-            return Ok(done);
+            return Ok(done.into());
         }
         self.note_takeover(run_id, lease, &snap).await?;
         if let Some(spec) = crate::agent::AgentSpec::of_run(&snap.run.input) {
@@ -760,7 +859,7 @@ impl Runner {
                 gen_ai.conversation.id = run_id,
             );
             let drive = tracing::Instrument::instrument(agent::drive(self, run_id, &snap, spec), span);
-            return Box::pin(drive).await;
+            return Box::pin(drive).await.map(Drove::from);
         }
         let plan: Plan = serde_json::from_value(snap.run.input["plan"].clone())
             .map_err(|e| Error::BadRun(run_id.to_owned(), e.to_string()))?;
@@ -772,12 +871,12 @@ impl Runner {
                 .await?;
         }
         let mut outputs: BTreeMap<String, Value> = BTreeMap::new();
-        let failures = Arc::new(Mutex::new(HashMap::new()));
+        let tally = Arc::new(Mutex::new(step::Tally::default()));
         let budget = self.run_budget(run_id);
         // Attempts made before a crash or a pause still count against the run.
         let _ = budget.charge(BudgetKind::Attempts, snap.attempts.len() as u64);
         // So do the tool costs it spent (journaled as the run budget's charges).
-        if budget.limit(BudgetKind::CostMicros).is_some() {
+        if budget.limit(BudgetKind::CostMicros).is_some() && !fresh {
             let _ = budget.charge(BudgetKind::CostMicros, self.spent_cost(run_id, budget.name()).await?);
         }
         // The snapshot read at the start serves the first step, if this drive has
@@ -785,7 +884,9 @@ impl Runner {
         let untouched = lease.taken_from.is_none()
             && snap.attempts.iter().all(|a| a.ended_at_ms.is_some())
             && snap.run.state == RunState::Running;
-        let mut fresh = untouched.then(|| snap.clone());
+        let mut unread = untouched.then(|| snap.clone());
+        // The last step's successful end, committed with the run's.
+        let mut end = None;
         for (index, step) in plan.steps.iter().enumerate() {
             let id = plan.step_id(index).to_owned();
             let view = snap.steps.iter().find(|s| s.step as usize == index);
@@ -798,12 +899,12 @@ impl Runner {
                 continue;
             }
             // Someone may have cancelled the run while we worked.
-            let now = match fresh.take() {
+            let now = match unread.take() {
                 Some(snap) => snap,
                 None => self.snapshot(run_id).await?,
             };
             if now.run.state == RunState::Cancelled {
-                return Ok(RunStatus::Cancelled);
+                return Ok(RunStatus::Cancelled.into());
             }
             let ctx = step::StepCtx {
                 runner: self,
@@ -817,13 +918,16 @@ impl Runner {
                 outputs: &outputs,
                 deadline_at_ms,
                 budget: &budget,
-                failures: &failures,
+                tally: &tally,
+                fresh,
+                defer_end: index + 1 == plan.steps.len(),
                 check_output: None,
                 journal_shape: false,
             };
             // Boxed: a step's future (pipeline, tool transport, spans) is large for a 2 MiB stack.
             match Box::pin(step::run_step(ctx)).await? {
-                step::StepEnd::Done(output) => {
+                step::StepEnd::Done(output, deferred) => {
+                    end = deferred;
                     outputs.insert(id, output);
                 }
                 step::StepEnd::Skipped => {
@@ -832,16 +936,19 @@ impl Runner {
                 step::StepEnd::Stop(status) => {
                     let (state, reason) = state_of(&status);
                     if now.run.state != state || status.is_final() {
-                        self.record_last(run_id, JournalEvent::RunStateChanged { state, reason }, released)
-                            .await?;
+                        let changed = JournalEvent::RunStateChanged { state, reason };
+                        self.record_last(run_id, Vec::new(), changed, released).await?;
                     }
-                    return Ok(status);
+                    return Ok(status.into());
                 }
             }
         }
         let completed = JournalEvent::RunStateChanged { state: RunState::Completed, reason: None };
-        self.record_last(run_id, completed, released).await?;
-        Ok(RunStatus::Completed)
+        self.record_last(run_id, end.into_iter().collect(), completed, released).await?;
+        let attempts = tally.lock().unwrap_or_else(|e| e.into_inner()).attempts;
+        let last = plan.steps.len().checked_sub(1).map(|i| plan.step_id(i));
+        let output = last.and_then(|id| outputs.remove(id)).unwrap_or(Value::Null);
+        Ok(Drove { status: RunStatus::Completed, completed: Some((output, attempts)) })
     }
 
     /// Cancels a run that has not ended.

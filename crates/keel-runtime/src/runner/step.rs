@@ -35,7 +35,14 @@ pub(super) struct StepCtx<'a> {
     pub(super) outputs: &'a BTreeMap<String, Value>,
     pub(super) deadline_at_ms: i64,
     pub(super) budget: &'a Arc<Budget>,
-    pub(super) failures: &'a Arc<Mutex<HashMap<ErrorClass, u32>>>,
+    pub(super) tally: &'a Arc<Mutex<Tally>>,
+    /// The drive created the run (nothing of it happened before): no earlier holder
+    /// can have claimed its calls' keys, so they are not claimed (the run's lease
+    /// already keeps every other driver out, and a redrive after a crash claims them).
+    pub(super) fresh: bool,
+    /// The caller records the step's successful end with the run's own, in one
+    /// transaction: [`StepEnd::Done`] hands its `step_finished` event over.
+    pub(super) defer_end: bool,
     /// A check of the tool's answer before it is fed forward (an agent's shape check).
     pub(super) check_output: Option<&'a (dyn Fn(&Value) -> OutputVerdict + Sync)>,
     /// Journal the structure hash of the step's output beside it (an agent's call: its
@@ -53,10 +60,20 @@ pub(super) enum OutputVerdict {
     Escalate(String),
 }
 
+/// What a drive's pipelines reported through their events.
+#[derive(Debug, Default)]
+pub(super) struct Tally {
+    /// Failed attempts per class (for escalation).
+    pub(super) failures: HashMap<ErrorClass, u32>,
+    /// Attempts started.
+    pub(super) attempts: u32,
+}
+
 /// How a step ended.
 pub(super) enum StepEnd {
-    /// It succeeded with this output.
-    Done(Value),
+    /// It succeeded with this output; with its `step_finished` event, unrecorded, when
+    /// the step was told to leave it to the caller ([`StepCtx::defer_end`]).
+    Done(Value, Option<JournalEvent>),
     /// A person said to skip it.
     Skipped,
     /// The run stops here (for now or for good).
@@ -71,7 +88,7 @@ struct StepSink {
     observer: Arc<dyn super::Observer>,
     run_id: String,
     step: u32,
-    failures: Arc<Mutex<HashMap<ErrorClass, u32>>>,
+    tally: Arc<Mutex<Tally>>,
 }
 
 impl std::fmt::Debug for dyn super::Observer {
@@ -82,8 +99,15 @@ impl std::fmt::Debug for dyn super::Observer {
 
 impl EventSink for StepSink {
     fn record(&self, event: &Event) {
-        if let Event::AttemptEnded { outcome: AttemptOutcome::Failed(class), .. } = event {
-            *self.failures.lock().unwrap_or_else(|e| e.into_inner()).entry(*class).or_default() += 1;
+        match event {
+            Event::AttemptStarted { .. } => {
+                self.tally.lock().unwrap_or_else(|e| e.into_inner()).attempts += 1
+            }
+            Event::AttemptEnded { outcome: AttemptOutcome::Failed(class), .. } => {
+                *self.tally.lock().unwrap_or_else(|e| e.into_inner()).failures.entry(*class).or_default() +=
+                    1;
+            }
+            _ => {}
         }
         self.journal.record(event);
         self.observer
@@ -111,13 +135,21 @@ impl StepCtx<'_> {
 
     /// Records that the step starts with `params` on `tool`.
     pub(super) async fn started(&self, tool: &str, params: &Value) -> Result<u64> {
-        self.record(JournalEvent::StepStarted {
-            step: self.index as u32,
-            name: self.id().to_owned(),
-            target: tool.to_owned(),
-            input: params.clone(),
-        })
-        .await
+        self.starting(tool, params).durable().await
+    }
+
+    /// Hands the writer the step's start with `params` on `tool`, without waiting for
+    /// it to be durable.
+    fn starting(&self, tool: &str, params: &Value) -> super::Pending<'_> {
+        self.runner.submit(
+            self.run_id,
+            JournalEvent::StepStarted {
+                step: self.index as u32,
+                name: self.id().to_owned(),
+                target: tool.to_owned(),
+                input: params.clone(),
+            },
+        )
     }
 
     async fn fail(&self, class: ErrorClass, message: String) -> Result<StepEnd> {
@@ -242,40 +274,48 @@ pub(super) async fn run_step(ctx: StepCtx<'_>) -> Result<StepEnd> {
         }
     }
 
-    ctx.started(&tool.name, &params).await?;
     let key = idempotency_key(ctx.run_id, ctx.id(), &tool.name, &params);
 
     // Scope fallback: a large batch runs a canary of one item, then waits for a
     // person to confirm the rest.
-    if let (Some(limit), Some(len), Some(batch)) =
-        (tool.canary_above, tool.batch_len(&params), tool.batch_param.as_deref())
-    {
-        if len > limit {
-            let items = crate::template::lookup(&params, batch)
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default();
-            let mut canary = params.clone();
-            canary[batch] = Value::Array(items[..1].to_vec());
-            let canary_out = match call_once(&ctx, &tool, &canary, &format!("{key}/canary"), now_ms).await? {
-                Ok(out) => out,
-                Err(stop) => return Ok(stop),
-            };
-            let digest = args_digest(&format!("{}#rest-after-canary", tool.name), &params);
-            if let Some(stop) = approval_gate(&ctx, &tool, &params, &digest, now_ms, false).await? {
-                return Ok(stop);
-            }
-            let mut rest = params.clone();
-            rest[batch] = Value::Array(items[1..].to_vec());
-            let rest_out = match call_once(&ctx, &tool, &rest, &format!("{key}/rest"), now_ms).await? {
-                Ok(out) => out,
-                Err(stop) => return Ok(stop),
-            };
-            return finish_ok(&ctx, json!({ "canary": canary_out, "rest": rest_out })).await;
+    let canary = match (tool.canary_above, tool.batch_len(&params), tool.batch_param.as_deref()) {
+        (Some(limit), Some(len), Some(batch)) if len > limit => Some(batch),
+        _ => None,
+    };
+    // A write-like tool's step is durably started before it acts. A read-only one's
+    // start is committed while it answers (it has no effect to account for), and is
+    // durable before anything later of the step is recorded.
+    let start = ctx.starting(&tool.name, &params);
+    let started = if tool.write || canary.is_some() {
+        start.durable().await?;
+        None
+    } else {
+        Some(start.committing())
+    };
+    if let Some(batch) = canary {
+        let items =
+            crate::template::lookup(&params, batch).and_then(Value::as_array).cloned().unwrap_or_default();
+        let mut canary = params.clone();
+        canary[batch] = Value::Array(items[..1].to_vec());
+        let canary_out = match call_once(&ctx, &tool, &canary, &format!("{key}/canary"), now_ms, None).await?
+        {
+            Ok(out) => out,
+            Err(stop) => return Ok(stop),
+        };
+        let digest = args_digest(&format!("{}#rest-after-canary", tool.name), &params);
+        if let Some(stop) = approval_gate(&ctx, &tool, &params, &digest, now_ms, false).await? {
+            return Ok(stop);
         }
+        let mut rest = params.clone();
+        rest[batch] = Value::Array(items[1..].to_vec());
+        let rest_out = match call_once(&ctx, &tool, &rest, &format!("{key}/rest"), now_ms, None).await? {
+            Ok(out) => out,
+            Err(stop) => return Ok(stop),
+        };
+        return finish_ok(&ctx, json!({ "canary": canary_out, "rest": rest_out })).await;
     }
 
-    match call_once(&ctx, &tool, &params, &key, now_ms).await? {
+    match call_once(&ctx, &tool, &params, &key, now_ms, started).await? {
         Ok(output) => finish_ok(&ctx, output).await,
         Err(stop) => Ok(stop),
     }
@@ -347,20 +387,22 @@ async fn approval_gate(
 }
 
 /// One call of `tool` with `params` under idempotency `key` and the tool's pipeline:
-/// its output, or how the step stops.
+/// its output, or how the step stops. `started`: the step's start, still being
+/// committed (made durable before anything after the call is recorded).
 async fn call_once(
     ctx: &StepCtx<'_>,
     tool: &Arc<Tool>,
     params: &Value,
     key: &str,
     now_ms: i64,
+    started: Option<super::Committing>,
 ) -> Result<Result<Value, StepEnd>> {
     let r = ctx.runner;
     let index = ctx.index as u32;
     // Idempotency: a completed key answers without acting again. Only a write-like
     // tool's call is claimed: a read-only one has no effect to keep from repeating (a
     // resumed drive asks it again), and its claim was two more writes per call.
-    let token = if tool.write {
+    let token = if tool.write && !ctx.fresh {
         Some(match r.journal.claim(key).await? {
             Claim::Done(result) => return Ok(Ok(result)),
             Claim::Won(token) => token,
@@ -392,7 +434,7 @@ async fn call_once(
         observer: r.observer.clone(),
         run_id: ctx.run_id.to_owned(),
         step: index,
-        failures: ctx.failures.clone(),
+        tally: ctx.tally.clone(),
     });
     let pipeline = r.pipeline(tool, sink.clone());
     let left = Duration::from_millis(u64::try_from(ctx.deadline_at_ms.saturating_sub(now_ms)).unwrap_or(0));
@@ -429,6 +471,9 @@ async fn call_once(
             .instrument(span.clone()),
     )
     .await;
+    if let Some(started) = started {
+        started.durable().await?;
+    }
     if let Err(e) = &result {
         span.record("otel.status_code", "ERROR");
         span.record("error.type", e.class.as_str());
@@ -588,15 +633,18 @@ async fn resume_point(ctx: &StepCtx<'_>, now_ms: i64) -> Result<Resume> {
 }
 
 async fn finish_ok(ctx: &StepCtx<'_>, output: Value) -> Result<StepEnd> {
-    ctx.record(JournalEvent::StepFinished {
+    let end = JournalEvent::StepFinished {
         step: ctx.index as u32,
         outcome: StepOutcome::Succeeded {
             output: output.clone(),
             shape: ctx.journal_shape.then(|| crate::agent::shape::fingerprint(&output)),
         },
-    })
-    .await?;
-    Ok(StepEnd::Done(output))
+    };
+    if ctx.defer_end {
+        return Ok(StepEnd::Done(output, Some(end)));
+    }
+    ctx.record(end).await?;
+    Ok(StepEnd::Done(output, None))
 }
 
 async fn finish_err(
@@ -613,8 +661,8 @@ async fn finish_err(
         return ctx.fail(class, message).await;
     }
     let seen = {
-        let mut failures = ctx.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let n = failures.entry(class).or_default();
+        let mut tally = ctx.tally.lock().unwrap_or_else(|p| p.into_inner());
+        let n = tally.failures.entry(class).or_default();
         if e.attempts == 0 {
             // Refused before any attempt (breaker, budget, loop guard): one failure.
             *n += 1;
