@@ -19,7 +19,7 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/keel-serve-bench.XXXXXX")"
 OUT="${OUT:-$WORK}"
 mkdir -p "$OUT"
 
-cargo build --release -q -p keel-cli
+if [ -z "${KEEL_BIN:-}" ]; then cargo build --release -q -p keel-cli; fi
 BIN="${KEEL_BIN:-${CARGO_TARGET_DIR:-target}/release/keel}"
 
 # The fake upstream, unless already running (then it is left running).
