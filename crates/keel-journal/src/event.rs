@@ -359,6 +359,18 @@ impl NewEvent {
     }
 }
 
+/// A run to create (unless it exists) in a batch of the writer's, with its first
+/// events, and the lease its creator takes on it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Creation {
+    /// The run's id.
+    pub run_id: String,
+    /// Its first events.
+    pub events: Vec<JournalEvent>,
+    /// The owner taking its lease, and for how long.
+    pub lease: (String, std::time::Duration),
+}
+
 /// An event as stored, with its place in the run's order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RecordedEvent {

@@ -64,6 +64,14 @@ impl Journal for Faulty {
         self.write()?;
         self.inner.append_fenced(lease, events).await
     }
+    async fn write_batch(
+        &self,
+        creations: &[crate::Creation],
+        events: &[crate::NewEvent],
+    ) -> Result<(Vec<Option<crate::NewRun>>, Vec<u64>)> {
+        self.write()?;
+        self.inner.write_batch(creations, events).await
+    }
     async fn create_run(&self, run_id: &str, events: &[JournalEvent]) -> Result<bool> {
         self.write()?;
         self.inner.create_run(run_id, events).await

@@ -134,6 +134,24 @@ pub trait Journal: Send + Sync + fmt::Debug {
         Ok(Some(NewRun { lease, snapshot }))
     }
 
+    /// Creates runs (each as [`create_run_leased`](Self::create_run_leased) would) and
+    /// appends `events` (as [`append`](Self::append) would), in one transaction: the
+    /// writer's group commit, so that runs created by concurrent calls cost one commit
+    /// between them. Answers each creation's run (`None`: it existed) and each event's
+    /// sequence number.
+    async fn write_batch(
+        &self,
+        creations: &[crate::Creation],
+        events: &[NewEvent],
+    ) -> Result<(Vec<Option<NewRun>>, Vec<u64>)> {
+        let mut created = Vec::with_capacity(creations.len());
+        for c in creations {
+            created.push(self.create_run_leased(&c.run_id, &c.events, &c.lease.0, c.lease.1).await?);
+        }
+        let seqs = if events.is_empty() { Vec::new() } else { self.append(events).await? };
+        Ok((created, seqs))
+    }
+
     /// The events of `run_id` after sequence number `after`, at most `limit`.
     async fn events(&self, run_id: &str, after: u64, limit: u32) -> Result<Vec<RecordedEvent>>;
 

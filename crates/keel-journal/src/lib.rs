@@ -41,8 +41,8 @@ pub mod writer;
 pub use alert::{AlertRecord, IncidentEntry, IncidentView};
 pub use error::{Error, Result};
 pub use event::{
-    ApprovalDecision, JournalEvent, NewEvent, ProgramOutcome, RecordedEvent, RunState, SCHEMA_VERSION,
-    StepOutcome,
+    ApprovalDecision, Creation, JournalEvent, NewEvent, ProgramOutcome, RecordedEvent, RunState,
+    SCHEMA_VERSION, StepOutcome,
 };
 pub use faulty::Faulty;
 pub use journal::{Backend, Journal, JournalOptions, open};

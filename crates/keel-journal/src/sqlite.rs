@@ -194,9 +194,6 @@ const STATEMENT_CACHE: usize = 128;
 /// Writes on the write connection between two checkpoints.
 const CHECKPOINT_EVERY: u64 = 200;
 
-/// The write connection's page cache: 64 MiB (negative: KiB, as SQLite takes it).
-const WRITER_CACHE_KIB: i64 = -65_536;
-
 /// The size (bytes) a WAL is cut back to when it starts over.
 const WAL_SIZE_LIMIT: i64 = 64 << 20;
 
@@ -207,9 +204,6 @@ fn open_writer(path: &Path) -> Result<rusqlite::Connection> {
     // WAL is the file's (set by the first open); durability is per connection.
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
-    // The pages writes touch stay in memory (SQLite's default keeps 2 MB, and a write
-    // to a journal of some size read most of its pages back from the file).
-    conn.pragma_update(None, "cache_size", WRITER_CACHE_KIB)?;
     // Checkpoints (the WAL copied into the file, with an fsync: milliseconds) run on
     // sqlx's thread, every CHECKPOINT_EVERY writes, never inside a call's write.
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;

@@ -22,8 +22,9 @@ use keel_core::{Event, EventSink};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, Result};
-use crate::event::{JournalEvent, NewEvent};
+use crate::event::{Creation, JournalEvent, NewEvent};
 use crate::journal::Journal;
+use crate::state::NewRun;
 
 /// The most events committed in one transaction.
 pub const DEFAULT_MAX_BATCH: usize = 2048;
@@ -57,6 +58,8 @@ enum Item {
     Event(NewEvent, Option<oneshot::Sender<Result<u64>>>),
     /// Events committed in one transaction, acked once (with the last one's seq).
     Events(Vec<NewEvent>, oneshot::Sender<Result<u64>>),
+    /// A run to create in the next batch.
+    Create(Creation, oneshot::Sender<Result<Option<NewRun>>>),
     Flush(Option<String>, oneshot::Sender<Result<()>>),
     Close(oneshot::Sender<Result<()>>),
 }
@@ -147,6 +150,23 @@ impl JournalWriter {
         Ack(rx)
     }
 
+    /// Creates the run of `creation` (unless it exists) with its first events and its
+    /// lease, in the next batch's transaction: the run created, `None` when it existed.
+    /// The creation is the writer's once queued: a caller that stops waiting does not
+    /// cancel it.
+    ///
+    /// # Errors
+    /// As [`Ack::durable`].
+    pub async fn create(&self, creation: Creation) -> Result<Option<NewRun>> {
+        let (done, rx) = oneshot::channel();
+        let n = creation.events.len();
+        self.pending.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        if self.tx.send(Item::Create(creation, done)).is_err() {
+            self.pending.fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
+        }
+        rx.await.unwrap_or(Err(Error::WriterClosed))
+    }
+
     /// Queues `event` without a way to wait for it (the [`EventSink`] path). A failure
     /// to write it is reported by the next [`flush`](Self::flush).
     pub fn record(&self, event: NewEvent) {
@@ -233,6 +253,8 @@ async fn run(
     let mut items = Vec::with_capacity(max_batch);
     let mut events = Vec::with_capacity(max_batch);
     let mut acks = Vec::with_capacity(max_batch);
+    let mut creations = Vec::new();
+    let mut created = Vec::new();
     let mut waiters = Vec::new();
     loop {
         if rx.recv_many(&mut items, max_batch).await == 0 {
@@ -251,6 +273,10 @@ async fn run(
                     acks.push(Waiter::Ack(ack));
                     events.extend(group);
                 }
+                Item::Create(c, done) => {
+                    creations.push(c);
+                    created.push(done);
+                }
                 Item::Flush(run, done) => waiters.push((run, done)),
                 Item::Close(done) => {
                     waiters.push((None, done));
@@ -258,9 +284,9 @@ async fn run(
                 }
             }
         }
-        if !events.is_empty() {
-            let queued = events.len();
-            let mut result = journal.append(&events).await;
+        if !events.is_empty() || !creations.is_empty() {
+            let queued = events.len() + creations.iter().map(|c| c.events.len()).sum::<usize>();
+            let mut result = journal.write_batch(&creations, &events).await;
             // A lost lease fences out its own events only: the batch goes in without them.
             while let Err(Error::LeaseLost { run_id, owner }) = &result {
                 let lost =
@@ -281,14 +307,17 @@ async fn run(
                 }
                 tracing::warn!(run = %run_id, owner = %owner, events = dropped, "events of a lost lease were not written");
                 (events, acks) = (kept, kept_acks);
-                if events.is_empty() {
-                    result = Ok(Vec::new());
+                if dropped == 0 {
+                    break; // not an event's lease: the batch fails as it is
+                }
+                if events.is_empty() && creations.is_empty() {
+                    result = Ok((Vec::new(), Vec::new()));
                     break;
                 }
-                result = journal.append(&events).await;
+                result = journal.write_batch(&creations, &events).await;
             }
             match result {
-                Ok(seqs) => {
+                Ok((runs, seqs)) => {
                     {
                         // Healthy before any ack: whoever sees one sees the recovery.
                         let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
@@ -302,6 +331,9 @@ async fn run(
                             let _ = ack.send(Ok(seq));
                         }
                     }
+                    for (done, run) in created.drain(..).zip(runs) {
+                        let _ = done.send(Ok(run));
+                    }
                 }
                 Err(e) => {
                     tracing::error!(error = %e, events = events.len(), "journal batch failed");
@@ -312,6 +344,9 @@ async fn run(
                     }
                     f.failing += 1;
                     f.since_flush.get_or_insert_with(|| e.clone());
+                    for done in created.drain(..) {
+                        let _ = done.send(Err(Error::Batch(e.clone())));
+                    }
                     for (event, ack) in events.iter().zip(acks.drain(..)) {
                         match ack {
                             Waiter::Ack(ack) => {
@@ -330,6 +365,7 @@ async fn run(
             }
             pending.fetch_sub(queued, std::sync::atomic::Ordering::Relaxed);
             events.clear();
+            creations.clear();
         }
         if closing {
             // Before answering: once `close` returns, submissions must fail.

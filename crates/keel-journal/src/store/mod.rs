@@ -40,40 +40,63 @@ macro_rules! sql_journal {
                 crate::journal::now_ms(&*self.options.clock)
             }
 
+            /// The snapshot of a run just created at `at_ms` with `events`: folded from
+            /// them, or read back when they are not the usual creation events.
+            async fn created_snapshot(
+                &self,
+                run_id: &str,
+                events: &[crate::JournalEvent],
+                at_ms: i64,
+            ) -> crate::Result<crate::RunSnapshot> {
+                match crate::RunSnapshot::of_created(run_id, events, at_ms) {
+                    Some(snapshot) => Ok(snapshot),
+                    None => crate::Journal::snapshot(self, run_id)
+                        .await?
+                        .ok_or(crate::Error::Internal("a created run has no snapshot")),
+                }
+            }
+
             async fn append_once(&self, events: &[crate::NewEvent]) -> crate::Result<Vec<u64>> {
-                use crate::store::exec::args;
                 let now = self.now();
-                $write!(self, batch(events.len()), conn => {
-                    // Fenced events go in only while their lease is held at their epoch.
-                    let mut checked: Vec<&crate::Lease> = Vec::new();
-                    for lease in events.iter().filter_map(|e| e.fence.as_deref()) {
-                        if checked.contains(&lease) {
-                            continue;
-                        }
-                        let held = conn
-                            .fetch_i64(
-                                concat!(
-                                    "SELECT epoch FROM leases WHERE run_id = $1 AND owner = $2 AND epoch = $3",
-                                    $lock_lease
-                                ),
-                                args![lease.run_id, lease.owner, lease.epoch as i64],
-                            )
-                            .await?;
-                        if held.is_none() {
-                            return Err(crate::Error::LeaseLost {
-                                run_id: lease.run_id.clone(),
-                                owner: lease.owner.clone(),
-                            });
-                        }
-                        checked.push(lease);
+                $write!(self, batch(events.len()), conn => Self::append_in(&mut *conn, now, events).await)
+            }
+
+            /// Appends `events` in the caller's transaction.
+            async fn append_in(
+                conn: &mut dyn crate::store::exec::Exec,
+                now: i64,
+                events: &[crate::NewEvent],
+            ) -> crate::Result<Vec<u64>> {
+                use crate::store::exec::args;
+                // Fenced events go in only while their lease is held at their epoch.
+                let mut checked: Vec<&crate::Lease> = Vec::new();
+                for lease in events.iter().filter_map(|e| e.fence.as_deref()) {
+                    if checked.contains(&lease) {
+                        continue;
                     }
-                    let seqs = crate::store::write::append_tx(&mut *conn, now, events).await?;
-                    for lease in events.iter().filter(|e| e.release).filter_map(|e| e.fence.as_deref()) {
-                        conn.execute(crate::store::sql::RELEASE_LEASE, args![lease.run_id, lease.owner, lease.epoch as i64])
-                            .await?;
+                    let held = conn
+                        .fetch_i64(
+                            concat!(
+                                "SELECT epoch FROM leases WHERE run_id = $1 AND owner = $2 AND epoch = $3",
+                                $lock_lease
+                            ),
+                            args![lease.run_id, lease.owner, lease.epoch as i64],
+                        )
+                        .await?;
+                    if held.is_none() {
+                        return Err(crate::Error::LeaseLost {
+                            run_id: lease.run_id.clone(),
+                            owner: lease.owner.clone(),
+                        });
                     }
-                    Ok(seqs)
-                })
+                    checked.push(lease);
+                }
+                let seqs = crate::store::write::append_tx(&mut *conn, now, events).await?;
+                for lease in events.iter().filter(|e| e.release).filter_map(|e| e.fence.as_deref()) {
+                    conn.execute(crate::store::sql::RELEASE_LEASE, args![lease.run_id, lease.owner, lease.epoch as i64])
+                        .await?;
+                }
+                Ok(seqs)
             }
 
             /// Creates the run unless it exists; with `lease` (owner, ttl), takes its lease
@@ -84,20 +107,46 @@ macro_rules! sql_journal {
                 events: &[crate::NewEvent],
                 lease: Option<(&str, std::time::Duration)>,
             ) -> crate::Result<Option<(Option<crate::Lease>, i64)>> {
-                use crate::store::exec::args;
                 let now = self.now();
-                $write!(self, tx, conn => {
-                    let fresh = conn.fetch_text(crate::store::sql::CREATE_RUN, args![run_id, now]).await?;
-                    if fresh.is_none() {
-                        // The run exists: nothing was written.
-                        return Ok(None);
+                $write!(self, tx, conn => Self::create_in(&mut *conn, now, run_id, events, lease).await)
+            }
+
+            /// [`create_run_once`](Self::create_run_once) in the caller's transaction.
+            async fn create_in(
+                conn: &mut dyn crate::store::exec::Exec,
+                now: i64,
+                run_id: &str,
+                events: &[crate::NewEvent],
+                lease: Option<(&str, std::time::Duration)>,
+            ) -> crate::Result<Option<(Option<crate::Lease>, i64)>> {
+                use crate::store::exec::args;
+                let fresh = conn.fetch_text(crate::store::sql::CREATE_RUN, args![run_id, now]).await?;
+                if fresh.is_none() {
+                    // The run exists: nothing was written.
+                    return Ok(None);
+                }
+                crate::store::write::append_tx(&mut *conn, now, events).await?;
+                let held = match lease {
+                    Some((owner, ttl)) => Self::acquire_in(&mut *conn, run_id, owner, now, ttl).await?,
+                    None => None,
+                };
+                Ok(Some((held, now)))
+            }
+
+            /// The runs of `creations` created and `events` appended, in one transaction.
+            async fn write_batch_once(
+                &self,
+                creations: &[(&str, Vec<crate::NewEvent>, (&str, std::time::Duration))],
+                events: &[crate::NewEvent],
+            ) -> crate::Result<(Vec<Option<(Option<crate::Lease>, i64)>>, Vec<u64>)> {
+                let now = self.now();
+                $write!(self, batch(events.len() + creations.iter().map(|c| c.1.len()).sum::<usize>()), conn => {
+                    let mut created = Vec::with_capacity(creations.len());
+                    for (run_id, first, lease) in creations {
+                        created.push(Self::create_in(&mut *conn, now, run_id, first, Some(*lease)).await?);
                     }
-                    crate::store::write::append_tx(&mut *conn, now, events).await?;
-                    let held = match lease {
-                        Some((owner, ttl)) => Self::acquire_in(&mut *conn, run_id, owner, now, ttl).await?,
-                        None => None,
-                    };
-                    Ok(Some((held, now)))
+                    let seqs = if events.is_empty() { Vec::new() } else { Self::append_in(&mut *conn, now, events).await? };
+                    Ok((created, seqs))
                 })
             }
 
@@ -318,13 +367,36 @@ macro_rules! sql_journal {
                 })
                 .await?;
                 let Some((lease, at_ms)) = created else { return Ok(None) };
-                let snapshot = match crate::RunSnapshot::of_created(run_id, events, at_ms) {
-                    Some(snapshot) => snapshot,
-                    None => crate::Journal::snapshot(self, run_id)
-                        .await?
-                        .ok_or(crate::Error::Internal("a created run has no snapshot"))?,
-                };
-                Ok(Some(crate::NewRun { lease, snapshot }))
+                Ok(Some(crate::NewRun { lease, snapshot: self.created_snapshot(run_id, events, at_ms).await? }))
+            }
+
+            async fn write_batch(
+                &self,
+                creations: &[crate::Creation],
+                events: &[crate::NewEvent],
+            ) -> crate::Result<(Vec<Option<crate::NewRun>>, Vec<u64>)> {
+                let firsts: Vec<(&str, Vec<crate::NewEvent>, (&str, std::time::Duration))> = creations
+                    .iter()
+                    .map(|c| {
+                        let first = c.events.iter().map(|e| crate::NewEvent::new(c.run_id.as_str(), e.clone())).collect();
+                        (c.run_id.as_str(), first, (c.lease.0.as_str(), c.lease.1))
+                    })
+                    .collect();
+                let firsts = &firsts;
+                // Nothing of a failed try stays (one transaction): safe to repeat until it
+                // is known to have committed.
+                let (created, seqs) = crate::error::with_retry("append", crate::error::Repeat::OnlyIfNotApplied, || async move {
+                    self.write_batch_once(firsts, events).await
+                })
+                .await?;
+                let mut runs = Vec::with_capacity(created.len());
+                for (c, made) in creations.iter().zip(created) {
+                    runs.push(match made {
+                        None => None,
+                        Some((lease, at_ms)) => Some(crate::NewRun { lease, snapshot: self.created_snapshot(&c.run_id, &c.events, at_ms).await? }),
+                    });
+                }
+                Ok((runs, seqs))
             }
 
             async fn events(

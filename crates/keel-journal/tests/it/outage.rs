@@ -33,6 +33,13 @@ async fn a_writer_recovers_when_its_storage_does() {
     // A group fails whole, answered by its one ack.
     let group = || vec![NewEvent::new("a", running()), NewEvent::new("a", running())];
     assert!(matches!(writer.submit_all(group()).durable().await, Err(Error::Batch(_))));
+    // So does a creation in a batch: nothing of it is written.
+    let creation = keel_journal::Creation {
+        run_id: "c".into(),
+        events: vec![created("c"), running()],
+        lease: ("me".into(), Duration::from_secs(10)),
+    };
+    assert!(matches!(writer.create(creation.clone()).await, Err(Error::Batch(_))));
     // An event with no ack (the policy sink's path) is reported to its run's flush.
     writer.sink("b").record(&Event::AttemptStarted { target: Arc::from("t"), attempt: 1 });
     assert!(matches!(writer.flush_run("b").await, Err(Error::Batch(_))), "b's lost event is reported");
@@ -47,6 +54,7 @@ async fn a_writer_recovers_when_its_storage_does() {
     assert!(writer.healthy());
     assert_eq!(writer.submit_all(group()).durable().await.unwrap(), 4, "the last one's seq");
     assert!(writer.submit_all(Vec::new()).durable().await.is_err(), "an empty group is refused");
+    assert!(writer.create(creation).await.unwrap().is_some(), "created once the storage is back");
     assert!(matches!(writer.flush().await, Err(Error::Batch(_))), "the global flush reports the outage once");
     writer.flush().await.unwrap();
     faulty.check_writable().await.unwrap();

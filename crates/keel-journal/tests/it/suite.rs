@@ -42,6 +42,7 @@ both_backends!(
     idempotency_keys_expire_and_release,
     leases_exclude_expire_and_fence,
     a_run_created_leased_is_held_and_its_last_event_gives_the_lease_up,
+    runs_created_in_a_batch_commit_with_its_events,
     claim_runs_takes_only_free_unfinished_runs,
     gate_history_round_trips,
     prune_removes_old_runs_and_export_has_events_and_state,
@@ -356,6 +357,35 @@ async fn leases_exclude_expire_and_fence(s: Store) {
     assert!(j.append_fenced(&b, &[state(RunState::Running)]).await.is_err());
     j.release_lease(&b2).await.unwrap();
     assert!(j.acquire_lease("run", "a", ttl).await.unwrap().is_some());
+}
+
+async fn runs_created_in_a_batch_commit_with_its_events(s: Store) {
+    let j = &s.journal;
+    let ttl = Duration::from_secs(10);
+    assert!(j.create_run("old", &[created("old")]).await.unwrap());
+    let c = |id: &str| keel_journal::Creation {
+        run_id: id.into(),
+        events: vec![created(id), state(RunState::Running)],
+        lease: ("me".into(), ttl),
+    };
+    let (runs, seqs) = j
+        .write_batch(&[c("a"), c("old"), c("b"), c("a")], &[ev("old", state(RunState::Running))])
+        .await
+        .unwrap();
+    assert_eq!(seqs, [2], "the batch's events are appended with its creations");
+    assert!(runs[1].is_none() && runs[3].is_none(), "an existing run, and one created earlier in the batch");
+    for (i, id) in [(0, "a"), (2, "b")] {
+        let new = runs[i].clone().expect("created");
+        assert_eq!(new.lease.as_ref().map(|l| (l.owner.as_str(), l.epoch)), Some(("me", 1)));
+        assert_eq!(Some(new.snapshot), j.snapshot(id).await.unwrap(), "{id}: folded as projected");
+    }
+    // Held from the start, as a run created alone with its lease.
+    assert!(j.acquire_lease("a", "you", ttl).await.unwrap().is_none());
+    // The writer queues creations into its batches.
+    let writer = JournalWriter::spawn(j.clone(), 64);
+    let made = writer.create(c("w")).await.unwrap().expect("created");
+    assert_eq!(made.snapshot.run.state, RunState::Running);
+    assert!(writer.create(c("w")).await.unwrap().is_none(), "created once");
 }
 
 async fn a_run_created_leased_is_held_and_its_last_event_gives_the_lease_up(s: Store) {

@@ -403,15 +403,14 @@ impl Runner {
     /// The journal's.
     pub async fn create_leased(&self, run_id: &str, plan: &Plan) -> Result<Option<NewRun>> {
         let events = self.creation(plan, None);
-        let (journal, id, first) = (self.journal.clone(), run_id.to_owned(), events.to_vec());
-        let (owner, ttl) = (self.owner.clone(), self.config.run.lease);
-        // On a task of its own, as in `create_with_id`.
-        let task = tokio::spawn(async move { journal.create_run_leased(&id, &first, &owner, ttl).await });
-        let created = match task.await {
-            Ok(created) => created?,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(_) => return Err(Error::Journal(keel_journal::Error::WriterClosed)),
+        // In the writer's next batch: runs created by concurrent calls commit together.
+        // Queued, the creation is the writer's: a caller that gives up cancels nothing.
+        let creation = keel_journal::Creation {
+            run_id: run_id.to_owned(),
+            events: events.to_vec(),
+            lease: (self.owner.clone(), self.config.run.lease),
         };
+        let created = self.writer.create(creation).await?;
         if created.is_some() {
             for event in &events {
                 self.observer.event(run_id, event);
