@@ -75,7 +75,9 @@ impl SqliteJournal {
             conn: open_writer(path)?,
             slots: Default::default(),
         }));
-        Ok(Self { writer, write, read, options, checkpoints: Default::default() })
+        let checkpoints =
+            std::sync::Arc::new(Checkpoints { file: path.to_owned(), ..Checkpoints::default() });
+        Ok(Self { writer, write, read, options, checkpoints })
     }
 }
 
@@ -98,6 +100,8 @@ pub(crate) fn on_this_thread<T>(heavy: bool, write: impl FnOnce() -> T) -> T {
 struct Checkpoints {
     writes: std::sync::atomic::AtomicU64,
     running: std::sync::atomic::AtomicBool,
+    /// The database file the checkpoints copy into.
+    file: std::path::PathBuf,
 }
 
 impl SqliteJournal {
@@ -119,8 +123,8 @@ impl SqliteJournal {
         let (pool, writer, c) = (self.write.clone(), self.writer.clone(), self.checkpoints.clone());
         tokio::spawn(async move {
             // Passes while writers go on, each copying what they added during the last,
-            // until that is little: the pass with writers held then copies (and syncs)
-            // only a few pages (one right after a busy stretch held them 30–90 ms).
+            // until that is little: the pass with writers held then copies only a few
+            // pages.
             let mut copied = 0;
             for _ in 0..CHECKPOINT_PASSES {
                 let pass = sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(PASSIVE)");
@@ -132,6 +136,14 @@ impl SqliteJournal {
                         break;
                     }
                 }
+            }
+            // A pass that does not reach the WAL's end does not sync the database file:
+            // sync what the passes copied now, or the last pass would (holding writers
+            // for all of it: 30–90 ms after a busy stretch).
+            let file = c.file.clone();
+            let synced = tokio::task::spawn_blocking(move || std::fs::File::open(file)?.sync_data()).await;
+            if let Ok(Err(e)) = synced {
+                tracing::debug!(error = %e, "journal checkpoint: syncing the database file failed; the last pass does");
             }
             let conn = writer.lock().await;
             let rest = on_this_thread(true, || {
