@@ -234,8 +234,9 @@ fn open_writer(path: &Path) -> Result<rusqlite::Connection> {
     // WAL is the file's (set by the first open); durability is per connection.
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
-    // Checkpoints (the WAL copied into the file, with an fsync: milliseconds) run on
-    // sqlx's thread, every CHECKPOINT_EVERY writes, never inside a call's write.
+    // Checkpoints (the WAL copied into the file, with an fsync: milliseconds) run in
+    // the background every CHECKPOINT_EVERY writes (`SqliteJournal::wrote`), never
+    // inside a call's write.
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     // A WAL started over is cut back to this size (the space a burst took is returned).
     conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;

@@ -99,19 +99,14 @@ macro_rules! sql_journal {
                 Ok(seqs)
             }
 
-            /// Creates the run unless it exists; with `lease` (owner, ttl), takes its lease
-            /// in the same transaction. `None`: the run existed.
-            async fn create_run_once(
-                &self,
-                run_id: &str,
-                events: &[crate::NewEvent],
-                lease: Option<(&str, std::time::Duration)>,
-            ) -> crate::Result<Option<(Option<crate::Lease>, i64)>> {
+            /// Creates the run unless it exists: whether it did.
+            async fn create_run_once(&self, run_id: &str, events: &[crate::NewEvent]) -> crate::Result<bool> {
                 let now = self.now();
-                $write!(self, tx, conn => Self::create_in(&mut *conn, now, run_id, events, lease).await)
+                $write!(self, tx, conn => Ok(Self::create_in(&mut *conn, now, run_id, events, None).await?.is_some()))
             }
 
-            /// [`create_run_once`](Self::create_run_once) in the caller's transaction.
+            /// Creates the run unless it exists, in the caller's transaction; with `lease`
+            /// (owner, ttl), takes its lease too. `None`: the run existed.
             async fn create_in(
                 conn: &mut dyn crate::store::exec::Exec,
                 now: i64,
@@ -136,14 +131,17 @@ macro_rules! sql_journal {
             /// The runs of `creations` created and `events` appended, in one transaction.
             async fn write_batch_once(
                 &self,
-                creations: &[(&str, Vec<crate::NewEvent>, (&str, std::time::Duration))],
+                creations: &[crate::Creation],
                 events: &[crate::NewEvent],
             ) -> crate::Result<(Vec<Option<(Option<crate::Lease>, i64)>>, Vec<u64>)> {
                 let now = self.now();
-                $write!(self, batch(events.len() + creations.iter().map(|c| c.1.len()).sum::<usize>()), conn => {
+                $write!(self, batch(events.len() + creations.iter().map(|c| c.events.len()).sum::<usize>()), conn => {
                     let mut created = Vec::with_capacity(creations.len());
-                    for (run_id, first, lease) in creations {
-                        created.push(Self::create_in(&mut *conn, now, run_id, first, Some(*lease)).await?);
+                    for c in creations {
+                        let first: Vec<crate::NewEvent> =
+                            c.events.iter().map(|e| crate::NewEvent::new(c.run_id.as_str(), e.clone())).collect();
+                        let lease = Some((c.lease.0.as_str(), c.lease.1));
+                        created.push(Self::create_in(&mut *conn, now, &c.run_id, &first, lease).await?);
                     }
                     let seqs = if events.is_empty() { Vec::new() } else { Self::append_in(&mut *conn, now, events).await? };
                     Ok((created, seqs))
@@ -344,10 +342,10 @@ macro_rules! sql_journal {
                 let events = &events;
                 // Safe to repeat: a first try that committed makes the second find the run.
                 let created = crate::error::with_retry("create_run", crate::error::Repeat::Safe, || async move {
-                    self.create_run_once(run_id, events, None).await
+                    self.create_run_once(run_id, events).await
                 })
                 .await?;
-                Ok(created.is_some())
+                Ok(created)
             }
 
             async fn create_run_leased(
@@ -357,17 +355,14 @@ macro_rules! sql_journal {
                 owner: &str,
                 ttl: std::time::Duration,
             ) -> crate::Result<Option<crate::NewRun>> {
-                let news: Vec<crate::NewEvent> =
-                    events.iter().map(|e| crate::NewEvent::new(run_id, e.clone())).collect();
-                let news = &news;
-                // Safe to repeat: a first try that committed makes the second find the run
-                // (held by `owner`, who takes it again by driving it).
-                let created = crate::error::with_retry("create_run", crate::error::Repeat::Safe, || async move {
-                    self.create_run_once(run_id, news, Some((owner, ttl))).await
-                })
-                .await?;
-                let Some((lease, at_ms)) = created else { return Ok(None) };
-                Ok(Some(crate::NewRun { lease, snapshot: self.created_snapshot(run_id, events, at_ms).await? }))
+                // A batch of one creation: one path for a run created with its lease.
+                let creation = crate::Creation {
+                    run_id: run_id.to_owned(),
+                    events: events.to_vec(),
+                    lease: (owner.to_owned(), ttl),
+                };
+                let (mut runs, _) = crate::Journal::write_batch(self, std::slice::from_ref(&creation), &[]).await?;
+                Ok(runs.pop().flatten())
             }
 
             async fn write_batch(
@@ -375,18 +370,10 @@ macro_rules! sql_journal {
                 creations: &[crate::Creation],
                 events: &[crate::NewEvent],
             ) -> crate::Result<(Vec<Option<crate::NewRun>>, Vec<u64>)> {
-                let firsts: Vec<(&str, Vec<crate::NewEvent>, (&str, std::time::Duration))> = creations
-                    .iter()
-                    .map(|c| {
-                        let first = c.events.iter().map(|e| crate::NewEvent::new(c.run_id.as_str(), e.clone())).collect();
-                        (c.run_id.as_str(), first, (c.lease.0.as_str(), c.lease.1))
-                    })
-                    .collect();
-                let firsts = &firsts;
                 // Nothing of a failed try stays (one transaction): safe to repeat until it
                 // is known to have committed.
                 let (created, seqs) = crate::error::with_retry("append", crate::error::Repeat::OnlyIfNotApplied, || async move {
-                    self.write_batch_once(firsts, events).await
+                    self.write_batch_once(creations, events).await
                 })
                 .await?;
                 let mut runs = Vec::with_capacity(created.len());

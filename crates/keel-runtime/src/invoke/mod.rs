@@ -31,8 +31,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::runner::Drove;
-use crate::runner::{Error as RunnerError, args_digest, new_id};
+use crate::runner::{Drove, Error as RunnerError, args_digest, new_id};
 use crate::{Plan, PlanStep, RunStatus, Runner};
 
 /// How long past its bound a call may take when the journal itself does not answer.
